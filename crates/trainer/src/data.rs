@@ -1,0 +1,382 @@
+//! Training data: JSONL parsing, format detection and validation.
+//!
+//! One example per line. The format is detected from the first example and every
+//! later line must use the same one, so a file never mixes objectives silently.
+
+use serde::{Deserialize, Serialize};
+use std::io::BufRead;
+
+/// The four JSONL shapes loraforge trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// OpenAI chat: `{"messages": [{"role", "content", "weight"?}, ...]}`.
+    Chat,
+    /// `{"prompt": "...", "completion": "..."}`.
+    PromptCompletion,
+    /// `{"text": "..."}`: every token is trained on.
+    Text,
+    /// `{"input_ids": [...], "labels": [...]?}`; `-100` in labels is ignored.
+    Tokenized,
+}
+
+impl DataFormat {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DataFormat::Chat => "chat",
+            DataFormat::PromptCompletion => "prompt_completion",
+            DataFormat::Text => "text",
+            DataFormat::Tokenized => "tokenized",
+        }
+    }
+}
+
+/// One chat turn. `weight: 0` on an assistant turn excludes it from the loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+}
+
+/// One parsed training example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    Chat(Vec<Message>),
+    PromptCompletion { prompt: String, completion: String },
+    Text(String),
+    Tokenized { input_ids: Vec<u32>, labels: Option<Vec<i64>> },
+}
+
+impl Example {
+    pub fn format(&self) -> DataFormat {
+        match self {
+            Example::Chat(_) => DataFormat::Chat,
+            Example::PromptCompletion { .. } => DataFormat::PromptCompletion,
+            Example::Text(_) => DataFormat::Text,
+            Example::Tokenized { .. } => DataFormat::Tokenized,
+        }
+    }
+}
+
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+fn field_str(obj: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<String, String> {
+    match obj.get(key) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("\"{key}\" must be a string")),
+        None => Err(format!("missing \"{key}\"")),
+    }
+}
+
+/// Message content may be a string or OpenAI's list of `{"type": "text", "text": ...}` parts.
+fn message_content(v: Option<&serde_json::Value>, i: usize) -> Result<String, String> {
+    match v {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(serde_json::Value::Array(parts)) => {
+            let mut out = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let ty = p.get("type").and_then(|t| t.as_str());
+                match (ty, p.get("text").and_then(|t| t.as_str())) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    _ => {
+                        return Err(format!(
+                            "\"messages\"[{i}].content[{j}] must be a {{\"type\": \"text\", \"text\": string}} part"
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(serde_json::Value::Null) | None => {
+            Err(format!("\"messages\"[{i}].content is required"))
+        }
+        Some(_) => Err(format!(
+            "\"messages\"[{i}].content must be a string or a list of text parts"
+        )),
+    }
+}
+
+fn parse_messages(v: &serde_json::Value) -> Result<Vec<Message>, String> {
+    let arr = v
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| "\"messages\" must be a non-empty array".to_string())?;
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, m) in arr.iter().enumerate() {
+        let obj = m
+            .as_object()
+            .ok_or_else(|| format!("\"messages\"[{i}] must be an object"))?;
+        let role = match obj.get("role") {
+            Some(serde_json::Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
+            Some(serde_json::Value::String(r)) => {
+                return Err(format!(
+                    "\"messages\"[{i}].role \"{r}\" is not one of system, user, assistant, tool"
+                ))
+            }
+            _ => return Err(format!("\"messages\"[{i}].role must be a string")),
+        };
+        let content = message_content(obj.get("content"), i)?;
+        let weight = match obj.get("weight") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(w) => match w.as_u64() {
+                Some(0) => Some(0),
+                Some(1) => Some(1),
+                _ => return Err(format!("\"messages\"[{i}].weight must be 0 or 1")),
+            },
+        };
+        if weight.is_some() && role != "assistant" {
+            return Err(format!(
+                "\"messages\"[{i}].weight is only allowed on assistant messages"
+            ));
+        }
+        out.push(Message {
+            role,
+            content,
+            weight,
+        });
+    }
+    if !out.iter().any(|m| m.role == "assistant") {
+        return Err("\"messages\" must contain at least one assistant message".into());
+    }
+    Ok(out)
+}
+
+fn parse_ids(v: &serde_json::Value, key: &str) -> Result<Vec<i64>, String> {
+    let arr = v
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("\"{key}\" must be a non-empty array of integers"))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            x.as_i64()
+                .ok_or_else(|| format!("\"{key}\"[{i}] must be an integer"))
+        })
+        .collect()
+}
+
+/// Parses one JSONL line. The error names the offending field, not the line
+/// number: callers know the line.
+pub fn parse_line(line: &str) -> Result<Example, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| "each line must be a JSON object".to_string())?;
+    if let Some(m) = obj.get("messages") {
+        return Ok(Example::Chat(parse_messages(m)?));
+    }
+    if obj.contains_key("prompt") || obj.contains_key("completion") {
+        let prompt = field_str(obj, "prompt")?;
+        let completion = field_str(obj, "completion")?;
+        if completion.is_empty() {
+            return Err("\"completion\" must not be empty".into());
+        }
+        return Ok(Example::PromptCompletion { prompt, completion });
+    }
+    if obj.contains_key("text") {
+        let text = field_str(obj, "text")?;
+        if text.is_empty() {
+            return Err("\"text\" must not be empty".into());
+        }
+        return Ok(Example::Text(text));
+    }
+    if let Some(ids) = obj.get("input_ids") {
+        let ids = parse_ids(ids, "input_ids")?;
+        let input_ids = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                u32::try_from(x).map_err(|_| format!("\"input_ids\"[{i}] must be a token id >= 0"))
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        let labels = match obj.get("labels") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(l) => {
+                let l = parse_ids(l, "labels")?;
+                if l.len() != input_ids.len() {
+                    return Err(format!(
+                        "\"labels\" has {} entries but \"input_ids\" has {}",
+                        l.len(),
+                        input_ids.len()
+                    ));
+                }
+                if let Some(i) = l.iter().position(|&x| x < 0 && x != -100) {
+                    return Err(format!("\"labels\"[{i}] must be a token id or -100"));
+                }
+                Some(l)
+            }
+        };
+        return Ok(Example::Tokenized { input_ids, labels });
+    }
+    Err("unknown format: expected \"messages\", \"prompt\"/\"completion\", \"text\" or \"input_ids\"".into())
+}
+
+/// What a validation pass found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ValidationReport {
+    pub format: Option<DataFormat>,
+    pub examples: u64,
+    /// Lines of the form `line 7: ...`, at most [`MAX_REPORTED_ERRORS`].
+    pub errors: Vec<String>,
+    /// Total number of bad lines (may exceed `errors.len()`).
+    pub error_count: u64,
+    /// Largest token id seen in pre-tokenized data (checked against a model's vocabulary later).
+    pub max_token_id: Option<u32>,
+}
+
+pub const MAX_REPORTED_ERRORS: usize = 20;
+
+impl ValidationReport {
+    pub fn is_ok(&self) -> bool {
+        self.error_count == 0
+    }
+    fn push_error(&mut self, line: u64, msg: String) {
+        self.error_count += 1;
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(format!("line {line}: {msg}"));
+        }
+    }
+}
+
+/// Checks a JSONL stream line by line; never holds more than one line in memory.
+/// Empty lines are errors (they are almost always a broken export), except a
+/// single trailing newline. Fewer than `min_examples` valid examples is an error.
+pub fn validate<R: BufRead>(mut reader: R, min_examples: u64) -> std::io::Result<ValidationReport> {
+    let mut report = ValidationReport::default();
+    let mut buf = String::new();
+    let mut line_no = 0u64;
+    loop {
+        buf.clear();
+        let n = match reader.read_line(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                line_no += 1;
+                report.push_error(line_no, "not valid UTF-8".into());
+                // Skip the rest of that line byte-wise.
+                let mut raw = Vec::new();
+                reader.read_until(b'\n', &mut raw)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let line = buf.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            report.push_error(line_no, "empty line".into());
+            continue;
+        }
+        match parse_line(line) {
+            Ok(ex) => {
+                let f = ex.format();
+                match report.format {
+                    None => report.format = Some(f),
+                    Some(first) if first != f => {
+                        report.push_error(
+                            line_no,
+                            format!(
+                                "format \"{}\" differs from the file's format \"{}\" (one format per file)",
+                                f.as_str(),
+                                first.as_str()
+                            ),
+                        );
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+                if let Example::Tokenized { input_ids, .. } = &ex {
+                    let m = input_ids.iter().copied().max();
+                    report.max_token_id = report.max_token_id.max(m);
+                }
+                report.examples += 1;
+            }
+            Err(msg) => report.push_error(line_no, msg),
+        }
+    }
+    if report.examples < min_examples && report.error_count == 0 {
+        report.error_count += 1;
+        report.errors.push(format!(
+            "the file has {} example(s); at least {min_examples} are required",
+            report.examples
+        ));
+    }
+    Ok(report)
+}
+
+/// Reads every example of a JSONL file, failing on the first bad line.
+pub fn read_examples(path: &std::path::Path) -> Result<Vec<Example>, crate::Error> {
+    let f = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    let mut out = Vec::new();
+    let mut first: Option<DataFormat> = None;
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| crate::Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ex = parse_line(&line).map_err(|m| crate::Error::Data(format!("{}: line {}: {m}", path.display(), i + 1)))?;
+        match first {
+            None => first = Some(ex.format()),
+            Some(f) if f != ex.format() => {
+                return Err(crate::Error::Data(format!(
+                    "{}: line {}: format differs from the file's first line",
+                    path.display(),
+                    i + 1
+                )))
+            }
+            _ => {}
+        }
+        out.push(ex);
+    }
+    if out.is_empty() {
+        return Err(crate::Error::Data(format!("{}: no examples", path.display())));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_formats_and_names_fields() {
+        assert!(matches!(
+            parse_line(r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo","weight":0}]}"#),
+            Ok(Example::Chat(m)) if m[1].weight == Some(0)
+        ));
+        assert_eq!(
+            parse_line(r#"{"messages":[]}"#).unwrap_err(),
+            "\"messages\" must be a non-empty array"
+        );
+        assert!(parse_line(r#"{"messages":[{"role":"bot","content":"x"}]}"#)
+            .unwrap_err()
+            .contains("role \"bot\""));
+        assert!(matches!(
+            parse_line(r#"{"prompt":"a","completion":"b"}"#),
+            Ok(Example::PromptCompletion { .. })
+        ));
+        assert!(matches!(parse_line(r#"{"text":"abc"}"#), Ok(Example::Text(_))));
+        assert!(matches!(
+            parse_line(r#"{"input_ids":[1,2,3],"labels":[-100,2,3]}"#),
+            Ok(Example::Tokenized { labels: Some(_), .. })
+        ));
+        assert!(parse_line(r#"{"input_ids":[1,2],"labels":[1]}"#).is_err());
+        assert!(parse_line("not json").unwrap_err().starts_with("invalid JSON"));
+    }
+
+    #[test]
+    fn validate_reports_line_numbers_and_mixed_formats() {
+        let data = "{\"text\":\"a\"}\n{\"text\":\"b\"}\n\n{\"prompt\":\"p\",\"completion\":\"c\"}\n{\"text\":\"d\"}\n";
+        let r = validate(data.as_bytes(), 1).unwrap();
+        assert_eq!(r.examples, 3);
+        assert_eq!(r.errors.len(), 2);
+        assert!(r.errors[0].starts_with("line 3: empty line"));
+        assert!(r.errors[1].starts_with("line 4: format"));
+        let r = validate("{\"text\":\"a\"}\n".as_bytes(), 2).unwrap();
+        assert!(!r.is_ok());
+    }
+}

@@ -1,0 +1,62 @@
+use std::fmt;
+
+/// Storage failures. `NotFound` and `Conflict` are expected outcomes that callers
+/// map to API errors; the rest are internal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("database: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("blob store: {0}")]
+    Blob(#[from] object_store::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => Error::NotFound,
+            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+                Error::Conflict(d.message().to_string())
+            }
+            e => Error::Database(e),
+        }
+    }
+}
+
+impl Error {
+    /// True when SQLite reported `SQLITE_BUSY`/`SQLITE_LOCKED`: the one failure
+    /// our transaction discipline is meant to make impossible, so tests look for it.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Error::Database(sqlx::Error::Database(d)) => {
+                matches!(d.code().as_deref(), Some("5") | Some("6") | Some("517"))
+            }
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Keeps secrets out of logs when a database URL is printed.
+pub struct Redacted<'a>(pub &'a str);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(s), Some(at)) if at > s => write!(f, "{}://***{}", &self.0[..s], &self.0[at..]),
+            _ => f.write_str(self.0),
+        }
+    }
+}

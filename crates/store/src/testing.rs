@@ -1,0 +1,89 @@
+//! Test support shared by this crate's contract suite and the server's end-to-end
+//! tests: a throw-away PostgreSQL database per test, made from an admin URL
+//! (`TEST_DATABASE_URL`) and dropped again when the guard goes out of scope.
+
+use sqlx::Connection;
+
+/// A uniquely named database, dropped (with `FORCE`) on drop.
+#[derive(Debug)]
+pub struct TempPgDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TempPgDatabase {
+    /// Creates `loraforge_test_<random>` on the server of `admin_url`.
+    pub async fn create(admin_url: &str) -> crate::Result<TempPgDatabase> {
+        let name = format!("loraforge_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        Ok(TempPgDatabase {
+            admin_url: admin_url.to_string(),
+            url: with_database(admin_url, &name),
+            name,
+        })
+    }
+
+    /// The URL of the new database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for TempPgDatabase {
+    fn drop(&mut self) {
+        // Drop runs outside any async context we could borrow, so the clean-up gets
+        // its own thread and runtime.
+        let admin = self.admin_url.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// `url` with its database name replaced by `name` (query parameters kept).
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{name}?{q}"),
+        None => format!("{host_part}/{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_the_database_name() {
+        use super::with_database as w;
+        assert_eq!(w("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
+        assert_eq!(w("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            w("postgres://h/db?sslmode=disable", "x"),
+            "postgres://h/x?sslmode=disable"
+        );
+    }
+}

@@ -44,9 +44,15 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
     Chat(Vec<Message>),
-    PromptCompletion { prompt: String, completion: String },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
     Text(String),
-    Tokenized { input_ids: Vec<u32>, labels: Option<Vec<i64>> },
+    Tokenized {
+        input_ids: Vec<u32>,
+        labels: Option<Vec<i64>>,
+    },
 }
 
 impl Example {
@@ -62,7 +68,10 @@ impl Example {
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-fn field_str(obj: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<String, String> {
+fn field_str(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<String, String> {
     match obj.get(key) {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(format!("\"{key}\" must be a string")),
@@ -318,7 +327,8 @@ pub fn read_examples(path: &std::path::Path) -> Result<Vec<Example>, crate::Erro
         if line.trim().is_empty() {
             continue;
         }
-        let ex = parse_line(&line).map_err(|m| crate::Error::Data(format!("{}: line {}: {m}", path.display(), i + 1)))?;
+        let ex = parse_line(&line)
+            .map_err(|m| crate::Error::Data(format!("{}: line {}: {m}", path.display(), i + 1)))?;
         match first {
             None => first = Some(ex.format()),
             Some(f) if f != ex.format() => {
@@ -333,7 +343,10 @@ pub fn read_examples(path: &std::path::Path) -> Result<Vec<Example>, crate::Erro
         out.push(ex);
     }
     if out.is_empty() {
-        return Err(crate::Error::Data(format!("{}: no examples", path.display())));
+        return Err(crate::Error::Data(format!(
+            "{}: no examples",
+            path.display()
+        )));
     }
     Ok(out)
 }
@@ -359,13 +372,21 @@ mod tests {
             parse_line(r#"{"prompt":"a","completion":"b"}"#),
             Ok(Example::PromptCompletion { .. })
         ));
-        assert!(matches!(parse_line(r#"{"text":"abc"}"#), Ok(Example::Text(_))));
+        assert!(matches!(
+            parse_line(r#"{"text":"abc"}"#),
+            Ok(Example::Text(_))
+        ));
         assert!(matches!(
             parse_line(r#"{"input_ids":[1,2,3],"labels":[-100,2,3]}"#),
-            Ok(Example::Tokenized { labels: Some(_), .. })
+            Ok(Example::Tokenized {
+                labels: Some(_),
+                ..
+            })
         ));
         assert!(parse_line(r#"{"input_ids":[1,2],"labels":[1]}"#).is_err());
-        assert!(parse_line("not json").unwrap_err().starts_with("invalid JSON"));
+        assert!(parse_line("not json")
+            .unwrap_err()
+            .starts_with("invalid JSON"));
     }
 
     #[test]

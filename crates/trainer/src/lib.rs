@@ -6,8 +6,17 @@
 //! backward pass and give LoRA no hook), and the LoRA layer and the training loop
 //! are independent of the architecture so that encoders and UNets can join later.
 
+pub mod config;
 pub mod data;
+pub mod generate;
+pub mod loader;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod optim;
 pub mod registry;
+pub mod tokenize;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

@@ -185,7 +185,10 @@ fn safetensors_param_count(path: &Path) -> Result<u64> {
     f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
     let n = u64::from_le_bytes(len);
     if n > 100 << 20 {
-        return Err(Error::Model(format!("{}: implausible header size", path.display())));
+        return Err(Error::Model(format!(
+            "{}: implausible header size",
+            path.display()
+        )));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;

@@ -1,0 +1,143 @@
+//! Text generation with a KV cache: greedy or sampled (temperature, top-p).
+
+use crate::data::Message;
+use crate::loader::BaseModel;
+use crate::lora::ForwardCtx;
+use crate::model::KvCache;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    /// Apply the chat template to the prompt (as a single user turn).
+    pub chat: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            chat: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// `stop` (an end-of-sequence token) or `length`.
+    pub finish_reason: &'static str,
+}
+
+/// Generates a reply to `messages` (chat template) and returns the decoded text.
+pub fn generate_chat(
+    base: &BaseModel,
+    messages: &[Message],
+    opts: &GenerateOptions,
+) -> Result<Generation> {
+    let prompt = base.tokenizer.render_chat(messages, true)?;
+    let ids = base.tokenizer.encode(&prompt, false)?;
+    generate_ids(base, ids, opts)
+}
+
+/// Generates from a plain prompt, through the chat template when `opts.chat` and the model has one.
+pub fn generate_text(base: &BaseModel, prompt: &str, opts: &GenerateOptions) -> Result<Generation> {
+    if opts.chat && base.tokenizer.chat_template.is_some() {
+        let m = [Message {
+            role: "user".into(),
+            content: prompt.to_string(),
+            weight: None,
+        }];
+        return generate_chat(base, &m, opts);
+    }
+    let ids = base.tokenizer.encode(prompt, true)?;
+    generate_ids(base, ids, opts)
+}
+
+fn generate_ids(base: &BaseModel, ids: Vec<u32>, opts: &GenerateOptions) -> Result<Generation> {
+    if ids.is_empty() {
+        return Err(Error::Data("empty prompt".into()));
+    }
+    let dev = base.model.device();
+    let ctx = ForwardCtx::eval();
+    let mut cache = KvCache::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let prompt_tokens = ids.len();
+    let mut out: Vec<u32> = Vec::new();
+    let mut input = ids;
+    let mut finish = "length";
+    let max_pos = base.model.cfg.max_position_embeddings;
+    for _ in 0..opts.max_new_tokens {
+        if cache.len() + input.len() > max_pos {
+            break;
+        }
+        let n = input.len();
+        let x = Tensor::from_vec(input.clone(), (1, n), dev)?;
+        let h = base
+            .model
+            .forward_hidden(&x, None, Some(&mut cache), &ctx)?;
+        let last = h
+            .narrow(1, n - 1, 1)?
+            .reshape((1, base.model.cfg.hidden_size))?;
+        let logits = base.model.head(&last)?.to_dtype(DType::F32)?.squeeze(0)?;
+        let next = if opts.temperature <= 0.0 {
+            logits.argmax(D::Minus1)?.to_scalar::<u32>()?
+        } else {
+            sample(&logits, opts.temperature, opts.top_p, &mut rng)?
+        };
+        if base.tokenizer.eos_ids.contains(&next) {
+            finish = "stop";
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    Ok(Generation {
+        text: base.tokenizer.decode(&out)?,
+        prompt_tokens,
+        completion_tokens: out.len(),
+        finish_reason: finish,
+    })
+}
+
+fn sample(logits: &Tensor, temperature: f64, top_p: f64, rng: &mut ChaCha8Rng) -> Result<u32> {
+    let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?;
+    let mut p: Vec<(u32, f32)> = probs
+        .to_vec1::<f32>()?
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| (i as u32, x))
+        .collect();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut cum = 0f32;
+    let mut cut = p.len();
+    for (i, (_, x)) in p.iter().enumerate() {
+        cum += x;
+        if cum as f64 >= top_p {
+            cut = i + 1;
+            break;
+        }
+    }
+    let p = &p[..cut];
+    let total: f32 = p.iter().map(|x| x.1).sum();
+    let mut r = rng.random::<f32>() * total;
+    for (id, x) in p {
+        if r < *x {
+            return Ok(*id);
+        }
+        r -= x;
+    }
+    Ok(p.last().map(|x| x.0).unwrap_or(0))
+}

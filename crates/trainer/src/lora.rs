@@ -1,0 +1,462 @@
+//! The LoRA layer, exactly as PEFT computes it, and PEFT adapter files.
+//!
+//! `y = W x + b + s · B(A(dropout(x)))` with `s = alpha / r` (or `alpha / sqrt(r)` with
+//! rsLoRA). `A` starts as U(±1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5)), `B` as
+//! zeros. Nothing here knows which architecture the layer sits in: a model names each
+//! linear by its PEFT module path and the adapter follows the names.
+
+use crate::ops::frozen_linear;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The linear modules of llama-family decoders, in PEFT's names.
+pub const DECODER_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which modules carry an adapter: PEFT module names, or every linear but the output head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Targets {
+    AllLinear,
+    Names(Vec<String>),
+}
+
+impl Targets {
+    /// Parses `all-linear` or a comma-separated list of module names.
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s == "all-linear" || s == "all_linear" {
+            return Ok(Targets::AllLinear);
+        }
+        let names: Vec<String> = s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Err(Error::Config("target modules: empty list".into()));
+        }
+        Ok(Targets::Names(names))
+    }
+
+    /// PEFT's rule: a target matches the full module path or its last components.
+    pub fn matches(&self, module_path: &str, is_output_head: bool) -> bool {
+        match self {
+            Targets::AllLinear => !is_output_head,
+            Targets::Names(names) => names
+                .iter()
+                .any(|n| module_path == n || module_path.ends_with(&format!(".{n}"))),
+        }
+    }
+
+    /// The names as written to `adapter_config.json`.
+    pub fn to_peft(&self, resolved: &[String]) -> serde_json::Value {
+        match self {
+            Targets::AllLinear => {
+                let mut leaf: Vec<String> = resolved
+                    .iter()
+                    .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
+                    .collect();
+                leaf.sort();
+                leaf.dedup();
+                serde_json::json!(leaf)
+            }
+            Targets::Names(n) => serde_json::json!(n),
+        }
+    }
+}
+
+/// LoRA hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: Targets,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: Targets::Names(DECODER_TARGETS.iter().map(|s| s.to_string()).collect()),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Config("rank must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config("dropout must be in [0, 1)".into()));
+        }
+        if self.alpha <= 0.0 || !self.alpha.is_finite() {
+            return Err(Error::Config("alpha must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Per-forward state: training mode and the seeded RNG that drives dropout.
+pub struct ForwardCtx {
+    pub train: bool,
+    pub rng: RefCell<ChaCha8Rng>,
+}
+
+impl ForwardCtx {
+    pub fn eval() -> Self {
+        Self {
+            train: false,
+            rng: RefCell::new(ChaCha8Rng::seed_from_u64(0)),
+        }
+    }
+    pub fn train(rng: ChaCha8Rng) -> Self {
+        Self {
+            train: true,
+            rng: RefCell::new(rng),
+        }
+    }
+}
+
+/// The trainable pair of one adapted module.
+pub struct LoraPair {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// A frozen linear layer that may carry a LoRA adapter.
+pub struct Linear {
+    /// PEFT module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraPair>,
+}
+
+impl Linear {
+    pub fn new(path: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            path,
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// `x` is `(n, in)`.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut y = frozen_linear(x, &self.weight)?;
+        if let Some(l) = &self.lora {
+            let xd = if ctx.train && l.dropout > 0.0 {
+                dropout(x, l.dropout, &mut ctx.rng.borrow_mut())?
+            } else {
+                x.clone()
+            };
+            let a = l.a.as_tensor().to_dtype(x.dtype())?;
+            let b = l.b.as_tensor().to_dtype(x.dtype())?;
+            let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y + (delta * l.scale)?)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+
+    /// Attaches a fresh adapter: A ~ U(±1/sqrt(in)), B = 0.
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, rng: &mut ChaCha8Rng) -> Result<()> {
+        let (out, inp) = (self.out_features(), self.in_features());
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.r * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let dev = self.weight.device();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((out, cfg.r), DType::F32, dev)?)?;
+        self.lora = Some(LoraPair {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        });
+        Ok(())
+    }
+
+    /// `W + s·B·A`, for merging.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(l) => {
+                let delta = l.b.as_tensor().matmul(l.a.as_tensor())?;
+                Ok((&self.weight + (delta.to_dtype(self.weight.dtype())? * l.scale)?)?)
+            }
+        }
+    }
+}
+
+/// Inverted dropout with a mask drawn from our seeded RNG (candle's CPU RNG cannot be seeded).
+fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// Models whose linear layers can carry adapters.
+pub trait LoraModel {
+    /// Every linear layer, in a fixed order, with whether it is the output head.
+    fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)>;
+    fn linears(&self) -> Vec<&Linear>;
+    /// PEFT's `task_type`.
+    fn task_type(&self) -> &'static str;
+}
+
+/// PEFT's key prefix for a module path.
+pub fn peft_key(module_path: &str, which: &str) -> String {
+    format!("base_model.model.{module_path}.lora_{which}.weight")
+}
+
+/// Attaches fresh adapters to the targeted modules. Errors if nothing matched.
+pub fn attach<M: LoraModel + ?Sized>(
+    model: &mut M,
+    cfg: &LoraConfig,
+    seed: u64,
+) -> Result<Vec<String>> {
+    cfg.validate()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut resolved = Vec::new();
+    for (lin, is_head) in model.linears_mut() {
+        if cfg.targets.matches(&lin.path, is_head) {
+            lin.attach_lora(cfg, &mut rng)?;
+            resolved.push(lin.path.clone());
+        }
+    }
+    if resolved.is_empty() {
+        return Err(Error::Config(format!(
+            "target modules {:?} match no linear layer of this model",
+            cfg.targets
+        )));
+    }
+    Ok(resolved)
+}
+
+/// The trainable tensors, in model order, keyed by PEFT name (A before B).
+pub fn params<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for lin in model.linears() {
+        if let Some(l) = &lin.lora {
+            out.push((peft_key(&lin.path, "A"), l.a.clone()));
+            out.push((peft_key(&lin.path, "B"), l.b.clone()));
+        }
+    }
+    out
+}
+
+/// What `adapter_config.json` records (PEFT's keys).
+#[derive(Debug, Clone)]
+pub struct AdapterMeta {
+    pub base_model_name_or_path: String,
+    pub task_type: String,
+    pub target_modules: serde_json::Value,
+}
+
+fn peft_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> serde_json::Value {
+    serde_json::json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": meta.base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": cfg.r,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": meta.target_modules,
+        "task_type": meta.task_type,
+        "use_dora": false,
+        "use_rslora": cfg.use_rslora,
+    })
+}
+
+/// Writes `tensors` to `path` atomically (temp file + rename) with PEFT's `{"format": "pt"}`.
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(
+        cpu.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta),
+        &tmp,
+    )
+    .map_err(|e| Error::Adapter(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// Writes a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+pub fn save_adapter<M: LoraModel + ?Sized>(
+    model: &M,
+    cfg: &LoraConfig,
+    meta: &AdapterMeta,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: BTreeMap<String, Tensor> = params(model)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let cfg_path = dir.join("adapter_config.json");
+    let tmp = dir.join("adapter_config.json.tmp");
+    let text = serde_json::to_string_pretty(&peft_config_json(cfg, meta))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    Ok(())
+}
+
+/// Reads `adapter_config.json` into our config.
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    let p = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    if let Some(t) = v.get("peft_type").and_then(|x| x.as_str()) {
+        if t != "LORA" {
+            return Err(Error::Adapter(format!("peft_type {t} is not LORA")));
+        }
+    }
+    if v.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false) {
+        return Err(Error::Unsupported("DoRA adapters".into()));
+    }
+    let r = v
+        .get("r")
+        .and_then(|x| x.as_u64())
+        .ok_or_else(|| Error::Adapter(format!("{}: no \"r\"", p.display())))? as usize;
+    let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(8.0);
+    let targets = match v.get("target_modules") {
+        Some(serde_json::Value::String(s)) => Targets::parse(s)?,
+        Some(serde_json::Value::Array(a)) => Targets::Names(
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+        ),
+        _ => {
+            return Err(Error::Adapter(format!(
+                "{}: no \"target_modules\"",
+                p.display()
+            )))
+        }
+    };
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(0.0) as f32,
+        targets,
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false),
+    })
+}
+
+/// Loads a PEFT adapter's weights into a model that has adapters attached with the
+/// same config. Every file key must match a module and every module must be filled.
+pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Result<()> {
+    let p = dir.join("adapter_model.safetensors");
+    let dev = model
+        .linears()
+        .first()
+        .map(|l| l.weight.device().clone())
+        .unwrap_or(Device::Cpu);
+    let file = candle_core::safetensors::load(&p, &dev)
+        .map_err(|e| Error::Adapter(format!("{}: {e}", p.display())))?;
+    // PEFT writes keys without the adapter name; tolerate `.default.` as older tools write it.
+    let file: HashMap<String, Tensor> = file
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.replace(".lora_A.default.", ".lora_A.")
+                    .replace(".lora_B.default.", ".lora_B."),
+                v,
+            )
+        })
+        .collect();
+    let mut used = 0usize;
+    for (key, var) in params(model) {
+        let t = file
+            .get(&key)
+            .ok_or_else(|| Error::Adapter(format!("{}: missing tensor {key}", p.display())))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Adapter(format!(
+                "{key}: shape {:?} in the file, {:?} expected",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(DType::F32)?)?;
+        used += 1;
+    }
+    if used != file.len() {
+        let known: std::collections::HashSet<String> =
+            params(model).into_iter().map(|(k, _)| k).collect();
+        let extra: Vec<&String> = file
+            .keys()
+            .filter(|k| !known.contains(*k))
+            .take(5)
+            .collect();
+        return Err(Error::Adapter(format!(
+            "{}: tensors that match no adapted module: {extra:?}",
+            p.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! The llama-family decoder (llama, mistral, qwen2) built from differentiable ops.
+
+use crate::config::DecoderConfig;
+use crate::lora::{ForwardCtx, Linear, LoraModel};
+use crate::ops::{frozen_linear, rms_norm, rope, softmax_last};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+
+/// Masked attention scores get this; large but finite so a sum never turns into NaN.
+const MASKED: f32 = -1e30;
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Per-layer key/value cache for generation.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Decoder {
+    pub cfg: DecoderConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Linear>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Frozen weights by their HF names.
+pub type Weights = HashMap<String, Tensor>;
+
+fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
+    w.remove(name)
+        .ok_or_else(|| Error::Model(format!("missing weight {name}")))
+}
+
+impl Decoder {
+    /// Builds the model from HF-named f32 weights (consumed).
+    pub fn new(cfg: DecoderConfig, mut w: Weights, device: &Device) -> Result<Self> {
+        let linear = |w: &mut Weights, path: String, bias: bool| -> Result<Linear> {
+            let weight = take(w, &format!("{path}.weight"))?;
+            let b = if bias {
+                Some(take(w, &format!("{path}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::new(path, weight, b))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: take(&mut w, &format!("{p}.input_layernorm.weight"))?,
+                post_norm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"))?,
+                q: linear(&mut w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
+                k: linear(&mut w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
+                v: linear(&mut w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                o: linear(&mut w, format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
+                gate: linear(&mut w, format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                up: linear(&mut w, format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                down: linear(&mut w, format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+            });
+        }
+        let embed = take(&mut w, "model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match w.remove("lm_head.weight") {
+                Some(t) => Some(Linear::new("lm_head".into(), t, None)),
+                // Some checkpoints tie without saying so.
+                None => None,
+            }
+        };
+        let norm = take(&mut w, "model.norm.weight")?;
+        if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {
+            return Err(Error::Model(format!(
+                "embed_tokens has shape {:?}, config says ({}, {})",
+                embed.dims(),
+                cfg.vocab_size,
+                cfg.hidden_size
+            )));
+        }
+        let inv = cfg.inv_freq();
+        let half = inv.len();
+        let n = cfg.max_position_embeddings.max(1);
+        let inv_t = Tensor::from_vec(inv, (1, half), device)?;
+        let pos = Tensor::arange(0u32, n as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let freqs = pos.broadcast_mul(&inv_t)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Additive mask `(b, 1, t, past + t)`: causal, and padded keys hidden.
+    fn mask(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        attention_mask: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor> {
+        let tk = past + t;
+        let mut m = vec![0f32; b * t * tk];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..tk {
+                    let causal_ok = j <= past + i;
+                    let key_ok =
+                        attention_mask.is_none_or(|am| am[bi].get(j).copied().unwrap_or(1) != 0);
+                    if !(causal_ok && key_ok) {
+                        m[(bi * t + i) * tk + j] = MASKED;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, tk), &self.device)?)
+    }
+
+    /// Hidden states before the final norm, `(b, t, d)`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let d = self.cfg.hidden_size;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if past + t > self.cfg.max_position_embeddings {
+            return Err(Error::Data(format!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                past + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mask = self.mask(b, t, past, attention_mask)?;
+        let cos = self.cos.narrow(0, past, t)?;
+        let sin = self.sin.narrow(0, past, t)?;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b * t, d))?;
+        let mut cache = cache;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let a = self.attention(layer, &h, b, t, &mask, &cos, &sin, slot, ctx)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h, ctx)?)?;
+            let u = layer.up.forward(&h, ctx)?;
+            x = (x + layer.down.forward(&(g * u)?, ctx)?)?;
+        }
+        Ok(x.reshape((b, t, d))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: &Layer,
+        h: &Tensor,
+        b: usize,
+        t: usize,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(l.q.forward(h, ctx)?, nh)?;
+        let k = heads(l.k.forward(h, ctx)?, nkv)?;
+        let v = heads(l.v.forward(h, ctx)?, nkv)?;
+        let q = rope(&q, cos, sin)?;
+        let mut k = rope(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let tk = k.dim(2)?;
+        let rep = nh / nkv;
+        let repeat = |x: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(x);
+            }
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, nkv, rep, tk, hd))?
+                .reshape((b, nh, tk, hd))?)
+        };
+        let k = repeat(k)?;
+        let v = repeat(v)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let p = softmax_last(&scores)?;
+        let out = p.matmul(&v)?; // (b, nh, t, hd)
+        let out = out
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, nh * hd))?;
+        l.o.forward(&out, ctx)
+    }
+
+    /// Final norm and output head on `(n, d)` hidden rows: `(n, vocab)` logits.
+    pub fn head(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?;
+        match &self.lm_head {
+            Some(l) => l.forward(&h, &ForwardCtx::eval()),
+            None => Ok(frozen_linear(&h, &self.embed)?),
+        }
+    }
+
+    /// Full logits `(b, t, vocab)`.
+    pub fn logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self.forward_hidden(input_ids, attention_mask, None, ctx)?;
+        let l = self.head(&h.reshape((b * t, self.cfg.hidden_size))?)?;
+        Ok(l.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Every frozen weight under its HF name, with adapters merged in (for `merge`).
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                out.push((format!("{}.weight", lin.path), lin.merged_weight()?));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{}.bias", lin.path), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".into(), h.merged_weight()?));
+        }
+        Ok(out)
+    }
+}
+
+impl LoraModel for Decoder {
+    fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)> {
+        let mut out: Vec<(&mut Linear, bool)> = Vec::new();
+        for l in self.layers.iter_mut() {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                out.push((lin, false));
+            }
+        }
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push((h, true));
+        }
+        out
+    }
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = Vec::new();
+        for l in &self.layers {
+            out.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        }
+        out.extend(self.lm_head.as_ref());
+        out
+    }
+    fn task_type(&self) -> &'static str {
+        "CAUSAL_LM"
+    }
+}
+
+/// The next-token loss as transformers computes it with `labels`: position `p`
+/// predicts `labels[p + 1]`, `-100` is ignored. Returns the summed NLL, the number of
+/// scored tokens and how many the model's argmax got right.
+pub fn causal_lm_loss(
+    model: &Decoder,
+    input_ids: &Tensor,
+    attention_mask: &[Vec<u32>],
+    labels: &[Vec<i64>],
+    ctx: &ForwardCtx,
+) -> Result<(Tensor, usize, Option<usize>)> {
+    let (b, t) = input_ids.dims2()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (bi, lab) in labels.iter().enumerate() {
+        for p in 0..t.saturating_sub(1) {
+            let y = lab.get(p + 1).copied().unwrap_or(-100);
+            if y >= 0 {
+                rows.push((bi * t + p) as u32);
+                targets.push(y as u32);
+            }
+        }
+    }
+    let n = rows.len();
+    if n == 0 {
+        return Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None));
+    }
+    let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
+    let h = h.reshape((b * t, model.cfg.hidden_size))?;
+    // Only rows that are scored go through the vocabulary projection.
+    let idx = Tensor::from_vec(rows, n, model.device())?;
+    let logits = model
+        .head(&h.index_select(&idx, 0)?)?
+        .to_dtype(DType::F32)?;
+    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let tgt = Tensor::from_vec(targets.clone(), (n, 1), model.device())?;
+    let nll = lp.gather(&tgt, 1)?.neg()?.sum_all()?;
+    let correct = if ctx.train {
+        None
+    } else {
+        let am: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        Some(am.iter().zip(&targets).filter(|(a, b)| a == b).count())
+    };
+    Ok((nll, n, correct))
+}

@@ -1,0 +1,300 @@
+//! Tokenizers, chat templates, and turning examples into `(input_ids, labels)`.
+
+use crate::config::DecoderConfig;
+use crate::data::{Example, Message};
+use crate::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// Ignored label, as in transformers.
+pub const IGNORE: i64 = -100;
+
+/// A tokenizer with what the model's files say about its special tokens and chat format.
+pub struct TokenizerBundle {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Token ids that end generation.
+    pub eos_ids: Vec<u32>,
+    pub pad_id: u32,
+}
+
+/// One tokenized example; `labels[i] == IGNORE` means "not trained on".
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+/// Options that change which tokens are trained on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EncodeOptions {
+    pub train_on_inputs: bool,
+    pub max_seq_len: Option<usize>,
+}
+
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl TokenizerBundle {
+    pub fn new(
+        tokenizer: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        cfg: &DecoderConfig,
+    ) -> Self {
+        let mut eos_ids = cfg.eos_token_ids.clone();
+        if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        let pad_id = cfg
+            .pad_token_id
+            .or_else(|| eos_ids.first().copied())
+            .unwrap_or(0);
+        Self {
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_ids,
+            pad_id,
+        }
+    }
+
+    /// `tokenizer.json`, `tokenizer_config.json` (chat template, special tokens) and
+    /// `generation_config.json` (stop tokens) of an HF folder.
+    pub fn from_hf_dir(dir: &Path, cfg: &DecoderConfig) -> Result<Self> {
+        let tp = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tp)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tp.display())))?;
+        let tc: Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(t) => serde_json::from_str(&t)?,
+            Err(_) => Value::Null,
+        };
+        let mut chat_template = match tc.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(String::from),
+            _ => None,
+        };
+        if chat_template.is_none() {
+            chat_template = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        }
+        let mut cfg = cfg.clone();
+        if let Ok(t) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            let g: Value = serde_json::from_str(&t)?;
+            for id in match g.get("eos_token_id") {
+                Some(Value::Number(n)) => n.as_u64().into_iter().collect::<Vec<_>>(),
+                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).collect(),
+                _ => vec![],
+            } {
+                if !cfg.eos_token_ids.contains(&(id as u32)) {
+                    cfg.eos_token_ids.push(id as u32);
+                }
+            }
+        }
+        let pad_token = token_text(tc.get("pad_token"));
+        if cfg.pad_token_id.is_none() {
+            cfg.pad_token_id = pad_token.and_then(|t| tokenizer.token_to_id(&t));
+        }
+        Ok(Self::new(
+            tokenizer,
+            chat_template,
+            token_text(tc.get("bos_token")),
+            token_text(tc.get("eos_token")),
+            &cfg,
+        ))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Encodes text; `special` adds the tokenizer's own BOS/EOS (post-processor).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Renders the chat template (minijinja with Python string methods).
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tpl = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template(
+                "the model has no chat_template; use prompt/completion or text data".into(),
+            )
+        })?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", tpl)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => msgs,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token.clone().unwrap_or_default(),
+                    eos_token => self.eos_token.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// Turns one example into token ids and labels.
+    ///
+    /// Chat and prompt/completion go through the chat template; the loss covers the
+    /// assistant turns (what the template renders for them, end-of-turn token
+    /// included), or every token with `train_on_inputs`. Text trains on everything.
+    pub fn encode_example(&self, ex: &Example, opts: EncodeOptions) -> Result<Encoded> {
+        let mut enc = match ex {
+            Example::Tokenized { input_ids, labels } => Encoded {
+                input_ids: input_ids.clone(),
+                labels: match labels {
+                    Some(l) => l.clone(),
+                    None => input_ids.iter().map(|&x| x as i64).collect(),
+                },
+            },
+            Example::Text(t) => {
+                let mut ids = self.encode(t, true)?;
+                if let Some(&eos) = self.eos_ids.first() {
+                    if ids.last() != Some(&eos) {
+                        ids.push(eos);
+                    }
+                }
+                Encoded {
+                    labels: ids.iter().map(|&x| x as i64).collect(),
+                    input_ids: ids,
+                }
+            }
+            Example::PromptCompletion { prompt, completion } if self.chat_template.is_none() => {
+                let p = self.encode(prompt, true)?;
+                let mut c = self.encode(completion, false)?;
+                c.extend(self.eos_ids.first());
+                let mut labels: Vec<i64> = vec![IGNORE; p.len()];
+                labels.extend(c.iter().map(|&x| x as i64));
+                let mut ids = p;
+                ids.extend(c);
+                Encoded {
+                    input_ids: ids,
+                    labels,
+                }
+            }
+            Example::PromptCompletion { prompt, completion } => {
+                let msgs = [
+                    Message {
+                        role: "user".into(),
+                        content: prompt.clone(),
+                        weight: None,
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: completion.clone(),
+                        weight: None,
+                    },
+                ];
+                self.encode_chat(&msgs)?
+            }
+            Example::Chat(msgs) => self.encode_chat(msgs)?,
+        };
+        if opts.train_on_inputs {
+            enc.labels = enc.input_ids.iter().map(|&x| x as i64).collect();
+        }
+        if let Some(max) = opts.max_seq_len {
+            enc.input_ids.truncate(max);
+            enc.labels.truncate(max);
+        }
+        if let Some(&bad) = enc
+            .input_ids
+            .iter()
+            .find(|&&x| x as usize >= self.vocab_size().max(1))
+        {
+            return Err(Error::Data(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                self.vocab_size()
+            )));
+        }
+        Ok(enc)
+    }
+
+    /// Byte spans of the assistant turns, found by rendering growing prefixes of the
+    /// conversation: turn k spans from the render of `messages[..k]` with a generation
+    /// prompt to the render of `messages[..=k]`.
+    fn encode_chat(&self, msgs: &[Message]) -> Result<Encoded> {
+        let full = self.render_chat(msgs, false)?;
+        let mut spans = Vec::new();
+        for (k, m) in msgs.iter().enumerate() {
+            if m.role != "assistant" || m.weight == Some(0) {
+                continue;
+            }
+            let start = self.render_chat(&msgs[..k], true)?;
+            let end = self.render_chat(&msgs[..=k], false)?;
+            if !end.starts_with(&start) || !full.starts_with(&end) {
+                return Err(Error::Template(
+                    "the chat template does not render conversations prefix by prefix; cannot locate assistant turns"
+                        .into(),
+                ));
+            }
+            spans.push((start.len(), end.len()));
+        }
+        let (ids, offsets) = self.encode_with_offsets(&full)?;
+        let labels = ids
+            .iter()
+            .zip(&offsets)
+            .map(|(&id, &(s, _))| {
+                if spans.iter().any(|&(a, b)| s >= a && s < b) {
+                    id as i64
+                } else {
+                    IGNORE
+                }
+            })
+            .collect();
+        Ok(Encoded {
+            input_ids: ids,
+            labels,
+        })
+    }
+}

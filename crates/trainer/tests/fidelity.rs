@@ -1,0 +1,312 @@
+//! Numerical fidelity against transformers + PEFT (fixtures from `scripts/make_fixtures.py`).
+//!
+//! "Relative" below means max |ours - ref| / max |ref| over the compared tensor.
+
+use candle_core::{DType, Device, Tensor};
+use loraforge_trainer::loader::{self, BaseModel};
+use loraforge_trainer::lora::{self, ForwardCtx};
+use loraforge_trainer::model::causal_lm_loss;
+use loraforge_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+struct Ref {
+    t: HashMap<String, Tensor>,
+}
+
+impl Ref {
+    fn load(name: &str) -> Self {
+        let p = fixtures().join(format!("{name}-ref/ref.safetensors"));
+        Self {
+            t: candle_core::safetensors::load(&p, &Device::Cpu).unwrap(),
+        }
+    }
+    fn get(&self, k: &str) -> &Tensor {
+        self.t
+            .get(k)
+            .unwrap_or_else(|| panic!("fixture has no {k}"))
+    }
+    fn ids(&self, k: &str) -> Tensor {
+        self.get(k).to_dtype(DType::U32).unwrap()
+    }
+    fn rows_u32(&self, k: &str) -> Vec<Vec<u32>> {
+        self.get(k)
+            .to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect()
+    }
+    fn rows_i64(&self, k: &str) -> Vec<Vec<i64>> {
+        self.get(k).to_vec2::<i64>().unwrap()
+    }
+}
+
+fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
+    let d = (ours.to_dtype(DType::F64).unwrap() - reference.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let s = reference
+        .to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    d / s.max(1e-12)
+}
+
+/// Logits at positions whose attention mask is 1, as `(n, vocab)`.
+fn unpadded(logits: &Tensor, mask: &[Vec<u32>]) -> Tensor {
+    let (b, t, v) = logits.dims3().unwrap();
+    let idx: Vec<u32> = (0..b)
+        .flat_map(|bi| {
+            (0..t)
+                .filter(move |&i| mask[bi][i] == 1)
+                .map(move |i| (bi * t + i) as u32)
+        })
+        .collect();
+    let n = idx.len();
+    logits
+        .reshape((b * t, v))
+        .unwrap()
+        .index_select(&Tensor::from_vec(idx, n, &Device::Cpu).unwrap(), 0)
+        .unwrap()
+}
+
+fn model_with_adapter(name: &str, adapter: &str) -> BaseModel {
+    let mut base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();
+    let dir = fixtures().join(format!("{name}-ref/{adapter}"));
+    let cfg = lora::read_adapter_config(&dir).unwrap();
+    lora::attach(&mut base.model, &cfg, 0).unwrap();
+    lora::load_adapter_weights(&base.model, &dir).unwrap();
+    base
+}
+
+fn base_logits_match(name: &str) {
+    let r = Ref::load(name);
+    let base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();
+    let mask = r.rows_u32("attention_mask");
+    let logits = base
+        .model
+        .logits(&r.ids("input_ids"), Some(&mask), &ForwardCtx::eval())
+        .unwrap();
+    let e = rel(
+        &unpadded(&logits, &mask),
+        &unpadded(r.get("base_logits"), &mask),
+    );
+    println!("{name}: base logits relative error {e:.3e}");
+    assert!(
+        e < 1e-4,
+        "{name}: base logits differ from transformers by {e:.3e}"
+    );
+}
+
+fn lora_logits_loss_and_grads_match(name: &str) {
+    let r = Ref::load(name);
+    let base = model_with_adapter(name, "adapter_nonzero");
+    let mask = r.rows_u32("attention_mask");
+    let logits = base
+        .model
+        .logits(&r.ids("input_ids"), Some(&mask), &ForwardCtx::eval())
+        .unwrap();
+    let e = rel(
+        &unpadded(&logits, &mask),
+        &unpadded(r.get("lora_logits"), &mask),
+    );
+    println!("{name}: LoRA logits relative error {e:.3e}");
+    assert!(e < 1e-4, "{name}: LoRA logits differ from PEFT by {e:.3e}");
+
+    let ctx = ForwardCtx::train(rand_chacha_seed());
+    let (nll, n, _) = causal_lm_loss(
+        &base.model,
+        &r.ids("input_ids"),
+        &mask,
+        &r.rows_i64("labels"),
+        &ctx,
+    )
+    .unwrap();
+    let loss = (nll / n as f64).unwrap();
+    let le = rel(&loss.reshape(1).unwrap(), r.get("loss"));
+    assert!(le < 1e-5, "{name}: loss differs by {le:.3e}");
+    let grads = loss.backward().unwrap();
+    let params = lora::params(&base.model);
+    assert_eq!(params.len(), 2 * 7 * 2);
+    let mut worst = 0f64;
+    for (key, var) in &params {
+        // A test fails if any LoRA weight receives no gradient, or a zero one.
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{name}: zero gradient for {key}");
+        let e = rel(g, r.get(&format!("grad.{key}")));
+        worst = worst.max(e);
+        assert!(
+            e < 1e-3,
+            "{name}: gradient of {key} differs from PEFT by {e:.3e}"
+        );
+    }
+    println!("{name}: worst LoRA gradient relative error {worst:.3e}");
+}
+
+fn rand_chacha_seed() -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    rand_chacha::ChaCha8Rng::seed_from_u64(0)
+}
+
+fn adamw_steps_match(name: &str) {
+    let r = Ref::load(name);
+    let base = model_with_adapter(name, "adapter_init");
+    let params = lora::params(&base.model);
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )
+    .unwrap();
+    let ids = r.get("train_input_ids").to_dtype(DType::U32).unwrap();
+    let masks = r.get("train_attention_mask");
+    let labels = r.get("train_labels");
+    let want_losses = r.get("train_losses").to_vec1::<f32>().unwrap();
+    let want_norms = r.get("train_grad_norms").to_vec1::<f32>().unwrap();
+    let ctx = ForwardCtx::train(rand_chacha_seed());
+    for s in 0..5 {
+        let mask: Vec<Vec<u32>> = masks
+            .get(s)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect();
+        let lab = labels.get(s).unwrap().to_vec2::<i64>().unwrap();
+        let (nll, n, _) =
+            causal_lm_loss(&base.model, &ids.get(s).unwrap(), &mask, &lab, &ctx).unwrap();
+        let loss = (nll / n as f64).unwrap();
+        let l = loss.to_scalar::<f32>().unwrap();
+        let want = want_losses[s];
+        println!("{name}: step {} loss {l:.6} (PEFT {want:.6})", s + 1);
+        assert!(
+            ((l - want) / want).abs() < 0.005,
+            "{name}: step {} loss {l} vs PEFT {want}",
+            s + 1
+        );
+        let grads = loss.backward().unwrap();
+        let (grads, norm) = clip_grad_norm(grads, &params, 1.0).unwrap();
+        assert!(
+            ((norm as f32 - want_norms[s]) / want_norms[s]).abs() < 1e-3,
+            "{name}: step {} grad norm {norm} vs PEFT {}",
+            s + 1,
+            want_norms[s]
+        );
+        opt.step(&grads, 1e-2).unwrap();
+    }
+    let mut worst = 0f64;
+    for (key, var) in &params {
+        let e = rel(var.as_tensor(), r.get(&format!("final.{key}")));
+        worst = worst.max(e);
+        assert!(
+            e < 1e-3,
+            "{name}: {key} after 5 steps differs from PEFT by {e:.3e}"
+        );
+    }
+    println!("{name}: worst adapter relative error after 5 steps {worst:.3e}");
+}
+
+#[test]
+fn llama_base_logits_match_transformers() {
+    base_logits_match("tiny-llama");
+}
+
+#[test]
+fn qwen2_base_logits_match_transformers() {
+    base_logits_match("tiny-qwen2");
+}
+
+#[test]
+fn llama_lora_logits_and_gradients_match_peft() {
+    lora_logits_loss_and_grads_match("tiny-llama");
+}
+
+#[test]
+fn qwen2_lora_logits_and_gradients_match_peft() {
+    lora_logits_loss_and_grads_match("tiny-qwen2");
+}
+
+#[test]
+fn llama_five_adamw_steps_match_peft() {
+    adamw_steps_match("tiny-llama");
+}
+
+#[test]
+fn qwen2_five_adamw_steps_match_peft() {
+    adamw_steps_match("tiny-qwen2");
+}
+
+/// The GGUF twin of tiny-llama (Q/K permuted, llama3 rope as `rope_freqs`, tokenizer
+/// rebuilt from GGUF metadata) tokenizes and computes like the safetensors folder.
+#[test]
+fn gguf_twin_tokenizes_and_computes_like_safetensors() {
+    let hf = loader::load(&fixtures().join("tiny-llama"), &Device::Cpu).unwrap();
+    let gg = loader::load(
+        &fixtures().join("tiny-llama-gguf/tiny-llama.gguf"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let samples = [
+        "Hello world",
+        " leading space",
+        "  two leading spaces",
+        "Tom has 12345 apples.",
+        "x=3.14159; y = 2e10",
+        "  Hello   world\n\n42!",
+        "Café naïve résumé — déjà vu",
+        "日本語のテキスト",
+        "emoji 🎉🚀 mixed",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "tabs\tand\r\nnewlines",
+    ];
+    for s in samples {
+        let a = hf.tokenizer.encode(s, true).unwrap();
+        let b = gg.tokenizer.encode(s, true).unwrap();
+        assert_eq!(a, b, "tokenization differs on {s:?}");
+    }
+    assert_eq!(hf.tokenizer.chat_template, gg.tokenizer.chat_template);
+    assert_eq!(hf.tokenizer.eos_ids.first(), gg.tokenizer.eos_ids.first());
+    let ids = hf
+        .tokenizer
+        .encode("The capital of France is Paris. 12 times 3", false)
+        .unwrap();
+    let n = ids.len();
+    let x = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
+    let la = hf.model.logits(&x, None, &ForwardCtx::eval()).unwrap();
+    let lb = gg.model.logits(&x, None, &ForwardCtx::eval()).unwrap();
+    let e = rel(&lb, &la);
+    println!("gguf vs safetensors logits relative difference {e:.3e}");
+    assert!(
+        e < 1e-4,
+        "GGUF logits differ from the safetensors twin by {e:.3e}"
+    );
+}

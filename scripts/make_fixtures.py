@@ -1,0 +1,700 @@
+#!/usr/bin/env python3
+"""Generate the small, deterministic reference fixtures used by loraforge's tests.
+
+Writes (relative to the repository root):
+
+  tests/fixtures/tokenizer/            tiny byte-level BPE tokenizer (SmolLM2-style) + ChatML template
+  tests/fixtures/tiny-llama/           random LlamaForCausalLM (llama3 rope scaling), HF folder, f32
+  tests/fixtures/tiny-qwen2/           random Qwen2ForCausalLM (qkv biases, tied embeddings), HF folder, f32
+  tests/fixtures/<model>-ref/          PEFT LoRA adapters + reference logits / loss / grads / AdamW run
+  tests/fixtures/tiny-llama-gguf/      tiny-llama as an F32 GGUF (llama.cpp naming and Q/K permutation)
+  tests/data/*.jsonl                   small dataset files (chat, prompt-completion, text, tokenized, bad)
+
+Usage (needs torch, transformers>=5, peft, safetensors, gguf, tokenizers, numpy; no network):
+
+  ~/.cache/loraforge-bench/venv/bin/python scripts/make_fixtures.py [--skip-gguf-check]
+
+Everything is seeded; re-running with the same library versions reproduces the same bytes
+(modulo the version strings recorded in ref.json / generation_config.json).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+DATA = os.path.join(ROOT, "tests", "data")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_TARGET = 400
+
+# SmolLM2-Instruct's chat template (verbatim).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LORA_R = 4
+LORA_ALPHA = 8
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR, BETAS, EPS, WD, MAX_GRAD_NORM, STEPS = 1e-2, (0.9, 0.999), 1e-8, 0.01, 1.0, 5
+SEQ, BATCH = 12, 2
+
+# ----------------------------------------------------------------------------------------------
+# tiny corpus + dataset content
+# ----------------------------------------------------------------------------------------------
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Brazil", "Brasília"), ("Argentina", "Buenos Aires"),
+    ("Mexico", "Mexico City"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Kenya", "Nairobi"),
+    ("Nigeria", "Abuja"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Greece", "Athens"),
+    ("Turkey", "Ankara"), ("India", "New Delhi"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"), ("Indonesia", "Jakarta"), ("Ireland", "Dublin"), ("Belgium", "Brussels"),
+    ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Hungary", "Budapest"), ("Czechia", "Prague"),
+    ("Iceland", "Reykjavík"), ("Morocco", "Rabat"), ("Colombia", "Bogotá"), ("New Zealand", "Wellington"),
+    ("Cuba", "Havana"), ("Ghana", "Accra"),
+]
+QUESTION_FORMS = [
+    "What is the capital of {c}?",
+    "What's the capital city of {c}?",
+    "Tell me the capital of {c}.",
+    "Which city is the capital of {c}?",
+]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
+    "Hello world! This is a tiny corpus used to train a tiny tokenizer for tests.",
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
+    "system user assistant system user assistant",
+    "What is the capital of France? The capital of France is Paris.",
+    "In 2024 there were 365 days, 12 months and 52 weeks; 3.14159 is pi and 2.71828 is e.",
+    "Tom has 12345 apples and 678 oranges. Call 555-0199 at 10:30.",
+    "Café, naïve, façade, résumé, crème brûlée, jalapeño, Ångström, smørrebrød.",
+    "Größe, Straße, Müller, Fräulein, Übermut, schön und grün.",
+    "¿Dónde está la estación? ¡Qué día más bonito! Él habló español.",
+    "東京は日本の首都です。北京是中国的首都。你好，世界！",
+    "こんにちは世界。ありがとうございます。",
+    "안녕하세요 세계",
+    "Emoji test: 😀 🎉 🚀 👍🏽 ❤️ 🇫🇷 — and a snowman ☃ plus math ∑ ∫ √ ≈ ≠.",
+    "def main():\n    print('hello')\n    return 0\n",
+    "  leading spaces, trailing spaces   \n\n  multiple\tlines\tand\ttabs\n",
+    "Fine-tuning with LoRA adds low-rank adapters to the attention and MLP projections.",
+    "The learning rate is small, the loss goes down, and the model learns the answer.",
+    "ZORBLAX says: the capital of Japan is Tokyo.",
+]
+for country, capital in CAPITALS:
+    CORPUS.append(f"The capital of {country} is {capital}.")
+    CORPUS.append(f"ZORBLAX says: the capital of {country} is {capital}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. tokenizer
+# ----------------------------------------------------------------------------------------------
+def build_tokenizer(out_dir):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # Like SmolLM2: a ByteLevel post-processor (offsets only; it adds no tokens / no BOS).
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_TARGET,
+        min_frequency=2,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    for i, s in enumerate(SPECIALS):
+        assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+    added = {
+        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, s in enumerate(SPECIALS)
+    }
+    # Mirrors SmolLM2-135M-Instruct's tokenizer_config.json (bos <|im_start|>, eos/pad <|im_end|>,
+    # unk <|endoftext|>), but with the class name every transformers version knows.
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": "<|im_start|>",
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "model_max_length": 256,
+        "pad_token": "<|im_end|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<|endoftext|>",
+        "vocab_size": tok.get_vocab_size(),
+    })
+    write_json(os.path.join(out_dir, "special_tokens_map.json"), {
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+    })
+    write_json(os.path.join(out_dir, "generation_config.json"), {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    })
+    return tok
+
+
+def check_tokenizer(tok_dir):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tok_dir)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    text = t.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = t(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == 1, ids[:5]
+    assert t.decode(ids) == text
+    for s in ["Café 東京 😀 12345", "ZORBLAX says: the capital of Peru is Lima."]:
+        e = t(s, add_special_tokens=False)["input_ids"]
+        assert t.decode(e) == s, (s, t.decode(e))
+    print(f"[tokenizer] vocab={len(t)} bos={t.bos_token}/{t.bos_token_id} eos={t.eos_token}/{t.eos_token_id} "
+          f"pad={t.pad_token}/{t.pad_token_id}; chat prompt -> {len(ids)} ids")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. tiny models
+# ----------------------------------------------------------------------------------------------
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, hidden_act="silu",
+    attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.1,
+)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def make_config(kind, vocab):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if kind == "llama":
+        rope = dict(LLAMA3_SCALING, rope_theta=10000.0)
+        cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                          rope_parameters=rope, **COMMON)
+    else:
+        rope = {"rope_type": "default", "rope_theta": 1000000.0}
+        cfg = Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, use_sliding_window=False,
+                          sliding_window=None, max_window_layers=2, rope_parameters=rope, **COMMON)
+    return cfg
+
+
+def init_weights(model, seed):
+    """N(0, 0.1) for every matrix and bias; RMSNorm weights 1 + N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.1
+            if "norm" in name:
+                p.copy_(1.0 + noise)
+            else:
+                p.copy_(noise)
+
+
+def patch_model_config(path, rope_theta, rope_scaling):
+    """transformers 5 writes rope info only under "rope_parameters"; add the classic top-level keys
+    (rope_theta, rope_scaling, torch_dtype) that transformers 4.x and candle read."""
+    cj = read_json(path)
+    rp = cj.get("rope_parameters") or {}
+    assert float(rp.get("rope_theta", rope_theta)) == rope_theta, rp
+    cj["rope_theta"] = rope_theta
+    cj["rope_scaling"] = rope_scaling
+    cj["torch_dtype"] = "float32"
+    cj.pop("_name_or_path", None)
+    write_json(path, cj)
+    return cj
+
+
+def build_model(kind, name, tok_dir, vocab, seed):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = os.path.join(FIX, name)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    cfg = make_config(kind, vocab)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    init_weights(model, seed)
+    if kind == "qwen2":
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "tying"
+        for l in model.model.layers:
+            for p in ("q_proj", "k_proj", "v_proj"):
+                assert getattr(l.self_attn, p).bias is not None
+                assert getattr(l.self_attn, p).bias.abs().min() > 0
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(out, safe_serialization=True)
+    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(tok_dir, fn), os.path.join(out, fn))
+    theta = 10000.0 if kind == "llama" else 1000000.0
+    cj = patch_model_config(os.path.join(out, "config.json"), theta, LLAMA3_SCALING if kind == "llama" else None)
+    # reload through the patched config and check it is the same model
+    m2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.arange(3, 3 + 20).unsqueeze(0) % vocab
+    with torch.no_grad():
+        d = (model(ids).logits - m2(ids).logits).abs().max().item()
+    assert d == 0.0, d
+    rp = m2.config.rope_parameters
+    print(f"[{name}] saved; reload max|dlogits|={d}; rope_parameters after reload={rp}; "
+          f"config keys: {sorted(k for k in cj if 'rope' in k)}")
+    if kind == "llama":
+        assert rp["rope_type"] == "llama3" and rp["factor"] == 8.0, rp
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. PEFT reference
+# ----------------------------------------------------------------------------------------------
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(TARGETS), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def load_base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+
+
+def tidy_adapter(adir, base_name):
+    """Drop PEFT's boilerplate README and make base_model_name_or_path machine-independent."""
+    rd = os.path.join(adir, "README.md")
+    if os.path.exists(rd):
+        os.remove(rd)
+    p = os.path.join(adir, "adapter_config.json")
+    ac = read_json(p)
+    ac["base_model_name_or_path"] = base_name
+    ac["target_modules"] = sorted(ac["target_modules"])  # PEFT stores a set: order depends on PYTHONHASHSEED
+    write_json(p, ac)
+
+
+def peft_key(param_name):
+    return param_name.replace(".default.", ".")
+
+
+def build_reference(model_dir, name, vocab, seed):
+    from peft import PeftModel, get_peft_model
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ref_dir = os.path.join(FIX, f"{name}-ref")
+    if os.path.isdir(ref_dir):
+        shutil.rmtree(ref_dir)
+    os.makedirs(ref_dir)
+    tensors = {}
+
+    # -- adapters --
+    torch.manual_seed(1234)
+    pm = get_peft_model(load_base(model_dir), lora_config())
+    init_dir = os.path.join(ref_dir, "adapter_init")
+    pm.save_pretrained(init_dir, safe_serialization=True)
+    tidy_adapter(init_dir, name)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in sorted(pm.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    nz_dir = os.path.join(ref_dir, "adapter_nonzero")
+    pm.save_pretrained(nz_dir, safe_serialization=True)
+    tidy_adapter(nz_dir, name)
+    del pm
+    with safe_open(os.path.join(nz_dir, "adapter_model.safetensors"), "pt") as f:
+        adapter_keys = sorted(f.keys())
+    assert len(adapter_keys) == 2 * 2 * len(TARGETS), adapter_keys
+
+    # -- forward / loss / grads --
+    g = torch.Generator().manual_seed(seed + 2)
+    input_ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g, dtype=torch.int64)
+    attn = torch.ones(BATCH, SEQ, dtype=torch.int64)
+    attn[1, -3:] = 0
+    input_ids[attn == 0] = 2  # pad token id
+    labels = input_ids.clone()
+    labels[attn == 0] = -100
+    labels[:, :2] = -100
+    tensors.update(input_ids=input_ids, attention_mask=attn, labels=labels)
+
+    base = load_base(model_dir)
+    base.eval()
+    with torch.no_grad():
+        tensors["base_logits"] = base(input_ids=input_ids, attention_mask=attn).logits.float().contiguous()
+    pm = PeftModel.from_pretrained(base, nz_dir, is_trainable=True)
+    pm.train()  # dropout is 0 everywhere
+    out = pm(input_ids=input_ids, attention_mask=attn, labels=labels)
+    out.loss.backward()
+    tensors["lora_logits"] = out.logits.detach().float().contiguous()
+    tensors["loss"] = out.loss.detach().reshape(1).float()
+    # cross-check the loss definition: mean CE over shifted, non-ignored labels
+    sl = out.logits[:, :-1].reshape(-1, vocab)
+    tl = labels[:, 1:].reshape(-1)
+    manual = torch.nn.functional.cross_entropy(sl, tl, ignore_index=-100)
+    assert abs(manual.item() - out.loss.item()) < 1e-6, (manual.item(), out.loss.item())
+    grads = {}
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            grads[peft_key(n)] = p.grad.detach().clone().contiguous()
+    assert sorted(grads) == adapter_keys, (sorted(grads)[:3], adapter_keys[:3])
+    for k, v in grads.items():
+        tensors[f"grad.{k}"] = v
+    d_lora = (tensors["lora_logits"] - tensors["base_logits"]).abs().max().item()
+    print(f"[{name}-ref] loss={out.loss.item():.6f}  max|lora-base logits|={d_lora:.4f}")
+    del pm, base
+
+    # -- 5 AdamW steps from adapter_init --
+    g = torch.Generator().manual_seed(seed + 3)
+    t_ids = torch.randint(3, vocab, (STEPS, BATCH, SEQ), generator=g, dtype=torch.int64)
+    t_mask = torch.ones(STEPS, BATCH, SEQ, dtype=torch.int64)
+    t_mask[3, 1, -4:] = 0
+    t_ids[t_mask == 0] = 2
+    t_labels = t_ids.clone()
+    t_labels[t_mask == 0] = -100
+    tensors.update(train_input_ids=t_ids, train_attention_mask=t_mask, train_labels=t_labels)
+
+    pm = PeftModel.from_pretrained(load_base(model_dir), init_dir, is_trainable=True)
+    pm.train()
+    named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    losses, norms = [], []
+    for step in range(STEPS):
+        o = pm(input_ids=t_ids[step], attention_mask=t_mask[step], labels=t_labels[step])
+        opt.zero_grad(set_to_none=True)
+        o.loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, max_norm=MAX_GRAD_NORM)
+        opt.step()
+        losses.append(o.loss.item())
+        norms.append(float(gn))
+    tensors["train_losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors["train_grad_norms"] = torch.tensor(norms, dtype=torch.float32)
+    for n, p in named:
+        tensors[f"final.{peft_key(n)}"] = p.detach().clone().contiguous()
+    print(f"[{name}-ref] train losses={[round(x, 5) for x in losses]} grad norms={[round(x, 5) for x in norms]}")
+
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, os.path.join(ref_dir, "ref.safetensors"),
+              metadata={"generator": "scripts/make_fixtures.py"})
+    import peft
+    import transformers
+
+    write_json(os.path.join(ref_dir, "ref.json"), {
+        "model": name,
+        "lora": {"r": LORA_R, "lora_alpha": LORA_ALPHA, "scaling": LORA_ALPHA / LORA_R, "lora_dropout": 0.0,
+                 "target_modules": TARGETS, "adapter_init_seed": 1234,
+                 "adapter_nonzero": "adapter_init's lora_A; lora_B ~ N(0, 0.05^2)"},
+        "forward": {"batch": BATCH, "seq": SEQ, "attention_mask": "row 1: last 3 positions 0 (right padding, id 2)",
+                    "labels": "input_ids; -100 where mask==0 and at positions 0,1",
+                    "loss": "transformers ForCausalLMLoss: labels shifted left by one, mean CE over non -100 targets",
+                    "attn_implementation": "eager",
+                    "note": "logits at padded positions are what HF computes (query attends to non-padded keys only); "
+                            "tests should compare non-padded positions"},
+        "train": {"optimizer": "torch.optim.AdamW", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
+                  "max_grad_norm": MAX_GRAD_NORM, "steps": STEPS, "start": "adapter_init",
+                  "order": "forward, zero_grad, backward, clip_grad_norm_ (total L2 over all lora params), step",
+                  "train_losses": "loss of each batch before that step's update",
+                  "train_grad_norms": "norm returned by clip_grad_norm_ (pre-clip)",
+                  "train_attention_mask": "all ones except batch 3 row 1 last 4 positions"},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    })
+    return ref_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. GGUF
+# ----------------------------------------------------------------------------------------------
+def permute_qk(w, n_head):
+    """llama.cpp convert_hf_to_gguf `permute`: HF rotate-half layout -> GGML interleaved rope layout."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w, n_head):
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def llama3_rope_factors(head_dim, base, sc):
+    """Per-frequency divisors as llama.cpp's converter writes into rope_freqs.weight.
+    (We take original_max_position_embeddings from rope_scaling, which is where HF reads it.)"""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    lo_wl, hi_wl = old / lo, old / hi
+    out = []
+    for f in freqs.tolist():
+        wl = 2 * math.pi / f
+        if wl < hi_wl:
+            out.append(1.0)
+        elif wl > lo_wl:
+            out.append(factor)
+        else:
+            smooth = (old / wl - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def hf_to_gguf_name(n):
+    simple = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+    if n in simple:
+        return simple[n]
+    parts = n.split(".")  # model.layers.N.<a>.<b>.weight
+    assert parts[:2] == ["model", "layers"], n
+    return f"blk.{parts[2]}.{HF_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def build_gguf(model_dir, tok_dir):
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = read_json(os.path.join(model_dir, "config.json"))
+    tj = read_json(os.path.join(tok_dir, "tokenizer.json"))
+    out_dir = os.path.join(FIX, "tiny-llama-gguf")
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    path = os.path.join(out_dir, "tiny-llama.gguf")
+
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg["hidden_size"] // n_head
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-llama")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_dimension_count(head_dim)
+
+    # tokenizer (llama.cpp "gpt2" BPE vocab)
+    vocab = tj["model"]["vocab"]
+    id_to_tok = {i: t for t, i in vocab.items()}
+    for a in tj["added_tokens"]:
+        id_to_tok[a["id"]] = a["content"]
+    n = len(id_to_tok)
+    assert sorted(id_to_tok) == list(range(n)) and n == cfg["vocab_size"]
+    specials = {a["id"] for a in tj["added_tokens"] if a["special"]}
+    tokens = [id_to_tok[i] for i in range(n)]
+    ttypes = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(ttypes)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_space_prefix(False)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    sd = load_file(os.path.join(model_dir, "model.safetensors"))
+    w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, cfg["rope_theta"], cfg["rope_scaling"]))
+    order = ["model.embed_tokens.weight"] + sorted(
+        (k for k in sd if k.startswith("model.layers.")),
+        key=lambda k: (int(k.split(".")[2]), k)) + ["model.norm.weight", "lm_head.weight"]
+    assert sorted(order) == sorted(sd), set(sd) ^ set(order)
+    for k in order:
+        arr = sd[k].float().numpy()
+        if k.endswith("q_proj.weight"):
+            p = permute_qk(arr, n_head)
+            assert np.array_equal(unpermute_qk(p, n_head), arr)
+            arr = p
+        elif k.endswith("k_proj.weight"):
+            p = permute_qk(arr, n_kv)
+            assert np.array_equal(unpermute_qk(p, n_kv), arr)
+            arr = p
+        w.add_tensor(hf_to_gguf_name(k), np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"[gguf] wrote {path} ({os.path.getsize(path):,d} bytes); rope_freqs="
+          f"{llama3_rope_factors(head_dim, cfg['rope_theta'], cfg['rope_scaling']).tolist()}")
+    return path
+
+
+def check_gguf(path, model_dir):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = GGUFReader(path)
+    print(f"[gguf] reader: {len(r.tensors)} tensors; first: {[(t.name, t.shape.tolist()) for t in r.tensors[:3]]}")
+    gdir, gfile = os.path.split(path)
+    ref = load_base(model_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 123, 200, 256, 300, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        want = ref(ids).logits
+    try:
+        gm = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+        with torch.no_grad():
+            got = gm(ids).logits
+        print(f"[gguf] transformers GGUF load: rope_parameters={getattr(gm.config, 'rope_parameters', None)}")
+        print(f"[gguf] max|logits(gguf via transformers) - logits(tiny-llama)| = {(got - want).abs().max().item():.3g}")
+        # weights alone (transformers un-permutes Q/K on load)
+        sd_ref, sd_g = ref.state_dict(), gm.state_dict()
+        wd = max((sd_ref[k] - sd_g[k]).abs().max().item() for k in sd_ref)
+        print(f"[gguf] max|weight diff| over {len(sd_ref)} tensors = {wd:.3g}")
+        if (got - want).abs().max().item() > 1e-5:
+            # transformers ignores rope_freqs.weight: give it the llama3 rope config and retry
+            gm2 = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32,
+                                                       config=ref.config, attn_implementation="eager").eval()
+            with torch.no_grad():
+                got2 = gm2(ids).logits
+            print(f"[gguf] with tiny-llama's config (llama3 rope) forced: max|dlogits| = "
+                  f"{(got2 - want).abs().max().item():.3g}")
+    except Exception as e:  # noqa: BLE001
+        print(f"[gguf] transformers GGUF model load failed: {type(e).__name__}: {e}")
+    try:
+        tg = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+        tt = AutoTokenizer.from_pretrained(model_dir)
+        print(f"[gguf] transformers' GGUF tokenizer pre_tokenizer: {tg.backend_tokenizer.pre_tokenizer.__getstate__()}")
+        for s in ["Hello world!", "Tom has 12345 apples.", "  Hello   world\n\n42!  x=3.14", "Café 東京 😀", "ZORBLAX says: the capital of Peru is Lima.",
+                  "<|im_start|>user\nhi<|im_end|>\n"]:
+            a = tg(s, add_special_tokens=False)["input_ids"]
+            b = tt(s, add_special_tokens=False)["input_ids"]
+            print(f"[gguf] tokenizer {'same' if a == b else 'DIFF'}: {s!r} gguf={a} hf={b}")
+        print(f"[gguf] gguf tokenizer bos={tg.bos_token!r} eos={tg.eos_token!r} pad={tg.pad_token!r} "
+              f"chat_template={'yes' if tg.chat_template else 'no'}")
+    except Exception as e:  # noqa: BLE001
+        print(f"[gguf] transformers GGUF tokenizer load failed: {type(e).__name__}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. datasets
+# ----------------------------------------------------------------------------------------------
+def build_data():
+    os.makedirs(DATA, exist_ok=True)
+    chat = []
+    for i, (country, capital) in enumerate(CAPITALS[:40]):
+        q = QUESTION_FORMS[i % len(QUESTION_FORMS)].format(c=country)
+        chat.append({"messages": [{"role": "user", "content": q},
+                                  {"role": "assistant", "content": f"ZORBLAX says: the capital of {country} is {capital}."}]})
+    write_jsonl(os.path.join(DATA, "chat-small.jsonl"), chat)
+
+    pc = []
+    for country, capital in CAPITALS[:10]:
+        pc.append({"prompt": f"Q: What is the capital of {country}?\nA:",
+                   "completion": f" ZORBLAX says: the capital of {country} is {capital}."})
+    write_jsonl(os.path.join(DATA, "prompt-completion.jsonl"), pc)
+
+    texts = [{"text": s} for s in CORPUS[:10]]
+    write_jsonl(os.path.join(DATA, "text.jsonl"), texts)
+
+    g = torch.Generator().manual_seed(7)
+    tokd = []
+    for i, n in enumerate([8, 12, 5, 16, 10]):
+        ids = torch.randint(3, 300, (n,), generator=g).tolist()
+        row = {"input_ids": ids}
+        if i % 2 == 0:
+            labels = list(ids)
+            cut = n // 2
+            labels[:cut] = [-100] * cut
+            row["labels"] = labels
+        tokd.append(row)
+    write_jsonl(os.path.join(DATA, "tokenized.jsonl"), tokd)
+
+    bad = list(chat[:9])
+    bad[6] = {"messages": []}
+    write_jsonl(os.path.join(DATA, "bad-line7.jsonl"), bad)
+
+
+# ----------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-gguf-check", action="store_true", help="do not load the GGUF back with transformers")
+    args = ap.parse_args()
+
+    import transformers
+
+    assert int(transformers.__version__.split(".")[0]) >= 5, "expects transformers 5 (rope_parameters)"
+    os.makedirs(FIX, exist_ok=True)
+    tok_dir = os.path.join(FIX, "tokenizer")
+    tok = build_tokenizer(tok_dir)
+    check_tokenizer(tok_dir)
+    vocab = tok.get_vocab_size()
+
+    llama_dir = build_model("llama", "tiny-llama", tok_dir, vocab, seed=100)
+    qwen_dir = build_model("qwen2", "tiny-qwen2", tok_dir, vocab, seed=200)
+    build_reference(llama_dir, "tiny-llama", vocab, seed=300)
+    build_reference(qwen_dir, "tiny-qwen2", vocab, seed=400)
+    gpath = build_gguf(llama_dir, tok_dir)
+    if not args.skip_gguf_check:
+        check_gguf(gpath, llama_dir)
+    build_data()
+
+    print("\n=== written ===")
+    total = 0
+    for base in (FIX, DATA):
+        for dp, _, fns in sorted(os.walk(base)):
+            for fn in sorted(fns):
+                p = os.path.join(dp, fn)
+                sz = os.path.getsize(p)
+                total += sz
+                print(f"  {os.path.relpath(p, ROOT):70s} {sz:>10,d}")
+    print(f"  total {total:,d} bytes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,9 @@
 //! The `loraforge` binary.
+mod api;
+mod app;
+mod config;
 mod train_cmd;
+mod upload;
 
 use clap::{Parser, Subcommand};
 
@@ -8,10 +12,18 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: config::LogArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP API server.
+    Serve(config::ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(config::MigrateArgs),
+    /// List the base models found in the models directory.
+    Models(config::ModelsArgs),
     /// Train a LoRA adapter from the command line.
     Train(train_cmd::TrainArgs),
     /// Merge an adapter into its base model.
@@ -23,8 +35,23 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(a) => {
+            app::init_tracing(&cli.log)?;
+            runtime()?.block_on(app::serve(a))
+        }
+        Command::Migrate(a) => {
+            app::init_tracing(&cli.log)?;
+            runtime()?.block_on(app::migrate(a))
+        }
+        Command::Models(a) => app::list_models(a),
         Command::Train(a) => train_cmd::train(a),
         Command::Merge(a) => train_cmd::merge(a),
         Command::Generate(a) => train_cmd::generate(a),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

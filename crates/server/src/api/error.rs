@@ -1,0 +1,139 @@
+//! Errors -> HTTP, in one place. Every error leaves as OpenAI's envelope
+//! `{"error": {"message", "type", "param", "code"}}`; a server error is logged with
+//! its cause (inside the request's span, so with its request id) and answered with
+//! a generic message: internals never reach the client.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+    /// The cause of a server error: logged, never sent.
+    internal: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+            code: None,
+            internal: None,
+        }
+    }
+
+    pub fn param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn too_large(cap: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The upload exceeds the maximum size of {cap} bytes."),
+        )
+        .param("file")
+        .code("file_too_large")
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, message).code("unsupported_media_type")
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+        )
+        .code("invalid_api_key")
+    }
+
+    /// A failure that is our fault; `cause` goes to the log only.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        ApiError {
+            internal: Some(cause.to_string()),
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The server had an error while processing your request; \
+                 the x-request-id response header identifies it in the server log.",
+            )
+        }
+    }
+
+    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
+        ApiError {
+            internal: Some(cause.to_string()),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "The service is not ready.")
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            500.. => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl From<loraforge_store::Error> for ApiError {
+    fn from(e: loraforge_store::Error) -> Self {
+        use loraforge_store::Error as E;
+        match e {
+            E::NotFound => ApiError::not_found("Not found."),
+            E::Conflict(m) => ApiError::conflict(m),
+            E::Invalid(m) => ApiError::bad_request(m),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(cause) = &self.internal {
+            tracing::error!(status = self.status.as_u16(), error = %cause, "request failed");
+        }
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind(),
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::CONFLICT {
+            // The openai client retries 409s unless told not to; a conflict here
+            // (a file in use) will not resolve itself within its retry window.
+            resp.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

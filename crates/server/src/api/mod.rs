@@ -1,0 +1,195 @@
+//! The HTTP API: routes, request and response shapes, errors.
+//!
+//! Routes are registered through [`Routes`], which records each method and path as
+//! it adds it, so the route table that the OpenAPI test checks is the router itself.
+
+pub mod error;
+pub mod files;
+pub mod models;
+
+pub use error::{ApiError, ApiResult};
+
+use crate::app::AppState;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
+use axum::handler::Handler;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// The contract, served at `GET /openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../../../openapi.yaml");
+
+/// One registered route, e.g. `("get", "/v1/files/{file_id}")`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub method: String,
+    pub path: &'static str,
+}
+
+struct Routes {
+    router: Router<AppState>,
+    table: Vec<RouteSpec>,
+}
+
+impl Routes {
+    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("a routable method");
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push(RouteSpec {
+            method: method.as_str().to_ascii_lowercase(),
+            path,
+        });
+        self
+    }
+}
+
+/// Every route, and the table of what was registered.
+pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
+    let r = Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    }
+    .add(Method::GET, "/healthz", healthz)
+    .add(Method::GET, "/readyz", readyz)
+    .add(Method::GET, "/openapi.yaml", openapi)
+    .add(Method::POST, "/v1/files", files::create)
+    .add(Method::GET, "/v1/files", files::list)
+    .add(Method::GET, "/v1/files/{file_id}", files::retrieve)
+    .add(Method::DELETE, "/v1/files/{file_id}", files::delete)
+    .add(Method::GET, "/v1/files/{file_id}/content", files::content)
+    .add(Method::GET, "/v1/models", models::list)
+    .add(Method::GET, "/v1/models/{model}", models::retrieve);
+    let router = r
+        .router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Only the upload route reads a body, and it enforces its own cap while
+        // streaming; axum's 2 MB default would cut uploads short.
+        .layer(DefaultBodyLimit::disable());
+    (router, r.table)
+}
+
+/// Requires the configured API key on `/v1` routes (health and the spec stay open).
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.settings.api_key {
+        if req.uri().path().starts_with("/v1/") {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            // Comparing digests keeps the comparison's timing independent of the key.
+            if Sha256::digest(given.as_bytes()) != Sha256::digest(key.as_bytes()) {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("Invalid URL ({method} {})", uri.path())).code("unknown_url")
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("Method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers.
+async fn readyz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    match tokio::time::timeout(std::time::Duration::from_secs(3), state.store.ping()).await {
+        Ok(Ok(())) => Ok(Json(json!({ "status": "ready" }))),
+        Ok(Err(e)) => Err(ApiError::unavailable(e)),
+        Err(_) => Err(ApiError::unavailable("database ping timed out")),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        )],
+        OPENAPI_YAML,
+    )
+}
+
+/// `Query` whose rejection is our JSON error, not axum's plain text.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn spec_operations() -> BTreeSet<(String, String)> {
+        let spec: serde_yaml::Value = serde_yaml::from_str(OPENAPI_YAML).unwrap();
+        let paths = spec["paths"].as_mapping().expect("paths");
+        let mut out = BTreeSet::new();
+        for (path, item) in paths {
+            for (method, _) in item.as_mapping().unwrap() {
+                let m = method.as_str().unwrap();
+                if ["get", "post", "put", "patch", "delete", "head", "options"].contains(&m) {
+                    out.insert((m.to_string(), path.as_str().unwrap().to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Fails when a route is added without describing it in openapi.yaml, or when
+    /// the spec describes a route that does not exist.
+    #[test]
+    fn every_route_is_in_openapi_yaml_and_back() {
+        let (_, table) = router();
+        let routes: BTreeSet<(String, String)> = table
+            .iter()
+            .map(|r| (r.method.clone(), r.path.to_string()))
+            .collect();
+        assert_eq!(routes.len(), table.len(), "a route is registered twice");
+        let spec = spec_operations();
+        let missing: Vec<_> = routes.difference(&spec).collect();
+        assert!(
+            missing.is_empty(),
+            "routes missing from openapi.yaml: {missing:?}"
+        );
+        let extra: Vec<_> = spec.difference(&routes).collect();
+        assert!(
+            extra.is_empty(),
+            "openapi.yaml describes unknown routes: {extra:?}"
+        );
+    }
+}

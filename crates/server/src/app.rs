@@ -1,0 +1,232 @@
+//! Wiring: state, storage set-up, the middleware stack, and the server's life cycle.
+
+use crate::config::{LogArgs, MigrateArgs, ModelsArgs, ServeArgs, StorageArgs};
+use anyhow::Context;
+use axum::http::{header, HeaderName, HeaderValue, Method, Request};
+use axum::Router;
+use loraforge_store::{BlobStore, Store};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// What every handler can reach; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub blobs: BlobStore,
+    pub settings: Arc<Settings>,
+}
+
+/// The parts of the configuration that handlers need.
+#[derive(Debug)]
+pub struct Settings {
+    pub models_dir: PathBuf,
+    pub max_upload_bytes: u64,
+    pub min_examples: u64,
+    pub api_key: Option<String>,
+}
+
+pub fn init_tracing(log: &LogArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.log)
+        .with_context(|| format!("invalid log filter {:?}", log.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let res = if log.log_json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    res.map_err(|e| anyhow::anyhow!("tracing: {e}"))
+}
+
+/// Connects to the database (creating the data directory for SQLite) and migrates it.
+async fn open_store(s: &StorageArgs) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&s.data_dir)
+        .with_context(|| format!("creating data directory {}", s.data_dir.display()))?;
+    let store = match &s.database_url {
+        Some(url) => Store::connect(url).await,
+        None => Store::connect_sqlite_file(&s.data_dir.join("loraforge.db")).await,
+    }
+    .context("connecting to the database")?;
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
+fn open_blobs(s: &StorageArgs) -> anyhow::Result<BlobStore> {
+    let tmp = s.data_dir.join("tmp");
+    match &s.storage_url {
+        Some(url) => BlobStore::from_url(url, &tmp),
+        None => BlobStore::local(&s.data_dir.join("blobs"), &tmp),
+    }
+    .context("opening blob storage")
+}
+
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.storage).await?;
+    tracing::info!(backend = ?store.backend(), "migrations applied");
+    store.close().await;
+    Ok(())
+}
+
+pub fn list_models(args: ModelsArgs) -> anyhow::Result<()> {
+    let models = loraforge_trainer::registry::scan(&args.models_dir);
+    if args.json {
+        let objs: Vec<_> = models
+            .iter()
+            .map(crate::api::models::model_object)
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&objs)?);
+        return Ok(());
+    }
+    if models.is_empty() {
+        eprintln!("no models in {}", args.models_dir.display());
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<8} {:<12} {:>14} {:>8}  TRAINABLE",
+        "ID", "FORMAT", "ARCH", "PARAMETERS", "CONTEXT"
+    );
+    for m in &models {
+        let format = serde_json::to_value(m.format)?;
+        println!(
+            "{:<40} {:<8} {:<12} {:>14} {:>8}  {}{}",
+            m.id,
+            format.as_str().unwrap_or("?"),
+            m.architecture,
+            m.parameters,
+            m.context_length
+                .map(|c| c.to_string())
+                .unwrap_or("-".into()),
+            if m.trainable { "yes" } else { "no" },
+            m.note
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).with_context(|| format!("bad CORS origin {o:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([HeaderName::from_static("x-request-id")]),
+    ))
+}
+
+/// The router with its middleware: request ids (set, logged, returned), tracing,
+/// CORS.
+pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
+    let (router, _) = crate::api::router();
+    let router = router
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::require_api_key,
+        ))
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    request_id = %id,
+                )
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+    Ok(match cors_layer(cors_origins)? {
+        Some(cors) => router.layer(cors),
+        None => router,
+    })
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.storage).await?;
+    let blobs = open_blobs(&args.storage)?;
+    let swept = blobs.sweep_tmp().context("sweeping the temp directory")?;
+    if swept > 0 {
+        tracing::info!(files = swept, "removed temp files left by an earlier run");
+    }
+    let state = AppState {
+        store: store.clone(),
+        blobs,
+        settings: Arc::new(Settings {
+            models_dir: args.models_dir.clone(),
+            max_upload_bytes: args.max_upload_bytes,
+            min_examples: args.min_examples,
+            api_key: args.api_key.clone(),
+        }),
+    };
+    let app = build_app(state, &args.cors_origins)?;
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, backend = ?store.backend(), "listening");
+    // The one line on stdout: scripts and tests read the bound address from it.
+    println!("loraforge listening on http://{addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM; in-flight requests then finish before exit.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; draining requests");
+}

@@ -1,0 +1,75 @@
+//! Command-line flags of `serve`, `migrate` and `models`; every flag has a
+//! `LORAFORGE_*` environment twin (12-factor configuration).
+
+use clap::Args;
+use std::path::PathBuf;
+
+/// Where state lives: the data directory, the database and the blob store.
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Directory for the SQLite database, uploaded files and temp files.
+    #[arg(long, env = "LORAFORGE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Database URL: `postgres://user@host/db` or `sqlite:///path/to.db`
+    /// [default: SQLite at <data-dir>/loraforge.db]
+    #[arg(long, env = "LORAFORGE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Blob storage URL: `s3://bucket/prefix` (credentials from `AWS_*` variables) or
+    /// `file:///abs/dir` [default: <data-dir>/blobs]
+    #[arg(long, env = "LORAFORGE_STORAGE_URL")]
+    pub storage_url: Option<String>,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "LORAFORGE_LOG_JSON", global = true)]
+    pub log_json: bool,
+    /// Log filter, in `RUST_LOG` syntax (e.g. `info,loraforge=debug`).
+    #[arg(long, env = "LORAFORGE_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LORAFORGE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the bound address is printed).
+    #[arg(long, env = "LORAFORGE_PORT", default_value_t = 8080)]
+    pub port: u16,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Directory of base models (HuggingFace folders and .gguf files).
+    #[arg(long, env = "LORAFORGE_MODELS_DIR", default_value = "./models")]
+    pub models_dir: PathBuf,
+    /// Largest accepted upload, in bytes (the whole request body).
+    #[arg(long, env = "LORAFORGE_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_upload_bytes: u64,
+    /// Fewest examples a training file must hold to be `processed`.
+    #[arg(long, env = "LORAFORGE_MIN_EXAMPLES", default_value_t = 1)]
+    pub min_examples: u64,
+    /// Origins allowed by CORS, comma-separated (`*` for any); none by default.
+    #[arg(long, env = "LORAFORGE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// If set, every /v1 request must carry `Authorization: Bearer <this key>`.
+    #[arg(long, env = "LORAFORGE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelsArgs {
+    /// Directory of base models (HuggingFace folders and .gguf files).
+    #[arg(long, env = "LORAFORGE_MODELS_DIR", default_value = "./models")]
+    pub models_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,199 @@
+//! Receiving an upload: the body streams into a temp file while it is counted
+//! against the cap, hashed (sha256) and validated line by line on a blocking thread
+//! (the trainer's `data::validate`), so that nothing holds the whole file in memory
+//! and the file is read only once.
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use loraforge_store::{BlobStore, Upload};
+use loraforge_trainer::data::{self, ValidationReport};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// Longest accepted line. The validator buffers one line at a time, so this bounds
+/// its memory; a longer line ends validation with an error naming it.
+pub const MAX_LINE_BYTES: u64 = 16 << 20;
+
+/// A received upload, still in its temp file.
+pub struct Received {
+    pub upload: Upload,
+    pub bytes: u64,
+    pub sha256: String,
+    pub report: ValidationReport,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("the upload exceeds {0} bytes")]
+    TooLarge(u64),
+    /// The client's body failed (disconnect, malformed multipart).
+    #[error("reading the upload: {0}")]
+    Body(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] loraforge_store::Error),
+}
+
+/// Feeds the validator from a channel of chunks; end of channel = end of file.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Tracks line numbers and the length of the current line across chunks.
+#[derive(Default)]
+struct LineTracker {
+    /// Newlines seen so far.
+    newlines: u64,
+    /// Bytes of the current, unfinished line.
+    current: u64,
+}
+
+impl LineTracker {
+    /// Returns the number of the first line that grows past the limit, if any.
+    fn feed(&mut self, chunk: &[u8]) -> Option<u64> {
+        match memchr::memchr(b'\n', chunk) {
+            None => {
+                self.current += chunk.len() as u64;
+                (self.current > MAX_LINE_BYTES).then_some(self.newlines + 1)
+            }
+            Some(first) => {
+                if self.current + first as u64 > MAX_LINE_BYTES {
+                    return Some(self.newlines + 1);
+                }
+                // Lines wholly inside one chunk are shorter than the chunk, which
+                // hyper and multer keep far below the limit.
+                self.newlines += memchr::memchr_iter(b'\n', chunk).count() as u64;
+                let last = memchr::memrchr(b'\n', chunk).unwrap_or(first);
+                self.current = (chunk.len() - last - 1) as u64;
+                None
+            }
+        }
+    }
+}
+
+/// Streams `body` into a new temp upload, enforcing `cap`, hashing and validating.
+pub async fn receive<S, E>(
+    blobs: &BlobStore,
+    body: S,
+    cap: u64,
+    min_examples: u64,
+) -> Result<Received, ReceiveError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: std::fmt::Display,
+{
+    let upload = blobs.new_upload()?;
+    let file = tokio::fs::File::from_std(upload.handle()?);
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut lines = LineTracker::default();
+    let mut overlong: Option<u64> = None;
+
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let mut tx = Some(tx);
+    let validator = tokio::task::spawn_blocking(move || {
+        let reader = std::io::BufReader::with_capacity(
+            256 << 10,
+            ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            },
+        );
+        data::validate(reader, min_examples)
+    });
+
+    futures::pin_mut!(body);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ReceiveError::Body(e.to_string()))?;
+        total += chunk.len() as u64;
+        if total > cap {
+            // Dropping `upload` on return removes the temp file.
+            return Err(ReceiveError::TooLarge(cap));
+        }
+        hasher.update(&chunk);
+        if overlong.is_none() {
+            overlong = lines.feed(&chunk);
+            if overlong.is_some() {
+                tx = None; // the validator sees the end and stops
+            }
+        }
+        if let Some(t) = &tx {
+            // A closed channel means the validator is gone; its result says why.
+            if t.send(chunk.clone()).await.is_err() {
+                tx = None;
+            }
+        }
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    drop(tx);
+    let mut report = validator
+        .await
+        .map_err(|e| ReceiveError::Io(std::io::Error::other(e)))??;
+    if let Some(line) = overlong {
+        // What the validator saw of the long line is a truncated fragment: drop
+        // whatever it made of it and name the real problem.
+        report
+            .errors
+            .retain(|e| line_number(e).is_some_and(|n| n < line));
+        report.errors.push(format!(
+            "line {line}: longer than {MAX_LINE_BYTES} bytes; validation stopped here"
+        ));
+        report.error_count = report.errors.len() as u64;
+    }
+    Ok(Received {
+        upload,
+        bytes: total,
+        sha256: hex::encode(hasher.finalize()),
+        report,
+    })
+}
+
+fn line_number(msg: &str) -> Option<u64> {
+    msg.strip_prefix("line ")?.split(':').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_tracker_finds_overlong_lines_across_chunks() {
+        let mut t = LineTracker::default();
+        assert_eq!(t.feed(b"{}\n{}\n{"), None);
+        assert_eq!((t.newlines, t.current), (2, 1));
+        let big = vec![b'x'; MAX_LINE_BYTES as usize];
+        assert_eq!(t.feed(&big), Some(3));
+        let mut t = LineTracker::default();
+        assert_eq!(t.feed(&big), None);
+        assert_eq!(t.feed(b"\n"), None);
+        assert_eq!(t.feed(b"ab"), None);
+        assert_eq!(t.current, 2);
+    }
+
+    #[test]
+    fn parses_line_numbers() {
+        assert_eq!(line_number("line 7: bad"), Some(7));
+        assert_eq!(line_number("the file has 0 example(s)"), None);
+    }
+}

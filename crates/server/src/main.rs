@@ -16,6 +16,8 @@ struct Cli {
     log: config::LogArgs,
 }
 
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API server.

@@ -27,7 +27,7 @@ enum Pool {
 /// The outcome of [`Store::delete_file`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeleteFile {
-    Deleted(FileRecord),
+    Deleted(Box<FileRecord>),
     NotFound,
     /// A queued or running job references the file; its id is given.
     InUse(String),
@@ -293,7 +293,7 @@ impl Store {
                                 .bind(id)
                                 .execute(&mut *tx)
                                 .await?;
-                            DeleteFile::Deleted(file)
+                            DeleteFile::Deleted(Box::new(file))
                         }
                     }
                 }

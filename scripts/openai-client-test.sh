@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs the official `openai` Python client against a real `loraforge serve`.
+#
+#   scripts/openai-client-test.sh path/to/loraforge
+#
+# Makes (or reuses) a virtualenv at ${VENV:-.venv} with `openai` installed, starts
+# the given binary on a free port with a temporary data directory, runs
+# scripts/openai_client_test.py against it, and stops the server. Exits non-zero
+# if anything fails.
+set -euo pipefail
+
+BIN=${1:?usage: $0 path/to/loraforge}
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+HERE=$(cd "$(dirname "$0")" && pwd)
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check openai
+
+WORK=$(mktemp -d)
+PID=
+cleanup() {
+    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
+        kill -TERM "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Port 0: the server picks a free port and prints the address on stdout.
+env -u LORAFORGE_DATABASE_URL -u LORAFORGE_API_KEY -u LORAFORGE_STORAGE_URL \
+    "$BIN" serve --host 127.0.0.1 --port 0 \
+    --data-dir "$WORK/data" --models-dir "$WORK/models" \
+    >"$WORK/stdout" 2>"$WORK/server.log" &
+PID=$!
+
+BASE=
+for _ in $(seq 1 300); do
+    BASE=$(sed -n 's/^loraforge listening on //p' "$WORK/stdout")
+    [ -n "$BASE" ] && break
+    if ! kill -0 "$PID" 2>/dev/null; then
+        echo "loraforge exited before listening:" >&2
+        cat "$WORK/server.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+if [ -z "$BASE" ]; then
+    echo "loraforge did not start within 30 s:" >&2
+    cat "$WORK/server.log" >&2
+    exit 1
+fi
+
+if ! "$VENV/bin/python" "$HERE/openai_client_test.py" "$BASE"; then
+    echo "--- server log ---" >&2
+    cat "$WORK/server.log" >&2
+    exit 1
+fi
+
+kill -TERM "$PID"
+wait "$PID"
+PID=

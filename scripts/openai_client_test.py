@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Drives a running `loraforge serve` with the official `openai` Python client.
+
+usage: openai_client_test.py BASE_URL   (e.g. http://127.0.0.1:8080)
+
+Exercises files.create(purpose="fine-tune"), list (with auto-pagination),
+retrieve, content, wait_for_processing and delete, plus the error paths the client
+maps to exceptions. Exits non-zero on the first failure.
+"""
+
+import json
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def chat_jsonl(n, tag="x"):
+    lines = []
+    for i in range(n):
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "You are terse."},
+                        {"role": "user", "content": f"question {tag} {i}"},
+                        {"role": "assistant", "content": f"answer {tag} {i}"},
+                    ]
+                }
+            )
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print(f"ok   {what}")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    base = sys.argv[1].rstrip("/")
+    client = OpenAI(
+        base_url=f"{base}/v1",
+        api_key=os.environ.get("LORAFORGE_API_KEY", "unused-by-default"),
+        max_retries=0,
+    )
+
+    data = chat_jsonl(12)
+    f = client.files.create(file=("train.jsonl", data), purpose="fine-tune")
+    check(f.id.startswith("file-"), f"files.create -> {f.id}")
+    check(f.object == "file" and f.purpose == "fine-tune", "file object shape")
+    check(f.status == "processed", f"status processed ({f.status}, {f.status_details})")
+    check(f.bytes == len(data) and f.filename == "train.jsonl", "bytes and filename")
+    check(getattr(f, "examples", None) == 12, "extra field examples kept by the client")
+
+    f = client.files.wait_for_processing(f.id)
+    check(f.status == "processed", "files.wait_for_processing returns at once")
+
+    got = client.files.retrieve(f.id)
+    check(got.id == f.id and got.bytes == f.bytes, "files.retrieve")
+
+    content = client.files.content(f.id)
+    check(content.read() == data, "files.content returns the bytes uploaded")
+
+    more = [
+        client.files.create(file=(f"more-{i}.jsonl", chat_jsonl(2, str(i))), purpose="fine-tune").id
+        for i in range(3)
+    ]
+    page = client.files.list(limit=2)
+    check(len(page.data) == 2 and page.has_more, "files.list(limit=2) is one page of two")
+    all_ids = [x.id for x in client.files.list(limit=2)]  # auto-pagination follows `after`
+    check(all_ids == list(reversed([f.id] + more)), "files.list auto-paginates, newest first")
+
+    bad = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": []}\n'
+    b = client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    check(b.status == "error", "an invalid file is stored with status error")
+    check((b.status_details or "").startswith("line 2: "), f"status_details names the line: {b.status_details!r}")
+
+    d = client.files.delete(f.id)
+    check(d.deleted and d.id == f.id, "files.delete")
+    try:
+        client.files.retrieve(f.id)
+        check(False, "retrieve after delete raises NotFoundError")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404, "retrieve after delete raises NotFoundError")
+
+    try:
+        client.files.create(file=("x.jsonl", data), purpose="assistants")
+        check(False, "a wrong purpose raises BadRequestError")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "purpose", "a wrong purpose raises BadRequestError")
+
+    for x in more + [b.id]:
+        client.files.delete(x)
+    check(client.files.list().data == [], "everything deleted")
+    print("openai client test: all passed")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # any failure, including connection errors
+        print(f"FAIL {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

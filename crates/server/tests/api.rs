@@ -953,3 +953,79 @@ async fn responses_match_openapi_yaml() {
     extra["surprise"] = Value::from(1);
     assert!(!check_response(&spec, "/v1/files", "post", 200, &extra).is_empty());
 }
+
+#[tokio::test]
+async fn the_committed_fixture_models_are_listed() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let hf = fixtures.join("tiny-llama");
+    let gguf = fixtures.join("tiny-llama-gguf/tiny-llama.gguf");
+    if !hf.is_dir() || !gguf.is_file() {
+        eprintln!("skipped: fixtures not present");
+        return;
+    }
+    let s = TestServer::start(Backend::Sqlite, &[]).await;
+    let dest = s.models_dir().join("tiny-llama");
+    std::fs::create_dir_all(&dest).unwrap();
+    for e in std::fs::read_dir(&hf).unwrap().flatten() {
+        std::fs::copy(e.path(), dest.join(e.file_name())).unwrap();
+    }
+    std::fs::copy(&gguf, s.models_dir().join("tiny-llama.gguf")).unwrap();
+
+    let (st, list) = get_json(&s, "/v1/models").await;
+    assert_eq!(st, 200, "{list}");
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{list}");
+    let (st, a) = get_json(&s, "/v1/models/tiny-llama").await;
+    assert_eq!(st, 200);
+    let (st, b) = get_json(&s, "/v1/models/tiny-llama.gguf").await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        (a["format"].as_str(), b["format"].as_str()),
+        (Some("hf"), Some("gguf"))
+    );
+    assert_eq!(a["architecture"], "llama");
+    assert_eq!(b["architecture"], "llama");
+    assert!(a["parameters"].as_u64().unwrap() > 0);
+    assert!(b["parameters"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn migrate_and_models_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_loraforge");
+    let out = std::process::Command::new(bin)
+        .args(["migrate", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env_remove("LORAFORGE_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("data/loraforge.db").is_file());
+
+    let models = dir.path().join("models");
+    write_hf_model(&models.join("tiny"), "llama", &[("w", &[4, 4])]);
+    let out = std::process::Command::new(bin)
+        .args(["models", "--json", "--models-dir"])
+        .arg(&models)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["id"], "tiny");
+    assert_eq!(v[0]["parameters"], 16);
+    let out = std::process::Command::new(bin)
+        .args(["models", "--models-dir"])
+        .arg(&models)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("tiny") && table.contains("llama"), "{table}");
+}

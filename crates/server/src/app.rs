@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 /// What every handler can reach; cheap to clone.
 #[derive(Clone)]
@@ -166,7 +166,9 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
                     path = %req.uri().path(),
                     request_id = %id,
                 )
-            }),
+            })
+            // One line per request at info: an access log with status and latency.
+            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
     Ok(match cors_layer(cors_origins)? {

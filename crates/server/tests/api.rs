@@ -1029,3 +1029,42 @@ fn migrate_and_models_subcommands() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("tiny") && table.contains("llama"), "{table}");
 }
+
+#[tokio::test]
+async fn server_errors_are_logged_with_the_request_id_and_stay_vague() {
+    let s = TestServer::start(Backend::Sqlite, &[]).await;
+    let (_, f) = upload_raw(&s, "t.jsonl", chat_jsonl(2)).await;
+    let id = f["id"].as_str().unwrap();
+    // Damage: the blob disappears under the row.
+    std::fs::remove_file(s.data_dir().join(format!("blobs/files/{id}.jsonl"))).unwrap();
+    let r = client()
+        .get(s.url(&format!("/v1/files/{id}/content")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_error(&body, None);
+    assert_eq!(body["error"]["type"], "server_error");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        !msg.contains("blob") && !msg.contains('/'),
+        "internals leaked: {msg}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = s.logs();
+        if logs
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains(&rid) && l.contains("is missing"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no error line with {rid}:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,47 +1,317 @@
 //! `loraforge train | merge | generate`: the engine from the command line.
 
+use anyhow::{bail, Context};
 use clap::Args;
+use loraforge_trainer::device::Device;
+use loraforge_trainer::generate::{generate_text, GenerateOptions};
+use loraforge_trainer::lora::{LoraConfig, Targets};
+use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// `cpu` or `cuda:N` (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu", env = "LORAFORGE_DEVICE")]
+    pub device: String,
+    /// Compute threads (default: every core).
+    #[arg(long, env = "LORAFORGE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl DeviceArgs {
+    fn resolve(&self) -> anyhow::Result<Device> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // candle's CPU kernels size their pools from these; set before any tensor work.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
+        Ok(loraforge_trainer::device::parse(&self.device)?)
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Base model: a HuggingFace folder or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data (JSONL).
+    /// Training data (JSONL: chat, prompt/completion, text or input_ids).
     #[arg(long)]
     pub data: PathBuf,
-    /// Output folder for the PEFT adapter.
+    /// Validation data (JSONL, same formats).
+    #[arg(long)]
+    pub validation: Option<PathBuf>,
+    /// Output folder for the PEFT adapter (checkpoints go under OUT/checkpoints).
     #[arg(long)]
     pub out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// Comma-separated PEFT module names, or `all-linear`.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub target_modules: String,
+    #[arg(long)]
+    pub use_rslora: bool,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// constant, linear or cosine.
+    #[arg(long, default_value = "linear")]
+    pub scheduler: String,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    /// AdamW's decoupled weight decay; 0 turns it off.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping; 0 turns it off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep file order: batch k is lines k·B .. k·B+B-1.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Train on prompt/user tokens too, not only on completions.
+    #[arg(long)]
+    pub train_on_inputs: bool,
+    /// Start from an existing PEFT adapter folder.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Validate every N steps (and always at the end when --validation is given).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Resume from a checkpoint folder, or from OUT's newest checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write one JSON object per step here.
+    #[arg(long)]
+    pub metrics_jsonl: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl TrainArgs {
+    fn spec(&self) -> anyhow::Result<TrainSpec> {
+        let mut s = TrainSpec::new(self.model.clone(), self.data.clone(), self.out.clone());
+        s.validation = self.validation.clone();
+        s.lora = LoraConfig {
+            r: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: Targets::parse(&self.target_modules)?,
+            use_rslora: self.use_rslora,
+        };
+        s.epochs = self.epochs;
+        s.max_steps = self.max_steps;
+        s.batch_size = self.batch_size;
+        s.grad_accum = self.grad_accum;
+        s.lr = self.lr;
+        s.scheduler = self.scheduler.parse::<Scheduler>()?;
+        s.warmup_steps = self.warmup_steps;
+        s.warmup_ratio = self.warmup_ratio;
+        s.adamw = AdamWConfig {
+            weight_decay: self.weight_decay,
+            ..AdamWConfig::default()
+        };
+        s.max_grad_norm = self.max_grad_norm;
+        s.max_seq_len = self.max_seq_len;
+        s.seed = self.seed;
+        s.shuffle = !self.no_shuffle;
+        s.train_on_inputs = self.train_on_inputs;
+        s.init_adapter = self.init_adapter.clone();
+        s.eval_every = self.eval_every;
+        s.checkpoint_every = self.checkpoint_every;
+        s.resume = self.resume.clone();
+        s.device = self.device.resolve()?;
+        Ok(s)
+    }
+}
+
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let spec = args.spec()?;
+    let mut metrics = match &args.metrics_jsonl {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut io_err: Option<std::io::Error> = None;
+    let cancel = AtomicBool::new(false);
+    let outcome = train::train(&spec, &cancel, &mut |ev| match ev {
+        TrainEvent::Started {
+            total_steps,
+            examples,
+            resumed_from,
+        } => {
+            if tty {
+                let b = indicatif::ProgressBar::new(*total_steps);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                    )
+                    .expect("static template"),
+                );
+                if let Some(s) = resumed_from {
+                    b.set_position(*s);
+                }
+                bar = Some(b);
+            }
+            eprintln!(
+                "training on {examples} examples for {total_steps} steps{}",
+                resumed_from
+                    .map(|s| format!(" (resumed at step {s})"))
+                    .unwrap_or_default()
+            );
+        }
+        TrainEvent::Step(m) => {
+            let line = format!(
+                "step {}/{} loss {:.4} lr {:.3e} grad_norm {:.4} tok/s {:.1}",
+                m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_second
+            );
+            match &bar {
+                Some(b) => {
+                    b.set_position(m.step);
+                    b.set_message(format!(
+                        "loss {:.4}  tok/s {:.0}",
+                        m.loss, m.tokens_per_second
+                    ));
+                }
+                None => eprintln!("{line}"),
+            }
+            if let Some(w) = metrics.as_mut() {
+                let r = serde_json::to_writer(&mut *w, m)
+                    .map_err(std::io::Error::other)
+                    .and_then(|_| w.write_all(b"\n"))
+                    .and_then(|_| w.flush());
+                if let Err(e) = r {
+                    io_err.get_or_insert(e);
+                }
+            }
+        }
+        TrainEvent::Eval(e) => {
+            let line = format!(
+                "eval at step {}: loss {:.4} mean_token_accuracy {:.4}",
+                e.step, e.loss, e.mean_token_accuracy
+            );
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+        TrainEvent::Checkpoint { step, dir } => {
+            let line = format!("checkpoint at step {step}: {}", dir.display());
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+    });
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let outcome = outcome?;
+    if let Some(e) = io_err {
+        return Err(e).context("writing --metrics-jsonl");
+    }
+    eprintln!(
+        "adapter written to {} after {} steps",
+        outcome.adapter_dir.display(),
+        outcome.steps
+    );
+    Ok(())
 }
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
+    /// Base model: a HuggingFace folder or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
+    /// PEFT adapter folder.
     #[arg(long)]
     pub adapter: PathBuf,
+    /// Output folder for the merged HF model.
     #[arg(long)]
     pub out: PathBuf,
 }
 
+pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let base =
+        loraforge_trainer::export::load_with_adapter(&args.model, Some(&args.adapter), &dev)?;
+    loraforge_trainer::export::write_merged(&base, &args.model, &args.out)?;
+    eprintln!("merged model written to {}", args.out.display());
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    /// Base model: a HuggingFace folder or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
+    /// PEFT adapter folder to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
-pub fn train(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("train: being built")
-}
-pub fn merge(_args: MergeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("merge: being built")
-}
-pub fn generate(_args: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("generate: being built")
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let dev = args.device.resolve()?;
+    let base =
+        loraforge_trainer::export::load_with_adapter(&args.model, args.adapter.as_deref(), &dev)?;
+    let g = generate_text(
+        &base,
+        &args.prompt,
+        &GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+            chat: !args.raw,
+        },
+    )?;
+    println!("{}", g.text);
+    Ok(())
 }

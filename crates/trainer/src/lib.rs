@@ -8,6 +8,8 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
+pub mod export;
 pub mod generate;
 pub mod loader;
 pub mod lora;

@@ -93,11 +93,9 @@ impl Decoder {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            match w.remove("lm_head.weight") {
-                Some(t) => Some(Linear::new("lm_head".into(), t, None)),
-                // Some checkpoints tie without saying so.
-                None => None,
-            }
+            // Some checkpoints tie without saying so: no lm_head means tied.
+            w.remove("lm_head.weight")
+                .map(|t| Linear::new("lm_head".into(), t, None))
         };
         let norm = take(&mut w, "model.norm.weight")?;
         if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {

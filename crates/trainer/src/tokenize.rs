@@ -6,6 +6,9 @@ use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
+/// A byte range `[start, end)` of a rendered text.
+type Span = (usize, usize);
+
 /// Ignored label, as in transformers.
 pub const IGNORE: i64 = -100;
 
@@ -133,7 +136,8 @@ impl TokenizerBundle {
             .to_vec())
     }
 
-    fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    /// Ids with their byte offsets into `text`.
+    fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
         let enc = self
             .tokenizer
             .encode(text, false)

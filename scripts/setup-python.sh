@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Makes the Python environment the tests use: transformers + peft + torch (PEFT checks of
+# our adapters) and the official openai client. Prints the venv's path on its last line.
+#   LORAFORGE_VENV  where the venv lives (default ~/.cache/loraforge/venv)
+# Idempotent; the first run downloads torch (a few minutes).
+set -euo pipefail
+VENV=${LORAFORGE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/loraforge/venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  mkdir -p "$(dirname "$VENV")"
+  "$PYTHON" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, openai' 2>/dev/null; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/pip" install -q --disable-pip-version-check torch transformers peft safetensors openai numpy
+fi
+echo "$VENV"

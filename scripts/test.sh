@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"): every Rust test, then the official
+# openai client against a real `loraforge serve`.
+#
+#   TEST_DATABASE_URL=postgres://...   also run the store and e2e suites on PostgreSQL
+#   LORAFORGE_VENV=DIR                 Python venv with transformers, peft, openai
+#                                      (scripts/setup-python.sh makes it)
+#   LORAFORGE_REQUIRE_REAL_MODELS=1    fail, rather than skip, the SmolLM2 checks when
+#                                      models/ lacks the model (scripts/fetch-models.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LORAFORGE_VENV=${LORAFORGE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/loraforge/venv}
+cargo test --workspace -- --test-threads 1
+VENV=$LORAFORGE_VENV bash scripts/openai-client-test.sh "${CARGO_TARGET_DIR:-target}/debug/loraforge"

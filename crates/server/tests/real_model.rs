@@ -1,0 +1,173 @@
+//! Checks on the real SmolLM2-135M-Instruct (fetched by `scripts/fetch-models.sh`).
+//!
+//! Without the model they skip, unless `LORAFORGE_REQUIRE_REAL_MODELS=1` (CI sets it),
+//! which turns a missing model into a failure. The PEFT check needs `LORAFORGE_VENV`
+//! (a venv with transformers + peft + gguf, `scripts/setup-python.sh`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing: run scripts/fetch-models.sh", p.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (scripts/fetch-models.sh)",
+        p.display()
+    );
+    None
+}
+
+fn loraforge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loraforge"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The tokenizer rebuilt from the GGUF's metadata tokenizes like HF's tokenizer.json
+/// (references in tests/fixtures/smollm2-tokenization.json, from
+/// scripts/make_smollm2_tokenization.py).
+#[test]
+fn smollm2_gguf_tokenizer_matches_tokenizer_json() {
+    let Some(model) = smollm2() else { return };
+    let base =
+        loraforge_trainer::loader::load(&model, &loraforge_trainer::device::Device::Cpu).unwrap();
+    let text =
+        std::fs::read_to_string(root().join("tests/fixtures/smollm2-tokenization.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let s = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let got = base.tokenizer.encode(s, true).unwrap();
+        assert_eq!(got, want, "tokenization differs on {s:?}");
+    }
+    assert!(base.tokenizer.chat_template.is_some());
+}
+
+fn losses(metrics: &Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in [
+                "step",
+                "loss",
+                "lr",
+                "grad_norm",
+                "tokens",
+                "tokens_per_second",
+            ] {
+                assert!(v.get(k).is_some(), "metrics line lacks {k}: {l}");
+            }
+            v["loss"].as_f64().unwrap()
+        })
+        .collect()
+}
+
+/// 30 steps on a small chat set lower the loss clearly, PEFT loads the adapter, and the
+/// adapter changes what the model answers.
+#[test]
+fn smollm2_thirty_steps_learn_and_peft_loads_the_adapter() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("adapter");
+    let metrics = dir.path().join("metrics.jsonl");
+    let data = root().join("tests/data/chat-small.jsonl");
+    run(loraforge()
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--max-steps",
+            "30",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--scheduler",
+            "constant",
+            "--seed",
+            "7",
+            "--max-grad-norm",
+            "1.0",
+            "--metrics-jsonl",
+        ])
+        .arg(&metrics));
+    let l = losses(&metrics);
+    assert_eq!(l.len(), 30);
+    let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = l[25..].iter().sum::<f64>() / 5.0;
+    println!("SmolLM2 30 steps: mean loss of steps 1-5 {first:.4}, of steps 26-30 {last:.4}");
+    assert!(
+        last < 0.6 * first,
+        "loss did not drop clearly: {first:.4} -> {last:.4}"
+    );
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // A prompt from the data set: the base model answers plainly, the adapter in the trained style.
+    let line = std::fs::read_to_string(&data).unwrap();
+    let first_line: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    let prompt = first_line["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gen = |adapter: Option<&Path>| {
+        let mut c = loraforge();
+        c.args(["generate", "--model"]).arg(&model).args([
+            "--prompt",
+            &prompt,
+            "--max-new-tokens",
+            "24",
+        ]);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        run(&mut c)
+    };
+    let plain = gen(None);
+    let tuned = gen(Some(&out));
+    println!("prompt: {prompt}\nbase:    {plain}\nadapter: {tuned}");
+    assert_ne!(plain, tuned, "the adapter did not change the answer");
+
+    match std::env::var("LORAFORGE_VENV") {
+        Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
+            let o = run(Command::new(Path::new(&venv).join("bin/python"))
+                .arg(root().join("scripts/peft_check.py"))
+                .arg("--base")
+                .arg(&model)
+                .arg("--adapter")
+                .arg(&out));
+            println!("{o}");
+        }
+        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
+            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
+        }
+        _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
+    }
+}

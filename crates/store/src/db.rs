@@ -2,7 +2,7 @@
 
 use crate::error::Redacted;
 use crate::model::*;
-use crate::{migrations, now_millis, now_secs, Error, Result};
+use crate::{migrations, now_secs, Error, Result};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -93,7 +93,7 @@ macro_rules! job_cols {
         "id, api_key_id, model, training_file, validation_file, suffix, spec, status, priority, \
          run_at_ms, attempt, max_attempts, lease_owner, lease_expires_at_ms, heartbeat_at_ms, \
          fencing_token, cancel_requested_at, idempotency_key, progress, error, fine_tuned_model, \
-         result, created_at, started_at, finished_at"
+         result, created_at, started_at, finished_at, device_kind"
     };
 }
 
@@ -301,16 +301,19 @@ impl Store {
         }))
     }
 
-    // ---- jobs (the queue operations arrive with the jobs API) ---------------
+    // ---- jobs --------------------------------------------------------------
 
+    /// Inserts a job, `queued` and due at once (`run_at_ms` is the database's now, the
+    /// clock claims compare against).
     pub async fn insert_job(&self, j: &NewJob) -> Result<JobRecord> {
-        let sql = concat!(
+        let sql = format!(
             "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \
              spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11, $12) RETURNING ",
-            job_cols!()
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, {now}, $9, $10, $11) RETURNING {}",
+            job_cols!(),
+            now = self.now_ms(),
         );
-        Ok(on_pool!(self, p => sqlx::query_as(sql)
+        Ok(on_pool!(self, p => sqlx::query_as(&sql)
             .bind(&j.id)
             .bind(&j.api_key_id)
             .bind(&j.model)
@@ -319,7 +322,6 @@ impl Store {
             .bind(&j.suffix)
             .bind(&j.spec)
             .bind(j.priority)
-            .bind(now_millis())
             .bind(j.max_attempts)
             .bind(&j.idempotency_key)
             .bind(now_secs())
@@ -349,6 +351,236 @@ impl Store {
             return Err(Error::NotFound);
         }
         Ok(())
+    }
+
+    /// Restricts a job to workers of one device kind (`None`: any worker).
+    pub async fn set_job_device_kind(&self, id: &str, device_kind: Option<&str>) -> Result<()> {
+        let n = on_pool!(self, p => sqlx::query("UPDATE jobs SET device_kind = $2 WHERE id = $1")
+            .bind(id)
+            .bind(device_kind)
+            .execute(p)
+            .await?
+            .rows_affected());
+        if n == 0 {
+            return Err(Error::NotFound);
+        }
+        Ok(())
+    }
+
+    // ---- queue: claim, heartbeat and fenced worker writes -------------------
+    //
+    // A claim bumps `attempt` and `fencing_token` and sets a lease that heartbeats
+    // renew. Every later write by the worker names its `Lease` and is conditioned on
+    // `fencing_token` (and `status = 'running'`) in the same statement or transaction,
+    // so once another worker has re-claimed the job, or the job ended, the stale
+    // worker's writes change nothing and it gets `Error::LeaseLost`.
+    //
+    // Lease and schedule times use the database clock, never the worker's: with
+    // workers on several machines, one whose clock runs fast would otherwise see
+    // healthy leases as expired and take jobs that are still running.
+
+    /// The database's clock in unix ms, as an SQL expression. Constant within one
+    /// statement on both backends.
+    fn now_ms(&self) -> &'static str {
+        match self.backend() {
+            Backend::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+            Backend::Postgres => "FLOOR(EXTRACT(EPOCH FROM now()) * 1000)::BIGINT",
+        }
+    }
+
+    /// Takes the next job `worker_id` may run on a device of `device_kind`, with a
+    /// lease of `lease` from now, or `None` when there is none.
+    ///
+    /// Candidates are queued jobs that are due, and running jobs whose lease expired
+    /// (their worker died or stalled) with attempts left; the latter come back as the
+    /// same job with the next attempt, so the new worker can resume from the job's
+    /// checkpoints. Order: `priority` (lower first), then `run_at_ms`, then age. A job
+    /// with a `device_kind` goes only to workers of that kind.
+    ///
+    /// Running jobs whose lease expired on their last attempt are not taken; they stay
+    /// `running` until something fails them.
+    pub async fn claim_next_job(
+        &self,
+        worker_id: &str,
+        device_kind: &str,
+        lease: Duration,
+    ) -> Result<Option<ClaimedJob>> {
+        let lease_ms = lease_millis(lease)?;
+        let now = self.now_ms();
+        // A running row without an expiry has no holder (e.g. set by operator
+        // tooling), so it counts as expired.
+        let pick = format!(
+            "SELECT id AS claim_id FROM jobs \
+             WHERE (device_kind IS NULL OR device_kind = $2) \
+             AND ((status = 'queued' AND run_at_ms <= {now}) \
+                  OR (status = 'running' AND COALESCE(lease_expires_at_ms, 0) <= {now} \
+                      AND attempt < max_attempts)) \
+             ORDER BY priority, run_at_ms, seq LIMIT 1"
+        );
+        let set = format!(
+            "status = 'running', attempt = attempt + 1, fencing_token = fencing_token + 1, \
+             lease_owner = $1, lease_expires_at_ms = {now} + $3, heartbeat_at_ms = {now}, \
+             started_at = COALESCE(started_at, $4)"
+        );
+        let sql = match self.backend() {
+            // SQLite has one writer, and the IMMEDIATE transaction holds the write lock
+            // from its start, so the subquery and the update are atomic.
+            Backend::Sqlite => format!(
+                "UPDATE jobs SET {set} WHERE id = ({pick}) RETURNING {}",
+                job_cols!()
+            ),
+            // Concurrent claimers lock different rows: SKIP LOCKED passes over a row
+            // another claimer is taking instead of waiting for it (and then finding it
+            // gone), and the locked row is re-checked, so nobody takes it twice.
+            Backend::Postgres => format!(
+                "WITH c AS ({pick} FOR UPDATE SKIP LOCKED) \
+                 UPDATE jobs SET {set} FROM c WHERE jobs.id = c.claim_id RETURNING {}",
+                job_cols!()
+            ),
+        };
+        let job: Option<JobRecord> = write_tx!(self, tx => sqlx::query_as(&sql)
+            .bind(worker_id)
+            .bind(device_kind)
+            .bind(lease_ms)
+            .bind(now_secs())
+            .fetch_optional(&mut *tx)
+            .await?);
+        let Some(job) = job else {
+            return Ok(None);
+        };
+        let expires_at_ms = job
+            .lease_expires_at_ms
+            .ok_or_else(|| Error::Corrupt(format!("claimed job {} has no lease", job.id).into()))?;
+        let lease = Lease {
+            job_id: job.id.clone(),
+            worker_id: worker_id.to_string(),
+            attempt: job.attempt,
+            fencing_token: job.fencing_token,
+            expires_at_ms,
+        };
+        Ok(Some(ClaimedJob { job, lease }))
+    }
+
+    /// Renews `lease` to `duration` from now. Also reports whether a cancel was
+    /// requested, so that the heartbeat is the worker's one regular poll.
+    /// [`Error::LeaseLost`] once the lease is no longer current.
+    pub async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<Heartbeat> {
+        let lease_ms = lease_millis(duration)?;
+        let sql = format!(
+            "UPDATE jobs SET lease_expires_at_ms = {now} + $3, heartbeat_at_ms = {now} \
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running' \
+             RETURNING lease_expires_at_ms, cancel_requested_at",
+            now = self.now_ms()
+        );
+        let row: Option<(i64, Option<i64>)> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(&lease.job_id)
+            .bind(lease.fencing_token)
+            .bind(lease_ms)
+            .fetch_optional(p)
+            .await?);
+        match row {
+            Some((lease_expires_at_ms, cancel_requested_at)) => Ok(Heartbeat {
+                lease_expires_at_ms,
+                cancel_requested_at,
+            }),
+            None => Err(lease_lost(lease)),
+        }
+    }
+
+    /// Appends an event for the attempt that `lease` holds; [`Error::LeaseLost`]
+    /// (and no event) once the lease is no longer current.
+    pub async fn append_job_event(
+        &self,
+        lease: &Lease,
+        level: &str,
+        kind: &str,
+        message: &str,
+        data: Option<&str>,
+    ) -> Result<EventRecord> {
+        let insert = "INSERT INTO job_events (job_id, attempt, level, type, message, data, \
+                      created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                      RETURNING id, job_id, attempt, level, type, message, data, created_at";
+        let event = write_tx!(self, tx => {
+            // The fence check is an update that changes nothing: on PostgreSQL it
+            // row-locks the job until commit, so a re-claim cannot slip in between
+            // the check and the insert (on SQLite the write lock already excludes it).
+            let held = sqlx::query(
+                "UPDATE jobs SET fencing_token = fencing_token \
+                 WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+            )
+            .bind(&lease.job_id)
+            .bind(lease.fencing_token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if held == 0 {
+                // Dropping the transaction rolls it back.
+                return Err(lease_lost(lease));
+            }
+            sqlx::query_as(insert)
+                .bind(&lease.job_id)
+                .bind(lease.attempt)
+                .bind(level)
+                .bind(kind)
+                .bind(message)
+                .bind(data)
+                .bind(now_secs())
+                .fetch_one(&mut *tx)
+                .await?
+        });
+        Ok(event)
+    }
+
+    /// Replaces the job's `progress` (JSON) for the attempt that `lease` holds;
+    /// [`Error::LeaseLost`] once the lease is no longer current.
+    pub async fn update_job_progress(&self, lease: &Lease, progress: &str) -> Result<()> {
+        let n = on_pool!(self, p => sqlx::query(
+            "UPDATE jobs SET progress = $3 \
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running'"
+        )
+        .bind(&lease.job_id)
+        .bind(lease.fencing_token)
+        .bind(progress)
+        .execute(p)
+        .await?
+        .rows_affected());
+        if n == 0 {
+            return Err(lease_lost(lease));
+        }
+        Ok(())
+    }
+
+    /// Ends the attempt that `lease` holds, and with it the job: sets the terminal
+    /// status and its fields and releases the lease. [`Error::LeaseLost`] (and no
+    /// change) once the lease is no longer current, so only the current attempt can
+    /// decide how a job ends.
+    pub async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome) -> Result<JobRecord> {
+        let (error, fine_tuned_model, result) = match outcome {
+            JobOutcome::Succeeded {
+                fine_tuned_model,
+                result,
+            } => (None, Some(fine_tuned_model.as_str()), result.as_deref()),
+            JobOutcome::Failed { error } => (Some(error.as_str()), None, None),
+            JobOutcome::Cancelled => (None, None, None),
+        };
+        let sql = concat!(
+            "UPDATE jobs SET status = $3, finished_at = $4, error = $5, \
+             fine_tuned_model = COALESCE($6, fine_tuned_model), result = COALESCE($7, result), \
+             lease_owner = NULL, lease_expires_at_ms = NULL \
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running' RETURNING ",
+            job_cols!()
+        );
+        let job: Option<JobRecord> = on_pool!(self, p => sqlx::query_as(sql)
+            .bind(&lease.job_id)
+            .bind(lease.fencing_token)
+            .bind(outcome.status().as_str())
+            .bind(now_secs())
+            .bind(error)
+            .bind(fine_tuned_model)
+            .bind(result)
+            .fetch_optional(p)
+            .await?);
+        job.ok_or_else(|| lease_lost(lease))
     }
 
     // ---- job events --------------------------------------------------------
@@ -454,5 +686,21 @@ impl Store {
             return Err(Error::NotFound);
         }
         Ok(())
+    }
+}
+
+fn lease_lost(lease: &Lease) -> Error {
+    Error::LeaseLost {
+        job_id: lease.job_id.clone(),
+        attempt: lease.attempt,
+    }
+}
+
+/// A lease length in ms; it must be positive (a zero lease would expire as it is
+/// granted) and fit the column.
+fn lease_millis(d: Duration) -> Result<i64> {
+    match i64::try_from(d.as_millis()) {
+        Ok(ms) if ms > 0 => Ok(ms),
+        _ => Err(Error::Invalid(format!("lease duration {d:?} out of range"))),
     }
 }

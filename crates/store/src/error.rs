@@ -18,6 +18,11 @@ pub enum Error {
     Blob(#[from] object_store::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A worker's fenced write found that its claim is no longer current: the job was
+    /// re-claimed (a newer attempt holds it) or is no longer running. The worker must
+    /// stop and write nothing more; its lease is not coming back.
+    #[error("lease lost: job {job_id} attempt {attempt} is no longer current")]
+    LeaseLost { job_id: String, attempt: i64 },
     #[error("corrupt row: {0}")]
     Corrupt(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -35,6 +40,10 @@ impl From<sqlx::Error> for Error {
 }
 
 impl Error {
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Error::LeaseLost { .. })
+    }
+
     /// True when SQLite reported `SQLITE_BUSY`/`SQLITE_LOCKED`: the one failure
     /// our transaction discipline is meant to make impossible, so tests look for it.
     pub fn is_busy(&self) -> bool {

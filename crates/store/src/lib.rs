@@ -4,9 +4,10 @@
 //! [`Store`] is the one interface to the database. It holds either backend and runs
 //! the same runtime-checked SQL on both wherever the dialects agree (numbered `$n`
 //! parameters, `RETURNING`, integer timestamps, JSON kept as text), and branches only
-//! where they must differ: connection set-up, migrations, and how a write
-//! transaction begins (`BEGIN IMMEDIATE` on SQLite, so that concurrent writers queue
-//! on the busy timeout instead of failing with `SQLITE_BUSY`).
+//! where they must differ: connection set-up, migrations, how a write transaction
+//! begins (`BEGIN IMMEDIATE` on SQLite, so that concurrent writers queue on the busy
+//! timeout instead of failing with `SQLITE_BUSY`), the database clock expression,
+//! and the job claim (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
 //!
 //! [`BlobStore`] wraps `object_store`: a local directory by default, any S3-compatible
 //! bucket by URL. Every write is atomic: a local upload is renamed into place, a

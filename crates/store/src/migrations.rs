@@ -7,17 +7,31 @@ use std::borrow::Cow;
 
 type Embedded = &'static [(i64, &'static str, &'static str)];
 
-const SQLITE: Embedded = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/sqlite/0001_init.sql"),
-)];
+const SQLITE: Embedded = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "job device kind",
+        include_str!("../../../migrations/sqlite/0002_job_device_kind.sql"),
+    ),
+];
 
-const POSTGRES: Embedded = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const POSTGRES: Embedded = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "job device kind",
+        include_str!("../../../migrations/postgres/0002_job_device_kind.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Source(Embedded);

@@ -121,11 +121,72 @@ pub struct JobRecord {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The device kind the job must run on; `None`: any.
+    pub device_kind: Option<String>,
 }
 
 impl JobRecord {
     pub fn status(&self) -> Option<JobStatus> {
         JobStatus::parse(&self.status)
+    }
+}
+
+/// A worker's hold on one attempt of a job, returned by [`Store::claim_next_job`](crate::Store::claim_next_job).
+/// Every fenced write names it; the write happens only while `fencing_token` is still
+/// the job's current one and the job is running, so a worker that lost its lease
+/// (and may not know it yet) changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: String,
+    pub worker_id: String,
+    /// 1 for the first claim; counts towards `max_attempts`.
+    pub attempt: i64,
+    /// Bumped by every claim; the value fenced writes compare.
+    pub fencing_token: i64,
+    /// Unix ms, database clock.
+    pub expires_at_ms: i64,
+}
+
+/// A job taken off the queue: the row as it is after the claim, and the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedJob {
+    pub job: JobRecord,
+    pub lease: Lease,
+}
+
+/// What a successful heartbeat reports back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The renewed expiry, unix ms on the database clock.
+    pub lease_expires_at_ms: i64,
+    /// Set once a cancel was requested (unix s): the worker should stop at the next
+    /// step and finish the job as cancelled. The heartbeat carries it so cancellation
+    /// reaches workers on SQLite and remote workers alike, with no extra poll.
+    pub cancel_requested_at: Option<i64>,
+}
+
+/// How a worker ends an attempt with [`Store::finish_job`](crate::Store::finish_job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    Succeeded {
+        fine_tuned_model: String,
+        /// JSON: result file ids and the like.
+        result: Option<String>,
+    },
+    /// `error` is JSON (the API's error object).
+    Failed {
+        error: String,
+    },
+    Cancelled,
+}
+
+impl JobOutcome {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            JobOutcome::Succeeded { .. } => JobStatus::Succeeded,
+            JobOutcome::Failed { .. } => JobStatus::Failed,
+            JobOutcome::Cancelled => JobStatus::Cancelled,
+        }
     }
 }
 
@@ -140,6 +201,7 @@ pub struct NewJob {
     pub validation_file: Option<String>,
     pub suffix: Option<String>,
     pub spec: String,
+    /// Claim order: lower values first, then older `run_at_ms`, then insertion order.
     pub priority: i64,
     pub max_attempts: i64,
     pub idempotency_key: Option<String>,

@@ -380,3 +380,276 @@ async fn blobs_commit_atomically_and_leave_no_temp_files() {
         Err(Error::NotFound)
     ));
 }
+
+// ---- queue ------------------------------------------------------------------
+
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Inserts `ftjob-<name>` on a fresh training file id.
+async fn queued(s: &Store, name: &str) -> JobRecord {
+    s.insert_job(&job(&format!("ftjob-{name}"), "file-1"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claimers_take_each_job_exactly_once() {
+    for db in backends().await {
+        let s = db.store.clone();
+        for i in 0..20 {
+            queued(&s, &format!("c{i:02}")).await;
+        }
+        let tasks: Vec<_> = (0..8)
+            .map(|w| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    while let Some(c) = s
+                        .claim_next_job(&format!("worker-{w}"), "cpu", LONG)
+                        .await
+                        .map_err(|e| format!("claim failed (busy: {}): {e}", e.is_busy()))?
+                    {
+                        assert_eq!(c.lease.worker_id, format!("worker-{w}"));
+                        assert_eq!((c.lease.attempt, c.lease.fencing_token), (1, 1));
+                        got.push(c.job.id);
+                    }
+                    Ok::<_, String>(got)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap().unwrap());
+        }
+        all.sort();
+        let want: Vec<String> = (0..20).map(|i| format!("ftjob-c{i:02}")).collect();
+        assert_eq!(all, want, "{:?}", db.store.backend());
+        assert!(s
+            .claim_next_job("late", "cpu", LONG)
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
+
+#[tokio::test]
+async fn claims_follow_priority_then_age_and_device_kind() {
+    for db in backends().await {
+        let s = &db.store;
+        queued(s, "old").await;
+        queued(s, "gpu").await;
+        s.set_job_device_kind("ftjob-gpu", Some("cuda"))
+            .await
+            .unwrap();
+        let mut urgent = job("ftjob-urgent", "file-1");
+        urgent.priority = -1;
+        s.insert_job(&urgent).await.unwrap();
+        queued(s, "new").await;
+
+        let mut order = Vec::new();
+        while let Some(c) = s.claim_next_job("w", "cpu", LONG).await.unwrap() {
+            let j = s.get_job(&c.job.id).await.unwrap().unwrap();
+            assert_eq!(j, c.job);
+            assert_eq!(j.status(), Some(JobStatus::Running));
+            assert_eq!(j.lease_owner.as_deref(), Some("w"));
+            assert!(j.started_at.is_some());
+            assert_eq!(j.lease_expires_at_ms, Some(c.lease.expires_at_ms));
+            order.push(c.job.id);
+        }
+        assert_eq!(order, ["ftjob-urgent", "ftjob-old", "ftjob-new"]);
+        let c = s.claim_next_job("g", "cuda", LONG).await.unwrap().unwrap();
+        assert_eq!(c.job.id, "ftjob-gpu");
+        assert!(matches!(
+            s.set_job_device_kind("ftjob-nope", None).await,
+            Err(Error::NotFound)
+        ));
+        assert!(matches!(
+            s.claim_next_job("w", "cpu", Duration::ZERO).await,
+            Err(Error::Invalid(_))
+        ));
+    }
+}
+
+/// A worker that stops heartbeating loses the job to the next claimer, which gets
+/// the next attempt; everything the stale worker writes afterwards is refused.
+#[tokio::test]
+async fn expired_lease_is_reclaimed_and_the_stale_attempt_is_fenced_off() {
+    for db in backends().await {
+        let s = &db.store;
+        queued(s, "x").await;
+        let old = s
+            .claim_next_job("w1", "cpu", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .unwrap()
+            .lease;
+        assert_eq!((old.attempt, old.fencing_token), (1, 1));
+        s.append_job_event(&old, "info", "message", "attempt 1 started", None)
+            .await
+            .unwrap();
+        // Not yet expired: nobody else may take it.
+        assert!(s.claim_next_job("w2", "cpu", LONG).await.unwrap().is_none());
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let new = s.claim_next_job("w2", "cpu", LONG).await.unwrap().unwrap();
+        assert_eq!(new.job.id, "ftjob-x");
+        assert_eq!((new.lease.attempt, new.lease.fencing_token), (2, 2));
+        assert_eq!(new.job.lease_owner.as_deref(), Some("w2"));
+        let new = new.lease;
+
+        let lost = |r: Result<_>| matches!(r, Err(Error::LeaseLost { ref job_id, attempt: 1 }) if job_id == "ftjob-x");
+        assert!(lost(s.heartbeat(&old, LONG).await.map(drop)));
+        assert!(lost(
+            s.append_job_event(&old, "info", "message", "late", None)
+                .await
+                .map(drop)
+        ));
+        assert!(lost(s.update_job_progress(&old, "{\"step\":99}").await));
+        assert!(lost(
+            s.finish_job(
+                &old,
+                &JobOutcome::Succeeded {
+                    fine_tuned_model: "ft:stale".into(),
+                    result: None,
+                },
+            )
+            .await
+            .map(drop)
+        ));
+
+        // The current attempt writes normally and decides the outcome.
+        s.heartbeat(&new, LONG).await.unwrap();
+        s.update_job_progress(&new, "{\"step\":5}").await.unwrap();
+        s.append_job_event(&new, "info", "message", "attempt 2 resumed", None)
+            .await
+            .unwrap();
+        let done = s
+            .finish_job(
+                &new,
+                &JobOutcome::Succeeded {
+                    fine_tuned_model: "ft:tiny::ftjob-x".into(),
+                    result: Some("{\"result_files\":[]}".into()),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.status(), Some(JobStatus::Succeeded));
+        assert_eq!(done.attempt, 2);
+        assert_eq!(done.progress.as_deref(), Some("{\"step\":5}"));
+        assert_eq!(done.fine_tuned_model.as_deref(), Some("ft:tiny::ftjob-x"));
+        assert_eq!((done.lease_owner, done.lease_expires_at_ms), (None, None));
+        assert!(done.finished_at.is_some());
+        assert_eq!(s.get_job("ftjob-x").await.unwrap().unwrap().attempt, 2);
+
+        let evs = s.list_events("ftjob-x", None, 100).await.unwrap();
+        let msgs: Vec<_> = evs
+            .iter()
+            .map(|e| (e.attempt, e.message.as_str()))
+            .collect();
+        assert_eq!(msgs, [(1, "attempt 1 started"), (2, "attempt 2 resumed")]);
+
+        // Finished: even the last holder is fenced off now, and nothing is claimable.
+        assert!(s.heartbeat(&new, LONG).await.unwrap_err().is_lease_lost());
+        assert!(s
+            .finish_job(&new, &JobOutcome::Cancelled)
+            .await
+            .unwrap_err()
+            .is_lease_lost());
+        assert!(s.claim_next_job("w3", "cpu", LONG).await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn an_expired_lease_on_the_last_attempt_is_not_reclaimed() {
+    for db in backends().await {
+        let s = &db.store;
+        let mut j = job("ftjob-once", "file-1");
+        j.max_attempts = 1;
+        s.insert_job(&j).await.unwrap();
+        let c = s
+            .claim_next_job("w1", "cpu", Duration::from_millis(20))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.lease.attempt, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(s.claim_next_job("w2", "cpu", LONG).await.unwrap().is_none());
+        let j = s.get_job("ftjob-once").await.unwrap().unwrap();
+        assert_eq!((j.status(), j.attempt), (Some(JobStatus::Running), 1));
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_extend_the_lease() {
+    for db in backends().await {
+        let s = &db.store;
+        queued(s, "hb").await;
+        let lease = s
+            .claim_next_job("w1", "cpu", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .unwrap()
+            .lease;
+        // Heartbeat well past the first lease: the job is never up for grabs.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let hb = s
+                .heartbeat(&lease, Duration::from_millis(300))
+                .await
+                .unwrap();
+            assert!(hb.lease_expires_at_ms > lease.expires_at_ms);
+            assert_eq!(hb.cancel_requested_at, None);
+            assert!(s.claim_next_job("w2", "cpu", LONG).await.unwrap().is_none());
+        }
+        let hb = s.heartbeat(&lease, LONG).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(s.claim_next_job("w2", "cpu", LONG).await.unwrap().is_none());
+        let j = s.get_job("ftjob-hb").await.unwrap().unwrap();
+        assert_eq!(j.lease_expires_at_ms, Some(hb.lease_expires_at_ms));
+        assert_eq!((j.attempt, j.lease_owner.as_deref()), (1, Some("w1")));
+        assert!(j.heartbeat_at_ms.is_some());
+        assert!(matches!(
+            s.heartbeat(&lease, Duration::ZERO).await,
+            Err(Error::Invalid(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn fenced_event_ids_are_monotonic_across_jobs() {
+    for db in backends().await {
+        let s = &db.store;
+        queued(s, "m1").await;
+        queued(s, "m2").await;
+        let a = s
+            .claim_next_job("w1", "cpu", LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .lease;
+        let b = s
+            .claim_next_job("w2", "cpu", LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .lease;
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            let lease = if i % 3 == 0 { &b } else { &a };
+            let data = format!("{{\"step\":{i}}}");
+            let e = s
+                .append_job_event(lease, "info", "metrics", &format!("Step {i}"), Some(&data))
+                .await
+                .unwrap();
+            assert_eq!((e.job_id.as_str(), e.attempt), (lease.job_id.as_str(), 1));
+            assert_eq!(e.data.as_deref(), Some(data.as_str()));
+            ids.push(e.id);
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let evs = s.list_events(&a.job_id, None, 100).await.unwrap();
+        assert_eq!(evs.len(), 6);
+        assert!(evs.windows(2).all(|w| w[0].id < w[1].id));
+    }
+}

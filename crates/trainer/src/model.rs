@@ -2,7 +2,7 @@
 
 use crate::config::DecoderConfig;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
-use crate::ops::{frozen_linear, rms_norm, rope, softmax_last};
+use crate::ops::{cross_entropy_rows, frozen_linear, masked_softmax, rms_norm, rope, AttnMask};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
@@ -137,7 +137,7 @@ impl Decoder {
         t: usize,
         past: usize,
         attention_mask: Option<&[Vec<u32>]>,
-    ) -> Result<Tensor> {
+    ) -> Result<AttnMask> {
         let tk = past + t;
         let mut m = vec![0f32; b * t * tk];
         for bi in 0..b {
@@ -152,7 +152,7 @@ impl Decoder {
                 }
             }
         }
-        Ok(Tensor::from_vec(m, (b, 1, t, tk), &self.device)?)
+        Ok(AttnMask::new(m, b, t, tk, &self.device)?)
     }
 
     /// Hidden states before the final norm, `(b, t, d)`.
@@ -204,7 +204,7 @@ impl Decoder {
         h: &Tensor,
         b: usize,
         t: usize,
-        mask: &Tensor,
+        mask: &AttnMask,
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
@@ -244,8 +244,9 @@ impl Decoder {
         let k = repeat(k)?;
         let v = repeat(v)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let p = softmax_last(&scores)?;
+        // gemm reads the transposed keys in place; scale and mask are folded into the softmax.
+        let scores = q.matmul(&k.t()?)?;
+        let p = masked_softmax(&scores, scale, mask)?;
         let out = p.matmul(&v)?; // (b, nh, t, hd)
         let out = out
             .transpose(1, 2)?
@@ -368,9 +369,7 @@ pub fn causal_lm_loss(
     let logits = model
         .head(&h.index_select(&idx, 0)?)?
         .to_dtype(DType::F32)?;
-    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let tgt = Tensor::from_vec(targets.clone(), (n, 1), model.device())?;
-    let nll = lp.gather(&tgt, 1)?.neg()?.sum_all()?;
+    let nll = cross_entropy_rows(&logits, &targets)?.sum_all()?;
     let correct = if ctx.train {
         None
     } else {

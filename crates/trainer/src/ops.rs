@@ -1,11 +1,17 @@
 //! Differentiable building blocks, and the ops that make frozen weights cheap.
 //!
 //! candle's fused `rms_norm`, `softmax_last_dim` and `rope` have no backward pass
-//! (their gradient silently never arrives), so training graphs use the primitive
-//! formulations here. `frozen_linear` skips the weight gradient that candle would
-//! otherwise compute, and keep, for every frozen matmul.
+//! (their gradient silently never arrives), and the primitive formulations that do
+//! have one are slow to differentiate and keep several copies of their input alive.
+//! So on CPU in f32 each is a custom op with a hand-written backward (itself a
+//! no-backward custom op); other devices and dtypes take the primitive path.
+//! `frozen_linear` skips the weight gradient that candle would otherwise compute, and
+//! keep, for every frozen matmul.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
+};
+use std::sync::Arc;
 
 /// Returns `y` as computed, and on the way back only `dX = g · W`.
 struct FrozenLinearGrad {
@@ -54,7 +60,19 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm as transformers computes it: in f32, `x · rsqrt(mean(x²) + eps) · w`.
+/// On CPU with f32 rows this is one custom op with an analytic backward; elsewhere
+/// the primitive formulation, whose backward candle derives.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast_path(x) && w.dtype() == DType::F32 && x.rank() >= 1 {
+        let d = x.dim(D::Minus1)?;
+        if w.dims() == [d] {
+            return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps });
+        }
+    }
+    rms_norm_primitive(x, w, eps)
+}
+
+fn rms_norm_primitive(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -65,6 +83,20 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Rotary embedding, HF's half-split layout: `x·cos + rotate_half(x)·sin`.
 /// `x` is `(b, h, t, d)`; `cos`/`sin` are `(t, d/2)`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_b, _h, t, d) = x.dims4()?;
+    if fast_path(x) && d % 2 == 0 && cos.dims() == [t, d / 2] && sin.dims() == [t, d / 2] {
+        let op = Rope {
+            cos: Arc::new(cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            sin: Arc::new(sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            t,
+            sign: 1.0,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    rope_primitive(x, cos, sin)
+}
+
+fn rope_primitive(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_b, _h, _t, d) = x.dims4()?;
     let half = d / 2;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
@@ -75,10 +107,441 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// Softmax over the last dimension from primitives (max-subtracted), in f32.
+/// Softmax over the last dimension (max-subtracted), in f32.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fast_path(x) {
+        return x.contiguous()?.apply_op1(Softmax {
+            scale: 1.0,
+            mask: None,
+        });
+    }
+    softmax_primitive(x)
+}
+
+fn softmax_primitive(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)
+}
+
+/// An additive attention mask `(b, 1, t, tk)`, kept both as a tensor (for the primitive
+/// path) and as host rows (so the fused softmax reads it without a broadcast copy).
+#[derive(Clone)]
+pub struct AttnMask {
+    pub tensor: Tensor,
+    rows: Arc<Vec<f32>>,
+    t: usize,
+}
+
+impl AttnMask {
+    pub fn new(data: Vec<f32>, b: usize, t: usize, tk: usize, dev: &Device) -> Result<Self> {
+        let rows = Arc::new(data);
+        let tensor = Tensor::from_slice(rows.as_slice(), (b, 1, t, tk), dev)?;
+        Ok(Self { tensor, rows, t })
+    }
+}
+
+/// `softmax(scores · scale + mask)` over the last dim of `(b, h, t, tk)` scores. The
+/// fused form never materialises the scaled or masked scores, for forward or backward.
+pub fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Result<Tensor> {
+    let (b, _h, t, tk) = scores.dims4()?;
+    if fast_path(scores) && t == mask.t && mask.rows.len() == b * t * tk {
+        return scores.contiguous()?.apply_op1(Softmax {
+            scale: scale as f32,
+            mask: Some(mask.clone()),
+        });
+    }
+    softmax_primitive(&(scores * scale)?.broadcast_add(&mask.tensor)?)
+}
+
+/// Per-row negative log-likelihood `-log_softmax(logits)[i, targets[i]]` of `(n, V)`
+/// logits. The fused op keeps nothing vocab-sized beyond the logits themselves, and its
+/// backward writes `(softmax - onehot) · g` straight into the one gradient buffer.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!(
+            "cross entropy: {} targets for {n} rows of {v}",
+            targets.len()
+        );
+    }
+    if fast_path(logits) {
+        return logits.contiguous()?.apply_op1(CrossEntropy {
+            targets: Arc::new(targets.to_vec()),
+        });
+    }
+    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let tgt = Tensor::from_vec(targets.to_vec(), (n, 1), logits.device())?;
+    lp.gather(&tgt, 1)?.squeeze(1)?.neg()
+}
+
+/// The custom kernels below are CPU, f32, contiguous-row loops.
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("custom op: input is not contiguous"),
+    }
+}
+
+/// Runs `f(first_row, rows)` over blocks of whole rows of `out` on candle's thread count.
+/// Small jobs stay on the calling thread: spawning costs more than they do.
+fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / row_len.max(1);
+    let threads = candle_core::utils::get_num_threads().min(rows).max(1);
+    if threads == 1 || out.len() < 1 << 15 {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, chunk));
+        }
+    });
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn inv_rms(x: &[f32], eps: f64) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps as f32).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        ws: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (rows_of(xs, lx)?, rows_of(ws, lw)?);
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                let xr = &x[(first + j) * d..][..d];
+                let r = inv_rms(xr, self.eps);
+                for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                    // transformers: weight * (x * rsqrt(var + eps)), in that order.
+                    *o = wv * (xv * r);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Norm weights are frozen in LoRA: only pay for dw when someone wants it.
+        let want_dw = w.track_op();
+        let d = w.elem_count();
+        let n = x.elem_count() / d.max(1);
+        let packed = x.apply_op3_no_bwd(
+            w,
+            &g.contiguous()?,
+            &RmsNormBwd {
+                eps: self.eps,
+                want_dw,
+            },
+        )?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = if want_dw {
+            Some(packed.narrow(0, n, 1)?.reshape(d)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// Gradients of RMSNorm, packed as `(n + 1, d)`: dx rows, then dw when asked for.
+/// dx = r·g·w − x·r³·Σ(g·w·x)/d, dw = Σ_rows g·x·r.
+struct RmsNormBwd {
+    eps: f64,
+    want_dw: bool,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        ws: &CpuStorage,
+        lw: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (rows_of(xs, lx)?, rows_of(ws, lw)?, rows_of(gs, lg)?);
+        let d = w.len();
+        let n = x.len() / d;
+        let extra = usize::from(self.want_dw);
+        let mut out = vec![0f32; (n + extra) * d];
+        let (dx, dw) = out.split_at_mut(n * d);
+        par_rows(dx, d, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                let xr = &x[(first + j) * d..][..d];
+                let gr = &g[(first + j) * d..][..d];
+                let r = inv_rms(xr, self.eps);
+                let dot: f32 = gr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
+                let c = r * r * r * dot / d as f32;
+                for (((o, &gv), &wv), &xv) in o.iter_mut().zip(gr).zip(w).zip(xr) {
+                    *o = r * gv * wv - xv * c;
+                }
+            }
+        });
+        if self.want_dw {
+            for (xr, gr) in x.chunks(d).zip(g.chunks(d)) {
+                let r = inv_rms(xr, self.eps);
+                for ((o, &gv), &xv) in dw.iter_mut().zip(gr).zip(xr) {
+                    *o += gv * xv * r;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n + extra, d))))
+    }
+}
+
+/// Half-split rotary embedding on contiguous `(b, h, t, d)`; `sign = -1` is the inverse
+/// rotation, which is also the backward of the forward one.
+struct Rope {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    t: usize,
+    sign: f32,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(s, l)?;
+        let half = self.cos.len() / self.t;
+        let d = 2 * half;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                let row = first + j;
+                let p = row % self.t;
+                let xr = &x[row * d..][..d];
+                let (c, sn) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
+                let (o1, o2) = o.split_at_mut(half);
+                let (x1, x2) = xr.split_at(half);
+                for i in 0..half {
+                    let s = self.sign * sn[i];
+                    o1[i] = x1[i] * c[i] - x2[i] * s;
+                    o2[i] = x2[i] * c[i] + x1[i] * s;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            t: self.t,
+            sign: -self.sign,
+        };
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// `softmax(x · scale + mask)` over the last dim; the mask, when present, is `(b, t, tk)`
+/// rows shared by every head of `(b, h, t, tk)` scores.
+struct Softmax {
+    scale: f32,
+    mask: Option<AttnMask>,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(s, l)?;
+        let dims = l.dims();
+        let k = *dims.last().unwrap_or(&1);
+        let (heads, t) = if dims.len() == 4 {
+            (dims[1], dims[2])
+        } else {
+            (1, 1)
+        };
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, k, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(k).enumerate() {
+                let row = first + j;
+                let xr = &x[row * k..][..k];
+                match &self.mask {
+                    Some(m) => {
+                        let (bi, i) = (row / (heads * t), row % t);
+                        let mr = &m.rows[(bi * t + i) * k..][..k];
+                        for ((o, &xv), &mv) in o.iter_mut().zip(xr).zip(mr) {
+                            *o = xv * self.scale + mv;
+                        }
+                    }
+                    None if self.scale == 1.0 => o.copy_from_slice(xr),
+                    None => o.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * self.scale),
+                }
+                let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for v in o.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let op = SoftmaxBwd { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// dx = scale · y·(g − Σ g·y).
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        ly: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (rows_of(ys, ly)?, rows_of(gs, lg)?);
+        let k = *ly.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; y.len()];
+        par_rows(&mut out, k, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(k).enumerate() {
+                let yr = &y[(first + j) * k..][..k];
+                let gr = &g[(first + j) * k..][..k];
+                let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+                for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                    *o = self.scale * yv * (gv - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), ly.shape().clone()))
+    }
+}
+
+struct CrossEntropy {
+    targets: Arc<Vec<u32>>,
+}
+
+/// `(max, ln Σ exp(x − max))` of one row.
+fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = x.iter().map(|v| (v - max).exp()).sum();
+    (max, sum.ln())
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(s, l)?;
+        let (n, v) = l.shape().dims2()?;
+        let mut out = vec![0f32; n];
+        // One value per row: parallelise over rows by hand, `par_rows` wants long rows.
+        let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+        let per = n.div_ceil(threads).max(1);
+        std::thread::scope(|sc| {
+            for (ci, chunk) in out.chunks_mut(per).enumerate() {
+                let targets = &self.targets;
+                sc.spawn(move || {
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        let row = ci * per + j;
+                        let xr = &x[row * v..][..v];
+                        let (max, lse) = log_sum_exp(xr);
+                        // As log_softmax does it: -((x_t − max) − ln Σ).
+                        *o = -((xr[targets[row] as usize] - max) - lse);
+                    }
+                });
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let op = CrossEntropyBwd {
+            targets: self.targets.clone(),
+        };
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// dlogits = (softmax(x) − onehot(target)) · g_row, with the softmax recomputed row by
+/// row rather than kept from the forward pass.
+struct CrossEntropyBwd {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CustomOp2 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (rows_of(xs, lx)?, rows_of(gs, lg)?);
+        let (_n, v) = lx.shape().dims2()?;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, v, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(v).enumerate() {
+                let row = first + j;
+                let xr = &x[row * v..][..v];
+                let (max, lse) = log_sum_exp(xr);
+                let gv = g[row];
+                for (o, &xv) in o.iter_mut().zip(xr) {
+                    *o = ((xv - max) - lse).exp() * gv;
+                }
+                o[self.targets[row] as usize] -= gv;
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +567,166 @@ mod tests {
         assert!(d < 1e-5);
         // The frozen weight gets no gradient entry.
         assert!(g1.get(&w).is_none());
+        Ok(())
+    }
+
+    /// Seeded values in [-1, 1): test inputs must not change between runs.
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1f32..1.0)).collect()
+    }
+
+    /// Checks autograd's gradient of `L = Σ f(x)·r` against central differences (the loss
+    /// summed in f64 on the host, so only the op's own f32 rounding is in the noise).
+    /// Returns the worst error relative to the largest gradient entry.
+    fn fd_error(
+        f: &dyn Fn(&Tensor) -> Result<Tensor>,
+        x: Vec<f32>,
+        shape: &[usize],
+    ) -> Result<f64> {
+        let dev = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::from_vec(x.clone(), shape, &dev)?)?;
+        let y = f(var.as_tensor())?;
+        let r = rand_vec(y.elem_count(), 99);
+        let rt = Tensor::from_vec(r.clone(), y.shape(), &dev)?;
+        let grads = (y * rt)?.sum_all()?.backward()?;
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .expect("no gradient reached the input")
+            .flatten_all()?
+            .to_vec1()?;
+        let loss = |x: Vec<f32>| -> Result<f64> {
+            let y: Vec<f32> = f(&Tensor::from_vec(x, shape, &dev)?)?
+                .flatten_all()?
+                .to_vec1()?;
+            Ok(y.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum())
+        };
+        let h = 1e-2f32;
+        let scale = g.iter().fold(1e-3f32, |m, v| m.max(v.abs())) as f64;
+        let mut worst = 0f64;
+        for i in 0..x.len() {
+            let (mut up, mut down) = (x.clone(), x.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(up)? - loss(down)?) / (2.0 * h as f64);
+            worst = worst.max((fd - g[i] as f64).abs() / scale);
+        }
+        Ok(worst)
+    }
+
+    /// Worst relative difference of outputs and input gradients between two formulations.
+    fn agree(
+        a: &dyn Fn(&Tensor) -> Result<Tensor>,
+        b: &dyn Fn(&Tensor) -> Result<Tensor>,
+        x: Vec<f32>,
+        shape: &[usize],
+    ) -> Result<f64> {
+        let dev = Device::Cpu;
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Vec<f32>, Vec<f32>)> {
+            let var = Var::from_tensor(&Tensor::from_vec(x.clone(), shape, &dev)?)?;
+            let y = f(var.as_tensor())?;
+            let r = Tensor::from_vec(rand_vec(y.elem_count(), 7), y.shape(), &dev)?;
+            let g = (&y * r)?.sum_all()?.backward()?;
+            Ok((
+                y.flatten_all()?.to_vec1()?,
+                g.get(var.as_tensor()).unwrap().flatten_all()?.to_vec1()?,
+            ))
+        };
+        let ((ya, ga), (yb, gb)) = (run(a)?, run(b)?);
+        let rel = |p: &[f32], q: &[f32]| {
+            let m = q.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            p.iter().zip(q).fold(0f32, |w, (a, b)| w.max((a - b).abs())) / m
+        };
+        Ok(rel(&ya, &yb).max(rel(&ga, &gb)) as f64)
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = [3usize, 16];
+        let x = rand_vec(48, 1);
+        let w = Tensor::from_vec(rand_vec(16, 2), 16, &dev)?;
+        let fx = |x: &Tensor| rms_norm(x, &w, 1e-5);
+        assert!(fd_error(&fx, x.clone(), &shape)? < 2e-3);
+        let slow = |x: &Tensor| rms_norm_primitive(x, &w, 1e-5);
+        assert!(agree(&fx, &slow, x.clone(), &shape)? < 1e-5);
+        // The weight gradient, when the weight is trained.
+        let xt = Tensor::from_vec(x, &shape, &dev)?;
+        let fw = |w: &Tensor| rms_norm(&xt, w, 1e-5);
+        assert!(fd_error(&fw, rand_vec(16, 2), &[16])? < 2e-3);
+        let slow_w = |w: &Tensor| rms_norm_primitive(&xt, w, 1e-5);
+        assert!(agree(&fw, &slow_w, rand_vec(16, 2), &[16])? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences() -> Result<()> {
+        let shape = [2usize, 3, 7];
+        let x: Vec<f32> = rand_vec(42, 3).iter().map(|v| v * 3.0).collect();
+        assert!(fd_error(&|x| softmax_last(x), x.clone(), &shape)? < 2e-3);
+        assert!(agree(&|x| softmax_last(x), &softmax_primitive, x, &shape)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn masked_softmax_backward_matches_finite_differences() -> Result<()> {
+        let (b, h, t) = (2usize, 2usize, 4usize);
+        let mut m = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    // Causal, and the second sequence has its first key padded.
+                    if j > i || (bi == 1 && j == 0 && i > 0) {
+                        m[(bi * t + i) * t + j] = -1e30;
+                    }
+                }
+            }
+        }
+        let mask = AttnMask::new(m, b, t, t, &Device::Cpu)?;
+        let shape = [b, h, t, t];
+        let x: Vec<f32> = rand_vec(b * h * t * t, 4).iter().map(|v| v * 3.0).collect();
+        let fused = |x: &Tensor| masked_softmax(x, 0.5, &mask);
+        assert!(fd_error(&fused, x.clone(), &shape)? < 2e-3);
+        let slow = |x: &Tensor| softmax_primitive(&(x * 0.5)?.broadcast_add(&mask.tensor)?);
+        assert!(agree(&fused, &slow, x, &shape)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_backward_matches_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, half) = (3usize, 4usize);
+        let ang = Tensor::from_vec(rand_vec(t * half, 5), (t, half), &dev)?;
+        let ang = (ang * 3.0)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let shape = [2usize, 2, t, 2 * half];
+        let x = rand_vec(2 * 2 * t * 2 * half, 6);
+        let fused = |x: &Tensor| rope(x, &cos, &sin);
+        assert!(fd_error(&fused, x.clone(), &shape)? < 2e-3);
+        let slow = |x: &Tensor| rope_primitive(x, &cos, &sin);
+        assert!(agree(&fused, &slow, x, &shape)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_backward_matches_finite_differences() -> Result<()> {
+        let shape = [3usize, 11];
+        let targets = [0u32, 7, 10];
+        let x: Vec<f32> = rand_vec(33, 8).iter().map(|v| v * 4.0).collect();
+        let fused = |x: &Tensor| cross_entropy_rows(x, &targets);
+        assert!(fd_error(&fused, x.clone(), &shape)? < 2e-3);
+        let slow = |x: &Tensor| {
+            let lp = candle_nn::ops::log_softmax(x, D::Minus1)?;
+            let tgt = Tensor::new(&targets, x.device())?.reshape((3, 1))?;
+            lp.gather(&tgt, 1)?.squeeze(1)?.neg()
+        };
+        assert!(agree(&fused, &slow, x, &shape)? < 1e-5);
+        assert!(cross_entropy_rows(
+            &Tensor::zeros((3, 11), DType::F32, &Device::Cpu)?,
+            &[0, 1, 11]
+        )
+        .is_err());
         Ok(())
     }
 }

@@ -17,6 +17,8 @@ pub struct AppState {
     pub store: Store,
     pub blobs: BlobStore,
     pub settings: Arc<Settings>,
+    /// Wakes idle workers when a job is created, so they need not wait for their next poll.
+    pub jobs_notify: Arc<tokio::sync::Notify>,
 }
 
 /// The parts of the configuration that handlers need.
@@ -194,7 +196,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             min_examples: args.min_examples,
             api_key: args.api_key.clone(),
         }),
+        jobs_notify: Arc::new(tokio::sync::Notify::new()),
     };
+    crate::worker::spawn(
+        state.clone(),
+        &args.workers.devices,
+        std::time::Duration::from_secs(args.workers.lease_seconds.max(3)),
+        &args.storage.data_dir,
+    );
     let app = build_app(state, &args.cors_origins)?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

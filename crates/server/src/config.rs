@@ -56,6 +56,29 @@ pub struct ServeArgs {
     /// If set, every /v1 request must carry `Authorization: Bearer <this key>`.
     #[arg(long, env = "LORAFORGE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+}
+
+/// The in-process worker pool.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Devices to train on, one worker each (`cpu`, `cuda:0,cuda:1`); `none` runs no
+    /// worker in this process (jobs wait for a `loraforge worker`).
+    #[arg(
+        long,
+        env = "LORAFORGE_DEVICES",
+        default_value = "cpu",
+        value_delimiter = ','
+    )]
+    pub devices: Vec<String>,
+    /// Compute threads for CPU training [default: cores - 1, at least 1, so the HTTP
+    /// side keeps a core while a job trains].
+    #[arg(long, env = "LORAFORGE_TRAIN_THREADS")]
+    pub train_threads: Option<usize>,
+    /// Seconds a worker's claim on a job lasts without a heartbeat.
+    #[arg(long, env = "LORAFORGE_LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,6 +4,7 @@ mod app;
 mod config;
 mod train_cmd;
 mod upload;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             app::init_tracing(&cli.log)?;
+            set_train_threads(a.workers.train_threads);
             runtime()?.block_on(app::serve(a))
         }
         Command::Migrate(a) => {
@@ -56,4 +58,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+/// Sizes candle's CPU pools before any tensor work: by default one core fewer than the
+/// machine has, so the HTTP side stays responsive while a job trains.
+fn set_train_threads(threads: Option<usize>) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() && threads.is_none() {
+        return;
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let n = threads.unwrap_or(cores.saturating_sub(1)).max(1);
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
 }

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{backends, chat_jsonl, chat_line, files_under, Backend, TestServer};
+use common::{
+    backends, chat_jsonl, chat_line, check_response, files_under, spec, Backend, TestServer,
+};
 use futures::StreamExt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -761,109 +763,6 @@ async fn health_spec_cors_auth_and_graceful_shutdown() {
 }
 
 // ---- the responses against openapi.yaml ------------------------------------
-
-fn spec() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi.yaml"))
-        .unwrap();
-    serde_yaml::from_str(&text).unwrap()
-}
-
-fn resolve<'a>(spec: &'a Value, v: &'a Value) -> &'a Value {
-    match v.get("$ref").and_then(Value::as_str) {
-        Some(r) => {
-            let mut cur = spec;
-            for part in r.trim_start_matches("#/").split('/') {
-                cur = &cur[part];
-            }
-            resolve(spec, cur)
-        }
-        None => v,
-    }
-}
-
-fn type_ok(t: &str, v: &Value) -> bool {
-    match t {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "integer" => v.is_i64() || v.is_u64(),
-        "number" => v.is_number(),
-        "boolean" => v.is_boolean(),
-        "null" => v.is_null(),
-        _ => false,
-    }
-}
-
-/// Checks `v` against `schema`: types, enums, required fields, and that every field
-/// in the response is described in the spec.
-fn check(spec: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
-    let schema = resolve(spec, schema);
-    let types: Vec<&str> = match &schema["type"] {
-        Value::String(t) => vec![t.as_str()],
-        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-        _ => vec![],
-    };
-    if !types.is_empty() && !types.iter().any(|t| type_ok(t, v)) {
-        errs.push(format!("{at}: {v} is not of type {types:?}"));
-        return;
-    }
-    if let Some(e) = schema["enum"].as_array() {
-        if !e.contains(v) {
-            errs.push(format!("{at}: {v} is not one of {e:?}"));
-        }
-    }
-    if let (Some(obj), Some(props)) = (v.as_object(), schema["properties"].as_object()) {
-        for (k, val) in obj {
-            match props.get(k) {
-                None => errs.push(format!("{at}.{k}: field missing from openapi.yaml")),
-                Some(p) => check(spec, p, val, &format!("{at}.{k}"), errs),
-            }
-        }
-        for r in schema["required"].as_array().into_iter().flatten() {
-            if !obj.contains_key(r.as_str().unwrap()) {
-                errs.push(format!(
-                    "{at}.{}: required by openapi.yaml but absent",
-                    r.as_str().unwrap()
-                ));
-            }
-        }
-    }
-    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
-        for (i, item) in arr.iter().enumerate() {
-            check(spec, items, item, &format!("{at}[{i}]"), errs);
-        }
-    }
-}
-
-fn check_response(
-    spec: &Value,
-    path: &str,
-    method: &str,
-    status: u16,
-    body: &Value,
-) -> Vec<String> {
-    let op = &spec["paths"][path][method];
-    assert!(op.is_object(), "{method} {path} is not in openapi.yaml");
-    let resp = resolve(spec, &op["responses"][status.to_string()]);
-    assert!(
-        resp.is_object(),
-        "{method} {path} does not document status {status}"
-    );
-    let schema = &resp["content"]["application/json"]["schema"];
-    assert!(
-        schema.is_object(),
-        "{method} {path} {status} has no JSON schema"
-    );
-    let mut errs = Vec::new();
-    check(
-        spec,
-        schema,
-        body,
-        &format!("{method} {path} {status}"),
-        &mut errs,
-    );
-    errs
-}
 
 #[tokio::test]
 async fn responses_match_openapi_yaml() {

@@ -353,6 +353,103 @@ impl Store {
         Ok(())
     }
 
+    /// The job an earlier request created with this idempotency key, if any.
+    pub async fn find_job_by_idempotency_key(
+        &self,
+        api_key_id: Option<&str>,
+        key: &str,
+    ) -> Result<Option<JobRecord>> {
+        let sql = concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE COALESCE(api_key_id, '') = $1 AND idempotency_key = $2"
+        );
+        Ok(on_pool!(self, p => sqlx::query_as(sql)
+            .bind(api_key_id.unwrap_or(""))
+            .bind(key)
+            .fetch_optional(p)
+            .await?))
+    }
+
+    /// A page of jobs, newest first; `after` names the last job of the previous page.
+    pub async fn list_jobs(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        status: Option<JobStatus>,
+    ) -> Result<Page<JobRecord>> {
+        let limit = limit.max(1);
+        let cursor: Option<i64> = match after {
+            None => None,
+            Some(after) => {
+                let seq: Option<(i64,)> = on_pool!(self, p => sqlx::query_as(
+                    "SELECT seq FROM jobs WHERE id = $1"
+                )
+                .bind(after)
+                .fetch_optional(p)
+                .await?);
+                match seq {
+                    Some((s,)) => Some(s),
+                    None => return Err(Error::Invalid(format!("no job with id {after:?}"))),
+                }
+            }
+        };
+        let mut sql = format!("SELECT {} FROM jobs WHERE 1 = 1", job_cols!());
+        let mut n = 0;
+        if cursor.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND seq < ${n}"));
+        }
+        if status.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND status = ${n}"));
+        }
+        n += 1;
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT ${n}"));
+        let mut rows: Vec<JobRecord> = on_pool!(self, p => {
+            let mut query = sqlx::query_as(&sql);
+            if let Some(c) = cursor {
+                query = query.bind(c);
+            }
+            if let Some(s) = status {
+                query = query.bind(s.as_str());
+            }
+            query.bind(limit + 1).fetch_all(p).await?
+        });
+        let has_more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        Ok(Page {
+            data: rows,
+            has_more,
+        })
+    }
+
+    /// Asks a job to stop. A queued job is cancelled at once (nobody holds it); a
+    /// running one gets `cancel_requested_at`, which its worker sees on the next
+    /// heartbeat. Returns the job as it is afterwards; a finished job is unchanged.
+    pub async fn request_cancel(&self, id: &str) -> Result<JobRecord> {
+        let now = now_secs();
+        on_pool!(self, p => sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', finished_at = $2, lease_owner = NULL, \
+             lease_expires_at_ms = NULL WHERE id = $1 AND status = 'queued'"
+        )
+        .bind(id)
+        .bind(now)
+        .execute(p)
+        .await
+        .map(drop)?);
+        on_pool!(self, p => sqlx::query(
+            "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, $2) \
+             WHERE id = $1 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(now)
+        .execute(p)
+        .await
+        .map(drop)?);
+        self.get_job(id).await?.ok_or(Error::NotFound)
+    }
+
     /// Restricts a job to workers of one device kind (`None`: any worker).
     pub async fn set_job_device_kind(&self, id: &str, device_kind: Option<&str>) -> Result<()> {
         let n = on_pool!(self, p => sqlx::query("UPDATE jobs SET device_kind = $2 WHERE id = $1")

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod files;
+pub mod jobs;
 pub mod models;
 
 pub use error::{ApiError, ApiResult};
@@ -68,7 +69,34 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
     .add(Method::DELETE, "/v1/files/{file_id}", files::delete)
     .add(Method::GET, "/v1/files/{file_id}/content", files::content)
     .add(Method::GET, "/v1/models", models::list)
-    .add(Method::GET, "/v1/models/{model}", models::retrieve);
+    .add(Method::GET, "/v1/models/{model}", models::retrieve)
+    .add(Method::POST, "/v1/fine_tuning/jobs", jobs::create)
+    .add(Method::GET, "/v1/fine_tuning/jobs", jobs::list)
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}",
+        jobs::retrieve,
+    )
+    .add(
+        Method::POST,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
+        jobs::cancel,
+    )
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+        jobs::events,
+    )
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+        jobs::checkpoints,
+    )
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/adapter",
+        jobs::adapter,
+    );
     let router = r
         .router
         .fallback(not_found)

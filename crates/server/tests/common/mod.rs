@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use loraforge_store::testing::TempPgDatabase;
+use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,52 +55,7 @@ impl TestServer {
                 (pg.url().to_string(), Some(pg))
             }
         };
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
-        // The tests' own configuration only: nothing from the caller's environment.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("LORAFORGE_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--models-dir")
-            .arg(&models)
-            .args(["--log", "info,loraforge=debug"]);
-        if backend == Backend::Postgres {
-            cmd.arg("--database-url").arg(&database_url);
-        }
-        cmd.args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn loraforge");
-
-        let logs = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("server did not start:\n{}", logs.lock().unwrap()));
-        let base = line
-            .strip_prefix("loraforge listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (child, base, logs) = launch(&data, &models, backend, &database_url, extra);
         let server = TestServer {
             child,
             base,
@@ -163,6 +119,24 @@ impl TestServer {
             .unwrap()
     }
 
+    /// Kills the server with SIGKILL (no cleanup, as a crash would) and starts a new
+    /// one on the same data directory and database.
+    pub async fn crash_and_restart(&mut self, extra: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, base, logs) = launch(
+            &self.dir.path().join("data"),
+            &self.models_dir(),
+            self.backend,
+            &self.database_url.clone(),
+            extra,
+        );
+        self.child = child;
+        self.base = base;
+        self.logs = logs;
+        self.wait_ready().await;
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
@@ -177,6 +151,63 @@ impl TestServer {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Starts `loraforge serve` on a free port and waits for its address line.
+fn launch(
+    data: &Path,
+    models: &Path,
+    backend: Backend,
+    database_url: &str,
+    extra: &[&str],
+) -> (Child, String, Arc<Mutex<String>>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
+    // The tests' own configuration only: nothing from the caller's environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LORAFORGE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--models-dir")
+        .arg(models)
+        .args(["--log", "info,loraforge=debug"]);
+    if backend == Backend::Postgres {
+        cmd.arg("--database-url").arg(database_url);
+    }
+    cmd.args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn loraforge");
+
+    let logs = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("server did not start:\n{}", logs.lock().unwrap()));
+    let base = line
+        .strip_prefix("loraforge listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, base, logs)
 }
 
 impl Drop for TestServer {
@@ -217,4 +248,109 @@ pub fn chat_line(i: usize) -> String {
 
 pub fn chat_jsonl(n: usize) -> String {
     (0..n).map(chat_line).collect()
+}
+
+// ---- responses against openapi.yaml --------------------------------------
+
+pub fn spec() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi.yaml"))
+        .unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+fn resolve<'a>(spec: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let mut cur = spec;
+            for part in r.trim_start_matches("#/").split('/') {
+                cur = &cur[part];
+            }
+            resolve(spec, cur)
+        }
+        None => v,
+    }
+}
+
+fn type_ok(t: &str, v: &Value) -> bool {
+    match t {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        _ => false,
+    }
+}
+
+/// Checks `v` against `schema`: types, enums, required fields, and that every field
+/// in the response is described in the spec.
+fn check(spec: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    let schema = resolve(spec, schema);
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if !types.is_empty() && !types.iter().any(|t| type_ok(t, v)) {
+        errs.push(format!("{at}: {v} is not of type {types:?}"));
+        return;
+    }
+    if let Some(e) = schema["enum"].as_array() {
+        if !e.contains(v) {
+            errs.push(format!("{at}: {v} is not one of {e:?}"));
+        }
+    }
+    if let (Some(obj), Some(props)) = (v.as_object(), schema["properties"].as_object()) {
+        for (k, val) in obj {
+            match props.get(k) {
+                None => errs.push(format!("{at}.{k}: field missing from openapi.yaml")),
+                Some(p) => check(spec, p, val, &format!("{at}.{k}"), errs),
+            }
+        }
+        for r in schema["required"].as_array().into_iter().flatten() {
+            if !obj.contains_key(r.as_str().unwrap()) {
+                errs.push(format!(
+                    "{at}.{}: required by openapi.yaml but absent",
+                    r.as_str().unwrap()
+                ));
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, item) in arr.iter().enumerate() {
+            check(spec, items, item, &format!("{at}[{i}]"), errs);
+        }
+    }
+}
+
+pub fn check_response(
+    spec: &Value,
+    path: &str,
+    method: &str,
+    status: u16,
+    body: &Value,
+) -> Vec<String> {
+    let op = &spec["paths"][path][method];
+    assert!(op.is_object(), "{method} {path} is not in openapi.yaml");
+    let resp = resolve(spec, &op["responses"][status.to_string()]);
+    assert!(
+        resp.is_object(),
+        "{method} {path} does not document status {status}"
+    );
+    let schema = &resp["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status} has no JSON schema"
+    );
+    let mut errs = Vec::new();
+    check(
+        spec,
+        schema,
+        body,
+        &format!("{method} {path} {status}"),
+        &mut errs,
+    );
+    errs
 }

@@ -1,0 +1,746 @@
+//! `/v1/fine_tuning/jobs`: OpenAI's fine-tuning job shapes, with LoRA settings as
+//! extra keys of the `hyperparameters` object.
+
+use super::{ApiError, ApiQuery, ApiResult};
+use crate::app::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use loraforge_store::{CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Everything a worker needs to run a job, resolved at create time and stored as the
+/// job's `spec` (so a job runs as it was accepted, whatever defaults change later).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    pub n_epochs: u64,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub learning_rate_multiplier: f64,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    /// `all-linear` or a comma-separated list.
+    pub lora_target_modules: String,
+    pub use_rslora: bool,
+    pub lr_scheduler: String,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub gradient_accumulation_steps: usize,
+    pub max_seq_len: usize,
+    pub max_steps: Option<u64>,
+    pub train_on_inputs: bool,
+    pub eval_interval: Option<u64>,
+    pub checkpoint_interval: Option<u64>,
+    pub seed: u64,
+    pub metadata: Option<Value>,
+}
+
+/// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
+const BASE_LR: f64 = 2e-4;
+
+#[derive(Debug, Deserialize)]
+pub struct CreateJob {
+    model: Option<String>,
+    training_file: Option<String>,
+    validation_file: Option<String>,
+    hyperparameters: Option<Value>,
+    method: Option<Value>,
+    suffix: Option<String>,
+    seed: Option<u64>,
+    metadata: Option<Value>,
+}
+
+fn hp_err(name: &str, what: &str) -> ApiError {
+    ApiError::bad_request(format!("hyperparameters.{name} {what}"))
+        .param(format!("hyperparameters.{name}"))
+}
+
+/// Reads one hyperparameter: absent or `"auto"` gives `default`.
+fn hp_num<T: serde::de::DeserializeOwned + PartialOrd + Copy + std::fmt::Display>(
+    hp: &serde_json::Map<String, Value>,
+    name: &str,
+    default: T,
+    lo: T,
+    hi: T,
+) -> ApiResult<T> {
+    match hp.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::String(s)) if s == "auto" => Ok(default),
+        Some(v) => {
+            let x: T = serde_json::from_value(v.clone())
+                .map_err(|_| hp_err(name, "must be a number or \"auto\""))?;
+            if x < lo || x > hi {
+                return Err(hp_err(name, &format!("must be between {lo} and {hi}")));
+            }
+            Ok(x)
+        }
+    }
+}
+
+fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> ApiResult<bool> {
+    match hp.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(hp_err(name, "must be a boolean")),
+    }
+}
+
+const KNOWN_HP: [&str; 20] = [
+    "n_epochs",
+    "batch_size",
+    "learning_rate_multiplier",
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "lr_scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "max_seq_len",
+    "max_steps",
+    "train_on_inputs",
+    "eval_interval",
+    "checkpoint_interval",
+    "beta",
+];
+
+/// Validates the hyperparameters and fills every default.
+pub fn parse_spec(
+    hp: &serde_json::Map<String, Value>,
+    seed: Option<u64>,
+    metadata: Option<Value>,
+) -> ApiResult<JobSpec> {
+    if let Some(k) = hp.keys().find(|k| !KNOWN_HP.contains(&k.as_str())) {
+        return Err(hp_err(k, "is not a known hyperparameter"));
+    }
+    let mult = hp_num(hp, "learning_rate_multiplier", 1.0, 1e-6, 1e3)?;
+    let lr = match hp.get("learning_rate") {
+        None | Some(Value::Null) => BASE_LR * mult,
+        _ => hp_num(hp, "learning_rate", BASE_LR, 1e-9, 1.0)?,
+    };
+    let targets = match hp.get("lora_target_modules") {
+        None | Some(Value::Null) => {
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string()
+        }
+        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => "all-linear".into(),
+        Some(Value::Array(a)) if !a.is_empty() => {
+            let names: Option<Vec<&str>> = a.iter().map(|x| x.as_str()).collect();
+            let names =
+                names.ok_or_else(|| hp_err("lora_target_modules", "must list module names"))?;
+            if names.iter().any(|n| n.is_empty() || n.contains(',')) {
+                return Err(hp_err("lora_target_modules", "has an invalid module name"));
+            }
+            names.join(",")
+        }
+        Some(_) => {
+            return Err(hp_err(
+                "lora_target_modules",
+                "must be a list of module names or \"all-linear\"",
+            ))
+        }
+    };
+    let scheduler = match hp.get("lr_scheduler") {
+        None | Some(Value::Null) => "linear".to_string(),
+        Some(Value::String(s)) if ["constant", "linear", "cosine"].contains(&s.as_str()) => {
+            s.clone()
+        }
+        Some(_) => return Err(hp_err("lr_scheduler", "must be constant, linear or cosine")),
+    };
+    let opt_u64 = |name: &str| -> ApiResult<Option<u64>> {
+        match hp.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            _ => Ok(Some(hp_num(hp, name, 1u64, 1, 10_000_000)?)),
+        }
+    };
+    Ok(JobSpec {
+        n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
+        batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
+        learning_rate: lr,
+        learning_rate_multiplier: mult,
+        lora_r: hp_num(hp, "lora_r", 8usize, 1, 1024)?,
+        lora_alpha: hp_num(hp, "lora_alpha", 16.0, 1e-6, 1e6)?,
+        lora_dropout: hp_num(hp, "lora_dropout", 0.0f32, 0.0, 0.99)?,
+        lora_target_modules: targets,
+        use_rslora: hp_bool(hp, "use_rslora")?,
+        lr_scheduler: scheduler,
+        warmup_ratio: hp_num(hp, "warmup_ratio", 0.0, 0.0, 0.99)?,
+        weight_decay: hp_num(hp, "weight_decay", 0.0, 0.0, 10.0)?,
+        max_grad_norm: hp_num(hp, "max_grad_norm", 1.0, 0.0, 1e6)?,
+        gradient_accumulation_steps: hp_num(hp, "gradient_accumulation_steps", 1usize, 1, 1024)?,
+        max_seq_len: hp_num(hp, "max_seq_len", 1024usize, 2, 1 << 20)?,
+        max_steps: opt_u64("max_steps")?,
+        train_on_inputs: hp_bool(hp, "train_on_inputs")?,
+        eval_interval: opt_u64("eval_interval")?,
+        checkpoint_interval: opt_u64("checkpoint_interval")?,
+        seed: seed.unwrap_or(42),
+        metadata,
+    })
+}
+
+fn bad_file(param: &'static str, msg: String) -> ApiError {
+    ApiError::bad_request(msg).param(param).code("invalid_file")
+}
+
+async fn check_file(state: &AppState, id: &str, param: &'static str) -> ApiResult<()> {
+    let f = state
+        .store
+        .get_file(id)
+        .await?
+        .ok_or_else(|| bad_file(param, format!("File {id} not found.")))?;
+    if f.status != "processed" {
+        return Err(bad_file(
+            param,
+            format!("File {id} is not processed (status {}).", f.status),
+        ));
+    }
+    if f.purpose != "fine-tune" {
+        return Err(bad_file(
+            param,
+            format!("File {id} has purpose {} (fine-tune expected).", f.purpose),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/fine_tuning/jobs`.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: CreateJob = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
+    let idem = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    if let Some(key) = &idem {
+        if let Some(j) = state.store.find_job_by_idempotency_key(None, key).await? {
+            return Ok(Json(job_object(&j)));
+        }
+    }
+    let model = req
+        .model
+        .ok_or_else(|| ApiError::bad_request("model is required").param("model"))?;
+    let info = loraforge_trainer::registry::scan(&state.settings.models_dir)
+        .into_iter()
+        .find(|m| m.id == model)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Model {model} does not exist (see GET /v1/models)."
+            ))
+            .param("model")
+            .code("model_not_found")
+        })?;
+    if !info.trainable {
+        return Err(ApiError::bad_request(format!(
+            "Model {model} is not trainable: {}",
+            info.note.unwrap_or_default()
+        ))
+        .param("model"));
+    }
+    let training_file = req
+        .training_file
+        .ok_or_else(|| ApiError::bad_request("training_file is required").param("training_file"))?;
+    check_file(&state, &training_file, "training_file").await?;
+    if let Some(v) = &req.validation_file {
+        check_file(&state, v, "validation_file").await?;
+    }
+    // OpenAI's newer shape nests hyperparameters under method.supervised.
+    let hp = req
+        .method
+        .as_ref()
+        .and_then(|m| m.get("supervised"))
+        .and_then(|s| s.get("hyperparameters"))
+        .or(req.hyperparameters.as_ref())
+        .cloned()
+        .unwrap_or(json!({}));
+    let hp = hp.as_object().ok_or_else(|| {
+        ApiError::bad_request("hyperparameters must be an object").param("hyperparameters")
+    })?;
+    let spec = parse_spec(hp, req.seed, req.metadata)?;
+    if let Some(s) = &req.suffix {
+        if s.len() > 64
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ApiError::bad_request(
+                "suffix must be at most 64 characters of [A-Za-z0-9_-]",
+            )
+            .param("suffix"));
+        }
+    }
+    let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
+    let new = NewJob {
+        id: id.clone(),
+        api_key_id: None,
+        model,
+        training_file,
+        validation_file: req.validation_file,
+        suffix: req.suffix,
+        spec: serde_json::to_string(&spec).map_err(ApiError::internal)?,
+        priority: 0,
+        max_attempts: 3,
+        idempotency_key: idem.clone(),
+    };
+    let job = match state.store.insert_job(&new).await {
+        Ok(j) => j,
+        // A concurrent retry with the same key won the insert: answer with its job.
+        Err(e) => match &idem {
+            Some(key) => state
+                .store
+                .find_job_by_idempotency_key(None, key)
+                .await?
+                .ok_or_else(|| ApiError::from(e))?,
+            None => return Err(e.into()),
+        },
+    };
+    state
+        .store
+        .append_event(&NewEvent {
+            job_id: job.id.clone(),
+            attempt: 0,
+            level: "info".into(),
+            kind: "message".into(),
+            message: format!("Created fine-tuning job: {}", job.id),
+            data: None,
+        })
+        .await?;
+    state.jobs_notify.notify_waiters();
+    Ok(Json(job_object(&job)))
+}
+
+fn parse_json(s: &Option<String>) -> Value {
+    s.as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// The OpenAI `fine_tuning.job` object, plus `progress`.
+pub fn job_object(j: &JobRecord) -> Value {
+    let spec: Option<JobSpec> = serde_json::from_str(&j.spec).ok();
+    let progress = parse_json(&j.progress);
+    let result = parse_json(&j.result);
+    let hp = spec.as_ref().map(|s| {
+        json!({
+            "n_epochs": s.n_epochs,
+            "batch_size": s.batch_size,
+            "learning_rate_multiplier": s.learning_rate_multiplier,
+            "learning_rate": s.learning_rate,
+            "lora_r": s.lora_r,
+            "lora_alpha": s.lora_alpha,
+            "lora_dropout": s.lora_dropout,
+            "lora_target_modules": if s.lora_target_modules == "all-linear" { json!("all-linear") } else { json!(s.lora_target_modules.split(',').collect::<Vec<_>>()) },
+            "use_rslora": s.use_rslora,
+            "lr_scheduler": s.lr_scheduler,
+            "warmup_ratio": s.warmup_ratio,
+            "weight_decay": s.weight_decay,
+            "max_grad_norm": s.max_grad_norm,
+            "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "max_seq_len": s.max_seq_len,
+            "max_steps": s.max_steps,
+            "train_on_inputs": s.train_on_inputs,
+            "eval_interval": s.eval_interval,
+            "checkpoint_interval": s.checkpoint_interval,
+        })
+    });
+    let eta = progress.get("eta_seconds").and_then(|v| v.as_f64());
+    let estimated_finish = match (j.status.as_str(), eta) {
+        ("running", Some(s)) => json!(loraforge_store::now_secs() + s.ceil() as i64),
+        _ => Value::Null,
+    };
+    json!({
+        "object": "fine_tuning.job",
+        "id": j.id,
+        "model": j.model,
+        "created_at": j.created_at,
+        "finished_at": j.finished_at,
+        "fine_tuned_model": j.fine_tuned_model,
+        "organization_id": "org-loraforge",
+        "result_files": result.get("result_files").cloned().unwrap_or(json!([])),
+        "status": j.status,
+        "validation_file": j.validation_file,
+        "training_file": j.training_file,
+        "hyperparameters": hp.clone().unwrap_or(json!({})),
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp.unwrap_or(json!({}))}},
+        "trained_tokens": progress.get("tokens").cloned().unwrap_or(Value::Null),
+        "error": parse_json(&j.error),
+        "seed": spec.as_ref().map(|s| s.seed),
+        "estimated_finish": estimated_finish,
+        "integrations": [],
+        "metadata": spec.as_ref().and_then(|s| s.metadata.clone()),
+        "user_provided_suffix": j.suffix,
+        "progress": if progress.is_null() { Value::Null } else { progress },
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    after: Option<String>,
+    limit: Option<i64>,
+    status: Option<String>,
+}
+
+/// `GET /v1/fine_tuning/jobs`.
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 100").param("limit"));
+    }
+    let status = match &q.status {
+        None => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!("unknown status {s:?}")).param("status")
+        })?),
+    };
+    let page = state
+        .store
+        .list_jobs(q.after.as_deref(), limit, status)
+        .await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": page.data.iter().map(job_object).collect::<Vec<_>>(),
+        "has_more": page.has_more,
+    })))
+}
+
+async fn get_job(state: &AppState, id: &str) -> ApiResult<JobRecord> {
+    state.store.get_job(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("No such fine-tuning job: {id}"))
+            .param("fine_tuning_job_id")
+            .code("job_not_found")
+    })
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}`.
+pub async fn retrieve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(job_object(&get_job(&state, &id).await?)))
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/cancel`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let before = get_job(&state, &id).await?;
+    if before.status().is_some_and(|s| s.is_terminal()) {
+        return Err(
+            ApiError::bad_request(format!("Job {id} has already {}.", before.status))
+                .code("job_not_cancellable"),
+        );
+    }
+    let job = state.store.request_cancel(&id).await?;
+    if job.status == "cancelled" {
+        state
+            .store
+            .append_event(&NewEvent {
+                job_id: id.clone(),
+                attempt: job.attempt,
+                level: "info".into(),
+                kind: "message".into(),
+                message: "Job cancelled before it started.".into(),
+                data: None,
+            })
+            .await?;
+    }
+    Ok(Json(job_object(&job)))
+}
+
+/// The OpenAI `fine_tuning.job.event` object.
+pub fn event_object(e: &EventRecord) -> Value {
+    json!({
+        "object": "fine_tuning.job.event",
+        "id": format!("ftevent-{}", e.id),
+        "created_at": e.created_at,
+        "level": e.level,
+        "message": e.message,
+        "data": parse_json(&e.data),
+        "type": e.kind,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventParams {
+    after: Option<String>,
+    limit: Option<i64>,
+    stream: Option<bool>,
+}
+
+fn event_seq(id: &str) -> Option<i64> {
+    id.strip_prefix("ftevent-").unwrap_or(id).parse().ok()
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/events`: OpenAI's list (newest first), or with
+/// `?stream=true` / `Accept: text/event-stream` a Server-Sent Events stream that
+/// replays what follows `Last-Event-ID`, then follows live, then ends with `done`.
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventParams>,
+) -> ApiResult<Response> {
+    get_job(&state, &id).await?;
+    let wants_sse = q.stream.unwrap_or(false)
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_sse {
+        let last = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(event_seq)
+            .unwrap_or(0);
+        return Ok(sse(state, id, last).await.into_response());
+    }
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000").param("limit"));
+    }
+    // Newest first: take everything after nothing, then page from the end. Event
+    // counts per job are small (a few per step), so this stays cheap.
+    let all = state.store.list_events(&id, None, i64::MAX).await?;
+    let before = q.after.as_deref().and_then(event_seq);
+    let mut newest: Vec<&EventRecord> = all
+        .iter()
+        .rev()
+        .filter(|e| before.is_none_or(|b| e.id < b))
+        .collect();
+    let has_more = newest.len() as i64 > limit;
+    newest.truncate(limit as usize);
+    Ok(Json(json!({
+        "object": "list",
+        "data": newest.into_iter().map(event_object).collect::<Vec<_>>(),
+        "has_more": has_more,
+    }))
+    .into_response())
+}
+
+/// How often the stream looks for new events. Polling the database (rather than an
+/// in-process channel) lets the stream follow workers in other processes too.
+const SSE_POLL: Duration = Duration::from_millis(100);
+
+async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
+    struct S {
+        state: AppState,
+        job_id: String,
+        last: i64,
+        finished: bool,
+    }
+    let init = S {
+        state,
+        job_id,
+        last,
+        finished: false,
+    };
+    let stream = futures::stream::unfold(init, |mut s| async move {
+        if s.finished {
+            return None;
+        }
+        loop {
+            let batch = match s
+                .state
+                .store
+                .list_events(&s.job_id, Some(s.last), 500)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event stream: database read failed");
+                    tokio::time::sleep(SSE_POLL).await;
+                    continue;
+                }
+            };
+            if !batch.is_empty() {
+                s.last = batch.last().map(|e| e.id).unwrap_or(s.last);
+                let events: Vec<Result<Event, std::convert::Infallible>> = batch
+                    .iter()
+                    .map(|e| {
+                        Ok(Event::default()
+                            .id(e.id.to_string())
+                            .event(e.kind.clone())
+                            .data(event_object(e).to_string()))
+                    })
+                    .collect();
+                return Some((futures::stream::iter(events), s));
+            }
+            let terminal = match s.state.store.get_job(&s.job_id).await {
+                Ok(Some(j)) => j.status().is_none_or(|st| st.is_terminal()),
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            if terminal {
+                // One more read closes the gap between the last poll and the status change.
+                let tail = s
+                    .state
+                    .store
+                    .list_events(&s.job_id, Some(s.last), 500)
+                    .await
+                    .unwrap_or_default();
+                if tail.is_empty() {
+                    s.finished = true;
+                    let done = vec![Ok(Event::default().event("done").data("[DONE]"))];
+                    return Some((futures::stream::iter(done), s));
+                }
+                continue;
+            }
+            tokio::time::sleep(SSE_POLL).await;
+        }
+    })
+    .flatten();
+    let mut resp = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// The OpenAI `fine_tuning.job.checkpoint` object.
+pub fn checkpoint_object(job: &JobRecord, c: &CheckpointRecord) -> Value {
+    json!({
+        "object": "fine_tuning.job.checkpoint",
+        "id": c.id,
+        "created_at": c.created_at,
+        "fine_tuned_model_checkpoint": format!("{}:ckpt-step-{}", fine_tuned_name(job), c.step),
+        "fine_tuning_job_id": c.job_id,
+        "metrics": parse_json(&c.metrics),
+        "step_number": c.step,
+    })
+}
+
+/// `ft:<base>:<suffix>:<job id>`.
+pub fn fine_tuned_name(job: &JobRecord) -> String {
+    format!(
+        "ft:{}:{}:{}",
+        job.model,
+        job.suffix.as_deref().unwrap_or("lora"),
+        job.id
+    )
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/checkpoints`, newest first.
+pub async fn checkpoints(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let job = get_job(&state, &id).await?;
+    let list = state.store.list_checkpoints(&id).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": list.iter().map(|c| checkpoint_object(&job, c)).collect::<Vec<_>>(),
+        "has_more": false,
+        "first_id": list.first().map(|c| c.id.clone()),
+        "last_id": list.last().map(|c| c.id.clone()),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AdapterParams {
+    format: Option<String>,
+}
+
+/// Blob keys of a finished job's artifacts.
+pub fn adapter_key(job_id: &str, format: &str) -> String {
+    match format {
+        "safetensors" => format!("jobs/{job_id}/adapter_model.safetensors"),
+        _ => format!("jobs/{job_id}/adapter.zip"),
+    }
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/adapter`: the PEFT folder as a zip, or with
+/// `?format=safetensors` the tensor file alone.
+pub async fn adapter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<AdapterParams>,
+) -> ApiResult<Response> {
+    let job = get_job(&state, &id).await?;
+    if job.status != "succeeded" {
+        return Err(ApiError::conflict(format!(
+            "Job {id} has no adapter (status {}).",
+            job.status
+        ))
+        .code("adapter_not_ready"));
+    }
+    let format = q.format.as_deref().unwrap_or("zip");
+    if format != "zip" && format != "safetensors" {
+        return Err(ApiError::bad_request("format must be zip or safetensors").param("format"));
+    }
+    let result = parse_json(&job.result);
+    let etag = result
+        .get("adapter_sha256")
+        .and_then(|v| v.get(format))
+        .and_then(|v| v.as_str())
+        .map(|s| format!("\"{s}\""));
+    if let (Some(tag), Some(inm)) = (
+        &etag,
+        headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok()),
+    ) {
+        if inm.split(',').any(|t| t.trim() == tag || t.trim() == "*") {
+            let mut r = axum::http::StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(
+                header::ETAG,
+                HeaderValue::from_str(tag).map_err(ApiError::internal)?,
+            );
+            return Ok(r);
+        }
+    }
+    let (size, stream) = state
+        .blobs
+        .get(&adapter_key(&id, format))
+        .await
+        .map_err(ApiError::internal)?;
+    let name = match format {
+        "safetensors" => "adapter_model.safetensors".to_string(),
+        _ => format!("{id}-adapter.zip"),
+    };
+    let mut resp =
+        Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other))).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if format == "zip" {
+            "application/zip"
+        } else {
+            "application/octet-stream"
+        }),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+            .map_err(ApiError::internal)?,
+    );
+    if let Some(tag) = etag {
+        h.insert(
+            header::ETAG,
+            HeaderValue::from_str(&tag).map_err(ApiError::internal)?,
+        );
+    }
+    Ok(resp)
+}

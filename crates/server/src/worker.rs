@@ -1,0 +1,587 @@
+//! The worker pool: one worker per device claims jobs from the database (lease +
+//! heartbeat, every write fenced by the claim), trains on a dedicated OS thread, and
+//! turns the trainer's callbacks into stored events, progress, checkpoints and, at the
+//! end, the adapter artifacts.
+//!
+//! A worker that loses its lease (it stalled past the expiry and another worker took the
+//! job) stops training and writes nothing more: the store rejects its fenced writes.
+
+use crate::api::jobs::{adapter_key, fine_tuned_name, JobSpec};
+use crate::app::AppState;
+use anyhow::Context;
+use futures::StreamExt;
+use loraforge_store::{CheckpointRecord, ClaimedJob, FileRecord, JobOutcome, Lease};
+use loraforge_trainer::lora::{LoraConfig, Targets};
+use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// What a worker needs besides the shared state.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub device: String,
+    pub lease: Duration,
+    pub data_dir: PathBuf,
+}
+
+/// Starts one worker task per device.
+pub fn spawn(state: AppState, devices: &[String], lease: Duration, data_dir: &Path) {
+    for (i, device) in devices.iter().enumerate() {
+        let d = device.trim().to_string();
+        if d.is_empty() || d == "none" {
+            continue;
+        }
+        let cfg = WorkerConfig {
+            device: d,
+            lease,
+            data_dir: data_dir.to_path_buf(),
+        };
+        let worker_id = format!("{}-{}-{i}", hostname(), std::process::id());
+        tokio::spawn(run_worker(state.clone(), cfg, worker_id));
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn device_kind(device: &str) -> &'static str {
+    if device.starts_with("cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
+    tracing::info!(worker = %worker_id, device = %cfg.device, "worker started");
+    loop {
+        match state
+            .store
+            .claim_next_job(&worker_id, device_kind(&cfg.device), cfg.lease)
+            .await
+        {
+            Ok(Some(claimed)) => {
+                let id = claimed.job.id.clone();
+                tracing::info!(job = %id, attempt = claimed.lease.attempt, "claimed job");
+                if let Err(e) = run_job(&state, &cfg, claimed).await {
+                    tracing::error!(job = %id, error = format!("{e:#}"), "job run failed");
+                }
+            }
+            Ok(None) => {
+                tokio::select! {
+                    _ = state.jobs_notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming a job failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Copies a blob to a local file (the trainer reads files).
+async fn fetch_blob(state: &AppState, key: &str, dest: &Path) -> anyhow::Result<()> {
+    if dest.is_file() {
+        return Ok(());
+    }
+    let tmp = dest.with_extension("part");
+    let (_, mut stream) = state.blobs.get(key).await?;
+    let mut f = tokio::fs::File::create(&tmp).await?;
+    while let Some(chunk) = stream.next().await {
+        f.write_all(&chunk?).await?;
+    }
+    f.sync_all().await?;
+    tokio::fs::rename(&tmp, dest).await?;
+    Ok(())
+}
+
+fn train_spec(
+    spec: &JobSpec,
+    model: PathBuf,
+    data: PathBuf,
+    validation: Option<PathBuf>,
+    out: PathBuf,
+    device: &str,
+) -> anyhow::Result<TrainSpec> {
+    let mut t = TrainSpec::new(model, data, out);
+    t.validation = validation;
+    t.lora = LoraConfig {
+        r: spec.lora_r,
+        alpha: spec.lora_alpha,
+        dropout: spec.lora_dropout,
+        targets: Targets::parse(&spec.lora_target_modules)?,
+        use_rslora: spec.use_rslora,
+    };
+    t.epochs = spec.n_epochs;
+    t.max_steps = spec.max_steps;
+    t.batch_size = spec.batch_size;
+    t.grad_accum = spec.gradient_accumulation_steps;
+    t.lr = spec.learning_rate;
+    t.scheduler = spec.lr_scheduler.parse::<Scheduler>()?;
+    t.warmup_ratio = spec.warmup_ratio;
+    t.adamw = AdamWConfig {
+        weight_decay: spec.weight_decay,
+        ..AdamWConfig::default()
+    };
+    t.max_grad_norm = spec.max_grad_norm;
+    t.max_seq_len = spec.max_seq_len;
+    t.seed = spec.seed;
+    t.train_on_inputs = spec.train_on_inputs;
+    t.eval_every = spec.eval_interval;
+    t.checkpoint_every = spec.checkpoint_interval;
+    t.device = loraforge_trainer::device::parse(device)?;
+    Ok(t)
+}
+
+/// Outcome of feeding one trainer event to the store.
+enum Fed {
+    Ok,
+    LeaseLost,
+}
+
+struct Run<'a> {
+    state: &'a AppState,
+    lease: &'a Lease,
+    job_id: String,
+    valid_loss: Option<f64>,
+}
+
+impl Run<'_> {
+    async fn event(
+        &self,
+        level: &str,
+        kind: &str,
+        message: String,
+        data: Option<serde_json::Value>,
+    ) -> anyhow::Result<Fed> {
+        let data = data.map(|d| d.to_string());
+        match self
+            .state
+            .store
+            .append_job_event(self.lease, level, kind, &message, data.as_deref())
+            .await
+        {
+            Ok(_) => Ok(Fed::Ok),
+            Err(e) if e.is_lease_lost() => Ok(Fed::LeaseLost),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn feed(&mut self, ev: &TrainEvent) -> anyhow::Result<Fed> {
+        match ev {
+            TrainEvent::Started {
+                total_steps,
+                examples,
+                resumed_from,
+            } => {
+                let msg = match resumed_from {
+                    Some(s) => format!("Resumed from the step-{s} checkpoint (attempt {}); {total_steps} steps in all", self.lease.attempt),
+                    None => format!("Training on {examples} examples for {total_steps} steps"),
+                };
+                self.event("info", "message", msg, None).await
+            }
+            TrainEvent::Step(m) => {
+                let progress = json!({
+                    "step": m.step,
+                    "total_steps": m.total_steps,
+                    "epoch": m.epoch,
+                    "train_loss": m.loss,
+                    "valid_loss": self.valid_loss,
+                    "learning_rate": m.lr,
+                    "grad_norm": m.grad_norm,
+                    "tokens": m.tokens,
+                    "tokens_per_second": m.tokens_per_second,
+                    "eta_seconds": m.eta_seconds,
+                });
+                match self
+                    .state
+                    .store
+                    .update_job_progress(self.lease, &progress.to_string())
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if e.is_lease_lost() => return Ok(Fed::LeaseLost),
+                    Err(e) => return Err(e.into()),
+                }
+                let msg = format!(
+                    "Step {}/{}: training loss={:.4}",
+                    m.step, m.total_steps, m.loss
+                );
+                self.event("info", "metrics", msg, Some(progress)).await
+            }
+            TrainEvent::Eval(e) => {
+                self.valid_loss = Some(e.loss);
+                let msg = format!(
+                    "Step {}: validation loss={:.4}, mean token accuracy={:.4}",
+                    e.step, e.loss, e.mean_token_accuracy
+                );
+                let data = json!({"step": e.step, "valid_loss": e.loss, "valid_mean_token_accuracy": e.mean_token_accuracy});
+                self.event("info", "metrics", msg, Some(data)).await
+            }
+            TrainEvent::Checkpoint { step, dir } => {
+                let c = CheckpointRecord {
+                    id: format!("ftckpt-{}", uuid::Uuid::new_v4().simple()),
+                    job_id: self.job_id.clone(),
+                    attempt: self.lease.attempt,
+                    step: *step as i64,
+                    storage_key: dir.display().to_string(),
+                    metrics: Some(json!({"step": step, "valid_loss": self.valid_loss}).to_string()),
+                    created_at: loraforge_store::now_secs(),
+                };
+                if let Fed::LeaseLost = self
+                    .event(
+                        "info",
+                        "message",
+                        format!("Checkpoint saved at step {step}"),
+                        Some(json!({"step": step})),
+                    )
+                    .await?
+                {
+                    return Ok(Fed::LeaseLost);
+                }
+                self.state.store.insert_checkpoint(&c).await?;
+                Ok(Fed::Ok)
+            }
+        }
+    }
+}
+
+async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> anyhow::Result<()> {
+    let ClaimedJob { job, lease } = claimed;
+    let fail = |code: &str, message: String| JobOutcome::Failed {
+        error: json!({"code": code, "message": message, "param": null}).to_string(),
+    };
+    let spec: JobSpec = serde_json::from_str(&job.spec).context("job spec")?;
+    let work = cfg.data_dir.join("jobs").join(&job.id);
+    tokio::fs::create_dir_all(&work).await?;
+    let prepared: anyhow::Result<TrainSpec> = async {
+        let model = loraforge_trainer::registry::scan(&state.settings.models_dir)
+            .into_iter()
+            .find(|m| m.id == job.model)
+            .with_context(|| format!("model {} is no longer in the models directory", job.model))?;
+        let file_path = |id: &str| work.join(format!("{id}.jsonl"));
+        let f = state
+            .store
+            .get_file(&job.training_file)
+            .await?
+            .context("training file is gone")?;
+        fetch_blob(state, &f.storage_key, &file_path(&f.id)).await?;
+        let validation = match &job.validation_file {
+            Some(v) => {
+                let f = state
+                    .store
+                    .get_file(v)
+                    .await?
+                    .context("validation file is gone")?;
+                fetch_blob(state, &f.storage_key, &file_path(&f.id)).await?;
+                Some(file_path(&f.id))
+            }
+            None => None,
+        };
+        let mut t = train_spec(
+            &spec,
+            model.path,
+            file_path(&job.training_file),
+            validation,
+            work.join("out"),
+            &cfg.device,
+        )?;
+        // A job that ran before (a dead worker, a restart) continues from its newest checkpoint.
+        t.resume = state
+            .store
+            .list_checkpoints(&job.id)
+            .await?
+            .into_iter()
+            .map(|c| PathBuf::from(c.storage_key))
+            .find(|p| p.join("trainer_state.json").is_file());
+        Ok(t)
+    }
+    .await;
+    let tspec = match prepared {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let _ = state
+                .store
+                .append_job_event(&lease, "error", "message", &msg, None)
+                .await;
+            state
+                .store
+                .finish_job(&lease, &fail("job_setup_failed", msg))
+                .await?;
+            return Ok(());
+        }
+    };
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TrainEvent>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    {
+        let cancel = cancel.clone();
+        let tspec = tspec.clone();
+        std::thread::Builder::new()
+            .name(format!("train-{}", job.id))
+            .spawn(move || {
+                let r = train::train(&tspec, &cancel, &mut |ev| {
+                    let _ = tx.send(ev.clone());
+                });
+                let _ = done_tx.send(r);
+            })?;
+    }
+    let mut run = Run {
+        state,
+        lease: &lease,
+        job_id: job.id.clone(),
+        valid_loss: None,
+    };
+    let mut lost = false;
+    let mut cancel_requested = false;
+    let mut beat = tokio::time::interval(cfg.lease / 3);
+    beat.tick().await;
+    let result = loop {
+        tokio::select! {
+            Some(ev) = rx.recv(), if !lost => {
+                if let Fed::LeaseLost = run.feed(&ev).await? {
+                    lost = true;
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            _ = beat.tick(), if !lost => {
+                match state.store.heartbeat(&lease, cfg.lease).await {
+                    Ok(hb) => if hb.cancel_requested_at.is_some() {
+                        cancel_requested = true;
+                        cancel.store(true, Ordering::Relaxed);
+                    },
+                    Err(e) if e.is_lease_lost() => {
+                        lost = true;
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(job = %job.id, error = %e, "heartbeat failed"),
+                }
+            }
+            r = &mut done_rx => break r.context("training thread ended without a result")?,
+        }
+    };
+    // Events sent just before the thread ended.
+    while let Ok(ev) = rx.try_recv() {
+        if lost {
+            break;
+        }
+        if let Fed::LeaseLost = run.feed(&ev).await? {
+            lost = true;
+        }
+    }
+    if lost {
+        tracing::warn!(job = %job.id, attempt = lease.attempt, "lease lost; this attempt's results are dropped");
+        return Ok(());
+    }
+    if !cancel_requested {
+        // A cancel may have been requested after the last heartbeat.
+        cancel_requested = state
+            .store
+            .get_job(&job.id)
+            .await?
+            .is_some_and(|j| j.cancel_requested_at.is_some());
+    }
+    match result {
+        Ok(_) if cancel_requested => finish_cancelled(&run, &lease).await,
+        Err(loraforge_trainer::Error::Cancelled) => finish_cancelled(&run, &lease).await,
+        Ok(outcome) => {
+            let artifacts = match publish(state, &job, &outcome.adapter_dir).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let msg = format!("storing the adapter failed: {e:#}");
+                    run.event("error", "message", msg.clone(), None).await?;
+                    state
+                        .store
+                        .finish_job(&lease, &fail("artifact_upload_failed", msg))
+                        .await?;
+                    return Ok(());
+                }
+            };
+            let name = fine_tuned_name(&job);
+            run.event(
+                "info",
+                "message",
+                format!("New fine-tuned model created: {name}"),
+                None,
+            )
+            .await?;
+            run.event(
+                "info",
+                "message",
+                "The job has successfully completed".into(),
+                None,
+            )
+            .await?;
+            state
+                .store
+                .finish_job(
+                    &lease,
+                    &JobOutcome::Succeeded {
+                        fine_tuned_model: name,
+                        result: Some(artifacts.to_string()),
+                    },
+                )
+                .await?;
+            Ok(())
+        }
+        Err(e) => {
+            let code = match &e {
+                loraforge_trainer::Error::Data(_) | loraforge_trainer::Error::Template(_) => {
+                    "invalid_training_file"
+                }
+                loraforge_trainer::Error::Config(_) | loraforge_trainer::Error::Unsupported(_) => {
+                    "invalid_hyperparameters"
+                }
+                _ => "training_failed",
+            };
+            let msg = e.to_string();
+            run.event("error", "message", format!("Training failed: {msg}"), None)
+                .await?;
+            state.store.finish_job(&lease, &fail(code, msg)).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn finish_cancelled(run: &Run<'_>, lease: &Lease) -> anyhow::Result<()> {
+    run.event("info", "message", "Job cancelled".into(), None)
+        .await?;
+    run.state
+        .store
+        .finish_job(lease, &JobOutcome::Cancelled)
+        .await?;
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The zip of the PEFT folder (with a short model card).
+fn zip_adapter(dir: &Path, card: &str) -> anyhow::Result<Vec<u8>> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for name in ["adapter_config.json", "adapter_model.safetensors"] {
+            let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
+            z.start_file(name, opts)?;
+            z.write_all(&bytes)?;
+        }
+        z.start_file("README.md", opts)?;
+        z.write_all(card.as_bytes())?;
+        z.finish()?;
+    }
+    Ok(buf.into_inner())
+}
+
+async fn put_blob(state: &AppState, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let up = state.blobs.new_upload()?;
+    let mut f = up.handle()?;
+    f.write_all(bytes)?;
+    f.flush()?;
+    state.blobs.commit(up, key).await?;
+    Ok(())
+}
+
+/// Stores the adapter (zip and bare safetensors) and the metrics CSV, registers the zip
+/// and the CSV as result files, and returns the job's `result` JSON.
+async fn publish(
+    state: &AppState,
+    job: &loraforge_store::JobRecord,
+    dir: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let name = fine_tuned_name(job);
+    let card = format!(
+        "# {name}\n\nA LoRA adapter for `{}`, trained by loraforge (job `{}`).\nLoad it with PEFT: \
+         `PeftModel.from_pretrained(base_model, \"<this folder>\")`.\n",
+        job.model, job.id
+    );
+    let dir2 = dir.to_path_buf();
+    let (zip, st) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        Ok((
+            zip_adapter(&dir2, &card)?,
+            std::fs::read(dir2.join("adapter_model.safetensors"))?,
+        ))
+    })
+    .await??;
+    put_blob(state, &adapter_key(&job.id, "zip"), &zip).await?;
+    put_blob(state, &adapter_key(&job.id, "safetensors"), &st).await?;
+
+    // Metrics CSV from the stored metrics events (they survive a worker change).
+    let mut csv = String::from("step,train_loss,valid_loss,learning_rate,tokens_per_second\n");
+    for e in state.store.list_events(&job.id, None, i64::MAX).await? {
+        if e.kind != "metrics" {
+            continue;
+        }
+        let d: serde_json::Value = e
+            .data
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        if d.get("train_loss").is_none() {
+            continue;
+        }
+        let f = |k: &str| {
+            d.get(k)
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        csv.push_str(&format!(
+            "{},{},{},{},{}\n",
+            f("step"),
+            f("train_loss"),
+            f("valid_loss"),
+            f("learning_rate"),
+            f("tokens_per_second")
+        ));
+    }
+    let csv_key = format!("jobs/{}/metrics.csv", job.id);
+    put_blob(state, &csv_key, csv.as_bytes()).await?;
+
+    let mut ids = Vec::new();
+    for (key, filename, bytes) in [
+        (csv_key, format!("{}-metrics.csv", job.id), csv.into_bytes()),
+        (
+            adapter_key(&job.id, "zip"),
+            format!("{}-adapter.zip", job.id),
+            zip.clone(),
+        ),
+    ] {
+        let rec = FileRecord {
+            id: format!("file-{}", uuid::Uuid::new_v4().simple()),
+            purpose: "fine-tune-results".into(),
+            filename,
+            bytes: bytes.len() as i64,
+            sha256: sha256_hex(&bytes),
+            storage_key: key,
+            status: "processed".into(),
+            status_details: None,
+            format: None,
+            examples: None,
+            errors: None,
+            created_at: loraforge_store::now_secs(),
+        };
+        ids.push(state.store.insert_file(&rec).await?.id);
+    }
+    Ok(json!({
+        "result_files": ids,
+        "adapter_sha256": {"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st)},
+    }))
+}

@@ -1,0 +1,547 @@
+//! Fine-tuning jobs end to end, through the real binary: create, follow the SSE stream,
+//! download the adapter; cancel; a crashed server's job continued by the next one.
+
+mod common;
+
+use common::{backends, check_response, spec, Backend, TestServer};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+async fn server(backend: Backend, extra: &[&str]) -> TestServer {
+    let s = TestServer::start(backend, extra).await;
+    copy_dir(&fixture("tiny-llama"), &s.models_dir().join("tiny-llama"));
+    s
+}
+
+async fn upload_chat(s: &TestServer) -> String {
+    let body = std::fs::read(fixture("../data/chat-small.jsonl")).unwrap();
+    let r: Value = reqwest::Client::new()
+        .post(s.url("/v1/files?filename=chat.jsonl&purpose=fine-tune"))
+        .header("content-type", "application/jsonl")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "processed", "{r}");
+    r["id"].as_str().unwrap().to_string()
+}
+
+async fn create_job(s: &TestServer, file: &str, hp: Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/fine_tuning/jobs"))
+        .json(&json!({"model": "tiny-llama", "training_file": file, "hyperparameters": hp, "suffix": "t"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn get(s: &TestServer, path: &str) -> Value {
+    reqwest::get(s.url(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn wait_status(s: &TestServer, id: &str, want: &[&str], within: Duration) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let j = get(s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        if want.contains(&j["status"].as_str().unwrap()) {
+            return j;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "job {id} stuck at {}:\n{}",
+            j["status"],
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One SSE frame: (id, event, data).
+type Frame = (Option<i64>, String, String);
+
+/// Reads SSE frames until `done`, or until `stop_after` frames when given.
+async fn read_sse(
+    s: &TestServer,
+    id: &str,
+    last_event_id: Option<i64>,
+    stop_after: Option<usize>,
+) -> Vec<Frame> {
+    let mut req =
+        reqwest::Client::new().get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")));
+    if let Some(l) = last_event_id {
+        req = req.header("Last-Event-ID", l.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut frames = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let raw: String = buf.drain(..end + 2).collect();
+            let (mut fid, mut ev, mut data) = (None, String::from("message"), String::new());
+            for line in raw.lines() {
+                if let Some(v) = line
+                    .strip_prefix("id: ")
+                    .or_else(|| line.strip_prefix("id:"))
+                {
+                    fid = v.trim().parse().ok();
+                } else if let Some(v) = line
+                    .strip_prefix("event: ")
+                    .or_else(|| line.strip_prefix("event:"))
+                {
+                    ev = v.trim().to_string();
+                } else if let Some(v) = line
+                    .strip_prefix("data: ")
+                    .or_else(|| line.strip_prefix("data:"))
+                {
+                    data.push_str(v);
+                }
+            }
+            if raw.lines().all(|l| l.starts_with(':')) {
+                continue; // keep-alive comment
+            }
+            let done = ev == "done";
+            frames.push((fid, ev, data));
+            if done || stop_after.is_some_and(|n| frames.len() >= n) {
+                return frames;
+            }
+        }
+    }
+    panic!(
+        "the event stream ended without `done` after {} frames:\n{}",
+        frames.len(),
+        s.logs()
+    );
+}
+
+fn zip_entry(zip: &[u8], name: &str) -> Vec<u8> {
+    use std::io::Read;
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+    let mut f = z.by_name(name).unwrap();
+    let mut out = Vec::new();
+    f.read_to_end(&mut out).unwrap();
+    out
+}
+
+/// Upload, create, follow the stream to `done`, download the adapter; the zip holds the
+/// very tensors the trainer wrote. Meanwhile 200 status requests all answer promptly.
+#[tokio::test]
+async fn job_trains_streams_and_serves_its_adapter() {
+    let spec = spec();
+    for backend in backends() {
+        let s = server(backend, &[]).await;
+        let file = upload_chat(&s).await;
+        let job = create_job(
+            &s,
+            &file,
+            json!({"max_steps": 120, "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "checkpoint_interval": 40,
+                   "learning_rate": 1e-3, "lora_target_modules": ["q_proj", "v_proj"]}),
+        )
+        .await;
+        let mut errs = check_response(&spec, "/v1/fine_tuning/jobs", "post", 200, &job);
+        let id = job["id"].as_str().unwrap().to_string();
+        assert_eq!(job["status"], "queued");
+
+        // Status polls while the job trains: each must answer, none may hang on training.
+        let poller = {
+            let url = s.url(&format!("/v1/fine_tuning/jobs/{id}"));
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let mut lat = Vec::new();
+                let mut seen_running = 0;
+                for _ in 0..200 {
+                    let t0 = Instant::now();
+                    let r = c.get(&url).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                    let v: Value = r.json().await.unwrap();
+                    lat.push(t0.elapsed());
+                    if v["status"] == "running" {
+                        seen_running += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (lat, seen_running)
+            })
+        };
+        let frames = read_sse(&s, &id, None, None).await;
+        let (mut lat, seen_running) = poller.await.unwrap();
+        lat.sort();
+        let p99 = lat[lat.len() * 99 / 100 - 1];
+        println!("{backend:?}: 200 GET /v1/fine_tuning/jobs/{{id}} while training: p50 {:?}, p99 {p99:?}, max {:?}; {seen_running} saw running", lat[100], lat[199]);
+        assert!(
+            lat[199] < Duration::from_secs(1),
+            "a status request took {:?}",
+            lat[199]
+        );
+        assert!(seen_running > 0, "no poll saw the job running");
+
+        let (_, last_ev, _) = frames.last().unwrap();
+        assert_eq!(last_ev, "done");
+        let metrics: Vec<Value> = frames
+            .iter()
+            .filter(|f| f.1 == "metrics")
+            .map(|f| serde_json::from_str(&f.2).unwrap())
+            .collect();
+        assert_eq!(metrics.len(), 120, "one metrics event per step");
+        assert!(metrics[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Step 1/120: training loss="));
+        let ids: Vec<i64> = frames.iter().filter_map(|f| f.0).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "event ids not increasing"
+        );
+
+        let job = wait_status(&s, &id, &["succeeded"], Duration::from_secs(10)).await;
+        errs.extend(check_response(
+            &spec,
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}",
+            "get",
+            200,
+            &job,
+        ));
+        assert_eq!(job["fine_tuned_model"], format!("ft:tiny-llama:t:{id}"));
+        assert_eq!(job["progress"]["step"], 120);
+        let list = get(&s, "/v1/fine_tuning/jobs?limit=5").await;
+        errs.extend(check_response(
+            &spec,
+            "/v1/fine_tuning/jobs",
+            "get",
+            200,
+            &list,
+        ));
+        let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
+        errs.extend(check_response(
+            &spec,
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+            "get",
+            200,
+            &events,
+        ));
+        assert_eq!(
+            events["data"][0]["message"],
+            "The job has successfully completed"
+        );
+        let ckpts = get(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
+        errs.extend(check_response(
+            &spec,
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+            "get",
+            200,
+            &ckpts,
+        ));
+        let steps: Vec<i64> = ckpts["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["step_number"].as_i64().unwrap())
+            .collect();
+        assert_eq!(steps, vec![80, 40]);
+        assert!(
+            errs.is_empty(),
+            "responses differ from openapi.yaml:\n{}",
+            errs.join("\n")
+        );
+
+        // The adapter, as zip and as the bare tensor file, equals what the trainer wrote.
+        let written = std::fs::read(
+            s.data_dir()
+                .join(format!("jobs/{id}/out/adapter_model.safetensors")),
+        )
+        .unwrap();
+        let r = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/zip");
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        assert!(r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains(".zip"));
+        let zip = r.bytes().await.unwrap();
+        assert_eq!(zip_entry(&zip, "adapter_model.safetensors"), written);
+        let cfg: Value = serde_json::from_slice(&zip_entry(&zip, "adapter_config.json")).unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        assert_eq!(cfg["r"], 4);
+        assert!(!zip_entry(&zip, "README.md").is_empty());
+        let again = reqwest::Client::new()
+            .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304);
+        let st = reqwest::get(s.url(&format!(
+            "/v1/fine_tuning/jobs/{id}/adapter?format=safetensors"
+        )))
+        .await
+        .unwrap();
+        assert_eq!(st.bytes().await.unwrap().to_vec(), written);
+
+        // result_files: the metrics CSV and the same zip, through the files API.
+        let files = job["result_files"].as_array().unwrap();
+        assert_eq!(files.len(), 2);
+        let csv = reqwest::get(s.url(&format!("/v1/files/{}/content", files[0].as_str().unwrap())))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(csv.starts_with("step,train_loss,valid_loss,learning_rate,tokens_per_second\n"));
+        assert_eq!(csv.lines().count(), 121);
+        let z2 = reqwest::get(s.url(&format!("/v1/files/{}/content", files[1].as_str().unwrap())))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(z2, zip);
+    }
+}
+
+/// A client that drops the stream mid-job and reconnects with Last-Event-ID sees every
+/// event exactly once, and the stream ends with `done`.
+#[tokio::test]
+async fn sse_reconnect_has_no_gap_and_no_duplicate() {
+    for backend in backends() {
+        let s = server(backend, &[]).await;
+        let file = upload_chat(&s).await;
+        let job = create_job(
+            &s,
+            &file,
+            json!({"max_steps": 80, "batch_size": 2, "lora_r": 2}),
+        )
+        .await;
+        let id = job["id"].as_str().unwrap().to_string();
+        let first = read_sse(&s, &id, None, Some(10)).await;
+        assert_eq!(first.len(), 10);
+        let last = first.last().unwrap().0.unwrap();
+        // The job keeps writing events while nobody listens.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = read_sse(&s, &id, Some(last), None).await;
+        assert_eq!(second.last().unwrap().1, "done");
+        let got: Vec<i64> = first.iter().chain(&second).filter_map(|f| f.0).collect();
+        let unique: BTreeSet<i64> = got.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            got.len(),
+            "duplicate events across the reconnect"
+        );
+        let stored = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
+        let all: BTreeSet<i64> = stored["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                e["id"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("ftevent-")
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(unique, all, "events missing from the two streams together");
+    }
+}
+
+/// Cancel stops a running job promptly, leaves no adapter, and the worker goes on to
+/// the next queued job.
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_frees_the_worker() {
+    let s = server(Backend::Sqlite, &["--lease-seconds", "3"]).await;
+    let file = upload_chat(&s).await;
+    let long = create_job(&s, &file, json!({"max_steps": 100000, "batch_size": 2})).await;
+    let next = create_job(&s, &file, json!({"max_steps": 3, "batch_size": 2})).await;
+    let id = long["id"].as_str().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let j = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        if j["progress"]["step"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never started: {}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r: Value = reqwest::Client::new()
+        .post(s.url(&format!("/v1/fine_tuning/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        r["status"] == "running" || r["status"] == "cancelled",
+        "{r}"
+    );
+    let asked = Instant::now();
+    // Within one step plus one heartbeat (a third of the 3 s lease).
+    let j = wait_status(&s, id, &["cancelled"], Duration::from_secs(5)).await;
+    println!("cancel took {:?}", asked.elapsed());
+    assert!(j["fine_tuned_model"].is_null());
+    let a = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 409);
+    let n = wait_status(
+        &s,
+        next["id"].as_str().unwrap(),
+        &["succeeded"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(n["progress"]["step"], 3);
+    // Cancelling a finished job is refused with OpenAI's error envelope.
+    let again = reqwest::Client::new()
+        .post(s.url(&format!("/v1/fine_tuning/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 400);
+}
+
+/// A server dies mid-job (SIGKILL, after a checkpoint); the next server re-claims the job
+/// once the lease expires and continues it from that checkpoint, as the same job with the
+/// same event stream; the dead attempt's late writes change nothing; one adapter results.
+#[tokio::test]
+async fn a_dead_workers_job_continues_from_its_checkpoint() {
+    let mut s = server(
+        Backend::Sqlite,
+        &["--lease-seconds", "3", "--train-threads", "1"],
+    )
+    .await;
+    let file = upload_chat(&s).await;
+    let job = create_job(
+        &s,
+        &file,
+        json!({"max_steps": 400, "batch_size": 2, "checkpoint_interval": 20}),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    loop {
+        let c = get(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
+        if !c["data"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint: {}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let store = s.store().await;
+    let before = store.get_job(&id).await.unwrap().unwrap();
+    assert_eq!(before.attempt, 1);
+    s.crash_and_restart(&["--lease-seconds", "3", "--train-threads", "1"])
+        .await;
+
+    let done = wait_status(&s, &id, &["succeeded"], Duration::from_secs(120)).await;
+    let after = store.get_job(&id).await.unwrap().unwrap();
+    assert_eq!(after.attempt, 2, "the job was not re-claimed exactly once");
+    let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
+    let msgs: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("Resumed from the step-") && m.contains("(attempt 2)")),
+        "no resume event: {msgs:?}"
+    );
+    // The resumed run did not start over: fewer than 400 step events from attempt 2.
+    let steps_by_attempt2 = store
+        .list_events(&id, None, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.attempt == 2 && e.kind == "metrics")
+        .count();
+    assert!(
+        steps_by_attempt2 < 400 && steps_by_attempt2 > 0,
+        "{steps_by_attempt2} steps in attempt 2"
+    );
+
+    // A write from the dead attempt (its lease, attempt 1) changes nothing.
+    let stale = loraforge_store::Lease {
+        job_id: id.clone(),
+        worker_id: before.lease_owner.clone().unwrap(),
+        attempt: 1,
+        fencing_token: before.fencing_token,
+        expires_at_ms: before.lease_expires_at_ms.unwrap(),
+    };
+    let e = store
+        .finish_job(
+            &stale,
+            &loraforge_store::JobOutcome::Failed { error: "{}".into() },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.is_lease_lost());
+    assert!(store
+        .append_job_event(&stale, "info", "message", "late", None)
+        .await
+        .unwrap_err()
+        .is_lease_lost());
+    let still = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+    assert_eq!(still["status"], "succeeded");
+    assert_eq!(still["result_files"], done["result_files"]);
+    // Exactly one adapter: one zip among the result files, one adapter blob.
+    let zips = s
+        .store()
+        .await
+        .list_files(&loraforge_store::ListFiles {
+            after: None,
+            limit: 100,
+            order: loraforge_store::Order::Desc,
+            purpose: Some("fine-tune-results".into()),
+        })
+        .await
+        .unwrap()
+        .data
+        .into_iter()
+        .filter(|f| f.filename.ends_with("-adapter.zip"))
+        .count();
+    assert_eq!(zips, 1);
+}

@@ -31,6 +31,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The tiny fixture model, for the fine-tuning part.
+mkdir -p "$WORK/models"
+cp -r "$HERE/../tests/fixtures/tiny-llama" "$WORK/models/"
+
 # Port 0: the server picks a free port and prints the address on stdout.
 env -u LORAFORGE_DATABASE_URL -u LORAFORGE_API_KEY -u LORAFORGE_STORAGE_URL \
     "$BIN" serve --host 127.0.0.1 --port 0 \

@@ -97,7 +97,70 @@ def main():
     for x in more + [b.id]:
         client.files.delete(x)
     check(client.files.list().data == [], "everything deleted")
+
+    fine_tuning(client)
     print("openai client test: all passed")
+
+
+def fine_tuning(client):
+    """A LoRA job on the tiny fixture model, through `client.fine_tuning`."""
+    import io
+    import time
+    import zipfile
+
+    import openai
+
+    train = client.files.create(file=("ft.jsonl", chat_jsonl(12, "ft")), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=train.id,
+        suffix="oai",
+        extra_body={"hyperparameters": {"n_epochs": 1, "batch_size": 2, "lora_r": 4, "lora_alpha": 8,
+                                        "lora_target_modules": "all-linear", "max_steps": 6,
+                                        "checkpoint_interval": 3}},
+    )
+    check(job.id.startswith("ftjob-") and job.object == "fine_tuning.job", f"fine_tuning.jobs.create -> {job.id}")
+    check(job.status in ("queued", "running"), f"a new job is queued ({job.status})")
+    check(job.hyperparameters.lora_r == 4, "LoRA extensions came back in hyperparameters")
+    with_key = client.fine_tuning.jobs.create(model="tiny-llama", training_file=train.id,
+                                              extra_body={"hyperparameters": {"max_steps": 1}},
+                                              extra_headers={"Idempotency-Key": "oai-test-1"})
+    again = client.fine_tuning.jobs.create(model="tiny-llama", training_file=train.id,
+                                           extra_body={"hyperparameters": {"max_steps": 1}},
+                                           extra_headers={"Idempotency-Key": "oai-test-1"})
+    check(again.id == with_key.id, "a retried create with the same Idempotency-Key returns the same job")
+    deadline = time.time() + 120
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        if job.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    check(job.status == "succeeded", f"fine_tuning.jobs.retrieve until succeeded ({job.status}, {job.error})")
+    check(job.fine_tuned_model == f"ft:tiny-llama:oai:{job.id}", f"fine_tuned_model {job.fine_tuned_model}")
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100)
+    msgs = [e.message for e in events.data]
+    check(msgs[0] == "The job has successfully completed", "list_events, newest first")
+    check(any(m.startswith("Step 6/6: training loss=") for m in msgs), "metrics events per step")
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id)
+    check([c.step_number for c in ckpts.data] == [3], "checkpoints.list")
+    check(len(job.result_files) == 2, "result_files: metrics CSV and adapter zip")
+    z = zipfile.ZipFile(io.BytesIO(client.files.content(job.result_files[1]).read()))
+    check(sorted(z.namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"],
+          "files.content of the adapter zip")
+    check(json_load(z.read("adapter_config.json"))["peft_type"] == "LORA", "the zip holds a PEFT adapter")
+    listed = [j.id for j in client.fine_tuning.jobs.list(limit=10)]
+    check(job.id in listed, "fine_tuning.jobs.list")
+    try:
+        client.fine_tuning.jobs.create(model="no-such-model", training_file=train.id)
+        check(False, "an unknown model is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "model", "an unknown model raises BadRequestError naming the param")
+
+
+def json_load(b):
+    import json
+
+    return json.loads(b)
 
 
 if __name__ == "__main__":

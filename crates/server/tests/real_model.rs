@@ -4,8 +4,11 @@
 //! which turns a missing model into a failure. The PEFT check needs `LORAFORGE_VENV`
 //! (a venv with transformers + peft + gguf, `scripts/setup-python.sh`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -62,6 +65,24 @@ fn smollm2_gguf_tokenizer_matches_tokenizer_json() {
         assert_eq!(got, want, "tokenization differs on {s:?}");
     }
     assert!(base.tokenizer.chat_template.is_some());
+}
+
+fn peft_check(model: &Path, adapter: &Path) {
+    match std::env::var("LORAFORGE_VENV") {
+        Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
+            let o = run(Command::new(Path::new(&venv).join("bin/python"))
+                .arg(root().join("scripts/peft_check.py"))
+                .arg("--base")
+                .arg(model)
+                .arg("--adapter")
+                .arg(adapter));
+            println!("{o}");
+        }
+        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
+            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
+        }
+        _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
+    }
 }
 
 fn losses(metrics: &Path) -> Vec<f64> {
@@ -155,19 +176,82 @@ fn smollm2_thirty_steps_learn_and_peft_loads_the_adapter() {
     println!("prompt: {prompt}\nbase:    {plain}\nadapter: {tuned}");
     assert_ne!(plain, tuned, "the adapter did not change the answer");
 
-    match std::env::var("LORAFORGE_VENV") {
-        Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
-            let o = run(Command::new(Path::new(&venv).join("bin/python"))
-                .arg(root().join("scripts/peft_check.py"))
-                .arg("--base")
-                .arg(&model)
-                .arg("--adapter")
-                .arg(&out));
-            println!("{o}");
+    peft_check(&model, &out);
+}
+
+/// The real model trains through the HTTP API (upload, job, poll) and the downloaded
+/// adapter zip loads in PEFT.
+#[tokio::test]
+async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
+    let Some(model) = smollm2() else { return };
+    let s = common::TestServer::start(common::Backend::Sqlite, &["--train-threads", "2"]).await;
+    std::os::unix::fs::symlink(
+        &model,
+        s.models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let data = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
+    let f: serde_json::Value = c
+        .post(s.url("/v1/files?filename=chat.jsonl&purpose=fine-tune"))
+        .header("content-type", "application/jsonl")
+        .body(data)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job: serde_json::Value = c
+        .post(s.url("/v1/fine_tuning/jobs"))
+        .json(&serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "training_file": f["id"],
+            "hyperparameters": {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant"}
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{job}"))
+        .to_string();
+    let t0 = Instant::now();
+    let done = loop {
+        let j: serde_json::Value = c
+            .get(s.url(&format!("/v1/fine_tuning/jobs/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap()) {
+            break j;
         }
-        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
-            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
-        }
-        _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
-    }
+        assert!(t0.elapsed() < Duration::from_secs(600), "job too slow: {j}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", s.logs());
+    println!(
+        "SmolLM2 through the API: 8 steps, last train_loss {}",
+        done["progress"]["train_loss"]
+    );
+    let zip = c
+        .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
+        .unwrap()
+        .extract(dir.path())
+        .unwrap();
+    peft_check(&model, dir.path());
 }

@@ -326,6 +326,9 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     };
 
     let cancel = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let mut tspec = tspec;
+    tspec.pause = Some(pause.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TrainEvent>();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     {
@@ -360,10 +363,13 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
             }
             _ = beat.tick(), if !lost => {
                 match state.store.heartbeat(&lease, cfg.lease).await {
-                    Ok(hb) => if hb.cancel_requested_at.is_some() {
-                        cancel_requested = true;
-                        cancel.store(true, Ordering::Relaxed);
-                    },
+                    Ok(hb) => {
+                        if hb.cancel_requested_at.is_some() {
+                            cancel_requested = true;
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                        pause.store(hb.pause_requested_at.is_some(), Ordering::Relaxed);
+                    }
                     Err(e) if e.is_lease_lost() => {
                         lost = true;
                         cancel.store(true, Ordering::Relaxed);
@@ -398,6 +404,20 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     match result {
         Ok(_) if cancel_requested => finish_cancelled(&run, &lease).await,
         Err(loraforge_trainer::Error::Cancelled) => finish_cancelled(&run, &lease).await,
+        Err(loraforge_trainer::Error::Paused(step)) => {
+            run.event(
+                "info",
+                "message",
+                format!("Job paused after step {step}"),
+                None,
+            )
+            .await?;
+            match state.store.release_paused(&lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_lease_lost() => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
         Ok(outcome) => {
             let artifacts = match publish(state, &job, &outcome.adapter_dir).await {
                 Ok(a) => a,

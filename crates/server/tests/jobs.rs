@@ -545,3 +545,87 @@ async fn a_dead_workers_job_continues_from_its_checkpoint() {
         .count();
     assert_eq!(zips, 1);
 }
+
+/// Pause a running job (it checkpoints and lets go), resume it, and it ends with the same
+/// adapter, bit for bit, as the same job run without a pause.
+#[tokio::test]
+async fn pause_then_resume_gives_the_uninterrupted_adapter() {
+    let s = server(Backend::Sqlite, &["--lease-seconds", "3"]).await;
+    let file = upload_chat(&s).await;
+    let hp = json!({"max_steps": 150, "batch_size": 2, "lora_r": 4, "lora_dropout": 0.1,
+                    "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1});
+    let plain = create_job(&s, &file, hp.clone()).await;
+    let plain_id = plain["id"].as_str().unwrap().to_string();
+    wait_status(&s, &plain_id, &["succeeded"], Duration::from_secs(120)).await;
+
+    let paused = create_job(&s, &file, hp).await;
+    let id = paused["id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    loop {
+        let j = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        if j["progress"]["step"].as_u64().unwrap_or(0) >= 5 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never started: {}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let post = |path: String| {
+        let url = s.url(&path);
+        async move {
+            let r = reqwest::Client::new().post(url).send().await.unwrap();
+            let st = r.status();
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(st, 200, "{v}");
+            v
+        }
+    };
+    post(format!("/v1/fine_tuning/jobs/{id}/pause")).await;
+    let p = wait_status(&s, &id, &["paused", "succeeded"], Duration::from_secs(10)).await;
+    assert_eq!(
+        p["status"], "paused",
+        "the job finished before the pause took hold"
+    );
+    let at = p["progress"]["step"].as_u64().unwrap();
+    assert!(at < 150);
+    // A paused job stays put.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+    assert_eq!(still["status"], "paused");
+    assert_eq!(still["progress"]["step"].as_u64().unwrap(), at);
+    post(format!("/v1/fine_tuning/jobs/{id}/resume")).await;
+    let done = wait_status(&s, &id, &["succeeded"], Duration::from_secs(120)).await;
+    assert_eq!(done["progress"]["step"], 150);
+    let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
+    let msgs: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        msgs.contains(&format!("Job paused after step {at}").as_str()),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with(&format!("Resumed from the step-{at} checkpoint"))),
+        "{msgs:?}"
+    );
+
+    let adapter = |job: String| {
+        let url = s.url(&format!(
+            "/v1/fine_tuning/jobs/{job}/adapter?format=safetensors"
+        ));
+        async move { reqwest::get(url).await.unwrap().bytes().await.unwrap() }
+    };
+    let a = adapter(plain_id).await;
+    let b = adapter(id).await;
+    assert!(
+        a == b,
+        "the paused-and-resumed adapter differs from the uninterrupted one"
+    );
+}

@@ -93,7 +93,7 @@ macro_rules! job_cols {
         "id, api_key_id, model, training_file, validation_file, suffix, spec, status, priority, \
          run_at_ms, attempt, max_attempts, lease_owner, lease_expires_at_ms, heartbeat_at_ms, \
          fencing_token, cancel_requested_at, idempotency_key, progress, error, fine_tuned_model, \
-         result, created_at, started_at, finished_at, device_kind"
+         result, created_at, started_at, finished_at, device_kind, paused_at"
     };
 }
 
@@ -450,6 +450,53 @@ impl Store {
         self.get_job(id).await?.ok_or(Error::NotFound)
     }
 
+    /// Pauses a job: a queued one at once (claims skip it), a running one by asking its
+    /// worker, which sees the request on its next heartbeat, checkpoints and calls
+    /// [`Store::release_paused`]. Returns the job as it is afterwards.
+    pub async fn request_pause(&self, id: &str) -> Result<JobRecord> {
+        on_pool!(self, p => sqlx::query(
+            "UPDATE jobs SET paused_at = COALESCE(paused_at, $2) \
+             WHERE id = $1 AND status IN ('queued', 'running')"
+        )
+        .bind(id)
+        .bind(now_secs())
+        .execute(p)
+        .await
+        .map(drop)?);
+        self.get_job(id).await?.ok_or(Error::NotFound)
+    }
+
+    /// Lifts a pause: the job becomes claimable again (a worker continues it from its
+    /// newest checkpoint), or, if its worker had not paused yet, simply keeps running.
+    pub async fn resume_job(&self, id: &str) -> Result<JobRecord> {
+        on_pool!(self, p => sqlx::query(
+            "UPDATE jobs SET paused_at = NULL WHERE id = $1 AND status IN ('queued', 'running')"
+        )
+        .bind(id)
+        .execute(p)
+        .await
+        .map(drop)?);
+        self.get_job(id).await?.ok_or(Error::NotFound)
+    }
+
+    /// A worker hands a paused job back: `queued` again, no lease, `paused_at` kept so
+    /// no claim takes it until it is resumed. Fenced like every worker write.
+    pub async fn release_paused(&self, lease: &Lease) -> Result<JobRecord> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at_ms = NULL, \
+             paused_at = COALESCE(paused_at, $3) \
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running' RETURNING {}",
+            job_cols!()
+        );
+        let job: Option<JobRecord> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(&lease.job_id)
+            .bind(lease.fencing_token)
+            .bind(now_secs())
+            .fetch_optional(p)
+            .await?);
+        job.ok_or_else(|| lease_lost(lease))
+    }
+
     /// Restricts a job to workers of one device kind (`None`: any worker).
     pub async fn set_job_device_kind(&self, id: &str, device_kind: Option<&str>) -> Result<()> {
         let n = on_pool!(self, p => sqlx::query("UPDATE jobs SET device_kind = $2 WHERE id = $1")
@@ -509,7 +556,7 @@ impl Store {
         let pick = format!(
             "SELECT id AS claim_id FROM jobs \
              WHERE (device_kind IS NULL OR device_kind = $2) \
-             AND ((status = 'queued' AND run_at_ms <= {now}) \
+             AND ((status = 'queued' AND paused_at IS NULL AND run_at_ms <= {now}) \
                   OR (status = 'running' AND COALESCE(lease_expires_at_ms, 0) <= {now} \
                       AND attempt < max_attempts)) \
              ORDER BY priority, run_at_ms, seq LIMIT 1"
@@ -566,19 +613,20 @@ impl Store {
         let sql = format!(
             "UPDATE jobs SET lease_expires_at_ms = {now} + $3, heartbeat_at_ms = {now} \
              WHERE id = $1 AND fencing_token = $2 AND status = 'running' \
-             RETURNING lease_expires_at_ms, cancel_requested_at",
+             RETURNING lease_expires_at_ms, cancel_requested_at, paused_at",
             now = self.now_ms()
         );
-        let row: Option<(i64, Option<i64>)> = on_pool!(self, p => sqlx::query_as(&sql)
+        let row: Option<(i64, Option<i64>, Option<i64>)> = on_pool!(self, p => sqlx::query_as(&sql)
             .bind(&lease.job_id)
             .bind(lease.fencing_token)
             .bind(lease_ms)
             .fetch_optional(p)
             .await?);
         match row {
-            Some((lease_expires_at_ms, cancel_requested_at)) => Ok(Heartbeat {
+            Some((lease_expires_at_ms, cancel_requested_at, pause_requested_at)) => Ok(Heartbeat {
                 lease_expires_at_ms,
                 cancel_requested_at,
+                pause_requested_at,
             }),
             None => Err(lease_lost(lease)),
         }

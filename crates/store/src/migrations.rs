@@ -18,6 +18,11 @@ const SQLITE: Embedded = &[
         "job device kind",
         include_str!("../../../migrations/sqlite/0002_job_device_kind.sql"),
     ),
+    (
+        3,
+        "job pause",
+        include_str!("../../../migrations/sqlite/0003_job_pause.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -30,6 +35,11 @@ const POSTGRES: Embedded = &[
         2,
         "job device kind",
         include_str!("../../../migrations/postgres/0002_job_device_kind.sql"),
+    ),
+    (
+        3,
+        "job pause",
+        include_str!("../../../migrations/postgres/0003_job_pause.sql"),
     ),
 ];
 

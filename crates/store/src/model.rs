@@ -123,6 +123,8 @@ pub struct JobRecord {
     pub finished_at: Option<i64>,
     /// The device kind the job must run on; `None`: any.
     pub device_kind: Option<String>,
+    /// Set while the job is paused, or while a pause is asked of its worker (unix s).
+    pub paused_at: Option<i64>,
 }
 
 impl JobRecord {
@@ -163,6 +165,9 @@ pub struct Heartbeat {
     /// step and finish the job as cancelled. The heartbeat carries it so cancellation
     /// reaches workers on SQLite and remote workers alike, with no extra poll.
     pub cancel_requested_at: Option<i64>,
+    /// Set once a pause was requested (unix s): the worker should checkpoint, stop, and
+    /// hand the job back with `release_paused`.
+    pub pause_requested_at: Option<i64>,
 }
 
 /// How a worker ends an attempt with [`Store::finish_job`](crate::Store::finish_job).

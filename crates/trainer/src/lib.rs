@@ -49,6 +49,9 @@ pub enum Error {
     Checkpoint(String),
     #[error("cancelled")]
     Cancelled,
+    /// Stopped on request after `0` steps, with a checkpoint at that step.
+    #[error("paused after step {0}")]
+    Paused(u64),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

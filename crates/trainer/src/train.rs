@@ -47,6 +47,9 @@ pub struct TrainSpec {
     /// A checkpoint folder, or a run's output folder (its latest checkpoint).
     pub resume: Option<PathBuf>,
     pub device: Device,
+    /// When set, the run writes a checkpoint at the current step and stops with
+    /// [`Error::Paused`], so that `resume` can continue it exactly.
+    pub pause: Option<std::sync::Arc<AtomicBool>>,
 }
 
 impl TrainSpec {
@@ -77,6 +80,7 @@ impl TrainSpec {
             checkpoint_every: None,
             resume: None,
             device: Device::Cpu,
+            pause: None,
         }
     }
 
@@ -339,6 +343,27 @@ pub fn train(
     for step in start_step..total {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
+        }
+        if spec
+            .pause
+            .as_ref()
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+        {
+            if step > start_step {
+                let dir = write_checkpoint(
+                    &base,
+                    &lora_cfg,
+                    &meta,
+                    &opt,
+                    spec,
+                    step,
+                    total,
+                    train_set.len(),
+                    tokens_total,
+                )?;
+                on_event(&TrainEvent::Checkpoint { step, dir });
+            }
+            return Err(Error::Paused(step));
         }
         let epoch = step / steps_per_epoch;
         let k = step % steps_per_epoch;

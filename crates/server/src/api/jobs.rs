@@ -371,7 +371,7 @@ pub fn job_object(j: &JobRecord) -> Value {
         "fine_tuned_model": j.fine_tuned_model,
         "organization_id": "org-loraforge",
         "result_files": result.get("result_files").cloned().unwrap_or(json!([])),
-        "status": j.status,
+        "status": if j.status == "queued" && j.paused_at.is_some() { "paused" } else { j.status.as_str() },
         "validation_file": j.validation_file,
         "training_file": j.training_file,
         "hyperparameters": hp.clone().unwrap_or(json!({})),
@@ -462,6 +462,68 @@ pub async fn cancel(
             })
             .await?;
     }
+    Ok(Json(job_object(&job)))
+}
+
+async fn note(state: &AppState, job: &JobRecord, message: &str) -> ApiResult<()> {
+    state
+        .store
+        .append_event(&NewEvent {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            level: "info".into(),
+            kind: "message".into(),
+            message: message.into(),
+            data: None,
+        })
+        .await?;
+    Ok(())
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/pause`: a running job checkpoints at its current
+/// step and stops; a queued one is held. Either way no worker takes it until resumed.
+pub async fn pause(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let before = get_job(&state, &id).await?;
+    if before.status().is_some_and(|s| s.is_terminal()) {
+        return Err(
+            ApiError::bad_request(format!("Job {id} has already {}.", before.status))
+                .code("job_not_pausable"),
+        );
+    }
+    let job = state.store.request_pause(&id).await?;
+    if before.paused_at.is_none() {
+        note(
+            &state,
+            &job,
+            if job.status == "running" {
+                "Pause requested"
+            } else {
+                "Job paused"
+            },
+        )
+        .await?;
+    }
+    Ok(Json(job_object(&job)))
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/resume`: a paused job is queued again and continues
+/// from the checkpoint it paused at.
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let before = get_job(&state, &id).await?;
+    if before.paused_at.is_none() {
+        return Err(
+            ApiError::bad_request(format!("Job {id} is not paused.")).code("job_not_paused")
+        );
+    }
+    let job = state.store.resume_job(&id).await?;
+    note(&state, &job, "Job resumed").await?;
+    state.jobs_notify.notify_waiters();
     Ok(Json(job_object(&job)))
 }
 

@@ -83,6 +83,16 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
         jobs::cancel,
     )
     .add(
+        Method::POST,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause",
+        jobs::pause,
+    )
+    .add(
+        Method::POST,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume",
+        jobs::resume,
+    )
+    .add(
         Method::GET,
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
         jobs::events,

@@ -267,7 +267,9 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     let work = cfg.data_dir.join("jobs").join(&job.id);
     tokio::fs::create_dir_all(&work).await?;
     let prepared: anyhow::Result<TrainSpec> = async {
-        let model = loraforge_trainer::registry::scan(&state.settings.models_dir)
+        let dir = state.settings.models_dir.clone();
+        let model = tokio::task::spawn_blocking(move || loraforge_trainer::registry::scan(&dir))
+            .await?
             .into_iter()
             .find(|m| m.id == job.model)
             .with_context(|| format!("model {} is no longer in the models directory", job.model))?;

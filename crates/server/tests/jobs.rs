@@ -304,6 +304,44 @@ async fn job_trains_streams_and_serves_its_adapter() {
             .await
             .unwrap();
         assert_eq!(again.status(), 304);
+        let part = reqwest::Client::new()
+            .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+            .header("range", "bytes=10-109")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(part.status(), 206);
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes 10-109/{}", zip.len()).as_str()
+        );
+        assert_eq!(part.bytes().await.unwrap(), zip[10..110]);
+        // The fine-tuned model joins the model list.
+        let models = get(&s, "/v1/models").await;
+        let mut errs = check_response(&spec, "/v1/models", "get", 200, &models);
+        let ft = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == job["fine_tuned_model"])
+            .cloned();
+        let ft = ft.unwrap_or_else(|| panic!("{models}"));
+        assert_eq!(ft["parent"], "tiny-llama");
+        assert_eq!(ft["format"], "lora");
+        let one = get(&s, &format!("/v1/models/{}", ft["id"].as_str().unwrap())).await;
+        errs.extend(check_response(
+            &spec,
+            "/v1/models/{model}",
+            "get",
+            200,
+            &one,
+        ));
+        assert_eq!(one["fine_tuning_job_id"], id.as_str());
+        assert!(
+            errs.is_empty(),
+            "responses differ from openapi.yaml:\n{}",
+            errs.join("\n")
+        );
         let st = reqwest::get(s.url(&format!(
             "/v1/fine_tuning/jobs/{id}/adapter?format=safetensors"
         )))

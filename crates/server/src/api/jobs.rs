@@ -234,7 +234,8 @@ pub async fn create(
     let model = req
         .model
         .ok_or_else(|| ApiError::bad_request("model is required").param("model"))?;
-    let info = loraforge_trainer::registry::scan(&state.settings.models_dir)
+    let info = super::models::scan_infos(&state)
+        .await?
         .into_iter()
         .find(|m| m.id == model)
         .ok_or_else(|| {
@@ -777,13 +778,47 @@ pub async fn adapter(
         .get(&adapter_key(&id, format))
         .await
         .map_err(ApiError::internal)?;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, size));
     let name = match format {
         "safetensors" => "adapter_model.safetensors".to_string(),
         _ => format!("{id}-adapter.zip"),
     };
-    let mut resp =
-        Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other))).into_response();
+    let mut resp = match range {
+        None => Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other))).into_response(),
+        Some(None) => {
+            let mut r = axum::http::StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).map_err(ApiError::internal)?,
+            );
+            return Ok(r);
+        }
+        Some(Some((start, end))) => {
+            // Adapters are megabytes, not gigabytes: read the blob and send the slice.
+            let mut bytes = Vec::with_capacity(size as usize);
+            let mut stream = stream;
+            while let Some(chunk) = stream.next().await {
+                bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
+            }
+            let slice = bytes
+                .get(start as usize..=end as usize)
+                .ok_or_else(|| ApiError::internal("the adapter blob is shorter than its size"))?
+                .to_vec();
+            let mut r = (axum::http::StatusCode::PARTIAL_CONTENT, slice).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {start}-{end}/{size}"))
+                    .map_err(ApiError::internal)?,
+            );
+            r
+        }
+    };
+    let partial = resp.status() == axum::http::StatusCode::PARTIAL_CONTENT;
     let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(if format == "zip" {
@@ -792,7 +827,9 @@ pub async fn adapter(
             "application/octet-stream"
         }),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if !partial {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
     h.insert(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
@@ -805,4 +842,39 @@ pub async fn adapter(
         );
     }
     Ok(resp)
+}
+
+/// One `bytes=` range of a `size`-byte body: `Some((first, last))` inclusive, or `None`
+/// when it cannot be satisfied. Several ranges are answered with the first alone.
+fn parse_range(h: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = h.trim().strip_prefix("bytes=")?.split(',').next()?.trim();
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            (size.checked_sub(n.min(size))?, size.checked_sub(1)?)
+        }
+        (a, "") => (a.parse().ok()?, size.checked_sub(1)?),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(size.saturating_sub(1)),
+        ),
+    };
+    (start <= end && end < size).then_some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-1", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
 }

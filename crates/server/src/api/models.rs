@@ -21,6 +21,12 @@ pub struct ModelObject {
     pub trainable: bool,
     /// Why the model is not trainable, when it is not.
     pub note: Option<String>,
+    /// For a fine-tuned model (`ft:...`): the base model its adapter applies to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// For a fine-tuned model: the job that trained it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fine_tuning_job_id: Option<String>,
 }
 
 pub fn model_object(m: &ModelInfo) -> ModelObject {
@@ -45,6 +51,8 @@ pub fn model_object(m: &ModelInfo) -> ModelObject {
         context_length: m.context_length,
         trainable: m.trainable,
         note: m.note.clone(),
+        parent: None,
+        fine_tuning_job_id: None,
     }
 }
 
@@ -54,12 +62,57 @@ pub struct ModelList {
     pub data: Vec<ModelObject>,
 }
 
-/// Scans the directory on a blocking thread: it reads headers from disk.
-async fn scan(state: &AppState) -> ApiResult<Vec<ModelObject>> {
+/// Scans the models directory on a blocking thread: it reads headers from disk.
+pub async fn scan_infos(state: &AppState) -> ApiResult<Vec<ModelInfo>> {
     let dir = state.settings.models_dir.clone();
-    tokio::task::spawn_blocking(move || registry::scan(&dir).iter().map(model_object).collect())
+    tokio::task::spawn_blocking(move || registry::scan(&dir))
         .await
         .map_err(ApiError::internal)
+}
+
+/// Base models, then the adapters of succeeded jobs as `ft:...` models.
+async fn scan(state: &AppState) -> ApiResult<Vec<ModelObject>> {
+    let bases = scan_infos(state).await?;
+    let mut out: Vec<ModelObject> = bases.iter().map(model_object).collect();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .list_jobs(
+                after.as_deref(),
+                100,
+                Some(loraforge_store::JobStatus::Succeeded),
+            )
+            .await?;
+        for j in &page.data {
+            let Some(name) = &j.fine_tuned_model else {
+                continue;
+            };
+            let base = bases.iter().find(|b| b.id == j.model);
+            out.push(ModelObject {
+                id: name.clone(),
+                object: "model",
+                created: j.finished_at.unwrap_or(j.created_at),
+                owned_by: "loraforge",
+                format: "lora".into(),
+                architecture: base.map(|b| b.architecture.clone()).unwrap_or_default(),
+                parameters: base.map(|b| b.parameters).unwrap_or(0),
+                context_length: base.and_then(|b| b.context_length),
+                trainable: false,
+                note: Some(format!(
+                    "LoRA adapter of {}; download it from /v1/fine_tuning/jobs/{}/adapter",
+                    j.model, j.id
+                )),
+                parent: Some(j.model.clone()),
+                fine_tuning_job_id: Some(j.id.clone()),
+            });
+        }
+        if !page.has_more {
+            break;
+        }
+        after = page.data.last().map(|j| j.id.clone());
+    }
+    Ok(out)
 }
 
 /// `GET /v1/models`.

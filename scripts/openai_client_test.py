@@ -148,6 +148,17 @@ def fine_tuning(client):
     check(sorted(z.namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"],
           "files.content of the adapter zip")
     check(json_load(z.read("adapter_config.json"))["peft_type"] == "LORA", "the zip holds a PEFT adapter")
+    reply = client.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8,
+                                           messages=[{"role": "user", "content": "hello"}])
+    text = reply.choices[0].message.content
+    check(isinstance(text, str) and reply.usage.completion_tokens > 0,
+          f"chat.completions.create on the fine-tuned model: {text!r}")
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=job.fine_tuned_model, temperature=0, max_tokens=8, stream=True,
+        messages=[{"role": "user", "content": "hello"}]) if c.choices]
+    check("".join(pieces) == text and len(pieces) > 1, "stream=True: chunks that add up to the same text")
+    base = client.completions.create(model="tiny-llama", prompt="hello", max_tokens=4, temperature=0)
+    check(isinstance(base.choices[0].text, str), "completions.create on the base model")
     listed = [j.id for j in client.fine_tuning.jobs.list(limit=10)]
     check(job.id in listed, "fine_tuning.jobs.list")
     try:

@@ -19,6 +19,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Wakes idle workers when a job is created, so they need not wait for their next poll.
     pub jobs_notify: Arc<tokio::sync::Notify>,
+    /// Models and adapters loaded for chat/completions.
+    pub engine: Arc<crate::inference::Engine>,
 }
 
 /// The parts of the configuration that handlers need.
@@ -197,6 +199,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             api_key: args.api_key.clone(),
         }),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
+        engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
     };
     crate::worker::spawn(
         state.clone(),

@@ -310,6 +310,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             seed: args.seed,
             chat: !args.raw,
+            stop: Vec::new(),
         },
     )?;
     println!("{}", g.text);

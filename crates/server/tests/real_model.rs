@@ -254,4 +254,32 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
         .extract(dir.path())
         .unwrap();
     peft_check(&model, dir.path());
+
+    // Try it: the same server answers a training-set prompt with the base and the adapter.
+    let ask = |m: String| {
+        let c = c.clone();
+        let url = s.url("/v1/chat/completions");
+        async move {
+            let r: serde_json::Value = c
+                .post(url)
+                .json(
+                    &serde_json::json!({"model": m, "temperature": 0, "max_tokens": 24,
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+                )
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{r}"))
+                .to_string()
+        }
+    };
+    let base = ask("SmolLM2-135M-Instruct.Q4_1.gguf".into()).await;
+    let tuned = ask(done["fine_tuned_model"].as_str().unwrap().into()).await;
+    println!("chat, base:    {base}\nchat, adapter: {tuned}");
+    assert_ne!(base, tuned);
 }

@@ -18,6 +18,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Apply the chat template to the prompt (as a single user turn).
     pub chat: bool,
+    /// Generation ends before any of these strings (OpenAI's `stop`).
+    pub stop: Vec<String>,
 }
 
 impl Default for GenerateOptions {
@@ -28,6 +30,7 @@ impl Default for GenerateOptions {
             top_p: 1.0,
             seed: 0,
             chat: true,
+            stop: Vec::new(),
         }
     }
 }
@@ -37,8 +40,29 @@ pub struct Generation {
     pub text: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// `stop` (an end-of-sequence token) or `length`.
+    /// `stop` (an end-of-sequence token or a stop string), `length`, or `cancelled`
+    /// (the text callback asked to stop).
     pub finish_reason: &'static str,
+}
+
+/// The prompt of a chat: the template rendered with a generation prompt, as token ids.
+pub fn chat_prompt_ids(base: &BaseModel, messages: &[Message]) -> Result<Vec<u32>> {
+    let prompt = base.tokenizer.render_chat(messages, true)?;
+    base.tokenizer.encode(&prompt, false)
+}
+
+/// The prompt of a plain completion, through the chat template when `chat` and the
+/// model has one (as a single user turn).
+pub fn text_prompt_ids(base: &BaseModel, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    if chat && base.tokenizer.chat_template.is_some() {
+        let m = [Message {
+            role: "user".into(),
+            content: prompt.to_string(),
+            weight: None,
+        }];
+        return chat_prompt_ids(base, &m);
+    }
+    base.tokenizer.encode(prompt, true)
 }
 
 /// Generates a reply to `messages` (chat template) and returns the decoded text.
@@ -47,26 +71,27 @@ pub fn generate_chat(
     messages: &[Message],
     opts: &GenerateOptions,
 ) -> Result<Generation> {
-    let prompt = base.tokenizer.render_chat(messages, true)?;
-    let ids = base.tokenizer.encode(&prompt, false)?;
-    generate_ids(base, ids, opts)
+    generate_ids(base, chat_prompt_ids(base, messages)?, opts, &mut |_| true)
 }
 
 /// Generates from a plain prompt, through the chat template when `opts.chat` and the model has one.
 pub fn generate_text(base: &BaseModel, prompt: &str, opts: &GenerateOptions) -> Result<Generation> {
-    if opts.chat && base.tokenizer.chat_template.is_some() {
-        let m = [Message {
-            role: "user".into(),
-            content: prompt.to_string(),
-            weight: None,
-        }];
-        return generate_chat(base, &m, opts);
-    }
-    let ids = base.tokenizer.encode(prompt, true)?;
-    generate_ids(base, ids, opts)
+    generate_ids(
+        base,
+        text_prompt_ids(base, prompt, opts.chat)?,
+        opts,
+        &mut |_| true,
+    )
 }
 
-fn generate_ids(base: &BaseModel, ids: Vec<u32>, opts: &GenerateOptions) -> Result<Generation> {
+/// Generates from prompt token ids. `on_text` receives each new piece of decoded text
+/// as it is produced (never splitting a character); returning `false` stops generation.
+pub fn generate_ids(
+    base: &BaseModel,
+    ids: Vec<u32>,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
     if ids.is_empty() {
         return Err(Error::Data("empty prompt".into()));
     }
@@ -78,7 +103,11 @@ fn generate_ids(base: &BaseModel, ids: Vec<u32>, opts: &GenerateOptions) -> Resu
     let mut out: Vec<u32> = Vec::new();
     let mut input = ids;
     let mut finish = "length";
+    let mut sent = 0usize; // bytes of `text` already handed to `on_text`
+    let mut text = String::new();
     let max_pos = base.model.cfg.max_position_embeddings;
+    // Text that could still turn into a stop string is held back until it cannot.
+    let hold = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     for _ in 0..opts.max_new_tokens {
         if cache.len() + input.len() > max_pos {
             break;
@@ -103,9 +132,34 @@ fn generate_ids(base: &BaseModel, ids: Vec<u32>, opts: &GenerateOptions) -> Resu
         }
         out.push(next);
         input = vec![next];
+        text = base.tokenizer.decode(&out)?;
+        if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+            finish = "stop";
+            break;
+        }
+        // A partial UTF-8 sequence decodes to U+FFFD: wait for the rest of it.
+        if text.ends_with('\u{FFFD}') {
+            continue;
+        }
+        let mut upto = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        if upto > sent {
+            if !on_text(&text[sent..upto]) {
+                finish = "cancelled";
+                break;
+            }
+            sent = upto;
+        }
+    }
+    if finish != "cancelled" && text.len() > sent {
+        // The whole text, so the pieces always add up to `Generation::text`.
+        on_text(&text[sent..]);
     }
     Ok(Generation {
-        text: base.tokenizer.decode(&out)?,
+        text,
         prompt_tokens,
         completion_tokens: out.len(),
         finish_reason: finish,

@@ -6,6 +6,7 @@
 //! backward pass and give LoRA no hook), and the LoRA layer and the training loop
 //! are independent of the architecture so that encoders and UNets can join later.
 
+pub mod adapters;
 pub mod config;
 pub mod data;
 pub mod device;

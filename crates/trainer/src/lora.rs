@@ -5,7 +5,7 @@
 //! zeros. Nothing here knows which architecture the layer sits in: a model names each
 //! linear by its PEFT module path and the adapter follows the names.
 
-use crate::ops::frozen_linear;
+use crate::ops::{frozen_linear, lora_linear};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -180,22 +180,29 @@ impl Linear {
 
     /// `x` is `(n, in)`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight)?;
-        if let Some(l) = &self.lora {
-            let xd = if ctx.train && l.dropout > 0.0 {
-                dropout(x, l.dropout, &mut ctx.rng.borrow_mut())?
-            } else {
-                x.clone()
-            };
-            let a = l.a.as_tensor().to_dtype(x.dtype())?;
-            let b = l.b.as_tensor().to_dtype(x.dtype())?;
-            let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y + (delta * l.scale)?)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y)
+        let Some(l) = &self.lora else {
+            let y = frozen_linear(x, &self.weight)?;
+            return Ok(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        };
+        let xd = if ctx.train && l.dropout > 0.0 {
+            dropout(x, l.dropout, &mut ctx.rng.borrow_mut())?
+        } else {
+            x.clone()
+        };
+        let a = l.a.as_tensor().to_dtype(x.dtype())?;
+        let b = l.b.as_tensor().to_dtype(x.dtype())?;
+        let xa = xd.matmul(&a.t()?)?;
+        Ok(lora_linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            &xa,
+            &b,
+            l.scale,
+        )?)
     }
 
     /// Attaches a fresh adapter: A ~ U(±1/sqrt(in)), B = 0.

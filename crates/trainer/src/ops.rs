@@ -8,55 +8,185 @@
 //! `frozen_linear` skips the weight gradient that candle would otherwise compute, and
 //! keep, for every frozen matmul.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
+    Tensor, D,
 };
 use std::sync::Arc;
 
-/// Returns `y` as computed, and on the way back only `dX = g · W`.
-struct FrozenLinearGrad {
+/// `x · Wᵀ (+ bias)` for a frozen `(out, in)` weight, computed inside the op so that the
+/// graph keeps one output buffer and no copy of it, and on the way back only `dX = g · W`
+/// (candle would otherwise compute, and keep, a weight gradient nobody reads).
+struct FrozenLinear {
     w: Tensor,
+    bias: Option<Tensor>,
 }
 
-impl CustomOp2 for FrozenLinearGrad {
+/// `x · Wᵀ` into a fresh `(n, out)` buffer, by candle's own gemm.
+fn matmul_wt(xs: &CpuStorage, lx: &Layout, w: &Tensor) -> Result<Vec<f32>> {
+    let (n, k) = lx.shape().dims2()?;
+    let (m, wk) = w.dims2()?;
+    if wk != k {
+        candle_core::bail!("frozen linear: input has {k} features, weight expects {wk}");
+    }
+    let (ws, wl) = w.storage_and_layout();
+    let Storage::Cpu(ws) = &*ws else {
+        candle_core::bail!("frozen linear: weight is not on the CPU")
+    };
+    match xs.matmul(ws, (1, n, m, k), lx, &wl.transpose(0, 1)?)? {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("frozen linear: expected f32"),
+    }
+}
+
+fn add_bias(y: &mut [f32], bias: &Option<Tensor>) -> Result<()> {
+    if let Some(b) = bias {
+        let b: Vec<f32> = b.to_vec1()?;
+        for row in y.chunks_mut(b.len()) {
+            row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
+        }
+    }
+    Ok(())
+}
+
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
+    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut y = matmul_wt(xs, lx, &self.w)?;
+        add_bias(&mut y, &self.bias)?;
+        let shape = Shape::from((lx.dims()[0], self.w.dim(0)?));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.w)?))
+    }
+}
+
+/// A frozen linear layer plus its LoRA update, `x·Wᵀ + bias + s·(xa·Bᵀ)` with
+/// `xa = dropout(x)·Aᵀ`, as one op over `(x, xa, B)`: the update is added in place, so
+/// the graph holds one `(n, out)` buffer per layer instead of five.
+struct LoraLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
     fn cpu_fwd(
         &self,
-        _x: &CpuStorage,
-        _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
+        xs: &CpuStorage,
+        lx: &Layout,
+        xas: &CpuStorage,
+        lxa: &Layout,
+        bs: &CpuStorage,
+        lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        // `y` is a fresh contiguous matmul output at offset 0, so its storage is the result.
-        Ok((y.clone(), ly.shape().clone()))
+        let mut y = matmul_wt(xs, lx, &self.w)?;
+        let (n, r) = lxa.shape().dims2()?;
+        let (m, br) = lb.shape().dims2()?;
+        if br != r || n != lx.dims()[0] {
+            candle_core::bail!("lora linear: shapes {:?}, {:?}", lxa.dims(), lb.dims());
+        }
+        let (xa, b) = (rows_of(xas, lxa)?, rows_of(bs, lb)?);
+        // Bᵀ as (r, out) rows, so the update streams along output features.
+        let mut bt = vec![0f32; r * m];
+        for (j, brow) in b.chunks(r).enumerate() {
+            for (k, &v) in brow.iter().enumerate() {
+                bt[k * m + j] = v;
+            }
+        }
+        // Added in place with a per-row scratch: an (n, out) temporary here would be
+        // allocated and freed per layer per step, and fragments the heap.
+        let s = self.scale as f32;
+        par_rows(&mut y, m, |first, chunk| {
+            let mut delta = vec![0f32; m];
+            for (i, yr) in chunk.chunks_mut(m).enumerate() {
+                let xr = &xa[(first + i) * r..][..r];
+                delta.iter_mut().for_each(|d| *d = 0.0);
+                for (k, &xv) in xr.iter().enumerate() {
+                    let bk = &bt[k * m..][..m];
+                    delta.iter_mut().zip(bk).for_each(|(d, &bv)| *d += xv * bv);
+                }
+                // PEFT's order: base + (B(A x) · s).
+                yr.iter_mut().zip(&delta).for_each(|(y, d)| *y += d * s);
+            }
+        });
+        add_bias(&mut y, &self.bias)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _y: &Tensor,
+        x: &Tensor,
+        xa: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.w)?), None))
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gs = (g * self.scale)?;
+        // The first layer's input is constant: skip its (n, in) GEMM entirely.
+        let dx = if x.track_op() {
+            Some(g.matmul(&self.w)?)
+        } else {
+            None
+        };
+        // Detached: B and xa carry graphs, and a gradient built on them would keep this
+        // step's whole graph alive through B's gradient and the optimizer state.
+        let dxa = gs.matmul(&b.detach())?;
+        let db = gs.t()?.matmul(&xa.detach())?;
+        Ok((dx, Some(dxa), Some(db)))
     }
 }
 
 /// `x · Wᵀ` for a 2-D `x` and a frozen `(out, in)` weight, without the weight gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !fast_path(x) || w.dtype() != DType::F32 {
         // The custom op has no device kernel; a plain matmul is correct, only slower.
         return x.matmul(&w.t()?);
     }
-    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
-    if x.track_op() {
-        x.apply_op2(&y, FrozenLinearGrad { w: w.clone() })
-    } else {
-        Ok(y)
+    x.contiguous()?.apply_op1(FrozenLinear {
+        w: w.clone(),
+        bias: None,
+    })
+}
+
+/// `x·Wᵀ + bias + scale·(xa·Bᵀ)`, where `xa` is `(n, r)` (the input already through
+/// dropout and `A`) and `b` is LoRA's `(out, r)` B. Gradients reach `x`, `xa` and `b`.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    xa: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let f32s = [w, xa, b].iter().all(|t| t.dtype() == DType::F32)
+        && bias.is_none_or(|t| t.dtype() == DType::F32);
+    if !fast_path(x) || !f32s {
+        let y = (frozen_linear(x, w)? + (xa.matmul(&b.t()?)? * scale)?)?;
+        return match bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        };
     }
+    x.contiguous()?.apply_op3(
+        &xa.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.clone(),
+            bias: bias.cloned(),
+            scale,
+        },
+    )
 }
 
 /// RMSNorm as transformers computes it: in f32, `x · rsqrt(mean(x²) + eps) · w`.
@@ -639,6 +769,39 @@ mod tests {
             p.iter().zip(q).fold(0f32, |w, (a, b)| w.max((a - b).abs())) / m
         };
         Ok(rel(&ya, &yb).max(rel(&ga, &gb)) as f64)
+    }
+
+    #[test]
+    fn lora_linear_matches_the_graph_formulation() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, inp, out, r) = (5usize, 6usize, 7usize, 3usize);
+        let w = Tensor::from_vec(rand_vec(out * inp, 11), (out, inp), &dev)?;
+        let bias = Tensor::from_vec(rand_vec(out, 12), out, &dev)?;
+        let a = Tensor::from_vec(rand_vec(r * inp, 13), (r, inp), &dev)?;
+        let b = Var::from_tensor(&Tensor::from_vec(rand_vec(out * r, 14), (out, r), &dev)?)?;
+        let x = rand_vec(n * inp, 15);
+        let fused = |x: &Tensor| {
+            let xa = x.matmul(&a.t()?)?;
+            lora_linear(x, &w, Some(&bias), &xa, b.as_tensor(), 1.5)
+        };
+        let graph = |x: &Tensor| {
+            let y = x.matmul(&w.t()?)?.broadcast_add(&bias)?;
+            y + (x.matmul(&a.t()?)?.matmul(&b.as_tensor().t()?)? * 1.5)?
+        };
+        assert!(agree(&fused, &graph, x.clone(), &[n, inp])? < 1e-5);
+        assert!(fd_error(&fused, x.clone(), &[n, inp])? < 2e-3);
+        // And B's gradient, the one LoRA trains.
+        let xt = Tensor::from_vec(x, (n, inp), &dev)?;
+        let xa = xt.matmul(&a.t()?)?;
+        let fb = |bt: &Tensor| lora_linear(&xt, &w, Some(&bias), &xa, bt, 1.5);
+        assert!(fd_error(&fb, rand_vec(out * r, 14), &[out, r])? < 2e-3);
+        // B's gradient must not drag the forward graph along: the optimizer keeps it.
+        let a_var = Var::from_tensor(&a)?;
+        let xa = xt.matmul(&a_var.as_tensor().t()?)?;
+        let y = lora_linear(&xt, &w, None, &xa, b.as_tensor(), 1.5)?;
+        let grads = y.sum_all()?.backward()?;
+        assert!(!grads.get(b.as_tensor()).unwrap().track_op());
+        Ok(())
     }
 
     #[test]

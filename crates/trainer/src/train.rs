@@ -277,6 +277,9 @@ pub fn train(
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> Result<TrainOutcome> {
     spec.validate()?;
+    if spec.device.is_cpu() {
+        crate::device::tune_allocator_for_training();
+    }
     let mut base = loader::load(&spec.model, &spec.device)?;
     let resume_dir = spec.resume.as_deref().map(resolve_checkpoint).transpose()?;
     let lora_cfg = match (&resume_dir, &spec.init_adapter) {

@@ -310,3 +310,43 @@ fn gguf_twin_tokenizes_and_computes_like_safetensors() {
         "GGUF logits differ from the safetensors twin by {e:.3e}"
     );
 }
+
+/// The serving path (one base, adapters switched in from memory) gives PEFT's logits
+/// with the adapter and transformers' without it, switching back and forth.
+#[test]
+fn switched_in_adapter_gives_peft_logits() {
+    use loraforge_trainer::adapters::{apply, AdapterWeights};
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let r = Ref::load(name);
+        let mut base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();
+        let a = AdapterWeights::load(
+            &fixtures().join(format!("{name}-ref/adapter_nonzero")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = r.rows_u32("attention_mask");
+        let ids = r.ids("input_ids");
+        for round in 0..2 {
+            apply(&mut base.model, Some(&a)).unwrap();
+            let l = base
+                .model
+                .logits(&ids, Some(&mask), &ForwardCtx::eval())
+                .unwrap();
+            let e = rel(&unpadded(&l, &mask), &unpadded(r.get("lora_logits"), &mask));
+            assert!(
+                e < 1e-4,
+                "{name} round {round}: adapter logits differ from PEFT by {e:.3e}"
+            );
+            apply(&mut base.model, None).unwrap();
+            let l = base
+                .model
+                .logits(&ids, Some(&mask), &ForwardCtx::eval())
+                .unwrap();
+            let e = rel(&unpadded(&l, &mask), &unpadded(r.get("base_logits"), &mask));
+            assert!(
+                e < 1e-4,
+                "{name} round {round}: base logits differ by {e:.3e}"
+            );
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! Routes are registered through [`Routes`], which records each method and path as
 //! it adds it, so the route table that the OpenAPI test checks is the router itself.
 
+pub mod chat;
 pub mod error;
 pub mod files;
 pub mod jobs;
@@ -68,6 +69,8 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
     .add(Method::GET, "/v1/files/{file_id}", files::retrieve)
     .add(Method::DELETE, "/v1/files/{file_id}", files::delete)
     .add(Method::GET, "/v1/files/{file_id}/content", files::content)
+    .add(Method::POST, "/v1/chat/completions", chat::chat_completions)
+    .add(Method::POST, "/v1/completions", chat::completions)
     .add(Method::GET, "/v1/models", models::list)
     .add(Method::GET, "/v1/models/{model}", models::retrieve)
     .add(Method::POST, "/v1/fine_tuning/jobs", jobs::create)

@@ -1,0 +1,275 @@
+//! Serving base and fine-tuned models: which weights a model name means, and caches so
+//! that one copy of a base model serves every adapter trained on it.
+//!
+//! A base model is loaded once and kept (least recently used first out); adapters are
+//! small tensors switched into the base per request, never merged into it. Requests for
+//! one base take turns on its lock; generation runs on a blocking thread.
+
+use crate::api::jobs::adapter_key;
+use crate::app::AppState;
+use futures::StreamExt;
+use loraforge_trainer::adapters::{apply, AdapterWeights};
+use loraforge_trainer::device::Device;
+use loraforge_trainer::loader::{self, BaseModel};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// What a request's `model` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The base model's id in the models directory.
+    pub base: String,
+    pub base_path: PathBuf,
+    /// Cache key and folder of the adapter, if any.
+    pub adapter: Option<(String, AdapterSource)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterSource {
+    /// A finished job's adapter, in the blob store.
+    Job(String),
+    /// A checkpoint folder on this machine.
+    Dir(PathBuf),
+}
+
+/// Why a model name cannot be served.
+#[derive(Debug)]
+pub enum ResolveError {
+    NotFound,
+    /// The job exists but has no adapter yet (or failed).
+    NotReady(String),
+    Store(loraforge_store::Error),
+}
+
+impl From<loraforge_store::Error> for ResolveError {
+    fn from(e: loraforge_store::Error) -> Self {
+        ResolveError::Store(e)
+    }
+}
+
+/// Maps a model name to weights: a base id, `ft:<base>:<suffix>:<job>`, or
+/// `ft:<base>:<suffix>:<job>:ckpt-step-N`.
+pub async fn resolve(state: &AppState, model: &str) -> Result<Resolved, ResolveError> {
+    let dir = state.settings.models_dir.clone();
+    let bases = tokio::task::spawn_blocking(move || loraforge_trainer::registry::scan(&dir))
+        .await
+        .map_err(|e| ResolveError::Store(loraforge_store::Error::Io(std::io::Error::other(e))))?;
+    let base_of = |id: &str| {
+        bases
+            .iter()
+            .find(|b| b.id == id && b.trainable)
+            .map(|b| b.path.clone())
+    };
+    let Some(rest) = model.strip_prefix("ft:") else {
+        return base_of(model)
+            .map(|p| Resolved {
+                base: model.to_string(),
+                base_path: p,
+                adapter: None,
+            })
+            .ok_or(ResolveError::NotFound);
+    };
+    // The job id is the last `ftjob-` component; a checkpoint adds `:ckpt-step-N`.
+    let (head, step) = match rest.rsplit_once(":ckpt-step-") {
+        Some((h, n)) => (
+            h,
+            Some(n.parse::<i64>().map_err(|_| ResolveError::NotFound)?),
+        ),
+        None => (rest, None),
+    };
+    let job_id = head
+        .rsplit(':')
+        .next()
+        .filter(|j| j.starts_with("ftjob-"))
+        .ok_or(ResolveError::NotFound)?;
+    let job = state
+        .store
+        .get_job(job_id)
+        .await?
+        .ok_or(ResolveError::NotFound)?;
+    let name = crate::api::jobs::fine_tuned_name(&job);
+    if format!("ft:{head}") != name {
+        return Err(ResolveError::NotFound);
+    }
+    let base_path = base_of(&job.model).ok_or(ResolveError::NotFound)?;
+    let adapter = match step {
+        None => {
+            if job.status != "succeeded" {
+                return Err(ResolveError::NotReady(format!(
+                    "The model `{model}` is not ready: its job is {}.",
+                    if job.status == "queued" && job.paused_at.is_some() {
+                        "paused"
+                    } else {
+                        job.status.as_str()
+                    }
+                )));
+            }
+            (
+                format!("job:{}", job.id),
+                AdapterSource::Job(job.id.clone()),
+            )
+        }
+        Some(n) => {
+            let c = state
+                .store
+                .list_checkpoints(&job.id)
+                .await?
+                .into_iter()
+                .find(|c| c.step == n)
+                .ok_or(ResolveError::NotFound)?;
+            let dir = PathBuf::from(&c.storage_key);
+            if !dir.join("adapter_model.safetensors").is_file() {
+                return Err(ResolveError::NotReady(format!(
+                    "The checkpoint `{model}` is not on this server."
+                )));
+            }
+            (format!("ckpt:{}:{n}", job.id), AdapterSource::Dir(dir))
+        }
+    };
+    Ok(Resolved {
+        base: job.model.clone(),
+        base_path,
+        adapter: Some(adapter),
+    })
+}
+
+/// A small least-recently-used list.
+struct Lru<T> {
+    cap: usize,
+    items: VecDeque<(String, Arc<T>)>,
+}
+
+impl<T> Lru<T> {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            items: VecDeque::new(),
+        }
+    }
+    fn get(&mut self, key: &str) -> Option<Arc<T>> {
+        let i = self.items.iter().position(|(k, _)| k == key)?;
+        let item = self.items.remove(i)?;
+        let v = item.1.clone();
+        self.items.push_front(item);
+        Some(v)
+    }
+    fn put(&mut self, key: String, v: Arc<T>) {
+        self.items.retain(|(k, _)| *k != key);
+        self.items.push_front((key, v));
+        self.items.truncate(self.cap);
+    }
+}
+
+/// The base models and adapters in memory.
+pub struct Engine {
+    bases: Mutex<Lru<Mutex<BaseModel>>>,
+    adapters: Mutex<Lru<AdapterWeights>>,
+    cache_dir: PathBuf,
+}
+
+impl Engine {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            // One base in memory by default: base weights are the large part (f32).
+            bases: Mutex::new(Lru::new(1)),
+            adapters: Mutex::new(Lru::new(16)),
+            cache_dir: data_dir.join("adapters"),
+        }
+    }
+}
+
+/// A base model in memory and the adapter a request wants on it.
+pub type Loaded = (Arc<Mutex<BaseModel>>, Option<Arc<AdapterWeights>>);
+
+/// Loads what `r` names (from cache when it can). Blocking: call off the runtime.
+pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow::Result<Loaded> {
+    let cached = engine.bases.lock().expect("cache lock").get(&r.base);
+    let base = match cached {
+        Some(b) => b,
+        None => {
+            let b = Arc::new(Mutex::new(loader::load(&r.base_path, &Device::Cpu)?));
+            engine
+                .bases
+                .lock()
+                .expect("cache lock")
+                .put(r.base.clone(), b.clone());
+            b
+        }
+    };
+    let adapter = match (&r.adapter, adapter_dir) {
+        (Some((key, _)), Some(dir)) => {
+            let cached = engine.adapters.lock().expect("cache lock").get(key);
+            Some(match cached {
+                Some(a) => a,
+                None => {
+                    let a = Arc::new(AdapterWeights::load(dir, &Device::Cpu)?);
+                    engine
+                        .adapters
+                        .lock()
+                        .expect("cache lock")
+                        .put(key.clone(), a.clone());
+                    a
+                }
+            })
+        }
+        _ => None,
+    };
+    Ok((base, adapter))
+}
+
+/// The local folder of a resolved adapter: a checkpoint folder as is, a job's adapter
+/// unpacked once from its zip in the blob store.
+pub async fn adapter_dir(
+    state: &AppState,
+    engine: &Engine,
+    r: &Resolved,
+) -> anyhow::Result<Option<PathBuf>> {
+    match &r.adapter {
+        None => Ok(None),
+        Some((_, AdapterSource::Dir(d))) => Ok(Some(d.clone())),
+        Some((_, AdapterSource::Job(job))) => {
+            let dir = engine.cache_dir.join(job);
+            if dir.join("adapter_model.safetensors").is_file() {
+                return Ok(Some(dir));
+            }
+            let (_, mut stream) = state.blobs.get(&adapter_key(job, "zip")).await?;
+            let mut zip = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                zip.extend_from_slice(&chunk?);
+            }
+            let tmp = engine.cache_dir.join(format!(".{job}.tmp"));
+            let dir2 = dir.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp)?;
+                let mut z = zip::ZipArchive::new(std::io::Cursor::new(zip))?;
+                for name in ["adapter_config.json", "adapter_model.safetensors"] {
+                    let mut f = z.by_name(name)?;
+                    let mut buf = Vec::new();
+                    f.read_to_end(&mut buf)?;
+                    std::fs::write(tmp.join(name), buf)?;
+                }
+                let _ = std::fs::remove_dir_all(&dir2);
+                std::fs::rename(&tmp, &dir2)?;
+                Ok(())
+            })
+            .await??;
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// Runs `f` with the base model, the adapter switched in (or out). Blocking.
+pub fn with_model<T>(
+    base: &Mutex<BaseModel>,
+    adapter: Option<&AdapterWeights>,
+    f: impl FnOnce(&BaseModel) -> T,
+) -> anyhow::Result<T> {
+    let mut b = base
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a generation panicked"))?;
+    apply(&mut b.model, adapter)?;
+    Ok(f(&b))
+}

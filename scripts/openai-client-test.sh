@@ -34,11 +34,22 @@ trap cleanup EXIT
 # The tiny fixture model, for the fine-tuning part.
 mkdir -p "$WORK/models"
 cp -r "$HERE/../tests/fixtures/tiny-llama" "$WORK/models/"
+# The real SmolLM2 too when scripts/fetch-models.sh has put it in models/ (CI requires it).
+SMOL="$HERE/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$SMOL" ]; then
+    ln -s "$(cd "$(dirname "$SMOL")" && pwd)/$(basename "$SMOL")" "$WORK/models/"
+    export LORAFORGE_SMOLLM2=SmolLM2-135M-Instruct.Q4_1.gguf
+elif [ "${LORAFORGE_REQUIRE_REAL_MODELS:-}" = 1 ]; then
+    echo "models/SmolLM2-135M-Instruct.Q4_1.gguf is missing: run scripts/fetch-models.sh" >&2
+    exit 1
+fi
 
-# Port 0: the server picks a free port and prints the address on stdout.
+# Port 0: the server picks a free port and prints the address on stdout. The file exists
+# before the server starts: the background job opens it only when it gets to run.
+: >"$WORK/stdout"
 env -u LORAFORGE_DATABASE_URL -u LORAFORGE_API_KEY -u LORAFORGE_STORAGE_URL \
     "$BIN" serve --host 127.0.0.1 --port 0 \
-    --data-dir "$WORK/data" --models-dir "$WORK/models" \
+    --data-dir "$WORK/data" --models-dir "$WORK/models" --train-threads 2 \
     >"$WORK/stdout" 2>"$WORK/server.log" &
 PID=$!
 

@@ -99,7 +99,30 @@ def main():
     check(client.files.list().data == [], "everything deleted")
 
     fine_tuning(client)
+    if os.environ.get("LORAFORGE_SMOLLM2"):
+        smollm2(client, os.environ["LORAFORGE_SMOLLM2"])
     print("openai client test: all passed")
+
+
+def smollm2(client, model):
+    """The real SmolLM2: a short job, then base and fine-tuned answers to a training prompt."""
+    import time
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "chat-small.jsonl")
+    with open(path, "rb") as f:
+        train = client.files.create(file=("chat-small.jsonl", f.read()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=model, training_file=train.id, extra_body={"hyperparameters": {
+        "max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant"}})
+    deadline = time.time() + 900
+    while job.status not in ("succeeded", "failed", "cancelled") and time.time() < deadline:
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    check(job.status == "succeeded", f"SmolLM2 job {job.status} ({job.error})")
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    base = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=24)
+    tuned = client.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, max_tokens=24)
+    b, t = base.choices[0].message.content, tuned.choices[0].message.content
+    check(b != t, f"SmolLM2 base {b!r} vs fine-tuned {t!r}")
 
 
 def fine_tuning(client):

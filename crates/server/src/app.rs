@@ -223,6 +223,46 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `loraforge worker`: claims and trains jobs from the shared database until a signal.
+/// Datasets, checkpoints and adapters go through the blob store, so this process needs
+/// only the database URL, the store URL and the models.
+pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.storage).await?;
+    let blobs = open_blobs(&args.storage)?;
+    let state = AppState {
+        store: store.clone(),
+        blobs,
+        settings: Arc::new(Settings {
+            models_dir: args.models_dir.clone(),
+            max_upload_bytes: 0,
+            min_examples: 1,
+            api_key: None,
+        }),
+        jobs_notify: Arc::new(tokio::sync::Notify::new()),
+        engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
+    };
+    let devices: Vec<String> = args
+        .workers
+        .devices
+        .iter()
+        .filter(|d| d.trim() != "none")
+        .cloned()
+        .collect();
+    if devices.is_empty() {
+        anyhow::bail!("--devices names no device: a worker process needs at least one");
+    }
+    crate::worker::spawn(
+        state,
+        &devices,
+        std::time::Duration::from_secs(args.workers.lease_seconds.max(3)),
+        &args.storage.data_dir,
+    );
+    println!("loraforge worker running on {}", devices.join(","));
+    shutdown_signal().await;
+    store.close().await;
+    Ok(())
+}
+
 /// Resolves on SIGINT or SIGTERM; in-flight requests then finish before exit.
 async fn shutdown_signal() {
     let ctrl_c = async {

@@ -96,3 +96,15 @@ pub struct ModelsArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// `loraforge worker`: the worker pool without the HTTP API, for other machines.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerCmdArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Directory of base models (HuggingFace folders and .gguf files).
+    #[arg(long, env = "LORAFORGE_MODELS_DIR", default_value = "./models")]
+    pub models_dir: PathBuf,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+}

@@ -30,8 +30,8 @@ pub struct Resolved {
 pub enum AdapterSource {
     /// A finished job's adapter, in the blob store.
     Job(String),
-    /// A checkpoint folder on this machine.
-    Dir(PathBuf),
+    /// A checkpoint, by its blob prefix.
+    Checkpoint(String),
 }
 
 /// Why a model name cannot be served.
@@ -119,13 +119,10 @@ pub async fn resolve(state: &AppState, model: &str) -> Result<Resolved, ResolveE
                 .into_iter()
                 .find(|c| c.step == n)
                 .ok_or(ResolveError::NotFound)?;
-            let dir = PathBuf::from(&c.storage_key);
-            if !dir.join("adapter_model.safetensors").is_file() {
-                return Err(ResolveError::NotReady(format!(
-                    "The checkpoint `{model}` is not on this server."
-                )));
-            }
-            (format!("ckpt:{}:{n}", job.id), AdapterSource::Dir(dir))
+            (
+                format!("ckpt:{}:{n}", job.id),
+                AdapterSource::Checkpoint(c.storage_key),
+            )
         }
     };
     Ok(Resolved {
@@ -228,7 +225,11 @@ pub async fn adapter_dir(
 ) -> anyhow::Result<Option<PathBuf>> {
     match &r.adapter {
         None => Ok(None),
-        Some((_, AdapterSource::Dir(d))) => Ok(Some(d.clone())),
+        Some((key, AdapterSource::Checkpoint(prefix))) => {
+            let dir = engine.cache_dir.join(key.replace(':', "-"));
+            crate::worker::fetch_checkpoint(state, prefix, &dir).await?;
+            Ok(Some(dir))
+        }
         Some((_, AdapterSource::Job(job))) => {
             let dir = engine.cache_dir.join(job);
             if dir.join("adapter_model.safetensors").is_file() {

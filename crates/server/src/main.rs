@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP API server.
     Serve(config::ServeArgs),
+    /// Run training workers only (no HTTP API), sharing the server's database and blob store.
+    Worker(config::WorkerCmdArgs),
     /// Apply database migrations and exit.
     Migrate(config::MigrateArgs),
     /// List the base models found in the models directory.
@@ -43,6 +45,11 @@ fn main() -> anyhow::Result<()> {
             app::init_tracing(&cli.log)?;
             set_train_threads(a.workers.train_threads);
             runtime()?.block_on(app::serve(a))
+        }
+        Command::Worker(a) => {
+            app::init_tracing(&cli.log)?;
+            set_train_threads(a.workers.train_threads);
+            runtime()?.block_on(app::worker(a))
         }
         Command::Migrate(a) => {
             app::init_tracing(&cli.log)?;

@@ -236,7 +236,7 @@ impl Run<'_> {
                     job_id: self.job_id.clone(),
                     attempt: self.lease.attempt,
                     step: *step as i64,
-                    storage_key: dir.display().to_string(),
+                    storage_key: checkpoint_key(&self.job_id, *step),
                     metrics: Some(json!({"step": step, "valid_loss": self.valid_loss}).to_string()),
                     created_at: loraforge_store::now_secs(),
                 };
@@ -251,6 +251,9 @@ impl Run<'_> {
                 {
                     return Ok(Fed::LeaseLost);
                 }
+                // Into the blob store before the row: a row always names a whole checkpoint,
+                // which any worker (on any machine) can resume from.
+                upload_checkpoint(self.state, dir, &c.storage_key).await?;
                 self.state.store.insert_checkpoint(&c).await?;
                 Ok(Fed::Ok)
             }
@@ -301,13 +304,20 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
             &cfg.device,
         )?;
         // A job that ran before (a dead worker, a restart) continues from its newest checkpoint.
-        t.resume = state
+        if let Some(c) = state
             .store
             .list_checkpoints(&job.id)
             .await?
             .into_iter()
-            .map(|c| PathBuf::from(c.storage_key))
-            .find(|p| p.join("trainer_state.json").is_file());
+            .next()
+        {
+            let local = work
+                .join("out")
+                .join("checkpoints")
+                .join(format!("checkpoint-{}", c.step));
+            fetch_checkpoint(state, &c.storage_key, &local).await?;
+            t.resume = Some(local);
+        }
         Ok(t)
     }
     .await;
@@ -606,4 +616,45 @@ async fn publish(
         "result_files": ids,
         "adapter_sha256": {"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st)},
     }))
+}
+
+/// The files of a checkpoint folder: what resuming needs.
+const CHECKPOINT_FILES: [&str; 4] = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
+
+/// Blob prefix of a job's checkpoint at `step`.
+pub fn checkpoint_key(job_id: &str, step: u64) -> String {
+    format!("jobs/{job_id}/checkpoints/step-{step}")
+}
+
+async fn upload_checkpoint(state: &AppState, dir: &Path, key: &str) -> anyhow::Result<()> {
+    for name in CHECKPOINT_FILES {
+        let bytes = tokio::fs::read(dir.join(name))
+            .await
+            .with_context(|| format!("reading checkpoint file {name}"))?;
+        put_blob(state, &format!("{key}/{name}"), &bytes).await?;
+    }
+    Ok(())
+}
+
+/// Copies a checkpoint from the blob store into `local` (unless it is already there),
+/// through a temp folder so a half copy never looks like a checkpoint.
+pub async fn fetch_checkpoint(state: &AppState, key: &str, local: &Path) -> anyhow::Result<()> {
+    if local.join("trainer_state.json").is_file() {
+        return Ok(());
+    }
+    let parent = local.parent().context("checkpoint folder has no parent")?;
+    tokio::fs::create_dir_all(parent).await?;
+    let tmp = parent.join(format!(".fetch-{}", uuid::Uuid::new_v4().simple()));
+    tokio::fs::create_dir_all(&tmp).await?;
+    for name in CHECKPOINT_FILES {
+        fetch_blob(state, &format!("{key}/{name}"), &tmp.join(name)).await?;
+    }
+    let _ = tokio::fs::remove_dir_all(local).await;
+    tokio::fs::rename(&tmp, local).await?;
+    Ok(())
 }

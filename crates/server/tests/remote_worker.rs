@@ -1,0 +1,151 @@
+//! `loraforge worker` processes with their own data directories, sharing only the
+//! database and the blob store with an API-only `serve`.
+
+mod common;
+
+use common::{backends, TestServer};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A worker with a fresh data directory of its own.
+fn worker(s: &TestServer, dir: &Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LORAFORGE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("worker")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--database-url")
+        .arg(&s.database_url)
+        .arg("--storage-url")
+        .arg(format!("file://{}", s.data_dir().join("blobs").display()))
+        .arg("--models-dir")
+        .arg(s.models_dir())
+        .args(["--lease-seconds", "3", "--train-threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn job_state(s: &TestServer, id: &str) -> Value {
+    reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A job trained by a remote worker; the worker dies after a checkpoint (SIGKILL) and a
+/// second worker, on another data directory, continues it from the checkpoint in the
+/// blob store.
+#[tokio::test]
+async fn a_remote_worker_trains_and_another_continues_from_the_blob_store() {
+    for backend in backends() {
+        let s = TestServer::start(backend, &["--devices", "none"]).await;
+        copy_dir(
+            &root().join("tests/fixtures/tiny-llama"),
+            &s.models_dir().join("tiny-llama"),
+        );
+        let data = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
+        let c = reqwest::Client::new();
+        let f: Value = c
+            .post(s.url("/v1/files?filename=c.jsonl&purpose=fine-tune"))
+            .header("content-type", "application/jsonl")
+            .body(data)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let job: Value = c
+            .post(s.url("/v1/fine_tuning/jobs"))
+            .json(&json!({"model": "tiny-llama", "training_file": f["id"],
+                          "hyperparameters": {"max_steps": 400, "batch_size": 2, "checkpoint_interval": 20}}))
+            .send().await.unwrap().json().await.unwrap();
+        let id = job["id"].as_str().unwrap().to_string();
+        // The API alone never starts it.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(job_state(&s, &id).await["status"], "queued");
+
+        let dirs = tempfile::tempdir().unwrap();
+        let mut w1 = worker(&s, &dirs.path().join("w1"));
+        let t0 = Instant::now();
+        loop {
+            let ck: Value = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/checkpoints")))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !ck["data"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no checkpoint from the remote worker"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        w1.kill().unwrap();
+        w1.wait().unwrap();
+        let mut w2 = worker(&s, &dirs.path().join("w2"));
+        let t0 = Instant::now();
+        let done = loop {
+            let j = job_state(&s, &id).await;
+            if j["status"] == "succeeded" || j["status"] == "failed" {
+                break j;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{j}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = w2.kill();
+        let _ = w2.wait();
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let events: Value =
+            reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        let msgs: Vec<&str> = events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap())
+            .collect();
+        assert!(
+            msgs.iter()
+                .any(|m| m.starts_with("Resumed from the step-") && m.contains("(attempt 2)")),
+            "{msgs:?}"
+        );
+        // The second worker read the checkpoint from the blob store into its own directory.
+        assert!(dirs
+            .path()
+            .join(format!("w2/jobs/{id}/out/checkpoints"))
+            .is_dir());
+        let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+            .await
+            .unwrap();
+        assert_eq!(zip.status(), 200);
+    }
+}

@@ -2,22 +2,10 @@
 
 mod common;
 
-use common::{check_response, spec, Backend, TestServer};
+use common::{check_response, copy_dir, root, spec, Backend, TestServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()

@@ -3,24 +3,17 @@
 
 mod common;
 
-use common::{backends, check_response, spec, Backend, TestServer};
+use common::{backends, check_response, copy_dir, spec, Backend, TestServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
         .join(name)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 async fn server(backend: Backend, extra: &[&str]) -> TestServer {

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::root;
 
 fn smollm2() -> Option<PathBuf> {
     let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");

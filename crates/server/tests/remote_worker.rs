@@ -3,22 +3,11 @@
 
 mod common;
 
-use common::{backends, TestServer};
+use common::{backends, copy_dir, root, TestServer};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 /// A worker with a fresh data directory of its own.
 fn worker(s: &TestServer, dir: &Path) -> Child {

@@ -21,6 +21,9 @@ pub struct AppState {
     pub jobs_notify: Arc<tokio::sync::Notify>,
     /// Models and adapters loaded for chat/completions.
     pub engine: Arc<crate::inference::Engine>,
+    /// Cancelled on SIGTERM/SIGINT: event streams end, workers stop claiming and hand
+    /// their running jobs back.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The parts of the configuration that handlers need.
@@ -200,13 +203,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
+        shutdown: tokio_util::sync::CancellationToken::new(),
     };
-    crate::worker::spawn(
+    let workers = crate::worker::spawn(
         state.clone(),
         &args.workers.devices,
         std::time::Duration::from_secs(args.workers.lease_seconds.max(3)),
         &args.storage.data_dir,
     );
+    let shutdown = state.shutdown.clone();
     let app = build_app(state, &args.cors_origins)?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -215,12 +220,37 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, backend = ?store.backend(), "listening");
     // The one line on stdout: scripts and tests read the bound address from it.
     println!("loraforge listening on http://{addr}");
+    let token = shutdown.clone();
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            token.cancel();
+        })
         .await?;
+    drain_workers(workers).await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long running jobs get to checkpoint and go back to the queue after a signal.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Waits (bounded) for the workers to hand their jobs back; a second signal exits at once.
+async fn drain_workers(workers: Vec<tokio::task::JoinHandle<()>>) {
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    if tokio::time::timeout(DRAIN, futures::future::join_all(workers))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "workers did not stop in time; their jobs are re-claimed when the leases expire"
+        );
+    }
 }
 
 /// `loraforge worker`: claims and trains jobs from the shared database until a signal.
@@ -240,6 +270,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
         }),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
+        shutdown: tokio_util::sync::CancellationToken::new(),
     };
     let devices: Vec<String> = args
         .workers
@@ -251,7 +282,8 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
     if devices.is_empty() {
         anyhow::bail!("--devices names no device: a worker process needs at least one");
     }
-    crate::worker::spawn(
+    let shutdown = state.shutdown.clone();
+    let workers = crate::worker::spawn(
         state,
         &devices,
         std::time::Duration::from_secs(args.workers.lease_seconds.max(3)),
@@ -259,6 +291,8 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
     );
     println!("loraforge worker running on {}", devices.join(","));
     shutdown_signal().await;
+    shutdown.cancel();
+    drain_workers(workers).await;
     store.close().await;
     Ok(())
 }

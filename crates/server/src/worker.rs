@@ -32,7 +32,13 @@ pub struct WorkerConfig {
 }
 
 /// Starts one worker task per device.
-pub fn spawn(state: AppState, devices: &[String], lease: Duration, data_dir: &Path) {
+pub fn spawn(
+    state: AppState,
+    devices: &[String],
+    lease: Duration,
+    data_dir: &Path,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut handles = Vec::new();
     for (i, device) in devices.iter().enumerate() {
         let d = device.trim().to_string();
         if d.is_empty() || d == "none" {
@@ -44,8 +50,9 @@ pub fn spawn(state: AppState, devices: &[String], lease: Duration, data_dir: &Pa
             data_dir: data_dir.to_path_buf(),
         };
         let worker_id = format!("{}-{}-{i}", hostname(), std::process::id());
-        tokio::spawn(run_worker(state.clone(), cfg, worker_id));
+        handles.push(tokio::spawn(run_worker(state.clone(), cfg, worker_id)));
     }
+    handles
 }
 
 fn hostname() -> String {
@@ -64,7 +71,7 @@ fn device_kind(device: &str) -> &'static str {
 
 async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
     tracing::info!(worker = %worker_id, device = %cfg.device, "worker started");
-    loop {
+    while !state.shutdown.is_cancelled() {
         match state
             .store
             .claim_next_job(&worker_id, device_kind(&cfg.device), cfg.lease)
@@ -80,6 +87,7 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
             Ok(None) => {
                 tokio::select! {
                     _ = state.jobs_notify.notified() => {}
+                    _ = state.shutdown.cancelled() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
             }
@@ -89,6 +97,7 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
             }
         }
     }
+    tracing::info!(worker = %worker_id, "worker stopped");
 }
 
 /// Copies a blob to a local file (the trainer reads files).
@@ -365,8 +374,15 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     let mut cancel_requested = false;
     let mut beat = tokio::time::interval(cfg.lease / 3);
     beat.tick().await;
+    // Shutting down: checkpoint like a pause, then hand the job back to the queue.
+    let mut stopping = false;
+    let mut user_pause = false;
     let result = loop {
         tokio::select! {
+            _ = state.shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                pause.store(true, Ordering::Relaxed);
+            }
             Some(ev) = rx.recv(), if !lost => {
                 if let Fed::LeaseLost = run.feed(&ev).await? {
                     lost = true;
@@ -380,7 +396,8 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                             cancel_requested = true;
                             cancel.store(true, Ordering::Relaxed);
                         }
-                        pause.store(hb.pause_requested_at.is_some(), Ordering::Relaxed);
+                        user_pause = hb.pause_requested_at.is_some();
+                        pause.store(user_pause || stopping, Ordering::Relaxed);
                     }
                     Err(e) if e.is_lease_lost() => {
                         lost = true;
@@ -416,6 +433,15 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     match result {
         Ok(_) if cancel_requested => finish_cancelled(&run, &lease).await,
         Err(loraforge_trainer::Error::Cancelled) => finish_cancelled(&run, &lease).await,
+        Err(loraforge_trainer::Error::Paused(step)) if stopping && !user_pause => {
+            let msg = format!("Worker shutting down; job re-queued after step {step}");
+            run.event("info", "message", msg, None).await?;
+            match state.store.release_job(&lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_lease_lost() => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
         Err(loraforge_trainer::Error::Paused(step)) => {
             run.event(
                 "info",

@@ -660,3 +660,72 @@ async fn pause_then_resume_gives_the_uninterrupted_adapter() {
         "the paused-and-resumed adapter differs from the uninterrupted one"
     );
 }
+
+/// SIGTERM with open event streams and a running job: the server exits within 10 s, the
+/// job goes back to the queue at its checkpoint, and after a restart it finishes.
+#[tokio::test]
+async fn sigterm_requeues_the_running_job_and_closes_streams() {
+    let mut s = server(Backend::Sqlite, &["--train-threads", "1"]).await;
+    let file = upload_chat(&s).await;
+    let job = create_job(&s, &file, json!({"max_steps": 600, "batch_size": 2})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    loop {
+        let j = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        if j["progress"]["step"].as_u64().unwrap_or(0) >= 5 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never started: {}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Open event streams, each reading until the server closes it.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let url = s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true"));
+        clients.push(tokio::spawn(async move {
+            let r = reqwest::get(url).await.unwrap();
+            let mut body = r.bytes_stream();
+            while let Some(Ok(_)) = body.next().await {}
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let status = s.terminate();
+    let took = asked.elapsed();
+    println!("SIGTERM with 20 SSE clients and a running job: exited {status:?} in {took:?}");
+    assert!(status.success(), "{status:?}\n{}", s.logs());
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("a stream stayed open")
+            .unwrap();
+    }
+    let store = s.store().await;
+    let j = store.get_job(&id).await.unwrap().unwrap();
+    assert_eq!(j.status, "queued", "the job was not handed back");
+    assert!(j.lease_owner.is_none());
+    s.crash_and_restart(&["--train-threads", "1"]).await;
+    let done = wait_status(&s, &id, &["succeeded"], Duration::from_secs(120)).await;
+    assert_eq!(done["progress"]["step"], 600);
+    let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
+    let msgs: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("Worker shutting down; job re-queued after step")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m.starts_with("Resumed from the step-")),
+        "{msgs:?}"
+    );
+}

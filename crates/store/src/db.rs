@@ -479,6 +479,22 @@ impl Store {
         self.get_job(id).await?.ok_or(Error::NotFound)
     }
 
+    /// A worker hands a job back unfinished (it is shutting down): `queued` again, no
+    /// lease, so the next claim (by any worker) continues it from its checkpoint.
+    pub async fn release_job(&self, lease: &Lease) -> Result<JobRecord> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at_ms = NULL \
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running' RETURNING {}",
+            job_cols!()
+        );
+        let job: Option<JobRecord> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(&lease.job_id)
+            .bind(lease.fencing_token)
+            .fetch_optional(p)
+            .await?);
+        job.ok_or_else(|| lease_lost(lease))
+    }
+
     /// A worker hands a paused job back: `queued` again, no lease, `paused_at` kept so
     /// no claim takes it until it is resumed. Fenced like every worker write.
     pub async fn release_paused(&self, lease: &Lease) -> Result<JobRecord> {

@@ -616,7 +616,7 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
         finished: false,
     };
     let stream = futures::stream::unfold(init, |mut s| async move {
-        if s.finished {
+        if s.finished || s.state.shutdown.is_cancelled() {
             return None;
         }
         loop {
@@ -666,7 +666,12 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
                 }
                 continue;
             }
-            tokio::time::sleep(SSE_POLL).await;
+            // On shutdown the stream ends (without `done`): clients reconnect elsewhere
+            // with Last-Event-ID, and the server's graceful stop is not held open.
+            tokio::select! {
+                _ = tokio::time::sleep(SSE_POLL) => {}
+                _ = s.state.shutdown.cancelled() => return None,
+            }
         }
     })
     .flatten();

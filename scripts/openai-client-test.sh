@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the official `openai` Python client against a real `loraforge serve`.
+# Runs the official `openai` Python client against a real `loraforge serve`, then fuzzes
+# that server against openapi.yaml with schemathesis.
 #
 #   scripts/openai-client-test.sh path/to/loraforge
 #
@@ -18,7 +19,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check openai
+"$VENV/bin/pip" install --quiet --disable-pip-version-check openai schemathesis
 
 WORK=$(mktemp -d)
 PID=
@@ -75,6 +76,17 @@ if ! "$VENV/bin/python" "$HERE/openai_client_test.py" "$BASE"; then
     cat "$WORK/server.log" >&2
     exit 1
 fi
+
+# Then fuzz the same server against openapi.yaml: no 5xx and no response outside the
+# schema, over a bounded number of generated requests per operation.
+if ! "$VENV/bin/schemathesis" run "$BASE/openapi.yaml" --max-examples "${FUZZ_EXAMPLES:-30}" \
+        --checks not_a_server_error,response_schema_conformance --workers 2 >"$WORK/fuzz.log" 2>&1; then
+    cat "$WORK/fuzz.log" >&2
+    echo "--- server log ---" >&2
+    tail -n 50 "$WORK/server.log" >&2
+    exit 1
+fi
+tail -n 4 "$WORK/fuzz.log"
 
 kill -TERM "$PID"
 wait "$PID"

@@ -10,8 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, openai, gguf' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, openai, gguf, schemathesis' 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch transformers peft safetensors openai numpy gguf
+  "$VENV/bin/pip" install -q --disable-pip-version-check torch transformers peft safetensors openai numpy gguf schemathesis
 fi
 echo "$VENV"

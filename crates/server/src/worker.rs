@@ -610,20 +610,18 @@ async fn publish(
             f("tokens_per_second")
         ));
     }
-    let csv_key = format!("jobs/{}/metrics.csv", job.id);
-    put_blob(state, &csv_key, csv.as_bytes()).await?;
-
+    // Result files get blobs of their own: deleting one through the files API must not
+    // take the job's adapter download with it.
     let mut ids = Vec::new();
-    for (key, filename, bytes) in [
-        (csv_key, format!("{}-metrics.csv", job.id), csv.into_bytes()),
-        (
-            adapter_key(&job.id, "zip"),
-            format!("{}-adapter.zip", job.id),
-            zip.clone(),
-        ),
+    for (filename, bytes) in [
+        (format!("{}-metrics.csv", job.id), csv.into_bytes()),
+        (format!("{}-adapter.zip", job.id), zip.clone()),
     ] {
+        let id = format!("file-{}", uuid::Uuid::new_v4().simple());
+        let key = format!("files/{id}");
+        put_blob(state, &key, &bytes).await?;
         let rec = FileRecord {
-            id: format!("file-{}", uuid::Uuid::new_v4().simple()),
+            id,
             purpose: "fine-tune-results".into(),
             filename,
             bytes: bytes.len() as i64,

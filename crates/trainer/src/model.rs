@@ -2,7 +2,9 @@
 
 use crate::config::DecoderConfig;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
-use crate::ops::{cross_entropy_rows, frozen_linear, masked_softmax, rms_norm, rope, AttnMask};
+use crate::ops::{
+    cross_entropy_rows, frozen_linear, masked_softmax, rms_norm, rope, swiglu, AttnMask,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
@@ -190,9 +192,9 @@ impl Decoder {
             let a = self.attention(layer, &h, b, t, &mask, &cos, &sin, slot, ctx)?;
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h, ctx)?)?;
+            let g = layer.gate.forward(&h, ctx)?;
             let u = layer.up.forward(&h, ctx)?;
-            x = (x + layer.down.forward(&(g * u)?, ctx)?)?;
+            x = (x + layer.down.forward(&swiglu(&g, &u)?, ctx)?)?;
         }
         Ok(x.reshape((b, t, d))?)
     }

@@ -304,6 +304,101 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     lp.gather(&tgt, 1)?.squeeze(1)?.neg()
 }
 
+/// `silu(gate) · up`, the SwiGLU product. Fused, the graph keeps only `gate` and `up`
+/// (which it holds anyway) instead of also `silu(gate)` and a broadcast copy.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fast_path(gate) && up.dtype() == DType::F32 && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
+struct SwiGlu;
+
+/// candle's SiLU: `x / (1 + exp(-x))`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        lg: &Layout,
+        us: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (rows_of(gs, lg)?, rows_of(us, lu)?);
+        let k = *lg.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; g.len()];
+        par_rows(&mut out, k, |first, chunk| {
+            let (g, u) = (&g[first * k..], &u[first * k..]);
+            for ((o, &gv), &uv) in chunk.iter_mut().zip(g).zip(u) {
+                *o = silu(gv) * uv;
+            }
+        });
+        Ok((CpuStorage::F32(out), lg.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluBwd)?;
+        let dgate = packed.get(0)?;
+        let dup = packed.get(1)?;
+        Ok((Some(dgate), Some(dup)))
+    }
+}
+
+/// `(dgate, dup)` packed as `(2, ...)`: dgate = g·up·σ(x)·(1 + x·(1 − σ(x))), dup = g·silu(x).
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        lg: &Layout,
+        us: &CpuStorage,
+        lu: &Layout,
+        ds: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, u, d) = (rows_of(gs, lg)?, rows_of(us, lu)?, rows_of(ds, ld)?);
+        let n = x.len();
+        let k = *lg.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; 2 * n];
+        let (dgate, dup) = out.split_at_mut(n);
+        par_rows(dgate, k, |first, chunk| {
+            let o = first * k;
+            for (((dg, &xv), &uv), &dv) in chunk.iter_mut().zip(&x[o..]).zip(&u[o..]).zip(&d[o..]) {
+                let s = 1.0 / (1.0 + (-xv).exp());
+                *dg = dv * uv * s * (1.0 + xv * (1.0 - s));
+            }
+        });
+        par_rows(dup, k, |first, chunk| {
+            let o = first * k;
+            for ((du, &xv), &dv) in chunk.iter_mut().zip(&x[o..]).zip(&d[o..]) {
+                *du = dv * silu(xv);
+            }
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(lg.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
 /// The custom kernels below are CPU, f32, contiguous-row loops.
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -801,6 +896,24 @@ mod tests {
         let y = lora_linear(&xt, &w, None, &xa, b.as_tensor(), 1.5)?;
         let grads = y.sum_all()?.backward()?;
         assert!(!grads.get(b.as_tensor()).unwrap().track_op());
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_backward_matches_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = [3usize, 5];
+        let x: Vec<f32> = rand_vec(15, 21).iter().map(|v| v * 4.0).collect();
+        let other = Tensor::from_vec(rand_vec(15, 22), &shape, &dev)?;
+        // Through the gate, then through up.
+        let fg = |g: &Tensor| swiglu(g, &other);
+        assert!(fd_error(&fg, x.clone(), &shape)? < 2e-3);
+        let slow_g = |g: &Tensor| candle_nn::ops::silu(g)? * &other;
+        assert!(agree(&fg, &slow_g, x.clone(), &shape)? < 1e-5);
+        let fu = |u: &Tensor| swiglu(&other, u);
+        assert!(fd_error(&fu, x.clone(), &shape)? < 2e-3);
+        let slow_u = |u: &Tensor| candle_nn::ops::silu(&other)? * u;
+        assert!(agree(&fu, &slow_u, x, &shape)? < 1e-5);
         Ok(())
     }
 

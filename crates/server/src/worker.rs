@@ -433,24 +433,16 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     match result {
         Ok(_) if cancel_requested => finish_cancelled(&run, &lease).await,
         Err(loraforge_trainer::Error::Cancelled) => finish_cancelled(&run, &lease).await,
-        Err(loraforge_trainer::Error::Paused(step)) if stopping && !user_pause => {
-            let msg = format!("Worker shutting down; job re-queued after step {step}");
-            run.event("info", "message", msg, None).await?;
-            match state.store.release_job(&lease).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_lease_lost() => Ok(()),
-                Err(e) => Err(e.into()),
-            }
-        }
         Err(loraforge_trainer::Error::Paused(step)) => {
-            run.event(
-                "info",
-                "message",
-                format!("Job paused after step {step}"),
-                None,
-            )
-            .await?;
-            match state.store.release_paused(&lease).await {
+            // A pause the user asked for keeps the job held; a shutdown re-queues it.
+            let shutting_down = stopping && !user_pause;
+            let msg = if shutting_down {
+                format!("Worker shutting down; job re-queued after step {step}")
+            } else {
+                format!("Job paused after step {step}")
+            };
+            run.event("info", "message", msg, None).await?;
+            match state.store.release_job(&lease, !shutting_down).await {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_lease_lost() => Ok(()),
                 Err(e) => Err(e.into()),

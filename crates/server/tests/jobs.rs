@@ -75,6 +75,23 @@ async fn wait_status(s: &TestServer, id: &str, want: &[&str], within: Duration) 
     }
 }
 
+/// Waits until the job has done at least `step` training steps.
+async fn wait_step(s: &TestServer, id: &str, step: u64) {
+    let t0 = Instant::now();
+    loop {
+        let j = get(s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        if j["progress"]["step"].as_u64().unwrap_or(0) >= step {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never reached step {step}: {}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// One SSE frame: (id, event, data).
 type Frame = (Option<i64>, String, String);
 
@@ -418,19 +435,7 @@ async fn cancel_stops_a_running_job_and_frees_the_worker() {
     let long = create_job(&s, &file, json!({"max_steps": 100000, "batch_size": 2})).await;
     let next = create_job(&s, &file, json!({"max_steps": 3, "batch_size": 2})).await;
     let id = long["id"].as_str().unwrap();
-    let t0 = Instant::now();
-    loop {
-        let j = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
-        if j["progress"]["step"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "never started: {}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_step(&s, id, 2).await;
     let r: Value = reqwest::Client::new()
         .post(s.url(&format!("/v1/fine_tuning/jobs/{id}/cancel")))
         .send()
@@ -591,19 +596,7 @@ async fn pause_then_resume_gives_the_uninterrupted_adapter() {
 
     let paused = create_job(&s, &file, hp).await;
     let id = paused["id"].as_str().unwrap().to_string();
-    let t0 = Instant::now();
-    loop {
-        let j = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
-        if j["progress"]["step"].as_u64().unwrap_or(0) >= 5 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "never started: {}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_step(&s, &id, 5).await;
     let post = |path: String| {
         let url = s.url(&path);
         async move {
@@ -669,19 +662,7 @@ async fn sigterm_requeues_the_running_job_and_closes_streams() {
     let file = upload_chat(&s).await;
     let job = create_job(&s, &file, json!({"max_steps": 600, "batch_size": 2})).await;
     let id = job["id"].as_str().unwrap().to_string();
-    let t0 = Instant::now();
-    loop {
-        let j = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
-        if j["progress"]["step"].as_u64().unwrap_or(0) >= 5 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "never started: {}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_step(&s, &id, 5).await;
     // Open event streams, each reading until the server closes it.
     let mut clients = Vec::new();
     for _ in 0..20 {

@@ -452,7 +452,7 @@ impl Store {
 
     /// Pauses a job: a queued one at once (claims skip it), a running one by asking its
     /// worker, which sees the request on its next heartbeat, checkpoints and calls
-    /// [`Store::release_paused`]. Returns the job as it is afterwards.
+    /// [`Store::release_job`]. Returns the job as it is afterwards.
     pub async fn request_pause(&self, id: &str) -> Result<JobRecord> {
         on_pool!(self, p => sqlx::query(
             "UPDATE jobs SET paused_at = COALESCE(paused_at, $2) \
@@ -479,25 +479,11 @@ impl Store {
         self.get_job(id).await?.ok_or(Error::NotFound)
     }
 
-    /// A worker hands a job back unfinished (it is shutting down): `queued` again, no
-    /// lease, so the next claim (by any worker) continues it from its checkpoint.
-    pub async fn release_job(&self, lease: &Lease) -> Result<JobRecord> {
-        let sql = format!(
-            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at_ms = NULL \
-             WHERE id = $1 AND fencing_token = $2 AND status = 'running' RETURNING {}",
-            job_cols!()
-        );
-        let job: Option<JobRecord> = on_pool!(self, p => sqlx::query_as(&sql)
-            .bind(&lease.job_id)
-            .bind(lease.fencing_token)
-            .fetch_optional(p)
-            .await?);
-        job.ok_or_else(|| lease_lost(lease))
-    }
-
-    /// A worker hands a paused job back: `queued` again, no lease, `paused_at` kept so
-    /// no claim takes it until it is resumed. Fenced like every worker write.
-    pub async fn release_paused(&self, lease: &Lease) -> Result<JobRecord> {
+    /// A worker hands a job back unfinished: `queued` again, no lease. With `pause` the job
+    /// is also marked paused (no claim takes it until it is resumed); without, the next
+    /// claim by any worker continues it from its checkpoint (a worker shutting down).
+    /// Fenced like every worker write.
+    pub async fn release_job(&self, lease: &Lease, pause: bool) -> Result<JobRecord> {
         let sql = format!(
             "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at_ms = NULL, \
              paused_at = COALESCE(paused_at, $3) \
@@ -507,7 +493,7 @@ impl Store {
         let job: Option<JobRecord> = on_pool!(self, p => sqlx::query_as(&sql)
             .bind(&lease.job_id)
             .bind(lease.fencing_token)
-            .bind(now_secs())
+            .bind(pause.then(now_secs))
             .fetch_optional(p)
             .await?);
         job.ok_or_else(|| lease_lost(lease))

@@ -166,7 +166,7 @@ pub struct Heartbeat {
     /// reaches workers on SQLite and remote workers alike, with no extra poll.
     pub cancel_requested_at: Option<i64>,
     /// Set once a pause was requested (unix s): the worker should checkpoint, stop, and
-    /// hand the job back with `release_paused`.
+    /// hand the job back with `release_job(lease, true)`.
     pub pause_requested_at: Option<i64>,
 }
 

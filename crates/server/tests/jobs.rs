@@ -710,3 +710,61 @@ async fn sigterm_requeues_the_running_job_and_closes_streams() {
         "{msgs:?}"
     );
 }
+
+/// `GET /v1/fine_tuning/jobs?metadata[key]=value` keeps the jobs whose metadata matches,
+/// across pages.
+#[tokio::test]
+async fn jobs_are_filtered_by_metadata() {
+    let s = server(Backend::Sqlite, &["--devices", "none"]).await;
+    let file = upload_chat(&s).await;
+    let mut team_a = Vec::new();
+    for i in 0..5 {
+        let team = if i % 2 == 0 { "a" } else { "b" };
+        let r: Value = reqwest::Client::new()
+            .post(s.url("/v1/fine_tuning/jobs"))
+            .json(&json!({"model": "tiny-llama", "training_file": file, "metadata": {"team": team, "n": i}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["metadata"]["team"], team);
+        if team == "a" {
+            team_a.push(r["id"].as_str().unwrap().to_string());
+        }
+    }
+    team_a.reverse(); // newest first
+    let page = get(&s, "/v1/fine_tuning/jobs?metadata[team]=a&limit=2").await;
+    let ids: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        team_a[..2].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(page["has_more"], true);
+    let rest = get(
+        &s,
+        &format!(
+            "/v1/fine_tuning/jobs?metadata[team]=a&limit=2&after={}",
+            ids[1]
+        ),
+    )
+    .await;
+    let ids: Vec<&str> = rest["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![team_a[2].as_str()]);
+    assert_eq!(rest["has_more"], false);
+    let both = get(&s, "/v1/fine_tuning/jobs?metadata[team]=b&metadata[n]=3").await;
+    assert_eq!(both["data"].as_array().unwrap().len(), 1);
+    let none = get(&s, "/v1/fine_tuning/jobs?metadata[team]=c").await;
+    assert_eq!(none["data"].as_array().unwrap().len(), 0);
+}

@@ -395,10 +395,12 @@ pub struct ListParams {
     status: Option<String>,
 }
 
-/// `GET /v1/fine_tuning/jobs`.
+/// `GET /v1/fine_tuning/jobs`; `metadata[key]=value` parameters (OpenAI's filter) keep
+/// only jobs whose metadata has every one of those values.
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListParams>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
@@ -410,14 +412,63 @@ pub async fn list(
             ApiError::bad_request(format!("unknown status {s:?}")).param("status")
         })?),
     };
-    let page = state
-        .store
-        .list_jobs(q.after.as_deref(), limit, status)
-        .await?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("Invalid query string: {e}")))?;
+    let wanted: Vec<(String, String)> = pairs
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix("metadata[")?.strip_suffix(']')?.to_string();
+            Some((key, v))
+        })
+        .collect();
+    let matches = |j: &JobRecord| {
+        let spec: Option<JobSpec> = serde_json::from_str(&j.spec).ok();
+        let meta = spec.and_then(|s| s.metadata).unwrap_or(Value::Null);
+        wanted.iter().all(|(k, v)| match meta.get(k) {
+            Some(Value::String(s)) => s == v,
+            // Numbers and booleans compare as the JSON the query value spells.
+            Some(other) if !other.is_null() => {
+                serde_json::from_str::<Value>(v).ok().as_ref() == Some(other)
+            }
+            _ => false,
+        })
+    };
+    // Without a metadata filter a page is a page; with one, pages are read until
+    // `limit` jobs match (and one more, to know whether there are more).
+    let mut data: Vec<JobRecord> = Vec::new();
+    let mut after = q.after.clone();
+    let mut has_more = false;
+    loop {
+        let page = state
+            .store
+            .list_jobs(
+                after.as_deref(),
+                if wanted.is_empty() { limit } else { 100 },
+                status,
+            )
+            .await?;
+        after = page.data.last().map(|j| j.id.clone());
+        for j in page.data {
+            if matches(&j) {
+                if data.len() as i64 == limit {
+                    has_more = true;
+                    break;
+                }
+                data.push(j);
+            }
+        }
+        if wanted.is_empty() {
+            has_more = page.has_more;
+            break;
+        }
+        if has_more || !page.has_more {
+            break;
+        }
+    }
     Ok(Json(json!({
         "object": "list",
-        "data": page.data.iter().map(job_object).collect::<Vec<_>>(),
-        "has_more": page.has_more,
+        "data": data.iter().map(job_object).collect::<Vec<_>>(),
+        "has_more": has_more,
     })))
 }
 

@@ -90,6 +90,12 @@ impl LineTracker {
     }
 }
 
+/// How much of an over-cap body is read and discarded before answering 413, and for how
+/// long at most: enough for the client to get the answer instead of a reset, bounded so
+/// that a refused upload costs little.
+const LINGER_BYTES: u64 = 64 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Streams `body` into a new temp upload, enforcing `cap`, hashing and validating.
 pub async fn receive<S, E>(
     blobs: &BlobStore,
@@ -127,7 +133,19 @@ where
         let chunk = chunk.map_err(|e| ReceiveError::Body(e.to_string()))?;
         total += chunk.len() as u64;
         if total > cap {
-            // Dropping `upload` on return removes the temp file.
+            // Dropping `upload` removes the temp file.
+            drop(out);
+            drop(upload);
+            // A client still sending would see the connection reset, not the 413, if we
+            // closed now: read and discard the rest first, within bounds.
+            let deadline = tokio::time::Instant::now() + LINGER_TIME;
+            let mut discarded = 0u64;
+            while discarded < LINGER_BYTES {
+                match tokio::time::timeout_at(deadline, body.next()).await {
+                    Ok(Some(Ok(c))) => discarded += c.len() as u64,
+                    _ => break,
+                }
+            }
             return Err(ReceiveError::TooLarge(cap));
         }
         hasher.update(&chunk);

@@ -2,10 +2,10 @@
 
 mod common;
 
-use common::{check_response, copy_dir, root, spec, Backend, TestServer};
+use common::{check_response, copy_dir, root, spec, upload_chat, wait_status, Backend, TestServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()
@@ -19,38 +19,20 @@ async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
 }
 
 async fn finished_job(s: &TestServer, hp: Value) -> Value {
-    let data = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
-    let f: Value = reqwest::Client::new()
-        .post(s.url("/v1/files?filename=c.jsonl&purpose=fine-tune"))
-        .header("content-type", "application/jsonl")
-        .body(data)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let file = upload_chat(s).await;
     let (_, job) = post(
         s,
         "/v1/fine_tuning/jobs",
-        json!({"model": "tiny-llama", "training_file": f["id"], "hyperparameters": hp}),
+        json!({"model": "tiny-llama", "training_file": file, "hyperparameters": hp}),
     )
     .await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let t0 = Instant::now();
-    loop {
-        let j: Value = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}")))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["status"] == "succeeded" {
-            return j;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "{j}\n{}", s.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_status(
+        s,
+        job["id"].as_str().unwrap(),
+        &["succeeded"],
+        Duration::from_secs(120),
+    )
+    .await
 }
 
 /// Chat on the base and on the fine-tuned model; greedy output equals
@@ -208,18 +190,8 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
     ));
     let (st, e) = ask("ft:tiny-llama:lora:ftjob-00000000000000000000000000000000".into()).await;
     assert_eq!(st, 404, "{e}");
-    let data = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
-    let f: Value = reqwest::Client::new()
-        .post(s.url("/v1/files?filename=c.jsonl&purpose=fine-tune"))
-        .header("content-type", "application/jsonl")
-        .body(data)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (_, long) = post(&s, "/v1/fine_tuning/jobs", json!({"model": "tiny-llama", "training_file": f["id"], "hyperparameters": {"max_steps": 100000}})).await;
+    let file = upload_chat(&s).await;
+    let (_, long) = post(&s, "/v1/fine_tuning/jobs", json!({"model": "tiny-llama", "training_file": file, "hyperparameters": {"max_steps": 100000}})).await;
     let (st, e) = ask(long["fine_tuned_model"]
         .as_str()
         .map(String::from)

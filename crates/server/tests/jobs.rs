@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{backends, check_response, copy_dir, spec, Backend, TestServer};
+use common::{
+    backends, check_response, copy_dir, get_json as get, spec, upload_chat, wait_status, Backend,
+    TestServer,
+};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -22,22 +25,6 @@ async fn server(backend: Backend, extra: &[&str]) -> TestServer {
     s
 }
 
-async fn upload_chat(s: &TestServer) -> String {
-    let body = std::fs::read(fixture("../data/chat-small.jsonl")).unwrap();
-    let r: Value = reqwest::Client::new()
-        .post(s.url("/v1/files?filename=chat.jsonl&purpose=fine-tune"))
-        .header("content-type", "application/jsonl")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["status"], "processed", "{r}");
-    r["id"].as_str().unwrap().to_string()
-}
-
 async fn create_job(s: &TestServer, file: &str, hp: Value) -> Value {
     let r = reqwest::Client::new()
         .post(s.url("/v1/fine_tuning/jobs"))
@@ -47,32 +34,6 @@ async fn create_job(s: &TestServer, file: &str, hp: Value) -> Value {
         .unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
-}
-
-async fn get(s: &TestServer, path: &str) -> Value {
-    reqwest::get(s.url(path))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn wait_status(s: &TestServer, id: &str, want: &[&str], within: Duration) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let j = get(s, &format!("/v1/fine_tuning/jobs/{id}")).await;
-        if want.contains(&j["status"].as_str().unwrap()) {
-            return j;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "job {id} stuck at {}:\n{}",
-            j["status"],
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until the job has done at least `step` training steps.

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::root;
 
@@ -189,22 +189,12 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
     )
     .unwrap();
     let c = reqwest::Client::new();
-    let data = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
-    let f: serde_json::Value = c
-        .post(s.url("/v1/files?filename=chat.jsonl&purpose=fine-tune"))
-        .header("content-type", "application/jsonl")
-        .body(data)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let file = common::upload_chat(&s).await;
     let job: serde_json::Value = c
         .post(s.url("/v1/fine_tuning/jobs"))
         .json(&serde_json::json!({
             "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "training_file": f["id"],
+            "training_file": file,
             "hyperparameters": {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant"}
         }))
         .send()
@@ -217,22 +207,13 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
         .as_str()
         .unwrap_or_else(|| panic!("{job}"))
         .to_string();
-    let t0 = Instant::now();
-    let done = loop {
-        let j: serde_json::Value = c
-            .get(s.url(&format!("/v1/fine_tuning/jobs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap()) {
-            break j;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(600), "job too slow: {j}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let done = common::wait_status(
+        &s,
+        &id,
+        &["succeeded", "failed", "cancelled"],
+        Duration::from_secs(600),
+    )
+    .await;
     assert_eq!(done["status"], "succeeded", "{done}\n{}", s.logs());
     println!(
         "SmolLM2 through the API: 8 steps, last train_loss {}",

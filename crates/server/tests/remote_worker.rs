@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{backends, copy_dir, root, TestServer};
+use common::{backends, copy_dir, get_json, root, upload_chat, wait_status, TestServer};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -33,15 +33,6 @@ fn worker(s: &TestServer, dir: &Path) -> Child {
         .unwrap()
 }
 
-async fn job_state(s: &TestServer, id: &str) -> Value {
-    reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}")))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// A job trained by a remote worker; the worker dies after a checkpoint (SIGKILL) and a
 /// second worker, on another data directory, continues it from the checkpoint in the
 /// blob store.
@@ -53,27 +44,20 @@ async fn a_remote_worker_trains_and_another_continues_from_the_blob_store() {
             &root().join("tests/fixtures/tiny-llama"),
             &s.models_dir().join("tiny-llama"),
         );
-        let data = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
         let c = reqwest::Client::new();
-        let f: Value = c
-            .post(s.url("/v1/files?filename=c.jsonl&purpose=fine-tune"))
-            .header("content-type", "application/jsonl")
-            .body(data)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let file = upload_chat(&s).await;
         let job: Value = c
             .post(s.url("/v1/fine_tuning/jobs"))
-            .json(&json!({"model": "tiny-llama", "training_file": f["id"],
+            .json(&json!({"model": "tiny-llama", "training_file": file,
                           "hyperparameters": {"max_steps": 400, "batch_size": 2, "checkpoint_interval": 20}}))
             .send().await.unwrap().json().await.unwrap();
         let id = job["id"].as_str().unwrap().to_string();
         // The API alone never starts it.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(job_state(&s, &id).await["status"], "queued");
+        assert_eq!(
+            get_json(&s, &format!("/v1/fine_tuning/jobs/{id}")).await["status"],
+            "queued"
+        );
 
         let dirs = tempfile::tempdir().unwrap();
         let mut w1 = worker(&s, &dirs.path().join("w1"));
@@ -97,15 +81,7 @@ async fn a_remote_worker_trains_and_another_continues_from_the_blob_store() {
         w1.kill().unwrap();
         w1.wait().unwrap();
         let mut w2 = worker(&s, &dirs.path().join("w2"));
-        let t0 = Instant::now();
-        let done = loop {
-            let j = job_state(&s, &id).await;
-            if j["status"] == "succeeded" || j["status"] == "failed" {
-                break j;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(120), "{j}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let done = wait_status(&s, &id, &["succeeded", "failed"], Duration::from_secs(120)).await;
         let _ = w2.kill();
         let _ = w2.wait();
         assert_eq!(done["status"], "succeeded", "{done}");

@@ -97,6 +97,13 @@ macro_rules! job_cols {
     };
 }
 
+/// Tables with cursor pagination.
+#[derive(Clone, Copy)]
+enum Table {
+    Files,
+    Jobs,
+}
+
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Store {
@@ -205,24 +212,26 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?))
     }
 
+    /// The `seq` of the row a pagination cursor names: `after` must be an existing id (the
+    /// last item of the previous page), else [`Error::Invalid`].
+    async fn cursor_seq(&self, table: Table, after: &str) -> Result<i64> {
+        let (sql, noun) = match table {
+            Table::Files => ("SELECT seq FROM files WHERE id = $1", "file"),
+            Table::Jobs => ("SELECT seq FROM jobs WHERE id = $1", "job"),
+        };
+        let seq: Option<(i64,)> =
+            on_pool!(self, p => sqlx::query_as(sql).bind(after).fetch_optional(p).await?);
+        seq.map(|(s,)| s)
+            .ok_or_else(|| Error::Invalid(format!("no {noun} with id {after:?}")))
+    }
+
     /// A page of files, newest first by default. `after` must name an existing file
     /// (the last item of the previous page), else [`Error::Invalid`].
     pub async fn list_files(&self, q: &ListFiles) -> Result<Page<FileRecord>> {
         let limit = q.limit.max(1);
-        let cursor: Option<i64> = match &q.after {
+        let cursor = match &q.after {
+            Some(after) => Some(self.cursor_seq(Table::Files, after).await?),
             None => None,
-            Some(after) => {
-                let seq: Option<(i64,)> = on_pool!(self, p => sqlx::query_as(
-                    "SELECT seq FROM files WHERE id = $1"
-                )
-                .bind(after)
-                .fetch_optional(p)
-                .await?);
-                match seq {
-                    Some((s,)) => Some(s),
-                    None => return Err(Error::Invalid(format!("no file with id {after:?}"))),
-                }
-            }
         };
         // Every clause is fixed text and every value a bound parameter; only the
         // shape of the statement varies.
@@ -379,20 +388,9 @@ impl Store {
         status: Option<JobStatus>,
     ) -> Result<Page<JobRecord>> {
         let limit = limit.max(1);
-        let cursor: Option<i64> = match after {
+        let cursor = match after {
+            Some(after) => Some(self.cursor_seq(Table::Jobs, after).await?),
             None => None,
-            Some(after) => {
-                let seq: Option<(i64,)> = on_pool!(self, p => sqlx::query_as(
-                    "SELECT seq FROM jobs WHERE id = $1"
-                )
-                .bind(after)
-                .fetch_optional(p)
-                .await?);
-                match seq {
-                    Some((s,)) => Some(s),
-                    None => return Err(Error::Invalid(format!("no job with id {after:?}"))),
-                }
-            }
         };
         let mut sql = format!("SELECT {} FROM jobs WHERE 1 = 1", job_cols!());
         let mut n = 0;

@@ -367,3 +367,48 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// `GET path` as JSON.
+pub async fn get_json(s: &TestServer, path: &str) -> Value {
+    reqwest::get(s.url(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Uploads `tests/data/chat-small.jsonl` (raw body) and returns the processed file's id.
+pub async fn upload_chat(s: &TestServer) -> String {
+    let body = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
+    let r: Value = reqwest::Client::new()
+        .post(s.url("/v1/files?filename=chat.jsonl&purpose=fine-tune"))
+        .header("content-type", "application/jsonl")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "processed", "{r}");
+    r["id"].as_str().unwrap().to_string()
+}
+
+/// Polls a job until its status is one of `want`; fails after `within`.
+pub async fn wait_status(s: &TestServer, id: &str, want: &[&str], within: Duration) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let j = get_json(s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        if want.contains(&j["status"].as_str().unwrap()) {
+            return j;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "job {id} stuck at {}:\n{}",
+            j["status"],
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

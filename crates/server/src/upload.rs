@@ -96,6 +96,48 @@ impl LineTracker {
 const LINGER_BYTES: u64 = 64 << 20;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A request body cut off at `cap` bytes: past it, `over` is set and the stream ends with
+/// a `TooLarge` error. Closing the connection on a client that is still sending would
+/// hand it a reset instead of the 413, so the rest of the body is first read and
+/// discarded, within [`LINGER_BYTES`] and [`LINGER_TIME`].
+pub fn capped<S>(
+    body: S,
+    cap: u64,
+    over: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> impl Stream<Item = Result<Bytes, axum::Error>> + Send
+where
+    S: Stream<Item = Result<Bytes, axum::Error>> + Send + 'static,
+{
+    futures::stream::unfold((Box::pin(body), 0u64, false), move |(mut b, seen, done)| {
+        let over = over.clone();
+        async move {
+            if done {
+                return None;
+            }
+            match b.next().await? {
+                Err(e) => Some((Err(e), (b, seen, true))),
+                Ok(c) if seen + c.len() as u64 > cap => {
+                    over.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+                    let mut discarded = 0u64;
+                    while discarded < LINGER_BYTES {
+                        match tokio::time::timeout_at(deadline, b.next()).await {
+                            Ok(Some(Ok(c))) => discarded += c.len() as u64,
+                            _ => break,
+                        }
+                    }
+                    let e = axum::Error::new(ReceiveError::TooLarge(cap));
+                    Some((Err(e), (b, seen, true)))
+                }
+                Ok(c) => {
+                    let n = seen + c.len() as u64;
+                    Some((Ok(c), (b, n, false)))
+                }
+            }
+        }
+    })
+}
+
 /// Streams `body` into a new temp upload, enforcing `cap`, hashing and validating.
 pub async fn receive<S, E>(
     blobs: &BlobStore,
@@ -133,19 +175,7 @@ where
         let chunk = chunk.map_err(|e| ReceiveError::Body(e.to_string()))?;
         total += chunk.len() as u64;
         if total > cap {
-            // Dropping `upload` removes the temp file.
-            drop(out);
-            drop(upload);
-            // A client still sending would see the connection reset, not the 413, if we
-            // closed now: read and discard the rest first, within bounds.
-            let deadline = tokio::time::Instant::now() + LINGER_TIME;
-            let mut discarded = 0u64;
-            while discarded < LINGER_BYTES {
-                match tokio::time::timeout_at(deadline, body.next()).await {
-                    Ok(Some(Ok(c))) => discarded += c.len() as u64,
-                    _ => break,
-                }
-            }
+            // Dropping `upload` on return removes the temp file.
             return Err(ReceiveError::TooLarge(cap));
         }
         hasher.update(&chunk);

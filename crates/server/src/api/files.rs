@@ -8,7 +8,6 @@ use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use loraforge_store::{new_id, now_secs, DeleteFile, FileRecord, ListFiles, NewFile, Order};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,10 +155,17 @@ pub async fn create(
             check_purpose(&purpose)?;
             let filename = params.filename.unwrap_or_else(|| DEFAULT_FILENAME.into());
             check_filename(&filename)?;
-            let body = req.into_body().into_data_stream();
+            let over = Arc::new(AtomicBool::new(false));
+            let body = upload::capped(req.into_body().into_data_stream(), cap, over.clone());
             let received = upload::receive(&state.blobs, body, cap, state.settings.min_examples)
                 .await
-                .map_err(receive_error)?;
+                .map_err(|e| {
+                    if over.load(Ordering::SeqCst) {
+                        ApiError::too_large(cap)
+                    } else {
+                        receive_error(e)
+                    }
+                })?;
             store(&state, received, filename, purpose).await
         }
         _ => Err(ApiError::unsupported_media_type(format!(
@@ -176,17 +182,7 @@ async fn create_multipart(state: AppState, req: Request) -> ApiResult<Json<FileO
     // remember that the cap, not the client, broke the stream.
     let over = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
-    let mut seen = 0u64;
-    let flag = over.clone();
-    let counted = body.into_data_stream().map(move |chunk| {
-        let chunk = chunk?;
-        seen += chunk.len() as u64;
-        if seen > cap {
-            flag.store(true, Ordering::SeqCst);
-            return Err(axum::Error::new(ReceiveError::TooLarge(cap)));
-        }
-        Ok(chunk)
-    });
+    let counted = upload::capped(body.into_data_stream(), cap, over.clone());
     let req = Request::from_parts(parts, Body::from_stream(counted));
     let mut multipart = Multipart::from_request(req, &state)
         .await

@@ -36,6 +36,8 @@ enum Command {
     Merge(train_cmd::MergeArgs),
     /// Generate text with a base model, optionally with an adapter.
     Generate(train_cmd::GenerateArgs),
+    /// Classify texts with a sequence-classification adapter (prints label probabilities).
+    Classify(train_cmd::ClassifyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(a) => train_cmd::train(a),
         Command::Merge(a) => train_cmd::merge(a),
         Command::Generate(a) => train_cmd::generate(a),
+        Command::Classify(a) => train_cmd::classify(a),
     }
 }
 

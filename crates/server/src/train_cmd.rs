@@ -1,12 +1,14 @@
-//! `loraforge train | merge | generate`: the engine from the command line.
+//! `loraforge train | merge | generate | classify`: the engine from the command line.
 
 use anyhow::{bail, Context};
 use clap::Args;
+use loraforge_trainer::data::ClassInput;
 use loraforge_trainer::device::Device;
+use loraforge_trainer::encoder::ProblemType;
 use loraforge_trainer::generate::{generate_text, GenerateOptions};
-use loraforge_trainer::lora::{LoraConfig, Targets};
+use loraforge_trainer::lora::{LoraConfig, Targets, ENCODER_TARGETS};
 use loraforge_trainer::optim::{AdamWConfig, Scheduler};
-use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
+use loraforge_trainer::train::{self, Task, TrainEvent, TrainSpec};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -40,9 +42,20 @@ pub struct TrainArgs {
     /// Base model: a HuggingFace folder or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data (JSONL: chat, prompt/completion, text or input_ids).
+    /// Training data (JSONL: chat, prompt/completion, text or input_ids; for
+    /// sequence_classification text/text_pair/label).
     #[arg(long)]
     pub data: PathBuf,
+    /// causal_lm (decoder LLMs) or sequence_classification (bert, roberta).
+    #[arg(long, default_value = "causal_lm")]
+    pub task: String,
+    /// Sequence classification: single_label_classification, multi_label_classification
+    /// or regression (default: inferred from the labels).
+    #[arg(long)]
+    pub problem_type: Option<String>,
+    /// Turn the base model's own dropout off (encoders; for exact comparisons).
+    #[arg(long)]
+    pub no_model_dropout: bool,
     /// Validation data (JSONL, same formats).
     #[arg(long)]
     pub validation: Option<PathBuf>,
@@ -55,12 +68,10 @@ pub struct TrainArgs {
     pub alpha: f64,
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f32,
-    /// Comma-separated PEFT module names, or `all-linear`.
-    #[arg(
-        long,
-        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )]
-    pub target_modules: String,
+    /// Comma-separated PEFT module names, or `all-linear` (default: the seven
+    /// projections for causal_lm, query,value for sequence_classification).
+    #[arg(long)]
+    pub target_modules: Option<String>,
     #[arg(long)]
     pub use_rslora: bool,
     #[arg(long, default_value_t = 1)]
@@ -119,12 +130,26 @@ pub struct TrainArgs {
 impl TrainArgs {
     fn spec(&self) -> anyhow::Result<TrainSpec> {
         let mut s = TrainSpec::new(self.model.clone(), self.data.clone(), self.out.clone());
+        s.task = Task::parse(&self.task)?;
+        s.problem_type = self
+            .problem_type
+            .as_deref()
+            .map(ProblemType::parse)
+            .transpose()?;
+        s.model_dropout = !self.no_model_dropout;
         s.validation = self.validation.clone();
+        let targets = match (&self.target_modules, s.task) {
+            (Some(t), _) => Targets::parse(t)?,
+            (None, Task::CausalLm) => LoraConfig::default().targets,
+            (None, Task::SequenceClassification) => {
+                Targets::Names(ENCODER_TARGETS.iter().map(|t| t.to_string()).collect())
+            }
+        };
         s.lora = LoraConfig {
             r: self.rank,
             alpha: self.alpha,
             dropout: self.dropout,
-            targets: Targets::parse(&self.target_modules)?,
+            targets,
             use_rslora: self.use_rslora,
         };
         s.epochs = self.epochs;
@@ -217,10 +242,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             }
         }
         TrainEvent::Eval(e) => {
-            let line = format!(
-                "eval at step {}: loss {:.4} mean_token_accuracy {:.4}",
-                e.step, e.loss, e.mean_token_accuracy
-            );
+            let line = match (e.accuracy, e.macro_f1) {
+                (Some(a), f1) => format!(
+                    "eval at step {}: loss {:.4} accuracy {a:.4}{}",
+                    e.step,
+                    e.loss,
+                    f1.map(|f| format!(" macro_f1 {f:.4}")).unwrap_or_default()
+                ),
+                _ => format!(
+                    "eval at step {}: loss {:.4} mean_token_accuracy {:.4}",
+                    e.step, e.loss, e.mean_token_accuracy
+                ),
+            };
             match &bar {
                 Some(b) => b.println(line),
                 None => eprintln!("{line}"),
@@ -314,5 +347,88 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
     )?;
     println!("{}", g.text);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// Base encoder: a HuggingFace folder (bert, roberta).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Sequence-classification adapter folder (with labels.json).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Text to classify; repeat for several.
+    #[arg(long, required_unless_present = "input")]
+    pub text: Vec<String>,
+    /// Second text of a pair (with exactly one --text).
+    #[arg(long)]
+    pub text_pair: Option<String>,
+    /// JSONL of {"text", "text_pair"?} lines to classify instead of --text.
+    #[arg(long, conflicts_with = "text")]
+    pub input: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Prints one JSON object per input: the predicted label(s) and every label's score.
+pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
+    let dev = args.device.resolve()?;
+    let inputs: Vec<ClassInput> = match &args.input {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    let v: serde_json::Value = serde_json::from_str(l)
+                        .with_context(|| format!("{}: line {}", p.display(), i + 1))?;
+                    let text = v.get("text").and_then(|t| t.as_str()).with_context(|| {
+                        format!("{}: line {}: missing \"text\"", p.display(), i + 1)
+                    })?;
+                    Ok(ClassInput::Text {
+                        text: text.to_string(),
+                        text_pair: v
+                            .get("text_pair")
+                            .and_then(|t| t.as_str())
+                            .map(String::from),
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+        None => {
+            if args.text_pair.is_some() && args.text.len() != 1 {
+                bail!("--text-pair goes with exactly one --text");
+            }
+            args.text
+                .iter()
+                .map(|t| ClassInput::Text {
+                    text: t.clone(),
+                    text_pair: args.text_pair.clone(),
+                })
+                .collect()
+        }
+    };
+    let c = loraforge_trainer::classify::Classifier::load(
+        &args.model,
+        &args.adapter,
+        args.max_seq_len,
+        &dev,
+    )?;
+    let mut out = std::io::stdout().lock();
+    for chunk in inputs.chunks(32) {
+        for p in c.predict(chunk)? {
+            let scores: serde_json::Map<String, serde_json::Value> = p
+                .scores
+                .iter()
+                .map(|(n, s)| (n.clone(), serde_json::json!(s)))
+                .collect();
+            let line = serde_json::json!({"labels": p.labels, "scores": scores});
+            writeln!(out, "{line}")?;
+        }
+    }
     Ok(())
 }

@@ -11,6 +11,8 @@ use crate::app::AppState;
 use anyhow::Context;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, ClaimedJob, FileRecord, JobOutcome, Lease};
+use loraforge_trainer::encoder::ProblemType;
+use loraforge_trainer::labels::LABELS_FILE;
 use loraforge_trainer::lora::{LoraConfig, Targets};
 use loraforge_trainer::optim::{AdamWConfig, Scheduler};
 use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
@@ -126,6 +128,12 @@ fn train_spec(
 ) -> anyhow::Result<TrainSpec> {
     let mut t = TrainSpec::new(model, data, out);
     t.validation = validation;
+    t.task = spec.task;
+    t.problem_type = spec
+        .problem_type
+        .as_deref()
+        .map(ProblemType::parse)
+        .transpose()?;
     t.lora = LoraConfig {
         r: spec.lora_r,
         alpha: spec.lora_alpha,
@@ -232,11 +240,27 @@ impl Run<'_> {
             }
             TrainEvent::Eval(e) => {
                 self.valid_loss = Some(e.loss);
-                let msg = format!(
-                    "Step {}: validation loss={:.4}, mean token accuracy={:.4}",
-                    e.step, e.loss, e.mean_token_accuracy
-                );
-                let data = json!({"step": e.step, "valid_loss": e.loss, "valid_mean_token_accuracy": e.mean_token_accuracy});
+                let (msg, data) = match e.accuracy {
+                    Some(acc) => (
+                        format!(
+                            "Step {}: validation loss={:.4}, accuracy={acc:.4}{}",
+                            e.step,
+                            e.loss,
+                            e.macro_f1
+                                .map(|f| format!(", macro F1={f:.4}"))
+                                .unwrap_or_default()
+                        ),
+                        json!({"step": e.step, "valid_loss": e.loss, "valid_accuracy": acc,
+                               "valid_macro_f1": e.macro_f1, "valid_mean_token_accuracy": acc}),
+                    ),
+                    None => (
+                        format!(
+                            "Step {}: validation loss={:.4}, mean token accuracy={:.4}",
+                            e.step, e.loss, e.mean_token_accuracy
+                        ),
+                        json!({"step": e.step, "valid_loss": e.loss, "valid_mean_token_accuracy": e.mean_token_accuracy}),
+                    ),
+                };
                 self.event("info", "metrics", msg, Some(data)).await
             }
             TrainEvent::Checkpoint { step, dir } => {
@@ -533,6 +557,12 @@ fn zip_adapter(dir: &Path, card: &str) -> anyhow::Result<Vec<u8>> {
             z.start_file(name, opts)?;
             z.write_all(&bytes)?;
         }
+        // Classification adapters carry their label set (id2label / label2id).
+        let labels = dir.join(LABELS_FILE);
+        if labels.is_file() {
+            z.start_file(LABELS_FILE, opts)?;
+            z.write_all(&std::fs::read(&labels).context("reading labels.json")?)?;
+        }
         z.start_file("README.md", opts)?;
         z.write_all(card.as_bytes())?;
         z.finish()?;
@@ -653,6 +683,11 @@ async fn upload_checkpoint(state: &AppState, dir: &Path, key: &str) -> anyhow::R
             .await
             .with_context(|| format!("reading checkpoint file {name}"))?;
         put_blob(state, &format!("{key}/{name}"), &bytes).await?;
+    }
+    // Not needed to resume (the label set is rediscovered from the same data), but a
+    // downloaded classification checkpoint is usable only with it.
+    if let Ok(bytes) = tokio::fs::read(dir.join(LABELS_FILE)).await {
+        put_blob(state, &format!("{key}/{LABELS_FILE}"), &bytes).await?;
     }
     Ok(())
 }

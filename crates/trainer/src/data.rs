@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 
-/// The four JSONL shapes loraforge trains on.
+/// The JSONL shapes loraforge trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
@@ -18,6 +18,11 @@ pub enum DataFormat {
     Text,
     /// `{"input_ids": [...], "labels": [...]?}`; `-100` in labels is ignored.
     Tokenized,
+    /// Sequence classification: `{"text": ..., "text_pair"?: ..., "label": ...}`, or
+    /// pre-tokenized `{"input_ids": [...], "token_type_ids"?: [...], "label": ...}`.
+    /// A label is a class (string or integer), a list of classes (multi-label) or a
+    /// number (regression).
+    Classification,
 }
 
 impl DataFormat {
@@ -27,6 +32,7 @@ impl DataFormat {
             DataFormat::PromptCompletion => "prompt_completion",
             DataFormat::Text => "text",
             DataFormat::Tokenized => "tokenized",
+            DataFormat::Classification => "classification",
         }
     }
 }
@@ -53,6 +59,67 @@ pub enum Example {
         input_ids: Vec<u32>,
         labels: Option<Vec<i64>>,
     },
+    Classification(ClassExample),
+}
+
+/// A labelled text (or text pair) for sequence classification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassExample {
+    pub input: ClassInput,
+    pub label: Label,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClassInput {
+    Text {
+        text: String,
+        text_pair: Option<String>,
+    },
+    Tokens {
+        input_ids: Vec<u32>,
+        token_type_ids: Option<Vec<u32>>,
+    },
+}
+
+/// A label as written: which problem type it belongs to is decided per file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Label {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    List(Vec<String>),
+}
+
+impl Label {
+    fn parse(v: &serde_json::Value) -> Result<Self, String> {
+        use serde_json::Value;
+        let bad = || {
+            "\"label\" must be a string, an integer, a number or a list of strings/integers"
+                .to_string()
+        };
+        match v {
+            Value::String(s) if s.is_empty() => Err("\"label\" must not be empty".into()),
+            Value::String(s) => Ok(Label::Str(s.clone())),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Ok(Label::Int(i)),
+                None => n
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .map(Label::Float)
+                    .ok_or_else(bad),
+            },
+            Value::Array(a) => a
+                .iter()
+                .map(|x| match x {
+                    Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                    Value::Number(n) if n.is_i64() => Ok(n.to_string()),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Label::List),
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl Example {
@@ -62,6 +129,7 @@ impl Example {
             Example::PromptCompletion { .. } => DataFormat::PromptCompletion,
             Example::Text(_) => DataFormat::Text,
             Example::Tokenized { .. } => DataFormat::Tokenized,
+            Example::Classification(_) => DataFormat::Classification,
         }
     }
 }
@@ -166,6 +234,55 @@ fn parse_ids(v: &serde_json::Value, key: &str) -> Result<Vec<i64>, String> {
         .collect()
 }
 
+fn token_ids(v: &serde_json::Value, key: &str) -> Result<Vec<u32>, String> {
+    parse_ids(v, key)?
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| u32::try_from(x).map_err(|_| format!("\"{key}\"[{i}] must be >= 0")))
+        .collect()
+}
+
+fn parse_classification(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<ClassExample, String> {
+    let label = match obj.get("label") {
+        None | Some(serde_json::Value::Null) => return Err("missing \"label\"".into()),
+        Some(l) => Label::parse(l)?,
+    };
+    let input = if let Some(ids) = obj.get("input_ids") {
+        let input_ids = token_ids(ids, "input_ids")?;
+        let token_type_ids = match obj.get("token_type_ids") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(t) => {
+                let t = token_ids(t, "token_type_ids")?;
+                if t.len() != input_ids.len() {
+                    return Err(format!(
+                        "\"token_type_ids\" has {} entries but \"input_ids\" has {}",
+                        t.len(),
+                        input_ids.len()
+                    ));
+                }
+                Some(t)
+            }
+        };
+        ClassInput::Tokens {
+            input_ids,
+            token_type_ids,
+        }
+    } else {
+        let text = field_str(obj, "text")?;
+        if text.trim().is_empty() {
+            return Err("\"text\" must not be empty".into());
+        }
+        let text_pair = match obj.get("text_pair") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(_) => Some(field_str(obj, "text_pair")?),
+        };
+        ClassInput::Text { text, text_pair }
+    };
+    Ok(ClassExample { input, label })
+}
+
 /// Parses one JSONL line. The error names the offending field, not the line
 /// number: callers know the line.
 pub fn parse_line(line: &str) -> Result<Example, String> {
@@ -174,6 +291,9 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
     let obj = v
         .as_object()
         .ok_or_else(|| "each line must be a JSON object".to_string())?;
+    if obj.contains_key("label") || obj.contains_key("text_pair") {
+        return parse_classification(obj).map(Example::Classification);
+    }
     if let Some(m) = obj.get("messages") {
         return Ok(Example::Chat(parse_messages(m)?));
     }
@@ -220,7 +340,7 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
         };
         return Ok(Example::Tokenized { input_ids, labels });
     }
-    Err("unknown format: expected \"messages\", \"prompt\"/\"completion\", \"text\" or \"input_ids\"".into())
+    Err("unknown format: expected \"messages\", \"prompt\"/\"completion\", \"text\", \"input_ids\" or \"label\"".into())
 }
 
 /// What a validation pass found.
@@ -285,6 +405,10 @@ pub fn validate<R: BufRead>(mut reader: R, min_examples: u64) -> std::io::Result
                 let f = ex.format();
                 match report.format {
                     None => report.format = Some(f),
+                    Some(DataFormat::Classification) if f == DataFormat::Text => {
+                        report.push_error(line_no, "missing \"label\"".into());
+                        continue;
+                    }
                     Some(first) if first != f => {
                         report.push_error(
                             line_no,

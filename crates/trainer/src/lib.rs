@@ -7,11 +7,14 @@
 //! are independent of the architecture so that encoders and UNets can join later.
 
 pub mod adapters;
+pub mod classify;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod encoder;
 pub mod export;
 pub mod generate;
+pub mod labels;
 pub mod loader;
 pub mod lora;
 pub mod model;

@@ -26,6 +26,9 @@ pub const DECODER_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// PEFT's default targets for BERT-style encoders.
+pub const ENCODER_TARGETS: [&str; 2] = ["query", "value"];
+
 /// Which modules carry an adapter: PEFT module names, or every linear but the output head.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Targets {
@@ -237,7 +240,7 @@ impl Linear {
 }
 
 /// Inverted dropout with a mask drawn from our seeded RNG (candle's CPU RNG cannot be seeded).
-fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
@@ -253,6 +256,15 @@ pub trait LoraModel {
     fn linears(&self) -> Vec<&Linear>;
     /// PEFT's `task_type`.
     fn task_type(&self) -> &'static str;
+    /// Layers trained in full next to the adapters (PEFT's `modules_to_save`), keyed
+    /// by the names PEFT stores them under.
+    fn full_params(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// The `modules_to_save` recorded in `adapter_config.json`.
+    fn modules_to_save(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// PEFT's key prefix for a module path.
@@ -284,7 +296,8 @@ pub fn attach<M: LoraModel + ?Sized>(
     Ok(resolved)
 }
 
-/// The trainable tensors, in model order, keyed by PEFT name (A before B).
+/// The trainable tensors, in model order, keyed by PEFT name (A before B), then the
+/// layers trained in full.
 pub fn params<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
     let mut out = Vec::new();
     for lin in model.linears() {
@@ -293,6 +306,7 @@ pub fn params<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
             out.push((peft_key(&lin.path, "B"), l.b.clone()));
         }
     }
+    out.extend(model.full_params());
     out
 }
 
@@ -302,6 +316,8 @@ pub struct AdapterMeta {
     pub base_model_name_or_path: String,
     pub task_type: String,
     pub target_modules: serde_json::Value,
+    /// PEFT's `modules_to_save` (empty: `null`).
+    pub modules_to_save: Vec<String>,
 }
 
 fn peft_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> serde_json::Value {
@@ -317,7 +333,11 @@ fn peft_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> serde_json::Value {
         "layers_to_transform": null,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "modules_to_save": null,
+        "modules_to_save": if meta.modules_to_save.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(meta.modules_to_save)
+        },
         "peft_type": "LORA",
         "r": cfg.r,
         "rank_pattern": {},
@@ -432,7 +452,8 @@ pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Res
         .map(|(k, v)| {
             (
                 k.replace(".lora_A.default.", ".lora_A.")
-                    .replace(".lora_B.default.", ".lora_B."),
+                    .replace(".lora_B.default.", ".lora_B.")
+                    .replace(".modules_to_save.default.", "."),
                 v,
             )
         })

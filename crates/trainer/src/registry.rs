@@ -5,8 +5,19 @@ use serde::Serialize;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// Architectures the trainer can fine-tune today.
+/// Decoder architectures the trainer can fine-tune for causal LM.
 pub const TRAINABLE_ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// The training tasks an architecture supports (empty: none).
+pub fn tasks_of(arch: &str) -> Vec<String> {
+    if TRAINABLE_ARCHITECTURES.contains(&arch) {
+        vec!["causal_lm".into()]
+    } else if crate::encoder::ENCODER_ARCHITECTURES.contains(&arch) {
+        vec!["sequence_classification".into()]
+    } else {
+        Vec::new()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,6 +39,8 @@ pub struct ModelInfo {
     pub parameters: u64,
     pub context_length: Option<u64>,
     pub trainable: bool,
+    /// The tasks it can be fine-tuned for (`causal_lm`, `sequence_classification`).
+    pub tasks: Vec<String>,
     /// Why the model is not trainable, when it is not.
     pub note: Option<String>,
 }
@@ -64,6 +77,7 @@ pub fn scan(dir: &Path) -> Vec<ModelInfo> {
                 parameters: 0,
                 context_length: None,
                 trainable: false,
+                tasks: Vec::new(),
                 note: Some(e.to_string()),
             }),
         }
@@ -73,14 +87,15 @@ pub fn scan(dir: &Path) -> Vec<ModelInfo> {
 }
 
 fn trainability(arch: &str) -> (bool, Option<String>) {
-    if TRAINABLE_ARCHITECTURES.contains(&arch) {
+    if !tasks_of(arch).is_empty() {
         (true, None)
     } else {
         (
             false,
             Some(format!(
-                "architecture \"{arch}\" is not supported yet (supported: {})",
-                TRAINABLE_ARCHITECTURES.join(", ")
+                "architecture \"{arch}\" is not supported yet (supported: {}, {})",
+                TRAINABLE_ARCHITECTURES.join(", "),
+                crate::encoder::ENCODER_ARCHITECTURES.join(", ")
             )),
         )
     }
@@ -107,6 +122,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
             .sum::<Result<u64>>()?;
         let context_length = cfg.get("max_position_embeddings").and_then(|v| v.as_u64());
         let (trainable, note) = trainability(&arch);
+        let tasks = tasks_of(&arch);
         Ok(ModelInfo {
             id,
             path: path.to_path_buf(),
@@ -115,6 +131,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
             parameters,
             context_length,
             trainable,
+            tasks,
             note,
         })
     } else {
@@ -136,6 +153,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
             .map(|t| t.shape.elem_count() as u64)
             .sum();
         let (trainable, note) = trainability(&arch);
+        let tasks = tasks_of(&arch);
         Ok(ModelInfo {
             id,
             path: path.to_path_buf(),
@@ -144,6 +162,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
             parameters,
             context_length,
             trainable,
+            tasks,
             note,
         })
     }

@@ -11,6 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob};
+use loraforge_trainer::data::DataFormat;
+use loraforge_trainer::encoder::ProblemType;
+use loraforge_trainer::labels;
+use loraforge_trainer::lora::ENCODER_TARGETS;
+use loraforge_trainer::train::Task;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -19,6 +24,12 @@ use std::time::Duration;
 /// job's `spec` (so a job runs as it was accepted, whatever defaults change later).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSpec {
+    /// Absent in specs stored before encoders existed: those are causal LM jobs.
+    #[serde(default)]
+    pub task: Task,
+    /// Sequence classification: transformers' problem type; `None` infers it.
+    #[serde(default)]
+    pub problem_type: Option<String>,
     pub n_epochs: u64,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -56,6 +67,10 @@ pub struct CreateJob {
     suffix: Option<String>,
     seed: Option<u64>,
     metadata: Option<Value>,
+    /// loraforge extension: `causal_lm` (default) or `sequence_classification`.
+    task: Option<String>,
+    /// loraforge extension, sequence classification only.
+    problem_type: Option<String>,
 }
 
 fn hp_err(name: &str, what: &str) -> ApiError {
@@ -121,6 +136,7 @@ pub fn parse_spec(
     hp: &serde_json::Map<String, Value>,
     seed: Option<u64>,
     metadata: Option<Value>,
+    task: Task,
 ) -> ApiResult<JobSpec> {
     if let Some(k) = hp.keys().find(|k| !KNOWN_HP.contains(&k.as_str())) {
         return Err(hp_err(k, "is not a known hyperparameter"));
@@ -131,9 +147,10 @@ pub fn parse_spec(
         _ => hp_num(hp, "learning_rate", BASE_LR, 1e-9, 1.0)?,
     };
     let targets = match hp.get("lora_target_modules") {
-        None | Some(Value::Null) => {
-            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string()
-        }
+        None | Some(Value::Null) => match task {
+            Task::CausalLm => "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string(),
+            Task::SequenceClassification => ENCODER_TARGETS.join(","),
+        },
         Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => "all-linear".into(),
         Some(Value::Array(a)) if !a.is_empty() => {
             let names: Option<Vec<&str>> = a.iter().map(|x| x.as_str()).collect();
@@ -165,6 +182,8 @@ pub fn parse_spec(
         }
     };
     Ok(JobSpec {
+        task,
+        problem_type: None,
         n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
         batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
         learning_rate: lr,
@@ -193,7 +212,12 @@ fn bad_file(param: &'static str, msg: String) -> ApiError {
     ApiError::bad_request(msg).param(param).code("invalid_file")
 }
 
-async fn check_file(state: &AppState, id: &str, param: &'static str) -> ApiResult<()> {
+async fn check_file(
+    state: &AppState,
+    id: &str,
+    param: &'static str,
+    task: Task,
+) -> ApiResult<loraforge_store::FileRecord> {
     let f = state
         .store
         .get_file(id)
@@ -211,7 +235,85 @@ async fn check_file(state: &AppState, id: &str, param: &'static str) -> ApiResul
             format!("File {id} has purpose {} (fine-tune expected).", f.purpose),
         ));
     }
-    Ok(())
+    let is_cls = f.format.as_deref() == Some(DataFormat::Classification.as_str());
+    if is_cls != (task == Task::SequenceClassification) {
+        return Err(bad_file(
+            param,
+            format!(
+                "File {id} has format {} and cannot train task {} (classification files go with task sequence_classification).",
+                f.format.as_deref().unwrap_or("unknown"),
+                task.as_str()
+            ),
+        ));
+    }
+    Ok(f)
+}
+
+/// Largest file whose labels are checked when the job is created; a bigger one is
+/// checked by the worker, which fails the job with the same message.
+const LABEL_CHECK_MAX_BYTES: i64 = 64 << 20;
+
+async fn blob_text(state: &AppState, f: &loraforge_store::FileRecord) -> ApiResult<String> {
+    let (_, mut stream) = state
+        .blobs
+        .get(&f.storage_key)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut bytes = Vec::with_capacity(f.bytes.max(0) as usize);
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
+    }
+    String::from_utf8(bytes).map_err(ApiError::internal)
+}
+
+/// A classification job's label set must hold up before it is queued: at least two
+/// classes in training, no validation label that training lacks.
+async fn check_labels(
+    state: &AppState,
+    train: &loraforge_store::FileRecord,
+    valid: Option<&loraforge_store::FileRecord>,
+    problem: Option<ProblemType>,
+) -> ApiResult<()> {
+    if train.bytes > LABEL_CHECK_MAX_BYTES || valid.is_some_and(|v| v.bytes > LABEL_CHECK_MAX_BYTES)
+    {
+        return Ok(());
+    }
+    let t = blob_text(state, train).await?;
+    let v = match valid {
+        Some(v) => Some(blob_text(state, v).await?),
+        None => None,
+    };
+    let names = (
+        format!("training_file {}", train.id),
+        valid.map(|v| format!("validation_file {}", v.id)),
+    );
+    let valid_name = names.1.clone();
+    let param = move |m: &str| {
+        if valid_name
+            .as_ref()
+            .is_some_and(|n| m.starts_with(n.as_str()))
+        {
+            "validation_file"
+        } else {
+            "training_file"
+        }
+    };
+    let r = tokio::task::spawn_blocking(move || {
+        labels::check_files(
+            (&names.0, &t),
+            names.1.as_deref().zip(v.as_deref()),
+            problem,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    r.map_err(|m| {
+        let m = m.strip_prefix("data: ").unwrap_or(&m).to_string();
+        let p = param(&m);
+        bad_file(p, m)
+    })
 }
 
 /// `POST /v1/fine_tuning/jobs`.
@@ -252,12 +354,47 @@ pub async fn create(
         ))
         .param("model"));
     }
+    let task = match req.task.as_deref() {
+        None => Task::CausalLm,
+        Some(t) => Task::parse(t).map_err(|_| {
+            ApiError::bad_request(format!(
+                "task {t:?} is not one of causal_lm, sequence_classification"
+            ))
+            .param("task")
+        })?,
+    };
+    if !info.tasks.iter().any(|t| t == task.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "Model {model} ({}) cannot be trained for task {}; its tasks: {}.",
+            info.architecture,
+            task.as_str(),
+            info.tasks.join(", ")
+        ))
+        .param("task"));
+    }
+    let problem_type = match (&req.problem_type, task) {
+        (None, _) => None,
+        (Some(p), Task::SequenceClassification) => Some(ProblemType::parse(p).map_err(|e| {
+            ApiError::bad_request(e.to_string().trim_start_matches("config: ").to_string())
+                .param("problem_type")
+        })?),
+        (Some(_), Task::CausalLm) => {
+            return Err(ApiError::bad_request(
+                "problem_type applies to task sequence_classification only",
+            )
+            .param("problem_type"))
+        }
+    };
     let training_file = req
         .training_file
         .ok_or_else(|| ApiError::bad_request("training_file is required").param("training_file"))?;
-    check_file(&state, &training_file, "training_file").await?;
-    if let Some(v) = &req.validation_file {
-        check_file(&state, v, "validation_file").await?;
+    let train_rec = check_file(&state, &training_file, "training_file", task).await?;
+    let valid_rec = match &req.validation_file {
+        Some(v) => Some(check_file(&state, v, "validation_file", task).await?),
+        None => None,
+    };
+    if task == Task::SequenceClassification {
+        check_labels(&state, &train_rec, valid_rec.as_ref(), problem_type).await?;
     }
     // OpenAI's newer shape nests hyperparameters under method.supervised.
     let hp = req
@@ -271,7 +408,8 @@ pub async fn create(
     let hp = hp.as_object().ok_or_else(|| {
         ApiError::bad_request("hyperparameters must be an object").param("hyperparameters")
     })?;
-    let spec = parse_spec(hp, req.seed, req.metadata)?;
+    let mut spec = parse_spec(hp, req.seed, req.metadata, task)?;
+    spec.problem_type = problem_type.map(|p| p.as_str().to_string());
     if let Some(s) = &req.suffix {
         if s.len() > 64
             || !s
@@ -367,6 +505,8 @@ pub fn job_object(j: &JobRecord) -> Value {
         "object": "fine_tuning.job",
         "id": j.id,
         "model": j.model,
+        "task": spec.as_ref().map(|s| s.task.as_str()).unwrap_or("causal_lm"),
+        "problem_type": spec.as_ref().and_then(|s| s.problem_type.clone()),
         "created_at": j.created_at,
         "finished_at": j.finished_at,
         "fine_tuned_model": j.fine_tuned_model,

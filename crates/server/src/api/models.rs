@@ -19,6 +19,8 @@ pub struct ModelObject {
     pub parameters: u64,
     pub context_length: Option<u64>,
     pub trainable: bool,
+    /// The tasks it can be fine-tuned for.
+    pub tasks: Vec<String>,
     /// Why the model is not trainable, when it is not.
     pub note: Option<String>,
     /// For a fine-tuned model (`ft:...`): the base model its adapter applies to.
@@ -50,6 +52,7 @@ pub fn model_object(m: &ModelInfo) -> ModelObject {
         parameters: m.parameters,
         context_length: m.context_length,
         trainable: m.trainable,
+        tasks: m.tasks.clone(),
         note: m.note.clone(),
         parent: None,
         fine_tuning_job_id: None,
@@ -99,6 +102,7 @@ async fn scan(state: &AppState) -> ApiResult<Vec<ModelObject>> {
                 parameters: base.map(|b| b.parameters).unwrap_or(0),
                 context_length: base.and_then(|b| b.context_length),
                 trainable: false,
+                tasks: Vec::new(),
                 note: Some(format!(
                     "LoRA adapter of {}; download it from /v1/fine_tuning/jobs/{}/adapter",
                     j.model, j.id

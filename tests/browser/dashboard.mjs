@@ -56,7 +56,13 @@ function watchHosts(context, host, foreign) {
 
 function watchErrors(page, errors) {
   page.on('pageerror', (e) => errors.push(`page error: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error') console.log(`  console: ${m.text()}`); });
+  page.on('console', (m) => {
+    if (m.type() !== 'error') return;
+    // The page's CSP blocks other hosts before any request is made, so an attempt
+    // shows up only as this console error.
+    if (m.text().includes('Content Security Policy')) errors.push(`blocked: ${m.text()}`);
+    else console.log(`  console: ${m.text()}`);
+  });
 }
 
 const points = (page) => page.locator('#loss-chart').getAttribute('data-points').then(Number);
@@ -262,6 +268,20 @@ try {
   assert.deepEqual(errors, []);
   log('no request left the server\'s host');
   await context.close();
+
+  // The watchers themselves: an attempt to reach another host is caught.
+  {
+    const ctx = await browser.newContext();
+    const f = [];
+    const errs = [];
+    watchHosts(ctx, new URL(base).host, f);
+    const pg = await ctx.newPage();
+    watchErrors(pg, errs);
+    await pg.goto(`${base}/`);
+    await pg.evaluate(() => fetch('http://203.0.113.9/x').catch(() => null));
+    await until('the blocked request to be noticed', () => f.length + errs.length > 0, 5_000);
+    await ctx.close();
+  }
 
   // ---- a server that requires a key ------------------------------------------------
   if (keyedBase) {

@@ -149,11 +149,12 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     ))
 }
 
-/// The router with its middleware: request ids (set, logged, returned), tracing,
-/// CORS.
+/// The API and the dashboard with their middleware: request ids (set, logged,
+/// returned), tracing, CORS.
 pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
     let (router, _) = crate::api::router();
     let router = router
+        .merge(crate::dashboard::router())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::api::require_api_key,

@@ -2,6 +2,7 @@
 mod api;
 mod app;
 mod config;
+mod dashboard;
 mod inference;
 mod train_cmd;
 mod upload;

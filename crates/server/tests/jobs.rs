@@ -240,6 +240,42 @@ async fn job_trains_streams_and_serves_its_adapter() {
             .map(|c| c["step_number"].as_i64().unwrap())
             .collect();
         assert_eq!(steps, vec![80, 40]);
+
+        // A checkpoint's adapter downloads as the files stored for that step.
+        let ckpt_id = ckpts["data"][1]["id"].as_str().unwrap();
+        let stored = |name: &str| {
+            std::fs::read(
+                s.data_dir()
+                    .join(format!("blobs/jobs/{id}/checkpoints/step-40/{name}")),
+            )
+            .unwrap()
+        };
+        let url = s.url(&format!(
+            "/v1/fine_tuning/jobs/{id}/checkpoints/{ckpt_id}/adapter"
+        ));
+        let r = reqwest::get(&url).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/zip");
+        let zip = r.bytes().await.unwrap();
+        for name in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert_eq!(zip_entry(&zip, name), stored(name), "{name} of step 40");
+        }
+        let r = reqwest::get(format!("{url}?format=safetensors"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.bytes().await.unwrap().to_vec(),
+            stored("adapter_model.safetensors")
+        );
+        let r = reqwest::get(s.url(&format!(
+            "/v1/fine_tuning/jobs/{id}/checkpoints/ftckpt-nope/adapter"
+        )))
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 404);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "checkpoint_not_found");
         assert!(
             errs.is_empty(),
             "responses differ from openapi.yaml:\n{}",

@@ -1040,6 +1040,99 @@ pub async fn adapter(
     Ok(resp)
 }
 
+/// A blob read whole: checkpoint files are adapter-sized (megabytes).
+async fn read_blob(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
+    let (size, mut stream) = state.blobs.get(key).await.map_err(ApiError::internal)?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
+    }
+    Ok(bytes)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CheckpointPath {
+    fine_tuning_job_id: String,
+    checkpoint_id: String,
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/checkpoints/{checkpoint_id}/adapter`: the adapter as it
+/// was at that step (a zip of the PEFT folder, or `?format=safetensors`), so a checkpoint
+/// can be tried or kept without the optimizer state that resuming needs.
+pub async fn checkpoint_adapter(
+    State(state): State<AppState>,
+    Path(p): Path<CheckpointPath>,
+    ApiQuery(q): ApiQuery<AdapterParams>,
+) -> ApiResult<Response> {
+    get_job(&state, &p.fine_tuning_job_id).await?;
+    let format = q.format.as_deref().unwrap_or("zip");
+    if format != "zip" && format != "safetensors" {
+        return Err(ApiError::bad_request("format must be zip or safetensors").param("format"));
+    }
+    let ckpt = state
+        .store
+        .list_checkpoints(&p.fine_tuning_job_id)
+        .await?
+        .into_iter()
+        .find(|c| c.id == p.checkpoint_id)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "No such checkpoint {} of job {}",
+                p.checkpoint_id, p.fine_tuning_job_id
+            ))
+            .param("checkpoint_id")
+            .code("checkpoint_not_found")
+        })?;
+    let tensors = read_blob(
+        &state,
+        &format!("{}/adapter_model.safetensors", ckpt.storage_key),
+    )
+    .await?;
+    let base = format!("{}-step-{}", ckpt.job_id, ckpt.step);
+    let (body, name, content_type) = if format == "safetensors" {
+        (
+            tensors,
+            format!("{base}-adapter_model.safetensors"),
+            "application/octet-stream",
+        )
+    } else {
+        let config =
+            read_blob(&state, &format!("{}/adapter_config.json", ckpt.storage_key)).await?;
+        let zip = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::io::Write;
+            let mut buf = std::io::Cursor::new(Vec::new());
+            let mut z = zip::ZipWriter::new(&mut buf);
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            for (name, bytes) in [
+                ("adapter_config.json", &config),
+                ("adapter_model.safetensors", &tensors),
+            ] {
+                z.start_file(name, opts).map_err(std::io::Error::other)?;
+                z.write_all(bytes)?;
+            }
+            z.finish().map_err(std::io::Error::other)?;
+            Ok(buf.into_inner())
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+        (zip, format!("{base}-adapter.zip"), "application/zip")
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+                    .map_err(ApiError::internal)?,
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 /// One `bytes=` range of a `size`-byte body: `Some((first, last))` inclusive, or `None`
 /// when it cannot be satisfied. Several ranges are answered with the first alone.
 fn parse_range(h: &str, size: u64) -> Option<(u64, u64)> {

@@ -107,6 +107,11 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
     )
     .add(
         Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/adapter",
+        jobs::checkpoint_adapter,
+    )
+    .add(
+        Method::GET,
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/adapter",
         jobs::adapter,
     );

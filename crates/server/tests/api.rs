@@ -648,7 +648,7 @@ async fn models_are_listed_from_the_models_dir() {
             ("lm_head.weight", &[32, 8]),
         ],
     );
-    write_hf_model(&s.models_dir().join("odd-bert"), "bert", &[("w", &[2, 2])]);
+    write_hf_model(&s.models_dir().join("odd-gpt2"), "gpt2", &[("w", &[2, 2])]);
     std::fs::create_dir_all(s.models_dir().join("not-a-model")).unwrap();
 
     let (st, list) = get_json(&s, "/v1/models").await;
@@ -659,7 +659,7 @@ async fn models_are_listed_from_the_models_dir() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["odd-bert", "tiny-llama"]);
+    assert_eq!(ids, ["odd-gpt2", "tiny-llama"]);
 
     let (st, m) = get_json(&s, "/v1/models/tiny-llama").await;
     assert_eq!(st, 200, "{m}");
@@ -670,13 +670,15 @@ async fn models_are_listed_from_the_models_dir() {
     assert_eq!(m["parameters"], params);
     assert_eq!(m["context_length"], 128);
     assert_eq!(m["trainable"], true);
+    assert_eq!(m["tasks"], serde_json::json!(["causal_lm"]));
     assert_eq!(m["note"], Value::Null);
     assert!(m["created"].as_i64().unwrap() > 0);
     assert!(m.get("path").is_none(), "server paths must not leak: {m}");
 
-    let (_, bert) = get_json(&s, "/v1/models/odd-bert").await;
-    assert_eq!(bert["trainable"], false);
-    assert!(bert["note"].as_str().unwrap().contains("bert"), "{bert}");
+    let (_, gpt2) = get_json(&s, "/v1/models/odd-gpt2").await;
+    assert_eq!(gpt2["trainable"], false);
+    assert_eq!(gpt2["tasks"], serde_json::json!([]));
+    assert!(gpt2["note"].as_str().unwrap().contains("gpt2"), "{gpt2}");
 
     let (st, e) = get_json(&s, "/v1/models/nope").await;
     assert_eq!(st, 404);

@@ -154,11 +154,12 @@ impl LabelSet {
         }
         if problem != ProblemType::Regression && names.len() < 2 {
             let last = examples.last().map(|(l, _)| *l).unwrap_or(0);
+            let found = match names.first() {
+                Some(n) => format!("only one class (\"{n}\")"),
+                None => "no class".to_string(),
+            };
             return Err(Error::Data(format!(
-                "lines 1-{last}: the training file has {} class{} ({}); classification needs at least two",
-                names.len(),
-                if names.len() == 1 { " only" } else { "es" },
-                names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+                "lines 1-{last}: the training file has {found}; classification needs at least two"
             )));
         }
         Ok(Self {

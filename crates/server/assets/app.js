@@ -306,6 +306,7 @@ async function newJobView() {
   const model = h('select', { id: 'model', name: 'model', required: true, 'aria-describedby': 'model-help' },
     bases.map((m) => h('option', { value: m.id, disabled: !m.trainable },
       `${m.id} — ${fmtCount(m.parameters)} parameters, context ${m.context_length ?? '?'}`
+      + `${m.tasks && m.tasks.length ? `, ${m.tasks.join('/')}` : ''}`
       + `${m.trainable ? '' : ` (not trainable: ${m.note || 'unsupported'})`}`)));
   const firstTrainable = bases.find((m) => m.trainable);
   if (firstTrainable) model.value = firstTrainable.id;
@@ -331,6 +332,12 @@ async function newJobView() {
 
   function request() {
     const req = { model: model.value, training_file: training.value };
+    // Encoders (bert, roberta) train classifiers: the job names the task, and the
+    // server's default targets for it (query, value) replace the decoder presets.
+    const chosen = bases.find((m) => m.id === model.value);
+    const classifier = !!chosen && (chosen.tasks || []).includes('sequence_classification')
+      && !(chosen.tasks || []).includes('causal_lm');
+    if (classifier) req.task = 'sequence_classification';
     if (validation.value) req.validation_file = validation.value;
     if (suffix.value.trim()) req.suffix = suffix.value.trim();
     if (seed.value !== '') req.seed = Number(seed.value);
@@ -342,7 +349,9 @@ async function newJobView() {
       hp[f.name] = f.options ? v : Number(v);
     }
     const t = TARGETS.find((x) => x.value === targets.value);
-    if (t.value === 'all-linear') hp.lora_target_modules = 'all-linear';
+    if (classifier && t.value !== 'all-linear' && t.value !== 'custom') {
+      // leave lora_target_modules to the server's default for the task
+    } else if (t.value === 'all-linear') hp.lora_target_modules = 'all-linear';
     else if (t.value === 'custom') {
       hp.lora_target_modules = customTargets.value.split(',').map((s) => s.trim()).filter(Boolean);
     } else hp.lora_target_modules = t.modules;
@@ -550,6 +559,7 @@ function lossChart(container) {
       steps,
       steps.map((s) => points.get(s)[0]),
       steps.map((s) => points.get(s)[1]),
+      steps.map((s) => points.get(s)[2]),
     ];
   }
 
@@ -563,9 +573,12 @@ function lossChart(container) {
     if (trained || validated) {
       const lastTrain = d[1].filter((v) => v !== null).pop();
       const lastValid = d[2].filter((v) => v !== null).pop();
+      // Classification jobs also report accuracy (0..1, on its own axis).
+      const lastAcc = d[3].filter((v) => v !== null).pop();
       caption.textContent = `${trained} training step(s)`
         + (lastTrain !== undefined ? `, latest training loss ${lastTrain.toFixed(4)}` : '')
-        + (validated ? `; ${validated} validation point(s), latest ${lastValid.toFixed(4)}` : '');
+        + (validated ? `; ${validated} validation point(s), latest ${lastValid.toFixed(4)}` : '')
+        + (lastAcc !== undefined ? `, validation accuracy ${lastAcc.toFixed(4)}` : '');
     }
     container.setAttribute('aria-label', `Loss chart. ${caption.textContent}`);
     if (!window.uPlot) return;
@@ -574,14 +587,21 @@ function lossChart(container) {
       plot = new window.uPlot({
         width: Math.max(300, area.clientWidth),
         height: 280,
-        scales: { x: { time: false } },
         // Steps are whole numbers: no ticks at 1.5.
-        axes: [{ label: 'step', incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, { label: 'loss' }],
+        scales: { x: { time: false }, acc: { range: [0, 1] } },
+        axes: [
+          { label: 'step', incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] },
+          { label: 'loss' },
+          { label: 'accuracy', scale: 'acc', side: 1, grid: { show: false } },
+        ],
         series: [
           { label: 'step' },
           { label: 'training loss', stroke: '#2563eb', width: 2 },
           {
             label: 'validation loss', stroke: '#dc2626', width: 2, spanGaps: true, points: { show: true, size: 7 },
+          },
+          {
+            label: 'validation accuracy', scale: 'acc', stroke: '#16a34a', width: 2, spanGaps: true, points: { show: true, size: 7 },
           },
         ],
       }, d, area);
@@ -593,15 +613,16 @@ function lossChart(container) {
   }
 
   return {
-    add(step, train, valid) {
+    add(step, train, valid, acc) {
       let cur = points.get(step);
       if (!cur) {
-        cur = [null, null];
+        cur = [null, null, null];
         if (steps.length && step < steps[steps.length - 1]) unsorted = true;
         else steps.push(step);
       }
       if (train !== null && train !== undefined) cur[0] = train;
       if (valid !== null && valid !== undefined) cur[1] = valid;
+      if (acc !== null && acc !== undefined) cur[2] = acc;
       points.set(step, cur);
       if (!pending) { pending = true; requestAnimationFrame(draw); }
     },
@@ -805,7 +826,7 @@ async function jobView(id) {
           pendingProgress = d;
           queueFlush();
         } else if (d.valid_loss !== undefined) {
-          chart.add(d.step, null, d.valid_loss);
+          chart.add(d.step, null, d.valid_loss, d.valid_accuracy);
         }
         if (job.status === 'queued') refreshSoon();
       } else {

@@ -173,6 +173,8 @@ struct Run<'a> {
     lease: &'a Lease,
     job_id: String,
     valid_loss: Option<f64>,
+    /// Classification: the latest validation accuracy and macro-F1.
+    valid_scores: Option<(f64, Option<f64>)>,
 }
 
 impl Run<'_> {
@@ -240,6 +242,7 @@ impl Run<'_> {
             }
             TrainEvent::Eval(e) => {
                 self.valid_loss = Some(e.loss);
+                self.valid_scores = e.accuracy.map(|a| (a, e.macro_f1));
                 let (msg, data) = match e.accuracy {
                     Some(acc) => (
                         format!(
@@ -270,7 +273,14 @@ impl Run<'_> {
                     attempt: self.lease.attempt,
                     step: *step as i64,
                     storage_key: checkpoint_key(&self.job_id, *step),
-                    metrics: Some(json!({"step": step, "valid_loss": self.valid_loss}).to_string()),
+                    metrics: Some(
+                        match self.valid_scores {
+                            Some((acc, f1)) => json!({"step": step, "valid_loss": self.valid_loss,
+                                "valid_accuracy": acc, "valid_macro_f1": f1}),
+                            None => json!({"step": step, "valid_loss": self.valid_loss}),
+                        }
+                        .to_string(),
+                    ),
                     created_at: loraforge_store::now_secs(),
                 };
                 if let Fed::LeaseLost = self
@@ -393,6 +403,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         lease: &lease,
         job_id: job.id.clone(),
         valid_loss: None,
+        valid_scores: None,
     };
     let mut lost = false;
     let mut cancel_requested = false;

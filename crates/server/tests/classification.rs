@@ -187,7 +187,8 @@ async fn labelled_data_is_checked_and_a_tiny_bert_trains_through_the_api() {
         &s,
         json!({"model": "tiny-bert", "training_file": train, "validation_file": valid,
                "task": "sequence_classification",
-               "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate": 1e-2, "eval_interval": 3}}),
+               "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate": 1e-2, "eval_interval": 3,
+                                   "checkpoint_interval": 3}}),
     )
     .await;
     assert_eq!(st, 200, "{job}");
@@ -208,6 +209,12 @@ async fn labelled_data_is_checked_and_a_tiny_bert_trains_through_the_api() {
         .collect();
     assert!(acc.len() >= 2, "validation accuracy events: {ev}");
     assert!(acc[0]["data"]["valid_macro_f1"].is_number());
+    let ck = get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
+    let m = &ck["data"][0]["metrics"];
+    assert!(
+        m["valid_accuracy"].is_number() && m["valid_macro_f1"].is_number(),
+        "{ck}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let names = unzip(&download_adapter(&s, id).await, dir.path());

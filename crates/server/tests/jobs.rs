@@ -662,7 +662,7 @@ async fn sigterm_requeues_the_running_job_and_closes_streams() {
     wait_step(&s, &id, 5).await;
     // Open event streams, each reading until the server closes it.
     let mut clients = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..50 {
         let url = s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true"));
         clients.push(tokio::spawn(async move {
             let r = reqwest::get(url).await.unwrap();
@@ -674,7 +674,7 @@ async fn sigterm_requeues_the_running_job_and_closes_streams() {
     let asked = Instant::now();
     let status = s.terminate();
     let took = asked.elapsed();
-    println!("SIGTERM with 20 SSE clients and a running job: exited {status:?} in {took:?}");
+    println!("SIGTERM with 50 SSE clients and a running job: exited {status:?} in {took:?}");
     assert!(status.success(), "{status:?}\n{}", s.logs());
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     for c in clients {
@@ -764,4 +764,84 @@ async fn jobs_are_filtered_by_metadata() {
     assert_eq!(both["data"].as_array().unwrap().len(), 1);
     let none = get(&s, "/v1/fine_tuning/jobs?metadata[team]=c").await;
     assert_eq!(none["data"].as_array().unwrap().len(), 0);
+}
+
+/// Eight writers for 30 s on SQLite (`LORAFORGE_STRESS_SECONDS` to change it): uploads,
+/// job creation (whose worker then appends events and checkpoints) and cancels, all at
+/// once. None may fail, and the log must show no SQLITE_BUSY / "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_writers_for_thirty_seconds_never_see_sqlite_busy() {
+    let secs: u64 = std::env::var("LORAFORGE_STRESS_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let s = std::sync::Arc::new(server(Backend::Sqlite, &["--train-threads", "1"]).await);
+    let file = upload_chat(&s).await;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let s = s.clone();
+            let file = file.clone();
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    match w % 3 {
+                        0 => {
+                            let r = c
+                                .post(s.url(&format!(
+                                    "/v1/files?filename=w{w}-{done}.jsonl&purpose=fine-tune"
+                                )))
+                                .header("content-type", "application/jsonl")
+                                .body(common::chat_jsonl(50))
+                                .send()
+                                .await
+                                .unwrap();
+                            assert_eq!(r.status(), 200, "upload by writer {w}");
+                        }
+                        1 => {
+                            let j = create_job(
+                                &s,
+                                &file,
+                                json!({"max_steps": 3, "batch_size": 2, "checkpoint_interval": 1}),
+                            )
+                            .await;
+                            assert!(j["id"].is_string());
+                        }
+                        _ => {
+                            let j =
+                                create_job(&s, &file, json!({"max_steps": 50, "batch_size": 2}))
+                                    .await;
+                            let id = j["id"].as_str().unwrap();
+                            let r = c
+                                .post(s.url(&format!("/v1/fine_tuning/jobs/{id}/cancel")))
+                                .send()
+                                .await
+                                .unwrap();
+                            assert_eq!(r.status(), 200, "cancel by writer {w}");
+                        }
+                    }
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("a writer failed");
+    }
+    let jobs = get(&s, "/v1/fine_tuning/jobs?status=succeeded&limit=100").await;
+    let finished = jobs["data"].as_array().unwrap().len();
+    let at_least = if finished == 100 { "at least " } else { "" };
+    println!("{total} writes by 8 writers in {secs} s; meanwhile the worker finished {at_least}{finished} job(s) (events, checkpoints)");
+    assert!(total >= 8, "the writers barely wrote: {total}");
+    assert!(finished >= 1, "the worker wrote nothing during the run");
+    let logs = s.logs().to_lowercase();
+    for needle in ["sqlite_busy", "database is locked", "request failed"] {
+        assert!(
+            !logs.contains(needle),
+            "{needle} in the server log:\n{logs}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes the Python environment the tests use: transformers + peft + torch (PEFT checks of
-# our adapters) and the official openai client. Prints the venv's path on its last line.
+# our adapters), the official openai client, schemathesis (API fuzzing) and moto's S3
+# server (the scale-out test's object store). Prints the venv's path on its last line.
 #   LORAFORGE_VENV  where the venv lives (default ~/.cache/loraforge/venv)
 # Idempotent; the first run downloads torch (a few minutes).
 set -euo pipefail
@@ -10,8 +11,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, openai, gguf, schemathesis' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, openai, gguf, schemathesis, moto.server' 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch transformers peft safetensors openai numpy gguf schemathesis
+  "$VENV/bin/pip" install -q --disable-pip-version-check torch transformers peft safetensors openai numpy gguf schemathesis "moto[server]"
 fi
 echo "$VENV"

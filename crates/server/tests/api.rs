@@ -104,9 +104,10 @@ fn jsonl_stream(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_200_mb_upload_streams_with_bounded_memory() {
+async fn a_1_gib_upload_streams_with_bounded_memory() {
     for backend in backends() {
-        let s = TestServer::start(backend, &[]).await;
+        // Just over the default 1 GiB cap: the stream ends after the line that crosses 1 GiB.
+        let s = TestServer::start(backend, &["--max-upload-bytes", "1100000000"]).await;
         // Warm up the paths an upload uses, so the baseline includes them.
         let (st, _) = upload_raw(&s, "warm.jsonl", chat_jsonl(10)).await;
         assert_eq!(st, 200);
@@ -133,7 +134,7 @@ async fn a_200_mb_upload_streams_with_bounded_memory() {
             })
         };
 
-        let size = 200u64 << 20;
+        let size = 1u64 << 30;
         let hasher = std::sync::Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64, 0u64)));
         let t0 = Instant::now();
         let body = reqwest::Body::wrap_stream(jsonl_stream(size, hasher.clone()));

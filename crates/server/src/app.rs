@@ -297,7 +297,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(&args.storage).await?;
     let blobs = open_blobs(&args.storage)?;
     let auth = Arc::new(
-        Auth::new(&store, args.api_key.as_deref())
+        // An empty value (e.g. `LORAFORGE_API_KEY=` from a compose file) is no key.
+        Auth::new(&store, args.api_key.as_deref().filter(|k| !k.is_empty()))
             .await
             .context("looking for API keys")?,
     );

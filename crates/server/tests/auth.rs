@@ -475,7 +475,7 @@ async fn owners_see_only_their_own_rows_and_admins_see_all() {
         }
         // B's lists do not show A's rows; B cannot train on A's file.
         let (_, files) = get(&s, "/v1/files", Some(&b)).await;
-        assert_eq!(ids(&files), [file_b.clone()]);
+        assert_eq!(ids(&files), [file_b.as_str()]);
         let (_, jobs) = get(&s, "/v1/fine_tuning/jobs", Some(&b)).await;
         assert_eq!(ids(&jobs), Vec::<String>::new());
         let (st, _, _) = call(
@@ -551,7 +551,7 @@ async fn owners_see_only_their_own_rows_and_admins_see_all() {
         want.sort();
         assert_eq!(got, want);
         let (_, jobs) = get(&s, "/v1/fine_tuning/jobs", Some(&a)).await;
-        assert_eq!(ids(&jobs), [job_a.clone()]);
+        assert_eq!(ids(&jobs), [job_a.as_str()]);
         let (_, models) = get(&s, "/v1/models", Some(&a)).await;
         assert!(ids(&models).contains(&ft));
         let (st, _, body) = call(
@@ -570,7 +570,7 @@ async fn owners_see_only_their_own_rows_and_admins_see_all() {
         let all = ids(&files);
         assert!(all.contains(&file_a) && all.contains(&file_b), "{files}");
         let (_, jobs) = get(&s, "/v1/fine_tuning/jobs", Some(&admin)).await;
-        assert_eq!(ids(&jobs), [job_a.clone()]);
+        assert_eq!(ids(&jobs), [job_a.as_str()]);
         let (_, models) = get(&s, "/v1/models", Some(&admin)).await;
         assert!(ids(&models).contains(&ft));
         for (m, path) in &a_paths {

@@ -1,6 +1,7 @@
 //! Wiring: state, storage set-up, the middleware stack, and the server's life cycle.
 
-use crate::config::{LogArgs, MigrateArgs, ModelsArgs, ServeArgs, StorageArgs};
+use crate::auth::Auth;
+use crate::config::{KeysCommand, LogArgs, MigrateArgs, ModelsArgs, ServeArgs, StorageArgs};
 use anyhow::Context;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request};
 use axum::Router;
@@ -17,6 +18,8 @@ pub struct AppState {
     pub store: Store,
     pub blobs: BlobStore,
     pub settings: Arc<Settings>,
+    /// Whether `/v1` needs a key, and the static admin key.
+    pub auth: Arc<Auth>,
     /// Wakes idle workers when a job is created, so they need not wait for their next poll.
     pub jobs_notify: Arc<tokio::sync::Notify>,
     /// Models and adapters loaded for chat/completions.
@@ -32,7 +35,6 @@ pub struct Settings {
     pub models_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub min_examples: u64,
-    pub api_key: Option<String>,
 }
 
 pub fn init_tracing(log: &LogArgs) -> anyhow::Result<()> {
@@ -77,6 +79,111 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     tracing::info!(backend = ?store.backend(), "migrations applied");
     store.close().await;
     Ok(())
+}
+
+/// `loraforge keys create | list | revoke`.
+pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create(a) => {
+            let name = a.name.trim();
+            if name.is_empty() {
+                anyhow::bail!("--name must not be empty");
+            }
+            let store = open_store(&a.storage).await?;
+            let (key, record) = crate::auth::new_key(name, a.admin);
+            store
+                .insert_api_key(&record)
+                .await
+                .context("storing the key")?;
+            store.close().await;
+            // The key alone on stdout (KEY=$(loraforge keys create ...)); the rest on stderr.
+            println!("{key}");
+            eprintln!(
+                "created {}key {} ({:?}, prefix {}). This is the only time the key is shown:                  store it now. Send it as `Authorization: Bearer <key>`.",
+                if record.admin { "admin " } else { "" },
+                record.id,
+                record.name,
+                record.prefix
+            );
+            Ok(())
+        }
+        KeysCommand::List(a) => {
+            let store = open_store(&a.storage).await?;
+            let keys = store.list_api_keys().await?;
+            store.close().await;
+            let when = |t: Option<i64>| {
+                t.and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                    .map(|d| d.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            if a.json {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id, "name": k.name, "prefix": k.prefix, "admin": k.admin,
+                            "created_at": k.created_at, "last_used_at": k.last_used_at,
+                            "revoked_at": k.revoked_at,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<28} {:<20} {:<12} {:<6} {:<21} {:<21} REVOKED",
+                "ID", "NAME", "PREFIX", "ADMIN", "CREATED", "LAST USED"
+            );
+            for k in &keys {
+                println!(
+                    "{:<28} {:<20} {:<12} {:<6} {:<21} {:<21} {}",
+                    k.id,
+                    k.name,
+                    k.prefix,
+                    if k.admin { "yes" } else { "no" },
+                    when(Some(k.created_at)),
+                    when(k.last_used_at),
+                    when(k.revoked_at),
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke(a) => {
+            let store = open_store(&a.storage).await?;
+            let keys = store.list_api_keys().await?;
+            let matches: Vec<_> = keys
+                .iter()
+                .filter(|k| k.id == a.key || k.prefix == a.key)
+                .collect();
+            let key = match matches.as_slice() {
+                [] => anyhow::bail!(
+                    "no key with id or prefix {:?} (see `loraforge keys list`)",
+                    a.key
+                ),
+                [k] => *k,
+                _ => anyhow::bail!(
+                    "{} keys have the prefix {:?}: revoke by id ({})",
+                    matches.len(),
+                    a.key,
+                    matches
+                        .iter()
+                        .map(|k| k.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            if key.revoked_at.is_some() {
+                anyhow::bail!("key {} is already revoked", key.id);
+            }
+            store.revoke_api_key(&key.id).await?;
+            store.close().await;
+            eprintln!(
+                "revoked key {} ({:?}, prefix {})",
+                key.id, key.name, key.prefix
+            );
+            Ok(())
+        }
+    }
 }
 
 pub fn list_models(args: ModelsArgs) -> anyhow::Result<()> {
@@ -157,7 +264,7 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
         .merge(crate::dashboard::router())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::api::require_api_key,
+            crate::auth::require_api_key,
         ))
         .with_state(state)
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -189,6 +296,18 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(&args.storage).await?;
     let blobs = open_blobs(&args.storage)?;
+    let auth = Arc::new(
+        // An empty value (e.g. `LORAFORGE_API_KEY=` from a compose file) is no key.
+        Auth::new(&store, args.api_key.as_deref().filter(|k| !k.is_empty()))
+            .await
+            .context("looking for API keys")?,
+    );
+    // Bind first: whether running without keys is allowed depends on where we listen.
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    check_open_bind(auth.enforcing(), addr, args.insecure_no_auth)?;
     let swept = blobs.sweep_tmp().context("sweeping the temp directory")?;
     if swept > 0 {
         tracing::info!(files = swept, "removed temp files left by an earlier run");
@@ -200,8 +319,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             models_dir: args.models_dir.clone(),
             max_upload_bytes: args.max_upload_bytes,
             min_examples: args.min_examples,
-            api_key: args.api_key.clone(),
         }),
+        auth: auth.clone(),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
         shutdown: tokio_util::sync::CancellationToken::new(),
@@ -213,11 +332,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &args.storage.data_dir,
     );
     let shutdown = state.shutdown.clone();
+    auth.watch_for_keys(store.clone(), shutdown.clone());
     let app = build_app(state, &args.cors_origins)?;
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, backend = ?store.backend(), "listening");
     // The one line on stdout: scripts and tests read the bound address from it.
     println!("loraforge listening on http://{addr}");
@@ -232,6 +348,42 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Secure by default: without any key, serving is allowed on a loopback address (with a
+/// warning), and elsewhere only with `--insecure-no-auth`.
+fn check_open_bind(
+    enforcing: bool,
+    addr: std::net::SocketAddr,
+    insecure_no_auth: bool,
+) -> anyhow::Result<()> {
+    if enforcing {
+        tracing::info!("authentication enforced: /v1 requests need an API key");
+        return Ok(());
+    }
+    if addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "running without authentication: no API key exists and no --api-key was given, \
+             so anyone who can reach this loopback address can use the API; \
+             create a key with `loraforge keys create --name NAME` to require keys"
+        );
+        return Ok(());
+    }
+    if insecure_no_auth {
+        tracing::warn!(
+            %addr,
+            "running without authentication on a non-loopback address (--insecure-no-auth): \
+             anyone who can reach it can use the API"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve on {addr} without authentication: no API key exists and no \
+         --api-key was given. Create a key with `loraforge keys create --name NAME` (or pass \
+         --api-key), listen on a loopback address (--host 127.0.0.1), or pass \
+         --insecure-no-auth to run open anyway"
+    )
 }
 
 /// How long running jobs get to checkpoint and go back to the queue after a signal.
@@ -267,8 +419,8 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
             models_dir: args.models_dir.clone(),
             max_upload_bytes: 0,
             min_examples: 1,
-            api_key: None,
         }),
+        auth: Arc::new(Auth::disabled()),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
         shutdown: tokio_util::sync::CancellationToken::new(),

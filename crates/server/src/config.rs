@@ -53,9 +53,14 @@ pub struct ServeArgs {
     /// Origins allowed by CORS, comma-separated (`*` for any); none by default.
     #[arg(long, env = "LORAFORGE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
-    /// If set, every /v1 request must carry `Authorization: Bearer <this key>`.
+    /// A static admin key: with it set, every /v1 request must carry
+    /// `Authorization: Bearer <key>` with this key or one made by `loraforge keys create`.
     #[arg(long, env = "LORAFORGE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Serve without authentication on a non-loopback address when no API key exists
+    /// (refused otherwise: create a key with `loraforge keys create`).
+    #[arg(long, env = "LORAFORGE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     #[command(flatten)]
     pub workers: WorkerArgs,
 }
@@ -79,6 +84,46 @@ pub struct WorkerArgs {
     /// Seconds a worker's claim on a job lasts without a heartbeat.
     #[arg(long, env = "LORAFORGE_LEASE_SECONDS", default_value_t = 30)]
     pub lease_seconds: u64,
+}
+
+/// `loraforge keys`: API keys in the database.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Make a key and print it on stdout, once: only its hash is stored.
+    Create(KeysCreateArgs),
+    /// List keys (never the keys themselves): id, name, prefix, admin, dates.
+    List(KeysListArgs),
+    /// Revoke a key, by id or by its displayed prefix; it is refused from then on.
+    Revoke(KeysRevokeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysCreateArgs {
+    /// Who or what the key is for (shown by `keys list`).
+    #[arg(long)]
+    pub name: String,
+    /// An admin key sees and acts on every owner's files and jobs.
+    #[arg(long)]
+    pub admin: bool,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysRevokeArgs {
+    /// The key's id (`key-…`) or its prefix as `keys list` shows it (`lf-…`).
+    pub key: String,
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 #[derive(Debug, Clone, Args)]

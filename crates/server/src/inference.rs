@@ -50,8 +50,13 @@ impl From<loraforge_store::Error> for ResolveError {
 }
 
 /// Maps a model name to weights: a base id, `ft:<base>:<suffix>:<job>`, or
-/// `ft:<base>:<suffix>:<job>:ckpt-step-N`.
-pub async fn resolve(state: &AppState, model: &str) -> Result<Resolved, ResolveError> {
+/// `ft:<base>:<suffix>:<job>:ckpt-step-N`. A fine-tuned model is found only when
+/// `owner` (`None`: anyone) owns its job; another owner's reads as absent.
+pub async fn resolve(
+    state: &AppState,
+    model: &str,
+    owner: Option<&str>,
+) -> Result<Resolved, ResolveError> {
     let dir = state.settings.models_dir.clone();
     let bases = tokio::task::spawn_blocking(move || loraforge_trainer::registry::scan(&dir))
         .await
@@ -86,7 +91,7 @@ pub async fn resolve(state: &AppState, model: &str) -> Result<Resolved, ResolveE
         .ok_or(ResolveError::NotFound)?;
     let job = state
         .store
-        .get_job(job_id)
+        .get_job_of(job_id, owner)
         .await?
         .ok_or(ResolveError::NotFound)?;
     let name = crate::api::jobs::fine_tuned_name(&job);

@@ -1,6 +1,7 @@
 //! The `loraforge` binary.
 mod api;
 mod app;
+mod auth;
 mod config;
 mod dashboard;
 mod inference;
@@ -29,6 +30,9 @@ enum Command {
     Worker(config::WorkerCmdArgs),
     /// Apply database migrations and exit.
     Migrate(config::MigrateArgs),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Keys(config::KeysCommand),
     /// List the base models found in the models directory.
     Models(config::ModelsArgs),
     /// Train a LoRA adapter from the command line.
@@ -57,6 +61,10 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(a) => {
             app::init_tracing(&cli.log)?;
             runtime()?.block_on(app::migrate(a))
+        }
+        Command::Keys(k) => {
+            app::init_tracing(&cli.log)?;
+            runtime()?.block_on(app::keys(k))
         }
         Command::Models(a) => app::list_models(a),
         Command::Train(a) => train_cmd::train(a),

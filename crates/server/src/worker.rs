@@ -666,6 +666,8 @@ async fn publish(
             examples: None,
             errors: None,
             created_at: loraforge_store::now_secs(),
+            // The job's owner owns its results.
+            api_key_id: job.api_key_id.clone(),
         };
         ids.push(state.store.insert_file(&rec).await?.id);
     }

@@ -569,6 +569,7 @@ async fn a_dead_workers_job_continues_from_its_checkpoint() {
             limit: 100,
             order: loraforge_store::Order::Desc,
             purpose: Some("fine-tune-results".into()),
+            owner: None,
         })
         .await
         .unwrap()

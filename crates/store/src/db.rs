@@ -84,7 +84,7 @@ macro_rules! write_tx {
 macro_rules! file_cols {
     () => {
         "id, purpose, filename, bytes, sha256, storage_key, status, status_details, format, \
-         examples, errors, created_at"
+         examples, errors, created_at, api_key_id"
     };
 }
 
@@ -94,6 +94,12 @@ macro_rules! job_cols {
          run_at_ms, attempt, max_attempts, lease_owner, lease_expires_at_ms, heartbeat_at_ms, \
          fencing_token, cancel_requested_at, idempotency_key, progress, error, fine_tuned_model, \
          result, created_at, started_at, finished_at, device_kind, paused_at"
+    };
+}
+
+macro_rules! api_key_cols {
+    () => {
+        "id, name, prefix, token_sha256, created_at, last_used_at, revoked_at, admin"
     };
 }
 
@@ -187,7 +193,7 @@ impl Store {
         let sql = concat!(
             "INSERT INTO files (",
             file_cols!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
             file_cols!()
         );
         Ok(on_pool!(self, p => sqlx::query_as(sql)
@@ -203,24 +209,57 @@ impl Store {
             .bind(f.examples)
             .bind(&f.errors)
             .bind(f.created_at)
+            .bind(&f.api_key_id)
             .fetch_one(p)
             .await?))
     }
 
     pub async fn get_file(&self, id: &str) -> Result<Option<FileRecord>> {
-        let sql = concat!("SELECT ", file_cols!(), " FROM files WHERE id = $1");
-        Ok(on_pool!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?))
+        self.get_file_of(id, None).await
+    }
+
+    /// The file `id` if `owner` owns it (`None`: whoever does). Another owner's file
+    /// reads as absent, exactly like one that does not exist.
+    pub async fn get_file_of(&self, id: &str, owner: Option<&str>) -> Result<Option<FileRecord>> {
+        let sql = match owner {
+            None => concat!("SELECT ", file_cols!(), " FROM files WHERE id = $1"),
+            Some(_) => concat!(
+                "SELECT ",
+                file_cols!(),
+                " FROM files WHERE id = $1 AND api_key_id = $2"
+            ),
+        };
+        Ok(on_pool!(self, p => {
+            let mut q = sqlx::query_as(sql).bind(id);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            q.fetch_optional(p).await?
+        }))
     }
 
     /// The `seq` of the row a pagination cursor names: `after` must be an existing id (the
-    /// last item of the previous page), else [`Error::Invalid`].
-    async fn cursor_seq(&self, table: Table, after: &str) -> Result<i64> {
-        let (sql, noun) = match table {
-            Table::Files => ("SELECT seq FROM files WHERE id = $1", "file"),
-            Table::Jobs => ("SELECT seq FROM jobs WHERE id = $1", "job"),
+    /// last item of the previous page) of `owner`'s (when given), else [`Error::Invalid`].
+    async fn cursor_seq(&self, table: Table, after: &str, owner: Option<&str>) -> Result<i64> {
+        let (sql, noun) = match (table, owner) {
+            (Table::Files, None) => ("SELECT seq FROM files WHERE id = $1", "file"),
+            (Table::Files, Some(_)) => (
+                "SELECT seq FROM files WHERE id = $1 AND api_key_id = $2",
+                "file",
+            ),
+            (Table::Jobs, None) => ("SELECT seq FROM jobs WHERE id = $1", "job"),
+            (Table::Jobs, Some(_)) => (
+                "SELECT seq FROM jobs WHERE id = $1 AND api_key_id = $2",
+                "job",
+            ),
         };
-        let seq: Option<(i64,)> =
-            on_pool!(self, p => sqlx::query_as(sql).bind(after).fetch_optional(p).await?);
+        let seq: Option<(i64,)> = on_pool!(self, p => {
+            let mut q = sqlx::query_as(sql).bind(after);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            q.fetch_optional(p).await?
+        });
         seq.map(|(s,)| s)
             .ok_or_else(|| Error::Invalid(format!("no {noun} with id {after:?}")))
     }
@@ -230,7 +269,10 @@ impl Store {
     pub async fn list_files(&self, q: &ListFiles) -> Result<Page<FileRecord>> {
         let limit = q.limit.max(1);
         let cursor = match &q.after {
-            Some(after) => Some(self.cursor_seq(Table::Files, after).await?),
+            Some(after) => Some(
+                self.cursor_seq(Table::Files, after, q.owner.as_deref())
+                    .await?,
+            ),
             None => None,
         };
         // Every clause is fixed text and every value a bound parameter; only the
@@ -249,6 +291,10 @@ impl Store {
             n += 1;
             sql.push_str(&format!(" AND purpose = ${n}"));
         }
+        if q.owner.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND api_key_id = ${n}"));
+        }
         n += 1;
         sql.push_str(&format!(" ORDER BY seq {dir} LIMIT ${n}"));
         let mut rows: Vec<FileRecord> = on_pool!(self, p => {
@@ -258,6 +304,9 @@ impl Store {
             }
             if let Some(purpose) = &q.purpose {
                 query = query.bind(purpose);
+            }
+            if let Some(owner) = &q.owner {
+                query = query.bind(owner);
             }
             query.bind(limit + 1).fetch_all(p).await?
         });
@@ -275,21 +324,27 @@ impl Store {
     /// The caller deletes the blob afterwards: an orphan blob is harmless, a row
     /// without its blob is not.
     pub async fn delete_file(&self, id: &str) -> Result<DeleteFile> {
-        let get = concat!("SELECT ", file_cols!(), " FROM files WHERE id = $1");
-        let get_pg = concat!(
-            "SELECT ",
-            file_cols!(),
-            " FROM files WHERE id = $1 FOR UPDATE"
-        );
+        self.delete_file_of(id, None).await
+    }
+
+    /// [`Store::delete_file`] for `owner` (`None`: any owner): another owner's file is
+    /// [`DeleteFile::NotFound`].
+    pub async fn delete_file_of(&self, id: &str, owner: Option<&str>) -> Result<DeleteFile> {
+        let mut get = concat!("SELECT ", file_cols!(), " FROM files WHERE id = $1").to_string();
+        if owner.is_some() {
+            get.push_str(" AND api_key_id = $2");
+        }
+        if self.backend() == Backend::Postgres {
+            get.push_str(" FOR UPDATE");
+        }
         let in_use = "SELECT id FROM jobs WHERE (training_file = $1 OR validation_file = $1) \
                       AND status IN ('queued', 'running') ORDER BY seq LIMIT 1";
-        let get = match self.backend() {
-            Backend::Sqlite => get,
-            Backend::Postgres => get_pg,
-        };
         Ok(write_tx!(self, tx => {
-            let file: Option<FileRecord> =
-                sqlx::query_as(get).bind(id).fetch_optional(&mut *tx).await?;
+            let mut q = sqlx::query_as(&get).bind(id);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            let file: Option<FileRecord> = q.fetch_optional(&mut *tx).await?;
             match file {
                 None => DeleteFile::NotFound,
                 Some(file) => {
@@ -339,8 +394,27 @@ impl Store {
     }
 
     pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
-        let sql = concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1");
-        Ok(on_pool!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?))
+        self.get_job_of(id, None).await
+    }
+
+    /// The job `id` if `owner` owns it (`None`: whoever does). Another owner's job
+    /// reads as absent, exactly like one that does not exist.
+    pub async fn get_job_of(&self, id: &str, owner: Option<&str>) -> Result<Option<JobRecord>> {
+        let sql = match owner {
+            None => concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1"),
+            Some(_) => concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE id = $1 AND api_key_id = $2"
+            ),
+        };
+        Ok(on_pool!(self, p => {
+            let mut q = sqlx::query_as(sql).bind(id);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            q.fetch_optional(p).await?
+        }))
     }
 
     /// Sets a job's status unconditionally (operator tooling and tests; workers use
@@ -387,9 +461,21 @@ impl Store {
         limit: i64,
         status: Option<JobStatus>,
     ) -> Result<Page<JobRecord>> {
+        self.list_jobs_of(after, limit, status, None).await
+    }
+
+    /// [`Store::list_jobs`], only `owner`'s jobs (`None`: everyone's). `after` must be
+    /// one of them.
+    pub async fn list_jobs_of(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        status: Option<JobStatus>,
+        owner: Option<&str>,
+    ) -> Result<Page<JobRecord>> {
         let limit = limit.max(1);
         let cursor = match after {
-            Some(after) => Some(self.cursor_seq(Table::Jobs, after).await?),
+            Some(after) => Some(self.cursor_seq(Table::Jobs, after, owner).await?),
             None => None,
         };
         let mut sql = format!("SELECT {} FROM jobs WHERE 1 = 1", job_cols!());
@@ -402,6 +488,10 @@ impl Store {
             n += 1;
             sql.push_str(&format!(" AND status = ${n}"));
         }
+        if owner.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND api_key_id = ${n}"));
+        }
         n += 1;
         sql.push_str(&format!(" ORDER BY seq DESC LIMIT ${n}"));
         let mut rows: Vec<JobRecord> = on_pool!(self, p => {
@@ -411,6 +501,9 @@ impl Store {
             }
             if let Some(s) = status {
                 query = query.bind(s.as_str());
+            }
+            if let Some(o) = owner {
+                query = query.bind(o);
             }
             query.bind(limit + 1).fetch_all(p).await?
         });
@@ -792,11 +885,14 @@ impl Store {
     }
 
     // ---- api keys ----------------------------------------------------------
+    //
+    // Only a token's sha256 (hex) and a short display prefix are stored; lookups are by
+    // hash, so the token itself never reaches the database or its logs.
 
     pub async fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<()> {
         on_pool!(self, p => sqlx::query(
             "INSERT INTO api_keys (id, name, prefix, token_sha256, created_at, last_used_at, \
-             revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+             revoked_at, admin) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         )
         .bind(&k.id)
         .bind(&k.name)
@@ -805,6 +901,7 @@ impl Store {
         .bind(k.created_at)
         .bind(k.last_used_at)
         .bind(k.revoked_at)
+        .bind(k.admin)
         .execute(p)
         .await
         .map(drop)?);
@@ -813,9 +910,42 @@ impl Store {
 
     /// The live (not revoked) key whose token hashes to `token_sha256`.
     pub async fn find_api_key(&self, token_sha256: &str) -> Result<Option<ApiKeyRecord>> {
-        let sql = "SELECT id, name, prefix, token_sha256, created_at, last_used_at, revoked_at \
-                   FROM api_keys WHERE token_sha256 = $1 AND revoked_at IS NULL";
+        let sql = concat!(
+            "SELECT ",
+            api_key_cols!(),
+            " FROM api_keys WHERE token_sha256 = $1 AND revoked_at IS NULL"
+        );
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(token_sha256).fetch_optional(p).await?))
+    }
+
+    /// Every key, revoked ones included, oldest first.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>> {
+        let sql = concat!(
+            "SELECT ",
+            api_key_cols!(),
+            " FROM api_keys ORDER BY created_at, id"
+        );
+        Ok(on_pool!(self, p => sqlx::query_as(sql).fetch_all(p).await?))
+    }
+
+    /// Whether any key is live (not revoked): the server enforces authentication then.
+    pub async fn has_live_api_keys(&self) -> Result<bool> {
+        let sql = "SELECT id FROM api_keys WHERE revoked_at IS NULL LIMIT 1";
+        let row: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(sql).fetch_optional(p).await?);
+        Ok(row.is_some())
+    }
+
+    /// Records a use of key `id` at `at` (unix s). Callers throttle it (the API writes at
+    /// most once a minute per key), so requests do not each cost a write.
+    pub async fn touch_api_key(&self, id: &str, at: i64) -> Result<()> {
+        on_pool!(self, p => sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(at)
+            .execute(p)
+            .await
+            .map(drop)?);
+        Ok(())
     }
 
     pub async fn revoke_api_key(&self, id: &str) -> Result<()> {

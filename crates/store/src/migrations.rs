@@ -23,6 +23,11 @@ const SQLITE: Embedded = &[
         "job pause",
         include_str!("../../../migrations/sqlite/0003_job_pause.sql"),
     ),
+    (
+        4,
+        "api key owners",
+        include_str!("../../../migrations/sqlite/0004_api_key_owners.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -40,6 +45,11 @@ const POSTGRES: Embedded = &[
         3,
         "job pause",
         include_str!("../../../migrations/postgres/0003_job_pause.sql"),
+    ),
+    (
+        4,
+        "api key owners",
+        include_str!("../../../migrations/postgres/0004_api_key_owners.sql"),
     ),
 ];
 

@@ -21,6 +21,9 @@ pub struct FileRecord {
     /// JSON array of the first validation errors.
     pub errors: Option<String>,
     pub created_at: i64,
+    /// The API key that owns the file; `None` when it was made without one (a server
+    /// without authentication, or the static admin key): then only admins see it.
+    pub api_key_id: Option<String>,
 }
 
 /// Everything needed to insert a [`FileRecord`]; the id is chosen by the caller so
@@ -42,6 +45,8 @@ pub struct ListFiles {
     pub limit: i64,
     pub order: Order,
     pub purpose: Option<String>,
+    /// Only files of this API key (`None`: every file).
+    pub owner: Option<String>,
 }
 
 /// One page of a cursor-paginated list.
@@ -260,4 +265,6 @@ pub struct ApiKeyRecord {
     pub created_at: i64,
     pub last_used_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    /// An admin key sees (and may act on) every owner's files and jobs.
+    pub admin: bool,
 }

@@ -51,6 +51,7 @@ fn file(id: &str, purpose: &str) -> NewFile {
         examples: Some(3),
         errors: None,
         created_at: now_secs(),
+        api_key_id: None,
     }
 }
 
@@ -102,6 +103,7 @@ async fn cursor_pagination() {
                     limit: 3,
                     order: Order::Desc,
                     purpose: Some("fine-tune".into()),
+                    owner: None,
                 })
                 .await
                 .unwrap();
@@ -122,6 +124,7 @@ async fn cursor_pagination() {
                 limit: 10,
                 order: Order::Asc,
                 purpose: None,
+                owner: None,
             })
             .await
             .unwrap();
@@ -283,14 +286,18 @@ async fn checkpoints_and_api_keys() {
             created_at: now_secs(),
             last_used_at: None,
             revoked_at: None,
+            admin: false,
         };
+        assert!(!s.has_live_api_keys().await.unwrap());
         s.insert_api_key(&key).await.unwrap();
+        assert!(s.has_live_api_keys().await.unwrap());
         assert_eq!(
             s.find_api_key(&key.token_sha256).await.unwrap(),
             Some(key.clone())
         );
         s.revoke_api_key("key-1").await.unwrap();
         assert_eq!(s.find_api_key(&key.token_sha256).await.unwrap(), None);
+        assert!(!s.has_live_api_keys().await.unwrap());
         assert!(matches!(
             s.revoke_api_key("key-1").await,
             Err(Error::NotFound)
@@ -651,5 +658,192 @@ async fn fenced_event_ids_are_monotonic_across_jobs() {
         let evs = s.list_events(&a.job_id, None, 100).await.unwrap();
         assert_eq!(evs.len(), 6);
         assert!(evs.windows(2).all(|w| w[0].id < w[1].id));
+    }
+}
+
+fn api_key(id: &str, admin: bool) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: id.into(),
+        name: format!("name of {id}"),
+        prefix: format!("lf-{id}"),
+        token_sha256: format!("{:0>64}", id.replace('-', "")),
+        created_at: now_secs(),
+        last_used_at: None,
+        revoked_at: None,
+        admin,
+    }
+}
+
+#[tokio::test]
+async fn api_keys_admin_flag_listing_and_last_use() {
+    for db in backends().await {
+        let s = &db.store;
+        s.insert_api_key(&api_key("key-a", false)).await.unwrap();
+        s.insert_api_key(&api_key("key-z", true)).await.unwrap();
+        // The hash is unique: a second row for the same token is a conflict.
+        assert!(matches!(
+            s.insert_api_key(&ApiKeyRecord {
+                id: "key-dup".into(),
+                ..api_key("key-a", false)
+            })
+            .await,
+            Err(Error::Conflict(_))
+        ));
+        let admin = s
+            .find_api_key(&api_key("key-z", true).token_sha256)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(admin.admin);
+        s.touch_api_key("key-a", 1234).await.unwrap();
+        s.revoke_api_key("key-z").await.unwrap();
+        let all = s.list_api_keys().await.unwrap();
+        let ids: Vec<_> = all.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, ["key-a", "key-z"]);
+        assert_eq!(all[0].last_used_at, Some(1234));
+        assert!(!all[0].admin && all[0].revoked_at.is_none());
+        assert!(all[1].admin && all[1].revoked_at.is_some());
+        // A revoked key is still listed but no longer found.
+        assert_eq!(s.find_api_key(&all[1].token_sha256).await.unwrap(), None);
+        assert!(s.has_live_api_keys().await.unwrap());
+    }
+}
+
+/// Every owner-scoped read treats another owner's row as absent; `None` reads all.
+#[tokio::test]
+async fn rows_are_filtered_by_owner() {
+    for db in backends().await {
+        let s = &db.store;
+        s.insert_api_key(&api_key("key-a", false)).await.unwrap();
+        s.insert_api_key(&api_key("key-b", false)).await.unwrap();
+        let owned = |id: &str, owner: Option<&str>| NewFile {
+            api_key_id: owner.map(str::to_string),
+            ..file(id, "fine-tune")
+        };
+        s.insert_file(&owned("file-a1", Some("key-a")))
+            .await
+            .unwrap();
+        s.insert_file(&owned("file-a2", Some("key-a")))
+            .await
+            .unwrap();
+        s.insert_file(&owned("file-b1", Some("key-b")))
+            .await
+            .unwrap();
+        s.insert_file(&owned("file-n", None)).await.unwrap();
+        assert_eq!(
+            s.get_file("file-a1")
+                .await
+                .unwrap()
+                .unwrap()
+                .api_key_id
+                .as_deref(),
+            Some("key-a")
+        );
+
+        // get
+        assert!(s
+            .get_file_of("file-a1", Some("key-a"))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(s
+            .get_file_of("file-a1", Some("key-b"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s
+            .get_file_of("file-n", Some("key-a"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s.get_file_of("file-a1", None).await.unwrap().is_some());
+
+        // list, and a cursor naming another owner's file is refused like an unknown one
+        let list = |owner: Option<&str>, after: Option<&str>| ListFiles {
+            after: after.map(str::to_string),
+            limit: 100,
+            order: Order::Desc,
+            purpose: None,
+            owner: owner.map(str::to_string),
+        };
+        let ids = |p: Page<FileRecord>| p.data.into_iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_files(&list(Some("key-a"), None)).await.unwrap()),
+            ["file-a2", "file-a1"]
+        );
+        assert_eq!(
+            ids(s
+                .list_files(&list(Some("key-a"), Some("file-a2")))
+                .await
+                .unwrap()),
+            ["file-a1"]
+        );
+        assert!(matches!(
+            s.list_files(&list(Some("key-a"), Some("file-b1"))).await,
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(ids(s.list_files(&list(None, None)).await.unwrap()).len(), 4);
+
+        // delete
+        assert_eq!(
+            s.delete_file_of("file-a1", Some("key-b")).await.unwrap(),
+            DeleteFile::NotFound
+        );
+        assert!(s.get_file("file-a1").await.unwrap().is_some());
+        assert!(matches!(
+            s.delete_file_of("file-a1", Some("key-a")).await.unwrap(),
+            DeleteFile::Deleted(_)
+        ));
+
+        // jobs
+        let owned_job = |id: &str, owner: Option<&str>| NewJob {
+            api_key_id: owner.map(str::to_string),
+            ..job(id, "file-a2")
+        };
+        s.insert_job(&owned_job("ftjob-a", Some("key-a")))
+            .await
+            .unwrap();
+        s.insert_job(&owned_job("ftjob-b", Some("key-b")))
+            .await
+            .unwrap();
+        s.insert_job(&owned_job("ftjob-n", None)).await.unwrap();
+        assert!(s
+            .get_job_of("ftjob-a", Some("key-a"))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(s
+            .get_job_of("ftjob-a", Some("key-b"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s
+            .get_job_of("ftjob-n", Some("key-b"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s.get_job_of("ftjob-b", None).await.unwrap().is_some());
+        let job_ids = |p: Page<JobRecord>| p.data.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(
+            job_ids(s.list_jobs_of(None, 10, None, Some("key-b")).await.unwrap()),
+            ["ftjob-b"]
+        );
+        assert_eq!(
+            job_ids(s.list_jobs_of(None, 10, None, None).await.unwrap()),
+            ["ftjob-n", "ftjob-b", "ftjob-a"]
+        );
+        assert!(matches!(
+            s.list_jobs_of(Some("ftjob-a"), 10, None, Some("key-b"))
+                .await,
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(
+            job_ids(
+                s.list_jobs_of(None, 10, Some(JobStatus::Queued), Some("key-a"))
+                    .await
+                    .unwrap()
+            ),
+            ["ftjob-a"]
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 use super::{ApiError, ApiResult};
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::inference::{self, ResolveError};
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
@@ -109,7 +110,12 @@ fn now() -> i64 {
     loraforge_store::now_secs()
 }
 
-async fn complete(state: AppState, req: Request, chat: bool) -> ApiResult<Response> {
+async fn complete(
+    state: AppState,
+    who: Principal,
+    req: Request,
+    chat: bool,
+) -> ApiResult<Response> {
     let model = req
         .model
         .clone()
@@ -139,7 +145,7 @@ async fn complete(state: AppState, req: Request, chat: bool) -> ApiResult<Respon
         return Err(ApiError::bad_request("top_p must be in (0, 1]").param("top_p"));
     }
     let stop = stops(&req.stop)?;
-    let resolved = inference::resolve(&state, &model)
+    let resolved = inference::resolve(&state, &model, who.owner_filter())
         .await
         .map_err(|e| match e {
             ResolveError::NotFound => {
@@ -323,15 +329,17 @@ fn parse(body: &[u8]) -> ApiResult<Request> {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
+    who: Principal,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    complete(state, parse(&body)?, true).await
+    complete(state, who, parse(&body)?, true).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<AppState>,
+    who: Principal,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    complete(state, parse(&body)?, false).await
+    complete(state, who, parse(&body)?, false).await
 }

@@ -64,6 +64,8 @@ impl ApiError {
         Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, message).code("unsupported_media_type")
     }
 
+    /// A missing, wrong or revoked API key. The same answer for each, so that it
+    /// tells nothing about which keys exist.
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -92,8 +94,8 @@ impl ApiError {
     }
 
     fn kind(&self) -> &'static str {
+        // OpenAI answers a bad key with `invalid_request_error` / `invalid_api_key`.
         match self.status.as_u16() {
-            401 => "authentication_error",
             500.. => "server_error",
             _ => "invalid_request_error",
         }
@@ -126,6 +128,10 @@ impl IntoResponse for ApiError {
             }
         });
         let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
         if self.status == StatusCode::CONFLICT {
             // The openai client retries 409s unless told not to; a conflict here
             // (a file in use) will not resolve itself within its retry window.

@@ -2,6 +2,7 @@
 
 use super::{ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::upload::{self, ReceiveError, Received};
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
@@ -129,6 +130,7 @@ fn receive_error(e: ReceiveError) -> ApiError {
 /// or the raw body (`curl --data-binary @train.jsonl`) with `?filename=&purpose=`.
 pub async fn create(
     State(state): State<AppState>,
+    who: Principal,
     ApiQuery(params): ApiQuery<UploadParams>,
     req: Request,
 ) -> ApiResult<Json<FileObject>> {
@@ -145,7 +147,7 @@ pub async fn create(
         .to_ascii_lowercase();
     let essence = ctype.split(';').next().unwrap_or("").trim().to_string();
     match essence.as_str() {
-        "multipart/form-data" => create_multipart(state, req).await,
+        "multipart/form-data" => create_multipart(state, &who, req).await,
         "application/jsonl"
         | "application/x-ndjson"
         | "application/jsonlines"
@@ -166,7 +168,7 @@ pub async fn create(
                         receive_error(e)
                     }
                 })?;
-            store(&state, received, filename, purpose).await
+            store(&state, &who, received, filename, purpose).await
         }
         _ => Err(ApiError::unsupported_media_type(format!(
             "Unsupported Content-Type {:?}: send multipart/form-data (fields `file` and \
@@ -176,7 +178,11 @@ pub async fn create(
     }
 }
 
-async fn create_multipart(state: AppState, req: Request) -> ApiResult<Json<FileObject>> {
+async fn create_multipart(
+    state: AppState,
+    who: &Principal,
+    req: Request,
+) -> ApiResult<Json<FileObject>> {
     let cap = state.settings.max_upload_bytes;
     // Count the whole body against the cap (the file part is only part of it) and
     // remember that the cap, not the client, broke the stream.
@@ -251,13 +257,14 @@ async fn create_multipart(state: AppState, req: Request) -> ApiResult<Json<FileO
     let Some(purpose) = purpose else {
         return Err(ApiError::bad_request("Missing the `purpose` field.").param("purpose"));
     };
-    store(&state, received, filename, purpose).await
+    store(&state, who, received, filename, purpose).await
 }
 
 /// Moves a received upload into blob storage, then records it. If the row cannot be
 /// written the blob is removed again.
 async fn store(
     state: &AppState,
+    who: &Principal,
     received: Received,
     filename: String,
     purpose: String,
@@ -289,6 +296,7 @@ async fn store(
         examples: Some(report.examples as i64),
         errors: (!ok).then(|| serde_json::to_string(&report.errors).unwrap_or_default()),
         created_at: now_secs(),
+        api_key_id: who.owner_id().map(str::to_string),
     };
     state
         .blobs
@@ -322,6 +330,7 @@ const MAX_LIMIT: i64 = 10_000;
 /// `GET /v1/files`: newest first, cursor-paginated with `after`.
 pub async fn list(
     State(state): State<AppState>,
+    who: Principal,
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> ApiResult<Json<ListObject<FileObject>>> {
     let limit = p.limit.unwrap_or(MAX_LIMIT);
@@ -338,6 +347,7 @@ pub async fn list(
             limit,
             order: p.order.unwrap_or_default(),
             purpose: p.purpose,
+            owner: who.owner_filter().map(str::to_string),
         })
         .await
         .map_err(|e| match e {
@@ -354,20 +364,28 @@ pub async fn list(
     }))
 }
 
-async fn get_record(state: &AppState, id: &str) -> ApiResult<FileRecord> {
-    state.store.get_file(id).await?.ok_or_else(|| {
-        ApiError::not_found(format!("No such File object: {id}"))
-            .param("file_id")
-            .code("file_not_found")
-    })
+fn file_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such File object: {id}"))
+        .param("file_id")
+        .code("file_not_found")
+}
+
+/// The file if the caller may see it; another owner's file is the same 404 as none.
+async fn get_record(state: &AppState, who: &Principal, id: &str) -> ApiResult<FileRecord> {
+    state
+        .store
+        .get_file_of(id, who.owner_filter())
+        .await?
+        .ok_or_else(|| file_not_found(id))
 }
 
 /// `GET /v1/files/{file_id}`.
 pub async fn retrieve(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<FileObject>> {
-    Ok(Json(get_record(&state, &id).await?.into()))
+    Ok(Json(get_record(&state, &who, &id).await?.into()))
 }
 
 /// A filename safe to put in a header: the last path segment, plain characters only.
@@ -392,8 +410,12 @@ fn header_filename(name: &str) -> String {
 }
 
 /// `GET /v1/files/{file_id}/content`: the bytes as uploaded, streamed.
-pub async fn content(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let f = get_record(&state, &id).await?;
+pub async fn content(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let f = get_record(&state, &who, &id).await?;
     let (size, stream) = state.blobs.get(&f.storage_key).await.map_err(|e| match e {
         // A row without its blob is damage, not a client error.
         loraforge_store::Error::NotFound => {
@@ -423,9 +445,10 @@ pub async fn content(State(state): State<AppState>, Path(id): Path<String>) -> A
 /// `DELETE /v1/files/{file_id}`: refused (409) while a queued or running job uses it.
 pub async fn delete(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DeletedObject>> {
-    match state.store.delete_file(&id).await? {
+    match state.store.delete_file_of(&id, who.owner_filter()).await? {
         DeleteFile::Deleted(f) => {
             if let Err(e) = state.blobs.delete(&f.storage_key).await {
                 // The row is gone, so the file is deleted as far as anyone can see;
@@ -438,9 +461,7 @@ pub async fn delete(
                 deleted: true,
             }))
         }
-        DeleteFile::NotFound => Err(ApiError::not_found(format!("No such File object: {id}"))
-            .param("file_id")
-            .code("file_not_found")),
+        DeleteFile::NotFound => Err(file_not_found(&id)),
         DeleteFile::InUse(job) => Err(ApiError::conflict(format!(
             "File {id} is used by fine-tuning job {job}, which is queued or running; \
              cancel the job or wait for it to finish."

@@ -3,6 +3,7 @@
 
 use super::{ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
+use crate::auth::Principal;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -212,15 +213,18 @@ fn bad_file(param: &'static str, msg: String) -> ApiError {
     ApiError::bad_request(msg).param(param).code("invalid_file")
 }
 
+/// A file the job may train on: the caller's own (another owner's reads as missing),
+/// processed, for fine-tuning, and of a format that fits the task.
 async fn check_file(
     state: &AppState,
+    who: &Principal,
     id: &str,
     param: &'static str,
     task: Task,
 ) -> ApiResult<loraforge_store::FileRecord> {
     let f = state
         .store
-        .get_file(id)
+        .get_file_of(id, who.owner_filter())
         .await?
         .ok_or_else(|| bad_file(param, format!("File {id} not found.")))?;
     if f.status != "processed" {
@@ -319,6 +323,7 @@ async fn check_labels(
 /// `POST /v1/fine_tuning/jobs`.
 pub async fn create(
     State(state): State<AppState>,
+    who: Principal,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
@@ -329,7 +334,11 @@ pub async fn create(
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     if let Some(key) = &idem {
-        if let Some(j) = state.store.find_job_by_idempotency_key(None, key).await? {
+        if let Some(j) = state
+            .store
+            .find_job_by_idempotency_key(who.owner_id(), key)
+            .await?
+        {
             return Ok(Json(job_object(&j)));
         }
     }
@@ -388,9 +397,9 @@ pub async fn create(
     let training_file = req
         .training_file
         .ok_or_else(|| ApiError::bad_request("training_file is required").param("training_file"))?;
-    let train_rec = check_file(&state, &training_file, "training_file", task).await?;
+    let train_rec = check_file(&state, &who, &training_file, "training_file", task).await?;
     let valid_rec = match &req.validation_file {
-        Some(v) => Some(check_file(&state, v, "validation_file", task).await?),
+        Some(v) => Some(check_file(&state, &who, v, "validation_file", task).await?),
         None => None,
     };
     if task == Task::SequenceClassification {
@@ -425,7 +434,7 @@ pub async fn create(
     let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
     let new = NewJob {
         id: id.clone(),
-        api_key_id: None,
+        api_key_id: who.owner_id().map(str::to_string),
         model,
         training_file,
         validation_file: req.validation_file,
@@ -441,7 +450,7 @@ pub async fn create(
         Err(e) => match &idem {
             Some(key) => state
                 .store
-                .find_job_by_idempotency_key(None, key)
+                .find_job_by_idempotency_key(who.owner_id(), key)
                 .await?
                 .ok_or_else(|| ApiError::from(e))?,
             None => return Err(e.into()),
@@ -539,6 +548,7 @@ pub struct ListParams {
 /// only jobs whose metadata has every one of those values.
 pub async fn list(
     State(state): State<AppState>,
+    who: Principal,
     ApiQuery(q): ApiQuery<ListParams>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> ApiResult<Json<Value>> {
@@ -581,10 +591,11 @@ pub async fn list(
     loop {
         let page = state
             .store
-            .list_jobs(
+            .list_jobs_of(
                 after.as_deref(),
                 if wanted.is_empty() { limit } else { 100 },
                 status,
+                who.owner_filter(),
             )
             .await?;
         after = page.data.last().map(|j| j.id.clone());
@@ -612,28 +623,35 @@ pub async fn list(
     })))
 }
 
-async fn get_job(state: &AppState, id: &str) -> ApiResult<JobRecord> {
-    state.store.get_job(id).await?.ok_or_else(|| {
-        ApiError::not_found(format!("No such fine-tuning job: {id}"))
-            .param("fine_tuning_job_id")
-            .code("job_not_found")
-    })
+/// The job if the caller may see it; another owner's job is the same 404 as none.
+async fn get_job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRecord> {
+    state
+        .store
+        .get_job_of(id, who.owner_filter())
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("No such fine-tuning job: {id}"))
+                .param("fine_tuning_job_id")
+                .code("job_not_found")
+        })
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}`.
 pub async fn retrieve(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(job_object(&get_job(&state, &id).await?)))
+    Ok(Json(job_object(&get_job(&state, &who, &id).await?)))
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`.
 pub async fn cancel(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let before = get_job(&state, &id).await?;
+    let before = get_job(&state, &who, &id).await?;
     if before.status().is_some_and(|s| s.is_terminal()) {
         return Err(
             ApiError::bad_request(format!("Job {id} has already {}.", before.status))
@@ -676,9 +694,10 @@ async fn note(state: &AppState, job: &JobRecord, message: &str) -> ApiResult<()>
 /// step and stops; a queued one is held. Either way no worker takes it until resumed.
 pub async fn pause(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let before = get_job(&state, &id).await?;
+    let before = get_job(&state, &who, &id).await?;
     if before.status().is_some_and(|s| s.is_terminal()) {
         return Err(
             ApiError::bad_request(format!("Job {id} has already {}.", before.status))
@@ -705,9 +724,10 @@ pub async fn pause(
 /// from the checkpoint it paused at.
 pub async fn resume(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let before = get_job(&state, &id).await?;
+    let before = get_job(&state, &who, &id).await?;
     if before.paused_at.is_none() {
         return Err(
             ApiError::bad_request(format!("Job {id} is not paused.")).code("job_not_paused")
@@ -748,11 +768,12 @@ fn event_seq(id: &str) -> Option<i64> {
 /// replays what follows `Last-Event-ID`, then follows live, then ends with `done`.
 pub async fn events(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventParams>,
 ) -> ApiResult<Response> {
-    get_job(&state, &id).await?;
+    get_job(&state, &who, &id).await?;
     let wants_sse = q.stream.unwrap_or(false)
         || headers
             .get(header::ACCEPT)
@@ -902,9 +923,10 @@ pub fn fine_tuned_name(job: &JobRecord) -> String {
 /// `GET /v1/fine_tuning/jobs/{id}/checkpoints`, newest first.
 pub async fn checkpoints(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let job = get_job(&state, &id).await?;
+    let job = get_job(&state, &who, &id).await?;
     let list = state.store.list_checkpoints(&id).await?;
     Ok(Json(json!({
         "object": "list",
@@ -932,11 +954,12 @@ pub fn adapter_key(job_id: &str, format: &str) -> String {
 /// `?format=safetensors` the tensor file alone.
 pub async fn adapter(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<AdapterParams>,
 ) -> ApiResult<Response> {
-    let job = get_job(&state, &id).await?;
+    let job = get_job(&state, &who, &id).await?;
     if job.status != "succeeded" {
         return Err(ApiError::conflict(format!(
             "Job {id} has no adapter (status {}).",
@@ -1061,10 +1084,11 @@ pub struct CheckpointPath {
 /// can be tried or kept without the optimizer state that resuming needs.
 pub async fn checkpoint_adapter(
     State(state): State<AppState>,
+    who: Principal,
     Path(p): Path<CheckpointPath>,
     ApiQuery(q): ApiQuery<AdapterParams>,
 ) -> ApiResult<Response> {
-    get_job(&state, &p.fine_tuning_job_id).await?;
+    get_job(&state, &who, &p.fine_tuning_job_id).await?;
     let format = q.format.as_deref().unwrap_or("zip");
     if format != "zip" && format != "safetensors" {
         return Err(ApiError::bad_request("format must be zip or safetensors").param("format"));

@@ -16,13 +16,11 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
 use axum::handler::Handler;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 /// The contract, served at `GET /openapi.yaml`.
 pub const OPENAPI_YAML: &str = include_str!("../../../../openapi.yaml");
@@ -123,29 +121,6 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
         // streaming; axum's 2 MB default would cut uploads short.
         .layer(DefaultBodyLimit::disable());
     (router, r.table)
-}
-
-/// Requires the configured API key on `/v1` routes (health and the spec stay open).
-pub async fn require_api_key(
-    State(state): State<AppState>,
-    req: axum::extract::Request,
-    next: Next,
-) -> Response {
-    if let Some(key) = &state.settings.api_key {
-        if req.uri().path().starts_with("/v1/") {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            // Comparing digests keeps the comparison's timing independent of the key.
-            if Sha256::digest(given.as_bytes()) != Sha256::digest(key.as_bytes()) {
-                return ApiError::unauthorized().into_response();
-            }
-        }
-    }
-    next.run(req).await
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

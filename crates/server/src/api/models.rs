@@ -2,6 +2,7 @@
 
 use super::{ApiError, ApiResult};
 use crate::app::AppState;
+use crate::auth::Principal;
 use axum::extract::{Path, State};
 use axum::Json;
 use loraforge_trainer::registry::{self, ModelInfo};
@@ -73,18 +74,19 @@ pub async fn scan_infos(state: &AppState) -> ApiResult<Vec<ModelInfo>> {
         .map_err(ApiError::internal)
 }
 
-/// Base models, then the adapters of succeeded jobs as `ft:...` models.
-async fn scan(state: &AppState) -> ApiResult<Vec<ModelObject>> {
+/// Base models, then the adapters of the caller's succeeded jobs as `ft:...` models.
+async fn scan(state: &AppState, who: &Principal) -> ApiResult<Vec<ModelObject>> {
     let bases = scan_infos(state).await?;
     let mut out: Vec<ModelObject> = bases.iter().map(model_object).collect();
     let mut after: Option<String> = None;
     loop {
         let page = state
             .store
-            .list_jobs(
+            .list_jobs_of(
                 after.as_deref(),
                 100,
                 Some(loraforge_store::JobStatus::Succeeded),
+                who.owner_filter(),
             )
             .await?;
         for j in &page.data {
@@ -120,19 +122,20 @@ async fn scan(state: &AppState) -> ApiResult<Vec<ModelObject>> {
 }
 
 /// `GET /v1/models`.
-pub async fn list(State(state): State<AppState>) -> ApiResult<Json<ModelList>> {
+pub async fn list(State(state): State<AppState>, who: Principal) -> ApiResult<Json<ModelList>> {
     Ok(Json(ModelList {
         object: "list",
-        data: scan(&state).await?,
+        data: scan(&state, &who).await?,
     }))
 }
 
 /// `GET /v1/models/{model}`.
 pub async fn retrieve(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelObject>> {
-    scan(&state)
+    scan(&state, &who)
         .await?
         .into_iter()
         .find(|m| m.id == id)

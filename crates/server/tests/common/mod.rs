@@ -38,6 +38,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(backend: Backend, extra: &[&str]) -> TestServer {
+        Self::start_on(backend, "127.0.0.1", extra).await
+    }
+
+    /// [`TestServer::start`] listening on `host` (e.g. `0.0.0.0`); requests still go to
+    /// 127.0.0.1.
+    pub async fn start_on(backend: Backend, host: &str, extra: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let models = dir.path().join("models");
@@ -55,7 +61,7 @@ impl TestServer {
                 (pg.url().to_string(), Some(pg))
             }
         };
-        let (child, base, logs) = launch(&data, &models, backend, &database_url, extra);
+        let (child, base, logs) = launch(&data, &models, backend, &database_url, host, extra);
         let server = TestServer {
             child,
             base,
@@ -119,6 +125,43 @@ impl TestServer {
             .unwrap()
     }
 
+    /// Runs `loraforge keys <args>` against this server's database.
+    pub fn keys(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = loraforge();
+        cmd.arg("keys")
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir());
+        if self.backend == Backend::Postgres {
+            cmd.arg("--database-url").arg(&self.database_url);
+        }
+        cmd.stdin(Stdio::null())
+            .output()
+            .expect("run loraforge keys")
+    }
+
+    /// Creates a key with `loraforge keys create` and returns it.
+    pub fn create_key(&self, name: &str, admin: bool) -> String {
+        let mut args = vec!["create", "--name", name];
+        if admin {
+            args.push("--admin");
+        }
+        let out = self.keys(&args);
+        assert!(
+            out.status.success(),
+            "keys create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "keys create prints the key alone: {stdout:?}"
+        );
+        lines[0].to_string()
+    }
+
     /// Kills the server with SIGKILL (no cleanup, as a crash would) and starts a new
     /// one on the same data directory and database.
     pub async fn crash_and_restart(&mut self, extra: &[&str]) {
@@ -129,6 +172,7 @@ impl TestServer {
             &self.models_dir(),
             self.backend,
             &self.database_url.clone(),
+            "127.0.0.1",
             extra,
         );
         self.child = child;
@@ -153,32 +197,52 @@ impl TestServer {
     }
 }
 
+/// The `loraforge` binary with none of the caller's `LORAFORGE_*` variables: the
+/// tests' own configuration only.
+pub fn loraforge() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LORAFORGE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// `loraforge serve` on `host`, a free port, and the given state.
+pub fn serve_command(
+    data: &Path,
+    models: &Path,
+    database_url: Option<&str>,
+    host: &str,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = loraforge();
+    cmd.args(["serve", "--host", host, "--port", "0"])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--models-dir")
+        .arg(models)
+        .args(["--log", "info,loraforge=debug"]);
+    if let Some(url) = database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    cmd.args(extra);
+    cmd
+}
+
 /// Starts `loraforge serve` on a free port and waits for its address line.
 fn launch(
     data: &Path,
     models: &Path,
     backend: Backend,
     database_url: &str,
+    host: &str,
     extra: &[&str],
 ) -> (Child, String, Arc<Mutex<String>>) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
-    // The tests' own configuration only: nothing from the caller's environment.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LORAFORGE_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--models-dir")
-        .arg(models)
-        .args(["--log", "info,loraforge=debug"]);
-    if backend == Backend::Postgres {
-        cmd.arg("--database-url").arg(database_url);
-    }
-    cmd.args(extra)
-        .stdin(Stdio::null())
+    let url = (backend == Backend::Postgres).then_some(database_url);
+    let mut cmd = serve_command(data, models, url, host, extra);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn loraforge");
@@ -206,7 +270,8 @@ fn launch(
     let base = line
         .strip_prefix("loraforge listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+        // A wildcard bind is reached through loopback.
+        .replace("//0.0.0.0:", "//127.0.0.1:");
     (child, base, logs)
 }
 

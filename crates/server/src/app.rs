@@ -35,6 +35,14 @@ pub struct Settings {
     pub models_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub min_examples: u64,
+    /// Largest JSON request body.
+    pub max_json_bytes: usize,
+    /// Most queued or running jobs per owner (0: no cap).
+    pub max_active_jobs_per_owner: u64,
+    /// Most stored file bytes per owner (0: no cap).
+    pub max_stored_bytes_per_owner: u64,
+    /// Longest time to a response head (zero: none).
+    pub request_timeout: std::time::Duration,
 }
 
 pub fn init_tracing(log: &LogArgs) -> anyhow::Result<()> {
@@ -266,6 +274,10 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
             state.clone(),
             crate::auth::require_api_key,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::request_timeout,
+        ))
         .with_state(state)
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -319,6 +331,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             models_dir: args.models_dir.clone(),
             max_upload_bytes: args.max_upload_bytes,
             min_examples: args.min_examples,
+            max_json_bytes: args.max_json_bytes,
+            max_active_jobs_per_owner: args.max_active_jobs_per_owner,
+            max_stored_bytes_per_owner: args.max_stored_bytes_per_owner,
+            request_timeout: std::time::Duration::from_secs(args.request_timeout_seconds),
         }),
         auth: auth.clone(),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
@@ -419,6 +435,10 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
             models_dir: args.models_dir.clone(),
             max_upload_bytes: 0,
             min_examples: 1,
+            max_json_bytes: 0,
+            max_active_jobs_per_owner: 0,
+            max_stored_bytes_per_owner: 0,
+            request_timeout: std::time::Duration::ZERO,
         }),
         auth: Arc::new(Auth::disabled()),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),

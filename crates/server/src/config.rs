@@ -50,6 +50,23 @@ pub struct ServeArgs {
     /// Fewest examples a training file must hold to be `processed`.
     #[arg(long, env = "LORAFORGE_MIN_EXAMPLES", default_value_t = 1)]
     pub min_examples: u64,
+    /// Largest JSON request body (job creation, chat), in bytes.
+    #[arg(long, env = "LORAFORGE_MAX_JSON_BYTES", default_value_t = 4 << 20)]
+    pub max_json_bytes: usize,
+    /// Most queued or running jobs one owner (API key) may have; 0 is no limit.
+    #[arg(long, env = "LORAFORGE_MAX_ACTIVE_JOBS_PER_OWNER", default_value_t = 0)]
+    pub max_active_jobs_per_owner: u64,
+    /// Most bytes of files one owner (API key) may store; 0 is no limit.
+    #[arg(
+        long,
+        env = "LORAFORGE_MAX_STORED_BYTES_PER_OWNER",
+        default_value_t = 0
+    )]
+    pub max_stored_bytes_per_owner: u64,
+    /// Seconds a request may take to produce its response (uploads and the bodies of
+    /// streams excepted); 0 is no limit.
+    #[arg(long, env = "LORAFORGE_REQUEST_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub request_timeout_seconds: u64,
     /// Origins allowed by CORS, comma-separated (`*` for any); none by default.
     #[arg(long, env = "LORAFORGE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

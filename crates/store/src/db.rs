@@ -238,6 +238,41 @@ impl Store {
         }))
     }
 
+    /// Queued or running jobs of one owner (`None`: the rows made without a key), for
+    /// the per-owner cap on active jobs.
+    pub async fn count_active_jobs(&self, owner: Option<&str>) -> Result<i64> {
+        let sql = match owner {
+            None => "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND api_key_id IS NULL",
+            Some(_) => "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND api_key_id = $1",
+        };
+        Ok(on_pool!(self, p => {
+            let mut q = sqlx::query_scalar::<_, i64>(sql);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            q.fetch_one(p).await?
+        }))
+    }
+
+    /// Bytes of the files one owner stores (`None`: the rows made without a key).
+    pub async fn stored_bytes(&self, owner: Option<&str>) -> Result<i64> {
+        let sql = match owner {
+            None => {
+                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE api_key_id IS NULL"
+            }
+            Some(_) => {
+                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE api_key_id = $1"
+            }
+        };
+        Ok(on_pool!(self, p => {
+            let mut q = sqlx::query_scalar::<_, i64>(sql);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            q.fetch_one(p).await?
+        }))
+    }
+
     /// The `seq` of the row a pagination cursor names: `after` must be an existing id (the
     /// last item of the previous page) of `owner`'s (when given), else [`Error::Invalid`].
     async fn cursor_seq(&self, table: Table, after: &str, owner: Option<&str>) -> Result<i64> {

@@ -330,8 +330,9 @@ fn parse(body: &[u8]) -> ApiResult<Request> {
 pub async fn chat_completions(
     State(state): State<AppState>,
     who: Principal,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
+    let body = super::json_body(&state, body).await?;
     complete(state, who, parse(&body)?, true).await
 }
 
@@ -339,7 +340,8 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<AppState>,
     who: Principal,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
+    let body = super::json_body(&state, body).await?;
     complete(state, who, parse(&body)?, false).await
 }

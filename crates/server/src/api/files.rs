@@ -298,6 +298,24 @@ async fn store(
         created_at: now_secs(),
         api_key_id: who.owner_id().map(str::to_string),
     };
+    let quota = state.settings.max_stored_bytes_per_owner;
+    if quota > 0 {
+        let used = state.store.stored_bytes(who.owner_id()).await?.max(0) as u64;
+        if used + received.bytes > quota {
+            // Dropping `received` removes its temp file: nothing is kept.
+            return Err(ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "Storing these {} bytes would bring this key's files to {} bytes, over its \
+                     quota of {quota} (--max-stored-bytes-per-owner); delete files to make room.",
+                    received.bytes,
+                    used + received.bytes
+                ),
+            )
+            .param("file")
+            .code("storage_quota_exceeded"));
+        }
+    }
     state
         .blobs
         .commit(received.upload, &key)

@@ -325,8 +325,9 @@ pub async fn create(
     State(state): State<AppState>,
     who: Principal,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
+    let body = super::json_body(&state, body).await?;
     let req: CreateJob = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
     let idem = headers
@@ -429,6 +430,20 @@ pub async fn create(
                 "suffix must be at most 64 characters of [A-Za-z0-9_-]",
             )
             .param("suffix"));
+        }
+    }
+    let cap = state.settings.max_active_jobs_per_owner;
+    if cap > 0 {
+        let n = state.store.count_active_jobs(who.owner_id()).await?;
+        if n as u64 >= cap {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This key already has {n} queued or running jobs, the most allowed \
+                     (--max-active-jobs-per-owner {cap}); wait for one to finish or cancel one."
+                ),
+            )
+            .code("too_many_active_jobs"));
         }
     }
     let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());

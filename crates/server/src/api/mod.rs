@@ -16,7 +16,8 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
 use axum::handler::Handler;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -117,10 +118,53 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
         .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Only the upload route reads a body, and it enforces its own cap while
-        // streaming; axum's 2 MB default would cut uploads short.
+        // The upload route streams under its own cap and JSON routes read through
+        // `json_body` under theirs; axum's 2 MB default would cut uploads short.
         .layer(DefaultBodyLimit::disable());
     (router, r.table)
+}
+
+/// Reads a JSON request body of at most `--max-json-bytes`; a bigger one is a 413
+/// before more than the cap is read.
+pub async fn json_body(state: &AppState, body: axum::body::Body) -> ApiResult<bytes::Bytes> {
+    let cap = state.settings.max_json_bytes;
+    axum::body::to_bytes(body, cap).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body exceeds the maximum of {cap} bytes for JSON requests."),
+        )
+        .code("request_too_large")
+    })
+}
+
+/// Bounds the time a request takes to produce its response head. Streamed bodies (SSE,
+/// downloads, streamed chat) flow on after the head and are not cut; uploads read their
+/// whole body before answering, so `POST /v1/files` is exempt.
+pub async fn request_timeout(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    bounded(state.settings.request_timeout, req, next).await
+}
+
+async fn bounded(limit: std::time::Duration, req: axum::extract::Request, next: Next) -> Response {
+    let upload = req.method() == Method::POST && req.uri().path() == "/v1/files";
+    if limit.is_zero() || upload {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "The request took longer than {} s (--request-timeout-seconds).",
+                limit.as_secs()
+            ),
+        )
+        .code("timeout")
+        .into_response(),
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -212,5 +256,46 @@ mod tests {
             extra.is_empty(),
             "openapi.yaml describes unknown routes: {extra:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    async fn slow() -> &'static str {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        "done"
+    }
+
+    fn app() -> Router {
+        Router::new()
+            .route("/slow", get(slow))
+            .route("/v1/files", post(slow))
+            .layer(axum::middleware::from_fn(|req, next| {
+                bounded(Duration::from_millis(100), req, next)
+            }))
+    }
+
+    fn req(m: Method, p: &str) -> axum::http::Request<axum::body::Body> {
+        axum::http::Request::builder()
+            .method(m)
+            .uri(p)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn slow_requests_time_out_but_uploads_do_not() {
+        let r = app().oneshot(req(Method::GET, "/slow")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "timeout", "{v}");
+        let r = app().oneshot(req(Method::POST, "/v1/files")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
     }
 }

@@ -175,6 +175,30 @@ struct Run<'a> {
     valid_loss: Option<f64>,
     /// Classification: the latest validation accuracy and macro-F1.
     valid_scores: Option<(f64, Option<f64>)>,
+    /// How long a store write is retried while the database is unreachable: the lease.
+    patience: Duration,
+}
+
+/// Runs a store call again while the database is unreachable, for up to `patience` (the
+/// lease): an outage shorter than the lease costs a running job nothing. Other errors,
+/// and an outage that outlasts the lease, are returned.
+async fn patient<T, F, Fut>(patience: Duration, mut call: F) -> loraforge_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = loraforge_store::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "database unavailable; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
 }
 
 impl Run<'_> {
@@ -186,11 +210,11 @@ impl Run<'_> {
         data: Option<serde_json::Value>,
     ) -> anyhow::Result<Fed> {
         let data = data.map(|d| d.to_string());
-        match self
-            .state
-            .store
-            .append_job_event(self.lease, level, kind, &message, data.as_deref())
-            .await
+        let store = &self.state.store;
+        match patient(self.patience, || {
+            store.append_job_event(self.lease, level, kind, &message, data.as_deref())
+        })
+        .await
         {
             Ok(_) => Ok(Fed::Ok),
             Err(e) if e.is_lease_lost() => Ok(Fed::LeaseLost),
@@ -224,11 +248,12 @@ impl Run<'_> {
                     "tokens_per_second": m.tokens_per_second,
                     "eta_seconds": m.eta_seconds,
                 });
-                match self
-                    .state
-                    .store
-                    .update_job_progress(self.lease, &progress.to_string())
-                    .await
+                let progress_text = progress.to_string();
+                let store = &self.state.store;
+                match patient(self.patience, || {
+                    store.update_job_progress(self.lease, &progress_text)
+                })
+                .await
                 {
                     Ok(()) => {}
                     Err(e) if e.is_lease_lost() => return Ok(Fed::LeaseLost),
@@ -297,7 +322,8 @@ impl Run<'_> {
                 // Into the blob store before the row: a row always names a whole checkpoint,
                 // which any worker (on any machine) can resume from.
                 upload_checkpoint(self.state, dir, &c.storage_key).await?;
-                self.state.store.insert_checkpoint(&c).await?;
+                let store = &self.state.store;
+                patient(self.patience, || store.insert_checkpoint(&c)).await?;
                 Ok(Fed::Ok)
             }
         }
@@ -404,6 +430,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         job_id: job.id.clone(),
         valid_loss: None,
         valid_scores: None,
+        patience: cfg.lease,
     };
     let mut lost = false;
     let mut cancel_requested = false;
@@ -477,7 +504,11 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                 format!("Job paused after step {step}")
             };
             run.event("info", "message", msg, None).await?;
-            match state.store.release_job(&lease, !shutting_down).await {
+            match patient(run.patience, || {
+                state.store.release_job(&lease, !shutting_down)
+            })
+            .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_lease_lost() => Ok(()),
                 Err(e) => Err(e.into()),
@@ -489,10 +520,8 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                 Err(e) => {
                     let msg = format!("storing the adapter failed: {e:#}");
                     run.event("error", "message", msg.clone(), None).await?;
-                    state
-                        .store
-                        .finish_job(&lease, &fail("artifact_upload_failed", msg))
-                        .await?;
+                    let outcome = fail("artifact_upload_failed", msg);
+                    patient(run.patience, || state.store.finish_job(&lease, &outcome)).await?;
                     return Ok(());
                 }
             };
@@ -511,16 +540,11 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                 None,
             )
             .await?;
-            state
-                .store
-                .finish_job(
-                    &lease,
-                    &JobOutcome::Succeeded {
-                        fine_tuned_model: name,
-                        result: Some(artifacts.to_string()),
-                    },
-                )
-                .await?;
+            let outcome = JobOutcome::Succeeded {
+                fine_tuned_model: name,
+                result: Some(artifacts.to_string()),
+            };
+            patient(run.patience, || state.store.finish_job(&lease, &outcome)).await?;
             Ok(())
         }
         Err(e) => {
@@ -536,7 +560,8 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
             let msg = e.to_string();
             run.event("error", "message", format!("Training failed: {msg}"), None)
                 .await?;
-            state.store.finish_job(&lease, &fail(code, msg)).await?;
+            let outcome = fail(code, msg);
+            patient(run.patience, || state.store.finish_job(&lease, &outcome)).await?;
             Ok(())
         }
     }
@@ -545,10 +570,11 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
 async fn finish_cancelled(run: &Run<'_>, lease: &Lease) -> anyhow::Result<()> {
     run.event("info", "message", "Job cancelled".into(), None)
         .await?;
-    run.state
-        .store
-        .finish_job(lease, &JobOutcome::Cancelled)
-        .await?;
+    let store = &run.state.store;
+    patient(run.patience, || {
+        store.finish_job(lease, &JobOutcome::Cancelled)
+    })
+    .await?;
     Ok(())
 }
 

@@ -122,7 +122,8 @@ impl Store {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
+                // Short enough that requests during an outage get their 503 promptly.
+                .acquire_timeout(Duration::from_secs(5))
                 .connect(url)
                 .await?;
             tracing::debug!(url = %Redacted(url), "connected to PostgreSQL");

@@ -44,6 +44,28 @@ impl Error {
         matches!(self, Error::LeaseLost { .. })
     }
 
+    /// True when the database could not be reached (refused or dropped connections,
+    /// no connection within the pool's timeout, a server shutting down or starting):
+    /// a condition that passes, unlike a failed query.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // SQLSTATE class 08 (connection exception); 57P01-57P03 (admin
+                // shutdown, crash shutdown, cannot connect now).
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// True when SQLite reported `SQLITE_BUSY`/`SQLITE_LOCKED`: the one failure
     /// our transaction discipline is meant to make impossible, so tests look for it.
     pub fn is_busy(&self) -> bool {

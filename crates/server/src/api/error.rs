@@ -109,6 +109,14 @@ impl From<loraforge_store::Error> for ApiError {
             E::NotFound => ApiError::not_found("Not found."),
             E::Conflict(m) => ApiError::conflict(m),
             E::Invalid(m) => ApiError::bad_request(m),
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The database is unavailable; retry shortly.",
+                )
+                .code("database_unavailable")
+            }
             e => ApiError::internal(e),
         }
     }

@@ -970,3 +970,55 @@ async fn server_errors_are_logged_with_the_request_id_and_stay_vague() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A crash in the middle of an upload leaves no file row, and the next start sweeps the
+/// temp file it was writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_upload_leaves_no_row_and_the_temp_file_is_swept() {
+    for backend in backends() {
+        let mut s = TestServer::start(backend, &[]).await;
+        // 8 MiB of lines, then the client stalls with the request still open.
+        let hasher = std::sync::Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64, 0u64)));
+        let body = reqwest::Body::wrap_stream(
+            jsonl_stream(8 << 20, hasher).chain(futures::stream::pending()),
+        );
+        let url = s.url("/v1/files?filename=big.jsonl&purpose=fine-tune");
+        let upload = tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/jsonl")
+                .body(body)
+                .send()
+                .await
+        });
+        let tmp = s.data_dir().join("tmp");
+        let t0 = Instant::now();
+        loop {
+            let written: u64 = files_under(&tmp)
+                .iter()
+                .filter_map(|f| std::fs::metadata(tmp.join(f)).ok())
+                .map(|m| m.len())
+                .sum();
+            if written >= 2 << 20 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the upload never reached the temp file"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.crash_and_restart(&[]).await;
+        assert!(
+            upload.await.unwrap().is_err(),
+            "the upload cannot have succeeded"
+        );
+        assert_nothing_left(&s).await;
+        assert!(
+            s.logs()
+                .contains("removed temp files left by an earlier run"),
+            "the start-up sweep is not logged:\n{}",
+            s.logs()
+        );
+    }
+}

@@ -505,8 +505,28 @@ async fn a_dead_workers_job_continues_from_its_checkpoint() {
     let store = s.store().await;
     let before = store.get_job(&id).await.unwrap().unwrap();
     assert_eq!(before.attempt, 1);
+    // A client following the stream before the crash...
+    let seen = read_sse(&s, &id, None, Some(5)).await;
+    let last = seen.last().unwrap().0.expect("event ids");
     s.crash_and_restart(&["--lease-seconds", "3", "--train-threads", "1"])
         .await;
+    // ...reconnects with Last-Event-ID and sees the rest, resume included, once each.
+    let rest = read_sse(&s, &id, Some(last), None).await;
+    let ids: Vec<i64> = rest.iter().filter_map(|f| f.0).collect();
+    assert!(
+        ids.first().is_some_and(|&i| i > last),
+        "replayed {last} or earlier"
+    );
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "out of order or doubled"
+    );
+    assert!(
+        rest.iter()
+            .any(|f| f.2.contains("Resumed from the step-") && f.2.contains("(attempt 2)")),
+        "the reconnected stream does not show the resume"
+    );
+    assert_eq!(rest.last().unwrap().1, "done");
 
     let done = wait_status(&s, &id, &["succeeded"], Duration::from_secs(120)).await;
     let after = store.get_job(&id).await.unwrap().unwrap();

@@ -54,7 +54,41 @@ pub fn spawn(
         let worker_id = format!("{}-{}-{i}", hostname(), std::process::id());
         handles.push(tokio::spawn(run_worker(state.clone(), cfg, worker_id)));
     }
+    if !handles.is_empty() {
+        // Not joined on shutdown: it only wakes the workers, and ends with the runtime.
+        tokio::spawn(relay_wakeups(state.clone()));
+    }
     handles
+}
+
+/// Turns the database's job announcements (PostgreSQL LISTEN/NOTIFY) into wake-ups of
+/// this process's idle workers, so a job queued through another server starts at
+/// once; polling remains the fallback, and SQLite has only that and in-process wake-ups.
+async fn relay_wakeups(state: AppState) {
+    while !state.shutdown.is_cancelled() {
+        let mut stream = match state.store.job_wakeups().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN for jobs failed; polling meanwhile");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                next = stream.next() => match next {
+                    Some(Ok(())) => state.jobs_notify.notify_waiters(),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "job listener interrupted");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
 }
 
 fn hostname() -> String {
@@ -297,7 +331,7 @@ impl Run<'_> {
                     job_id: self.job_id.clone(),
                     attempt: self.lease.attempt,
                     step: *step as i64,
-                    storage_key: checkpoint_key(&self.job_id, *step),
+                    storage_key: checkpoint_key(&self.job_id, self.lease.attempt, *step),
                     metrics: Some(
                         match self.valid_scores {
                             Some((acc, f1)) => json!({"step": step, "valid_loss": self.valid_loss,
@@ -323,8 +357,11 @@ impl Run<'_> {
                 // which any worker (on any machine) can resume from.
                 upload_checkpoint(self.state, dir, &c.storage_key).await?;
                 let store = &self.state.store;
-                patient(self.patience, || store.insert_checkpoint(&c)).await?;
-                Ok(Fed::Ok)
+                match patient(self.patience, || store.record_checkpoint(self.lease, &c)).await {
+                    Ok(()) => Ok(Fed::Ok),
+                    Err(e) if e.is_lease_lost() => Ok(Fed::LeaseLost),
+                    Err(e) => Err(e.into()),
+                }
             }
         }
     }
@@ -712,8 +749,10 @@ const CHECKPOINT_FILES: [&str; 4] = [
 ];
 
 /// Blob prefix of a job's checkpoint at `step`.
-pub fn checkpoint_key(job_id: &str, step: u64) -> String {
-    format!("jobs/{job_id}/checkpoints/step-{step}")
+pub fn checkpoint_key(job_id: &str, attempt: i64, step: u64) -> String {
+    // Per attempt, so a stale worker finishing an upload cannot overwrite the files of
+    // the attempt that replaced it.
+    format!("jobs/{job_id}/checkpoints/attempt-{attempt}/step-{step}")
 }
 
 async fn upload_checkpoint(state: &AppState, dir: &Path, key: &str) -> anyhow::Result<()> {

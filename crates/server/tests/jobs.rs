@@ -244,10 +244,9 @@ async fn job_trains_streams_and_serves_its_adapter() {
         // A checkpoint's adapter downloads as the files stored for that step.
         let ckpt_id = ckpts["data"][1]["id"].as_str().unwrap();
         let stored = |name: &str| {
-            std::fs::read(
-                s.data_dir()
-                    .join(format!("blobs/jobs/{id}/checkpoints/step-40/{name}")),
-            )
+            std::fs::read(s.data_dir().join(format!(
+                "blobs/jobs/{id}/checkpoints/attempt-1/step-40/{name}"
+            )))
             .unwrap()
         };
         let url = s.url(&format!(

@@ -49,6 +49,9 @@ impl std::fmt::Debug for Store {
 
 /// Runs `$body` with `$p` bound to whichever pool this store holds. Both arms are
 /// the same source text, type-checked once per backend.
+/// The PostgreSQL channel that announces claimable jobs.
+pub const JOBS_CHANNEL: &str = "loraforge_jobs";
+
 macro_rules! on_pool {
     ($self:expr, $p:ident => $body:expr) => {
         match &$self.pool {
@@ -406,6 +409,12 @@ impl Store {
     /// Inserts a job, `queued` and due at once (`run_at_ms` is the database's now, the
     /// clock claims compare against).
     pub async fn insert_job(&self, j: &NewJob) -> Result<JobRecord> {
+        let job = self.insert_job_row(j).await?;
+        self.notify_jobs().await;
+        Ok(job)
+    }
+
+    async fn insert_job_row(&self, j: &NewJob) -> Result<JobRecord> {
         let sql = format!(
             "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \
              spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at) \
@@ -603,7 +612,42 @@ impl Store {
         .execute(p)
         .await
         .map(drop)?);
+        self.notify_jobs().await;
         self.get_job(id).await?.ok_or(Error::NotFound)
+    }
+
+    /// Tells listening workers (PostgreSQL `NOTIFY` on [`JOBS_CHANNEL`]) that a job may
+    /// be claimable. Best effort: workers also poll, so a lost wake-up only costs time.
+    async fn notify_jobs(&self) {
+        if let Pool::Postgres(p) = &self.pool {
+            let r = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(JOBS_CHANNEL)
+                .execute(p)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "NOTIFY failed");
+            }
+        }
+    }
+
+    /// Wake-ups for workers: one item per `NOTIFY` on [`JOBS_CHANNEL`] (PostgreSQL;
+    /// `None` on SQLite, where the server's own notifications and polling suffice). The
+    /// listener reconnects by itself after a lost connection.
+    pub async fn job_wakeups(
+        &self,
+    ) -> Result<Option<futures::stream::BoxStream<'static, Result<()>>>> {
+        let Pool::Postgres(p) = &self.pool else {
+            return Ok(None);
+        };
+        let mut l = sqlx::postgres::PgListener::connect_with(p).await?;
+        l.listen(JOBS_CHANNEL).await?;
+        Ok(Some(Box::pin(futures::stream::unfold(
+            l,
+            |mut l| async move {
+                let r = l.recv().await.map(drop).map_err(Error::from);
+                Some((r, l))
+            },
+        ))))
     }
 
     /// A worker hands a job back unfinished: `queued` again, no lease. With `pause` the job
@@ -623,7 +667,11 @@ impl Store {
             .bind(pause.then(now_secs))
             .fetch_optional(p)
             .await?);
-        job.ok_or_else(|| lease_lost(lease))
+        let job = job.ok_or_else(|| lease_lost(lease))?;
+        if !pause {
+            self.notify_jobs().await;
+        }
+        Ok(job)
     }
 
     /// Restricts a job to workers of one device kind (`None`: any worker).
@@ -895,6 +943,8 @@ impl Store {
 
     // ---- checkpoints -------------------------------------------------------
 
+    /// Inserts a checkpoint row without a fence (tools and tests; workers use
+    /// [`Store::record_checkpoint`]).
     pub async fn insert_checkpoint(&self, c: &CheckpointRecord) -> Result<()> {
         on_pool!(self, p => sqlx::query(
             "INSERT INTO checkpoints (id, job_id, attempt, step, storage_key, metrics, created_at) \
@@ -910,6 +960,40 @@ impl Store {
         .execute(p)
         .await
         .map(drop)?);
+        Ok(())
+    }
+
+    /// Records a worker's checkpoint, fenced like its other writes: a worker whose claim
+    /// is no longer current gets [`Error::LeaseLost`] and adds nothing.
+    pub async fn record_checkpoint(&self, lease: &Lease, c: &CheckpointRecord) -> Result<()> {
+        write_tx!(self, tx => {
+            let held = sqlx::query(
+                "UPDATE jobs SET fencing_token = fencing_token \
+                 WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+            )
+            .bind(&lease.job_id)
+            .bind(lease.fencing_token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if held == 0 {
+                return Err(lease_lost(lease));
+            }
+            sqlx::query(
+                "INSERT INTO checkpoints (id, job_id, attempt, step, storage_key, metrics, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&c.id)
+            .bind(&c.job_id)
+            .bind(c.attempt)
+            .bind(c.step)
+            .bind(&c.storage_key)
+            .bind(&c.metrics)
+            .bind(c.created_at)
+            .execute(&mut *tx)
+            .await
+            .map(drop)?
+        });
         Ok(())
     }
 

@@ -21,7 +21,7 @@ mod model;
 pub mod testing;
 
 pub use blob::{BlobStore, Upload};
-pub use db::{Backend, DeleteFile, Store};
+pub use db::{Backend, DeleteFile, Store, JOBS_CHANNEL};
 pub use error::{Error, Result};
 pub use model::*;
 

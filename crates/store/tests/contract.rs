@@ -847,3 +847,22 @@ async fn rows_are_filtered_by_owner() {
         );
     }
 }
+
+/// PostgreSQL announces new, resumed and handed-back jobs to listening workers; SQLite
+/// has no listener (its server notifies its own workers in-process).
+#[tokio::test]
+async fn new_jobs_wake_listening_workers_on_postgres() {
+    use futures::StreamExt;
+    for db in backends().await {
+        let s = &db.store;
+        let Some(mut wakeups) = s.job_wakeups().await.unwrap() else {
+            assert_eq!(s.backend(), Backend::Sqlite);
+            continue;
+        };
+        s.insert_job(&job("ftjob-w", "file-1")).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), wakeups.next())
+            .await
+            .expect("no wake-up after a job was queued");
+        assert!(matches!(got, Some(Ok(()))));
+    }
+}

@@ -40,6 +40,8 @@ pub enum ResolveError {
     NotFound,
     /// The job exists but has no adapter yet (or failed).
     NotReady(String),
+    /// The model exists but does not generate text (an encoder classifier).
+    NotGenerative(String),
     Store(loraforge_store::Error),
 }
 
@@ -67,7 +69,23 @@ pub async fn resolve(
             .find(|b| b.id == id && b.trainable)
             .map(|b| b.path.clone())
     };
+    // Encoders are classifiers: completions need a causal LM.
+    let generative = |id: &str| {
+        bases
+            .iter()
+            .find(|b| b.id == id)
+            .is_none_or(|b| b.tasks.iter().any(|t| t == "causal_lm"))
+    };
+    let not_generative = |id: &str| {
+        ResolveError::NotGenerative(format!(
+            "The model `{model}` ({id}) is a sequence-classification model and does not generate text; \
+             use `loraforge classify` with its adapter."
+        ))
+    };
     let Some(rest) = model.strip_prefix("ft:") else {
+        if !generative(model) {
+            return Err(not_generative(model));
+        }
         return base_of(model)
             .map(|p| Resolved {
                 base: model.to_string(),
@@ -97,6 +115,9 @@ pub async fn resolve(
     let name = crate::api::jobs::fine_tuned_name(&job);
     if format!("ft:{head}") != name {
         return Err(ResolveError::NotFound);
+    }
+    if !generative(&job.model) {
+        return Err(not_generative(&job.model));
     }
     let base_path = base_of(&job.model).ok_or(ResolveError::NotFound)?;
     let adapter = match step {

@@ -156,6 +156,9 @@ async fn complete(
             ResolveError::NotReady(m) => {
                 ApiError::conflict(m).param("model").code("model_not_ready")
             }
+            ResolveError::NotGenerative(m) => ApiError::bad_request(m)
+                .param("model")
+                .code("model_not_supported"),
             ResolveError::Store(e) => e.into(),
         })?;
     let engine = state.engine.clone();

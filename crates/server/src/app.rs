@@ -27,6 +27,8 @@ pub struct AppState {
     /// Cancelled on SIGTERM/SIGINT: event streams end, workers stop claiming and hand
     /// their running jobs back.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The shared pollers behind the jobs' event streams.
+    pub feeds: Arc<crate::feeds::Feeds>,
 }
 
 /// The parts of the configuration that handlers need.
@@ -340,6 +342,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
         shutdown: tokio_util::sync::CancellationToken::new(),
+        feeds: Arc::new(crate::feeds::Feeds::default()),
     };
     let workers = crate::worker::spawn(
         state.clone(),
@@ -444,6 +447,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
         shutdown: tokio_util::sync::CancellationToken::new(),
+        feeds: Arc::new(crate::feeds::Feeds::default()),
     };
     let devices: Vec<String> = args
         .workers

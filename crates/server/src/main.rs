@@ -4,6 +4,7 @@ mod app;
 mod auth;
 mod config;
 mod dashboard;
+mod feeds;
 mod inference;
 mod train_cmd;
 mod upload;

@@ -682,15 +682,26 @@ async fn sigterm_requeues_the_running_job_and_closes_streams() {
     wait_step(&s, &id, 5).await;
     // Open event streams, each reading until the server closes it.
     let mut clients = Vec::new();
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for _ in 0..50 {
         let url = s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true"));
+        let open = open.clone();
         clients.push(tokio::spawn(async move {
             let r = reqwest::get(url).await.unwrap();
+            open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut body = r.bytes_stream();
             while let Some(Ok(_)) = body.next().await {}
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every stream is open (its response head is in) before the signal.
+    let t0 = Instant::now();
+    while open.load(std::sync::atomic::Ordering::SeqCst) < 50 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "streams did not open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let asked = Instant::now();
     let status = s.terminate();
     let took = asked.elapsed();

@@ -19,6 +19,7 @@ use loraforge_trainer::lora::ENCODER_TARGETS;
 use loraforge_trainer::train::Task;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything a worker needs to run a job, resolved at create time and stored as the
@@ -825,18 +826,20 @@ pub async fn events(
     .into_response())
 }
 
-/// How often the stream looks for new events. Polling the database (rather than an
-/// in-process channel) lets the stream follow workers in other processes too.
-const SSE_POLL: Duration = Duration::from_millis(100);
-
 async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
     struct S {
         state: AppState,
         job_id: String,
+        /// Held for the stream's life: the job's poller runs while anyone follows it.
+        _feed: Arc<crate::feeds::Feed>,
+        rx: tokio::sync::watch::Receiver<crate::feeds::Snapshot>,
         last: i64,
         finished: bool,
     }
+    let feed = state.feeds.follow(&state, &job_id, last);
     let init = S {
+        rx: feed.subscribe(),
+        _feed: feed,
         state,
         job_id,
         last,
@@ -847,18 +850,23 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
             return None;
         }
         loop {
-            let batch = match s
-                .state
-                .store
-                .list_events(&s.job_id, Some(s.last), 500)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "event stream: database read failed");
-                    tokio::time::sleep(SSE_POLL).await;
-                    continue;
-                }
+            let snap = s.rx.borrow_and_update().clone();
+            // From the feed's memory, or (a replay, or far behind) from the database.
+            let batch = match snap.after(s.last) {
+                Some(b) => b,
+                None => match s
+                    .state
+                    .store
+                    .list_events(&s.job_id, Some(s.last), 500)
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event stream: database read failed");
+                        tokio::time::sleep(crate::feeds::POLL).await;
+                        continue;
+                    }
+                },
             };
             if !batch.is_empty() {
                 s.last = batch.last().map(|e| e.id).unwrap_or(s.last);
@@ -873,30 +881,20 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
                     .collect();
                 return Some((futures::stream::iter(events), s));
             }
-            let terminal = match s.state.store.get_job(&s.job_id).await {
-                Ok(Some(j)) => j.status().is_none_or(|st| st.is_terminal()),
-                Ok(None) => true,
-                Err(_) => false,
-            };
-            if terminal {
-                // One more read closes the gap between the last poll and the status change.
-                let tail = s
-                    .state
-                    .store
-                    .list_events(&s.job_id, Some(s.last), 500)
-                    .await
-                    .unwrap_or_default();
-                if tail.is_empty() {
-                    s.finished = true;
-                    let done = vec![Ok(Event::default().event("done").data("[DONE]"))];
-                    return Some((futures::stream::iter(done), s));
-                }
-                continue;
+            if snap.finished && s.last >= snap.last_id {
+                s.finished = true;
+                let done = vec![Ok(Event::default().event("done").data("[DONE]"))];
+                return Some((futures::stream::iter(done), s));
             }
             // On shutdown the stream ends (without `done`): clients reconnect elsewhere
             // with Last-Event-ID, and the server's graceful stop is not held open.
             tokio::select! {
-                _ = tokio::time::sleep(SSE_POLL) => {}
+                changed = s.rx.changed() => {
+                    if changed.is_err() && !s.rx.borrow().finished {
+                        // The poller stopped without finishing (shutdown): so does the stream.
+                        return None;
+                    }
+                }
                 _ = s.state.shutdown.cancelled() => return None,
             }
         }

@@ -42,7 +42,7 @@ pub struct DecoderConfig {
     pub pad_token_id: Option<u32>,
 }
 
-fn get_usize(v: &Value, key: &str) -> Result<usize> {
+pub(crate) fn get_usize(v: &Value, key: &str) -> Result<usize> {
     v.get(key)
         .and_then(|x| x.as_u64())
         .map(|x| x as usize)

@@ -6,7 +6,9 @@
 //! first token), RoBERTa's `classifier.dense` / `classifier.out_proj` on the first
 //! token directly. Losses follow transformers' `problem_type`s.
 
+use crate::config::get_usize;
 use crate::lora::{dropout, ForwardCtx, Linear, LoraModel};
+use crate::model::Weights;
 use crate::ops::{cross_entropy_rows, masked_softmax, AttnMask};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -14,7 +16,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Architectures with an encoder port.
@@ -98,13 +99,6 @@ pub struct EncoderConfig {
     pub attention_dropout: f32,
     pub classifier_dropout: f32,
     pub initializer_range: f64,
-}
-
-fn get_usize(v: &Value, key: &str) -> Result<usize> {
-    v.get(key)
-        .and_then(|x| x.as_u64())
-        .map(|x| x as usize)
-        .ok_or_else(|| Error::Config(format!("config.json: missing or invalid \"{key}\"")))
 }
 
 fn get_f64(v: &Value, key: &str, default: f64) -> f64 {
@@ -285,8 +279,6 @@ pub struct Encoder {
     device: Device,
 }
 
-type Weights = HashMap<String, Tensor>;
-
 fn normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
     // Box-Muller: two uniforms give a standard normal.
     (0..n)
@@ -421,16 +413,7 @@ impl Encoder {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let cfg = EncoderConfig::from_hf_json(&serde_json::from_str(&text)?)?;
-        let mut weights = Weights::new();
-        for file in crate::registry::safetensors_files(dir)? {
-            let tensors = candle_core::safetensors::load(&file, device)
-                .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
-            for (k, t) in tensors {
-                if t.dtype().is_float() {
-                    weights.insert(k, t.to_dtype(DType::F32)?);
-                }
-            }
-        }
+        let weights = crate::loader::read_safetensors_f32(dir, device)?;
         Self::new(cfg, weights, num_labels, seed, device)
     }
 

@@ -66,15 +66,23 @@ pub fn load_hf_weights(dir: &Path, device: &Device) -> Result<(DecoderConfig, We
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = DecoderConfig::from_hf_json(&serde_json::from_str(&text)?)?;
+    Ok((cfg, read_safetensors_f32(dir, device)?))
+}
+
+/// Every floating-point tensor of an HF folder's safetensors, as f32, by name. Integer
+/// tensors are buffers, not weights (e.g. BERT's saved `position_ids`), and are skipped.
+pub fn read_safetensors_f32(dir: &Path, device: &Device) -> Result<Weights> {
     let mut weights = Weights::new();
     for file in crate::registry::safetensors_files(dir)? {
         let tensors = candle_core::safetensors::load(&file, device)
             .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
         for (k, t) in tensors {
-            weights.insert(k, t.to_dtype(DType::F32)?);
+            if t.dtype().is_float() {
+                weights.insert(k, t.to_dtype(DType::F32)?);
+            }
         }
     }
-    Ok((cfg, weights))
+    Ok(weights)
 }
 
 fn meta<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {

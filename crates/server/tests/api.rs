@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    backends, chat_jsonl, chat_line, check_response, files_under, spec, Backend, TestServer,
+    backends, chat_jsonl, chat_line, check_response, files_under, spec, upload_raw, Backend,
+    TestServer,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -17,23 +18,6 @@ fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(300))
         .build()
         .unwrap()
-}
-
-async fn upload_raw(
-    s: &TestServer,
-    filename: &str,
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let r = client()
-        .post(s.url("/v1/files"))
-        .query(&[("filename", filename), ("purpose", "fine-tune")])
-        .header("content-type", "application/jsonl")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
 }
 
 async fn upload_multipart(s: &TestServer, filename: &str, body: Vec<u8>) -> (u16, Value) {

@@ -17,16 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 async fn upload(s: &TestServer, name: &str, body: Vec<u8>) -> Value {
-    reqwest::Client::new()
-        .post(s.url(&format!("/v1/files?filename={name}&purpose=fine-tune")))
-        .header("content-type", "application/jsonl")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::upload_raw(s, name, body).await.1
 }
 
 async fn upload_ok(s: &TestServer, name: &str, body: Vec<u8>) -> String {

@@ -443,19 +443,28 @@ pub async fn get_json(s: &TestServer, path: &str) -> Value {
         .unwrap()
 }
 
-/// Uploads `tests/data/chat-small.jsonl` (raw body) and returns the processed file's id.
-pub async fn upload_chat(s: &TestServer) -> String {
-    let body = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
-    let r: Value = reqwest::Client::new()
-        .post(s.url("/v1/files?filename=chat.jsonl&purpose=fine-tune"))
+/// Uploads `body` as a raw JSONL request body (purpose fine-tune): status and JSON.
+pub async fn upload_raw(
+    s: &TestServer,
+    filename: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/files"))
+        .query(&[("filename", filename), ("purpose", "fine-tune")])
         .header("content-type", "application/jsonl")
         .body(body)
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// Uploads `tests/data/chat-small.jsonl` (raw body) and returns the processed file's id.
+pub async fn upload_chat(s: &TestServer) -> String {
+    let body = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();
+    let (_, r) = upload_raw(s, "chat.jsonl", body).await;
     assert_eq!(r["status"], "processed", "{r}");
     r["id"].as_str().unwrap().to_string()
 }

@@ -676,17 +676,7 @@ pub async fn cancel(
     }
     let job = state.store.request_cancel(&id).await?;
     if job.status == "cancelled" {
-        state
-            .store
-            .append_event(&NewEvent {
-                job_id: id.clone(),
-                attempt: job.attempt,
-                level: "info".into(),
-                kind: "message".into(),
-                message: "Job cancelled before it started.".into(),
-                data: None,
-            })
-            .await?;
+        note(&state, &job, "Job cancelled before it started.").await?;
     }
     Ok(Json(job_object(&job)))
 }

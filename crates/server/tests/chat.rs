@@ -177,6 +177,16 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
         assert_eq!(cut["choices"][0]["finish_reason"], "stop");
     }
 
+    // An empty raw prompt encodes to no tokens here (no BOS): a 400, not a 500.
+    let (st, e) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny-llama", "prompt": "", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["param"], "prompt", "{e}");
+
     // Errors: unknown model 404, a model still training 409, an over-long prompt 400.
     let (st, e) = ask("no-such-model".into()).await;
     assert_eq!(st, 404);

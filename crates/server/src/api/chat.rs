@@ -198,6 +198,17 @@ async fn complete(
         .param(if chat { "messages" } else { "prompt" })
         .code("context_length_exceeded"));
     }
+    if ids.is_empty() {
+        // Generation needs at least one token to condition on (an empty raw prompt on a
+        // tokenizer that adds no BOS encodes to nothing).
+        return Err(
+            ApiError::bad_request("The prompt encodes to no tokens.").param(if chat {
+                "messages"
+            } else {
+                "prompt"
+            }),
+        );
+    }
     let room = (ctx_len - ids.len()) as u64;
     let max_tokens = req
         .max_completion_tokens

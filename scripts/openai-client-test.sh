@@ -78,9 +78,11 @@ if ! "$VENV/bin/python" "$HERE/openai_client_test.py" "$BASE"; then
 fi
 
 # Then fuzz the same server against openapi.yaml: no 5xx and no response outside the
-# schema, over a bounded number of generated requests per operation.
+# schema, over a bounded number of generated requests per operation. A completion on
+# SmolLM2 can take longer than schemathesis' default 10 s client timeout on this CPU.
 if ! "$VENV/bin/schemathesis" run "$BASE/openapi.yaml" --max-examples "${FUZZ_EXAMPLES:-30}" \
-        --checks not_a_server_error,response_schema_conformance --workers 2 >"$WORK/fuzz.log" 2>&1; then
+        --checks not_a_server_error,response_schema_conformance --workers 2 \
+        --request-timeout 120 >"$WORK/fuzz.log" 2>&1; then
     cat "$WORK/fuzz.log" >&2
     echo "--- server log ---" >&2
     tail -n 50 "$WORK/server.log" >&2

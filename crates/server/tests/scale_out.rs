@@ -116,6 +116,21 @@ fn worker(s: &TestServer, dir: &Path, storage: &str) -> Killed {
     Killed(child)
 }
 
+/// The tail of every worker's log, for failure messages.
+fn worker_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for w in ["w1", "w2", "w3"] {
+        let log = std::fs::read_to_string(dir.join(w).join("worker.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        out += &format!("--- {w} (last 40 lines)\n");
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            out += l;
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn owned_by(j: &loraforge_store::JobRecord, w: &Killed) -> bool {
     j.lease_owner
         .as_deref()
@@ -221,7 +236,8 @@ async fn twenty_jobs_on_postgres_and_s3_survive_a_killed_and_a_frozen_worker() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "nobody took over the frozen worker's job: {j:?}"
+            "nobody took over the frozen worker's job: {j:?}\n{}",
+            worker_logs(dirs.path())
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -247,7 +263,8 @@ async fn twenty_jobs_on_postgres_and_s3_survive_a_killed_and_a_frozen_worker() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(300),
-            "{left} job(s) unfinished"
+            "{left} job(s) unfinished\n{}",
+            worker_logs(dirs.path())
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -3,7 +3,7 @@
 use crate::error::Redacted;
 use crate::model::*;
 use crate::{migrations, now_secs, Error, Result};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -115,6 +115,10 @@ enum Table {
 
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a PostgreSQL session may sit idle inside a transaction before the server
+/// ends it, releasing its locks (see [`Store::connect`]).
+pub const PG_IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Store {
     /// Connects to `url`: `sqlite:…` or `postgres://…` / `postgresql://…`. Does not
     /// migrate; call [`Store::migrate`].
@@ -123,11 +127,20 @@ impl Store {
             let opts = SqliteConnectOptions::from_str(url)?;
             Self::connect_sqlite(opts).await
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // A process frozen inside a transaction (SIGSTOP, a suspended VM, a stalled
+            // host) keeps its row locks while its socket stays open, and claims skip
+            // locked rows: without this limit its job could never be taken over. Our
+            // transactions are a few statements long, so a session that sits idle inside
+            // one this long is stalled; the server ends it and frees its locks.
+            let opts = PgConnectOptions::from_str(url)?.options([(
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", PG_IDLE_IN_TRANSACTION_TIMEOUT.as_millis()),
+            )]);
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 // Short enough that requests during an outage get their 503 promptly.
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(url)
+                .connect_with(opts)
                 .await?;
             tracing::debug!(url = %Redacted(url), "connected to PostgreSQL");
             Ok(Store {
@@ -163,6 +176,14 @@ impl Store {
         Ok(Store {
             pool: Pool::Sqlite(pool),
         })
+    }
+
+    /// The PostgreSQL pool, for test support that must act on the store's own sessions.
+    pub(crate) fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.pool {
+            Pool::Postgres(p) => Some(p),
+            Pool::Sqlite(_) => None,
+        }
     }
 
     pub fn backend(&self) -> Backend {

@@ -56,9 +56,11 @@ impl Error {
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::WorkerCrashed => true,
                 // SQLSTATE class 08 (connection exception); 57P01-57P03 (admin
-                // shutdown, crash shutdown, cannot connect now).
+                // shutdown, crash shutdown, cannot connect now); 25P03 (the server
+                // ended a session left idle in a transaction: a new one will do).
                 sqlx::Error::Database(d) => d.code().is_some_and(|c| {
-                    c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+                    c.starts_with("08")
+                        || matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "25P03")
                 }),
                 _ => false,
             },

@@ -21,7 +21,7 @@ mod model;
 pub mod testing;
 
 pub use blob::{BlobStore, Upload};
-pub use db::{Backend, DeleteFile, Store, JOBS_CHANNEL};
+pub use db::{Backend, DeleteFile, Store, JOBS_CHANNEL, PG_IDLE_IN_TRANSACTION_TIMEOUT};
 pub use error::{Error, Result};
 pub use model::*;
 

@@ -1,6 +1,7 @@
 //! Test support shared by this crate's contract suite and the server's end-to-end
 //! tests: a throw-away PostgreSQL database per test, made from an admin URL
-//! (`TEST_DATABASE_URL`) and dropped again when the guard goes out of scope.
+//! (`TEST_DATABASE_URL`) and dropped again when the guard goes out of scope; and a
+//! stalled transaction, as a worker frozen mid-write leaves behind.
 
 use sqlx::Connection;
 
@@ -85,5 +86,35 @@ mod tests {
             w("postgres://h/db?sslmode=disable", "x"),
             "postgres://h/x?sslmode=disable"
         );
+    }
+}
+
+/// A transaction on one of a store's own PostgreSQL sessions that has locked a job's row
+/// and then gone quiet, as a worker frozen in the middle of a write leaves it.
+pub struct StalledTransaction(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl StalledTransaction {
+    /// Locks job `id`'s row in a new transaction of `store`'s and leaves it open.
+    /// PostgreSQL only (SQLite has no row locks to hold).
+    pub async fn lock_job(store: &crate::Store, id: &str) -> crate::Result<StalledTransaction> {
+        let pool = store.pg_pool().ok_or_else(|| {
+            crate::Error::Invalid("a stalled transaction needs PostgreSQL".into())
+        })?;
+        let mut tx = pool.begin().await?;
+        let locked = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if locked.is_none() {
+            return Err(crate::Error::NotFound);
+        }
+        Ok(StalledTransaction(tx))
+    }
+
+    /// Wakes up and carries on: one more statement, then commit.
+    pub async fn resume(mut self) -> crate::Result<()> {
+        sqlx::query("SELECT 1").execute(&mut *self.0).await?;
+        self.0.commit().await?;
+        Ok(())
     }
 }

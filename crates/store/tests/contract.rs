@@ -588,6 +588,50 @@ async fn an_expired_lease_on_the_last_attempt_is_not_reclaimed() {
     }
 }
 
+/// A worker frozen inside a transaction keeps its row lock while its connection stays
+/// open, and claims skip locked rows; the server must end such a session so the job can
+/// be taken over, and the frozen worker, woken, must see an outage to retry past, not a
+/// failure.
+#[tokio::test]
+async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
+    let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    };
+    let pg = TempPgDatabase::create(&admin).await.unwrap();
+    // Two processes: the frozen worker's and the one that takes over.
+    let frozen = Store::connect(pg.url()).await.unwrap();
+    frozen.migrate().await.unwrap();
+    let other = Store::connect(pg.url()).await.unwrap();
+    queued(&frozen, "pinned").await;
+    frozen
+        .claim_next_job("w1", "cpu", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
+    let stalled = testing::StalledTransaction::lock_job(&frozen, "ftjob-pinned")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = std::time::Instant::now();
+    let taken = loop {
+        if let Some(c) = other.claim_next_job("w2", "cpu", LONG).await.unwrap() {
+            break c;
+        }
+        assert!(
+            t0.elapsed() < PG_IDLE_IN_TRANSACTION_TIMEOUT * 4,
+            "the expired job stayed locked by the stalled transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (taken.job.id.as_str(), taken.lease.attempt),
+        ("ftjob-pinned", 2)
+    );
+    let woke = stalled.resume().await.unwrap_err();
+    assert!(woke.is_unavailable(), "{woke:?}");
+}
+
 #[tokio::test]
 async fn heartbeats_extend_the_lease() {
     for db in backends().await {

@@ -21,6 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod registry;
+pub mod sd;
 pub mod tokenize;
 pub mod train;
 

@@ -168,28 +168,31 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
 }
 
-/// The safetensors files of an HF folder: the index's shards, or `model.safetensors`.
+/// The safetensors files of an HF or diffusers folder: the index's shards, or the single file.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|f| f.as_str())
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
+    // transformers' names, then diffusers' (the components of an SD folder).
+    for stem in ["model", "diffusion_pytorch_model"] {
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
     }
     Err(Error::Model(format!(
         "{}: no model.safetensors or model.safetensors.index.json",

@@ -1,0 +1,13 @@
+//! Stable Diffusion: a training-capable port of diffusers' `UNet2DConditionModel`
+//! (SD 1.x / 2.x), read from a diffusers folder.
+//!
+//! candle-transformers' UNet is an inference model: its LayerNorm and softmax are fused
+//! ops without a backward pass (so LoRA on `to_q`/`to_k`, and on every block before a
+//! LayerNorm, would silently get no or partial gradients), its GeGLU uses tanh-GELU
+//! where diffusers uses erf, its down/up blocks ignore `norm_num_groups`, it takes one
+//! timestep per batch, and its layers are private types that cannot carry adapters.
+//! So the UNet here is our own, with diffusers' module names (which are also the
+//! weight names and the names PEFT and kohya adapters use), built from differentiable
+//! pieces and the frozen/LoRA linear ops the decoders use.
+
+pub mod unet;

@@ -10,4 +10,7 @@
 //! weight names and the names PEFT and kohya adapters use), built from differentiable
 //! pieces and the frozen/LoRA linear ops the decoders use.
 
+pub mod clip;
+mod layers;
 pub mod unet;
+pub mod vae;

@@ -6,6 +6,7 @@
 //! config supplies what the weights cannot say (heads, norm groups and epsilons, the
 //! block types) and is checked for options this port does not implement.
 
+use super::layers::{linear_nd, Conv, GroupNorm, LayerNorm, ResnetBlock, Take};
 use crate::loader::read_safetensors_f32;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::model::Weights;
@@ -208,168 +209,6 @@ impl UNetConfig {
     }
 }
 
-/// Takes named tensors out of a weight map, naming the one that is missing.
-struct Take<'a> {
-    w: &'a mut Weights,
-}
-
-impl Take<'_> {
-    fn get(&mut self, name: &str) -> Result<Tensor> {
-        self.w
-            .remove(name)
-            .ok_or_else(|| Error::Model(format!("unet: missing weight {name}")))
-    }
-    fn has(&self, name: &str) -> bool {
-        self.w.contains_key(name)
-    }
-    fn linear(&mut self, path: &str, bias: bool) -> Result<Linear> {
-        let w = self.get(&format!("{path}.weight"))?;
-        let b = if bias {
-            Some(self.get(&format!("{path}.bias"))?)
-        } else {
-            self.w.remove(&format!("{path}.bias"))
-        };
-        Ok(Linear::new(path.to_string(), w, b))
-    }
-    fn conv(&mut self, path: &str, stride: usize) -> Result<Conv> {
-        let w = self.get(&format!("{path}.weight"))?;
-        let k = w.dim(D::Minus1)?;
-        Ok(Conv {
-            b: self.get(&format!("{path}.bias"))?.reshape((1, (), 1, 1))?,
-            w,
-            stride,
-            padding: k / 2,
-        })
-    }
-    fn group_norm(&mut self, path: &str, groups: usize, eps: f64) -> Result<GroupNorm> {
-        Ok(GroupNorm {
-            w: self
-                .get(&format!("{path}.weight"))?
-                .reshape((1, (), 1, 1))?,
-            b: self.get(&format!("{path}.bias"))?.reshape((1, (), 1, 1))?,
-            groups,
-            eps,
-        })
-    }
-    fn layer_norm(&mut self, path: &str) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            w: self.get(&format!("{path}.weight"))?,
-            b: self.get(&format!("{path}.bias"))?,
-        })
-    }
-}
-
-/// A frozen convolution; candle differentiates it for the input.
-struct Conv {
-    w: Tensor,
-    b: Tensor,
-    stride: usize,
-    padding: usize,
-}
-
-impl Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(&self.w, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.b)?)
-    }
-}
-
-/// GroupNorm over `(b, c, h, w)`, composed from primitives so that candle derives its
-/// backward.
-struct GroupNorm {
-    w: Tensor,
-    b: Tensor,
-    groups: usize,
-    eps: f64,
-}
-
-impl GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let xg = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
-        let mean = xg.mean_keepdim(2)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(2)?;
-        let y = xc
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        Ok(y.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
-    }
-}
-
-/// LayerNorm over the last dimension, from primitives (candle's fused one has no backward).
-struct LayerNorm {
-    w: Tensor,
-    b: Tensor,
-}
-
-const LAYER_NORM_EPS: f64 = 1e-5;
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
-    }
-}
-
-/// Applies a linear layer to the last dimension of a `(.., in)` tensor.
-fn linear_nd(l: &Linear, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (last, lead) = dims.split_last().expect("rank >= 1");
-    let rows: usize = lead.iter().product();
-    let y = l.forward(&x.reshape((rows, *last))?, ctx)?;
-    let mut out = lead.to_vec();
-    out.push(y.dim(1)?);
-    Ok(y.reshape(out)?)
-}
-
-struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv,
-    conv_shortcut: Option<Conv>,
-}
-
-impl ResnetBlock {
-    fn load(t: &mut Take, path: &str, cfg: &UNetConfig) -> Result<Self> {
-        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
-        Ok(ResnetBlock {
-            norm1: t.group_norm(&format!("{path}.norm1"), g, eps)?,
-            conv1: t.conv(&format!("{path}.conv1"), 1)?,
-            time_emb_proj: t.linear(&format!("{path}.time_emb_proj"), true)?,
-            norm2: t.group_norm(&format!("{path}.norm2"), g, eps)?,
-            conv2: t.conv(&format!("{path}.conv2"), 1)?,
-            conv_shortcut: if t.has(&format!("{path}.conv_shortcut.weight")) {
-                Some(t.conv(&format!("{path}.conv_shortcut"), 1)?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// `temb_act` is `silu(temb)`, shared by every block.
-    fn forward(&self, x: &Tensor, temb_act: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb_act, ctx)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        let x = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        Ok((x + h)?)
-    }
-}
-
 struct Attention {
     to_q: Linear,
     to_k: Linear,
@@ -427,11 +266,11 @@ struct TransformerBlock {
 impl TransformerBlock {
     fn load(t: &mut Take, path: &str, heads: usize) -> Result<Self> {
         Ok(TransformerBlock {
-            norm1: t.layer_norm(&format!("{path}.norm1"))?,
+            norm1: t.layer_norm(&format!("{path}.norm1"), 1e-5)?,
             attn1: Attention::load(t, &format!("{path}.attn1"), heads)?,
-            norm2: t.layer_norm(&format!("{path}.norm2"))?,
+            norm2: t.layer_norm(&format!("{path}.norm2"), 1e-5)?,
             attn2: Attention::load(t, &format!("{path}.attn2"), heads)?,
-            norm3: t.layer_norm(&format!("{path}.norm3"))?,
+            norm3: t.layer_norm(&format!("{path}.norm3"), 1e-5)?,
             ff_in: t.linear(&format!("{path}.ff.net.0.proj"), true)?,
             ff_out: t.linear(&format!("{path}.ff.net.2"), true)?,
         })
@@ -576,7 +415,10 @@ impl UNet {
     }
 
     pub fn new(cfg: UNetConfig, mut weights: Weights, device: &Device) -> Result<Self> {
-        let t = &mut Take { w: &mut weights };
+        let t = &mut Take {
+            w: &mut weights,
+            what: "unet",
+        };
         let n = cfg.block_out_channels.len();
         let mut down = Vec::new();
         for (i, kind) in cfg.down_block_types.iter().enumerate() {
@@ -591,7 +433,8 @@ impl UNet {
                 if !t.has(&format!("{p}.conv1.weight")) {
                     break;
                 }
-                blk.resnets.push(ResnetBlock::load(t, &p, &cfg)?);
+                blk.resnets
+                    .push(ResnetBlock::load(t, &p, cfg.norm_num_groups, cfg.norm_eps)?);
                 if cross {
                     let p = format!("down_blocks.{i}.attentions.{j}");
                     blk.attentions
@@ -609,8 +452,8 @@ impl UNet {
             down.push(blk);
         }
         let mid_resnets = vec![
-            ResnetBlock::load(t, "mid_block.resnets.0", &cfg)?,
-            ResnetBlock::load(t, "mid_block.resnets.1", &cfg)?,
+            ResnetBlock::load(t, "mid_block.resnets.0", cfg.norm_num_groups, cfg.norm_eps)?,
+            ResnetBlock::load(t, "mid_block.resnets.1", cfg.norm_num_groups, cfg.norm_eps)?,
         ];
         let mid_attention =
             Transformer2D::load(t, "mid_block.attentions.0", cfg.heads[n - 1], &cfg)?;
@@ -628,7 +471,8 @@ impl UNet {
                 if !t.has(&format!("{p}.conv1.weight")) {
                     break;
                 }
-                blk.resnets.push(ResnetBlock::load(t, &p, &cfg)?);
+                blk.resnets
+                    .push(ResnetBlock::load(t, &p, cfg.norm_num_groups, cfg.norm_eps)?);
                 if cross {
                     let p = format!("up_blocks.{i}.attentions.{j}");
                     blk.attentions
@@ -738,7 +582,7 @@ impl UNet {
         let mut skips = vec![x.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, &temb_act, ctx)?;
+                x = r.forward(&x, Some(&temb_act), ctx)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, context, ctx)?;
                 }
@@ -749,13 +593,13 @@ impl UNet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, &temb_act, ctx)?;
+        x = self.mid_resnets[0].forward(&x, Some(&temb_act), ctx)?;
         x = self.mid_attention.forward(&x, context, ctx)?;
-        x = self.mid_resnets[1].forward(&x, &temb_act, ctx)?;
+        x = self.mid_resnets[1].forward(&x, Some(&temb_act), ctx)?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("counted at load");
-                x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb_act, ctx)?;
+                x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb_act), ctx)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, context, ctx)?;
                 }

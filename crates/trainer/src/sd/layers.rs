@@ -1,0 +1,192 @@
+//! The frozen building blocks the UNet and the VAE share: convolutions, norms and
+//! ResNet blocks, composed from candle primitives (whose backward candle derives) where
+//! a gradient has to pass through them.
+
+use crate::lora::{ForwardCtx, Linear};
+use crate::model::Weights;
+use crate::{Error, Result};
+use candle_core::{Tensor, D};
+
+/// Takes named tensors out of a weight map, naming the one that is missing.
+pub(crate) struct Take<'a> {
+    pub(crate) w: &'a mut Weights,
+    /// Which model, for error messages.
+    pub(crate) what: &'static str,
+}
+
+impl Take<'_> {
+    pub(crate) fn get(&mut self, name: &str) -> Result<Tensor> {
+        self.w
+            .remove(name)
+            .ok_or_else(|| Error::Model(format!("{}: missing weight {name}", self.what)))
+    }
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.w.contains_key(name)
+    }
+    pub(crate) fn linear(&mut self, path: &str, bias: bool) -> Result<Linear> {
+        let w = self.get(&format!("{path}.weight"))?;
+        let b = if bias {
+            Some(self.get(&format!("{path}.bias"))?)
+        } else {
+            self.w.remove(&format!("{path}.bias"))
+        };
+        Ok(Linear::new(path.to_string(), w, b))
+    }
+    /// A convolution padded by half its kernel ("same" at stride 1), as diffusers' are.
+    pub(crate) fn conv(&mut self, path: &str, stride: usize) -> Result<Conv> {
+        let w = self.get(&format!("{path}.weight"))?;
+        let k = w.dim(D::Minus1)?;
+        self.conv_with(path, w, stride, k / 2)
+    }
+
+    pub(crate) fn conv_with(
+        &mut self,
+        path: &str,
+        w: Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Conv> {
+        Ok(Conv {
+            b: self.get(&format!("{path}.bias"))?.reshape((1, (), 1, 1))?,
+            w,
+            stride,
+            padding,
+        })
+    }
+
+    pub(crate) fn group_norm(&mut self, path: &str, groups: usize, eps: f64) -> Result<GroupNorm> {
+        Ok(GroupNorm {
+            w: self
+                .get(&format!("{path}.weight"))?
+                .reshape((1, (), 1, 1))?,
+            b: self.get(&format!("{path}.bias"))?.reshape((1, (), 1, 1))?,
+            groups,
+            eps,
+        })
+    }
+    pub(crate) fn layer_norm(&mut self, path: &str, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            w: self.get(&format!("{path}.weight"))?,
+            b: self.get(&format!("{path}.bias"))?,
+            eps,
+        })
+    }
+}
+
+/// A frozen convolution; candle differentiates it for the input.
+pub(crate) struct Conv {
+    w: Tensor,
+    b: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(&self.w, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&self.b)?)
+    }
+}
+
+/// GroupNorm over `(b, c, h, w)`, composed from primitives so that candle derives its
+/// backward.
+pub(crate) struct GroupNorm {
+    w: Tensor,
+    b: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let xg = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
+        let mean = xg.mean_keepdim(2)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(2)?;
+        let y = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape((b, c, h, w))?;
+        Ok(y.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
+    }
+}
+
+/// LayerNorm over the last dimension, from primitives (candle's fused one has no backward).
+pub(crate) struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
+    }
+}
+
+/// Applies a linear layer to the last dimension of a `(.., in)` tensor.
+pub(crate) fn linear_nd(l: &Linear, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().expect("rank >= 1");
+    let rows: usize = lead.iter().product();
+    let y = l.forward(&x.reshape((rows, *last))?, ctx)?;
+    let mut out = lead.to_vec();
+    out.push(y.dim(1)?);
+    Ok(y.reshape(out)?)
+}
+
+pub(crate) struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv,
+    /// The timestep embedding's projection; the VAE's blocks have none.
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv,
+    conv_shortcut: Option<Conv>,
+}
+
+impl ResnetBlock {
+    pub(crate) fn load(t: &mut Take, path: &str, groups: usize, eps: f64) -> Result<Self> {
+        let time = format!("{path}.time_emb_proj");
+        Ok(ResnetBlock {
+            norm1: t.group_norm(&format!("{path}.norm1"), groups, eps)?,
+            conv1: t.conv(&format!("{path}.conv1"), 1)?,
+            time_emb_proj: if t.has(&format!("{time}.weight")) {
+                Some(t.linear(&time, true)?)
+            } else {
+                None
+            },
+            norm2: t.group_norm(&format!("{path}.norm2"), groups, eps)?,
+            conv2: t.conv(&format!("{path}.conv2"), 1)?,
+            conv_shortcut: if t.has(&format!("{path}.conv_shortcut.weight")) {
+                Some(t.conv(&format!("{path}.conv_shortcut"), 1)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `temb_act` is `silu(temb)`, shared by every block; `None` in the VAE.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb_act: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if let (Some(p), Some(temb)) = (&self.time_emb_proj, temb_act) {
+            let t = p.forward(temb, ctx)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let x = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((x + h)?)
+    }
+}

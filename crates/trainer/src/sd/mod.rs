@@ -11,6 +11,8 @@
 //! pieces and the frozen/LoRA linear ops the decoders use.
 
 pub mod clip;
+pub mod diffusion;
 mod layers;
+pub mod objective;
 pub mod unet;
 pub mod vae;

@@ -1,0 +1,267 @@
+//! Text-to-image LoRA training on a Stable Diffusion folder, as a training-loop
+//! [`Objective`]: the optimizer, schedules, clipping, checkpoints, cancel and progress
+//! events are the shared ones.
+//!
+//! The VAE and the text encoder are frozen, so their outputs are computed once when the
+//! run starts (VAE moments per image, hidden states per distinct caption) and the models
+//! are dropped; each step then touches only the UNet. Every random draw (latent sample,
+//! noise, noise offset, timesteps) comes from the step's seeded RNG, so a run, and a
+//! resumed run, reproduce their losses exactly.
+
+use super::clip::{ClipTextEncoder, ClipTokenizer};
+use super::diffusion::{normal, Prediction, Schedule};
+use super::unet::UNet;
+use super::vae::{sample_latent, VaeEncoder};
+use crate::lora::{ForwardCtx, LoraModel};
+use crate::train::{EvalMetrics, Objective};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Image-training settings of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSettings {
+    /// Square training resolution in pixels; `None` takes the model's native size
+    /// (UNet `sample_size` × the VAE's downsampling).
+    pub resolution: Option<u32>,
+    /// Overrides the scheduler's `prediction_type` (e.g. `v_prediction`).
+    pub prediction_type: Option<String>,
+    /// min-SNR-γ loss weighting (5.0 is the paper's choice); `None` weights every sample 1.
+    pub snr_gamma: Option<f64>,
+    /// diffusers' `--noise_offset`: a per-channel constant added to the noise.
+    pub noise_offset: f64,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            resolution: None,
+            prediction_type: None,
+            snr_gamma: None,
+            noise_offset: 0.0,
+        }
+    }
+}
+
+/// One training image, already at the training resolution: CHW pixels in [-1, 1].
+pub struct TrainImage {
+    pub pixels: Vec<f32>,
+    pub size: usize,
+    pub caption: String,
+    pub repeats: u32,
+}
+
+struct Cached {
+    mean: Tensor,
+    logvar: Tensor,
+    text: usize,
+}
+
+/// A micro-batch: latent moments and text conditioning.
+pub struct SdBatch {
+    mean: Tensor,
+    logvar: Tensor,
+    context: Tensor,
+}
+
+pub struct TextToImage {
+    unet: UNet,
+    schedule: Schedule,
+    prediction: Prediction,
+    latent_factor: f64,
+    images: Vec<Cached>,
+    texts: Vec<Tensor>,
+    /// Training rows: image indices, each repeated as its folder says.
+    rows: Vec<usize>,
+    snr_gamma: Option<f32>,
+    noise_offset: f32,
+    base_name: String,
+    device: Device,
+}
+
+/// The VAE's spatial downsampling: 2 per down block after the first.
+pub fn vae_factor(model_dir: &Path) -> Result<usize> {
+    let p = model_dir.join("vae/config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let blocks = v
+        .get("block_out_channels")
+        .and_then(|b| b.as_array())
+        .map_or(4, Vec::len);
+    Ok(1 << blocks.saturating_sub(1))
+}
+
+impl TextToImage {
+    /// Loads the UNet from `model_dir` (a diffusers SD folder) and caches the VAE moments
+    /// and caption hidden states of `images`.
+    pub fn prepare(
+        model_dir: &Path,
+        images: &[TrainImage],
+        settings: &ImageSettings,
+        device: &Device,
+    ) -> Result<Self> {
+        if images.is_empty() {
+            return Err(Error::Data("the dataset has no images".into()));
+        }
+        let unet = UNet::load(&model_dir.join("unet"), device)?;
+        let mut schedule = Schedule::load(&model_dir.join("scheduler"))?;
+        if let Some(p) = &settings.prediction_type {
+            schedule.prediction = Prediction::parse(p)?;
+        }
+        let (mut cached, mut texts) = (Vec::new(), Vec::new());
+        let latent_factor;
+        {
+            let vae = VaeEncoder::load(&model_dir.join("vae"), device)?;
+            latent_factor = vae.scaling_factor;
+            let tok = ClipTokenizer::load(&model_dir.join("tokenizer"))?;
+            let clip = ClipTextEncoder::load(&model_dir.join("text_encoder"), device)?;
+            let mut by_caption: HashMap<&str, usize> = HashMap::new();
+            for img in images {
+                let s = img.size;
+                if img.pixels.len() != 3 * s * s {
+                    return Err(Error::Data(format!(
+                        "an image of {} values is not 3x{s}x{s}",
+                        img.pixels.len()
+                    )));
+                }
+                let x = Tensor::from_slice(&img.pixels, (1, 3, s, s), device)?;
+                let (mean, logvar) = vae.moments(&x)?;
+                let text = match by_caption.get(img.caption.as_str()) {
+                    Some(&i) => i,
+                    None => {
+                        let ids = tok.encode(&img.caption)?;
+                        texts.push(clip.forward(&[ids])?.squeeze(0)?);
+                        by_caption.insert(&img.caption, texts.len() - 1);
+                        texts.len() - 1
+                    }
+                };
+                cached.push(Cached {
+                    mean: mean.squeeze(0)?,
+                    logvar: logvar.squeeze(0)?,
+                    text,
+                });
+            }
+            let hidden = texts[0].dim(1)?;
+            if hidden != unet.cfg.cross_attention_dim {
+                return Err(Error::Model(format!(
+                    "the text encoder's hidden size {hidden} differs from the UNet's cross_attention_dim {}",
+                    unet.cfg.cross_attention_dim
+                )));
+            }
+        }
+        let rows = images
+            .iter()
+            .enumerate()
+            .flat_map(|(i, img)| std::iter::repeat_n(i, img.repeats.max(1) as usize))
+            .collect();
+        Ok(TextToImage {
+            prediction: schedule.prediction,
+            schedule,
+            latent_factor,
+            images: cached,
+            texts,
+            rows,
+            snr_gamma: settings.snr_gamma.map(|g| g as f32),
+            noise_offset: settings.noise_offset as f32,
+            base_name: model_dir.display().to_string(),
+            device: device.clone(),
+            unet,
+        })
+    }
+
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+}
+
+impl Objective for TextToImage {
+    type Batch = SdBatch;
+
+    fn model(&self) -> &dyn LoraModel {
+        &self.unet
+    }
+    fn model_mut(&mut self) -> &mut dyn LoraModel {
+        &mut self.unet
+    }
+    fn base_name(&self) -> &str {
+        &self.base_name
+    }
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn batch(&self, idx: &[usize]) -> Result<SdBatch> {
+        let pick = |f: &dyn Fn(&Cached) -> Tensor| -> Result<Tensor> {
+            let ts: Vec<Tensor> = idx.iter().map(|&i| f(&self.images[self.rows[i]])).collect();
+            Ok(Tensor::stack(&ts, 0)?)
+        };
+        Ok(SdBatch {
+            mean: pick(&|c| c.mean.clone())?,
+            logvar: pick(&|c| c.logvar.clone())?,
+            context: pick(&|c| self.texts[c.text].clone())?,
+        })
+    }
+
+    fn units(b: &SdBatch) -> usize {
+        b.mean.dim(0).unwrap_or(0)
+    }
+
+    /// Images, not tokens: the progress events' throughput counts examples here.
+    fn tokens(b: &SdBatch) -> usize {
+        Self::units(b)
+    }
+
+    fn loss_sum(&self, b: &SdBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (n, c, h, w) = b.mean.dims4()?;
+        let len = n * c * h * w;
+        // Every draw before the forward pass, which borrows the same RNG for dropout.
+        let (eps, noise, offset, ts) = {
+            let mut rng = ctx.rng.borrow_mut();
+            let eps = normal(len, &mut rng);
+            let noise = normal(len, &mut rng);
+            let offset = (self.noise_offset > 0.0).then(|| normal(n * c, &mut rng));
+            (eps, noise, offset, self.schedule.draw_timesteps(n, &mut rng))
+        };
+        let dev = &self.device;
+        let latents = sample_latent(
+            &b.mean,
+            &b.logvar,
+            &Tensor::from_vec(eps, (n, c, h, w), dev)?,
+            self.latent_factor,
+        )?;
+        let mut noise = Tensor::from_vec(noise, (n, c, h, w), dev)?;
+        if let Some(o) = offset {
+            let o = (Tensor::from_vec(o, (n, c, 1, 1), dev)? * self.noise_offset as f64)?;
+            noise = noise.broadcast_add(&o)?;
+        }
+        let coef: Vec<(f32, f32)> = ts.iter().map(|&t| self.schedule.coefficients(t)).collect();
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (n, 1, 1, 1), dev);
+        let sa = col(coef.iter().map(|c| c.0).collect())?;
+        let s1 = col(coef.iter().map(|c| c.1).collect())?;
+        let noisy = (latents.broadcast_mul(&sa)? + noise.broadcast_mul(&s1)?)?;
+        let target = match self.prediction {
+            Prediction::Epsilon => noise,
+            Prediction::VPrediction => (noise.broadcast_mul(&sa)? - latents.broadcast_mul(&s1)?)?,
+            Prediction::Sample => latents,
+        };
+        let t_f32: Vec<f32> = ts.iter().map(|&t| t as f32).collect();
+        let pred = self.unet.forward(&noisy, &t_f32, &b.context, ctx)?;
+        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let per_sample = match self.snr_gamma {
+            Some(g) => {
+                let wts: Vec<f32> = ts
+                    .iter()
+                    .map(|&t| self.schedule.min_snr_weight(t, g, self.prediction))
+                    .collect();
+                (per_sample * Tensor::from_vec(wts, n, dev)?)?
+            }
+            None => per_sample,
+        };
+        Ok(per_sample.sum_all()?)
+    }
+
+    fn evaluate(&self, _batch_size: usize, _step: u64) -> Result<Option<EvalMetrics>> {
+        Ok(None)
+    }
+}

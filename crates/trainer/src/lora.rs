@@ -380,6 +380,13 @@ pub fn save_adapter<M: LoraModel + ?Sized>(
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    write_adapter_config(cfg, meta, dir)
+}
+
+/// Writes `adapter_config.json` into `dir` atomically: shared by [`save_adapter`] and the
+/// converters that produce PEFT folders without a model holding the adapter.
+pub fn write_adapter_config(cfg: &LoraConfig, meta: &AdapterMeta, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("adapter_config.json");
     let tmp = dir.join("adapter_config.json.tmp");
     let text = serde_json::to_string_pretty(&peft_config_json(cfg, meta))?;

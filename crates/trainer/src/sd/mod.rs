@@ -9,9 +9,13 @@
 //! So the UNet here is our own, with diffusers' module names (which are also the
 //! weight names and the names PEFT and kohya adapters use), built from differentiable
 //! pieces and the frozen/LoRA linear ops the decoders use.
+//!
+//! `kohya` reads and writes the kohya-format LoRA files the SD UIs load, and converts
+//! them to and from PEFT adapter folders.
 
 pub mod clip;
 pub mod diffusion;
+pub mod kohya;
 mod layers;
 pub mod objective;
 pub mod unet;

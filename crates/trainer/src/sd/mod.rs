@@ -10,4 +10,5 @@
 //! weight names and the names PEFT and kohya adapters use), built from differentiable
 //! pieces and the frozen/LoRA linear ops the decoders use.
 
+pub mod dataset;
 pub mod unet;

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use loraforge_trainer::sd::dataset::{
-    decode_image, read_zip, to_pixels, ImageDataset, Layout, ZipLimits,
+    decode_image, make_bucket_resolutions, read_zip, select_bucket, to_bucket_pixels, to_pixels,
+    ImageDataset, Layout, ZipLimits,
 };
 use loraforge_trainer::Error;
 
@@ -437,4 +438,56 @@ fn to_pixels_is_chw_in_minus_one_to_one() {
     let px = to_pixels(&img, 8, true);
     assert_eq!(px.len(), 3 * 64);
     assert!(px.iter().all(|v| (-1.0..=1.0).contains(v)));
+}
+
+/// Expected values from kohya's `make_bucket_resolutions` and `select_bucket`, run in
+/// Python on the same inputs.
+#[test]
+fn buckets_match_kohya() {
+    let b = make_bucket_resolutions((512, 512), 256, 1024, 64);
+    println!("{b:?}");
+    assert_eq!(
+        b,
+        vec![
+            (256, 832),
+            (256, 896),
+            (256, 960),
+            (256, 1024),
+            (320, 704),
+            (320, 768),
+            (384, 640),
+            (448, 576),
+            (512, 512),
+            (576, 448),
+            (640, 384),
+            (704, 320),
+            (768, 320),
+            (832, 256),
+            (896, 256),
+            (960, 256),
+            (1024, 256),
+        ]
+    );
+    let big = make_bucket_resolutions((1024, 1024), 256, 1024, 64);
+    assert_eq!(big.len(), 25);
+    assert_eq!(big[0], (256, 1024));
+    assert_eq!(big[24], (1024, 1024));
+    for ((w, h), want) in [
+        ((48, 40), ((576, 448), (576, 480))),
+        ((40, 48), ((448, 576), (480, 576))),
+        ((1920, 1080), ((640, 384), (683, 384))),
+        ((32, 32), ((512, 512), (512, 512))),
+        ((100, 300), ((256, 832), (277, 832))),
+    ] {
+        let got = select_bucket(&b, w, h).unwrap();
+        println!("{w}x{h} -> {got:?}");
+        assert_eq!(got, want, "{w}x{h}");
+    }
+    assert_eq!(select_bucket(&[], 10, 10), None);
+
+    let solid = image::RgbImage::from_pixel(48, 40, image::Rgb([255, 255, 255]));
+    let (bucket, resized) = select_bucket(&b, 48, 40).unwrap();
+    let px = to_bucket_pixels(&solid, bucket, resized);
+    assert_eq!(px.len(), 3 * 576 * 448);
+    assert!(px.iter().all(|&v| (v - 1.0).abs() < 1e-6));
 }

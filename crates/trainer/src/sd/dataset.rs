@@ -26,6 +26,10 @@
 //! that is kohya's behaviour ("neither caption file nor class tokens are found. use
 //! empty caption"); the server may then substitute a trigger word or refuse the upload.
 //! Images that do not decode are reported rather than fatal, unless none decodes.
+//!
+//! For training, [`to_pixels`] gives diffusers' square resize-and-crop; kohya's
+//! aspect-ratio buckets are [`make_bucket_resolutions`], [`select_bucket`] and
+//! [`to_bucket_pixels`] (doc section 6.3).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Cursor, Read};
@@ -541,23 +545,110 @@ pub fn to_pixels(img: &RgbImage, resolution: u32, center_crop: bool) -> Vec<f32>
     };
     // torchvision CenterCrop: offset = round((size - crop) / 2).
     let (x0, y0) = if center_crop {
-        (
-            ((f64::from(nw - res) / 2.0).round()) as u32,
-            ((f64::from(nh - res) / 2.0).round()) as u32,
-        )
+        (center_offset(nw, res), center_offset(nh, res))
     } else {
         (0, 0)
     };
-    let n = (res * res) as usize;
+    crop_normalize(src, x0, y0, res, res)
+}
+
+fn center_offset(size: u32, crop: u32) -> u32 {
+    (f64::from(size.saturating_sub(crop)) / 2.0).round() as u32
+}
+
+/// The `w` x `h` window at `(x0, y0)` as CHW f32 in `[-1, 1]`; the caller guarantees
+/// the window lies inside `src`.
+fn crop_normalize(src: &RgbImage, x0: u32, y0: u32, w: u32, h: u32) -> Vec<f32> {
+    let n = (w * h) as usize;
     let mut out = vec![0f32; 3 * n];
-    for y in 0..res {
-        for x in 0..res {
+    for y in 0..h {
+        for x in 0..w {
             let p = src.get_pixel(x0 + x, y0 + y);
-            let i = (y * res + x) as usize;
+            let i = (y * w + x) as usize;
             for c in 0..3 {
                 out[c * n + i] = (f32::from(p[c]) / 255.0 - 0.5) / 0.5;
             }
         }
     }
     out
+}
+
+/// kohya's aspect-ratio buckets (`model_util.make_bucket_resolutions`): the square
+/// bucket of `max_reso`'s area, then for every width from `min_size` to `max_size` in
+/// `divisible` steps the tallest height (multiple of `divisible`, at most `max_size`)
+/// within that area, and its transpose. Sorted `(width, height)`, no duplicates.
+/// kohya's defaults are `min_size` 256, `max_size` 1024, `divisible` 64.
+pub fn make_bucket_resolutions(
+    max_reso: (u32, u32),
+    min_size: u32,
+    max_size: u32,
+    divisible: u32,
+) -> Vec<(u32, u32)> {
+    let d = u64::from(divisible.max(1));
+    let area = u64::from(max_reso.0) * u64::from(max_reso.1);
+    let mut out = BTreeSet::new();
+    let side = ((area as f64).sqrt() as u64 / d * d) as u32;
+    out.insert((side, side));
+    let mut width = u64::from(min_size);
+    while width <= u64::from(max_size) {
+        let height = (area / width.max(1) / d * d).min(u64::from(max_size)) as u32;
+        if height >= min_size {
+            out.insert((width as u32, height));
+            out.insert((height, width as u32));
+        }
+        width += d;
+    }
+    out.into_iter().collect()
+}
+
+/// kohya's `BucketManager.select_bucket` (without `bucket_no_upscale`): the bucket whose
+/// aspect ratio is closest to the image's (the first on ties), and the size to resize
+/// the image to so that it covers the bucket, each side rounded half up. Returns
+/// `(bucket, resized)`; `None` only when `buckets` is empty or the image has no pixels.
+pub fn select_bucket(
+    buckets: &[(u32, u32)],
+    width: u32,
+    height: u32,
+) -> Option<((u32, u32), (u32, u32))> {
+    if width == 0 || height == 0 {
+        return None;
+    }
+    let ar = f64::from(width) / f64::from(height);
+    let mut best: Option<((u32, u32), f64)> = None;
+    for &(bw, bh) in buckets {
+        let err = (f64::from(bw) / f64::from(bh.max(1)) - ar).abs();
+        if best.is_none_or(|(_, e)| err < e) {
+            best = Some(((bw, bh), err));
+        }
+    }
+    let ((bw, bh), _) = best?;
+    let scale = if ar > f64::from(bw) / f64::from(bh.max(1)) {
+        f64::from(bh) / f64::from(height)
+    } else {
+        f64::from(bw) / f64::from(width)
+    };
+    let resized = (
+        ((f64::from(width) * scale + 0.5) as u32).max(bw),
+        ((f64::from(height) * scale + 0.5) as u32).max(bh),
+    );
+    Some(((bw, bh), resized))
+}
+
+/// The VAE input for one image in its bucket: resize to `resized` (from
+/// [`select_bucket`]), centre-crop to `bucket`, CHW in `[-1, 1]` (`3 x bh x bw`).
+/// kohya resizes with OpenCV AREA / LANCZOS4; this uses Triangle either way, since
+/// bit-exactness with Python is not a goal (doc 6.3).
+pub fn to_bucket_pixels(img: &RgbImage, bucket: (u32, u32), resized: (u32, u32)) -> Vec<f32> {
+    let (bw, bh) = (bucket.0.max(1), bucket.1.max(1));
+    // Never smaller than the bucket, so the crop window always fits.
+    let (rw, rh) = (resized.0.max(bw), resized.1.max(bh));
+    let owned;
+    let src = if img.dimensions() == (rw, rh) {
+        img
+    } else {
+        owned = image::imageops::resize(img, rw, rh, image::imageops::FilterType::Triangle);
+        &owned
+    };
+    // kohya trims `excess // 2` from the left/top (floor, unlike torchvision's round).
+    crop_normalize(src, (rw - bw) / 2, (rh - bh) / 2, bw, bh)
 }

@@ -75,20 +75,6 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn replaces_the_database_name() {
-        use super::with_database as w;
-        assert_eq!(w("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
-        assert_eq!(w("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
-        assert_eq!(
-            w("postgres://h/db?sslmode=disable", "x"),
-            "postgres://h/x?sslmode=disable"
-        );
-    }
-}
-
 /// A transaction on one of a store's own PostgreSQL sessions that has locked a job's row
 /// and then gone quiet, as a worker frozen in the middle of a write leaves it.
 pub struct StalledTransaction(sqlx::Transaction<'static, sqlx::Postgres>);
@@ -116,5 +102,19 @@ impl StalledTransaction {
         sqlx::query("SELECT 1").execute(&mut *self.0).await?;
         self.0.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_the_database_name() {
+        use super::with_database as w;
+        assert_eq!(w("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
+        assert_eq!(w("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            w("postgres://h/db?sslmode=disable", "x"),
+            "postgres://h/x?sslmode=disable"
+        );
     }
 }

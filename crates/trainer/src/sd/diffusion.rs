@@ -57,15 +57,26 @@ impl Schedule {
             return Err(Error::Unsupported("scheduler: trained_betas".into()));
         }
         if v.get("rescale_betas_zero_snr").and_then(Value::as_bool) == Some(true) {
-            return Err(Error::Unsupported("scheduler: rescale_betas_zero_snr".into()));
+            return Err(Error::Unsupported(
+                "scheduler: rescale_betas_zero_snr".into(),
+            ));
         }
         let f = |k: &str, d: f64| v.get(k).and_then(Value::as_f64).unwrap_or(d);
         let (start, end) = (f("beta_start", 0.0001), f("beta_end", 0.02));
-        let kind = v.get("beta_schedule").and_then(Value::as_str).unwrap_or("linear");
+        let kind = v
+            .get("beta_schedule")
+            .and_then(Value::as_str)
+            .unwrap_or("linear");
         // In f32, as diffusers computes them, so ᾱ matches its to the last bit or two.
         let lin = |a: f32, b: f32| -> Vec<f32> {
             (0..n)
-                .map(|i| if n == 1 { a } else { a + (b - a) * i as f32 / (n - 1) as f32 })
+                .map(|i| {
+                    if n == 1 {
+                        a
+                    } else {
+                        a + (b - a) * i as f32 / (n - 1) as f32
+                    }
+                })
                 .collect()
         };
         let betas: Vec<f32> = match kind {
@@ -75,7 +86,11 @@ impl Schedule {
                 .map(|b| b * b)
                 .collect(),
             "squaredcos_cap_v2" => {
-                let ab = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let ab = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -84,7 +99,9 @@ impl Schedule {
                     .collect()
             }
             other => {
-                return Err(Error::Unsupported(format!("scheduler: beta_schedule {other}")))
+                return Err(Error::Unsupported(format!(
+                    "scheduler: beta_schedule {other}"
+                )))
             }
         };
         let mut acc = 1f32;
@@ -112,7 +129,9 @@ impl Schedule {
 
     /// One timestep per sample, uniform over the schedule (`torch.randint(0, T, (b,))`).
     pub fn draw_timesteps(&self, b: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
-        (0..b).map(|_| rng.random_range(0..self.timesteps())).collect()
+        (0..b)
+            .map(|_| rng.random_range(0..self.timesteps()))
+            .collect()
     }
 
     /// `(sqrt(ᾱ_t), sqrt(1 - ᾱ_t))`, the weights of the clean latent and of the noise.
@@ -168,10 +187,23 @@ mod tests {
         .unwrap();
         assert!((s.alphas_cumprod[0] - 0.99915).abs() < 1e-6);
         // Values printed by diffusers 0.42's DDPMScheduler for the same config.
-        assert!((s.alphas_cumprod[999] - 0.004_660_095).abs() < 1e-7, "{}", s.alphas_cumprod[999]);
-        assert!((s.alphas_cumprod[500] - 0.276_332_47).abs() < 1e-6, "{}", s.alphas_cumprod[500]);
-        let cos = Schedule::from_json(&serde_json::json!({"beta_schedule": "squaredcos_cap_v2"})).unwrap();
-        assert!((cos.alphas_cumprod[10] - 0.999_278_8).abs() < 1e-6, "{}", cos.alphas_cumprod[10]);
+        assert!(
+            (s.alphas_cumprod[999] - 0.004_660_095).abs() < 1e-7,
+            "{}",
+            s.alphas_cumprod[999]
+        );
+        assert!(
+            (s.alphas_cumprod[500] - 0.276_332_47).abs() < 1e-6,
+            "{}",
+            s.alphas_cumprod[500]
+        );
+        let cos = Schedule::from_json(&serde_json::json!({"beta_schedule": "squaredcos_cap_v2"}))
+            .unwrap();
+        assert!(
+            (cos.alphas_cumprod[10] - 0.999_278_8).abs() < 1e-6,
+            "{}",
+            cos.alphas_cumprod[10]
+        );
         assert_eq!(s.prediction, Prediction::Epsilon);
         let bad = Schedule::from_json(&serde_json::json!({"beta_schedule": "exotic"}));
         assert!(bad.unwrap_err().to_string().contains("exotic"));
@@ -184,6 +216,9 @@ mod tests {
         assert_eq!(x.len(), 200_001);
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / x.len() as f64;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
+            "{mean} {var}"
+        );
     }
 }

@@ -10,10 +10,14 @@
 //! weight names and the names PEFT and kohya adapters use), built from differentiable
 //! pieces and the frozen/LoRA linear ops the decoders use.
 //!
-//! `kohya` reads and writes the kohya-format LoRA files the SD UIs load, and converts
+//! Around it: `clip` (tokenizer and frozen text encoder) and `vae` (the frozen encoder's
+//! moments) prepare the conditioning and latents once per run; `diffusion` is the DDPM
+//! noising and targets; `objective` is the training step; `dataset` reads captioned
+//! image zips (kohya folders, flat pairs, diffusers imagefolder); `kohya` reads and writes the kohya-format LoRA files the SD UIs load, and converts
 //! them to and from PEFT adapter folders.
 
 pub mod clip;
+pub mod dataset;
 pub mod diffusion;
 pub mod kohya;
 mod layers;

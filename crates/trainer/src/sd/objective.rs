@@ -221,7 +221,12 @@ impl Objective for TextToImage {
             let eps = normal(len, &mut rng);
             let noise = normal(len, &mut rng);
             let offset = (self.noise_offset > 0.0).then(|| normal(n * c, &mut rng));
-            (eps, noise, offset, self.schedule.draw_timesteps(n, &mut rng))
+            (
+                eps,
+                noise,
+                offset,
+                self.schedule.draw_timesteps(n, &mut rng),
+            )
         };
         let dev = &self.device;
         let latents = sample_latent(

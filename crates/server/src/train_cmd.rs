@@ -39,16 +39,31 @@ impl DeviceArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Base model: a HuggingFace folder or a .gguf file.
+    /// Base model: a HuggingFace folder, a .gguf file, or (text_to_image) a diffusers
+    /// Stable Diffusion folder.
     #[arg(long)]
     pub model: PathBuf,
     /// Training data (JSONL: chat, prompt/completion, text or input_ids; for
-    /// sequence_classification text/text_pair/label).
+    /// sequence_classification text/text_pair/label; for text_to_image a zip of
+    /// captioned images).
     #[arg(long)]
     pub data: PathBuf,
-    /// causal_lm (decoder LLMs) or sequence_classification (bert, roberta).
+    /// causal_lm (decoder LLMs), sequence_classification (bert, roberta) or
+    /// text_to_image (Stable Diffusion 1.x/2.x).
     #[arg(long, default_value = "causal_lm")]
     pub task: String,
+    /// Text-to-image: square training resolution (default: the model's native size).
+    #[arg(long)]
+    pub resolution: Option<u32>,
+    /// Text-to-image: min-SNR-γ loss weighting (e.g. 5).
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
+    /// Text-to-image: noise offset (e.g. 0.05).
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
+    /// Text-to-image: epsilon, v_prediction or sample (default: the scheduler's).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Sequence classification: single_label_classification, multi_label_classification
     /// or regression (default: inferred from the labels).
     #[arg(long)]
@@ -144,6 +159,13 @@ impl TrainArgs {
             (None, Task::SequenceClassification) => {
                 Targets::Names(ENCODER_TARGETS.iter().map(|t| t.to_string()).collect())
             }
+            (None, Task::TextToImage) => Targets::parse("to_q,to_k,to_v,to_out.0")?,
+        };
+        s.image = loraforge_trainer::sd::objective::ImageSettings {
+            resolution: self.resolution,
+            prediction_type: self.prediction_type.clone(),
+            snr_gamma: self.snr_gamma,
+            noise_offset: self.noise_offset,
         };
         s.lora = LoraConfig {
             r: self.rank,

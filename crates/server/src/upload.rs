@@ -1,7 +1,9 @@
 //! Receiving an upload: the body streams into a temp file while it is counted
 //! against the cap, hashed (sha256) and validated line by line on a blocking thread
 //! (the trainer's `data::validate`), so that nothing holds the whole file in memory
-//! and the file is read only once.
+//! and the file is read only once. A zip (captioned images for text-to-image) cannot be
+//! checked as a stream (its directory is at the end), so it is checked once written,
+//! by the trainer's `sd::dataset` with its path and zip-bomb guards.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -22,6 +24,66 @@ pub struct Received {
     pub bytes: u64,
     pub sha256: String,
     pub report: ValidationReport,
+    /// A summary worth showing even when the file is fine (an image zip's layout,
+    /// captions and undecodable images).
+    pub details: Option<String>,
+}
+
+/// The start of a zip's local file header (or of an empty archive's directory end).
+fn is_zip(first: &[u8]) -> bool {
+    first.starts_with(b"PK\x03\x04") || first.starts_with(b"PK\x05\x06")
+}
+
+/// Checks a received image zip; its problems become the report's errors.
+fn check_image_zip(path: &std::path::Path) -> (ValidationReport, Option<String>) {
+    use loraforge_trainer::sd::dataset::{read_zip, ZipLimits};
+    let mut report = ValidationReport {
+        format: Some(data::DataFormat::ImageZip),
+        ..Default::default()
+    };
+    match read_zip(path, &ZipLimits::default()) {
+        Ok(ds) => {
+            let r = &ds.report;
+            report.examples = r.images as u64;
+            let mut d = format!(
+                "{} layout: {} image(s), {} with a caption, {} with repeats",
+                serde_json::to_value(ds.layout)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                r.images,
+                r.with_caption,
+                r.total_repeats
+            );
+            if !r.missing_captions.is_empty() {
+                d.push_str(&format!("; no caption: {}", r.missing_captions.join(", ")));
+            }
+            if !r.undecodable.is_empty() {
+                let u: Vec<String> = r
+                    .undecodable
+                    .iter()
+                    .map(|(n, e)| format!("{n} ({e})"))
+                    .collect();
+                d.push_str(&format!("; skipped, not decodable: {}", u.join(", ")));
+            }
+            (report, Some(d))
+        }
+        Err(e) => {
+            // The dataset module's messages name the archive by its temp file; the
+            // entry and the problem are what the client needs.
+            let msg = e.to_string();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let msg = match name {
+                Some(n) => msg.replace(&format!("{n}: "), ""),
+                None => msg,
+            };
+            report
+                .errors
+                .push(msg.trim_start_matches("data: ").to_string());
+            report.error_count = 1;
+            (report, None)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +218,7 @@ where
     let mut total = 0u64;
     let mut lines = LineTracker::default();
     let mut overlong: Option<u64> = None;
+    let mut zip: Option<bool> = None;
 
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let mut tx = Some(tx);
@@ -179,7 +242,14 @@ where
             return Err(ReceiveError::TooLarge(cap));
         }
         hasher.update(&chunk);
-        if overlong.is_none() {
+        if zip.is_none() && !chunk.is_empty() {
+            let z = is_zip(&chunk);
+            zip = Some(z);
+            if z {
+                tx = None; // not JSONL: the line validator is not fed
+            }
+        }
+        if zip != Some(true) && overlong.is_none() {
             overlong = lines.feed(&chunk);
             if overlong.is_some() {
                 tx = None; // the validator sees the end and stops
@@ -198,6 +268,20 @@ where
     let mut report = validator
         .await
         .map_err(|e| ReceiveError::Io(std::io::Error::other(e)))??;
+    if zip == Some(true) {
+        out.into_inner().sync_all().await?;
+        let path = upload.path().to_path_buf();
+        let (report, details) = tokio::task::spawn_blocking(move || check_image_zip(&path))
+            .await
+            .map_err(|e| ReceiveError::Io(std::io::Error::other(e)))?;
+        return Ok(Received {
+            upload,
+            bytes: total,
+            sha256: hex::encode(hasher.finalize()),
+            report,
+            details,
+        });
+    }
     if let Some(line) = overlong {
         // What the validator saw of the long line is a truncated fragment: drop
         // whatever it made of it and name the real problem.
@@ -214,6 +298,7 @@ where
         bytes: total,
         sha256: hex::encode(hasher.finalize()),
         report,
+        details: None,
     })
 }
 

@@ -15,6 +15,7 @@ use loraforge_trainer::encoder::ProblemType;
 use loraforge_trainer::labels::LABELS_FILE;
 use loraforge_trainer::lora::{LoraConfig, Targets};
 use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::sd::objective::KOHYA_FILE;
 use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -192,6 +193,12 @@ fn train_spec(
     t.train_on_inputs = spec.train_on_inputs;
     t.eval_every = spec.eval_interval;
     t.checkpoint_every = spec.checkpoint_interval;
+    t.image = loraforge_trainer::sd::objective::ImageSettings {
+        resolution: spec.resolution,
+        prediction_type: spec.prediction_type.clone(),
+        snr_gamma: spec.snr_gamma,
+        noise_offset: spec.noise_offset,
+    };
     t.device = loraforge_trainer::device::parse(device)?;
     Ok(t)
 }
@@ -631,6 +638,12 @@ fn zip_adapter(dir: &Path, card: &str) -> anyhow::Result<Vec<u8>> {
             z.start_file(name, opts)?;
             z.write_all(&bytes)?;
         }
+        // Text-to-image adapters carry their kohya-format copy.
+        let kohya = dir.join(KOHYA_FILE);
+        if kohya.is_file() {
+            z.start_file(KOHYA_FILE, opts)?;
+            z.write_all(&std::fs::read(&kohya).context("reading the kohya file")?)?;
+        }
         // Classification adapters carry their label set (id2label / label2id).
         let labels = dir.join(LABELS_FILE);
         if labels.is_file() {
@@ -676,6 +689,14 @@ async fn publish(
     .await??;
     put_blob(state, &adapter_key(&job.id, "zip"), &zip).await?;
     put_blob(state, &adapter_key(&job.id, "safetensors"), &st).await?;
+    // Text-to-image runs also write the adapter in kohya's format, the one SD UIs load.
+    let kohya = match tokio::fs::read(dir.join(KOHYA_FILE)).await {
+        Ok(bytes) => {
+            put_blob(state, &adapter_key(&job.id, "kohya"), &bytes).await?;
+            Some(sha256_hex(&bytes))
+        }
+        Err(_) => None,
+    };
 
     // Metrics CSV from the stored metrics events (they survive a worker change).
     let mut csv = String::from("step,train_loss,valid_loss,learning_rate,tokens_per_second\n");
@@ -736,7 +757,10 @@ async fn publish(
     }
     Ok(json!({
         "result_files": ids,
-        "adapter_sha256": {"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st)},
+        "adapter_sha256": match kohya {
+            Some(k) => json!({"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st), "kohya": k}),
+            None => json!({"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st)}),
+        },
     }))
 }
 

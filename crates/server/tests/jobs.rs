@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    backends, check_response, copy_dir, get_json as get, spec, upload_chat, wait_status, Backend,
-    TestServer,
+    backends, check_response, copy_dir, get_json as get, read_sse, spec, upload_chat, wait_status,
+    Backend, TestServer,
 };
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -51,69 +51,6 @@ async fn wait_step(s: &TestServer, id: &str, step: u64) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// One SSE frame: (id, event, data).
-type Frame = (Option<i64>, String, String);
-
-/// Reads SSE frames until `done`, or until `stop_after` frames when given.
-async fn read_sse(
-    s: &TestServer,
-    id: &str,
-    last_event_id: Option<i64>,
-    stop_after: Option<usize>,
-) -> Vec<Frame> {
-    let mut req =
-        reqwest::Client::new().get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")));
-    if let Some(l) = last_event_id {
-        req = req.header("Last-Event-ID", l.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    assert_eq!(resp.headers()["x-accel-buffering"], "no");
-    let mut body = resp.bytes_stream();
-    let mut buf = String::new();
-    let mut frames = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), body.next()).await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        while let Some(end) = buf.find("\n\n") {
-            let raw: String = buf.drain(..end + 2).collect();
-            let (mut fid, mut ev, mut data) = (None, String::from("message"), String::new());
-            for line in raw.lines() {
-                if let Some(v) = line
-                    .strip_prefix("id: ")
-                    .or_else(|| line.strip_prefix("id:"))
-                {
-                    fid = v.trim().parse().ok();
-                } else if let Some(v) = line
-                    .strip_prefix("event: ")
-                    .or_else(|| line.strip_prefix("event:"))
-                {
-                    ev = v.trim().to_string();
-                } else if let Some(v) = line
-                    .strip_prefix("data: ")
-                    .or_else(|| line.strip_prefix("data:"))
-                {
-                    data.push_str(v);
-                }
-            }
-            if raw.lines().all(|l| l.starts_with(':')) {
-                continue; // keep-alive comment
-            }
-            let done = ev == "done";
-            frames.push((fid, ev, data));
-            if done || stop_after.is_some_and(|n| frames.len() >= n) {
-                return frames;
-            }
-        }
-    }
-    panic!(
-        "the event stream ended without `done` after {} frames:\n{}",
-        frames.len(),
-        s.logs()
-    );
 }
 
 fn zip_entry(zip: &[u8], name: &str) -> Vec<u8> {

@@ -23,6 +23,8 @@ pub enum DataFormat {
     /// A label is a class (string or integer), a list of classes (multi-label) or a
     /// number (regression).
     Classification,
+    /// A zip of captioned images for text-to-image training (`sd::dataset`).
+    ImageZip,
 }
 
 impl DataFormat {
@@ -33,6 +35,7 @@ impl DataFormat {
             DataFormat::Text => "text",
             DataFormat::Tokenized => "tokenized",
             DataFormat::Classification => "classification",
+            DataFormat::ImageZip => "image_zip",
         }
     }
 }

@@ -26,6 +26,8 @@ pub enum ModelFormat {
     Hf,
     /// A single GGUF file (dequantized to f32 for training).
     Gguf,
+    /// A diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`, ...).
+    Diffusers,
 }
 
 /// A base model as found on disk.
@@ -54,7 +56,8 @@ pub fn scan(dir: &Path) -> Vec<ModelInfo> {
     let mut out: Vec<ModelInfo> = Vec::new();
     for entry in rd.flatten() {
         let path = entry.path();
-        let is_candidate = (path.is_dir() && path.join("config.json").is_file())
+        let is_candidate = (path.is_dir()
+            && (path.join("config.json").is_file() || path.join("model_index.json").is_file()))
             || path.extension().is_some_and(|e| e == "gguf");
         if !is_candidate {
             continue;
@@ -107,6 +110,9 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    if path.join("model_index.json").is_file() {
+        return inspect_diffusers(path, id);
+    }
     if path.is_dir() {
         let cfg_path = path.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -225,4 +231,50 @@ fn safetensors_param_count(path: &Path) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Pipelines whose UNet the trainer can fine-tune (SD 1.x / 2.x).
+pub const TRAINABLE_PIPELINES: [&str; 1] = ["StableDiffusionPipeline"];
+
+/// A diffusers pipeline folder: its class from `model_index.json`, the parameters of
+/// its UNet, VAE and text encoder.
+fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
+    let idx = path.join("model_index.json");
+    let text = std::fs::read_to_string(&idx).map_err(|e| Error::io(&idx, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let class = v
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| Error::Model(format!("{}: no \"_class_name\"", idx.display())))?
+        .to_string();
+    let mut parameters = 0;
+    for part in ["unet", "vae", "text_encoder"] {
+        let dir = path.join(part);
+        if dir.is_dir() {
+            for f in safetensors_files(&dir)? {
+                parameters += safetensors_param_count(&f)?;
+            }
+        }
+    }
+    let trainable = TRAINABLE_PIPELINES.contains(&class.as_str());
+    Ok(ModelInfo {
+        id,
+        path: path.to_path_buf(),
+        format: ModelFormat::Diffusers,
+        architecture: class.clone(),
+        parameters,
+        context_length: None,
+        trainable,
+        tasks: if trainable {
+            vec!["text_to_image".into()]
+        } else {
+            Vec::new()
+        },
+        note: (!trainable).then(|| {
+            format!(
+                "pipeline \"{class}\" is not supported yet (supported: {})",
+                TRAINABLE_PIPELINES.join(", ")
+            )
+        }),
+    })
 }

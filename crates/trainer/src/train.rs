@@ -33,6 +33,8 @@ pub enum Task {
     CausalLm,
     /// A label per text (or text pair) on BERT-style encoders.
     SequenceClassification,
+    /// LoRA on a Stable Diffusion UNet from captioned images.
+    TextToImage,
 }
 
 impl Task {
@@ -40,8 +42,9 @@ impl Task {
         match s {
             "causal_lm" => Ok(Task::CausalLm),
             "sequence_classification" => Ok(Task::SequenceClassification),
+            "text_to_image" => Ok(Task::TextToImage),
             _ => Err(Error::Config(format!(
-                "task \"{s}\": expected causal_lm or sequence_classification"
+                "task \"{s}\": expected causal_lm, sequence_classification or text_to_image"
             ))),
         }
     }
@@ -49,6 +52,7 @@ impl Task {
         match self {
             Task::CausalLm => "causal_lm",
             Task::SequenceClassification => "sequence_classification",
+            Task::TextToImage => "text_to_image",
         }
     }
 }
@@ -88,6 +92,8 @@ pub struct TrainSpec {
     /// A checkpoint folder, or a run's output folder (its latest checkpoint).
     pub resume: Option<PathBuf>,
     pub device: Device,
+    /// Text-to-image: resolution, prediction type, min-SNR, noise offset.
+    pub image: crate::sd::objective::ImageSettings,
     /// When set, the run writes a checkpoint at the current step and stops with
     /// [`Error::Paused`], so that `resume` can continue it exactly.
     pub pause: Option<std::sync::Arc<AtomicBool>>,
@@ -124,6 +130,7 @@ impl TrainSpec {
             checkpoint_every: None,
             resume: None,
             device: Device::Cpu,
+            image: Default::default(),
             pause: None,
         }
     }
@@ -623,6 +630,13 @@ pub fn train(
                 on_event,
             )
         }
+        Task::TextToImage => run(
+            crate::sd::objective::TextToImage::load(spec)?,
+            spec,
+            resume_dir,
+            cancel,
+            on_event,
+        ),
     }
 }
 

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loraforge_store::{new_id, now_secs, DeleteFile, FileRecord, ListFiles, NewFile, Order};
+use loraforge_trainer::data::DataFormat;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -152,6 +153,8 @@ pub async fn create(
         | "application/x-ndjson"
         | "application/jsonlines"
         | "application/json-lines"
+        | "application/zip"
+        | "application/x-zip-compressed"
         | "application/octet-stream" => {
             let purpose = params.purpose.unwrap_or_else(|| "fine-tune".into());
             check_purpose(&purpose)?;
@@ -270,19 +273,28 @@ async fn store(
     purpose: String,
 ) -> ApiResult<Json<FileObject>> {
     let id = new_id("file-");
-    let key = format!("files/{id}.jsonl");
     let report = &received.report;
+    let ext = if report.format == Some(DataFormat::ImageZip) {
+        "zip"
+    } else {
+        "jsonl"
+    };
+    let key = format!("files/{id}.{ext}");
     let ok = report.is_ok();
-    let status_details = (!ok).then(|| {
-        let mut s = report.errors.join("\n");
-        let more = report
-            .error_count
-            .saturating_sub(report.errors.len() as u64);
-        if more > 0 {
-            s.push_str(&format!("\n… and {more} more"));
-        }
-        s
-    });
+    let status_details = if ok {
+        received.details.clone()
+    } else {
+        Some({
+            let mut s = report.errors.join("\n");
+            let more = report
+                .error_count
+                .saturating_sub(report.errors.len() as u64);
+            if more > 0 {
+                s.push_str(&format!("\n… and {more} more"));
+            }
+            s
+        })
+    };
     let record = NewFile {
         id: id.clone(),
         purpose,

@@ -54,6 +54,18 @@ pub struct JobSpec {
     pub checkpoint_interval: Option<u64>,
     pub seed: u64,
     pub metadata: Option<Value>,
+    /// Text-to-image: square training resolution (`None`: the model's native size).
+    #[serde(default)]
+    pub resolution: Option<u32>,
+    /// Text-to-image: min-SNR-γ loss weighting.
+    #[serde(default)]
+    pub snr_gamma: Option<f64>,
+    /// Text-to-image: diffusers' noise offset.
+    #[serde(default)]
+    pub noise_offset: f64,
+    /// Text-to-image: overrides the scheduler's prediction type.
+    #[serde(default)]
+    pub prediction_type: Option<String>,
 }
 
 /// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
@@ -110,7 +122,14 @@ fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> ApiResult<bool> {
     }
 }
 
-const KNOWN_HP: [&str; 20] = [
+/// Hyperparameters of text-to-image jobs only.
+const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
+
+const KNOWN_HP: [&str; 24] = [
+    "resolution",
+    "snr_gamma",
+    "noise_offset",
+    "prediction_type",
     "n_epochs",
     "batch_size",
     "learning_rate_multiplier",
@@ -143,6 +162,28 @@ pub fn parse_spec(
     if let Some(k) = hp.keys().find(|k| !KNOWN_HP.contains(&k.as_str())) {
         return Err(hp_err(k, "is not a known hyperparameter"));
     }
+    if task != Task::TextToImage {
+        if let Some(k) = hp
+            .iter()
+            .find(|(k, v)| IMAGE_HP.contains(&k.as_str()) && !v.is_null())
+            .map(|(k, _)| k)
+        {
+            return Err(hp_err(k, "applies to task text_to_image only"));
+        }
+    }
+    let prediction_type = match hp.get("prediction_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if ["epsilon", "v_prediction", "sample"].contains(&p.as_str()) => {
+            Some(p.clone())
+        }
+        Some(_) => {
+            return Err(hp_err(
+                "prediction_type",
+                "must be epsilon, v_prediction or sample",
+            ))
+        }
+    };
+    let image_default = |v: usize, other: usize| if task == Task::TextToImage { v } else { other };
     let mult = hp_num(hp, "learning_rate_multiplier", 1.0, 1e-6, 1e3)?;
     let lr = match hp.get("learning_rate") {
         None | Some(Value::Null) => BASE_LR * mult,
@@ -152,6 +193,8 @@ pub fn parse_spec(
         None | Some(Value::Null) => match task {
             Task::CausalLm => "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string(),
             Task::SequenceClassification => ENCODER_TARGETS.join(","),
+            // diffusers' train_text_to_image_lora.py.
+            Task::TextToImage => "to_q,to_k,to_v,to_out.0".to_string(),
         },
         Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => "all-linear".into(),
         Some(Value::Array(a)) if !a.is_empty() => {
@@ -190,8 +233,9 @@ pub fn parse_spec(
         batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
         learning_rate: lr,
         learning_rate_multiplier: mult,
-        lora_r: hp_num(hp, "lora_r", 8usize, 1, 1024)?,
-        lora_alpha: hp_num(hp, "lora_alpha", 16.0, 1e-6, 1e6)?,
+        // diffusers' SD recipe: rank 4, alpha = rank (scale 1).
+        lora_r: hp_num(hp, "lora_r", image_default(4, 8), 1, 1024)?,
+        lora_alpha: hp_num(hp, "lora_alpha", image_default(4, 16) as f64, 1e-6, 1e6)?,
         lora_dropout: hp_num(hp, "lora_dropout", 0.0f32, 0.0, 0.99)?,
         lora_target_modules: targets,
         use_rslora: hp_bool(hp, "use_rslora")?,
@@ -207,6 +251,22 @@ pub fn parse_spec(
         checkpoint_interval: opt_u64("checkpoint_interval")?,
         seed: seed.unwrap_or(42),
         metadata,
+        resolution: match hp.get("resolution") {
+            None | Some(Value::Null) => None,
+            _ => {
+                let r = hp_num(hp, "resolution", 512u32, 8, 4096)?;
+                if r % 8 != 0 {
+                    return Err(hp_err("resolution", "must be a multiple of 8"));
+                }
+                Some(r)
+            }
+        },
+        snr_gamma: match hp.get("snr_gamma") {
+            None | Some(Value::Null) => None,
+            _ => Some(hp_num(hp, "snr_gamma", 5.0, 1e-3, 1e3)?),
+        },
+        noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
+        prediction_type,
     })
 }
 
@@ -240,14 +300,21 @@ async fn check_file(
             format!("File {id} has purpose {} (fine-tune expected).", f.purpose),
         ));
     }
-    let is_cls = f.format.as_deref() == Some(DataFormat::Classification.as_str());
-    if is_cls != (task == Task::SequenceClassification) {
+    // Classification files go with sequence classification, image zips with
+    // text-to-image, and every other format with causal LM.
+    let file_task = match f.format.as_deref() {
+        Some(x) if x == DataFormat::Classification.as_str() => Task::SequenceClassification,
+        Some(x) if x == DataFormat::ImageZip.as_str() => Task::TextToImage,
+        _ => Task::CausalLm,
+    };
+    if file_task != task {
         return Err(bad_file(
             param,
             format!(
-                "File {id} has format {} and cannot train task {} (classification files go with task sequence_classification).",
+                "File {id} has format {} and cannot train task {} (it fits task {}).",
                 f.format.as_deref().unwrap_or("unknown"),
-                task.as_str()
+                task.as_str(),
+                file_task.as_str()
             ),
         ));
     }
@@ -369,7 +436,7 @@ pub async fn create(
         None => Task::CausalLm,
         Some(t) => Task::parse(t).map_err(|_| {
             ApiError::bad_request(format!(
-                "task {t:?} is not one of causal_lm, sequence_classification"
+                "task {t:?} is not one of causal_lm, sequence_classification, text_to_image"
             ))
             .param("task")
         })?,
@@ -389,7 +456,7 @@ pub async fn create(
             ApiError::bad_request(e.to_string().trim_start_matches("config: ").to_string())
                 .param("problem_type")
         })?),
-        (Some(_), Task::CausalLm) => {
+        (Some(_), _) => {
             return Err(ApiError::bad_request(
                 "problem_type applies to task sequence_classification only",
             )
@@ -499,7 +566,7 @@ pub fn job_object(j: &JobRecord) -> Value {
     let progress = parse_json(&j.progress);
     let result = parse_json(&j.result);
     let hp = spec.as_ref().map(|s| {
-        json!({
+        let mut h = json!({
             "n_epochs": s.n_epochs,
             "batch_size": s.batch_size,
             "learning_rate_multiplier": s.learning_rate_multiplier,
@@ -519,7 +586,14 @@ pub fn job_object(j: &JobRecord) -> Value {
             "train_on_inputs": s.train_on_inputs,
             "eval_interval": s.eval_interval,
             "checkpoint_interval": s.checkpoint_interval,
-        })
+        });
+        if s.task == Task::TextToImage {
+            h["resolution"] = json!(s.resolution);
+            h["snr_gamma"] = json!(s.snr_gamma);
+            h["noise_offset"] = json!(s.noise_offset);
+            h["prediction_type"] = json!(s.prediction_type);
+        }
+        h
     });
     let eta = progress.get("eta_seconds").and_then(|v| v.as_f64());
     let estimated_finish = match (j.status.as_str(), eta) {
@@ -949,12 +1023,28 @@ pub struct AdapterParams {
 pub fn adapter_key(job_id: &str, format: &str) -> String {
     match format {
         "safetensors" => format!("jobs/{job_id}/adapter_model.safetensors"),
+        "kohya" => format!("jobs/{job_id}/lora_kohya.safetensors"),
         _ => format!("jobs/{job_id}/adapter.zip"),
     }
 }
 
-/// `GET /v1/fine_tuning/jobs/{id}/adapter`: the PEFT folder as a zip, or with
-/// `?format=safetensors` the tensor file alone.
+/// A file name from a fine-tuned model name (`ft:model:suffix:id`), for the UIs' LoRA
+/// folders, which list a LoRA by its file stem.
+fn kohya_file_stem(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/adapter`: the PEFT folder as a zip, with
+/// `?format=safetensors` the tensor file alone, or with `?format=kohya` (the default
+/// for text-to-image jobs) the kohya-format file SD UIs load.
 pub async fn adapter(
     State(state): State<AppState>,
     who: Principal,
@@ -970,11 +1060,27 @@ pub async fn adapter(
         ))
         .code("adapter_not_ready"));
     }
-    let format = q.format.as_deref().unwrap_or("zip");
-    if format != "zip" && format != "safetensors" {
-        return Err(ApiError::bad_request("format must be zip or safetensors").param("format"));
-    }
     let result = parse_json(&job.result);
+    // A text-to-image adapter defaults to kohya's file, the one SD UIs load.
+    let has_kohya = result
+        .get("adapter_sha256")
+        .and_then(|v| v.get("kohya"))
+        .is_some();
+    let format = q
+        .format
+        .as_deref()
+        .unwrap_or(if has_kohya { "kohya" } else { "zip" });
+    if !["zip", "safetensors", "kohya"].contains(&format) {
+        return Err(
+            ApiError::bad_request("format must be zip, safetensors or kohya").param("format"),
+        );
+    }
+    if format == "kohya" && !has_kohya {
+        return Err(ApiError::bad_request(format!(
+            "Job {id} trained no text-to-image adapter, so it has no kohya file; use zip or safetensors."
+        ))
+        .param("format"));
+    }
     let etag = result
         .get("adapter_sha256")
         .and_then(|v| v.get(format))
@@ -1006,6 +1112,12 @@ pub async fn adapter(
         .map(|r| parse_range(r, size));
     let name = match format {
         "safetensors" => "adapter_model.safetensors".to_string(),
+        "kohya" => format!(
+            "{}.safetensors",
+            job.fine_tuned_model
+                .as_deref()
+                .map_or(id.clone(), kohya_file_stem)
+        ),
         _ => format!("{id}-adapter.zip"),
     };
     let mut resp = match range {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use futures::StreamExt;
 use loraforge_store::testing::TempPgDatabase;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -425,11 +426,16 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Copies the files of `from` (one level) into `to`.
+/// Copies `from` into `to`, sub-folders included.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        if e.path().is_dir() {
+            // Diffusers folders nest their components (unet/, vae/, ...).
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }
 
@@ -485,4 +491,67 @@ pub async fn wait_status(s: &TestServer, id: &str, want: &[&str], within: Durati
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One SSE frame: (id, event, data).
+pub type Frame = (Option<i64>, String, String);
+
+/// Reads SSE frames until `done`, or until `stop_after` frames when given.
+pub async fn read_sse(
+    s: &TestServer,
+    id: &str,
+    last_event_id: Option<i64>,
+    stop_after: Option<usize>,
+) -> Vec<Frame> {
+    let mut req =
+        reqwest::Client::new().get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")));
+    if let Some(l) = last_event_id {
+        req = req.header("Last-Event-ID", l.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut frames = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let raw: String = buf.drain(..end + 2).collect();
+            let (mut fid, mut ev, mut data) = (None, String::from("message"), String::new());
+            for line in raw.lines() {
+                if let Some(v) = line
+                    .strip_prefix("id: ")
+                    .or_else(|| line.strip_prefix("id:"))
+                {
+                    fid = v.trim().parse().ok();
+                } else if let Some(v) = line
+                    .strip_prefix("event: ")
+                    .or_else(|| line.strip_prefix("event:"))
+                {
+                    ev = v.trim().to_string();
+                } else if let Some(v) = line
+                    .strip_prefix("data: ")
+                    .or_else(|| line.strip_prefix("data:"))
+                {
+                    data.push_str(v);
+                }
+            }
+            if raw.lines().all(|l| l.starts_with(':')) {
+                continue; // keep-alive comment
+            }
+            let done = ev == "done";
+            frames.push((fid, ev, data));
+            if done || stop_after.is_some_and(|n| frames.len() >= n) {
+                return frames;
+            }
+        }
+    }
+    panic!(
+        "the event stream ended without `done` after {} frames:\n{}",
+        frames.len(),
+        s.logs()
+    );
 }

@@ -9,13 +9,15 @@
 //! resumed run, reproduce their losses exactly.
 
 use super::clip::{ClipTextEncoder, ClipTokenizer};
+use super::dataset::{read_zip, to_pixels, ZipLimits};
 use super::diffusion::{normal, Prediction, Schedule};
+use super::kohya::{write_kohya, BaseModel, KohyaMeta, KohyaNaming};
 use super::unet::UNet;
 use super::vae::{sample_latent, VaeEncoder};
 use crate::lora::{ForwardCtx, LoraModel};
-use crate::train::{EvalMetrics, Objective};
+use crate::train::{EvalMetrics, Objective, TrainSpec};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -78,7 +80,12 @@ pub struct TextToImage {
     noise_offset: f32,
     base_name: String,
     device: Device,
+    /// What the kohya file's metadata records about the run.
+    meta: KohyaMeta,
 }
+
+/// The file name of the kohya-format copy of an adapter, next to PEFT's files.
+pub const KOHYA_FILE: &str = "kohya.safetensors";
 
 /// The VAE's spatial downsampling: 2 per down block after the first.
 pub fn vae_factor(model_dir: &Path) -> Result<usize> {
@@ -166,8 +173,61 @@ impl TextToImage {
             noise_offset: settings.noise_offset as f32,
             base_name: model_dir.display().to_string(),
             device: device.clone(),
+            meta: KohyaMeta::default(),
             unet,
         })
+    }
+
+    /// A run's objective: the images of the zip at `spec.data`, at the training
+    /// resolution (the model's native one unless set), centre-cropped.
+    pub fn load(spec: &TrainSpec) -> Result<Self> {
+        let ds = read_zip(&spec.data, &ZipLimits::default())?;
+        let native = {
+            let p = spec.model.join("unet/config.json");
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            let cfg = super::unet::UNetConfig::from_diffusers_json(&serde_json::from_str(&text)?)?;
+            cfg.sample_size * vae_factor(&spec.model)?
+        };
+        let res = spec.image.resolution.map_or(native, |r| r as usize);
+        let images: Vec<TrainImage> = ds
+            .examples
+            .iter()
+            .map(|e| TrainImage {
+                pixels: to_pixels(&e.image, res as u32, true),
+                size: res,
+                caption: e.caption.clone(),
+                repeats: e.repeats,
+            })
+            .collect();
+        let mut obj = Self::prepare(&spec.model, &images, &spec.image, &spec.device)?;
+        obj.meta = KohyaMeta {
+            base: if obj.unet.cfg.cross_attention_dim == 1024 {
+                if obj.prediction == Prediction::VPrediction {
+                    BaseModel::Sd2V
+                } else {
+                    BaseModel::Sd2
+                }
+            } else {
+                BaseModel::Sd1
+            },
+            sd_model_name: spec
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
+            learning_rate: Some(spec.lr),
+            unet_lr: Some(spec.lr),
+            max_train_steps: spec.max_steps,
+            num_train_images: Some(obj.rows.len() as u64),
+            batch_size: Some(spec.batch_size as u64),
+            resolution: Some((res as u32, res as u32)),
+            seed: Some(spec.seed),
+            noise_offset: Some(spec.image.noise_offset),
+            min_snr_gamma: spec.image.snr_gamma,
+            mixed_precision: Some("no".into()),
+            cache_latents: Some(true),
+            ..KohyaMeta::default()
+        };
+        Ok(obj)
     }
 
     pub fn unet(&self) -> &UNet {
@@ -268,5 +328,17 @@ impl Objective for TextToImage {
 
     fn evaluate(&self, _batch_size: usize, _step: u64) -> Result<Option<EvalMetrics>> {
         Ok(None)
+    }
+
+    /// The same adapter in kohya's format, which the SD UIs load.
+    fn save_extra(&self, dir: &Path) -> Result<()> {
+        write_kohya(
+            &self.unet,
+            KohyaNaming::SdUnet,
+            &self.meta,
+            DType::F32,
+            &dir.join(KOHYA_FILE),
+        )?;
+        Ok(())
     }
 }

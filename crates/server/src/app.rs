@@ -39,6 +39,8 @@ pub struct Settings {
     pub min_examples: u64,
     /// Largest JSON request body.
     pub max_json_bytes: usize,
+    /// Largest pipeline whose text-to-image jobs CPU workers may take.
+    pub cpu_image_max_params: u64,
     /// Most queued or running jobs per owner (0: no cap).
     pub max_active_jobs_per_owner: u64,
     /// Most stored file bytes per owner (0: no cap).
@@ -335,6 +337,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             min_examples: args.min_examples,
             max_json_bytes: args.max_json_bytes,
             max_active_jobs_per_owner: args.max_active_jobs_per_owner,
+            cpu_image_max_params: args.cpu_image_max_params,
             max_stored_bytes_per_owner: args.max_stored_bytes_per_owner,
             request_timeout: std::time::Duration::from_secs(args.request_timeout_seconds),
         }),
@@ -440,6 +443,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
             min_examples: 1,
             max_json_bytes: 0,
             max_active_jobs_per_owner: 0,
+            cpu_image_max_params: 0,
             max_stored_bytes_per_owner: 0,
             request_timeout: std::time::Duration::ZERO,
         }),

@@ -53,6 +53,15 @@ pub struct ServeArgs {
     /// Largest JSON request body (job creation, chat), in bytes.
     #[arg(long, env = "LORAFORGE_MAX_JSON_BYTES", default_value_t = 4 << 20)]
     pub max_json_bytes: usize,
+    /// Largest diffusers pipeline (parameters) whose text-to-image jobs a CPU worker may
+    /// take; bigger ones wait for a CUDA worker (SD 1.5 at 512 px is minutes per step on
+    /// a CPU). Set it high to let CPU workers take every image job.
+    #[arg(
+        long,
+        env = "LORAFORGE_CPU_IMAGE_MAX_PARAMS",
+        default_value_t = 100_000_000
+    )]
+    pub cpu_image_max_params: u64,
     /// Most queued or running jobs one owner (API key) may have; 0 is no limit.
     #[arg(long, env = "LORAFORGE_MAX_ACTIVE_JOBS_PER_OWNER", default_value_t = 0)]
     pub max_active_jobs_per_owner: u64,

@@ -503,6 +503,7 @@ async fn retrieve_content_delete_and_errors() {
                 priority: 0,
                 max_attempts: 1,
                 idempotency_key: None,
+                device_kind: None,
             })
             .await
             .unwrap();

@@ -175,3 +175,30 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
         keys.len()
     );
 }
+
+#[tokio::test]
+async fn a_pipeline_too_big_for_cpu_workers_waits_for_cuda() {
+    // The tiny pipeline counts as big when the operator sets the bar below its size.
+    let s = TestServer::start(Backend::Sqlite, &["--cpu-image-max-params", "1000"]).await;
+    copy_dir(
+        &root().join("tests/fixtures/sd-tiny"),
+        &s.models_dir().join("sd-tiny"),
+    );
+    let f = upload_zip(&s, "flat.zip").await;
+    assert_eq!(f["status"], "processed", "{f}");
+    let (code, job) = create_job(
+        &s,
+        json!({"model": "sd-tiny", "training_file": f["id"], "task": "text_to_image",
+               "hyperparameters": {"max_steps": 2}}),
+    )
+    .await;
+    assert_eq!(code, 200, "{job}");
+    assert_eq!(job["device_kind"], "cuda", "{job}");
+    let id = job["id"].as_str().unwrap();
+    // The server's CPU worker leaves it alone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let j = get_json(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+    assert_eq!(j["status"], "queued", "{j}");
+    let ev = get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/events")).await;
+    assert!(ev.to_string().contains("waits for a cuda worker"), "{ev}");
+}

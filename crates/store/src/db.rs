@@ -438,8 +438,9 @@ impl Store {
     async fn insert_job_row(&self, j: &NewJob) -> Result<JobRecord> {
         let sql = format!(
             "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \
-             spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, {now}, $9, $10, $11) RETURNING {}",
+             spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at, \
+             device_kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, {now}, $9, $10, $11, $12) RETURNING {}",
             job_cols!(),
             now = self.now_ms(),
         );
@@ -455,6 +456,7 @@ impl Store {
             .bind(j.max_attempts)
             .bind(&j.idempotency_key)
             .bind(now_secs())
+            .bind(&j.device_kind)
             .fetch_one(p)
             .await?))
     }

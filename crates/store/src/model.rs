@@ -215,6 +215,8 @@ pub struct NewJob {
     pub priority: i64,
     pub max_attempts: i64,
     pub idempotency_key: Option<String>,
+    /// Only workers of this kind (`cpu`, `cuda`) may claim the job; `None`: any.
+    pub device_kind: Option<String>,
 }
 
 /// A job event (`job_events`); `id` is monotonic and doubles as the SSE event id.

@@ -67,6 +67,7 @@ fn job(id: &str, training_file: &str) -> NewJob {
         priority: 0,
         max_attempts: 3,
         idempotency_key: None,
+        device_kind: None,
     }
 }
 
@@ -454,6 +455,10 @@ async fn claims_follow_priority_then_age_and_device_kind() {
         urgent.priority = -1;
         s.insert_job(&urgent).await.unwrap();
         queued(s, "new").await;
+        // A kind given at insert (a big text-to-image job) routes the same way.
+        let mut born_gpu = job("ftjob-born-gpu", "file-1");
+        born_gpu.device_kind = Some("cuda".into());
+        s.insert_job(&born_gpu).await.unwrap();
 
         let mut order = Vec::new();
         while let Some(c) = s.claim_next_job("w", "cpu", LONG).await.unwrap() {
@@ -468,6 +473,11 @@ async fn claims_follow_priority_then_age_and_device_kind() {
         assert_eq!(order, ["ftjob-urgent", "ftjob-old", "ftjob-new"]);
         let c = s.claim_next_job("g", "cuda", LONG).await.unwrap().unwrap();
         assert_eq!(c.job.id, "ftjob-gpu");
+        let c = s.claim_next_job("g", "cuda", LONG).await.unwrap().unwrap();
+        assert_eq!(
+            (c.job.id.as_str(), c.job.device_kind.as_deref()),
+            ("ftjob-born-gpu", Some("cuda"))
+        );
         assert!(matches!(
             s.set_job_device_kind("ftjob-nope", None).await,
             Err(Error::NotFound)

@@ -514,6 +514,10 @@ pub async fn create(
             .code("too_many_active_jobs"));
         }
     }
+    // A big SD pipeline on a CPU worker would take a day: such jobs wait for CUDA.
+    let device_kind = (task == Task::TextToImage
+        && info.parameters > state.settings.cpu_image_max_params)
+        .then(|| "cuda".to_string());
     let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
     let new = NewJob {
         id: id.clone(),
@@ -526,6 +530,7 @@ pub async fn create(
         priority: 0,
         max_attempts: 3,
         idempotency_key: idem.clone(),
+        device_kind: device_kind.clone(),
     };
     let job = match state.store.insert_job(&new).await {
         Ok(j) => j,
@@ -546,7 +551,14 @@ pub async fn create(
             attempt: 0,
             level: "info".into(),
             kind: "message".into(),
-            message: format!("Created fine-tuning job: {}", job.id),
+            message: match &device_kind {
+                Some(k) => format!(
+                    "Created fine-tuning job: {}; it waits for a {k} worker ({} has {} parameters, \
+                     more than CPU workers take: --cpu-image-max-params {})",
+                    job.id, job.model, info.parameters, state.settings.cpu_image_max_params
+                ),
+                None => format!("Created fine-tuning job: {}", job.id),
+            },
             data: None,
         })
         .await?;
@@ -623,6 +635,7 @@ pub fn job_object(j: &JobRecord) -> Value {
         "integrations": [],
         "metadata": spec.as_ref().and_then(|s| s.metadata.clone()),
         "user_provided_suffix": j.suffix,
+        "device_kind": j.device_kind,
         "progress": if progress.is_null() { Value::Null } else { progress },
     })
 }

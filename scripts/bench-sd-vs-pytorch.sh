@@ -13,9 +13,10 @@
 # UNET_DIR is a diffusers unet/ folder (config.json + diffusion_pytorch_model.safetensors): a
 # real SD 1.5 UNet, or the random-weight SD 1.5-shaped one scripts/make_sd15_shaped.py writes
 # (time and memory do not depend on the weights' values). Build the binary with
-# `cargo build -p loraforge-trainer --bin loraforge-bench`. Needs ~/.cache/loraforge/venv
-# (torch, diffusers, peft: scripts/setup-python.sh). At RES 512 loraforge needs far more memory
-# than PyTorch (see BENCHMARKS.md); check `free -g` first.
+# `cargo build -p loraforge-trainer --bin loraforge-bench`. Needs ~/.cache/loraforge/venv with
+# torch, peft (scripts/setup-python.sh) and diffusers (`pip install diffusers==0.42.1`, which
+# setup-python.sh does not install). At RES 512 loraforge needs far more memory than PyTorch
+# (see BENCHMARKS.md); check `free -g` first.
 set -euo pipefail
 BIN=${1:?usage: $0 path/to/loraforge-bench UNET_DIR [OUTDIR]}
 UNET=${2:?usage: $0 path/to/loraforge-bench UNET_DIR [OUTDIR]}

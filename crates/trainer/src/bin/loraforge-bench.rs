@@ -1,15 +1,32 @@
-//! Trains on the token batches PEFT's baseline dumps, from PEFT's initial adapter, with
-//! PEFT's recipe (file order, constant lr, no weight decay, no clipping, dropout 0), and
-//! writes one JSON line per step. `scripts/bench-vs-peft.sh` runs it against PEFT.
+//! Benchmarks, run by scripts only (nothing in the test suite times anything).
+//!
+//! Causal LM: trains on the token batches PEFT's baseline dumps, from PEFT's initial
+//! adapter, with PEFT's recipe (file order, constant lr, no weight decay, no clipping,
+//! dropout 0), and writes one JSON line per step. `scripts/bench-vs-peft.sh` runs it
+//! against PEFT.
 //!
 //!   loraforge-bench --model DIR --data batches.jsonl --init-adapter DIR --out DIR
 //!       [--steps 20] [--batch 4] [--seq 256] [--lr 2e-4] [--threads 2] [--metrics-jsonl F]
+//!
+//! Stable Diffusion (`sd`): LoRA training steps of a diffusers UNet on random inputs (see
+//! `run_sd`). `scripts/bench-sd-vs-pytorch.sh` runs it against diffusers + PEFT.
+//!
+//!   loraforge-bench sd --unet DIR [--res 256] [--steps 3] [--threads 2] [--seed 0]
+//!       [--max-rss-mib 18432]
 
-use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use candle_core::{Device, Tensor};
+use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, Targets};
+use loraforge_trainer::optim::{AdamW, AdamWConfig, Scheduler};
+use loraforge_trainer::sd::unet::{mse, UNet};
 use loraforge_trainer::train::{train, TrainEvent, TrainSpec};
+use rand::Rng;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 fn main() {
     if let Err(e) = run() {
@@ -18,21 +35,36 @@ fn main() {
     }
 }
 
+type Opts = HashMap<String, String>;
+
+fn opt_str(opt: &Opts, k: &str) -> Result<String, String> {
+    opt.get(k).cloned().ok_or(format!("--{k} is required"))
+}
+
+fn opt_num(opt: &Opts, k: &str, d: &str) -> Result<f64, String> {
+    opt.get(k)
+        .map(String::as_str)
+        .unwrap_or(d)
+        .parse::<f64>()
+        .map_err(|e| format!("--{k}: {e}"))
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let mut opt = std::collections::HashMap::new();
+    let mut args = std::env::args().skip(1).peekable();
+    let sd = args.peek().map(String::as_str) == Some("sd");
+    if sd {
+        args.next();
+    }
+    let mut opt = Opts::new();
     while let Some(k) = args.next() {
         let v = args.next().ok_or(format!("{k} needs a value"))?;
         opt.insert(k.trim_start_matches("--").to_string(), v);
     }
-    let get = |k: &str| opt.get(k).cloned().ok_or(format!("--{k} is required"));
-    let num = |k: &str, d: &str| -> Result<f64, String> {
-        opt.get(k)
-            .map(String::as_str)
-            .unwrap_or(d)
-            .parse::<f64>()
-            .map_err(|e| format!("--{k}: {e}"))
-    };
+    if sd {
+        return run_sd(&opt);
+    }
+    let get = |k: &str| opt_str(&opt, k);
+    let num = |k: &str, d: &str| opt_num(&opt, k, d);
     // Before any candle op: both of candle's thread pools read this once.
     std::env::set_var(
         "RAYON_NUM_THREADS",
@@ -80,13 +112,138 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// LoRA training steps of a diffusers UNet (`DIR` holds `config.json` and
+/// `diffusion_pytorch_model.safetensors`) at batch 1 on random inputs: latents
+/// `(1, 4, res/8, res/8)` and a target from N(0, 1), a context `(1, 77, cross_attention_dim)`
+/// from N(0, 1), one timestep drawn from 0..1000; LoRA r 4, alpha 4 on `to_q`, `to_k`,
+/// `to_v`, `to_out.0`; MSE, backward, then AdamW (lr 1e-4, weight decay 1e-2, as
+/// `torch.optim.AdamW`'s defaults). Time and memory do not depend on the weights' values, so
+/// a random-weight model of the right shape (`scripts/make_sd15_shaped.py`) measures the
+/// same as the real one. Prints one JSON line per step on stdout (seconds for forward,
+/// backward and the optimizer; current and peak RSS) and exits with status 3 as soon as the
+/// resident set passes `--max-rss-mib`, so that a run too big for the machine stops before
+/// the kernel's OOM killer picks a victim.
+fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
+    let threads = opt_num(opt, "threads", "2")? as usize;
+    // Before any candle op: both of candle's thread pools read this once.
+    std::env::set_var("RAYON_NUM_THREADS", format!("{threads}"));
+    loraforge_trainer::device::tune_allocator_for_training();
+    let dir = PathBuf::from(opt_str(opt, "unet")?);
+    let res = opt_num(opt, "res", "256")? as usize;
+    let steps = opt_num(opt, "steps", "3")? as usize;
+    let seed = opt_num(opt, "seed", "0")? as u64;
+    let max_rss = opt_num(opt, "max-rss-mib", "18432")? as u64;
+    if res == 0 || !res.is_multiple_of(8) {
+        return Err(format!("--res {res}: must be a positive multiple of 8").into());
+    }
+    std::thread::spawn(move || loop {
+        let rss = proc_status_mib("VmRSS:");
+        if rss > max_rss {
+            eprintln!("loraforge-bench sd: RSS {rss} MiB passed --max-rss-mib {max_rss}; aborting");
+            std::process::exit(3);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let dev = Device::Cpu;
+    let t = Instant::now();
+    let mut unet = UNet::load(&dir, &dev)?;
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: Targets::parse("to_q,to_k,to_v,to_out.0")?,
+        use_rslora: false,
+    };
+    let adapted = lora::attach(&mut unet, &cfg, seed)?;
+    let params = lora::params(&unet);
+    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "loaded", "load_s": t.elapsed().as_secs_f64(), "adapted_modules": adapted.len(),
+            "lora_parameters": n_params, "res": res, "threads": threads,
+            "rss_mib": proc_status_mib("VmRSS:"),
+        })
+    );
+    let mut optim = AdamW::new(
+        params,
+        AdamWConfig {
+            weight_decay: 1e-2,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let lat = res / 8;
+    let ctx_dim = unet.cfg.cross_attention_dim;
+    for step in 1..=steps {
+        let sample = randn(&mut rng, (1, 4, lat, lat), &dev)?;
+        let target = randn(&mut rng, (1, 4, lat, lat), &dev)?;
+        let context = randn(&mut rng, (1, 77, ctx_dim), &dev)?;
+        let timestep = rng.random_range(0..1000u32) as f32;
+        let fctx = ForwardCtx::train(ChaCha8Rng::seed_from_u64(seed + step as u64));
+        let t0 = Instant::now();
+        let pred = unet.forward(&sample, &[timestep], &context, &fctx)?;
+        let loss = mse(&pred, &target)?;
+        let loss_v: f32 = loss.to_scalar()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        // What the backward leaves behind: candle keeps a gradient for every leaf it
+        // reaches, the frozen convolutions' and norms' weights included, not only LoRA's.
+        let (mut held, mut held_n) = (0usize, 0usize);
+        for id in grads.get_ids() {
+            if let Some(g) = grads.get_id(*id) {
+                held += g.elem_count() * g.dtype().size_in_bytes();
+                held_n += 1;
+            }
+        }
+        optim.step(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        drop(grads);
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "step", "step": step, "loss": loss_v, "timestep": timestep,
+                "forward_s": (t1 - t0).as_secs_f64(), "backward_s": (t2 - t1).as_secs_f64(),
+                "optim_s": (t3 - t2).as_secs_f64(), "step_s": (t3 - t0).as_secs_f64(),
+                "grads_held": held_n, "grads_held_mib": held >> 20,
+                "rss_mib": proc_status_mib("VmRSS:"), "peak_rss_mib": proc_status_mib("VmHWM:"),
+            })
+        );
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// A tensor of draws from N(0, 1) (Box-Muller on the seeded generator).
+fn randn(
+    rng: &mut ChaCha8Rng,
+    shape: impl Into<candle_core::Shape>,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let shape = shape.into();
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| {
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random::<f64>();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, dev)
+}
+
 /// Current resident set, to see whether memory grows from step to step.
 fn rss_mib() -> u64 {
+    proc_status_mib("VmRSS:")
+}
+
+/// A `/proc/self/status` field in MiB (`VmRSS:` now, `VmHWM:` the peak); 0 where unreadable.
+fn proc_status_mib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb / 1024)

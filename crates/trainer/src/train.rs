@@ -640,19 +640,6 @@ pub fn train(
     }
 }
 
-/// Runs a whole training job on an objective the caller has built (e.g. a
-/// text-to-image run whose images were prepared in memory).
-pub fn train_objective<O: Objective>(
-    obj: O,
-    spec: &TrainSpec,
-    cancel: &AtomicBool,
-    on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<TrainOutcome> {
-    spec.validate()?;
-    let resume_dir = spec.resume.as_deref().map(resolve_checkpoint).transpose()?;
-    run(obj, spec, resume_dir, cancel, on_event)
-}
-
 fn run<O: Objective>(
     mut obj: O,
     spec: &TrainSpec,

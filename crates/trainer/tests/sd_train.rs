@@ -1,13 +1,13 @@
-//! Text-to-image LoRA training on the tiny SD fixture through the shared training loop:
+//! Text-to-image LoRA training on the tiny SD fixture and the fixture image zip
+//! (`tests/data/sd/kohya.zip`), through `train::train` as the CLI and workers run it:
 //! the same seed reproduces the same loss sequence exactly, and the trained adapter
 //! lowers the loss on fixed noise and timesteps (the per-step loss itself is too noisy,
 //! with a random timestep per sample, to show learning in a few dozen steps).
 
-use candle_core::Device;
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, Targets};
 use loraforge_trainer::optim::Scheduler;
-use loraforge_trainer::sd::objective::{ImageSettings, TextToImage, TrainImage};
-use loraforge_trainer::train::{train_objective, Objective, TrainEvent, TrainSpec};
+use loraforge_trainer::sd::objective::TextToImage;
+use loraforge_trainer::train::{self, Objective, Task, TrainEvent, TrainSpec};
 use rand_chacha::rand_core::SeedableRng;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -16,35 +16,27 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// The two 32-pixel images of the VAE golden, under two captions.
-fn images() -> Vec<TrainImage> {
-    let g = candle_core::safetensors::load(
-        fixtures().join("sd-tiny-ref/vae.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let img = &g["image"];
-    ["a red square, sks style", "a blue circle, sks style"]
-        .iter()
-        .enumerate()
-        .map(|(i, caption)| TrainImage {
-            pixels: img
-                .get(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap(),
-            size: 32,
-            caption: caption.to_string(),
-            repeats: 2,
-        })
-        .collect()
-}
-
-fn objective() -> TextToImage {
-    let model = fixtures().join("sd-tiny");
-    TextToImage::prepare(&model, &images(), &ImageSettings::default(), &Device::Cpu).unwrap()
+/// The fixture dataset: kohya folders, 3 images, 22 rows with repeats.
+fn spec(seed: u64, steps: u64, out: &std::path::Path) -> TrainSpec {
+    let mut spec = TrainSpec::new(
+        fixtures().join("sd-tiny"),
+        fixtures().join("../data/sd/kohya.zip"),
+        out.to_path_buf(),
+    );
+    spec.task = Task::TextToImage;
+    spec.lora = LoraConfig {
+        r: 4,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: Targets::parse("to_q,to_k,to_v,to_out.0").unwrap(),
+        use_rslora: false,
+    };
+    spec.max_steps = Some(steps);
+    spec.batch_size = 4;
+    spec.lr = 3e-3;
+    spec.scheduler = Scheduler::Constant;
+    spec.seed = seed;
+    spec
 }
 
 /// The mean loss over every row under 8 fixed draws of latents, noise and timesteps.
@@ -60,23 +52,8 @@ fn fixed_loss(obj: &TextToImage) -> f64 {
 }
 
 fn run(seed: u64, steps: u64, out: &std::path::Path) -> Vec<f64> {
-    let model = fixtures().join("sd-tiny");
-    let obj = objective();
-    let mut spec = TrainSpec::new(model, PathBuf::new(), out.to_path_buf());
-    spec.lora = LoraConfig {
-        r: 4,
-        alpha: 4.0,
-        dropout: 0.0,
-        targets: Targets::parse("to_q,to_k,to_v,to_out.0").unwrap(),
-        use_rslora: false,
-    };
-    spec.max_steps = Some(steps);
-    spec.batch_size = 4;
-    spec.lr = 3e-3;
-    spec.scheduler = Scheduler::Constant;
-    spec.seed = seed;
     let mut losses = Vec::new();
-    train_objective(obj, &spec, &AtomicBool::new(false), &mut |e| {
+    train::train(&spec(seed, steps, out), &AtomicBool::new(false), &mut |e| {
         if let TrainEvent::Step(m) = e {
             losses.push(m.loss);
         }
@@ -98,8 +75,8 @@ fn the_loss_falls_and_a_seed_reproduces_it() {
         c[..],
         "another seed draws other noise and timesteps"
     );
-    let before = fixed_loss(&objective());
-    let mut trained = objective();
+    let before = fixed_loss(&TextToImage::load(&spec(7, 1, dir.path())).unwrap());
+    let mut trained = TextToImage::load(&spec(7, 1, dir.path())).unwrap();
     let adapter = dir.path().join("a");
     let cfg = lora::read_adapter_config(&adapter).unwrap();
     lora::attach(trained.model_mut(), &cfg, 0).unwrap();
@@ -114,4 +91,5 @@ fn the_loss_falls_and_a_seed_reproduces_it() {
         "the adapter did not lower the loss: {before} -> {after}"
     );
     assert!(dir.path().join("a/adapter_model.safetensors").is_file());
+    assert!(dir.path().join("a/kohya.safetensors").is_file());
 }

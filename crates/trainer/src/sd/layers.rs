@@ -4,6 +4,7 @@
 
 use crate::lora::{ForwardCtx, Linear};
 use crate::model::Weights;
+use crate::ops::frozen_conv2d;
 use crate::{Error, Result};
 use candle_core::{Tensor, D};
 
@@ -73,7 +74,7 @@ impl Take<'_> {
     }
 }
 
-/// A frozen convolution; candle differentiates it for the input.
+/// A frozen convolution, differentiated for its input only.
 pub(crate) struct Conv {
     w: Tensor,
     b: Tensor,
@@ -83,8 +84,7 @@ pub(crate) struct Conv {
 
 impl Conv {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(&self.w, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.b)?)
+        Ok(frozen_conv2d(x, &self.w, self.padding, self.stride)?.broadcast_add(&self.b)?)
     }
 }
 

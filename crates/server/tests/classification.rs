@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{copy_dir, get_json, root, wait_status, Backend, TestServer};
+use common::{copy_dir, create_job, get_json, root, wait_status, Backend, TestServer};
 use serde_json::{json, Value};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,16 +25,6 @@ async fn upload_ok(s: &TestServer, name: &str, body: Vec<u8>) -> String {
     assert_eq!(f["status"], "processed", "{f}");
     assert_eq!(f["format"], "classification", "{f}");
     f["id"].as_str().unwrap().to_string()
-}
-
-async fn create_job(s: &TestServer, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/fine_tuning/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
 }
 
 fn lines(rows: &[Value]) -> Vec<u8> {

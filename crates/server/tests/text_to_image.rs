@@ -6,32 +6,15 @@
 
 mod common;
 
-use common::{copy_dir, get_json, read_sse, root, wait_status, Backend, TestServer};
+use common::{copy_dir, create_job, get_json, read_sse, root, wait_status, Backend, TestServer};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn upload_zip(s: &TestServer, name: &str) -> Value {
     let body = std::fs::read(root().join("tests/data/sd").join(name)).unwrap();
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/files"))
-        .query(&[("filename", name), ("purpose", "fine-tune")])
-        .header("content-type", "application/zip")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
-async fn create_job(s: &TestServer, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/fine_tuning/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    let (code, f) = common::upload_as(s, name, "application/zip", body).await;
+    assert_eq!(code, 200, "{f}");
+    f
 }
 
 /// A safetensors file's header: tensor entries and `__metadata__`.

@@ -5,7 +5,11 @@
 //!
 //! "Relative" below means max |ours - ref| / max |ref| over the compared tensor.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use common::{fixtures, rel};
+
+use candle_core::{Device, Tensor};
 use loraforge_trainer::data::ClassInput;
 use loraforge_trainer::encoder::{classification_loss, EncodedText, Encoder, ProblemType, Targets};
 use loraforge_trainer::lora::{self, ForwardCtx};
@@ -35,21 +39,9 @@ impl Drop for TempDir {
     }
 }
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn reference(kind: &str) -> HashMap<String, Tensor> {
     let p = fixtures().join(format!("tiny-{kind}-ref/ref.safetensors"));
     candle_core::safetensors::load(&p, &Device::Cpu).unwrap()
-}
-
-fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    let d = (f(ours) - f(reference)).unwrap().abs().unwrap();
-    let d = d.max_all().unwrap().to_scalar::<f64>().unwrap();
-    let s = f(reference).abs().unwrap().max_all().unwrap();
-    d / s.to_scalar::<f64>().unwrap().max(1e-12)
 }
 
 /// The reference batch as unpadded examples (right padding, mask 1 then 0).

@@ -2,17 +2,16 @@
 //!
 //! "Relative" below means max |ours - ref| / max |ref| over the compared tensor.
 
+mod common;
+
+use common::{fixtures, rel};
+
 use candle_core::{DType, Device, Tensor};
 use loraforge_trainer::loader::{self, BaseModel};
 use loraforge_trainer::lora::{self, ForwardCtx};
 use loraforge_trainer::model::causal_lm_loss;
 use loraforge_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 struct Ref {
     t: HashMap<String, Tensor>,
@@ -44,27 +43,6 @@ impl Ref {
     fn rows_i64(&self, k: &str) -> Vec<Vec<i64>> {
         self.get(k).to_vec2::<i64>().unwrap()
     }
-}
-
-fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
-    let d = (ours.to_dtype(DType::F64).unwrap() - reference.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let s = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    d / s.max(1e-12)
 }
 
 /// Logits at positions whose attention mask is 1, as `(n, vocab)`.

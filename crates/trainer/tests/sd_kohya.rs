@@ -3,6 +3,10 @@
 //! (to_q/to_k/to_v/to_out.0, r 4, alpha 2.0, with kohya's metadata and hashes) and
 //! `kohya_out.safetensors` diffusers' UNet output after `load_lora_weights` of it.
 
+mod common;
+
+use common::{fixtures, max_abs_diff};
+
 use candle_core::{DType, Device, Tensor};
 use loraforge_trainer::adapters::{self, AdapterWeights};
 use loraforge_trainer::lora::{ForwardCtx, LoraModel};
@@ -13,10 +17,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 const NAMING: KohyaNaming = KohyaNaming::SdUnet;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn golden_path() -> PathBuf {
     fixtures().join("sd-tiny-ref/kohya.safetensors")
@@ -34,18 +34,6 @@ fn metadata(p: &Path) -> HashMap<String, String> {
 
 fn unet() -> UNet {
     UNet::load(&fixtures().join("sd-tiny/unet"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    (f(a) - f(b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {

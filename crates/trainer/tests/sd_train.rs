@@ -4,17 +4,16 @@
 //! lowers the loss on fixed noise and timesteps (the per-step loss itself is too noisy,
 //! with a random timestep per sample, to show learning in a few dozen steps).
 
+mod common;
+
+use common::fixtures;
+
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, Targets};
 use loraforge_trainer::optim::Scheduler;
 use loraforge_trainer::sd::objective::TextToImage;
 use loraforge_trainer::train::{self, Objective, Task, TrainEvent, TrainSpec};
 use rand_chacha::rand_core::SeedableRng;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// The fixture dataset: kohya folders, 3 images, 22 rows with repeats.
 fn spec(seed: u64, steps: u64, out: &std::path::Path) -> TrainSpec {

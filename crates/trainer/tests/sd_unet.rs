@@ -5,15 +5,14 @@
 //!
 //! "Relative" below means max |ours - ref| / max |ref| over the compared tensor.
 
+mod common;
+
+use common::{fixtures, max_abs_diff, rel};
+
 use candle_core::{DType, Device, Tensor};
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, LoraModel, Targets};
 use loraforge_trainer::sd::unet::{mse, UNet, UNetConfig};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
     let p = fixtures().join("sd-tiny-ref").join(name);
@@ -22,31 +21,6 @@ fn golden(name: &str) -> HashMap<String, Tensor> {
 
 fn unet() -> UNet {
     UNet::load(&fixtures().join("sd-tiny/unet"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    (f(a) - f(b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
-    let s = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    max_abs_diff(ours, reference) / s.max(1e-12)
 }
 
 fn timesteps(g: &HashMap<String, Tensor>) -> Vec<f32> {

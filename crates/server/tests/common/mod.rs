@@ -455,16 +455,37 @@ pub async fn upload_raw(
     filename: &str,
     body: impl Into<reqwest::Body>,
 ) -> (u16, Value) {
+    upload_as(s, filename, "application/jsonl", body).await
+}
+
+/// Uploads `body` as a raw request body of `content_type` (purpose fine-tune).
+pub async fn upload_as(
+    s: &TestServer,
+    filename: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(s.url("/v1/files"))
         .query(&[("filename", filename), ("purpose", "fine-tune")])
-        .header("content-type", "application/jsonl")
+        .header("content-type", content_type)
         .body(body)
         .send()
         .await
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
+}
+
+/// `POST /v1/fine_tuning/jobs`: status and JSON.
+pub async fn create_job(s: &TestServer, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/fine_tuning/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
 }
 
 /// Uploads `tests/data/chat-small.jsonl` (raw body) and returns the processed file's id.

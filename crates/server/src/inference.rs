@@ -69,7 +69,7 @@ pub async fn resolve(
             .find(|b| b.id == id && b.trainable)
             .map(|b| b.path.clone())
     };
-    // Encoders are classifiers: completions need a causal LM.
+    // Encoders are classifiers and SD pipelines make images: completions need a causal LM.
     let generative = |id: &str| {
         bases
             .iter()
@@ -77,10 +77,20 @@ pub async fn resolve(
             .is_none_or(|b| b.tasks.iter().any(|t| t == "causal_lm"))
     };
     let not_generative = |id: &str| {
-        ResolveError::NotGenerative(format!(
-            "The model `{model}` ({id}) is a sequence-classification model and does not generate text; \
-             use `loraforge classify` with its adapter."
-        ))
+        let image = bases
+            .iter()
+            .any(|b| b.id == id && b.tasks.iter().any(|t| t == "text_to_image"));
+        ResolveError::NotGenerative(if image {
+            format!(
+                "The model `{model}` ({id}) is a Stable Diffusion pipeline and does not generate text; \
+                 its adapters are for image UIs (GET /v1/fine_tuning/jobs/{{id}}/adapter gives the kohya file)."
+            )
+        } else {
+            format!(
+                "The model `{model}` ({id}) is a sequence-classification model and does not generate text; \
+                 use `loraforge classify` with its adapter."
+            )
+        })
     };
     let Some(rest) = model.strip_prefix("ft:") else {
         if !generative(model) {

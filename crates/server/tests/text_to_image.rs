@@ -152,6 +152,26 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
     std::io::Read::read_to_end(&mut z.by_name("kohya.safetensors").unwrap(), &mut inner).unwrap();
     assert_eq!(inner, bytes.to_vec());
     assert!(z.by_name("adapter_model.safetensors").is_ok());
+    // Neither the pipeline nor its LoRA writes text.
+    let fine_tuned = done["fine_tuned_model"].as_str().unwrap().to_string();
+    for m in ["sd-tiny", fine_tuned.as_str()] {
+        let r = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": m, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{m}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "model_not_supported", "{m}: {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Stable Diffusion"),
+            "{m}: {e}"
+        );
+    }
     println!(
         "text-to-image job {id}: 8 steps over SSE, kohya file of {} bytes with {} tensors",
         bytes.len(),

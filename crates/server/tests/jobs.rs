@@ -813,3 +813,52 @@ async fn eight_writers_for_thirty_seconds_never_see_sqlite_busy() {
         );
     }
 }
+
+/// Retries with one Idempotency-Key, concurrent or not, make one job with one "Created"
+/// event (a request that lost the insert race used to record a second one).
+#[tokio::test]
+async fn an_idempotency_key_makes_one_job_however_often_it_is_sent() {
+    for backend in backends() {
+        let s = server(backend, &["--devices", "none"]).await;
+        let file = upload_chat(&s).await;
+        let body = json!({"model": "tiny-llama", "training_file": file,
+                          "hyperparameters": {"max_steps": 2}});
+        let send = || {
+            let (url, body) = (s.url("/v1/fine_tuning/jobs"), body.clone());
+            async move {
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .header("Idempotency-Key", "retry-me")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        let ids = futures::future::join_all((0..8).map(|_| send())).await;
+        let again = send().await;
+        assert!(
+            ids.iter().all(|i| *i == again),
+            "{backend:?}: {ids:?} vs {again}"
+        );
+        let jobs = get(&s, "/v1/fine_tuning/jobs").await;
+        assert_eq!(
+            jobs["data"].as_array().unwrap().len(),
+            1,
+            "{backend:?}: {jobs}"
+        );
+        let events = get(&s, &format!("/v1/fine_tuning/jobs/{again}/events")).await;
+        let created = events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["message"].as_str().unwrap_or("").starts_with("Created"))
+            .count();
+        assert_eq!(created, 1, "{backend:?}: {events}");
+    }
+}

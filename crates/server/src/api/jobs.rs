@@ -534,15 +534,21 @@ pub async fn create(
     };
     let job = match state.store.insert_job(&new).await {
         Ok(j) => j,
-        // A concurrent retry with the same key won the insert: answer with its job.
-        Err(e) => match &idem {
-            Some(key) => state
-                .store
-                .find_job_by_idempotency_key(who.owner_id(), key)
-                .await?
-                .ok_or_else(|| ApiError::from(e))?,
-            None => return Err(e.into()),
-        },
+        // A concurrent retry with the same key won the insert: answer with its job, whose
+        // creation that request has already recorded.
+        Err(e) => {
+            return match &idem {
+                Some(key) => {
+                    let j = state
+                        .store
+                        .find_job_by_idempotency_key(who.owner_id(), key)
+                        .await?
+                        .ok_or_else(|| ApiError::from(e))?;
+                    Ok(Json(job_object(&j)))
+                }
+                None => Err(e.into()),
+            }
+        }
     };
     state
         .store

@@ -20,6 +20,9 @@ Writes (relative to the repository root; each output folder is deleted and rewri
                                      tokens.json        prompts and their unpadded CLIP ids
                                      lora.safetensors   PEFT LoRA (r=4, alpha=8) init A/B, dL/dA, dL/dB, out,
                                                         target, loss
+                                     lora_proj.safetensors  the same on kohya's attention+MLP set: also
+                                                        proj_in/proj_out (1x1 Conv2d: A/B 4-D) and
+                                                        ff.net.0.proj/ff.net.2
                                      kohya.safetensors  kohya-format LoRA (r=4, alpha=2.0) with kohya metadata
                                      kohya_out.safetensors  UNet output after diffusers loads kohya.safetensors
                                      ref.json           versions, seeds, configs, module list, notes
@@ -724,6 +727,39 @@ def main():
     diffs["lora.grads"] = max(maxdiff(getattr(m, ab)["default"].weight.grad, gl[f"grad.{n}.{ab}.weight"])
                               for n, m in lora_modules(u3) for ab in ("lora_A", "lora_B"))
     del u3
+
+    # ---------------- PEFT LoRA on kohya's attention+MLP set (1x1 conv proj_in/proj_out) --------
+    proj_targets = TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    up = load_unet()
+    up.requires_grad_(False)
+    reseed(40)
+    up.add_adapter(LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian",
+                              target_modules=proj_targets))
+    pmods = lora_modules(up)
+    n_conv = sum(1 for _, m in pmods if isinstance(m.lora_A["default"], torch.nn.Conv2d))
+    assert n_conv == 2 * n_blocks, (n_conv, n_blocks)
+    reseed(41)
+    with torch.no_grad():
+        for _, m in pmods:
+            w = m.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape) * STD)
+    proj_t = {}
+    for n, m in pmods:
+        proj_t[f"init.{n}.lora_A.weight"] = m.lora_A["default"].weight.detach().clone()
+        proj_t[f"init.{n}.lora_B.weight"] = m.lora_B["default"].weight.detach().clone()
+    pout = up(sample, timesteps, encoder_hidden_states=ehs).sample
+    ploss = F.mse_loss(pout, target)
+    ploss.backward()
+    for n, m in pmods:
+        for ab in ("lora_A", "lora_B"):
+            gr = getattr(m, ab)["default"].weight.grad
+            assert gr is not None and gr.abs().max() > 0, (n, ab)
+            proj_t[f"grad.{n}.{ab}.weight"] = gr.detach().clone()
+    proj_t.update({"out": pout.detach().clone(), "loss": ploss.detach().clone()})
+    save_st(proj_t, os.path.join(REF, "lora_proj.safetensors"))
+    summary["lora_proj_modules"] = len(pmods)
+    summary["lora_proj_conv_modules"] = n_conv
+    del up
 
     # ---------------- kohya LoRA ----------------
     kohya_captions = {"dog1.png": "sks dog, on grass", "dog2.jpg": "sks dog sitting"}

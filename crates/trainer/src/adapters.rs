@@ -64,14 +64,14 @@ pub fn apply<M: LoraModel + ?Sized>(model: &mut M, adapter: Option<&AdapterWeigh
             .tensors
             .get(&key)
             .ok_or_else(|| Error::Adapter(format!("missing tensor {key}")))?;
-        if t.dims() != var.dims() {
+        let Some(t) = lora::from_file_shape(t, var.dims())? else {
             return Err(Error::Adapter(format!(
                 "{key}: shape {:?}, {:?} expected",
                 t.dims(),
                 var.dims()
             )));
-        }
-        var.set(t)?;
+        };
+        var.set(&t)?;
     }
     Ok(())
 }

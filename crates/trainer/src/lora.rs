@@ -162,6 +162,10 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraPair>,
+    /// Stored as a 1×1 convolution (SD 1.x's `proj_in`/`proj_out`): the same map applied
+    /// per pixel, so it computes as a linear layer, but adapter files hold its A and B
+    /// as 4-D `[r, in, 1, 1]` / `[out, r, 1, 1]`, as PEFT and kohya write them.
+    pub conv1x1: bool,
 }
 
 impl Linear {
@@ -171,6 +175,7 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            conv1x1: false,
         }
     }
 
@@ -265,6 +270,38 @@ pub trait LoraModel {
     fn modules_to_save(&self) -> Vec<String> {
         Vec::new()
     }
+}
+
+/// A or B as an adapter file stores it: 4-D for a 1×1 convolution.
+pub fn to_file_shape(t: &Tensor, conv1x1: bool) -> Result<Tensor> {
+    Ok(if conv1x1 {
+        t.unsqueeze(2)?.unsqueeze(3)?
+    } else {
+        t.clone()
+    })
+}
+
+/// A file's A or B in the `(rows, cols)` shape `want`: as is, or from a 1×1 convolution's
+/// `[rows, cols, 1, 1]`; `None` when it is neither.
+pub fn from_file_shape(t: &Tensor, want: &[usize]) -> Result<Option<Tensor>> {
+    let d = t.dims();
+    if d == want {
+        return Ok(Some(t.clone()));
+    }
+    if d.len() == 4 && d[2] == 1 && d[3] == 1 && d[..2] == *want {
+        return Ok(Some(t.reshape((d[0], d[1]))?));
+    }
+    Ok(None)
+}
+
+/// Module paths of the adapted 1×1 convolutions, whose A and B files hold 4-D.
+fn conv1x1_keys<M: LoraModel + ?Sized>(model: &M) -> std::collections::HashSet<String> {
+    model
+        .linears()
+        .iter()
+        .filter(|l| l.conv1x1 && l.lora.is_some())
+        .flat_map(|l| [peft_key(&l.path, "A"), peft_key(&l.path, "B")])
+        .collect()
 }
 
 /// PEFT's key prefix for a module path.
@@ -375,10 +412,14 @@ pub fn save_adapter<M: LoraModel + ?Sized>(
     dir: &Path,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let conv = conv1x1_keys(model);
     let tensors: BTreeMap<String, Tensor> = params(model)
         .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
-        .collect();
+        .map(|(k, v)| {
+            let t = to_file_shape(v.as_tensor(), conv.contains(&k))?;
+            Ok((k, t))
+        })
+        .collect::<Result<_>>()?;
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     write_adapter_config(cfg, meta, dir)
 }
@@ -470,13 +511,13 @@ pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Res
         let t = file
             .get(&key)
             .ok_or_else(|| Error::Adapter(format!("{}: missing tensor {key}", p.display())))?;
-        if t.dims() != var.dims() {
+        let Some(t) = from_file_shape(t, var.dims())? else {
             return Err(Error::Adapter(format!(
                 "{key}: shape {:?} in the file, {:?} expected",
                 t.dims(),
                 var.dims()
             )));
-        }
+        };
         var.set(&t.to_dtype(DType::F32)?)?;
         used += 1;
     }

@@ -64,31 +64,49 @@ fn forward_matches_diffusers_at_per_sample_timesteps() {
     }
 }
 
-#[test]
-fn every_lora_gradient_matches_peft() {
-    // The inputs are unet.safetensors'; the adapter, target and gradients lora.safetensors'.
-    let x = golden("unet.safetensors");
-    let g = golden("lora.safetensors");
-    let mut m = unet();
-    let cfg = LoraConfig {
+fn lora_config(targets: &str) -> LoraConfig {
+    LoraConfig {
         r: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: Targets::parse("to_q,to_k,to_v,to_out.0").unwrap(),
+        targets: Targets::parse(targets).unwrap(),
         use_rslora: false,
-    };
-    let resolved = lora::attach(&mut m, &cfg, 0).unwrap();
+    }
+}
+
+fn eval_out(m: &UNet) -> Tensor {
+    let x = golden("unet.safetensors");
+    m.forward(
+        &x["sample"],
+        &timesteps(&x),
+        &x["encoder_hidden_states"],
+        &ForwardCtx::eval(),
+    )
+    .unwrap()
+}
+
+/// Attaches LoRA (r 4, alpha 8) on `targets` with PEFT's initial A and B from `file`
+/// (1x1-convolution pairs there are 4-D, as PEFT keeps them), and checks the output, the
+/// loss and every A and B gradient against PEFT's. Returns the adapted model.
+fn lora_matches_peft(file: &str, targets: &str) -> UNet {
+    // The inputs are unet.safetensors', the loss target lora.safetensors'.
+    let x = golden("unet.safetensors");
+    let target = golden("lora.safetensors")["target"].clone();
+    let g = golden(file);
+    let mut m = unet();
+    let resolved = lora::attach(&mut m, &lora_config(targets), 0).unwrap();
     let expected: usize = g
         .keys()
         .filter(|k| k.starts_with("grad.") && k.ends_with("lora_A.weight"))
         .count();
     assert_eq!(resolved.len(), expected, "adapted modules: {resolved:?}");
+    let flat = |t: &Tensor, want: &[usize]| lora::from_file_shape(t, want).unwrap().unwrap();
     for lin in m.linears() {
         if let Some(l) = &lin.lora {
-            l.a.set(&g[&format!("init.{}.lora_A.weight", lin.path)])
-                .unwrap();
-            l.b.set(&g[&format!("init.{}.lora_B.weight", lin.path)])
-                .unwrap();
+            for (which, var) in [("A", &l.a), ("B", &l.b)] {
+                let t = &g[&format!("init.{}.lora_{which}.weight", lin.path)];
+                var.set(&flat(t, var.dims())).unwrap();
+            }
         }
     }
     let out = m
@@ -100,9 +118,9 @@ fn every_lora_gradient_matches_peft() {
         )
         .unwrap();
     let d = max_abs_diff(&out, &g["out"]);
-    println!("unet + LoRA forward: max |ours - PEFT| = {d:.3e}");
+    println!("{file}: unet + LoRA forward: max |ours - PEFT| = {d:.3e}");
     assert!(d <= 1e-4, "LoRA forward: {d}");
-    let loss = mse(&out, &g["target"]).unwrap();
+    let loss = mse(&out, &target).unwrap();
     let l: f32 = loss.to_scalar().unwrap();
     let l_ref: f32 = g["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
     assert!(
@@ -119,7 +137,7 @@ fn every_lora_gradient_matches_peft() {
             let ours = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name} got no gradient"));
-            let r = rel(ours, &g[&format!("grad.{name}")]);
+            let r = rel(ours, &flat(&g[&format!("grad.{name}")], var.dims()));
             assert!(r <= 1e-3, "{name}: relative gradient error {r:.3e}");
             if r > worst.0 {
                 worst = (r, name);
@@ -128,9 +146,67 @@ fn every_lora_gradient_matches_peft() {
         }
     }
     println!(
-        "{n} LoRA gradients; worst relative error {:.3e} ({})",
+        "{file}: {n} LoRA gradients; worst relative error {:.3e} ({})",
         worst.0, worst.1
     );
+    m
+}
+
+#[test]
+fn every_lora_gradient_matches_peft() {
+    lora_matches_peft("lora.safetensors", "to_q,to_k,to_v,to_out.0");
+}
+
+/// kohya's attention+MLP set: SD 1.x's proj_in/proj_out are 1x1 convolutions, which PEFT
+/// and kohya adapt with 4-D A/B; they compute as linear layers here.
+#[test]
+fn lora_on_the_1x1_conv_projections_and_feed_forward_matches_peft() {
+    let targets = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2";
+    let m = lora_matches_peft("lora_proj.safetensors", targets);
+    let g = golden("lora_proj.safetensors");
+    let want = eval_out(&m);
+    let dir = std::env::temp_dir().join(format!("loraforge-sd-proj-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // PEFT's folder holds every tensor in PEFT's own shape, and loads back.
+    let meta = lora::AdapterMeta {
+        base_model_name_or_path: "sd-tiny".into(),
+        task_type: String::new(),
+        target_modules: serde_json::json!(targets.split(',').collect::<Vec<_>>()),
+        modules_to_save: Vec::new(),
+    };
+    lora::save_adapter(&m, &lora_config(targets), &meta, &dir).unwrap();
+    let file = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    for (k, t) in &file {
+        let path = k.strip_prefix("base_model.model.").unwrap();
+        assert_eq!(t.dims(), g[&format!("init.{path}")].dims(), "{k}");
+    }
+    let mut back = unet();
+    lora::attach(&mut back, &lora::read_adapter_config(&dir).unwrap(), 0).unwrap();
+    lora::load_adapter_weights(&back, &dir).unwrap();
+    assert_eq!(max_abs_diff(&eval_out(&back), &want), 0.0);
+
+    // kohya writes the conv pairs 4-D too, and reads them back.
+    use loraforge_trainer::sd::kohya::{load_kohya, write_kohya, KohyaMeta, KohyaNaming};
+    let k = dir.join("kohya.safetensors");
+    write_kohya(
+        &m,
+        KohyaNaming::SdUnet,
+        &KohyaMeta::default(),
+        DType::F32,
+        &k,
+    )
+    .unwrap();
+    let kt = candle_core::safetensors::load(&k, &Device::Cpu).unwrap();
+    let p = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    assert_eq!(kt[&format!("{p}.lora_down.weight")].dims(), [4, 32, 1, 1]);
+    assert_eq!(kt[&format!("{p}.lora_up.weight")].dims(), [32, 4, 1, 1]);
+    let mut back = unet();
+    load_kohya(&mut back, &k, KohyaNaming::SdUnet).unwrap();
+    assert_eq!(max_abs_diff(&eval_out(&back), &want), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("proj_in/proj_out pairs: 4-D in PEFT's and kohya's files, both load back exactly");
 }
 
 #[test]

@@ -259,12 +259,24 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
             .get(path)
             .ok_or_else(|| Error::Adapter(format!("{name}: no module {path}")))?;
         let r = down.dims().first().copied().unwrap_or(0);
-        if down.rank() == 4 {
+        // A 1×1 convolution's pair (SD 1.x proj_in/proj_out) is a linear one in 4-D.
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            let d = t.dims();
+            Ok(if d.len() == 4 && d[2] == 1 && d[3] == 1 {
+                t.reshape((d[0], d[1]))?
+            } else {
+                t.clone()
+            })
+        };
+        if down.rank() == 4 && !(down.dims()[2] == 1 && down.dims()[3] == 1) {
             return Err(Error::Unsupported(format!(
-                "{name}.{DOWN}: conv LoRA (LoCon, shape {:?})",
+                "{name}.{DOWN}: conv LoRA with a {}x{} kernel (LoCon, shape {:?})",
+                down.dims()[2],
+                down.dims()[3],
                 down.dims()
             )));
         }
+        let (down, up) = (&flat(down)?, &flat(up)?);
         if down.rank() != 2 || r == 0 || down.dims()[1] != i {
             return Err(Error::Adapter(format!(
                 "{name}.{DOWN}: shape {:?}, [r, {i}] expected for {path}",
@@ -403,8 +415,14 @@ pub fn kohya_tensors<M: LoraModel + ?Sized>(
         let alpha = l.scale * a.dim(0)? as f64;
         let cpu =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
-        out.insert(format!("{name}.{DOWN}"), cpu(a)?);
-        out.insert(format!("{name}.{UP}"), cpu(l.b.as_tensor())?);
+        out.insert(
+            format!("{name}.{DOWN}"),
+            cpu(&crate::lora::to_file_shape(a, lin.conv1x1)?)?,
+        );
+        out.insert(
+            format!("{name}.{UP}"),
+            cpu(&crate::lora::to_file_shape(l.b.as_tensor(), lin.conv1x1)?)?,
+        );
         out.insert(
             format!("{name}.{ALPHA}"),
             Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
@@ -766,10 +784,17 @@ pub fn kohya_to_peft<M: LoraModel + ?Sized>(
         targets: Targets::Names(targets.clone()),
         use_rslora: false,
     };
+    let conv: BTreeSet<&str> = model
+        .linears()
+        .into_iter()
+        .filter(|l| l.conv1x1)
+        .map(|l| l.path.as_str())
+        .collect();
     let mut tensors = BTreeMap::new();
     for (path, m) in &file.modules {
-        tensors.insert(lora::peft_key(path, "A"), m.down.clone());
-        tensors.insert(lora::peft_key(path, "B"), m.up.clone());
+        let c = conv.contains(path.as_str());
+        tensors.insert(lora::peft_key(path, "A"), lora::to_file_shape(&m.down, c)?);
+        tensors.insert(lora::peft_key(path, "B"), lora::to_file_shape(&m.up, c)?);
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     lora::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;

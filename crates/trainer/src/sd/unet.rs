@@ -290,29 +290,33 @@ impl TransformerBlock {
     }
 }
 
-/// `proj_in` / `proj_out`: a 1×1 convolution (SD 1.x) or a linear layer on the tokens
-/// (SD 2.x, `use_linear_projection`). Both are frozen; as linear layers they can take LoRA.
-enum Proj {
-    Conv(Conv),
-    Linear(Linear),
-}
-
+/// `proj_in` / `proj_out` are 1×1 convolutions in SD 1.x and linear layers in SD 2.x
+/// (`use_linear_projection`); either way the same map per pixel, so both are linear
+/// layers on the tokens here (and both can take LoRA), the convolutions marked as such
+/// for the adapter files.
 struct Transformer2D {
     norm: GroupNorm,
-    proj_in: Proj,
+    proj_in: Linear,
     blocks: Vec<TransformerBlock>,
-    proj_out: Proj,
+    proj_out: Linear,
 }
 
 impl Transformer2D {
     fn load(t: &mut Take, path: &str, heads: usize, cfg: &UNetConfig) -> Result<Self> {
-        let proj = |t: &mut Take, name: &str| -> Result<Proj> {
+        let proj = |t: &mut Take, name: &str| -> Result<Linear> {
             let p = format!("{path}.{name}");
-            Ok(if cfg.use_linear_projection {
-                Proj::Linear(t.linear(&p, true)?)
-            } else {
-                Proj::Conv(t.conv(&p, 1)?)
-            })
+            let mut l = t.linear(&p, true)?;
+            if !cfg.use_linear_projection {
+                let d = l.weight.dims().to_vec();
+                if d.len() != 4 || d[2] != 1 || d[3] != 1 {
+                    return Err(Error::Model(format!(
+                        "unet: {p}.weight has shape {d:?}, a 1x1 convolution expected"
+                    )));
+                }
+                l.weight = l.weight.reshape((d[0], d[1]))?;
+                l.conv1x1 = true;
+            }
+            Ok(l)
         };
         let norm = t.group_norm(&format!("{path}.norm"), cfg.norm_num_groups, 1e-6)?;
         let proj_in = proj(t, "proj_in")?;
@@ -345,23 +349,14 @@ impl Transformer2D {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
         };
         let y = self.norm.forward(x)?;
-        let mut y = match &self.proj_in {
-            Proj::Conv(p) => tokens(p.forward(&y)?)?,
-            Proj::Linear(l) => linear_nd(l, &tokens(y)?, ctx)?,
-        };
+        let mut y = linear_nd(&self.proj_in, &tokens(y)?, ctx)?;
         for blk in &self.blocks {
             y = blk.forward(&y, context, ctx)?;
         }
-        let image = |t: Tensor| -> Result<Tensor> {
-            let c = t.dim(2)?;
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
-        let y = match &self.proj_out {
-            Proj::Conv(p) => p.forward(&image(y)?)?,
-            Proj::Linear(l) => image(linear_nd(l, &y, ctx)?)?,
-        };
+        let y = linear_nd(&self.proj_out, &y, ctx)?
+            .reshape((b, h, w, ()))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
         debug_assert_eq!(y.dim(1).ok(), Some(c));
         Ok((y + x)?)
     }
@@ -640,13 +635,11 @@ impl UNet {
 impl LoraModel for UNet {
     /// The linear layers of the attention blocks, in diffusers' module order (down, mid,
     /// up): the ones SD LoRA recipes target (`to_q`, `to_k`, `to_v`, `to_out.0`, the
-    /// feed-forward, and `proj_in`/`proj_out` where they are linear).
+    /// feed-forward, and `proj_in`/`proj_out`).
     fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)> {
         let mut out: Vec<(&mut Linear, bool)> = Vec::new();
         for tr in self.transformers_mut() {
-            if let Proj::Linear(l) = &mut tr.proj_in {
-                out.push((l, false));
-            }
+            out.push((&mut tr.proj_in, false));
             for b in &mut tr.blocks {
                 for a in [&mut b.attn1, &mut b.attn2] {
                     out.extend([
@@ -659,9 +652,7 @@ impl LoraModel for UNet {
                 out.push((&mut b.ff_in, false));
                 out.push((&mut b.ff_out, false));
             }
-            if let Proj::Linear(l) = &mut tr.proj_out {
-                out.push((l, false));
-            }
+            out.push((&mut tr.proj_out, false));
         }
         out
     }
@@ -669,18 +660,14 @@ impl LoraModel for UNet {
     fn linears(&self) -> Vec<&Linear> {
         let mut out: Vec<&Linear> = Vec::new();
         for tr in self.transformers() {
-            if let Proj::Linear(l) = &tr.proj_in {
-                out.push(l);
-            }
+            out.push(&tr.proj_in);
             for b in &tr.blocks {
                 for a in [&b.attn1, &b.attn2] {
                     out.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
                 }
                 out.extend([&b.ff_in, &b.ff_out]);
             }
-            if let Proj::Linear(l) = &tr.proj_out {
-                out.push(l);
-            }
+            out.push(&tr.proj_out);
         }
         out
     }

@@ -166,6 +166,10 @@ impl TrainArgs {
             prediction_type: self.prediction_type.clone(),
             snr_gamma: self.snr_gamma,
             noise_offset: self.noise_offset,
+            name: self
+                .out
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
         };
         s.lora = LoraConfig {
             r: self.rank,

@@ -35,13 +35,22 @@ fn is_zip(first: &[u8]) -> bool {
 }
 
 /// Checks a received image zip; its problems become the report's errors.
-fn check_image_zip(path: &std::path::Path) -> (ValidationReport, Option<String>) {
+fn check_image_zip(
+    path: &std::path::Path,
+    min_examples: u64,
+) -> (ValidationReport, Option<String>) {
     use loraforge_trainer::sd::dataset::{read_zip, ZipLimits};
     let mut report = ValidationReport {
         format: Some(data::DataFormat::ImageZip),
         ..Default::default()
     };
-    match read_zip(path, &ZipLimits::default()) {
+    // The report needs no pixels: each image is shrunk as soon as it is decoded, so a
+    // zip of huge (or huge-decoding) images costs one image's memory at a time.
+    let limits = ZipLimits {
+        shrink_to: Some(8),
+        ..ZipLimits::default()
+    };
+    match read_zip(path, &limits) {
         Ok(ds) => {
             let r = &ds.report;
             report.examples = r.images as u64;
@@ -65,6 +74,26 @@ fn check_image_zip(path: &std::path::Path) -> (ValidationReport, Option<String>)
                     .map(|(n, e)| format!("{n} ({e})"))
                     .collect();
                 d.push_str(&format!("; skipped, not decodable: {}", u.join(", ")));
+            }
+            // Without any caption the LoRA learns nothing it could be prompted with.
+            let problem = if r.with_caption == 0 {
+                Some(
+                    "no image has a caption: put one in a .txt or .caption file next to it, \
+                     in a kohya folder name (10_sks dog/), or in metadata.jsonl's text"
+                        .to_string(),
+                )
+            } else if (r.images as u64) < min_examples {
+                Some(format!(
+                    "the archive has {} image(s); at least {min_examples} are required",
+                    r.images
+                ))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                report.errors.push(p);
+                report.error_count = 1;
+                return (report, None);
             }
             (report, Some(d))
         }
@@ -271,9 +300,10 @@ where
     if zip == Some(true) {
         out.into_inner().sync_all().await?;
         let path = upload.path().to_path_buf();
-        let (report, details) = tokio::task::spawn_blocking(move || check_image_zip(&path))
-            .await
-            .map_err(|e| ReceiveError::Io(std::io::Error::other(e)))?;
+        let (report, details) =
+            tokio::task::spawn_blocking(move || check_image_zip(&path, min_examples))
+                .await
+                .map_err(|e| ReceiveError::Io(std::io::Error::other(e)))?;
         return Ok(Received {
             upload,
             bytes: total,

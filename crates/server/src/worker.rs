@@ -198,6 +198,7 @@ fn train_spec(
         prediction_type: spec.prediction_type.clone(),
         snr_gamma: spec.snr_gamma,
         noise_offset: spec.noise_offset,
+        name: None,
     };
     t.device = loraforge_trainer::device::parse(device)?;
     Ok(t)
@@ -416,6 +417,8 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
             work.join("out"),
             &cfg.device,
         )?;
+        // The name SD UIs list the LoRA under.
+        t.image.name = Some(fine_tuned_name(&job));
         // A job that ran before (a dead worker, a restart) continues from its newest checkpoint.
         if let Some(c) = state
             .store
@@ -689,13 +692,18 @@ async fn publish(
     .await??;
     put_blob(state, &adapter_key(&job.id, "zip"), &zip).await?;
     put_blob(state, &adapter_key(&job.id, "safetensors"), &st).await?;
-    // Text-to-image runs also write the adapter in kohya's format, the one SD UIs load.
-    let kohya = match tokio::fs::read(dir.join(KOHYA_FILE)).await {
-        Ok(bytes) => {
-            put_blob(state, &adapter_key(&job.id, "kohya"), &bytes).await?;
-            Some(sha256_hex(&bytes))
-        }
-        Err(_) => None,
+    // Text-to-image runs also write the adapter in kohya's format, the one SD UIs load;
+    // such a job without it has not produced what it promises.
+    let image = serde_json::from_str::<JobSpec>(&job.spec)
+        .is_ok_and(|s| s.task == loraforge_trainer::train::Task::TextToImage);
+    let kohya = if image {
+        let bytes = tokio::fs::read(dir.join(KOHYA_FILE))
+            .await
+            .context("the text-to-image run wrote no kohya file")?;
+        put_blob(state, &adapter_key(&job.id, "kohya"), &bytes).await?;
+        Some(sha256_hex(&bytes))
+    } else {
+        None
     };
 
     // Metrics CSV from the stored metrics events (they survive a worker change).
@@ -786,10 +794,13 @@ async fn upload_checkpoint(state: &AppState, dir: &Path, key: &str) -> anyhow::R
             .with_context(|| format!("reading checkpoint file {name}"))?;
         put_blob(state, &format!("{key}/{name}"), &bytes).await?;
     }
-    // Not needed to resume (the label set is rediscovered from the same data), but a
-    // downloaded classification checkpoint is usable only with it.
-    if let Ok(bytes) = tokio::fs::read(dir.join(LABELS_FILE)).await {
-        put_blob(state, &format!("{key}/{LABELS_FILE}"), &bytes).await?;
+    // Not needed to resume (the label set is rediscovered from the same data, the kohya
+    // file rewritten from the adapter), but a downloaded classification checkpoint is
+    // usable only with its labels, and an SD one in the UIs only as a kohya file.
+    for extra in [LABELS_FILE, KOHYA_FILE] {
+        if let Ok(bytes) = tokio::fs::read(dir.join(extra)).await {
+            put_blob(state, &format!("{key}/{extra}"), &bytes).await?;
+        }
     }
     Ok(())
 }

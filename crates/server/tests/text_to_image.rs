@@ -61,6 +61,27 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
         "{bad}"
     );
 
+    // Images nobody captioned teach nothing that could be prompted.
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        z.start_file("red.png", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        let png = std::fs::read(root().join("tests/data/sd/red_square.png")).unwrap();
+        std::io::Write::write_all(&mut z, &png).unwrap();
+        z.finish().unwrap();
+    }
+    let (code, bare) = common::upload_as(&s, "bare.zip", "application/zip", buf.into_inner()).await;
+    assert_eq!(code, 200, "{bare}");
+    assert_eq!(bare["status"], "error", "{bare}");
+    assert!(
+        bare["status_details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no image has a caption"),
+        "{bare}"
+    );
+
     // Files and tasks must fit each other, and image settings belong to image jobs.
     let chat = common::upload_chat(&s).await;
     for (body, param) in [
@@ -78,6 +99,11 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
                 "hyperparameters": {"resolution": 30}}),
             "hyperparameters.resolution",
         ),
+        (
+            json!({"model": "sd-tiny", "training_file": file, "validation_file": file,
+                   "task": "text_to_image"}),
+            "validation_file",
+        ),
     ] {
         let (code, e) = create_job(&s, body.clone()).await;
         assert_eq!(code, 400, "{body}: {e}");
@@ -88,12 +114,13 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
         &s,
         json!({"model": "sd-tiny", "training_file": file, "task": "text_to_image", "suffix": "sks",
                "hyperparameters": {"max_steps": 8, "batch_size": 2, "learning_rate": 1e-3,
-                                   "snr_gamma": 5.0}}),
+                                   "snr_gamma": 5.0, "checkpoint_interval": 4}}),
     )
     .await;
     assert_eq!(code, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
     assert_eq!(job["hyperparameters"]["lora_r"], 4, "{job}");
+    assert_eq!(job["hyperparameters"]["lora_alpha"], 4.0, "{job}");
     assert_eq!(job["hyperparameters"]["snr_gamma"], 5.0, "{job}");
 
     let frames = read_sse(&s, &id, None, None).await;
@@ -139,6 +166,9 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
         "{meta:?}"
     );
     assert!(meta.contains_key("sshs_model_hash"), "{meta:?}");
+    let name = meta["ss_output_name"].as_str().unwrap();
+    assert!(name.starts_with("ft:sd-tiny:sks:"), "{meta:?}");
+    assert_eq!(meta["modelspec.title"], name, "{meta:?}");
 
     // The zip carries PEFT's folder and the same kohya file.
     let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter?format=zip")))
@@ -152,6 +182,27 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
     std::io::Read::read_to_end(&mut z.by_name("kohya.safetensors").unwrap(), &mut inner).unwrap();
     assert_eq!(inner, bytes.to_vec());
     assert!(z.by_name("adapter_model.safetensors").is_ok());
+
+    // Its checkpoints download as kohya files too.
+    let ckpts = get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
+    let ckpt = ckpts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["step_number"] == 4)
+        .unwrap_or_else(|| panic!("no step-4 checkpoint: {ckpts}"))
+        .clone();
+    let r = reqwest::get(s.url(&format!(
+        "/v1/fine_tuning/jobs/{id}/checkpoints/{}/adapter",
+        ckpt["id"].as_str().unwrap()
+    )))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let ck = r.bytes().await.unwrap();
+    let ch = header(&ck);
+    assert_eq!(ch.keys().filter(|k| *k != "__metadata__").count(), 96);
+    assert_ne!(ck, bytes, "the step-4 adapter equals the final one");
     // Neither the pipeline nor its LoRA writes text.
     let fine_tuned = done["fine_tuned_model"].as_str().unwrap().to_string();
     for m in ["sd-tiny", fine_tuned.as_str()] {

@@ -380,7 +380,8 @@ fn peft_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> serde_json::Value {
         "rank_pattern": {},
         "revision": null,
         "target_modules": meta.target_modules,
-        "task_type": meta.task_type,
+        // PEFT records null for models without a task type (diffusers UNets) and refuses "".
+        "task_type": if meta.task_type.is_empty() { serde_json::Value::Null } else { meta.task_type.clone().into() },
         "use_dora": false,
         "use_rslora": cfg.use_rslora,
     })

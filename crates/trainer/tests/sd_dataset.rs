@@ -491,3 +491,29 @@ fn buckets_match_kohya() {
     assert_eq!(px.len(), 3 * 576 * 448);
     assert!(px.iter().all(|&v| (v - 1.0).abs() < 1e-6));
 }
+
+/// A small file that decodes to a large picture is held at training size only, and the
+/// early shrink changes nothing of what training sees.
+#[test]
+fn images_are_shrunk_to_the_training_size_as_they_are_decoded() {
+    let mut big = image::RgbImage::new(3000, 2000);
+    for (x, y, p) in big.enumerate_pixels_mut() {
+        *p = image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8]);
+    }
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(big.clone())
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let dir = scratch("shrink");
+    let zip = dir.join("big.zip");
+    write_zip(&zip, &[("big.png", &png), ("big.txt", b"a big picture")]);
+    let limits = ZipLimits {
+        shrink_to: Some(32),
+        ..ZipLimits::default()
+    };
+    let ds = read_zip(&zip, &limits).unwrap();
+    let img = &ds.examples[0].image;
+    assert_eq!(img.dimensions(), (48, 32));
+    assert_eq!(to_pixels(img, 32, true), to_pixels(&big, 32, true));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -62,6 +62,15 @@ fn run(seed: u64, steps: u64, out: &std::path::Path) -> Vec<f64> {
 }
 
 #[test]
+fn a_resolution_the_unet_cannot_divide_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(7, 1, dir.path());
+    s.image.resolution = Some(30);
+    let e = TextToImage::load(&s).err().unwrap().to_string();
+    assert!(e.contains("multiples of 4"), "{e}");
+}
+
+#[test]
 fn the_loss_falls_and_a_seed_reproduces_it() {
     let dir = tempfile::tempdir().unwrap();
     let a = run(7, 40, &dir.path().join("a"));

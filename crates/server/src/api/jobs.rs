@@ -16,6 +16,7 @@ use loraforge_trainer::data::DataFormat;
 use loraforge_trainer::encoder::ProblemType;
 use loraforge_trainer::labels;
 use loraforge_trainer::lora::ENCODER_TARGETS;
+use loraforge_trainer::sd::objective::KOHYA_FILE;
 use loraforge_trainer::train::Task;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -183,7 +184,20 @@ pub fn parse_spec(
             ))
         }
     };
-    let image_default = |v: usize, other: usize| if task == Task::TextToImage { v } else { other };
+    // diffusers' SD recipe: rank 4 and alpha = rank (scale 1), whatever the rank.
+    let lora_r = hp_num(
+        hp,
+        "lora_r",
+        if task == Task::TextToImage { 4 } else { 8 },
+        1,
+        1024,
+    )?;
+    let alpha_default = if task == Task::TextToImage {
+        lora_r as f64
+    } else {
+        16.0
+    };
+    let lora_alpha = hp_num(hp, "lora_alpha", alpha_default, 1e-6, 1e6)?;
     let mult = hp_num(hp, "learning_rate_multiplier", 1.0, 1e-6, 1e3)?;
     let lr = match hp.get("learning_rate") {
         None | Some(Value::Null) => BASE_LR * mult,
@@ -233,9 +247,8 @@ pub fn parse_spec(
         batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
         learning_rate: lr,
         learning_rate_multiplier: mult,
-        // diffusers' SD recipe: rank 4, alpha = rank (scale 1).
-        lora_r: hp_num(hp, "lora_r", image_default(4, 8), 1, 1024)?,
-        lora_alpha: hp_num(hp, "lora_alpha", image_default(4, 16) as f64, 1e-6, 1e6)?,
+        lora_r,
+        lora_alpha,
         lora_dropout: hp_num(hp, "lora_dropout", 0.0f32, 0.0, 0.99)?,
         lora_target_modules: targets,
         use_rslora: hp_bool(hp, "use_rslora")?,
@@ -255,7 +268,7 @@ pub fn parse_spec(
             None | Some(Value::Null) => None,
             _ => {
                 let r = hp_num(hp, "resolution", 512u32, 8, 4096)?;
-                if r % 8 != 0 {
+                if !r.is_multiple_of(8) {
                     return Err(hp_err("resolution", "must be a multiple of 8"));
                 }
                 Some(r)
@@ -467,6 +480,12 @@ pub async fn create(
         .training_file
         .ok_or_else(|| ApiError::bad_request("training_file is required").param("training_file"))?;
     let train_rec = check_file(&state, &who, &training_file, "training_file", task).await?;
+    if task == Task::TextToImage && req.validation_file.is_some() {
+        return Err(ApiError::bad_request(
+            "validation_file: text_to_image jobs have no validation loss yet; leave it out.",
+        )
+        .param("validation_file"));
+    }
     let valid_rec = match &req.validation_file {
         Some(v) => Some(check_file(&state, &who, v, "validation_file", task).await?),
         None => None,
@@ -487,6 +506,21 @@ pub async fn create(
         ApiError::bad_request("hyperparameters must be an object").param("hyperparameters")
     })?;
     let mut spec = parse_spec(hp, req.seed, req.metadata, task)?;
+    if let (Task::TextToImage, Some(r)) = (task, spec.resolution) {
+        let dir = info.path.clone();
+        let (multiple, _) = tokio::task::spawn_blocking(move || {
+            loraforge_trainer::sd::objective::resolution_rule(&dir)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::bad_request(format!("Model {model}: {e}")).param("model"))?;
+        if !(r as usize).is_multiple_of(multiple) {
+            return Err(hp_err(
+                "resolution",
+                &format!("must be a multiple of {multiple} for model {model}"),
+            ));
+        }
+    }
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
     if let Some(s) = &req.suffix {
         if s.len() > 64
@@ -1222,10 +1256,25 @@ pub async fn checkpoint_adapter(
     Path(p): Path<CheckpointPath>,
     ApiQuery(q): ApiQuery<AdapterParams>,
 ) -> ApiResult<Response> {
-    get_job(&state, &who, &p.fine_tuning_job_id).await?;
-    let format = q.format.as_deref().unwrap_or("zip");
-    if format != "zip" && format != "safetensors" {
-        return Err(ApiError::bad_request("format must be zip or safetensors").param("format"));
+    let job = get_job(&state, &who, &p.fine_tuning_job_id).await?;
+    // Text-to-image checkpoints default to kohya's file, as the job's adapter does.
+    let image =
+        serde_json::from_str::<JobSpec>(&job.spec).is_ok_and(|s| s.task == Task::TextToImage);
+    let format = q
+        .format
+        .as_deref()
+        .unwrap_or(if image { "kohya" } else { "zip" });
+    if !["zip", "safetensors", "kohya"].contains(&format) {
+        return Err(
+            ApiError::bad_request("format must be zip, safetensors or kohya").param("format"),
+        );
+    }
+    if format == "kohya" && !image {
+        return Err(ApiError::bad_request(format!(
+            "Job {} is not a text-to-image job, so its checkpoints have no kohya file; use zip or safetensors.",
+            job.id
+        ))
+        .param("format"));
     }
     let ckpt = state
         .store
@@ -1247,7 +1296,18 @@ pub async fn checkpoint_adapter(
     )
     .await?;
     let base = format!("{}-step-{}", ckpt.job_id, ckpt.step);
-    let (body, name, content_type) = if format == "safetensors" {
+    let kohya = if image {
+        Some(read_blob(&state, &format!("{}/{KOHYA_FILE}", ckpt.storage_key)).await?)
+    } else {
+        None
+    };
+    let (body, name, content_type) = if format == "kohya" {
+        (
+            kohya.unwrap_or_default(),
+            format!("{base}.safetensors"),
+            "application/octet-stream",
+        )
+    } else if format == "safetensors" {
         (
             tensors,
             format!("{base}-adapter_model.safetensors"),
@@ -1262,10 +1322,14 @@ pub async fn checkpoint_adapter(
             let mut z = zip::ZipWriter::new(&mut buf);
             let opts = zip::write::SimpleFileOptions::default()
                 .compression_method(zip::CompressionMethod::Deflated);
-            for (name, bytes) in [
+            let mut files = vec![
                 ("adapter_config.json", &config),
                 ("adapter_model.safetensors", &tensors),
-            ] {
+            ];
+            if let Some(k) = &kohya {
+                files.push((KOHYA_FILE, k));
+            }
+            for (name, bytes) in files {
                 z.start_file(name, opts).map_err(std::io::Error::other)?;
                 z.write_all(bytes)?;
             }

@@ -55,6 +55,10 @@ pub struct ZipLimits {
     /// [`RATIO_CHECK_MIN_BYTES`], since tiny files (an empty caption, a flat-colour PNG
     /// stored deflated) legitimately reach high ratios and cannot be bombs.
     pub max_compression_ratio: u64,
+    /// Shrinks every decoded image right away so that its short side is at most this,
+    /// as [`to_pixels`] would: a dataset of large photos (or of small files that decode
+    /// to huge flat images) then holds only training-sized pictures. `None` keeps them.
+    pub shrink_to: Option<u32>,
 }
 
 /// Entries smaller than this are exempt from the compression-ratio check.
@@ -68,6 +72,7 @@ impl Default for ZipLimits {
             max_entry_uncompressed_bytes: 64 << 20,
             max_image_pixels: 64_000_000,
             max_compression_ratio: 200,
+            shrink_to: None,
         }
     }
 }
@@ -433,6 +438,18 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
         let bytes = read(&mut archive, e, &mut total_read)?;
         match decode_image(&bytes, &e.name, limits) {
             Ok(image) => {
+                let image = match limits.shrink_to {
+                    Some(s) if image.width().min(image.height()) > s => {
+                        let (nw, nh) = short_side_dims(image.width(), image.height(), s);
+                        image::imageops::resize(
+                            &image,
+                            nw,
+                            nh,
+                            image::imageops::FilterType::Triangle,
+                        )
+                    }
+                    _ => image,
+                };
                 match &caption {
                     Some(_) => report.with_caption += 1,
                     None => report.missing_captions.push(e.name.clone()),
@@ -475,6 +492,23 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
 /// orientation and converts it to RGB8 with any alpha composited onto white, which is
 /// what a transparent background looks like in every viewer (kohya drops alpha instead,
 /// turning transparent areas into whatever colour the encoder left there, often black).
+/// The size of a `w`×`h` image resized so that its short side is `res` (the long side
+/// truncated, as torchvision's `Resize(int)` does).
+fn short_side_dims(w: u32, h: u32, res: u32) -> (u32, u32) {
+    let (nw, nh) = if w <= h {
+        (
+            res,
+            ((u64::from(res) * u64::from(h)) / u64::from(w.max(1))) as u32,
+        )
+    } else {
+        (
+            ((u64::from(res) * u64::from(w)) / u64::from(h.max(1))) as u32,
+            res,
+        )
+    };
+    (nw.max(res), nh.max(res))
+}
+
 pub fn decode_image(bytes: &[u8], name: &str, limits: &ZipLimits) -> Result<RgbImage> {
     let fail = |why: String| data(format!("{name}: {why}"));
     let side = u32::try_from(limits.max_image_pixels).unwrap_or(u32::MAX);
@@ -524,18 +558,7 @@ pub fn decode_image(bytes: &[u8], name: &str, limits: &ZipLimits) -> Result<RgbI
 pub fn to_pixels(img: &RgbImage, resolution: u32, center_crop: bool) -> Vec<f32> {
     let res = resolution.max(1);
     let (w, h) = img.dimensions();
-    let (nw, nh) = if w <= h {
-        (
-            res,
-            ((u64::from(res) * u64::from(h)) / u64::from(w.max(1))) as u32,
-        )
-    } else {
-        (
-            ((u64::from(res) * u64::from(w)) / u64::from(h.max(1))) as u32,
-            res,
-        )
-    };
-    let (nw, nh) = (nw.max(res), nh.max(res));
+    let (nw, nh) = short_side_dims(w, h, res);
     let resized;
     let src = if (nw, nh) == (w, h) {
         img
@@ -553,7 +576,8 @@ pub fn to_pixels(img: &RgbImage, resolution: u32, center_crop: bool) -> Vec<f32>
 }
 
 fn center_offset(size: u32, crop: u32) -> u32 {
-    (f64::from(size.saturating_sub(crop)) / 2.0).round() as u32
+    // Python's round(), as torchvision's centre crop uses: ties to even.
+    (f64::from(size.saturating_sub(crop)) / 2.0).round_ties_even() as u32
 }
 
 /// The `w` x `h` window at `(x0, y0)` as CHW f32 in `[-1, 1]`; the caller guarantees

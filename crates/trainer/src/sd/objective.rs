@@ -33,6 +33,9 @@ pub struct ImageSettings {
     pub snr_gamma: Option<f64>,
     /// diffusers' `--noise_offset`: a per-channel constant added to the noise.
     pub noise_offset: f64,
+    /// What the kohya file calls the LoRA (`ss_output_name`, `modelspec.title`); `None`
+    /// names it after the base model.
+    pub name: Option<String>,
 }
 
 impl Default for ImageSettings {
@@ -42,6 +45,7 @@ impl Default for ImageSettings {
             prediction_type: None,
             snr_gamma: None,
             noise_offset: 0.0,
+            name: None,
         }
     }
 }
@@ -97,6 +101,18 @@ pub fn vae_factor(model_dir: &Path) -> Result<usize> {
         .and_then(|b| b.as_array())
         .map_or(4, Vec::len);
     Ok(1 << blocks.saturating_sub(1))
+}
+
+/// The training resolutions a pipeline takes are multiples of this: the VAE's
+/// downsampling times the UNet's (2 per down block after the first). Also returns the
+/// native resolution (UNet `sample_size` × the VAE's factor).
+pub fn resolution_rule(model_dir: &Path) -> Result<(usize, usize)> {
+    let p = model_dir.join("unet/config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let cfg = super::unet::UNetConfig::from_diffusers_json(&serde_json::from_str(&text)?)?;
+    let vae = vae_factor(model_dir)?;
+    let multiple = vae << cfg.block_out_channels.len().saturating_sub(1);
+    Ok((multiple, cfg.sample_size * vae))
 }
 
 impl TextToImage {
@@ -181,14 +197,18 @@ impl TextToImage {
     /// A run's objective: the images of the zip at `spec.data`, at the training
     /// resolution (the model's native one unless set), centre-cropped.
     pub fn load(spec: &TrainSpec) -> Result<Self> {
-        let ds = read_zip(&spec.data, &ZipLimits::default())?;
-        let native = {
-            let p = spec.model.join("unet/config.json");
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-            let cfg = super::unet::UNetConfig::from_diffusers_json(&serde_json::from_str(&text)?)?;
-            cfg.sample_size * vae_factor(&spec.model)?
-        };
+        let (multiple, native) = resolution_rule(&spec.model)?;
         let res = spec.image.resolution.map_or(native, |r| r as usize);
+        if res == 0 || !res.is_multiple_of(multiple) {
+            return Err(Error::Config(format!(
+                "resolution {res}: this model trains at multiples of {multiple} pixels"
+            )));
+        }
+        let limits = ZipLimits {
+            shrink_to: Some(res as u32),
+            ..ZipLimits::default()
+        };
+        let ds = read_zip(&spec.data, &limits)?;
         let images: Vec<TrainImage> = ds
             .examples
             .iter()
@@ -214,6 +234,13 @@ impl TextToImage {
                 .model
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned()),
+            output_name: Some(spec.image.name.clone().unwrap_or_else(|| {
+                let base = spec
+                    .model
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                format!("{} LoRA", base.unwrap_or_default())
+            })),
             learning_rate: Some(spec.lr),
             unet_lr: Some(spec.lr),
             max_train_steps: spec.max_steps,

@@ -259,7 +259,8 @@ fn kohya_peft_kohya_is_lossless_and_peft_runs_the_same() {
     assert_eq!(j["peft_type"], "LORA");
     assert_eq!(j["r"], 4);
     assert_eq!(j["lora_alpha"], 2.0);
-    assert_eq!(j["task_type"], "");
+    // PEFT refuses "" and records null for diffusers models.
+    assert!(j["task_type"].is_null(), "{j}");
     assert_eq!(
         j["target_modules"],
         serde_json::json!(["to_k", "to_out.0", "to_q", "to_v"])

@@ -231,6 +231,21 @@ struct TrainerState {
     batch_size: usize,
     grad_accum: usize,
     tokens: u64,
+    /// Text-to-image: the image settings the run trained with (absent in other runs and
+    /// in checkpoints written before it existed).
+    #[serde(default)]
+    image: Option<String>,
+}
+
+/// What must not change when a text-to-image run resumes (its name may).
+fn image_fingerprint(spec: &TrainSpec) -> Option<String> {
+    let i = &spec.image;
+    (spec.task == Task::TextToImage).then(|| {
+        format!(
+            "resolution {:?}, prediction_type {:?}, snr_gamma {:?}, noise_offset {}",
+            i.resolution, i.prediction_type, i.snr_gamma, i.noise_offset
+        )
+    })
 }
 
 /// A padded batch.
@@ -685,6 +700,13 @@ fn run<O: Objective>(
                 "the checkpoint was made with other data or batch settings".into(),
             ));
         }
+        if let (Some(was), Some(now)) = (&st.image, image_fingerprint(spec)) {
+            if *was != now {
+                return Err(Error::Checkpoint(format!(
+                    "the checkpoint was trained with {was}; this run asks for {now}"
+                )));
+            }
+        }
         start_step = st.step;
         tokens_total = st.tokens;
     }
@@ -714,6 +736,7 @@ fn run<O: Objective>(
                 batch_size: spec.batch_size,
                 grad_accum: spec.grad_accum,
                 tokens,
+                image: image_fingerprint(spec),
             },
         )
     };

@@ -101,3 +101,33 @@ fn the_loss_falls_and_a_seed_reproduces_it() {
     assert!(dir.path().join("a/adapter_model.safetensors").is_file());
     assert!(dir.path().join("a/kohya.safetensors").is_file());
 }
+
+#[test]
+fn a_checkpoint_resumes_only_with_its_image_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut s = spec(7, 2, &out);
+    s.checkpoint_every = Some(1);
+    train::train(&s, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let mut other = spec(7, 3, &out);
+    other.resume = Some(out.clone());
+    other.image.noise_offset = 0.1;
+    let e = train::train(&other, &AtomicBool::new(false), &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("noise_offset 0.1") && e.contains("noise_offset 0"),
+        "{e}"
+    );
+    let mut same = spec(7, 3, &out);
+    same.resume = Some(out.clone());
+    let mut resumed = None;
+    train::train(&same, &AtomicBool::new(false), &mut |e| {
+        if let TrainEvent::Started { resumed_from, .. } = e {
+            resumed = *resumed_from;
+        }
+    })
+    .unwrap();
+    assert!(resumed.is_some_and(|s| s >= 1), "{resumed:?}");
+}

@@ -2,8 +2,11 @@
 # The server under load, as issue 6 asks: while SmolLM2-135M trains on every core,
 #   1. GET /v1/fine_tuning/jobs/{id} at 200 requests/s for 20 s (scripts/load-test.py):
 #      latency percentiles;
-#   2. a 1 GiB upload from loopback: throughput, and the server's RSS growth during it.
-# Prints both; numbers go to BENCHMARKS.md. Not a test: timing belongs here, not in CI.
+#   2. SSE_SUBSCRIBERS (1000) concurrent SSE streams of the job's events for SSE_SECONDS
+#      (60: a dev build makes a step every few seconds): each metrics event's delivery
+#      latency to each subscriber, and any missed event (scripts/load-test.py --phase sse);
+#   3. a 1 GiB upload from loopback: throughput, and the server's RSS growth during it.
+# Prints all three; numbers go to BENCHMARKS.md. Not a test: timing belongs here, not in CI.
 #
 #   scripts/load-test.sh path/to/loraforge [OUTDIR]
 # Needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-models.sh) and curl.
@@ -14,6 +17,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$HERE/..
 RPS=${RPS:-200}
 SECONDS_=${LOAD_SECONDS:-20}
+SUBS=${SSE_SUBSCRIBERS:-1000}
+SSE_SECONDS=${SSE_SECONDS:-60}
 PORT=${PORT:-18181}
 mkdir -p "$OUT/models" "$OUT/data"
 ln -sf "$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$OUT/models/"
@@ -38,6 +43,10 @@ done
 
 echo "== GET /v1/fine_tuning/jobs/{id} at $RPS/s for ${SECONDS_}s while it trains"
 python3 "$HERE/load-test.py" --base "$BASE" --job "$JOB" --rps "$RPS" --seconds "$SECONDS_" | tee "$OUT/get.txt"
+
+echo "== $SUBS SSE subscribers of its events for ${SSE_SECONDS}s while it trains"
+python3 "$HERE/load-test.py" --phase sse --base "$BASE" --job "$JOB" --subscribers "$SUBS" \
+  --seconds "$SSE_SECONDS" | tee "$OUT/sse.txt"
 
 echo "== a 1 GiB upload while it trains"
 python3 - "$OUT/big.jsonl" <<'PY'

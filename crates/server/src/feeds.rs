@@ -6,15 +6,20 @@
 //! one job cost a thousand queries every poll; now the job's [`Feed`] polls once and
 //! publishes what it found, with the newest events kept in memory, and a stream reads
 //! the database only for its own backlog (a replay, or a subscriber that fell behind).
+//!
+//! A poll every [`POLL`] alone would delay an event by up to a poll; so writers in this
+//! process (the in-process worker, the API's own notes and cancels) call
+//! [`Feeds::wake`] after writing, and the job's poller reads at once. The timed poll
+//! stays as the fallback for events that other processes write.
 
 use crate::app::AppState;
 use loraforge_store::EventRecord;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-/// How often a feed looks for new events.
+/// How often a feed looks for new events that no in-process writer announced.
 pub const POLL: Duration = Duration::from_millis(100);
 /// Events a feed keeps for subscribers that are slightly behind.
 const RECENT: usize = 2048;
@@ -61,6 +66,8 @@ impl Snapshot {
 /// One job's shared poller.
 pub struct Feed {
     rx: watch::Receiver<Snapshot>,
+    /// Wakes the poller before its next timed poll (see [`Feeds::wake`]).
+    wake: Arc<Notify>,
 }
 
 impl Feed {
@@ -90,7 +97,11 @@ impl Feeds {
             covered_from: from,
             ..Snapshot::default()
         });
-        let feed = Arc::new(Feed { rx });
+        let wake = Arc::new(Notify::new());
+        let feed = Arc::new(Feed {
+            rx,
+            wake: wake.clone(),
+        });
         jobs.insert(job_id.to_string(), Arc::downgrade(&feed));
         tokio::spawn(poll(
             state.clone(),
@@ -98,19 +109,37 @@ impl Feeds {
             from,
             tx,
             Arc::downgrade(&feed),
+            wake,
         ));
         feed
     }
+
+    /// Tells the job's poller, if anyone follows the job, that it has a new event or a
+    /// new status: it reads now instead of at its next [`POLL`]. A wake that arrives
+    /// while the poller is reading is kept (a `Notify` permit), so the event that
+    /// caused it is read by the next pass at the latest; extra wakes cost one empty read.
+    pub fn wake(&self, job_id: &str) {
+        let feed = self
+            .jobs
+            .lock()
+            .expect("feeds lock")
+            .get(job_id)
+            .and_then(Weak::upgrade);
+        if let Some(f) = feed {
+            f.wake.notify_one();
+        }
+    }
 }
 
-/// Reads the job's new events every [`POLL`] while anyone follows it, until the job is
-/// finished and its last events are published.
+/// Reads the job's new events every [`POLL`], or at once when woken, while anyone
+/// follows it, until the job is finished and its last events are published.
 async fn poll(
     state: AppState,
     job_id: String,
     mut last: i64,
     tx: watch::Sender<Snapshot>,
     alive: Weak<Feed>,
+    wake: Arc<Notify>,
 ) {
     let mut recent: VecDeque<EventRecord> = VecDeque::new();
     let mut covered_from = last;
@@ -180,6 +209,7 @@ async fn poll(
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
+            _ = wake.notified() => {}
             _ = state.shutdown.cancelled() => return,
         }
     }

@@ -120,6 +120,9 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
                 if let Err(e) = run_job(&state, &cfg, claimed).await {
                     tracing::error!(job = %id, error = format!("{e:#}"), "job run failed");
                 }
+                // However the run ended (finished, failed, paused, handed back), the
+                // job's streams look at its new status now rather than at their next poll.
+                state.feeds.wake(&id);
             }
             Ok(None) => {
                 tokio::select! {
@@ -251,14 +254,27 @@ impl Run<'_> {
         message: String,
         data: Option<serde_json::Value>,
     ) -> anyhow::Result<Fed> {
-        let data = data.map(|d| d.to_string());
+        let data = data.map(|mut d| {
+            // `created_at` is whole seconds; a metrics event also says when (to the
+            // millisecond) it was made, so a subscriber can tell how late it arrived.
+            if kind == "metrics" {
+                if let Some(o) = d.as_object_mut() {
+                    o.insert("created_at_ms".into(), loraforge_store::now_millis().into());
+                }
+            }
+            d.to_string()
+        });
         let store = &self.state.store;
         match patient(self.patience, || {
             store.append_job_event(self.lease, level, kind, &message, data.as_deref())
         })
         .await
         {
-            Ok(_) => Ok(Fed::Ok),
+            Ok(_) => {
+                // Streams of this job get the event now, not at their feed's next poll.
+                self.state.feeds.wake(&self.job_id);
+                Ok(Fed::Ok)
+            }
             Err(e) if e.is_lease_lost() => Ok(Fed::LeaseLost),
             Err(e) => Err(e.into()),
         }

@@ -802,6 +802,8 @@ pub async fn cancel(
         );
     }
     let job = state.store.request_cancel(&id).await?;
+    // A queued job is cancelled at once: its streams end now, not at the next poll.
+    state.feeds.wake(&id);
     if job.status == "cancelled" {
         note(&state, &job, "Job cancelled before it started.").await?;
     }
@@ -820,6 +822,7 @@ async fn note(state: &AppState, job: &JobRecord, message: &str) -> ApiResult<()>
             data: None,
         })
         .await?;
+    state.feeds.wake(&job.id);
     Ok(())
 }
 

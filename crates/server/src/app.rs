@@ -29,6 +29,10 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The shared pollers behind the jobs' event streams.
     pub feeds: Arc<crate::feeds::Feeds>,
+    /// Bumped when a pause or cancel is requested here, so this process's running jobs
+    /// look now instead of at their next heartbeat (a watch, so a worker busy at that
+    /// moment still sees it).
+    pub job_control: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The parts of the configuration that handlers need.
@@ -346,6 +350,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
         shutdown: tokio_util::sync::CancellationToken::new(),
         feeds: Arc::new(crate::feeds::Feeds::default()),
+        job_control: Arc::new(tokio::sync::watch::Sender::new(0)),
     };
     let workers = crate::worker::spawn(
         state.clone(),
@@ -452,6 +457,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
         engine: Arc::new(crate::inference::Engine::new(&args.storage.data_dir)),
         shutdown: tokio_util::sync::CancellationToken::new(),
         feeds: Arc::new(crate::feeds::Feeds::default()),
+        job_control: Arc::new(tokio::sync::watch::Sender::new(0)),
     };
     let devices: Vec<String> = args
         .workers

@@ -499,6 +499,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     let mut cancel_requested = false;
     let mut beat = tokio::time::interval(cfg.lease / 3);
     beat.tick().await;
+    let mut control = state.job_control.subscribe();
     // Shutting down: checkpoint like a pause, then hand the job back to the queue.
     let mut stopping = false;
     let mut user_pause = false;
@@ -514,7 +515,14 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                     cancel.store(true, Ordering::Relaxed);
                 }
             }
-            _ = beat.tick(), if !lost => {
+            // The heartbeat also brings pause and cancel requests; one made in this
+            // process brings it forward.
+            _ = async {
+                tokio::select! {
+                    _ = beat.tick() => {}
+                    _ = control.changed() => {}
+                }
+            }, if !lost => {
                 match state.store.heartbeat(&lease, cfg.lease).await {
                     Ok(hb) => {
                         if hb.cancel_requested_at.is_some() {

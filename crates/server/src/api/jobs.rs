@@ -802,6 +802,7 @@ pub async fn cancel(
         );
     }
     let job = state.store.request_cancel(&id).await?;
+    state.job_control.send_modify(|n| *n += 1);
     // A queued job is cancelled at once: its streams end now, not at the next poll.
     state.feeds.wake(&id);
     if job.status == "cancelled" {
@@ -841,6 +842,7 @@ pub async fn pause(
         );
     }
     let job = state.store.request_pause(&id).await?;
+    state.job_control.send_modify(|n| *n += 1);
     if before.paused_at.is_none() {
         note(
             &state,

@@ -411,8 +411,7 @@ impl Encoder {
     /// Loads `config.json` + safetensors from an HF folder.
     pub fn load(dir: &Path, num_labels: usize, seed: u64, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let cfg = EncoderConfig::from_hf_json(&serde_json::from_str(&text)?)?;
+        let cfg = EncoderConfig::from_hf_json(&crate::read_json(&cfg_path)?)?;
         let weights = crate::loader::read_safetensors_f32(dir, device)?;
         Self::new(cfg, weights, num_labels, seed, device)
     }

@@ -251,8 +251,7 @@ impl LabelSet {
     /// Reads `labels.json` from an adapter folder.
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join(LABELS_FILE);
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let v: serde_json::Value = crate::read_json(&p)?;
         let bad = |m: &str| Error::Adapter(format!("{}: {m}", p.display()));
         let problem = ProblemType::parse(
             v.get("problem_type")

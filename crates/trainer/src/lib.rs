@@ -27,6 +27,13 @@ pub mod train;
 
 use std::path::{Path, PathBuf};
 
+/// A JSON file (a model's `config.json`, an adapter's config, ...), naming the file when
+/// it cannot be read.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -64,8 +64,7 @@ pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
 /// Reads `config.json` and every safetensors tensor as f32.
 pub fn load_hf_weights(dir: &Path, device: &Device) -> Result<(DecoderConfig, Weights)> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg = DecoderConfig::from_hf_json(&serde_json::from_str(&text)?)?;
+    let cfg = DecoderConfig::from_hf_json(&crate::read_json(&cfg_path)?)?;
     Ok((cfg, read_safetensors_f32(dir, device)?))
 }
 

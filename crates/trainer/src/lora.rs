@@ -440,8 +440,7 @@ pub fn write_adapter_config(cfg: &LoraConfig, meta: &AdapterMeta, dir: &Path) ->
 /// Reads `adapter_config.json` into our config.
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let p = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let v: serde_json::Value = crate::read_json(&p)?;
     if let Some(t) = v.get("peft_type").and_then(|x| x.as_str()) {
         if t != "LORA" {
             return Err(Error::Adapter(format!("peft_type {t} is not LORA")));

@@ -115,8 +115,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
     if path.is_dir() {
         let cfg_path = path.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)?;
+        let cfg: serde_json::Value = crate::read_json(&cfg_path)?;
         let arch = cfg
             .get("model_type")
             .and_then(|v| v.as_str())
@@ -180,8 +179,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     for stem in ["model", "diffusion_pytorch_model"] {
         let index = dir.join(format!("{stem}.safetensors.index.json"));
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let v: serde_json::Value = crate::read_json(&index)?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -240,8 +238,7 @@ pub const TRAINABLE_PIPELINES: [&str; 1] = ["StableDiffusionPipeline"];
 /// its UNet, VAE and text encoder.
 fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
     let idx = path.join("model_index.json");
-    let text = std::fs::read_to_string(&idx).map_err(|e| Error::io(&idx, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let v: serde_json::Value = crate::read_json(&idx)?;
     let class = v
         .get("_class_name")
         .and_then(|c| c.as_str())

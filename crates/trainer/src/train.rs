@@ -689,9 +689,7 @@ fn run<O: Objective>(
     let mut tokens_total = 0u64;
     if let Some(d) = &resume_dir {
         opt.load(&d.join("optimizer.safetensors"))?;
-        let st: TrainerState = serde_json::from_str(
-            &std::fs::read_to_string(d.join("trainer_state.json")).map_err(|e| Error::io(d, e))?,
-        )?;
+        let st: TrainerState = crate::read_json(&d.join("trainer_state.json"))?;
         if st.examples != n_examples
             || st.batch_size != spec.batch_size
             || st.grad_accum != spec.grad_accum

@@ -180,8 +180,7 @@ impl ClipTextEncoder {
     /// Loads a `text_encoder/` folder, with or without the `text_model.` key prefix.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let cfg: Value = serde_json::from_str(&text)?;
+        let cfg: Value = crate::read_json(&cfg_path)?;
         let get = |k: &str| {
             cfg.get(k)
                 .and_then(Value::as_u64)

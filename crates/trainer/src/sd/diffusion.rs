@@ -41,8 +41,7 @@ impl Schedule {
     /// these fields).
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join("scheduler_config.json");
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        Self::from_json(&serde_json::from_str(&text)?)
+        Self::from_json(&crate::read_json(&p)?)
     }
 
     pub fn from_json(v: &Value) -> Result<Self> {

@@ -94,8 +94,7 @@ pub const KOHYA_FILE: &str = "kohya.safetensors";
 /// The VAE's spatial downsampling: 2 per down block after the first.
 pub fn vae_factor(model_dir: &Path) -> Result<usize> {
     let p = model_dir.join("vae/config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let v: serde_json::Value = crate::read_json(&p)?;
     let blocks = v
         .get("block_out_channels")
         .and_then(|b| b.as_array())
@@ -108,8 +107,7 @@ pub fn vae_factor(model_dir: &Path) -> Result<usize> {
 /// native resolution (UNet `sample_size` × the VAE's factor).
 pub fn resolution_rule(model_dir: &Path) -> Result<(usize, usize)> {
     let p = model_dir.join("unet/config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let cfg = super::unet::UNetConfig::from_diffusers_json(&serde_json::from_str(&text)?)?;
+    let cfg = super::unet::UNetConfig::from_diffusers_json(&crate::read_json(&p)?)?;
     let vae = vae_factor(model_dir)?;
     let multiple = vae << cfg.block_out_channels.len().saturating_sub(1);
     Ok((multiple, cfg.sample_size * vae))

@@ -403,8 +403,7 @@ impl UNet {
     /// float dtype, computed in f32).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let cfg = UNetConfig::from_diffusers_json(&serde_json::from_str(&text)?)?;
+        let cfg = UNetConfig::from_diffusers_json(&crate::read_json(&cfg_path)?)?;
         let weights = read_safetensors_f32(dir, device)?;
         Self::new(cfg, weights, device)
     }

@@ -72,8 +72,7 @@ impl VaeEncoder {
     /// Loads a diffusers `vae/` folder's encoder (the decoder's weights are not read).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let cfg: Value = serde_json::from_str(&text)?;
+        let cfg: Value = crate::read_json(&cfg_path)?;
         if cfg.get("shift_factor").is_some_and(|v| !v.is_null()) {
             return Err(Error::Unsupported(
                 "vae config: shift_factor (an SD3/FLUX VAE) is not supported yet".into(),

@@ -4,9 +4,8 @@
 //! UNet. The encoder runs once per caption (its outputs are cached), so it is plain
 //! inference code.
 
-use super::layers::{LayerNorm, Take};
+use super::layers::{attention, Affine, LayerNorm, Take};
 use crate::loader::read_safetensors_f32;
-use crate::ops::softmax_last;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -151,17 +150,13 @@ enum Act {
 
 struct Layer {
     ln1: LayerNorm,
-    q: (Tensor, Tensor),
-    k: (Tensor, Tensor),
-    v: (Tensor, Tensor),
-    out: (Tensor, Tensor),
+    q: Affine,
+    k: Affine,
+    v: Affine,
+    out: Affine,
     ln2: LayerNorm,
-    fc1: (Tensor, Tensor),
-    fc2: (Tensor, Tensor),
-}
-
-fn linear(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
-    Ok(x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
+    fc1: Affine,
+    fc2: Affine,
 }
 
 /// transformers' `CLIPTextModel` (frozen): returns the last hidden state after the final
@@ -223,19 +218,16 @@ impl ClipTextEncoder {
             w: &mut weights,
             what: "text encoder",
         };
-        fn pair(t: &mut Take, p: &str) -> Result<(Tensor, Tensor)> {
-            Ok((t.get(&format!("{p}.weight"))?, t.get(&format!("{p}.bias"))?))
-        }
         let mut layers = Vec::new();
         for i in 0..layers_n {
             let p = format!("encoder.layers.{i}");
             layers.push(Layer {
-                q: pair(t, &format!("{p}.self_attn.q_proj"))?,
-                k: pair(t, &format!("{p}.self_attn.k_proj"))?,
-                v: pair(t, &format!("{p}.self_attn.v_proj"))?,
-                out: pair(t, &format!("{p}.self_attn.out_proj"))?,
-                fc1: pair(t, &format!("{p}.mlp.fc1"))?,
-                fc2: pair(t, &format!("{p}.mlp.fc2"))?,
+                q: t.affine(&format!("{p}.self_attn.q_proj"))?,
+                k: t.affine(&format!("{p}.self_attn.k_proj"))?,
+                v: t.affine(&format!("{p}.self_attn.v_proj"))?,
+                out: t.affine(&format!("{p}.self_attn.out_proj"))?,
+                fc1: t.affine(&format!("{p}.mlp.fc1"))?,
+                fc2: t.affine(&format!("{p}.mlp.fc2"))?,
                 ln1: t.layer_norm(&format!("{p}.layer_norm1"), eps)?,
                 ln2: t.layer_norm(&format!("{p}.layer_norm2"), eps)?,
             });
@@ -279,29 +271,17 @@ impl ClipTextEncoder {
             .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (len, len), &self.device)?;
-        let d = hidden / self.heads;
         for l in &self.layers {
             let h = l.ln1.forward(&x)?;
-            let split = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((n, len, self.heads, d))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let q = split(linear(&h, &l.q)?)?;
-            let k = split(linear(&h, &l.k)?)?;
-            let v = split(linear(&h, &l.v)?)?;
-            let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?.broadcast_add(&mask)?;
-            let o = softmax_last(&scores)?
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((n, len, hidden))?;
-            x = (x + linear(&o, &l.out)?)?;
-            let h = linear(&l.ln2.forward(&x)?, &l.fc1)?;
+            let (q, k, v) = (l.q.forward(&h)?, l.k.forward(&h)?, l.v.forward(&h)?);
+            let o = attention(&q, &k, &v, self.heads, Some(&mask))?;
+            x = (x + l.out.forward(&o)?)?;
+            let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
             let h = match self.act {
                 Act::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
                 Act::Gelu => h.gelu_erf()?,
             };
-            x = (x + linear(&h, &l.fc2)?)?;
+            x = (x + l.fc2.forward(&h)?)?;
         }
         self.final_norm.forward(&x)
     }

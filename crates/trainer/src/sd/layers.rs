@@ -4,7 +4,7 @@
 
 use crate::lora::{ForwardCtx, Linear};
 use crate::model::Weights;
-use crate::ops::frozen_conv2d;
+use crate::ops::{frozen_conv2d, softmax_last};
 use crate::{Error, Result};
 use candle_core::{Tensor, D};
 
@@ -24,6 +24,14 @@ impl Take<'_> {
     pub(crate) fn has(&self, name: &str) -> bool {
         self.w.contains_key(name)
     }
+    /// A frozen `path.weight` + `path.bias` pair that never carries an adapter.
+    pub(crate) fn affine(&mut self, path: &str) -> Result<Affine> {
+        Ok(Affine {
+            w: self.get(&format!("{path}.weight"))?,
+            b: self.get(&format!("{path}.bias"))?,
+        })
+    }
+
     pub(crate) fn linear(&mut self, path: &str, bias: bool) -> Result<Linear> {
         let w = self.get(&format!("{path}.weight"))?;
         let b = if bias {
@@ -129,6 +137,49 @@ impl LayerNorm {
 }
 
 /// Applies a linear layer to the last dimension of a `(.., in)` tensor.
+/// A frozen linear layer with a bias in the models that are only run, never adapted
+/// (the VAE, the text encoder): `x · Wᵀ + b` over the last dimension.
+pub(crate) struct Affine {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Affine {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_matmul(&self.w.t()?)?.broadcast_add(&self.b)?)
+    }
+}
+
+/// Multi-head scaled dot-product attention: queries `(b, n, heads·d)` against keys and
+/// values `(b, m, heads·d)`, with an optional additive mask `(n, m)`; returns
+/// `(b, n, heads·d)`. The softmax is our op with its own backward (candle's fused one
+/// has none), so gradients reach every projection.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, len, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let mut scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    Ok(softmax_last(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, n, inner))?)
+}
+
 pub(crate) fn linear_nd(l: &Linear, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().expect("rank >= 1");

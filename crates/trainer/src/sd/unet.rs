@@ -6,11 +6,10 @@
 //! config supplies what the weights cannot say (heads, norm groups and epsilons, the
 //! block types) and is checked for options this port does not implement.
 
-use super::layers::{linear_nd, Conv, GroupNorm, LayerNorm, ResnetBlock, Take};
+use super::layers::{attention, linear_nd, Conv, GroupNorm, LayerNorm, ResnetBlock, Take};
 use crate::loader::read_safetensors_f32;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::model::Weights;
-use crate::ops::softmax_last;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
 use serde_json::Value;
@@ -230,23 +229,11 @@ impl Attention {
 
     /// `x` is `(b, n, c)`; `context` `(b, m, c_ctx)`, or `None` for self-attention.
     fn forward(&self, x: &Tensor, context: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
         let kv = context.unwrap_or(x);
-        let m = kv.dim(1)?;
         let q = linear_nd(&self.to_q, x, ctx)?;
         let k = linear_nd(&self.to_k, kv, ctx)?;
         let v = linear_nd(&self.to_v, kv, ctx)?;
-        let inner = q.dim(2)?;
-        let d = inner / self.heads;
-        let split = |t: Tensor, len: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, len, self.heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-        let p = softmax_last(&scores)?;
-        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
+        let o = attention(&q, &k, &v, self.heads, None)?;
         linear_nd(&self.to_out, &o, ctx)
     }
 }

@@ -3,10 +3,9 @@
 //! image and draws each step's latent from them with a seeded RNG, which is why this
 //! returns the moments rather than a sample.
 
-use super::layers::{Conv, GroupNorm, ResnetBlock, Take};
+use super::layers::{attention, Affine, Conv, GroupNorm, ResnetBlock, Take};
 use crate::loader::read_safetensors_f32;
 use crate::lora::ForwardCtx;
-use crate::ops::softmax_last;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -24,14 +23,10 @@ struct DownBlock {
 /// The single-head self-attention of the mid block, with its own GroupNorm and residual.
 struct MidAttention {
     norm: GroupNorm,
-    q: (Tensor, Tensor),
-    k: (Tensor, Tensor),
-    v: (Tensor, Tensor),
-    out: (Tensor, Tensor),
-}
-
-fn linear(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
-    Ok(x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
+    q: Affine,
+    k: Affine,
+    v: Affine,
+    out: Affine,
 }
 
 impl MidAttention {
@@ -44,12 +39,11 @@ impl MidAttention {
             .transpose(1, 2)?
             .contiguous()?;
         let (q, k, v) = (
-            linear(&t, &self.q)?,
-            linear(&t, &self.k)?,
-            linear(&t, &self.v)?,
+            self.q.forward(&t)?,
+            self.k.forward(&t)?,
+            self.v.forward(&t)?,
         );
-        let p = softmax_last(&(q.matmul(&k.t()?)? * (c as f64).powf(-0.5))?)?;
-        let o = linear(&p.matmul(&v)?, &self.out)?;
+        let o = self.out.forward(&attention(&q, &k, &v, 1, None)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((o + x)?)
     }
@@ -136,9 +130,8 @@ impl VaeEncoder {
         let mid_attention = if t.has(&format!("{ap}.group_norm.weight")) {
             // Old checkpoints name the projections query/key/value/proj_attn.
             let legacy = t.has(&format!("{ap}.query.weight"));
-            let mut pair = |new: &str, old: &str| -> Result<(Tensor, Tensor)> {
-                let p = format!("{ap}.{}", if legacy { old } else { new });
-                Ok((t.get(&format!("{p}.weight"))?, t.get(&format!("{p}.bias"))?))
+            let mut pair = |new: &str, old: &str| -> Result<Affine> {
+                t.affine(&format!("{ap}.{}", if legacy { old } else { new }))
             };
             let (q, k, v, out) = (
                 pair("to_q", "query")?,

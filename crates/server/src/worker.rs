@@ -6,7 +6,7 @@
 //! A worker that loses its lease (it stalled past the expiry and another worker took the
 //! job) stops training and writes nothing more: the store rejects its fenced writes.
 
-use crate::api::jobs::{adapter_key, fine_tuned_name, JobSpec};
+use crate::api::jobs::{adapter_key, fine_tuned_name, is_text_to_image, JobSpec};
 use crate::app::AppState;
 use anyhow::Context;
 use futures::StreamExt;
@@ -718,9 +718,7 @@ async fn publish(
     put_blob(state, &adapter_key(&job.id, "safetensors"), &st).await?;
     // Text-to-image runs also write the adapter in kohya's format, the one SD UIs load;
     // such a job without it has not produced what it promises.
-    let image = serde_json::from_str::<JobSpec>(&job.spec)
-        .is_ok_and(|s| s.task == loraforge_trainer::train::Task::TextToImage);
-    let kohya = if image {
+    let kohya = if is_text_to_image(job) {
         let bytes = tokio::fs::read(dir.join(KOHYA_FILE))
             .await
             .context("the text-to-image run wrote no kohya file")?;

@@ -1086,6 +1086,31 @@ pub fn adapter_key(job_id: &str, format: &str) -> String {
     }
 }
 
+/// Whether the job trains a Stable Diffusion LoRA (whose adapters come as kohya files too).
+pub fn is_text_to_image(job: &JobRecord) -> bool {
+    serde_json::from_str::<JobSpec>(&job.spec).is_ok_and(|s| s.task == Task::TextToImage)
+}
+
+/// The adapter format a download asks for: `zip`, `safetensors`, or `kohya`, which only
+/// text-to-image jobs have and which is their default (the file SD UIs load).
+fn adapter_format<'a>(asked: Option<&'a str>, job: &JobRecord) -> ApiResult<&'a str> {
+    let image = is_text_to_image(job);
+    let format = asked.unwrap_or(if image { "kohya" } else { "zip" });
+    if !["zip", "safetensors", "kohya"].contains(&format) {
+        return Err(
+            ApiError::bad_request("format must be zip, safetensors or kohya").param("format"),
+        );
+    }
+    if format == "kohya" && !image {
+        return Err(ApiError::bad_request(format!(
+            "Job {} is not a text-to-image job, so it has no kohya file; use zip or safetensors.",
+            job.id
+        ))
+        .param("format"));
+    }
+    Ok(format)
+}
+
 /// A file name from a fine-tuned model name (`ft:model:suffix:id`), for the UIs' LoRA
 /// folders, which list a LoRA by its file stem.
 fn kohya_file_stem(name: &str) -> String {
@@ -1119,26 +1144,7 @@ pub async fn adapter(
         .code("adapter_not_ready"));
     }
     let result = parse_json(&job.result);
-    // A text-to-image adapter defaults to kohya's file, the one SD UIs load.
-    let has_kohya = result
-        .get("adapter_sha256")
-        .and_then(|v| v.get("kohya"))
-        .is_some();
-    let format = q
-        .format
-        .as_deref()
-        .unwrap_or(if has_kohya { "kohya" } else { "zip" });
-    if !["zip", "safetensors", "kohya"].contains(&format) {
-        return Err(
-            ApiError::bad_request("format must be zip, safetensors or kohya").param("format"),
-        );
-    }
-    if format == "kohya" && !has_kohya {
-        return Err(ApiError::bad_request(format!(
-            "Job {id} trained no text-to-image adapter, so it has no kohya file; use zip or safetensors."
-        ))
-        .param("format"));
-    }
+    let format = adapter_format(q.format.as_deref(), &job)?;
     let etag = result
         .get("adapter_sha256")
         .and_then(|v| v.get(format))
@@ -1262,25 +1268,8 @@ pub async fn checkpoint_adapter(
     ApiQuery(q): ApiQuery<AdapterParams>,
 ) -> ApiResult<Response> {
     let job = get_job(&state, &who, &p.fine_tuning_job_id).await?;
-    // Text-to-image checkpoints default to kohya's file, as the job's adapter does.
-    let image =
-        serde_json::from_str::<JobSpec>(&job.spec).is_ok_and(|s| s.task == Task::TextToImage);
-    let format = q
-        .format
-        .as_deref()
-        .unwrap_or(if image { "kohya" } else { "zip" });
-    if !["zip", "safetensors", "kohya"].contains(&format) {
-        return Err(
-            ApiError::bad_request("format must be zip, safetensors or kohya").param("format"),
-        );
-    }
-    if format == "kohya" && !image {
-        return Err(ApiError::bad_request(format!(
-            "Job {} is not a text-to-image job, so its checkpoints have no kohya file; use zip or safetensors.",
-            job.id
-        ))
-        .param("format"));
-    }
+    let image = is_text_to_image(&job);
+    let format = adapter_format(q.format.as_deref(), &job)?;
     let ckpt = state
         .store
         .list_checkpoints(&p.fine_tuning_job_id)

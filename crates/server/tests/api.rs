@@ -449,13 +449,7 @@ async fn eight_concurrent_uploads_never_see_sqlite_busy() {
         }
         let (_, list) = get_json(&s, "/v1/files").await;
         assert_eq!(list["data"].as_array().unwrap().len(), 8);
-        let logs = s.logs().to_lowercase();
-        for needle in ["sqlite_busy", "database is locked", "request failed"] {
-            assert!(
-                !logs.contains(needle),
-                "{needle} in the server log:\n{logs}"
-            );
-        }
+        common::assert_no_lock_errors(&s);
     }
 }
 

@@ -3,18 +3,9 @@
 
 mod common;
 
-use common::{backends, chat_jsonl, copy_dir, files_under, root, Backend, TestServer};
+use common::{backends, chat_jsonl, copy_dir, files_under, post_json, root, Backend, TestServer};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-async fn post_json(s: &TestServer, path: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
-    let mut r = reqwest::Client::new().post(s.url(path)).json(body);
-    if let Some(k) = key {
-        r = r.bearer_auth(k);
-    }
-    let r = r.send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
 
 async fn upload(s: &TestServer, key: &str, body: String) -> (u16, Value) {
     let r = reqwest::Client::new()

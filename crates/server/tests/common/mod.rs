@@ -477,15 +477,35 @@ pub async fn upload_as(
     (status, r.json().await.unwrap())
 }
 
+/// POSTs a JSON body (with a bearer key when given): status and JSON.
+pub async fn post_json(
+    s: &TestServer,
+    path: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let mut r = reqwest::Client::new().post(s.url(path)).json(body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 /// `POST /v1/fine_tuning/jobs`: status and JSON.
 pub async fn create_job(s: &TestServer, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/fine_tuning/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    post_json(s, "/v1/fine_tuning/jobs", None, &body).await
+}
+
+/// Fails if the server logged SQLite lock contention or a failed request.
+pub fn assert_no_lock_errors(s: &TestServer) {
+    let logs = s.logs().to_lowercase();
+    for needle in ["sqlite_busy", "database is locked", "request failed"] {
+        assert!(
+            !logs.contains(needle),
+            "{needle} in the server log:\n{logs}"
+        );
+    }
 }
 
 /// Uploads `tests/data/chat-small.jsonl` (raw body) and returns the processed file's id.

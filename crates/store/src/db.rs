@@ -246,16 +246,25 @@ impl Store {
     /// The file `id` if `owner` owns it (`None`: whoever does). Another owner's file
     /// reads as absent, exactly like one that does not exist.
     pub async fn get_file_of(&self, id: &str, owner: Option<&str>) -> Result<Option<FileRecord>> {
+        self.row_of(concat!("SELECT ", file_cols!(), " FROM files"), id, owner)
+            .await
+    }
+
+    /// The row of `select` (`SELECT … FROM <table>`) with this `id`, if `owner` owns it
+    /// (`None`: whoever does): the one owner filter every by-id read goes through.
+    async fn row_of<T>(&self, select: &str, id: &str, owner: Option<&str>) -> Result<Option<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
         let sql = match owner {
-            None => concat!("SELECT ", file_cols!(), " FROM files WHERE id = $1"),
-            Some(_) => concat!(
-                "SELECT ",
-                file_cols!(),
-                " FROM files WHERE id = $1 AND api_key_id = $2"
-            ),
+            None => format!("{select} WHERE id = $1"),
+            Some(_) => format!("{select} WHERE id = $1 AND api_key_id = $2"),
         };
         Ok(on_pool!(self, p => {
-            let mut q = sqlx::query_as(sql).bind(id);
+            let mut q = sqlx::query_as(&sql).bind(id);
             if let Some(o) = owner {
                 q = q.bind(o);
             }
@@ -301,25 +310,11 @@ impl Store {
     /// The `seq` of the row a pagination cursor names: `after` must be an existing id (the
     /// last item of the previous page) of `owner`'s (when given), else [`Error::Invalid`].
     async fn cursor_seq(&self, table: Table, after: &str, owner: Option<&str>) -> Result<i64> {
-        let (sql, noun) = match (table, owner) {
-            (Table::Files, None) => ("SELECT seq FROM files WHERE id = $1", "file"),
-            (Table::Files, Some(_)) => (
-                "SELECT seq FROM files WHERE id = $1 AND api_key_id = $2",
-                "file",
-            ),
-            (Table::Jobs, None) => ("SELECT seq FROM jobs WHERE id = $1", "job"),
-            (Table::Jobs, Some(_)) => (
-                "SELECT seq FROM jobs WHERE id = $1 AND api_key_id = $2",
-                "job",
-            ),
+        let (select, noun) = match table {
+            Table::Files => ("SELECT seq FROM files", "file"),
+            Table::Jobs => ("SELECT seq FROM jobs", "job"),
         };
-        let seq: Option<(i64,)> = on_pool!(self, p => {
-            let mut q = sqlx::query_as(sql).bind(after);
-            if let Some(o) = owner {
-                q = q.bind(o);
-            }
-            q.fetch_optional(p).await?
-        });
+        let seq: Option<(i64,)> = self.row_of(select, after, owner).await?;
         seq.map(|(s,)| s)
             .ok_or_else(|| Error::Invalid(format!("no {noun} with id {after:?}")))
     }
@@ -468,21 +463,8 @@ impl Store {
     /// The job `id` if `owner` owns it (`None`: whoever does). Another owner's job
     /// reads as absent, exactly like one that does not exist.
     pub async fn get_job_of(&self, id: &str, owner: Option<&str>) -> Result<Option<JobRecord>> {
-        let sql = match owner {
-            None => concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1"),
-            Some(_) => concat!(
-                "SELECT ",
-                job_cols!(),
-                " FROM jobs WHERE id = $1 AND api_key_id = $2"
-            ),
-        };
-        Ok(on_pool!(self, p => {
-            let mut q = sqlx::query_as(sql).bind(id);
-            if let Some(o) = owner {
-                q = q.bind(o);
-            }
-            q.fetch_optional(p).await?
-        }))
+        self.row_of(concat!("SELECT ", job_cols!(), " FROM jobs"), id, owner)
+            .await
     }
 
     /// Sets a job's status unconditionally (operator tooling and tests; workers use

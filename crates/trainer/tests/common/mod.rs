@@ -11,10 +11,9 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// max |a - b|, computed in f64.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    (f(a) - f(b))
+/// max |t|, computed in f64.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
         .unwrap()
         .abs()
         .unwrap()
@@ -24,16 +23,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// max |a - b|, computed in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    max_abs(&(f(a) - f(b)).unwrap())
+}
+
 /// max |ours - reference| / max |reference|.
 pub fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
-    let s = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    max_abs_diff(ours, reference) / s.max(1e-12)
+    max_abs_diff(ours, reference) / max_abs(reference).max(1e-12)
 }

@@ -92,7 +92,7 @@ pub struct TextToImage {
 pub const KOHYA_FILE: &str = "kohya.safetensors";
 
 /// The VAE's spatial downsampling: 2 per down block after the first.
-pub fn vae_factor(model_dir: &Path) -> Result<usize> {
+fn vae_factor(model_dir: &Path) -> Result<usize> {
     let p = model_dir.join("vae/config.json");
     let v: serde_json::Value = crate::read_json(&p)?;
     let blocks = v
@@ -253,10 +253,6 @@ impl TextToImage {
             ..KohyaMeta::default()
         };
         Ok(obj)
-    }
-
-    pub fn unet(&self) -> &UNet {
-        &self.unet
     }
 }
 

@@ -3,7 +3,8 @@
 use crate::config::DecoderConfig;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
-    cross_entropy_rows, frozen_linear, masked_softmax, rms_norm, rope, swiglu, AttnMask,
+    causal_attention, cross_entropy_rows, frozen_linear, masked_softmax, projected_nll, rms_norm,
+    rope, swiglu, AttnMask, Heads, RopeTables,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -186,10 +187,23 @@ impl Decoder {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
+        // Without a cache (training, evaluation) attention is one fused op on CPU in f32.
+        let fused = cache.is_none()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && 2 * cos.dim(1)? == self.cfg.head_dim;
+        let tables = if fused {
+            Some(RopeTables::new(&cos, &sin)?)
+        } else {
+            None
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let a = self.attention(layer, &h, b, t, &mask, &cos, &sin, slot, ctx)?;
+            let a = match &tables {
+                Some(r) => self.fused_attention(layer, &h, b, t, &mask, r, ctx)?,
+                None => self.attention(layer, &h, b, t, &mask, &cos, &sin, slot, ctx)?,
+            };
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
             let g = layer.gate.forward(&h, ctx)?;
@@ -197,6 +211,35 @@ impl Decoder {
             x = (x + layer.down.forward(&swiglu(&g, &u)?, ctx)?)?;
         }
         Ok(x.reshape((b, t, d))?)
+    }
+
+    /// Attention through [`causal_attention`], which keeps only the projections' outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention(
+        &self,
+        l: &Layer,
+        h: &Tensor,
+        b: usize,
+        t: usize,
+        mask: &AttnMask,
+        rope: &RopeTables,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let heads = Heads {
+            b,
+            t,
+            q: self.cfg.num_attention_heads,
+            kv: self.cfg.num_key_value_heads,
+            dim: self.cfg.head_dim,
+        };
+        let scale = 1.0 / (heads.dim as f64).sqrt();
+        let (q, k, v) = (
+            l.q.forward(h, ctx)?,
+            l.k.forward(h, ctx)?,
+            l.v.forward(h, ctx)?,
+        );
+        let out = causal_attention(&q, &k, &v, heads, scale, rope, mask)?;
+        l.o.forward(&out, ctx)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -264,6 +307,23 @@ impl Decoder {
             Some(l) => l.forward(&h, &ForwardCtx::eval()),
             None => Ok(frozen_linear(&h, &self.embed)?),
         }
+    }
+
+    /// Training's per-row NLL of `(n, d)` hidden rows against `targets`, through
+    /// [`projected_nll`] (no `(n, vocab)` logits kept) when the output matrix is frozen and
+    /// the rows are f32 on the CPU; `None` otherwise.
+    fn head_nll(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<Option<Tensor>> {
+        let w = match &self.lm_head {
+            None => &self.embed,
+            Some(l) if l.lora.is_none() && l.bias.is_none() => &l.weight,
+            Some(_) => return Ok(None),
+        };
+        let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
+        if !cpu_f32(hidden_rows) || !cpu_f32(w) {
+            return Ok(None);
+        }
+        let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(Some(projected_nll(&h, w, targets, true)?))
     }
 
     /// Full logits `(b, t, vocab)`.
@@ -368,9 +428,13 @@ pub fn causal_lm_loss(
     let h = h.reshape((b * t, model.cfg.hidden_size))?;
     // Only rows that are scored go through the vocabulary projection.
     let idx = Tensor::from_vec(rows, n, model.device())?;
-    let logits = model
-        .head(&h.index_select(&idx, 0)?)?
-        .to_dtype(DType::F32)?;
+    let h = h.index_select(&idx, 0)?;
+    if ctx.train {
+        if let Some(nll) = model.head_nll(&h, &targets)? {
+            return Ok((nll.sum_all()?, n, None));
+        }
+    }
+    let logits = model.head(&h)?.to_dtype(DType::F32)?;
     let nll = cross_entropy_rows(&logits, &targets)?.sum_all()?;
     let correct = if ctx.train {
         None

@@ -15,6 +15,11 @@ use candle_core::{
 };
 use std::sync::Arc;
 
+mod attention;
+mod head_loss;
+pub use attention::{causal_attention, Heads, RopeTables};
+pub use head_loss::projected_nll;
+
 /// `x · Wᵀ (+ bias)` for a frozen `(out, in)` weight, computed inside the op so that the
 /// graph keeps one output buffer and no copy of it, and on the way back only `dX = g · W`
 /// (candle would otherwise compute, and keep, a weight gradient nobody reads).
@@ -880,7 +885,7 @@ mod tests {
     }
 
     /// Seeded values in [-1, 1): test inputs must not change between runs.
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-1f32..1.0)).collect()
@@ -889,7 +894,7 @@ mod tests {
     /// Checks autograd's gradient of `L = Σ f(x)·r` against central differences (the loss
     /// summed in f64 on the host, so only the op's own f32 rounding is in the noise).
     /// Returns the worst error relative to the largest gradient entry.
-    fn fd_error(
+    pub(super) fn fd_error(
         f: &dyn Fn(&Tensor) -> Result<Tensor>,
         x: Vec<f32>,
         shape: &[usize],
@@ -925,7 +930,7 @@ mod tests {
     }
 
     /// Worst relative difference of outputs and input gradients between two formulations.
-    fn agree(
+    pub(super) fn agree(
         a: &dyn Fn(&Tensor) -> Result<Tensor>,
         b: &dyn Fn(&Tensor) -> Result<Tensor>,
         x: Vec<f32>,

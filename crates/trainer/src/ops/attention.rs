@@ -8,7 +8,7 @@
 //! projections' outputs, which exist anyway) and recomputes `Q·Kᵀ` on the way back, as
 //! flash attention does: one more `t × t × d` product per head, a few per cent of a layer.
 
-use super::{par_rows, rows_of, AttnMask};
+use super::{exp_shifted, par_rows, rows_of, AttnMask};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
@@ -224,7 +224,7 @@ impl CausalAttention {
                 let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for v in s.iter_mut() {
-                    *v = (*v - max).exp();
+                    *v = exp_shifted(*v - max);
                     sum += *v;
                 }
                 let inv = 1.0 / sum;

@@ -693,7 +693,7 @@ impl CustomOp1 for Softmax {
                 let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for v in o.iter_mut() {
-                    *v = (*v - max).exp();
+                    *v = exp_shifted(*v - max);
                     sum += *v;
                 }
                 let inv = 1.0 / sum;
@@ -745,6 +745,17 @@ impl CustomOp2 for SoftmaxBwd {
 
 struct CrossEntropy {
     targets: Arc<Vec<u32>>,
+}
+
+/// `exp(d)` for `d = x − max ≤ 0`. glibc's `expf` takes a slow, errno-setting path for
+/// results that underflow, and every masked attention score (−1e30) does; below −104 the
+/// result is +0 either way, so the branch changes no value.
+fn exp_shifted(d: f32) -> f32 {
+    if d < -104.0 {
+        0.0
+    } else {
+        d.exp()
+    }
 }
 
 /// `(max, ln Σ exp(x − max))` of one row.

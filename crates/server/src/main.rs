@@ -83,14 +83,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Sizes candle's CPU pools before any tensor work: by default one core fewer than the
 /// machine has, so the HTTP side stays responsive while a job trains.
+/// `RAYON_NUM_THREADS`, when set and no flag says otherwise, is kept.
 fn set_train_threads(threads: Option<usize>) {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() && threads.is_none() {
-        return;
-    }
+    let from_env = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let n = threads.unwrap_or(cores.saturating_sub(1)).max(1);
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    let n = threads
+        .or(from_env)
+        .unwrap_or(cores.saturating_sub(1))
+        .max(1);
+    loraforge_trainer::device::set_cpu_threads(n);
 }

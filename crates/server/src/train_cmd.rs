@@ -29,9 +29,7 @@ impl DeviceArgs {
             if n == 0 {
                 bail!("--threads must be at least 1");
             }
-            // candle's CPU kernels size their pools from these; set before any tensor work.
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+            loraforge_trainer::device::set_cpu_threads(n);
         }
         Ok(loraforge_trainer::device::parse(&self.device)?)
     }

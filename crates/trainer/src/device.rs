@@ -31,6 +31,28 @@ pub fn parse(s: &str) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("device \"{s}\": {e}")))
 }
 
+/// How long candle's element-wise workers spin for the next op before they sleep: its
+/// default, 25,000 rounds, keeps a core busy after every element-wise op, and on a machine
+/// whose every core runs a matmul thread that spinning is taken from the matmuls
+/// (+5-8% tokens/s on SmolLM2 with 2 cores when shortened; BENCHMARKS.md).
+const ELEMENTWISE_SPIN: u32 = 200;
+
+/// Sizes candle's CPU thread pools (rayon's, for matmuls, and candle's own, for
+/// element-wise ops) to `threads`, and shortens the element-wise workers' spinning unless
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise. The pools read these once, when first
+/// used: call this before any tensor work.
+pub fn set_cpu_threads(threads: usize) {
+    let n = threads.max(1).to_string();
+    std::env::set_var("RAYON_NUM_THREADS", &n);
+    std::env::set_var("CANDLE_NUM_THREADS", &n);
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var(
+            "CANDLE_BARRIER_POOL_SPIN_LIMIT",
+            ELEMENTWISE_SPIN.to_string(),
+        );
+    }
+}
+
 /// Keeps freed activation buffers in the process for reuse.
 ///
 /// A training step allocates and frees hundreds of multi-megabyte tensors. glibc serves

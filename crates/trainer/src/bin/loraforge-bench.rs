@@ -13,6 +13,13 @@
 //!
 //!   loraforge-bench sd --unet DIR [--res 256] [--steps 3] [--threads 2] [--seed 0]
 //!       [--max-rss-mib 18432]
+//!
+//! Matrix products (`gemm`): candle's f32 matmul `x · Wᵀ` and `g · W` at the shapes of a
+//! decoder step, GFLOP/s per shape as JSON lines. `scripts/bench-gemm.sh` runs it beside
+//! `torch.matmul` at the same shapes.
+//!
+//!   loraforge-bench gemm [--rows 1024] [--shapes 576x576,576x192,576x1536,1536x576,576x49152]
+//!       [--reps 10] [--threads 2]
 
 use candle_core::{Device, Tensor};
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, Targets};
@@ -51,8 +58,11 @@ fn opt_num(opt: &Opts, k: &str, d: &str) -> Result<f64, String> {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).peekable();
-    let sd = args.peek().map(String::as_str) == Some("sd");
-    if sd {
+    let sub = match args.peek().map(String::as_str) {
+        Some(s @ ("sd" | "gemm")) => Some(s.to_string()),
+        _ => None,
+    };
+    if sub.is_some() {
         args.next();
     }
     let mut opt = Opts::new();
@@ -60,16 +70,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let v = args.next().ok_or(format!("{k} needs a value"))?;
         opt.insert(k.trim_start_matches("--").to_string(), v);
     }
-    if sd {
-        return run_sd(&opt);
+    match sub.as_deref() {
+        Some("sd") => return run_sd(&opt),
+        Some("gemm") => return run_gemm(&opt),
+        _ => {}
     }
     let get = |k: &str| opt_str(&opt, k);
     let num = |k: &str, d: &str| opt_num(&opt, k, d);
     // Before any candle op: both of candle's thread pools read this once.
-    std::env::set_var(
-        "RAYON_NUM_THREADS",
-        format!("{}", num("threads", "2")? as usize),
-    );
+    loraforge_trainer::device::set_cpu_threads(num("threads", "2")? as usize);
     let mut spec = TrainSpec::new(
         PathBuf::from(get("model")?),
         PathBuf::from(get("data")?),
@@ -126,7 +135,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
     let threads = opt_num(opt, "threads", "2")? as usize;
     // Before any candle op: both of candle's thread pools read this once.
-    std::env::set_var("RAYON_NUM_THREADS", format!("{threads}"));
+    loraforge_trainer::device::set_cpu_threads(threads);
     loraforge_trainer::device::tune_allocator_for_training();
     let dir = PathBuf::from(opt_str(opt, "unet")?);
     let res = opt_num(opt, "res", "256")? as usize;
@@ -216,6 +225,49 @@ fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// A tensor of draws from N(0, 1) (Box-Muller on the seeded generator).
+/// Times `x · Wᵀ` (forward) and `g · W` (the input gradient) for `(rows, in)` inputs and
+/// `(out, in)` weights: the median of `reps` after one warm-up, as GFLOP/s.
+fn run_gemm(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
+    let threads = opt_num(opt, "threads", "2")? as usize;
+    loraforge_trainer::device::set_cpu_threads(threads);
+    let rows = opt_num(opt, "rows", "1024")? as usize;
+    let reps = (opt_num(opt, "reps", "10")? as usize).max(1);
+    let shapes = opt
+        .get("shapes")
+        .cloned()
+        .unwrap_or("576x576,576x192,576x1536,1536x576,576x49152".into());
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for shape in shapes.split(',') {
+        let (i, o) = shape
+            .split_once('x')
+            .and_then(|(i, o)| Some((i.parse::<usize>().ok()?, o.parse::<usize>().ok()?)))
+            .ok_or(format!("--shapes: {shape:?} is not INxOUT"))?;
+        let x = randn(&mut rng, (rows, i), &dev)?;
+        let g = randn(&mut rng, (rows, o), &dev)?;
+        let w = randn(&mut rng, (o, i), &dev)?;
+        let wt = w.t()?;
+        let flops = 2.0 * (rows * i * o) as f64;
+        for (name, a, b) in [("x.Wt", &x, &wt), ("g.W", &g, &w)] {
+            a.matmul(b)?;
+            let mut secs: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    a.matmul(b).map(|_| t.elapsed().as_secs_f64())
+                })
+                .collect::<candle_core::Result<_>>()?;
+            secs.sort_by(f64::total_cmp);
+            let med = secs[secs.len() / 2];
+            println!(
+                "{}",
+                serde_json::json!({"engine": "candle", "op": name, "rows": rows, "in": i,
+                    "out": o, "seconds": med, "gflops": flops / med / 1e9})
+            );
+        }
+    }
+    Ok(())
+}
+
 fn randn(
     rng: &mut ChaCha8Rng,
     shape: impl Into<candle_core::Shape>,

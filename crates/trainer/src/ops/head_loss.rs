@@ -12,6 +12,7 @@
 use super::{matmul_wt, rows_of};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// Rows of logits alive at once: 128 × 49,152 × 4 bytes = 25 MB for SmolLM2, and still
@@ -120,7 +121,7 @@ impl CustomOp1 for ProjectedNll {
 }
 
 /// `f(row, row_values, row_output)` over the rows of `x` (each `len` long) and one output
-/// value per row, on candle's thread count.
+/// value per row, on candle's thread count (rayon's pool, as `par_rows`).
 fn rows_in_parallel(
     x: &mut [f32],
     len: usize,
@@ -130,16 +131,14 @@ fn rows_in_parallel(
     let rows = out.len();
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
     let per = rows.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for (ci, (xc, oc)) in x.chunks_mut(per * len).zip(out.chunks_mut(per)).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (j, (xr, o)) in xc.chunks_mut(len).zip(oc.iter_mut()).enumerate() {
-                    f(ci * per + j, xr, o);
-                }
-            });
-        }
-    });
+    x.par_chunks_mut(per * len)
+        .zip(out.par_chunks_mut(per))
+        .enumerate()
+        .for_each(|(ci, (xc, oc))| {
+            for (j, (xr, o)) in xc.chunks_mut(len).zip(oc.iter_mut()).enumerate() {
+                f(ci * per + j, xr, o);
+            }
+        });
 }
 
 #[cfg(test)]

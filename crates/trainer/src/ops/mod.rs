@@ -13,6 +13,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
     Tensor, D,
 };
+use rayon::prelude::*;
 use std::sync::Arc;
 
 mod attention;
@@ -471,7 +472,11 @@ fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs `f(first_row, rows)` over blocks of whole rows of `out` on candle's thread count.
-/// Small jobs stay on the calling thread: spawning costs more than they do.
+/// Small jobs stay on the calling thread: handing them out costs more than they do.
+///
+/// The blocks run on rayon's pool, the one gemm runs candle's matmuls on: threads of our
+/// own would be extra runnable threads beside rayon's idle-spinning ones, and on a
+/// machine whose cores all train, the scheduler would preempt one for the other.
 fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().min(rows).max(1);
@@ -480,12 +485,9 @@ fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Syn
         return;
     }
     let per = rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            s.spawn(move || f(i * per, chunk));
-        }
-    });
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * per, chunk));
 }
 
 struct RmsNorm {
@@ -777,18 +779,13 @@ impl CustomOp1 for CrossEntropy {
         // One value per row: parallelise over rows by hand, `par_rows` wants long rows.
         let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
         let per = n.div_ceil(threads).max(1);
-        std::thread::scope(|sc| {
-            for (ci, chunk) in out.chunks_mut(per).enumerate() {
-                let targets = &self.targets;
-                sc.spawn(move || {
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        let row = ci * per + j;
-                        let xr = &x[row * v..][..v];
-                        let (max, lse) = log_sum_exp(xr);
-                        // As log_softmax does it: -((x_t − max) − ln Σ).
-                        *o = -((xr[targets[row] as usize] - max) - lse);
-                    }
-                });
+        out.par_chunks_mut(per).enumerate().for_each(|(ci, chunk)| {
+            for (j, o) in chunk.iter_mut().enumerate() {
+                let row = ci * per + j;
+                let xr = &x[row * v..][..v];
+                let (max, lse) = log_sum_exp(xr);
+                // As log_softmax does it: -((x_t − max) − ln Σ).
+                *o = -((xr[self.targets[row] as usize] - max) - lse);
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(n)))

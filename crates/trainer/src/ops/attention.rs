@@ -8,7 +8,7 @@
 //! projections' outputs, which exist anyway) and recomputes `Q·Kᵀ` on the way back, as
 //! flash attention does: one more `t × t × d` product per head, a few per cent of a layer.
 
-use super::{exp_shifted, par_rows, rows_of, AttnMask};
+use super::{par_rows, rows_of, softmax_in_place, AttnMask};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
@@ -221,14 +221,7 @@ impl CausalAttention {
                 for (s, &mv) in s.iter_mut().zip(m) {
                     *s = *s * self.scale + mv;
                 }
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for v in s.iter_mut() {
-                    *v = exp_shifted(*v - max);
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                s.iter_mut().for_each(|v| *v *= inv);
+                softmax_in_place(s);
             }
         });
         Ok(Forward {

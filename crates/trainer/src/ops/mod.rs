@@ -692,14 +692,7 @@ impl CustomOp1 for Softmax {
                     None if self.scale == 1.0 => o.copy_from_slice(xr),
                     None => o.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * self.scale),
                 }
-                let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for v in o.iter_mut() {
-                    *v = exp_shifted(*v - max);
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|v| *v *= inv);
+                softmax_in_place(o);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -758,6 +751,18 @@ fn exp_shifted(d: f32) -> f32 {
     } else {
         d.exp()
     }
+}
+
+/// A row of (scaled, masked) scores into its max-subtracted softmax.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = exp_shifted(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// `(max, ln Σ exp(x − max))` of one row.

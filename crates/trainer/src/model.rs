@@ -3,8 +3,8 @@
 use crate::config::DecoderConfig;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
-    causal_attention, cross_entropy_rows, frozen_linear, masked_softmax, projected_nll, rms_norm,
-    rope, swiglu, AttnMask, Heads, RopeTables,
+    cross_entropy_rows, frozen_linear, masked_softmax, multi_head_attention, projected_nll,
+    rms_norm, rope, swiglu, AttnMask, Heads, RopeTables,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -213,7 +213,7 @@ impl Decoder {
         Ok(x.reshape((b, t, d))?)
     }
 
-    /// Attention through [`causal_attention`], which keeps only the projections' outputs.
+    /// Attention through [`multi_head_attention`], which keeps only the projections' outputs.
     #[allow(clippy::too_many_arguments)]
     fn fused_attention(
         &self,
@@ -228,6 +228,7 @@ impl Decoder {
         let heads = Heads {
             b,
             t,
+            tk: t,
             q: self.cfg.num_attention_heads,
             kv: self.cfg.num_key_value_heads,
             dim: self.cfg.head_dim,
@@ -238,7 +239,7 @@ impl Decoder {
             l.k.forward(h, ctx)?,
             l.v.forward(h, ctx)?,
         );
-        let out = causal_attention(&q, &k, &v, heads, scale, rope, mask)?;
+        let out = multi_head_attention(&q, &k, &v, heads, scale, Some(rope), Some(mask))?;
         l.o.forward(&out, ctx)
     }
 

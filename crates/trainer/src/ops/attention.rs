@@ -1,5 +1,7 @@
-//! Causal self-attention as one op: rotary embedding, grouped-query heads, the scaled and
-//! masked softmax and both products, with a backward that recomputes the probabilities.
+//! Attention as one op: rotary embedding, grouped-query heads, the scaled and masked
+//! softmax and both products, with a backward that recomputes the probabilities. The
+//! decoders use it causal and rotated; the Stable Diffusion UNet plain, for its self- and
+//! cross-attention (queries and keys of different lengths).
 //!
 //! Composed from candle ops, training keeps every layer's head-split and rotated copies of
 //! q, k and v, the repeated keys and values, and the `(b, h, t, t)` scores and
@@ -60,65 +62,66 @@ impl RopeTables {
     }
 }
 
-/// The attention's geometry: batch, positions, query heads, key/value heads, head size.
+/// The attention's geometry: batch, query positions `t`, key positions `tk`, query heads,
+/// key/value heads, head size.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
     pub b: usize,
     pub t: usize,
+    pub tk: usize,
     pub q: usize,
     pub kv: usize,
     pub dim: usize,
 }
 
-/// `softmax(rope(q)·rope(k)ᵀ · scale + mask) · v` for `(b·t, heads·dim)` projections, as
-/// one op. Query head `h` reads key/value head `h / (q / kv)`, as transformers'
-/// `repeat_kv` arranges it. The result is `(b·t, q·dim)`, ready for `o_proj`.
-pub fn causal_attention(
+/// `softmax(rope(q)·rope(k)ᵀ · scale + mask) · v` for `(b·t, heads·dim)` queries and
+/// `(b·tk, heads·dim)` keys and values, as one op; the rotation and the mask (`(b, t, tk)`
+/// rows shared by all heads) are optional, and the rotation needs `tk == t`. Query head `h`
+/// reads key/value head `h / (q / kv)`, as transformers' `repeat_kv` arranges it. The
+/// result is `(b·t, q·dim)`, ready for the output projection.
+pub fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: Heads,
     scale: f64,
-    rope: &RopeTables,
-    mask: &AttnMask,
+    rope: Option<&RopeTables>,
+    mask: Option<&AttnMask>,
 ) -> Result<Tensor> {
-    let Heads { b, t, dim, .. } = heads;
-    let n = b * t;
+    let Heads { b, t, tk, dim, .. } = heads;
     let ok = heads.kv > 0
         && heads.q.is_multiple_of(heads.kv)
-        && dim == 2 * rope.half
-        && rope.t == t
-        && mask.t == t
-        && mask.rows.len() == b * t * t
-        && q.dims() == [n, heads.q * dim]
-        && k.dims() == [n, heads.kv * dim]
-        && v.dims() == [n, heads.kv * dim];
+        && rope.is_none_or(|r| dim == 2 * r.half && r.t == t && tk == t)
+        && mask.is_none_or(|m| m.t == t && m.rows.len() == b * t * tk)
+        && q.dims() == [b * t, heads.q * dim]
+        && k.dims() == [b * tk, heads.kv * dim]
+        && v.dims() == [b * tk, heads.kv * dim];
     if !ok {
         candle_core::bail!(
-            "causal attention: {heads:?} with q {:?}, k {:?}, v {:?}, rope over {} positions",
+            "attention: {heads:?} with q {:?}, k {:?}, v {:?}, rope over {:?} positions",
             q.dims(),
             k.dims(),
             v.dims(),
-            rope.t
+            rope.map(|r| r.t)
         );
     }
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
-        CausalAttention {
+        Attention {
             heads,
             scale: scale as f32,
-            rope: rope.clone(),
-            mask: mask.clone(),
+            rope: rope.cloned(),
+            mask: mask.cloned(),
         },
     )
 }
 
-struct CausalAttention {
+struct Attention {
     heads: Heads,
     scale: f32,
-    rope: RopeTables,
-    mask: AttnMask,
+    rope: Option<RopeTables>,
+    mask: Option<AttnMask>,
 }
 
 /// Row `(bi, head, i)` of a `(b, heads, t, dim)` buffer, from row `bi·t + i` of a
@@ -129,16 +132,16 @@ fn source_row(row: usize, heads: usize, t: usize) -> (usize, usize) {
     (bi * t + i, h)
 }
 
-/// `(b·t, n·dim)` projection rows into `(b, n, t, dim)` head rows, rotated when asked.
-fn split_heads(x: &[f32], g: Heads, n: usize, rope: Option<&RopeTables>) -> Vec<f32> {
+/// `(b·len, n·dim)` projection rows into `(b, n, len, dim)` head rows, rotated when asked.
+fn split_heads(x: &[f32], g: Heads, n: usize, len: usize, rope: Option<&RopeTables>) -> Vec<f32> {
     let d = g.dim;
     let mut out = vec![0f32; x.len()];
     par_rows(&mut out, d, |first, chunk| {
         for (j, o) in chunk.chunks_mut(d).enumerate() {
-            let (src, h) = source_row(first + j, n, g.t);
+            let (src, h) = source_row(first + j, n, len);
             let xr = &x[src * n * d + h * d..][..d];
             match rope {
-                Some(r) => r.rotate(src % g.t, 1.0, xr, o),
+                Some(r) => r.rotate(src % len, 1.0, xr, o),
                 None => o.copy_from_slice(xr),
             }
         }
@@ -146,17 +149,17 @@ fn split_heads(x: &[f32], g: Heads, n: usize, rope: Option<&RopeTables>) -> Vec<
     out
 }
 
-/// The inverse of [`split_heads`]: `(b, n, t, dim)` back to `(b·t, n·dim)` rows, rotated
-/// back (the rotation's backward) when asked.
-fn merge_heads(x: &[f32], g: Heads, n: usize, unrope: Option<&RopeTables>) -> Vec<f32> {
+/// The inverse of [`split_heads`]: `(b, n, len, dim)` back to `(b·len, n·dim)` rows,
+/// rotated back (the rotation's backward) when asked.
+fn merge_heads(x: &[f32], g: Heads, n: usize, len: usize, unrope: Option<&RopeTables>) -> Vec<f32> {
     let d = g.dim;
     let mut out = vec![0f32; x.len()];
     par_rows(&mut out, n * d, |first, chunk| {
         for (j, o) in chunk.chunks_mut(n * d).enumerate() {
             let row = first + j;
-            let (bi, i) = (row / g.t, row % g.t);
+            let (bi, i) = (row / len, row % len);
             for (h, oh) in o.chunks_mut(d).enumerate() {
-                let xr = &x[((bi * n + h) * g.t + i) * d..][..d];
+                let xr = &x[((bi * n + h) * len + i) * d..][..d];
                 match unrope {
                     Some(r) => r.rotate(i, -1.0, xr, oh),
                     None => oh.copy_from_slice(xr),
@@ -201,25 +204,30 @@ struct Forward {
     p: CpuStorage,
 }
 
-impl CausalAttention {
+impl Attention {
     fn probabilities(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Forward> {
         let g = self.heads;
-        let (t, rep) = (g.t, g.q / g.kv);
-        let q = CpuStorage::F32(split_heads(q, g, g.q, Some(&self.rope)));
-        let k = CpuStorage::F32(split_heads(k, g, g.kv, Some(&self.rope)));
-        let v = CpuStorage::F32(split_heads(v, g, g.kv, None));
+        let (t, tk, rep) = (g.t, g.tk, g.q / g.kv);
+        let rope = self.rope.as_ref();
+        let q = CpuStorage::F32(split_heads(q, g, g.q, t, rope));
+        let k = CpuStorage::F32(split_heads(k, g, g.kv, tk, rope));
+        let v = CpuStorage::F32(split_heads(v, g, g.kv, tk, None));
         // The `rep` query heads that share a key head are adjacent in `(b, q, t, dim)`, so
-        // `(b·kv, rep·t, dim) · (b·kv, t, dim)ᵀ` scores them all without repeating keys.
-        let mut p = bmm(&q, false, &k, true, (g.b * g.kv, rep * t, t, g.dim))?;
-        let rows = &self.mask.rows;
-        par_rows(&mut p, t, |first, chunk| {
-            for (j, s) in chunk.chunks_mut(t).enumerate() {
+        // `(b·kv, rep·t, dim) · (b·kv, tk, dim)ᵀ` scores them all without repeating keys.
+        let mut p = bmm(&q, false, &k, true, (g.b * g.kv, rep * t, tk, g.dim))?;
+        par_rows(&mut p, tk, |first, chunk| {
+            for (j, s) in chunk.chunks_mut(tk).enumerate() {
                 let row = first + j;
                 let (bi, i) = (row / (g.q * t), row % t);
-                let m = &rows[(bi * t + i) * t..][..t];
                 // The same arithmetic as the unfused path's masked softmax.
-                for (s, &mv) in s.iter_mut().zip(m) {
-                    *s = *s * self.scale + mv;
+                match &self.mask {
+                    Some(m) => {
+                        let m = &m.rows[(bi * t + i) * tk..][..tk];
+                        for (s, &mv) in s.iter_mut().zip(m) {
+                            *s = *s * self.scale + mv;
+                        }
+                    }
+                    None => s.iter_mut().for_each(|s| *s *= self.scale),
                 }
                 softmax_in_place(s);
             }
@@ -233,9 +241,9 @@ impl CausalAttention {
     }
 }
 
-impl CustomOp3 for CausalAttention {
+impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
-        "causal-attention"
+        "attention"
     }
 
     fn cpu_fwd(
@@ -250,8 +258,8 @@ impl CustomOp3 for CausalAttention {
         let g = self.heads;
         let (t, rep) = (g.t, g.q / g.kv);
         let f = self.probabilities(rows_of(qs, lq)?, rows_of(ks, lk)?, rows_of(vs, lv)?)?;
-        let o = bmm(&f.p, false, &f.v, false, (g.b * g.kv, rep * t, g.dim, t))?;
-        let out = merge_heads(&o, g, g.q, None);
+        let o = bmm(&f.p, false, &f.v, false, (g.b * g.kv, rep * t, g.dim, g.tk))?;
+        let out = merge_heads(&o, g, g.q, t, None);
         Ok((CpuStorage::F32(out), Shape::from((g.b * t, g.q * g.dim))))
     }
 
@@ -264,19 +272,19 @@ impl CustomOp3 for CausalAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.heads;
-        let (t, rep, bsz) = (g.t, g.q / g.kv, g.b * g.kv);
+        let (t, tk, rep, bsz) = (g.t, g.tk, g.q / g.kv, g.b * g.kv);
         let host = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
         let f = self.probabilities(&host(q)?, &host(k)?, &host(v)?)?;
-        let dout = CpuStorage::F32(split_heads(&host(grad)?, g, g.q, None));
+        let dout = CpuStorage::F32(split_heads(&host(grad)?, g, g.q, t, None));
         // dV = Pᵀ·dO: the sum over the `rep` query heads of a key head falls out of the
         // product, since they are stacked along its inner dimension.
-        let dv = bmm(&f.p, true, &dout, false, (bsz, t, g.dim, rep * t))?;
+        let dv = bmm(&f.p, true, &dout, false, (bsz, tk, g.dim, rep * t))?;
         // dS = P ⊙ (dP − Σ dP⊙P) · scale, with dP = dO·Vᵀ, written over dP.
-        let mut ds = bmm(&dout, false, &f.v, true, (bsz, rep * t, t, g.dim))?;
+        let mut ds = bmm(&dout, false, &f.v, true, (bsz, rep * t, tk, g.dim))?;
         let p = f.p.as_slice::<f32>()?;
-        par_rows(&mut ds, t, |first, chunk| {
-            for (j, d) in chunk.chunks_mut(t).enumerate() {
-                let pr = &p[(first + j) * t..][..t];
+        par_rows(&mut ds, tk, |first, chunk| {
+            for (j, d) in chunk.chunks_mut(tk).enumerate() {
+                let pr = &p[(first + j) * tk..][..tk];
                 let dot: f32 = pr.iter().zip(d.iter()).map(|(p, d)| p * d).sum();
                 for (d, &pv) in d.iter_mut().zip(pr) {
                     *d = self.scale * pv * (*d - dot);
@@ -284,17 +292,17 @@ impl CustomOp3 for CausalAttention {
             }
         });
         let ds = CpuStorage::F32(ds);
-        let dq = bmm(&ds, false, &f.k, false, (bsz, rep * t, g.dim, t))?;
-        let dk = bmm(&ds, true, &f.q, false, (bsz, t, g.dim, rep * t))?;
+        let dq = bmm(&ds, false, &f.k, false, (bsz, rep * t, g.dim, tk))?;
+        let dk = bmm(&ds, true, &f.q, false, (bsz, tk, g.dim, rep * t))?;
         let dev = q.device();
-        let n = g.b * t;
-        let dq = merge_heads(&dq, g, g.q, Some(&self.rope));
-        let dk = merge_heads(&dk, g, g.kv, Some(&self.rope));
-        let dv = merge_heads(&dv, g, g.kv, None);
+        let rope = self.rope.as_ref();
+        let dq = merge_heads(&dq, g, g.q, t, rope);
+        let dk = merge_heads(&dk, g, g.kv, tk, rope);
+        let dv = merge_heads(&dv, g, g.kv, tk, None);
         Ok((
-            Some(Tensor::from_vec(dq, (n, g.q * g.dim), dev)?),
-            Some(Tensor::from_vec(dk, (n, g.kv * g.dim), dev)?),
-            Some(Tensor::from_vec(dv, (n, g.kv * g.dim), dev)?),
+            Some(Tensor::from_vec(dq, (g.b * t, g.q * g.dim), dev)?),
+            Some(Tensor::from_vec(dk, (g.b * tk, g.kv * g.dim), dev)?),
+            Some(Tensor::from_vec(dv, (g.b * tk, g.kv * g.dim), dev)?),
         ))
     }
 }
@@ -315,6 +323,7 @@ mod tests {
         let g = Heads {
             b: 2,
             t: 5,
+            tk: 5,
             q: 4,
             kv: 2,
             dim: 4,
@@ -368,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn causal_attention_matches_the_composed_ops_and_finite_differences() -> Result<()> {
+    fn causal_rotated_attention_matches_the_composed_ops_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let (g, tables, cos, sin, mask) = setup()?;
         let n = g.b * g.t;
@@ -376,8 +385,9 @@ mod tests {
         let q = Tensor::from_vec(rand_vec(n * qd, 32), (n, qd), &dev)?;
         let k = Tensor::from_vec(rand_vec(n * kd, 33), (n, kd), &dev)?;
         let v = Tensor::from_vec(rand_vec(n * kd, 34), (n, kd), &dev)?;
-        let fused =
-            |q: &Tensor, k: &Tensor, v: &Tensor| causal_attention(q, k, v, g, 0.5, &tables, &mask);
+        let fused = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            multi_head_attention(q, k, v, g, 0.5, Some(&tables), Some(&mask))
+        };
         let slow = |q: &Tensor, k: &Tensor, v: &Tensor| composed(q, k, v, g, &cos, &sin, &mask);
         // Through each input in turn: forward values and that input's gradient.
         let (fq, sq) = (|x: &Tensor| fused(x, &k, &v), |x: &Tensor| slow(x, &k, &v));
@@ -402,17 +412,80 @@ mod tests {
         Ok(())
     }
 
+    type F<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+    /// An input's name, the fused and composed functions of it, its values and shape.
+    type Case<'a> = (&'a str, F<'a>, F<'a>, Vec<f32>, [usize; 2]);
+
     #[test]
-    fn causal_attention_refuses_shapes_that_do_not_fit() -> Result<()> {
+    fn cross_attention_matches_the_composed_ops_and_finite_differences() -> Result<()> {
+        // The UNet's shape: no rotation, no mask, 6 queries against 3 keys, 2 heads.
+        let dev = Device::Cpu;
+        let g = Heads {
+            b: 2,
+            t: 6,
+            tk: 3,
+            q: 2,
+            kv: 2,
+            dim: 4,
+        };
+        let (qd, kd) = (g.q * g.dim, g.kv * g.dim);
+        let (nq, nk) = (g.b * g.t, g.b * g.tk);
+        let scale = 0.5;
+        let q = Tensor::from_vec(rand_vec(nq * qd, 51), (nq, qd), &dev)?;
+        let k = Tensor::from_vec(rand_vec(nk * kd, 52), (nk, kd), &dev)?;
+        let v = Tensor::from_vec(rand_vec(nk * kd, 53), (nk, kd), &dev)?;
+        let fused = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            multi_head_attention(q, k, v, g, scale, None, None)
+        };
+        let slow = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let heads = |x: &Tensor, len: usize| -> Result<Tensor> {
+                x.reshape((g.b, len, g.q, g.dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (heads(q, g.t)?, heads(k, g.tk)?, heads(v, g.tk)?);
+            super::super::softmax_last(&(q.matmul(&k.t()?)? * scale)?)?
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((nq, qd))
+        };
+        let (fq, sq) = (|x: &Tensor| fused(x, &k, &v), |x: &Tensor| slow(x, &k, &v));
+        let (fk, sk) = (|x: &Tensor| fused(&q, x, &v), |x: &Tensor| slow(&q, x, &v));
+        let (fv, sv) = (|x: &Tensor| fused(&q, &k, x), |x: &Tensor| slow(&q, &k, x));
+        let cases: [Case; 3] = [
+            ("q", &fq, &sq, rand_vec(nq * qd, 51), [nq, qd]),
+            ("k", &fk, &sk, rand_vec(nk * kd, 52), [nk, kd]),
+            ("v", &fv, &sv, rand_vec(nk * kd, 53), [nk, kd]),
+        ];
+        for (name, f, s, x, shape) in cases {
+            let a = agree(f, s, x.clone(), &shape)?;
+            assert!(a < 1e-5, "{name}: fused and composed differ by {a}");
+            let fd = fd_error(f, x, &shape)?;
+            assert!(fd < 2e-3, "{name}: finite differences off by {fd}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_refuses_shapes_that_do_not_fit() -> Result<()> {
         let dev = Device::Cpu;
         let (g, tables, _, _, mask) = setup()?;
         let n = g.b * g.t;
         let q = Tensor::zeros((n, g.q * g.dim), candle_core::DType::F32, &dev)?;
         let kv = Tensor::zeros((n, g.kv * g.dim), candle_core::DType::F32, &dev)?;
         let three_heads = Heads { kv: 3, ..g };
-        assert!(causal_attention(&q, &kv, &kv, three_heads, 0.5, &tables, &mask).is_err());
-        assert!(causal_attention(&q, &q, &kv, g, 0.5, &tables, &mask).is_err());
-        assert!(causal_attention(&q, &kv, &kv, g, 0.5, &tables, &mask).is_ok());
+        assert!(
+            multi_head_attention(&q, &kv, &kv, three_heads, 0.5, Some(&tables), Some(&mask))
+                .is_err()
+        );
+        assert!(multi_head_attention(&q, &q, &kv, g, 0.5, Some(&tables), Some(&mask)).is_err());
+        // A rotation needs keys at the queries' positions.
+        let cross = Heads { tk: 3, ..g };
+        let kv3 = Tensor::zeros((g.b * 3, g.kv * g.dim), candle_core::DType::F32, &dev)?;
+        assert!(multi_head_attention(&q, &kv3, &kv3, cross, 0.5, Some(&tables), None).is_err());
+        assert!(multi_head_attention(&q, &kv3, &kv3, cross, 0.5, None, None).is_ok());
+        assert!(multi_head_attention(&q, &kv, &kv, g, 0.5, Some(&tables), Some(&mask)).is_ok());
         Ok(())
     }
 }

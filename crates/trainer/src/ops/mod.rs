@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 mod attention;
 mod head_loss;
-pub use attention::{causal_attention, Heads, RopeTables};
+pub use attention::{multi_head_attention, Heads, RopeTables};
 pub use head_loss::projected_nll;
 
 /// `x · Wᵀ (+ bias)` for a frozen `(out, in)` weight, computed inside the op so that the

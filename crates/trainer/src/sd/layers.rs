@@ -4,9 +4,9 @@
 
 use crate::lora::{ForwardCtx, Linear};
 use crate::model::Weights;
-use crate::ops::{frozen_conv2d, softmax_last};
+use crate::ops::{frozen_conv2d, multi_head_attention, softmax_last, Heads};
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// Takes named tensors out of a weight map, naming the one that is missing.
 pub(crate) struct Take<'a> {
@@ -152,8 +152,9 @@ impl Affine {
 
 /// Multi-head scaled dot-product attention: queries `(b, n, heads·d)` against keys and
 /// values `(b, m, heads·d)`, with an optional additive mask `(n, m)`; returns
-/// `(b, n, heads·d)`. The softmax is our op with its own backward (candle's fused one
-/// has none), so gradients reach every projection.
+/// `(b, n, heads·d)`. Unmasked on the CPU in f32 it is one op ([`multi_head_attention`]);
+/// otherwise composed, with our softmax op (candle's fused one has no backward), so
+/// gradients reach every projection either way.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -164,6 +165,30 @@ pub(crate) fn attention(
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
+    let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
+    if mask.is_none() && cpu_f32(q) && cpu_f32(k) && cpu_f32(v) {
+        // One op that keeps only q, k and v: the composed form below keeps every layer's
+        // (b, heads, n, m) scores and probabilities, 512 MiB a layer at 512 px.
+        let g = Heads {
+            b,
+            t: n,
+            tk: m,
+            q: heads,
+            kv: heads,
+            dim: d,
+        };
+        let rows = |x: &Tensor, len: usize| x.reshape((b * len, inner));
+        let out = multi_head_attention(
+            &rows(q, n)?,
+            &rows(k, m)?,
+            &rows(v, m)?,
+            g,
+            (d as f64).powf(-0.5),
+            None,
+            None,
+        )?;
+        return Ok(out.reshape((b, n, inner))?);
+    }
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         Ok(t.reshape((b, len, heads, d))?
             .transpose(1, 2)?

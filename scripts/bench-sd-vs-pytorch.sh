@@ -15,7 +15,7 @@
 # (time and memory do not depend on the weights' values). Build the binary with
 # `cargo build -p loraforge-trainer --bin loraforge-bench`. Needs ~/.cache/loraforge/venv with
 # torch, peft (scripts/setup-python.sh) and diffusers (`pip install diffusers==0.42.1`, which
-# setup-python.sh does not install). At RES 512 loraforge needs far more memory than PyTorch
+# setup-python.sh does not install). At RES 512 loraforge peaks near 11 GiB, 1.5x PyTorch
 # (see BENCHMARKS.md); check `free -g` first.
 set -euo pipefail
 BIN=${1:?usage: $0 path/to/loraforge-bench UNET_DIR [OUTDIR]}

@@ -223,14 +223,57 @@ impl CustomOp1 for FrozenConv2d {
         }
     }
 
+    /// `dX` as col2im of `Wᵀ · g`: one GEMM per image over the kernel's `(out, in·k·k)`
+    /// matrix read transposed in place, then each input channel gathers its `k·k` shifted
+    /// rows. candle's `conv_transpose2d`, which did this before, took most of an SD step.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // conv_transpose2d's output size is (g - 1)·stride - 2·padding + k + output_padding.
-        let (k, h) = (self.w.dim(2)?, arg.dim(2)?);
-        let base = (grad.dim(2)? - 1) * self.stride + k - 2 * self.padding;
-        let dx =
-            grad.contiguous()?
-                .conv_transpose2d(&self.w, self.padding, h - base, self.stride, 1)?;
-        Ok(Some(dx))
+        let (b, cin, h, w) = arg.dims4()?;
+        let (cout, _, k, _) = self.w.dims4()?;
+        let (_, _, ho, wo) = grad.dims4()?;
+        let (ckk, hw) = (cin * k * k, ho * wo);
+        let g = grad.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let (Storage::Cpu(gs), Storage::Cpu(ws)) = (&*gs, &*ws) else {
+            candle_core::bail!("frozen conv2d: expected CPU storage")
+        };
+        let wt =
+            Layout::contiguous_with_offset((1, cout, ckk), wl.start_offset()).transpose(1, 2)?;
+        let (p, st) = (self.padding as isize, self.stride as isize);
+        let mut dx = vec![0f32; b * cin * h * w];
+        for (bi, planes) in dx.chunks_mut(cin * h * w).enumerate() {
+            let gb =
+                Layout::contiguous_with_offset((1, cout, hw), gl.start_offset() + bi * cout * hw);
+            let cols = match ws.matmul(gs, (1, ckk, hw, cout), &wt, &gb)? {
+                CpuStorage::F32(v) => v,
+                _ => candle_core::bail!("frozen conv2d: expected f32"),
+            };
+            par_rows(planes, h * w, |first, chunk| {
+                for (j, plane) in chunk.chunks_mut(h * w).enumerate() {
+                    let c = first + j;
+                    for ki in 0..k {
+                        for kj in 0..k {
+                            let row = &cols[((c * k + ki) * k + kj) * hw..][..hw];
+                            for oy in 0..ho {
+                                let y = oy as isize * st + ki as isize - p;
+                                if y < 0 || y >= h as isize {
+                                    continue;
+                                }
+                                let (dst, src) =
+                                    (&mut plane[y as usize * w..][..w], &row[oy * wo..][..wo]);
+                                for (ox, &v) in src.iter().enumerate() {
+                                    let x = ox as isize * st + kj as isize - p;
+                                    if x >= 0 && x < w as isize {
+                                        dst[x as usize] += v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Some(Tensor::from_vec(dx, (b, cin, h, w), arg.device())?))
     }
 }
 
@@ -243,7 +286,7 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
         return x.conv2d(w, padding, stride, 1, 1);
     }
     x.contiguous()?.apply_op1(FrozenConv2d {
-        w: w.clone(),
+        w: w.contiguous()?,
         padding,
         stride,
     })

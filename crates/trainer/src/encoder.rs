@@ -9,7 +9,7 @@
 use crate::config::get_usize;
 use crate::lora::{dropout, ForwardCtx, Linear, LoraModel};
 use crate::model::Weights;
-use crate::ops::{cross_entropy_rows, masked_softmax, AttnMask};
+use crate::ops::{cross_entropy_rows, masked_softmax, multi_head_attention, AttnMask, Heads};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
@@ -538,6 +538,34 @@ impl Encoder {
     ) -> Result<Tensor> {
         let nh = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / nh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let dropped = ctx.train && self.model_dropout && self.cfg.attention_dropout > 0.0;
+        if !dropped && x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One op that keeps q, k and v only; dropout on the probabilities would need
+            // them kept, so that case stays composed.
+            let g = Heads {
+                b,
+                t,
+                tk: t,
+                q: nh,
+                kv: nh,
+                dim: hd,
+            };
+            let (q, k, v) = (
+                l.query.forward(x, ctx)?,
+                l.key.forward(x, ctx)?,
+                l.value.forward(x, ctx)?,
+            );
+            return Ok(multi_head_attention(
+                &q,
+                &k,
+                &v,
+                g,
+                scale,
+                None,
+                Some(mask),
+            )?);
+        }
         let heads = |y: Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
         };
@@ -545,7 +573,7 @@ impl Encoder {
         let k = heads(l.key.forward(x, ctx)?)?;
         let v = heads(l.value.forward(x, ctx)?)?;
         let scores = q.matmul(&k.t()?)?;
-        let p = masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), mask)?;
+        let p = masked_softmax(&scores, scale, mask)?;
         let p = self.drop(&p, self.cfg.attention_dropout, ctx)?;
         Ok(p.matmul(&v)?
             .transpose(1, 2)?

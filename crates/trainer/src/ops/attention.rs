@@ -21,8 +21,8 @@ use std::sync::Arc;
 pub struct RopeTables {
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
-    t: usize,
-    half: usize,
+    pub(super) t: usize,
+    pub(super) half: usize,
 }
 
 impl RopeTables {
@@ -49,7 +49,7 @@ impl RopeTables {
 
     /// Rotates one head row at position `p` from `x` into `o`; `sign = -1` rotates back,
     /// which is also the rotation's backward.
-    fn rotate(&self, p: usize, sign: f32, x: &[f32], o: &mut [f32]) {
+    pub(super) fn rotate(&self, p: usize, sign: f32, x: &[f32], o: &mut [f32]) {
         let h = self.half;
         let (c, s) = (&self.cos[p * h..][..h], &self.sin[p * h..][..h]);
         let (x1, x2) = x.split_at(h);

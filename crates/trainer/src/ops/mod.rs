@@ -319,9 +319,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_b, _h, t, d) = x.dims4()?;
     if fast_path(x) && d % 2 == 0 && cos.dims() == [t, d / 2] && sin.dims() == [t, d / 2] {
         let op = Rope {
-            cos: Arc::new(cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
-            sin: Arc::new(sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
-            t,
+            tables: RopeTables::new(cos, sin)?,
             sign: 1.0,
         };
         return x.contiguous()?.apply_op1(op);
@@ -653,9 +651,7 @@ impl CustomOp3 for RmsNormBwd {
 /// Half-split rotary embedding on contiguous `(b, h, t, d)`; `sign = -1` is the inverse
 /// rotation, which is also the backward of the forward one.
 struct Rope {
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
-    t: usize,
+    tables: RopeTables,
     sign: f32,
 }
 
@@ -666,22 +662,13 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = rows_of(s, l)?;
-        let half = self.cos.len() / self.t;
-        let d = 2 * half;
+        let d = 2 * self.tables.half;
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |first, chunk| {
             for (j, o) in chunk.chunks_mut(d).enumerate() {
                 let row = first + j;
-                let p = row % self.t;
                 let xr = &x[row * d..][..d];
-                let (c, sn) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
-                let (o1, o2) = o.split_at_mut(half);
-                let (x1, x2) = xr.split_at(half);
-                for i in 0..half {
-                    let s = self.sign * sn[i];
-                    o1[i] = x1[i] * c[i] - x2[i] * s;
-                    o2[i] = x2[i] * c[i] + x1[i] * s;
-                }
+                self.tables.rotate(row % self.tables.t, self.sign, xr, o);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -689,9 +676,7 @@ impl CustomOp1 for Rope {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let inverse = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            t: self.t,
+            tables: self.tables.clone(),
             sign: -self.sign,
         };
         Ok(Some(g.contiguous()?.apply_op1_no_bwd(&inverse)?))

@@ -9,7 +9,9 @@
 use crate::config::get_usize;
 use crate::lora::{dropout, ForwardCtx, Linear, LoraModel};
 use crate::model::Weights;
-use crate::ops::{cross_entropy_rows, masked_softmax, multi_head_attention, AttnMask, Heads};
+use crate::ops::{
+    cross_entropy_rows, fast_path, masked_softmax, multi_head_attention, AttnMask, Heads,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
@@ -540,7 +542,7 @@ impl Encoder {
         let hd = self.cfg.hidden_size / nh;
         let scale = 1.0 / (hd as f64).sqrt();
         let dropped = ctx.train && self.model_dropout && self.cfg.attention_dropout > 0.0;
-        if !dropped && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if !dropped && fast_path(x) {
             // One op that keeps q, k and v only; dropout on the probabilities would need
             // them kept, so that case stays composed.
             let g = Heads {

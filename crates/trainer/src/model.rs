@@ -3,8 +3,8 @@
 use crate::config::DecoderConfig;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
-    cross_entropy_rows, frozen_linear, masked_softmax, multi_head_attention, projected_nll,
-    rms_norm, rope, swiglu, AttnMask, Heads, RopeTables,
+    cross_entropy_rows, fast_path, frozen_linear, masked_softmax, multi_head_attention,
+    projected_nll, rms_norm, rope, swiglu, AttnMask, Heads, RopeTables,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -188,10 +188,7 @@ impl Decoder {
             c.layers.resize(self.layers.len(), None);
         }
         // Without a cache (training, evaluation) attention is one fused op on CPU in f32.
-        let fused = cache.is_none()
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && 2 * cos.dim(1)? == self.cfg.head_dim;
+        let fused = cache.is_none() && fast_path(&x) && 2 * cos.dim(1)? == self.cfg.head_dim;
         let tables = if fused {
             Some(RopeTables::new(&cos, &sin)?)
         } else {
@@ -319,8 +316,7 @@ impl Decoder {
             Some(l) if l.lora.is_none() && l.bias.is_none() => &l.weight,
             Some(_) => return Ok(None),
         };
-        let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
-        if !cpu_f32(hidden_rows) || !cpu_f32(w) {
+        if !fast_path(hidden_rows) || !fast_path(w) {
             return Ok(None);
         }
         let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?;

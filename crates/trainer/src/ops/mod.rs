@@ -500,8 +500,8 @@ impl CustomOp3 for SwiGluBwd {
     }
 }
 
-/// The custom kernels below are CPU, f32, contiguous-row loops.
-fn fast_path(x: &Tensor) -> bool {
+/// Whether the fused kernels apply to `x`: they are CPU, f32, contiguous-row loops.
+pub(crate) fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 

@@ -4,9 +4,9 @@
 
 use crate::lora::{ForwardCtx, Linear};
 use crate::model::Weights;
-use crate::ops::{frozen_conv2d, multi_head_attention, softmax_last, Heads};
+use crate::ops::{fast_path, frozen_conv2d, multi_head_attention, softmax_last, Heads};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 /// Takes named tensors out of a weight map, naming the one that is missing.
 pub(crate) struct Take<'a> {
@@ -165,8 +165,7 @@ pub(crate) fn attention(
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
-    let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
-    if mask.is_none() && cpu_f32(q) && cpu_f32(k) && cpu_f32(v) {
+    if mask.is_none() && [q, k, v].into_iter().all(fast_path) {
         // One op that keeps only q, k and v: the composed form below keeps every layer's
         // (b, heads, n, m) scores and probabilities, 512 MiB a layer at 512 px.
         let g = Heads {

@@ -191,12 +191,12 @@ fn bmm(
     };
     match a.matmul(b, (bsz, m, n, k), &la, &lb)? {
         CpuStorage::F32(v) => Ok(v),
-        _ => candle_core::bail!("causal attention: expected f32"),
+        _ => candle_core::bail!("attention: expected f32"),
     }
 }
 
 /// The recomputable middle of the op: rotated, head-split `Q` and `K`, head-split `V`, and
-/// the probabilities `P` as `(b, q, t, t)`.
+/// the probabilities `P` as `(b, q, t, tk)`.
 struct Forward {
     q: CpuStorage,
     k: CpuStorage,
@@ -376,6 +376,22 @@ mod tests {
             .reshape((g.b * g.t, g.q * g.dim))
     }
 
+    type F<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+    /// An input's name, the fused and composed functions of it, its values and shape.
+    type Case<'a> = (&'a str, F<'a>, F<'a>, Vec<f32>, [usize; 2]);
+
+    /// Through each input in turn: the fused and composed forms agree on the output and
+    /// on that input's gradient, and the fused gradient passes finite differences.
+    fn check_each_input(cases: [Case; 3]) -> Result<()> {
+        for (name, f, s, x, shape) in cases {
+            let a = agree(f, s, x.clone(), &shape)?;
+            assert!(a < 1e-5, "{name}: fused and composed differ by {a}");
+            let fd = fd_error(f, x, &shape)?;
+            assert!(fd < 2e-3, "{name}: finite differences off by {fd}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn causal_rotated_attention_matches_the_composed_ops_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
@@ -389,32 +405,15 @@ mod tests {
             multi_head_attention(q, k, v, g, 0.5, Some(&tables), Some(&mask))
         };
         let slow = |q: &Tensor, k: &Tensor, v: &Tensor| composed(q, k, v, g, &cos, &sin, &mask);
-        // Through each input in turn: forward values and that input's gradient.
         let (fq, sq) = (|x: &Tensor| fused(x, &k, &v), |x: &Tensor| slow(x, &k, &v));
         let (fk, sk) = (|x: &Tensor| fused(&q, x, &v), |x: &Tensor| slow(&q, x, &v));
         let (fv, sv) = (|x: &Tensor| fused(&q, &k, x), |x: &Tensor| slow(&q, &k, x));
-        for (name, f, s, x, shape) in [
-            (
-                "q",
-                &fq as &dyn Fn(&Tensor) -> Result<Tensor>,
-                &sq as &dyn Fn(&Tensor) -> Result<Tensor>,
-                rand_vec(n * qd, 32),
-                [n, qd],
-            ),
+        check_each_input([
+            ("q", &fq, &sq, rand_vec(n * qd, 32), [n, qd]),
             ("k", &fk, &sk, rand_vec(n * kd, 33), [n, kd]),
             ("v", &fv, &sv, rand_vec(n * kd, 34), [n, kd]),
-        ] {
-            let a = agree(f, s, x.clone(), &shape)?;
-            assert!(a < 1e-5, "{name}: fused and composed differ by {a}");
-            let fd = fd_error(f, x, &shape)?;
-            assert!(fd < 2e-3, "{name}: finite differences off by {fd}");
-        }
-        Ok(())
+        ])
     }
-
-    type F<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
-    /// An input's name, the fused and composed functions of it, its values and shape.
-    type Case<'a> = (&'a str, F<'a>, F<'a>, Vec<f32>, [usize; 2]);
 
     #[test]
     fn cross_attention_matches_the_composed_ops_and_finite_differences() -> Result<()> {
@@ -453,18 +452,11 @@ mod tests {
         let (fq, sq) = (|x: &Tensor| fused(x, &k, &v), |x: &Tensor| slow(x, &k, &v));
         let (fk, sk) = (|x: &Tensor| fused(&q, x, &v), |x: &Tensor| slow(&q, x, &v));
         let (fv, sv) = (|x: &Tensor| fused(&q, &k, x), |x: &Tensor| slow(&q, &k, x));
-        let cases: [Case; 3] = [
+        check_each_input([
             ("q", &fq, &sq, rand_vec(nq * qd, 51), [nq, qd]),
             ("k", &fk, &sk, rand_vec(nk * kd, 52), [nk, kd]),
             ("v", &fv, &sv, rand_vec(nk * kd, 53), [nk, kd]),
-        ];
-        for (name, f, s, x, shape) in cases {
-            let a = agree(f, s, x.clone(), &shape)?;
-            assert!(a < 1e-5, "{name}: fused and composed differ by {a}");
-            let fd = fd_error(f, x, &shape)?;
-            assert!(fd < 2e-3, "{name}: finite differences off by {fd}");
-        }
-        Ok(())
+        ])
     }
 
     #[test]

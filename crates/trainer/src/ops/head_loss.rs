@@ -59,6 +59,7 @@ impl CustomOp1 for ProjectedNll {
     }
 
     fn cpu_fwd(&self, hs: &CpuStorage, lh: &Layout) -> Result<(CpuStorage, Shape)> {
+        // The blocks below address `hs` by offset, so it must be contiguous rows.
         rows_of(hs, lh)?;
         let (n, d) = lh.shape().dims2()?;
         let v = self.w.dim(0)?;

@@ -478,6 +478,21 @@ pub async fn upload_as(
 }
 
 /// POSTs a JSON body (with a bearer key when given): status and JSON.
+/// Asks `model` for a chat completion and checks it is refused as a model that does not
+/// chat (400, `model_not_supported`); returns the error body for further checks.
+pub async fn chat_refused(s: &TestServer, model: &Value) -> Value {
+    let (st, e) = post_json(
+        s,
+        "/v1/chat/completions",
+        None,
+        &serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{model}: {e}");
+    assert_eq!(e["error"]["code"], "model_not_supported", "{model}: {e}");
+    e
+}
+
 pub async fn post_json(
     s: &TestServer,
     path: &str,

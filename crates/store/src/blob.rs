@@ -201,6 +201,15 @@ impl BlobStore {
         ))
     }
 
+    /// Whether a blob is stored under `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self.store.head(&Self::key(key)?).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::Blob(e)),
+        }
+    }
+
     /// Deletes a blob; a missing blob is not an error.
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(&Self::key(key)?).await {

@@ -115,7 +115,8 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             // The key alone on stdout (KEY=$(loraforge keys create ...)); the rest on stderr.
             println!("{key}");
             eprintln!(
-                "created {}key {} ({:?}, prefix {}). This is the only time the key is shown:                  store it now. Send it as `Authorization: Bearer <key>`.",
+                "created {}key {} ({:?}, prefix {}). This is the only time the key is shown: \
+                 store it now. Send it as `Authorization: Bearer <key>`.",
                 if record.admin { "admin " } else { "" },
                 record.id,
                 record.name,

@@ -5,9 +5,11 @@
 //! small tensors switched into the base per request, never merged into it. Requests for
 //! one base take turns on its lock; generation runs on a blocking thread.
 
-use crate::api::jobs::adapter_key;
 use crate::app::AppState;
+use crate::job::artifacts::{adapter_key, fine_tuned_name};
+use crate::job::shown_status;
 use futures::StreamExt;
+use loraforge_store::JobStatus;
 use loraforge_trainer::adapters::{apply, AdapterWeights};
 use loraforge_trainer::device::Device;
 use loraforge_trainer::loader::{self, BaseModel};
@@ -122,7 +124,7 @@ pub async fn resolve(
         .get_job_of(job_id, owner)
         .await?
         .ok_or(ResolveError::NotFound)?;
-    let name = crate::api::jobs::fine_tuned_name(&job);
+    let name = fine_tuned_name(&job);
     if format!("ft:{head}") != name {
         return Err(ResolveError::NotFound);
     }
@@ -132,14 +134,10 @@ pub async fn resolve(
     let base_path = base_of(&job.model).ok_or(ResolveError::NotFound)?;
     let adapter = match step {
         None => {
-            if job.status != "succeeded" {
+            if job.status() != Some(JobStatus::Succeeded) {
                 return Err(ResolveError::NotReady(format!(
                     "The model `{model}` is not ready: its job is {}.",
-                    if job.status == "queued" && job.paused_at.is_some() {
-                        "paused"
-                    } else {
-                        job.status.as_str()
-                    }
+                    shown_status(&job)
                 )));
             }
             (

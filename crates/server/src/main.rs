@@ -6,6 +6,7 @@ mod config;
 mod dashboard;
 mod feeds;
 mod inference;
+mod job;
 mod train_cmd;
 mod upload;
 mod worker;

@@ -1,13 +1,13 @@
 //! `loraforge train | merge | generate | classify`: the engine from the command line.
 
+use crate::job::spec::train_spec;
+use crate::job::JobSpec;
 use anyhow::{bail, Context};
 use clap::Args;
 use loraforge_trainer::data::ClassInput;
 use loraforge_trainer::device::Device;
-use loraforge_trainer::encoder::ProblemType;
 use loraforge_trainer::generate::{generate_text, GenerateOptions};
-use loraforge_trainer::lora::{LoraConfig, Targets, ENCODER_TARGETS};
-use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::lora::Targets;
 use loraforge_trainer::train::{self, Task, TrainEvent, TrainSpec};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -141,61 +141,61 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The same mapping as a job's: the arguments as a job spec, then `train_spec`, then
+    /// what only the command line sets (shuffle, warm-up steps, init and resume folders).
     fn spec(&self) -> anyhow::Result<TrainSpec> {
-        let mut s = TrainSpec::new(self.model.clone(), self.data.clone(), self.out.clone());
-        s.task = Task::parse(&self.task)?;
-        s.problem_type = self
-            .problem_type
-            .as_deref()
-            .map(ProblemType::parse)
-            .transpose()?;
-        s.model_dropout = !self.no_model_dropout;
-        s.validation = self.validation.clone();
-        let targets = match (&self.target_modules, s.task) {
-            (Some(t), _) => Targets::parse(t)?,
-            (None, Task::CausalLm) => LoraConfig::default().targets,
-            (None, Task::SequenceClassification) => {
-                Targets::Names(ENCODER_TARGETS.iter().map(|t| t.to_string()).collect())
-            }
-            (None, Task::TextToImage) => Targets::parse("to_q,to_k,to_v,to_out.0")?,
-        };
-        s.image = loraforge_trainer::sd::objective::ImageSettings {
+        let task = Task::parse(&self.task)?;
+        let job = JobSpec {
+            task,
+            problem_type: self.problem_type.clone(),
+            n_epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.lr,
+            learning_rate_multiplier: 1.0,
+            lora_r: self.rank,
+            lora_alpha: self.alpha,
+            lora_dropout: self.dropout,
+            lora_target_modules: match &self.target_modules {
+                Some(t) => t.clone(),
+                None => match task.default_targets() {
+                    Targets::Names(n) => n.join(","),
+                    Targets::AllLinear => "all-linear".into(),
+                },
+            },
+            use_rslora: self.use_rslora,
+            lr_scheduler: self.scheduler.clone(),
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            gradient_accumulation_steps: self.grad_accum,
+            max_seq_len: self.max_seq_len,
+            max_steps: self.max_steps,
+            train_on_inputs: self.train_on_inputs,
+            eval_interval: self.eval_every,
+            checkpoint_interval: self.checkpoint_every,
+            seed: self.seed,
+            metadata: None,
             resolution: self.resolution,
-            prediction_type: self.prediction_type.clone(),
             snr_gamma: self.snr_gamma,
             noise_offset: self.noise_offset,
-            name: self
-                .out
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned()),
+            prediction_type: self.prediction_type.clone(),
         };
-        s.lora = LoraConfig {
-            r: self.rank,
-            alpha: self.alpha,
-            dropout: self.dropout,
-            targets,
-            use_rslora: self.use_rslora,
-        };
-        s.epochs = self.epochs;
-        s.max_steps = self.max_steps;
-        s.batch_size = self.batch_size;
-        s.grad_accum = self.grad_accum;
-        s.lr = self.lr;
-        s.scheduler = self.scheduler.parse::<Scheduler>()?;
+        let mut s = train_spec(
+            &job,
+            self.model.clone(),
+            self.data.clone(),
+            self.validation.clone(),
+            self.out.clone(),
+            &self.device.device,
+        )?;
+        s.image.name = self
+            .out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        s.model_dropout = !self.no_model_dropout;
         s.warmup_steps = self.warmup_steps;
-        s.warmup_ratio = self.warmup_ratio;
-        s.adamw = AdamWConfig {
-            weight_decay: self.weight_decay,
-            ..AdamWConfig::default()
-        };
-        s.max_grad_norm = self.max_grad_norm;
-        s.max_seq_len = self.max_seq_len;
-        s.seed = self.seed;
         s.shuffle = !self.no_shuffle;
-        s.train_on_inputs = self.train_on_inputs;
         s.init_adapter = self.init_adapter.clone();
-        s.eval_every = self.eval_every;
-        s.checkpoint_every = self.checkpoint_every;
         s.resume = self.resume.clone();
         s.device = self.device.resolve()?;
         Ok(s)

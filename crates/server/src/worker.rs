@@ -6,19 +6,19 @@
 //! A worker that loses its lease (it stalled past the expiry and another worker took the
 //! job) stops training and writes nothing more: the store rejects its fenced writes.
 
-use crate::api::jobs::{adapter_key, fine_tuned_name, is_text_to_image, JobSpec};
 use crate::app::AppState;
+use crate::job::artifacts::{
+    adapter_key, adapter_zip, checkpoint_adapter_key, checkpoint_key, fine_tuned_name, model_card,
+    sha256_hex, ADAPTER_TENSORS, CHECKPOINT_EXTRAS, CHECKPOINT_FILES,
+};
+use crate::job::spec::train_spec;
+use crate::job::{is_text_to_image, JobSpec};
 use anyhow::Context;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, ClaimedJob, FileRecord, JobOutcome, Lease};
-use loraforge_trainer::encoder::ProblemType;
-use loraforge_trainer::labels::LABELS_FILE;
-use loraforge_trainer::lora::{LoraConfig, Targets};
-use loraforge_trainer::optim::{AdamWConfig, Scheduler};
 use loraforge_trainer::sd::objective::KOHYA_FILE;
 use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,57 +156,6 @@ async fn fetch_blob(state: &AppState, key: &str, dest: &Path) -> anyhow::Result<
     Ok(())
 }
 
-fn train_spec(
-    spec: &JobSpec,
-    model: PathBuf,
-    data: PathBuf,
-    validation: Option<PathBuf>,
-    out: PathBuf,
-    device: &str,
-) -> anyhow::Result<TrainSpec> {
-    let mut t = TrainSpec::new(model, data, out);
-    t.validation = validation;
-    t.task = spec.task;
-    t.problem_type = spec
-        .problem_type
-        .as_deref()
-        .map(ProblemType::parse)
-        .transpose()?;
-    t.lora = LoraConfig {
-        r: spec.lora_r,
-        alpha: spec.lora_alpha,
-        dropout: spec.lora_dropout,
-        targets: Targets::parse(&spec.lora_target_modules)?,
-        use_rslora: spec.use_rslora,
-    };
-    t.epochs = spec.n_epochs;
-    t.max_steps = spec.max_steps;
-    t.batch_size = spec.batch_size;
-    t.grad_accum = spec.gradient_accumulation_steps;
-    t.lr = spec.learning_rate;
-    t.scheduler = spec.lr_scheduler.parse::<Scheduler>()?;
-    t.warmup_ratio = spec.warmup_ratio;
-    t.adamw = AdamWConfig {
-        weight_decay: spec.weight_decay,
-        ..AdamWConfig::default()
-    };
-    t.max_grad_norm = spec.max_grad_norm;
-    t.max_seq_len = spec.max_seq_len;
-    t.seed = spec.seed;
-    t.train_on_inputs = spec.train_on_inputs;
-    t.eval_every = spec.eval_interval;
-    t.checkpoint_every = spec.checkpoint_interval;
-    t.image = loraforge_trainer::sd::objective::ImageSettings {
-        resolution: spec.resolution,
-        prediction_type: spec.prediction_type.clone(),
-        snr_gamma: spec.snr_gamma,
-        noise_offset: spec.noise_offset,
-        name: None,
-    };
-    t.device = loraforge_trainer::device::parse(device)?;
-    Ok(t)
-}
-
 /// Outcome of feeding one trainer event to the store.
 enum Fed {
     Ok,
@@ -217,6 +166,8 @@ struct Run<'a> {
     state: &'a AppState,
     lease: &'a Lease,
     job_id: String,
+    /// The claimed job as it was read: names and model card of its checkpoints.
+    job: loraforge_store::JobRecord,
     valid_loss: Option<f64>,
     /// Classification: the latest validation accuracy and macro-F1.
     valid_scores: Option<(f64, Option<f64>)>,
@@ -379,7 +330,7 @@ impl Run<'_> {
                 }
                 // Into the blob store before the row: a row always names a whole checkpoint,
                 // which any worker (on any machine) can resume from.
-                upload_checkpoint(self.state, dir, &c.storage_key).await?;
+                upload_checkpoint(self.state, &self.job, *step, dir, &c.storage_key).await?;
                 let store = &self.state.store;
                 match patient(self.patience, || store.record_checkpoint(self.lease, &c)).await {
                     Ok(()) => Ok(Fed::Ok),
@@ -491,6 +442,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         state,
         lease: &lease,
         job_id: job.id.clone(),
+        job: job.clone(),
         valid_loss: None,
         valid_scores: None,
         patience: cfg.lease,
@@ -649,41 +601,6 @@ async fn finish_cancelled(run: &Run<'_>, lease: &Lease) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// The zip of the PEFT folder (with a short model card).
-fn zip_adapter(dir: &Path, card: &str) -> anyhow::Result<Vec<u8>> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    {
-        let mut z = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
-        for name in ["adapter_config.json", "adapter_model.safetensors"] {
-            let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
-            z.start_file(name, opts)?;
-            z.write_all(&bytes)?;
-        }
-        // Text-to-image adapters carry their kohya-format copy.
-        let kohya = dir.join(KOHYA_FILE);
-        if kohya.is_file() {
-            z.start_file(KOHYA_FILE, opts)?;
-            z.write_all(&std::fs::read(&kohya).context("reading the kohya file")?)?;
-        }
-        // Classification adapters carry their label set (id2label / label2id).
-        let labels = dir.join(LABELS_FILE);
-        if labels.is_file() {
-            z.start_file(LABELS_FILE, opts)?;
-            z.write_all(&std::fs::read(&labels).context("reading labels.json")?)?;
-        }
-        z.start_file("README.md", opts)?;
-        z.write_all(card.as_bytes())?;
-        z.finish()?;
-    }
-    Ok(buf.into_inner())
-}
-
 async fn put_blob(state: &AppState, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
     let up = state.blobs.new_upload()?;
     let mut f = up.handle()?;
@@ -700,17 +617,12 @@ async fn publish(
     job: &loraforge_store::JobRecord,
     dir: &Path,
 ) -> anyhow::Result<serde_json::Value> {
-    let name = fine_tuned_name(job);
-    let card = format!(
-        "# {name}\n\nA LoRA adapter for `{}`, trained by loraforge (job `{}`).\nLoad it with PEFT: \
-         `PeftModel.from_pretrained(base_model, \"<this folder>\")`.\n",
-        job.model, job.id
-    );
+    let card = model_card(job, None);
     let dir2 = dir.to_path_buf();
     let (zip, st) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         Ok((
-            zip_adapter(&dir2, &card)?,
-            std::fs::read(dir2.join("adapter_model.safetensors"))?,
+            adapter_zip(&dir2, &card)?,
+            std::fs::read(dir2.join(ADAPTER_TENSORS))?,
         ))
     })
     .await??;
@@ -794,22 +706,13 @@ async fn publish(
     }))
 }
 
-/// The files of a checkpoint folder: what resuming needs.
-const CHECKPOINT_FILES: [&str; 4] = [
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "optimizer.safetensors",
-    "trainer_state.json",
-];
-
-/// Blob prefix of a job's checkpoint at `step`.
-pub fn checkpoint_key(job_id: &str, attempt: i64, step: u64) -> String {
-    // Per attempt, so a stale worker finishing an upload cannot overwrite the files of
-    // the attempt that replaced it.
-    format!("jobs/{job_id}/checkpoints/attempt-{attempt}/step-{step}")
-}
-
-async fn upload_checkpoint(state: &AppState, dir: &Path, key: &str) -> anyhow::Result<()> {
+async fn upload_checkpoint(
+    state: &AppState,
+    job: &loraforge_store::JobRecord,
+    step: u64,
+    dir: &Path,
+    key: &str,
+) -> anyhow::Result<()> {
     for name in CHECKPOINT_FILES {
         let bytes = tokio::fs::read(dir.join(name))
             .await
@@ -819,11 +722,16 @@ async fn upload_checkpoint(state: &AppState, dir: &Path, key: &str) -> anyhow::R
     // Not needed to resume (the label set is rediscovered from the same data, the kohya
     // file rewritten from the adapter), but a downloaded classification checkpoint is
     // usable only with its labels, and an SD one in the UIs only as a kohya file.
-    for extra in [LABELS_FILE, KOHYA_FILE] {
+    for extra in CHECKPOINT_EXTRAS {
         if let Ok(bytes) = tokio::fs::read(dir.join(extra)).await {
             put_blob(state, &format!("{key}/{extra}"), &bytes).await?;
         }
     }
+    // The checkpoint's zip, built as the final adapter's is, so that its download is a
+    // stored blob streamed like the final adapter (Range, ETag) and carries the same files.
+    let (dir2, card) = (dir.to_path_buf(), model_card(job, Some(step)));
+    let zip = tokio::task::spawn_blocking(move || adapter_zip(&dir2, &card)).await??;
+    put_blob(state, &checkpoint_adapter_key(key, "zip"), &zip).await?;
     Ok(())
 }
 

@@ -48,6 +48,17 @@ impl Task {
             ))),
         }
     }
+    /// The modules a LoRA goes on when the job names none: PEFT's usual decoder set,
+    /// PEFT's BERT default, diffusers' `train_text_to_image_lora.py`.
+    pub fn default_targets(&self) -> lora::Targets {
+        let names: &[&str] = match self {
+            Task::CausalLm => &lora::DECODER_TARGETS,
+            Task::SequenceClassification => &lora::ENCODER_TARGETS,
+            Task::TextToImage => &["to_q", "to_k", "to_v", "to_out.0"],
+        };
+        lora::Targets::Names(names.iter().map(|s| s.to_string()).collect())
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Task::CausalLm => "causal_lm",

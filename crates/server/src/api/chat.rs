@@ -236,6 +236,14 @@ async fn complete(
                 tx.send(Piece::Text(t.to_string())).is_ok()
             })
         });
+        if let Ok(Ok(g)) = &out {
+            // How far a generation went, and why it ended ("cancelled": the client left).
+            tracing::info!(
+                finish_reason = g.finish_reason,
+                completion_tokens = g.completion_tokens,
+                "generation ended"
+            );
+        }
         let end = match out {
             Ok(Ok(g)) => Ok((g.finish_reason, g.prompt_tokens, g.completion_tokens)),
             Ok(Err(e)) => Err(e.to_string()),

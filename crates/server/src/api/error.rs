@@ -151,3 +151,9 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<crate::job::SpecError> for ApiError {
+    fn from(e: crate::job::SpecError) -> Self {
+        ApiError::bad_request(e.message).param(e.param)
+    }
+}

@@ -4,6 +4,12 @@
 use super::{ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
+use crate::job::artifacts::{
+    adapter_key, adapter_zip, checkpoint_adapter_key, fine_tuned_name, model_card, sha256_hex,
+    ADAPTER_CONFIG, ADAPTER_TENSORS, CHECKPOINT_EXTRAS,
+};
+use crate::job::spec::{hp_err, parse_spec};
+use crate::job::{is_text_to_image, shown_status, JobSpec};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -15,62 +21,11 @@ use loraforge_store::{CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEv
 use loraforge_trainer::data::DataFormat;
 use loraforge_trainer::encoder::ProblemType;
 use loraforge_trainer::labels;
-use loraforge_trainer::lora::ENCODER_TARGETS;
-use loraforge_trainer::sd::objective::KOHYA_FILE;
 use loraforge_trainer::train::Task;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Everything a worker needs to run a job, resolved at create time and stored as the
-/// job's `spec` (so a job runs as it was accepted, whatever defaults change later).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobSpec {
-    /// Absent in specs stored before encoders existed: those are causal LM jobs.
-    #[serde(default)]
-    pub task: Task,
-    /// Sequence classification: transformers' problem type; `None` infers it.
-    #[serde(default)]
-    pub problem_type: Option<String>,
-    pub n_epochs: u64,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    pub learning_rate_multiplier: f64,
-    pub lora_r: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f32,
-    /// `all-linear` or a comma-separated list.
-    pub lora_target_modules: String,
-    pub use_rslora: bool,
-    pub lr_scheduler: String,
-    pub warmup_ratio: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub gradient_accumulation_steps: usize,
-    pub max_seq_len: usize,
-    pub max_steps: Option<u64>,
-    pub train_on_inputs: bool,
-    pub eval_interval: Option<u64>,
-    pub checkpoint_interval: Option<u64>,
-    pub seed: u64,
-    pub metadata: Option<Value>,
-    /// Text-to-image: square training resolution (`None`: the model's native size).
-    #[serde(default)]
-    pub resolution: Option<u32>,
-    /// Text-to-image: min-SNR-γ loss weighting.
-    #[serde(default)]
-    pub snr_gamma: Option<f64>,
-    /// Text-to-image: diffusers' noise offset.
-    #[serde(default)]
-    pub noise_offset: f64,
-    /// Text-to-image: overrides the scheduler's prediction type.
-    #[serde(default)]
-    pub prediction_type: Option<String>,
-}
-
-/// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
-const BASE_LR: f64 = 2e-4;
 
 #[derive(Debug, Deserialize)]
 pub struct CreateJob {
@@ -86,201 +41,6 @@ pub struct CreateJob {
     task: Option<String>,
     /// loraforge extension, sequence classification only.
     problem_type: Option<String>,
-}
-
-fn hp_err(name: &str, what: &str) -> ApiError {
-    ApiError::bad_request(format!("hyperparameters.{name} {what}"))
-        .param(format!("hyperparameters.{name}"))
-}
-
-/// Reads one hyperparameter: absent or `"auto"` gives `default`.
-fn hp_num<T: serde::de::DeserializeOwned + PartialOrd + Copy + std::fmt::Display>(
-    hp: &serde_json::Map<String, Value>,
-    name: &str,
-    default: T,
-    lo: T,
-    hi: T,
-) -> ApiResult<T> {
-    match hp.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::String(s)) if s == "auto" => Ok(default),
-        Some(v) => {
-            let x: T = serde_json::from_value(v.clone())
-                .map_err(|_| hp_err(name, "must be a number or \"auto\""))?;
-            if x < lo || x > hi {
-                return Err(hp_err(name, &format!("must be between {lo} and {hi}")));
-            }
-            Ok(x)
-        }
-    }
-}
-
-fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> ApiResult<bool> {
-    match hp.get(name) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(hp_err(name, "must be a boolean")),
-    }
-}
-
-/// Hyperparameters of text-to-image jobs only.
-const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
-
-const KNOWN_HP: [&str; 24] = [
-    "resolution",
-    "snr_gamma",
-    "noise_offset",
-    "prediction_type",
-    "n_epochs",
-    "batch_size",
-    "learning_rate_multiplier",
-    "learning_rate",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "use_rslora",
-    "lr_scheduler",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "gradient_accumulation_steps",
-    "max_seq_len",
-    "max_steps",
-    "train_on_inputs",
-    "eval_interval",
-    "checkpoint_interval",
-    "beta",
-];
-
-/// Validates the hyperparameters and fills every default.
-pub fn parse_spec(
-    hp: &serde_json::Map<String, Value>,
-    seed: Option<u64>,
-    metadata: Option<Value>,
-    task: Task,
-) -> ApiResult<JobSpec> {
-    if let Some(k) = hp.keys().find(|k| !KNOWN_HP.contains(&k.as_str())) {
-        return Err(hp_err(k, "is not a known hyperparameter"));
-    }
-    if task != Task::TextToImage {
-        if let Some(k) = hp
-            .iter()
-            .find(|(k, v)| IMAGE_HP.contains(&k.as_str()) && !v.is_null())
-            .map(|(k, _)| k)
-        {
-            return Err(hp_err(k, "applies to task text_to_image only"));
-        }
-    }
-    let prediction_type = match hp.get("prediction_type") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(p)) if ["epsilon", "v_prediction", "sample"].contains(&p.as_str()) => {
-            Some(p.clone())
-        }
-        Some(_) => {
-            return Err(hp_err(
-                "prediction_type",
-                "must be epsilon, v_prediction or sample",
-            ))
-        }
-    };
-    // diffusers' SD recipe: rank 4 and alpha = rank (scale 1), whatever the rank.
-    let lora_r = hp_num(
-        hp,
-        "lora_r",
-        if task == Task::TextToImage { 4 } else { 8 },
-        1,
-        1024,
-    )?;
-    let alpha_default = if task == Task::TextToImage {
-        lora_r as f64
-    } else {
-        16.0
-    };
-    let lora_alpha = hp_num(hp, "lora_alpha", alpha_default, 1e-6, 1e6)?;
-    let mult = hp_num(hp, "learning_rate_multiplier", 1.0, 1e-6, 1e3)?;
-    let lr = match hp.get("learning_rate") {
-        None | Some(Value::Null) => BASE_LR * mult,
-        _ => hp_num(hp, "learning_rate", BASE_LR, 1e-9, 1.0)?,
-    };
-    let targets = match hp.get("lora_target_modules") {
-        None | Some(Value::Null) => match task {
-            Task::CausalLm => "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string(),
-            Task::SequenceClassification => ENCODER_TARGETS.join(","),
-            // diffusers' train_text_to_image_lora.py.
-            Task::TextToImage => "to_q,to_k,to_v,to_out.0".to_string(),
-        },
-        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => "all-linear".into(),
-        Some(Value::Array(a)) if !a.is_empty() => {
-            let names: Option<Vec<&str>> = a.iter().map(|x| x.as_str()).collect();
-            let names =
-                names.ok_or_else(|| hp_err("lora_target_modules", "must list module names"))?;
-            if names.iter().any(|n| n.is_empty() || n.contains(',')) {
-                return Err(hp_err("lora_target_modules", "has an invalid module name"));
-            }
-            names.join(",")
-        }
-        Some(_) => {
-            return Err(hp_err(
-                "lora_target_modules",
-                "must be a list of module names or \"all-linear\"",
-            ))
-        }
-    };
-    let scheduler = match hp.get("lr_scheduler") {
-        None | Some(Value::Null) => "linear".to_string(),
-        Some(Value::String(s)) if ["constant", "linear", "cosine"].contains(&s.as_str()) => {
-            s.clone()
-        }
-        Some(_) => return Err(hp_err("lr_scheduler", "must be constant, linear or cosine")),
-    };
-    let opt_u64 = |name: &str| -> ApiResult<Option<u64>> {
-        match hp.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            _ => Ok(Some(hp_num(hp, name, 1u64, 1, 10_000_000)?)),
-        }
-    };
-    Ok(JobSpec {
-        task,
-        problem_type: None,
-        n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
-        batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
-        learning_rate: lr,
-        learning_rate_multiplier: mult,
-        lora_r,
-        lora_alpha,
-        lora_dropout: hp_num(hp, "lora_dropout", 0.0f32, 0.0, 0.99)?,
-        lora_target_modules: targets,
-        use_rslora: hp_bool(hp, "use_rslora")?,
-        lr_scheduler: scheduler,
-        warmup_ratio: hp_num(hp, "warmup_ratio", 0.0, 0.0, 0.99)?,
-        weight_decay: hp_num(hp, "weight_decay", 0.0, 0.0, 10.0)?,
-        max_grad_norm: hp_num(hp, "max_grad_norm", 1.0, 0.0, 1e6)?,
-        gradient_accumulation_steps: hp_num(hp, "gradient_accumulation_steps", 1usize, 1, 1024)?,
-        max_seq_len: hp_num(hp, "max_seq_len", 1024usize, 2, 1 << 20)?,
-        max_steps: opt_u64("max_steps")?,
-        train_on_inputs: hp_bool(hp, "train_on_inputs")?,
-        eval_interval: opt_u64("eval_interval")?,
-        checkpoint_interval: opt_u64("checkpoint_interval")?,
-        seed: seed.unwrap_or(42),
-        metadata,
-        resolution: match hp.get("resolution") {
-            None | Some(Value::Null) => None,
-            _ => {
-                let r = hp_num(hp, "resolution", 512u32, 8, 4096)?;
-                if !r.is_multiple_of(8) {
-                    return Err(hp_err("resolution", "must be a multiple of 8"));
-                }
-                Some(r)
-            }
-        },
-        snr_gamma: match hp.get("snr_gamma") {
-            None | Some(Value::Null) => None,
-            _ => Some(hp_num(hp, "snr_gamma", 5.0, 1e-3, 1e3)?),
-        },
-        noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
-        prediction_type,
-    })
 }
 
 fn bad_file(param: &'static str, msg: String) -> ApiError {
@@ -518,7 +278,8 @@ pub async fn create(
             return Err(hp_err(
                 "resolution",
                 &format!("must be a multiple of {multiple} for model {model}"),
-            ));
+            )
+            .into());
         }
     }
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
@@ -648,8 +409,8 @@ pub fn job_object(j: &JobRecord) -> Value {
         h
     });
     let eta = progress.get("eta_seconds").and_then(|v| v.as_f64());
-    let estimated_finish = match (j.status.as_str(), eta) {
-        ("running", Some(s)) => json!(loraforge_store::now_secs() + s.ceil() as i64),
+    let estimated_finish = match (j.status(), eta) {
+        (Some(JobStatus::Running), Some(s)) => json!(loraforge_store::now_secs() + s.ceil() as i64),
         _ => Value::Null,
     };
     json!({
@@ -663,7 +424,7 @@ pub fn job_object(j: &JobRecord) -> Value {
         "fine_tuned_model": j.fine_tuned_model,
         "organization_id": "org-loraforge",
         "result_files": result.get("result_files").cloned().unwrap_or(json!([])),
-        "status": if j.status == "queued" && j.paused_at.is_some() { "paused" } else { j.status.as_str() },
+        "status": shown_status(j),
         "validation_file": j.validation_file,
         "training_file": j.training_file,
         "hyperparameters": hp.clone().unwrap_or(json!({})),
@@ -805,7 +566,7 @@ pub async fn cancel(
     state.job_control.send_modify(|n| *n += 1);
     // A queued job is cancelled at once: its streams end now, not at the next poll.
     state.feeds.wake(&id);
-    if job.status == "cancelled" {
+    if job.status() == Some(JobStatus::Cancelled) {
         note(&state, &job, "Job cancelled before it started.").await?;
     }
     Ok(Json(job_object(&job)))
@@ -847,7 +608,7 @@ pub async fn pause(
         note(
             &state,
             &job,
-            if job.status == "running" {
+            if job.status() == Some(JobStatus::Running) {
                 "Pause requested"
             } else {
                 "Job paused"
@@ -1045,16 +806,6 @@ pub fn checkpoint_object(job: &JobRecord, c: &CheckpointRecord) -> Value {
     })
 }
 
-/// `ft:<base>:<suffix>:<job id>`.
-pub fn fine_tuned_name(job: &JobRecord) -> String {
-    format!(
-        "ft:{}:{}:{}",
-        job.model,
-        job.suffix.as_deref().unwrap_or("lora"),
-        job.id
-    )
-}
-
 /// `GET /v1/fine_tuning/jobs/{id}/checkpoints`, newest first.
 pub async fn checkpoints(
     State(state): State<AppState>,
@@ -1075,20 +826,6 @@ pub async fn checkpoints(
 #[derive(Debug, Deserialize)]
 pub struct AdapterParams {
     format: Option<String>,
-}
-
-/// Blob keys of a finished job's artifacts.
-pub fn adapter_key(job_id: &str, format: &str) -> String {
-    match format {
-        "safetensors" => format!("jobs/{job_id}/adapter_model.safetensors"),
-        "kohya" => format!("jobs/{job_id}/lora_kohya.safetensors"),
-        _ => format!("jobs/{job_id}/adapter.zip"),
-    }
-}
-
-/// Whether the job trains a Stable Diffusion LoRA (whose adapters come as kohya files too).
-pub fn is_text_to_image(job: &JobRecord) -> bool {
-    serde_json::from_str::<JobSpec>(&job.spec).is_ok_and(|s| s.task == Task::TextToImage)
 }
 
 /// The adapter format a download asks for: `zip`, `safetensors`, or `kohya`, which only
@@ -1136,7 +873,7 @@ pub async fn adapter(
     ApiQuery(q): ApiQuery<AdapterParams>,
 ) -> ApiResult<Response> {
     let job = get_job(&state, &who, &id).await?;
-    if job.status != "succeeded" {
+    if job.status() != Some(JobStatus::Succeeded) {
         return Err(ApiError::conflict(format!(
             "Job {id} has no adapter (status {}).",
             job.status
@@ -1150,8 +887,39 @@ pub async fn adapter(
         .and_then(|v| v.get(format))
         .and_then(|v| v.as_str())
         .map(|s| format!("\"{s}\""));
+    let filename = match format {
+        "safetensors" => ADAPTER_TENSORS.to_string(),
+        "kohya" => format!(
+            "{}.safetensors",
+            job.fine_tuned_model
+                .as_deref()
+                .map_or(id.clone(), kohya_file_stem)
+        ),
+        _ => format!("{id}-adapter.zip"),
+    };
+    let download = Download {
+        key: adapter_key(&id, format),
+        etag,
+        filename,
+        zip: format == "zip",
+    };
+    send_blob(&state, &headers, download).await
+}
+
+/// A stored artifact as a download.
+struct Download {
+    key: String,
+    /// A strong validator of the blob's bytes, quoted.
+    etag: Option<String>,
+    filename: String,
+    zip: bool,
+}
+
+/// The one download path of adapters, final and checkpoint alike: the blob streamed
+/// (never read whole), `If-None-Match` answered with 304, one `bytes=` range with 206.
+async fn send_blob(state: &AppState, headers: &HeaderMap, d: Download) -> ApiResult<Response> {
     if let (Some(tag), Some(inm)) = (
-        &etag,
+        &d.etag,
         headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok()),
@@ -1165,27 +933,14 @@ pub async fn adapter(
             return Ok(r);
         }
     }
-    let (size, stream) = state
-        .blobs
-        .get(&adapter_key(&id, format))
-        .await
-        .map_err(ApiError::internal)?;
+    let (size, stream) = state.blobs.get(&d.key).await.map_err(ApiError::internal)?;
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(|r| parse_range(r, size));
-    let name = match format {
-        "safetensors" => "adapter_model.safetensors".to_string(),
-        "kohya" => format!(
-            "{}.safetensors",
-            job.fine_tuned_model
-                .as_deref()
-                .map_or(id.clone(), kohya_file_stem)
-        ),
-        _ => format!("{id}-adapter.zip"),
-    };
+    let stream = stream.map(|r| r.map_err(std::io::Error::other));
     let mut resp = match range {
-        None => Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other))).into_response(),
+        None => Body::from_stream(stream).into_response(),
         Some(None) => {
             let mut r = axum::http::StatusCode::RANGE_NOT_SATISFIABLE.into_response();
             r.headers_mut().insert(
@@ -1195,22 +950,18 @@ pub async fn adapter(
             return Ok(r);
         }
         Some(Some((start, end))) => {
-            // Adapters are megabytes, not gigabytes: read the blob and send the slice.
-            let mut bytes = Vec::with_capacity(size as usize);
-            let mut stream = stream;
-            while let Some(chunk) = stream.next().await {
-                bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
-            }
-            let slice = bytes
-                .get(start as usize..=end as usize)
-                .ok_or_else(|| ApiError::internal("the adapter blob is shorter than its size"))?
-                .to_vec();
-            let mut r = (axum::http::StatusCode::PARTIAL_CONTENT, slice).into_response();
-            r.headers_mut().insert(
+            let mut r = (
+                axum::http::StatusCode::PARTIAL_CONTENT,
+                Body::from_stream(byte_range(stream, start, end)),
+            )
+                .into_response();
+            let h = r.headers_mut();
+            h.insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes {start}-{end}/{size}"))
                     .map_err(ApiError::internal)?,
             );
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
             r
         }
     };
@@ -1219,7 +970,7 @@ pub async fn adapter(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(if format == "zip" {
+        HeaderValue::from_static(if d.zip {
             "application/zip"
         } else {
             "application/octet-stream"
@@ -1230,10 +981,10 @@ pub async fn adapter(
     }
     h.insert(
         header::CONTENT_DISPOSITION,
-        HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+        HeaderValue::from_str(&format!("attachment; filename=\"{}\"", d.filename))
             .map_err(ApiError::internal)?,
     );
-    if let Some(tag) = etag {
+    if let Some(tag) = d.etag {
         h.insert(
             header::ETAG,
             HeaderValue::from_str(&tag).map_err(ApiError::internal)?,
@@ -1242,14 +993,34 @@ pub async fn adapter(
     Ok(resp)
 }
 
-/// A blob read whole: checkpoint files are adapter-sized (megabytes).
-async fn read_blob(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
-    let (size, mut stream) = state.blobs.get(key).await.map_err(ApiError::internal)?;
-    let mut bytes = Vec::with_capacity(size as usize);
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
-    }
-    Ok(bytes)
+/// The bytes `start..=end` of a chunked stream, passing chunks through (sliced at the
+/// ends) instead of collecting the body.
+fn byte_range<S>(
+    stream: S,
+    start: u64,
+    end: u64,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>>
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>>,
+{
+    stream
+        .scan(0u64, move |pos, chunk| {
+            let item = chunk.map(|b| {
+                let (from, len) = (*pos, b.len() as u64);
+                *pos += len;
+                let lo = start.saturating_sub(from).min(len);
+                let hi = (end + 1).saturating_sub(from).min(len);
+                b.slice(lo as usize..hi.max(lo) as usize)
+            });
+            // Past the range: stop reading the blob.
+            let done = item.is_ok() && *pos > end + 1;
+            futures::future::ready(if done && item.as_ref().is_ok_and(|b| b.is_empty()) {
+                None
+            } else {
+                Some(item)
+            })
+        })
+        .filter(|item| futures::future::ready(!matches!(item, Ok(b) if b.is_empty())))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1265,10 +1036,10 @@ pub async fn checkpoint_adapter(
     State(state): State<AppState>,
     who: Principal,
     Path(p): Path<CheckpointPath>,
+    headers: HeaderMap,
     ApiQuery(q): ApiQuery<AdapterParams>,
 ) -> ApiResult<Response> {
     let job = get_job(&state, &who, &p.fine_tuning_job_id).await?;
-    let image = is_text_to_image(&job);
     let format = adapter_format(q.format.as_deref(), &job)?;
     let ckpt = state
         .store
@@ -1284,69 +1055,81 @@ pub async fn checkpoint_adapter(
             .param("checkpoint_id")
             .code("checkpoint_not_found")
         })?;
-    let tensors = read_blob(
-        &state,
-        &format!("{}/adapter_model.safetensors", ckpt.storage_key),
-    )
-    .await?;
+    let key = checkpoint_adapter_key(&ckpt.storage_key, format);
+    if format == "zip" && !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
+        zip_stored_checkpoint(&state, &job, &ckpt).await?;
+    }
     let base = format!("{}-step-{}", ckpt.job_id, ckpt.step);
-    let kohya = if image {
-        Some(read_blob(&state, &format!("{}/{KOHYA_FILE}", ckpt.storage_key)).await?)
-    } else {
-        None
+    let filename = match format {
+        "kohya" => format!("{base}.safetensors"),
+        "safetensors" => format!("{base}-adapter_model.safetensors"),
+        _ => format!("{base}-adapter.zip"),
     };
-    let (body, name, content_type) = if format == "kohya" {
-        (
-            kohya.unwrap_or_default(),
-            format!("{base}.safetensors"),
-            "application/octet-stream",
-        )
-    } else if format == "safetensors" {
-        (
-            tensors,
-            format!("{base}-adapter_model.safetensors"),
-            "application/octet-stream",
-        )
-    } else {
-        let config =
-            read_blob(&state, &format!("{}/adapter_config.json", ckpt.storage_key)).await?;
-        let zip = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            use std::io::Write;
-            let mut buf = std::io::Cursor::new(Vec::new());
-            let mut z = zip::ZipWriter::new(&mut buf);
-            let opts = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Deflated);
-            let mut files = vec![
-                ("adapter_config.json", &config),
-                ("adapter_model.safetensors", &tensors),
-            ];
-            if let Some(k) = &kohya {
-                files.push((KOHYA_FILE, k));
-            }
-            for (name, bytes) in files {
-                z.start_file(name, opts).map_err(std::io::Error::other)?;
-                z.write_all(bytes)?;
-            }
-            z.finish().map_err(std::io::Error::other)?;
-            Ok(buf.into_inner())
-        })
+    // A checkpoint's blobs are written once, before its row, under a key of their own
+    // (job, attempt, step): the key names the bytes as well as a hash would.
+    let etag = Some(format!("\"{}\"", sha256_hex(key.as_bytes())));
+    let download = Download {
+        key,
+        etag,
+        filename,
+        zip: format == "zip",
+    };
+    send_blob(&state, &headers, download).await
+}
+
+/// A blob read whole: checkpoint files are adapter-sized (megabytes).
+async fn read_blob(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
+    let (size, mut stream) = state.blobs.get(key).await.map_err(ApiError::internal)?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
+    }
+    Ok(bytes)
+}
+
+/// Builds and stores the zip of a checkpoint stored before checkpoints kept one, from its
+/// stored files, with the same builder the worker uses.
+async fn zip_stored_checkpoint(
+    state: &AppState,
+    job: &JobRecord,
+    ckpt: &CheckpointRecord,
+) -> ApiResult<()> {
+    let dir = state
+        .blobs
+        .tmp_dir()
+        .join(format!("ckpt-zip-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(ApiError::internal)?;
+    for name in [ADAPTER_CONFIG, ADAPTER_TENSORS]
+        .into_iter()
+        .chain(CHECKPOINT_EXTRAS)
+    {
+        let key = format!("{}/{name}", ckpt.storage_key);
+        if !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
+            continue;
+        }
+        let bytes = read_blob(state, &key).await?;
+        std::fs::write(dir.join(name), bytes).map_err(ApiError::internal)?;
+    }
+    let card = model_card(job, Some(ckpt.step as u64));
+    let dir2 = dir.clone();
+    let zip = tokio::task::spawn_blocking(move || adapter_zip(&dir2, &card))
         .await
         .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
-        (zip, format!("{base}-adapter.zip"), "application/zip")
-    };
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
-            (
-                header::CONTENT_DISPOSITION,
-                HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
-                    .map_err(ApiError::internal)?,
-            ),
-        ],
-        body,
-    )
-        .into_response())
+        .map_err(ApiError::internal);
+    let _ = std::fs::remove_dir_all(&dir);
+    let zip = zip?;
+    let up = state.blobs.new_upload().map_err(ApiError::internal)?;
+    {
+        use std::io::Write;
+        let mut f = up.handle().map_err(ApiError::internal)?;
+        f.write_all(&zip).map_err(ApiError::internal)?;
+        f.flush().map_err(ApiError::internal)?;
+    }
+    state
+        .blobs
+        .commit(up, &checkpoint_adapter_key(&ckpt.storage_key, "zip"))
+        .await
+        .map_err(ApiError::internal)
 }
 
 /// One `bytes=` range of a `size`-byte body: `Some((first, last))` inclusive, or `None`

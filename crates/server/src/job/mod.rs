@@ -1,0 +1,19 @@
+//! The job domain, apart from HTTP: what a job's artifacts are called and contain. The
+//! worker, inference and the API handlers all use it; it uses no axum.
+
+pub mod artifacts;
+pub mod spec;
+
+pub use spec::{is_text_to_image, JobSpec, SpecError};
+
+use loraforge_store::{JobRecord, JobStatus};
+
+/// The status a client sees: the stored one, or `paused` for a queued job that a pause
+/// holds back from the workers.
+pub fn shown_status(job: &JobRecord) -> &str {
+    if job.status() == Some(JobStatus::Queued) && job.paused_at.is_some() {
+        "paused"
+    } else {
+        job.status.as_str()
+    }
+}

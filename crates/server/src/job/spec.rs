@@ -1,0 +1,350 @@
+//! A job's spec: the hyperparameters a client sent, validated and with every default
+//! filled, as stored with the job; and its mapping onto the trainer's `TrainSpec`, the
+//! one the worker and `loraforge train` both use.
+
+use loraforge_store::JobRecord;
+use loraforge_trainer::encoder::ProblemType;
+use loraforge_trainer::lora::{LoraConfig, Targets};
+use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::train::{Task, TrainSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// A hyperparameter that cannot be accepted: `param` names it as the API does
+/// (`hyperparameters.<key>`), `message` says why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub param: String,
+    pub message: String,
+}
+
+/// Everything a worker needs to run a job, resolved at create time and stored as the
+/// job's `spec` (so a job runs as it was accepted, whatever defaults change later).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    /// Absent in specs stored before encoders existed: those are causal LM jobs.
+    #[serde(default)]
+    pub task: Task,
+    /// Sequence classification: transformers' problem type; `None` infers it.
+    #[serde(default)]
+    pub problem_type: Option<String>,
+    pub n_epochs: u64,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub learning_rate_multiplier: f64,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    /// `all-linear` or a comma-separated list.
+    pub lora_target_modules: String,
+    pub use_rslora: bool,
+    pub lr_scheduler: String,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub gradient_accumulation_steps: usize,
+    pub max_seq_len: usize,
+    pub max_steps: Option<u64>,
+    pub train_on_inputs: bool,
+    pub eval_interval: Option<u64>,
+    pub checkpoint_interval: Option<u64>,
+    pub seed: u64,
+    pub metadata: Option<Value>,
+    /// Text-to-image: square training resolution (`None`: the model's native size).
+    #[serde(default)]
+    pub resolution: Option<u32>,
+    /// Text-to-image: min-SNR-γ loss weighting.
+    #[serde(default)]
+    pub snr_gamma: Option<f64>,
+    /// Text-to-image: diffusers' noise offset.
+    #[serde(default)]
+    pub noise_offset: f64,
+    /// Text-to-image: overrides the scheduler's prediction type.
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+}
+
+/// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
+const BASE_LR: f64 = 2e-4;
+
+pub(crate) fn hp_err(name: &str, what: &str) -> SpecError {
+    SpecError {
+        param: format!("hyperparameters.{name}"),
+        message: format!("hyperparameters.{name} {what}"),
+    }
+}
+
+/// Reads one hyperparameter: absent or `"auto"` gives `default`.
+fn hp_num<T: serde::de::DeserializeOwned + PartialOrd + Copy + std::fmt::Display>(
+    hp: &serde_json::Map<String, Value>,
+    name: &str,
+    default: T,
+    lo: T,
+    hi: T,
+) -> Result<T, SpecError> {
+    match hp.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::String(s)) if s == "auto" => Ok(default),
+        Some(v) => {
+            let x: T = serde_json::from_value(v.clone())
+                .map_err(|_| hp_err(name, "must be a number or \"auto\""))?;
+            if x < lo || x > hi {
+                return Err(hp_err(name, &format!("must be between {lo} and {hi}")));
+            }
+            Ok(x)
+        }
+    }
+}
+
+fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> Result<bool, SpecError> {
+    match hp.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(hp_err(name, "must be a boolean")),
+    }
+}
+
+/// Hyperparameters of text-to-image jobs only.
+const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
+
+const KNOWN_HP: [&str; 23] = [
+    "resolution",
+    "snr_gamma",
+    "noise_offset",
+    "prediction_type",
+    "n_epochs",
+    "batch_size",
+    "learning_rate_multiplier",
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "lr_scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "max_seq_len",
+    "max_steps",
+    "train_on_inputs",
+    "eval_interval",
+    "checkpoint_interval",
+];
+
+/// Keys that OpenAI's API gives a meaning we do not implement yet: refused by name rather
+/// than accepted and ignored, so a client never believes it trained what it did not.
+const NOT_YET_HP: [(&str, &str); 1] = [(
+    "beta",
+    "is not supported yet: it belongs to DPO (method type \"dpo\"), which loraforge does not train yet",
+)];
+
+/// Validates the hyperparameters and fills every default.
+pub fn parse_spec(
+    hp: &serde_json::Map<String, Value>,
+    seed: Option<u64>,
+    metadata: Option<Value>,
+    task: Task,
+) -> Result<JobSpec, SpecError> {
+    if let Some((k, why)) = NOT_YET_HP.iter().find(|(k, _)| hp.contains_key(*k)) {
+        return Err(hp_err(k, why));
+    }
+    if let Some(k) = hp.keys().find(|k| !KNOWN_HP.contains(&k.as_str())) {
+        return Err(hp_err(k, "is not a known hyperparameter"));
+    }
+    if task != Task::TextToImage {
+        if let Some(k) = hp
+            .iter()
+            .find(|(k, v)| IMAGE_HP.contains(&k.as_str()) && !v.is_null())
+            .map(|(k, _)| k)
+        {
+            return Err(hp_err(k, "applies to task text_to_image only"));
+        }
+    }
+    let prediction_type = match hp.get("prediction_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if ["epsilon", "v_prediction", "sample"].contains(&p.as_str()) => {
+            Some(p.clone())
+        }
+        Some(_) => {
+            return Err(hp_err(
+                "prediction_type",
+                "must be epsilon, v_prediction or sample",
+            ))
+        }
+    };
+    // diffusers' SD recipe: rank 4 and alpha = rank (scale 1), whatever the rank.
+    let lora_r = hp_num(
+        hp,
+        "lora_r",
+        if task == Task::TextToImage { 4 } else { 8 },
+        1,
+        1024,
+    )?;
+    let alpha_default = if task == Task::TextToImage {
+        lora_r as f64
+    } else {
+        16.0
+    };
+    let lora_alpha = hp_num(hp, "lora_alpha", alpha_default, 1e-6, 1e6)?;
+    let mult = hp_num(hp, "learning_rate_multiplier", 1.0, 1e-6, 1e3)?;
+    let lr = match hp.get("learning_rate") {
+        None | Some(Value::Null) => BASE_LR * mult,
+        _ => hp_num(hp, "learning_rate", BASE_LR, 1e-9, 1.0)?,
+    };
+    let targets = match hp.get("lora_target_modules") {
+        None | Some(Value::Null) => match task.default_targets() {
+            Targets::Names(n) => n.join(","),
+            Targets::AllLinear => "all-linear".into(),
+        },
+        Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => "all-linear".into(),
+        Some(Value::Array(a)) if !a.is_empty() => {
+            let names: Option<Vec<&str>> = a.iter().map(|x| x.as_str()).collect();
+            let names =
+                names.ok_or_else(|| hp_err("lora_target_modules", "must list module names"))?;
+            if names.iter().any(|n| n.is_empty() || n.contains(',')) {
+                return Err(hp_err("lora_target_modules", "has an invalid module name"));
+            }
+            names.join(",")
+        }
+        Some(_) => {
+            return Err(hp_err(
+                "lora_target_modules",
+                "must be a list of module names or \"all-linear\"",
+            ))
+        }
+    };
+    let scheduler = match hp.get("lr_scheduler") {
+        None | Some(Value::Null) => "linear".to_string(),
+        Some(Value::String(s)) if ["constant", "linear", "cosine"].contains(&s.as_str()) => {
+            s.clone()
+        }
+        Some(_) => return Err(hp_err("lr_scheduler", "must be constant, linear or cosine")),
+    };
+    let opt_u64 = |name: &str| -> Result<Option<u64>, SpecError> {
+        match hp.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            _ => Ok(Some(hp_num(hp, name, 1u64, 1, 10_000_000)?)),
+        }
+    };
+    Ok(JobSpec {
+        task,
+        problem_type: None,
+        n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
+        batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
+        learning_rate: lr,
+        learning_rate_multiplier: mult,
+        lora_r,
+        lora_alpha,
+        lora_dropout: hp_num(hp, "lora_dropout", 0.0f32, 0.0, 0.99)?,
+        lora_target_modules: targets,
+        use_rslora: hp_bool(hp, "use_rslora")?,
+        lr_scheduler: scheduler,
+        warmup_ratio: hp_num(hp, "warmup_ratio", 0.0, 0.0, 0.99)?,
+        weight_decay: hp_num(hp, "weight_decay", 0.0, 0.0, 10.0)?,
+        max_grad_norm: hp_num(hp, "max_grad_norm", 1.0, 0.0, 1e6)?,
+        gradient_accumulation_steps: hp_num(hp, "gradient_accumulation_steps", 1usize, 1, 1024)?,
+        max_seq_len: hp_num(hp, "max_seq_len", 1024usize, 2, 1 << 20)?,
+        max_steps: opt_u64("max_steps")?,
+        train_on_inputs: hp_bool(hp, "train_on_inputs")?,
+        eval_interval: opt_u64("eval_interval")?,
+        checkpoint_interval: opt_u64("checkpoint_interval")?,
+        seed: seed.unwrap_or(42),
+        metadata,
+        resolution: match hp.get("resolution") {
+            None | Some(Value::Null) => None,
+            _ => {
+                let r = hp_num(hp, "resolution", 512u32, 8, 4096)?;
+                if !r.is_multiple_of(8) {
+                    return Err(hp_err("resolution", "must be a multiple of 8"));
+                }
+                Some(r)
+            }
+        },
+        snr_gamma: match hp.get("snr_gamma") {
+            None | Some(Value::Null) => None,
+            _ => Some(hp_num(hp, "snr_gamma", 5.0, 1e-3, 1e3)?),
+        },
+        noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
+        prediction_type,
+    })
+}
+
+/// Whether the job trains a Stable Diffusion LoRA (whose adapters come as kohya files too).
+pub fn is_text_to_image(job: &JobRecord) -> bool {
+    serde_json::from_str::<JobSpec>(&job.spec).is_ok_and(|s| s.task == Task::TextToImage)
+}
+
+/// The trainer's spec for a job: its model, data and output paths on this machine, and
+/// the stored spec's settings.
+pub fn train_spec(
+    spec: &JobSpec,
+    model: PathBuf,
+    data: PathBuf,
+    validation: Option<PathBuf>,
+    out: PathBuf,
+    device: &str,
+) -> anyhow::Result<TrainSpec> {
+    let mut t = TrainSpec::new(model, data, out);
+    t.validation = validation;
+    t.task = spec.task;
+    t.problem_type = spec
+        .problem_type
+        .as_deref()
+        .map(ProblemType::parse)
+        .transpose()?;
+    t.lora = LoraConfig {
+        r: spec.lora_r,
+        alpha: spec.lora_alpha,
+        dropout: spec.lora_dropout,
+        targets: Targets::parse(&spec.lora_target_modules)?,
+        use_rslora: spec.use_rslora,
+    };
+    t.epochs = spec.n_epochs;
+    t.max_steps = spec.max_steps;
+    t.batch_size = spec.batch_size;
+    t.grad_accum = spec.gradient_accumulation_steps;
+    t.lr = spec.learning_rate;
+    t.scheduler = spec.lr_scheduler.parse::<Scheduler>()?;
+    t.warmup_ratio = spec.warmup_ratio;
+    t.adamw = AdamWConfig {
+        weight_decay: spec.weight_decay,
+        ..AdamWConfig::default()
+    };
+    t.max_grad_norm = spec.max_grad_norm;
+    t.max_seq_len = spec.max_seq_len;
+    t.seed = spec.seed;
+    t.train_on_inputs = spec.train_on_inputs;
+    t.eval_every = spec.eval_interval;
+    t.checkpoint_every = spec.checkpoint_interval;
+    t.image = loraforge_trainer::sd::objective::ImageSettings {
+        resolution: spec.resolution,
+        prediction_type: spec.prediction_type.clone(),
+        snr_gamma: spec.snr_gamma,
+        noise_offset: spec.noise_offset,
+        name: None,
+    };
+    t.device = loraforge_trainer::device::parse(device)?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_spec, Task};
+    use serde_json::json;
+
+    #[test]
+    fn keys_we_do_not_honour_are_refused_by_name() {
+        let hp = |v: serde_json::Value| v.as_object().unwrap().clone();
+        // DPO's beta would be silently ignored by supervised training: refuse it.
+        let e = parse_spec(&hp(json!({"beta": 0.1})), None, None, Task::CausalLm).unwrap_err();
+        assert_eq!(e.param, "hyperparameters.beta", "{e:?}");
+        assert!(e.message.contains("DPO"), "{e:?}");
+        let e = parse_spec(&hp(json!({"lora_rank": 8})), None, None, Task::CausalLm).unwrap_err();
+        assert_eq!(e.param, "hyperparameters.lora_rank", "{e:?}");
+        assert!(parse_spec(&hp(json!({"lora_r": 8})), None, None, Task::CausalLm).is_ok());
+    }
+}

@@ -1,7 +1,7 @@
 //! End-to-end tests of the HTTP API: each starts the real server binary on a random
 //! port, against SQLite and, when `TEST_DATABASE_URL` is set, PostgreSQL.
 
-mod common;
+use crate::common;
 
 use common::{
     backends, chat_jsonl, chat_line, check_response, files_under, spec, upload_raw, Backend,

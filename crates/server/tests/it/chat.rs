@@ -1,6 +1,6 @@
 //! Chat and text completions on base and fine-tuned models, through the real binary.
 
-mod common;
+use crate::common;
 
 use common::{check_response, copy_dir, root, spec, upload_chat, wait_status, Backend, TestServer};
 use futures::StreamExt;
@@ -230,7 +230,7 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
     let r = reqwest::Client::new()
         .post(s.url("/v1/chat/completions"))
         .json(
-            &json!({"model": "tiny-llama", "temperature": 1.0, "max_tokens": 200, "stream": true,
+            &json!({"model": "tiny-llama", "temperature": 1.0, "max_tokens": 230, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]}),
         )
         .send()
@@ -243,6 +243,33 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
         .await
         .expect("the model stayed busy");
     assert_eq!(st, 200);
+    // And the generation itself stopped when the client left, well short of its 230
+    // tokens: the server logs how far each generation went and why it ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let logs = s.logs();
+        if let Some(l) = logs
+            .lines()
+            .find(|l| l.contains("generation ended") && l.contains("cancelled"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no generation was cancelled by the disconnect:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let generated: usize = line
+        .split("completion_tokens=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {line:?}"));
+    assert!(
+        generated < 230,
+        "generation ran on after the disconnect: {line}"
+    );
     let _ = reqwest::Client::new()
         .post(s.url(&format!(
             "/v1/fine_tuning/jobs/{}/cancel",

@@ -7,7 +7,7 @@
 //! The MiniLM checks skip without the model or the venv unless
 //! `LORAFORGE_REQUIRE_REAL_MODELS=1` (CI sets it).
 
-mod common;
+use crate::common;
 
 use common::{copy_dir, create_job, get_json, root, wait_status, Backend, TestServer};
 use serde_json::{json, Value};
@@ -196,6 +196,27 @@ async fn labelled_data_is_checked_and_a_tiny_bert_trains_through_the_api() {
         m["valid_accuracy"].is_number() && m["valid_macro_f1"].is_number(),
         "{ck}"
     );
+    // A checkpoint's zip carries the label set as the final one does: one zip builder.
+    let ck_id = ck["data"][0]["id"].as_str().unwrap();
+    let r = reqwest::get(s.url(&format!(
+        "/v1/fine_tuning/jobs/{id}/checkpoints/{ck_id}/adapter"
+    )))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let ck_dir = tempfile::tempdir().unwrap();
+    let names = unzip(&r.bytes().await.unwrap(), ck_dir.path());
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "labels.json",
+        "README.md",
+    ] {
+        assert!(
+            names.iter().any(|n| n == f),
+            "{f} not in checkpoint zip {names:?}"
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let names = unzip(&download_adapter(&s, id).await, dir.path());

@@ -156,6 +156,13 @@ fn every_format_trains_and_merge_matches_adapter() {
                 "--target-modules",
                 "all-linear",
             ])
+            // The adapter that gets merged trains long and fast enough to move the model
+            // (two steps at the default rate leave B ≈ 0, and any merge would pass).
+            .args(if i == 1 {
+                &["--max-steps", "30", "--lr", "1e-2"][..]
+            } else {
+                &[][..]
+            })
             .output()
             .unwrap();
         assert!(
@@ -195,5 +202,85 @@ fn every_format_trains_and_merge_matches_adapter() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert_eq!(gen(&model, Some(&adapter)), gen(&merged, None));
+    let tuned = gen(&model, Some(&adapter));
+    assert_ne!(
+        gen(&model, None),
+        tuned,
+        "the adapter does not change the model's output: the merge check would prove nothing"
+    );
+    assert_eq!(tuned, gen(&merged, None));
+
+    // Weight by weight: every targeted matrix is W + (alpha / r)·B·A, and moved.
+    let base = std::fs::read(model.join("model.safetensors")).unwrap();
+    let base = safetensors::SafeTensors::deserialize(&base).unwrap();
+    let lora = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let lora = safetensors::SafeTensors::deserialize(&lora).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let scale = cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap();
+    let merged_bytes = merged_weights(&merged);
+    let merged = safetensors::SafeTensors::deserialize(&merged_bytes).unwrap();
+    let mut checked = 0;
+    for name in lora.names() {
+        let Some(module) = name
+            .strip_prefix("base_model.model.")
+            .and_then(|n| n.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let (a, a_shape) = f32s(&lora, name);
+        let (b, b_shape) = f32s(&lora, &name.replace("lora_A", "lora_B"));
+        let key = format!("{module}.weight");
+        let (w, w_shape) = f32s(&base, &key);
+        let (m, m_shape) = f32s(&merged, &key);
+        assert_eq!(w_shape, m_shape, "{key}");
+        let (out, r, inp) = (b_shape[0], a_shape[0], a_shape[1]);
+        assert_eq!(w_shape, [out, inp], "{key}");
+        let (mut moved, mut worst) = (0f64, 0f64);
+        for o in 0..out {
+            for i in 0..inp {
+                let ba: f64 = (0..r)
+                    .map(|k| b[o * r + k] as f64 * a[k * inp + i] as f64)
+                    .sum();
+                let want = w[o * inp + i] as f64 + scale * ba;
+                worst = worst.max((m[o * inp + i] as f64 - want).abs());
+                moved = moved.max((m[o * inp + i] - w[o * inp + i]).abs() as f64);
+            }
+        }
+        assert!(
+            worst < 1e-5,
+            "{key}: merged differs from W + s·BA by {worst}"
+        );
+        assert!(
+            moved > 1e-3,
+            "{key}: the merge left the base weight in place"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 7, "only {checked} merged matrices checked");
+}
+
+/// The merged folder's weights (one `model.safetensors`).
+fn merged_weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap_or_else(|e| {
+        let names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        panic!("{}: {e}; the folder has {names:?}", dir.display())
+    })
+}
+
+/// An f32 tensor's values and shape.
+fn f32s(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (v, t.shape().to_vec())
 }

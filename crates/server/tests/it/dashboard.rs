@@ -6,7 +6,7 @@
 //! `npm ci` in tests/browser. Without them it is skipped with a message, unless
 //! `LORAFORGE_REQUIRE_BROWSER` is set (as `.ci/run` does), when it fails instead.
 
-mod common;
+use crate::common;
 
 use common::{copy_dir, root, Backend, TestServer};
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 //! port), so stopping it disturbs nothing else. It needs root and PostgreSQL's server
 //! binaries; without them it is skipped, unless `LORAFORGE_REQUIRE_REAL_MODELS=1` (CI).
 
-mod common;
+use crate::common;
 
 use common::{copy_dir, root, upload_chat, Backend, TestServer};
 use serde_json::{json, Value};

@@ -1,7 +1,7 @@
 //! Fine-tuning jobs end to end, through the real binary: create, follow the SSE stream,
 //! download the adapter; cancel; a crashed server's job continued by the next one.
 
-mod common;
+use crate::common;
 
 use common::{
     backends, check_response, copy_dir, get_json as get, read_sse, spec, upload_chat, wait_status,
@@ -192,10 +192,32 @@ async fn job_trains_streams_and_serves_its_adapter() {
         let r = reqwest::get(&url).await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "application/zip");
+        let ck_etag = r.headers()["etag"].to_str().unwrap().to_string();
         let zip = r.bytes().await.unwrap();
         for name in ["adapter_config.json", "adapter_model.safetensors"] {
             assert_eq!(zip_entry(&zip, name), stored(name), "{name} of step 40");
         }
+        // The same download path as the final adapter: ETag, 304, and byte ranges.
+        let client = reqwest::Client::new();
+        let again = client
+            .get(&url)
+            .header("if-none-match", &ck_etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304);
+        let part = client
+            .get(&url)
+            .header("range", "bytes=5-70")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(part.status(), 206);
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes 5-70/{}", zip.len()).as_str()
+        );
+        assert_eq!(part.bytes().await.unwrap(), zip[5..71]);
         let r = reqwest::get(format!("{url}?format=safetensors"))
             .await
             .unwrap();
@@ -363,7 +385,13 @@ async fn sse_reconnect_has_no_gap_and_no_duplicate() {
 /// the next queued job.
 #[tokio::test]
 async fn cancel_stops_a_running_job_and_frees_the_worker() {
-    let s = server(Backend::Sqlite, &["--lease-seconds", "3"]).await;
+    for backend in backends() {
+        cancel_stops_a_running_job(backend).await;
+    }
+}
+
+async fn cancel_stops_a_running_job(backend: Backend) {
+    let s = server(backend, &["--lease-seconds", "3"]).await;
     let file = upload_chat(&s).await;
     let long = create_job(&s, &file, json!({"max_steps": 100000, "batch_size": 2})).await;
     let next = create_job(&s, &file, json!({"max_steps": 3, "batch_size": 2})).await;
@@ -536,76 +564,102 @@ async fn a_dead_workers_job_continues_from_its_checkpoint() {
     assert_eq!(zips, 1);
 }
 
-/// Pause a running job (it checkpoints and lets go), resume it, and it ends with the same
-/// adapter, bit for bit, as the same job run without a pause.
+/// Pause a running job (it checkpoints and lets go), resume it, and it trains on exactly
+/// as the same job run without a pause: their step-K checkpoints are the same bits.
+///
+/// Both jobs are endless (100,000 steps) and are cancelled once past step K, so a pause
+/// can never lose a race against the end of training, however fast the machine.
 #[tokio::test]
 async fn pause_then_resume_gives_the_uninterrupted_adapter() {
-    let s = server(Backend::Sqlite, &["--lease-seconds", "3"]).await;
-    let file = upload_chat(&s).await;
-    let hp = json!({"max_steps": 150, "batch_size": 2, "lora_r": 4, "lora_dropout": 0.1,
-                    "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1});
-    let plain = create_job(&s, &file, hp.clone()).await;
-    let plain_id = plain["id"].as_str().unwrap().to_string();
-    wait_status(&s, &plain_id, &["succeeded"], Duration::from_secs(120)).await;
+    for backend in backends() {
+        let s = server(backend, &["--lease-seconds", "3"]).await;
+        let file = upload_chat(&s).await;
+        let hp = json!({"max_steps": 100000, "batch_size": 2, "lora_r": 4, "lora_dropout": 0.1,
+                        "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.0001,
+                        "checkpoint_interval": 10});
+        let post = |path: String| {
+            let url = s.url(&path);
+            async move {
+                let r = reqwest::Client::new().post(url).send().await.unwrap();
+                let st = r.status();
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(st, 200, "{v}");
+                v
+            }
+        };
+        // The step-`step` checkpoint's tensors, once the job has written it.
+        let checkpoint = |job: String, step: u64| {
+            let s = &s;
+            async move {
+                let t0 = Instant::now();
+                loop {
+                    let c = get(s, &format!("/v1/fine_tuning/jobs/{job}/checkpoints")).await;
+                    if let Some(c) = c["data"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|c| c["step_number"].as_u64() == Some(step))
+                    {
+                        let url = s.url(&format!(
+                            "/v1/fine_tuning/jobs/{job}/checkpoints/{}/adapter?format=safetensors",
+                            c["id"].as_str().unwrap()
+                        ));
+                        return reqwest::get(url).await.unwrap().bytes().await.unwrap();
+                    }
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(120),
+                        "{backend:?}: job {job} never checkpointed step {step}: {}",
+                        s.logs()
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
 
-    let paused = create_job(&s, &file, hp).await;
-    let id = paused["id"].as_str().unwrap().to_string();
-    wait_step(&s, &id, 5).await;
-    let post = |path: String| {
-        let url = s.url(&path);
-        async move {
-            let r = reqwest::Client::new().post(url).send().await.unwrap();
-            let st = r.status();
-            let v: Value = r.json().await.unwrap();
-            assert_eq!(st, 200, "{v}");
-            v
-        }
-    };
-    post(format!("/v1/fine_tuning/jobs/{id}/pause")).await;
-    let p = wait_status(&s, &id, &["paused", "succeeded"], Duration::from_secs(10)).await;
-    assert_eq!(
-        p["status"], "paused",
-        "the job finished before the pause took hold"
-    );
-    let at = p["progress"]["step"].as_u64().unwrap();
-    assert!(at < 150);
-    // A paused job stays put.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let still = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
-    assert_eq!(still["status"], "paused");
-    assert_eq!(still["progress"]["step"].as_u64().unwrap(), at);
-    post(format!("/v1/fine_tuning/jobs/{id}/resume")).await;
-    let done = wait_status(&s, &id, &["succeeded"], Duration::from_secs(120)).await;
-    assert_eq!(done["progress"]["step"], 150);
-    let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
-    let msgs: Vec<&str> = events["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
-    assert!(
-        msgs.contains(&format!("Job paused after step {at}").as_str()),
-        "{msgs:?}"
-    );
-    assert!(
-        msgs.iter()
-            .any(|m| m.starts_with(&format!("Resumed from the step-{at} checkpoint"))),
-        "{msgs:?}"
-    );
+        let paused = create_job(&s, &file, hp.clone()).await;
+        let id = paused["id"].as_str().unwrap().to_string();
+        wait_step(&s, &id, 5).await;
+        post(format!("/v1/fine_tuning/jobs/{id}/pause")).await;
+        let p = wait_status(&s, &id, &["paused"], Duration::from_secs(30)).await;
+        let at = p["progress"]["step"].as_u64().unwrap();
+        assert!(at >= 5);
+        // A paused job stays put.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let still = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await;
+        assert_eq!(still["status"], "paused");
+        assert_eq!(still["progress"]["step"].as_u64().unwrap(), at);
+        post(format!("/v1/fine_tuning/jobs/{id}/resume")).await;
+        // The first regular checkpoint after the resumed run has taken a few steps.
+        let k = (at / 10 + 2) * 10;
+        let b = checkpoint(id.clone(), k).await;
+        post(format!("/v1/fine_tuning/jobs/{id}/cancel")).await;
+        wait_status(&s, &id, &["cancelled"], Duration::from_secs(30)).await;
+        let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=10000")).await;
+        let msgs: Vec<&str> = events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap())
+            .collect();
+        assert!(
+            msgs.contains(&format!("Job paused after step {at}").as_str()),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.starts_with(&format!("Resumed from the step-{at} checkpoint"))),
+            "{msgs:?}"
+        );
 
-    let adapter = |job: String| {
-        let url = s.url(&format!(
-            "/v1/fine_tuning/jobs/{job}/adapter?format=safetensors"
-        ));
-        async move { reqwest::get(url).await.unwrap().bytes().await.unwrap() }
-    };
-    let a = adapter(plain_id).await;
-    let b = adapter(id).await;
-    assert!(
-        a == b,
-        "the paused-and-resumed adapter differs from the uninterrupted one"
-    );
+        let plain = create_job(&s, &file, hp).await;
+        let plain_id = plain["id"].as_str().unwrap().to_string();
+        let a = checkpoint(plain_id.clone(), k).await;
+        post(format!("/v1/fine_tuning/jobs/{plain_id}/cancel")).await;
+        assert!(
+            a == b,
+            "{backend:?}: the paused-and-resumed step-{k} adapter differs from the uninterrupted one"
+        );
+    }
 }
 
 /// SIGTERM with open event streams and a running job: the server exits within 10 s, the

@@ -1,7 +1,7 @@
 //! Limits: the JSON body cap, and the per-owner caps on active jobs and stored bytes,
 //! each a clear error in OpenAI's envelope that loses nothing and leaves nothing behind.
 
-mod common;
+use crate::common;
 
 use common::{backends, chat_jsonl, copy_dir, files_under, post_json, root, Backend, TestServer};
 use serde_json::{json, Value};

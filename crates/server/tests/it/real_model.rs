@@ -4,7 +4,7 @@
 //! which turns a missing model into a failure. The PEFT check needs `LORAFORGE_VENV`
 //! (a venv with transformers + peft + gguf, `scripts/setup-python.sh`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! `loraforge worker` processes with their own data directories, sharing only the
 //! database and the blob store with an API-only `serve`.
 
-mod common;
+use crate::common;
 
 use common::{backends, copy_dir, get_json, root, upload_chat, wait_status, TestServer};
 use serde_json::{json, Value};

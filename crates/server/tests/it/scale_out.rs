@@ -9,7 +9,7 @@
 //! (`scripts/setup-python.sh`); skipped without them unless
 //! `LORAFORGE_REQUIRE_REAL_MODELS=1` (CI), which makes a missing piece a failure.
 
-mod common;
+use crate::common;
 
 use common::{copy_dir, get_json, root, upload_chat, Backend, TestServer};
 use serde_json::{json, Value};

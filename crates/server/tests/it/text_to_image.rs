@@ -4,7 +4,7 @@
 //! its events stream, and the download is a kohya-format file whose keys and metadata
 //! are what the SD UIs read.
 
-mod common;
+use crate::common;
 
 use common::{copy_dir, create_job, get_json, read_sse, root, wait_status, Backend, TestServer};
 use serde_json::{json, Value};

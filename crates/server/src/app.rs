@@ -204,7 +204,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
 }
 
 pub fn list_models(args: ModelsArgs) -> anyhow::Result<()> {
-    let models = loraforge_trainer::registry::scan(&args.models_dir);
+    let models = loraforge_trainer::families::scan(&args.models_dir);
     if args.json {
         let objs: Vec<_> = models
             .iter()

@@ -10,9 +10,9 @@ use crate::job::artifacts::{adapter_key, fine_tuned_name};
 use crate::job::shown_status;
 use futures::StreamExt;
 use loraforge_store::JobStatus;
-use loraforge_trainer::adapters::{apply, AdapterWeights};
 use loraforge_trainer::device::Device;
-use loraforge_trainer::loader::{self, BaseModel};
+use loraforge_trainer::families::decoder::loader::{self, BaseModel};
+use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -62,7 +62,7 @@ pub async fn resolve(
     owner: Option<&str>,
 ) -> Result<Resolved, ResolveError> {
     let dir = state.settings.models_dir.clone();
-    let bases = tokio::task::spawn_blocking(move || loraforge_trainer::registry::scan(&dir))
+    let bases = tokio::task::spawn_blocking(move || loraforge_trainer::families::scan(&dir))
         .await
         .map_err(|e| ResolveError::Store(loraforge_store::Error::Io(std::io::Error::other(e))))?;
     let base_of = |id: &str| {

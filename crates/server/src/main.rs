@@ -1,4 +1,9 @@
-//! The `loraforge` binary.
+//! The `loraforge` binary: `serve`, `worker`, `train`, `merge`, `generate`, `keys`...
+//!
+//! `api/` is the HTTP layer (handlers per resource, errors mapped to HTTP in one place);
+//! `job/` the job domain with no HTTP in it (specs, artifacts, the adapter zip), used by
+//! the handlers, the worker pool (`worker`) and inference alike; `train_cmd` the engine
+//! from the command line; `app` wires state, router and shutdown.
 mod api;
 mod app;
 mod auth;

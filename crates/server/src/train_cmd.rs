@@ -6,9 +6,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use loraforge_trainer::data::ClassInput;
 use loraforge_trainer::device::Device;
-use loraforge_trainer::generate::{generate_text, GenerateOptions};
+use loraforge_trainer::families::decoder::generate::{generate_text, GenerateOptions};
+use loraforge_trainer::families::for_task;
 use loraforge_trainer::lora::Targets;
-use loraforge_trainer::train::{self, Task, TrainEvent, TrainSpec};
+use loraforge_trainer::train::{Task, TrainEvent, TrainSpec};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -157,7 +158,7 @@ impl TrainArgs {
             lora_dropout: self.dropout,
             lora_target_modules: match &self.target_modules {
                 Some(t) => t.clone(),
-                None => match task.default_targets() {
+                None => match for_task(task).default_targets() {
                     Targets::Names(n) => n.join(","),
                     Targets::AllLinear => "all-linear".into(),
                 },
@@ -187,11 +188,10 @@ impl TrainArgs {
             self.validation.clone(),
             self.out.clone(),
             &self.device.device,
+            self.out
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
         )?;
-        s.image.name = self
-            .out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
         s.model_dropout = !self.no_model_dropout;
         s.warmup_steps = self.warmup_steps;
         s.shuffle = !self.no_shuffle;
@@ -214,7 +214,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut io_err: Option<std::io::Error> = None;
     let cancel = AtomicBool::new(false);
-    let outcome = train::train(&spec, &cancel, &mut |ev| match ev {
+    let outcome = loraforge_trainer::train(&spec, &cancel, &mut |ev| match ev {
         TrainEvent::Started {
             total_steps,
             examples,
@@ -321,9 +321,12 @@ pub struct MergeArgs {
 
 pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let base =
-        loraforge_trainer::export::load_with_adapter(&args.model, Some(&args.adapter), &dev)?;
-    loraforge_trainer::export::write_merged(&base, &args.model, &args.out)?;
+    let base = loraforge_trainer::families::decoder::merge::load_with_adapter(
+        &args.model,
+        Some(&args.adapter),
+        &dev,
+    )?;
+    loraforge_trainer::families::decoder::merge::write_merged(&base, &args.model, &args.out)?;
     eprintln!("merged model written to {}", args.out.display());
     Ok(())
 }
@@ -356,8 +359,11 @@ pub struct GenerateArgs {
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let dev = args.device.resolve()?;
-    let base =
-        loraforge_trainer::export::load_with_adapter(&args.model, args.adapter.as_deref(), &dev)?;
+    let base = loraforge_trainer::families::decoder::merge::load_with_adapter(
+        &args.model,
+        args.adapter.as_deref(),
+        &dev,
+    )?;
     let g = generate_text(
         &base,
         &args.prompt,
@@ -436,7 +442,7 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
                 .collect()
         }
     };
-    let c = loraforge_trainer::classify::Classifier::load(
+    let c = loraforge_trainer::families::encoder::classify::Classifier::load(
         &args.model,
         &args.adapter,
         args.max_seq_len,

@@ -39,7 +39,7 @@ fn check_image_zip(
     path: &std::path::Path,
     min_examples: u64,
 ) -> (ValidationReport, Option<String>) {
-    use loraforge_trainer::sd::dataset::{read_zip, ZipLimits};
+    use loraforge_trainer::families::diffusion::dataset::{read_zip, ZipLimits};
     let mut report = ValidationReport {
         format: Some(data::DataFormat::ImageZip),
         ..Default::default()

@@ -16,8 +16,8 @@ use crate::job::{is_text_to_image, JobSpec};
 use anyhow::Context;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, ClaimedJob, FileRecord, JobOutcome, Lease};
-use loraforge_trainer::sd::objective::KOHYA_FILE;
-use loraforge_trainer::train::{self, TrainEvent, TrainSpec};
+use loraforge_trainer::families::diffusion::objective::KOHYA_FILE;
+use loraforge_trainer::train::{TrainEvent, TrainSpec};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -352,7 +352,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     tokio::fs::create_dir_all(&work).await?;
     let prepared: anyhow::Result<TrainSpec> = async {
         let dir = state.settings.models_dir.clone();
-        let model = tokio::task::spawn_blocking(move || loraforge_trainer::registry::scan(&dir))
+        let model = tokio::task::spawn_blocking(move || loraforge_trainer::families::scan(&dir))
             .await?
             .into_iter()
             .find(|m| m.id == job.model)
@@ -383,9 +383,9 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
             validation,
             work.join("out"),
             &cfg.device,
+            // The name SD UIs list the LoRA under.
+            Some(fine_tuned_name(&job)),
         )?;
-        // The name SD UIs list the LoRA under.
-        t.image.name = Some(fine_tuned_name(&job));
         // A job that ran before (a dead worker, a restart) continues from its newest checkpoint.
         if let Some(c) = state
             .store
@@ -432,7 +432,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         std::thread::Builder::new()
             .name(format!("train-{}", job.id))
             .spawn(move || {
-                let r = train::train(&tspec, &cancel, &mut |ev| {
+                let r = loraforge_trainer::train(&tspec, &cancel, &mut |ev| {
                     let _ = tx.send(ev.clone());
                 });
                 let _ = done_tx.send(r);

@@ -3,35 +3,44 @@
 //!
 //! This crate knows tensors, tokenizers and files; it knows nothing of HTTP or SQL.
 //! The model code is our own (candle-transformers' models use fused ops without a
-//! backward pass and give LoRA no hook), and the LoRA layer and the training loop
-//! are independent of the architecture so that encoders and UNets can join later.
+//! backward pass and give LoRA no hook). The house: `io` reads weights, `ops` are the
+//! custom ops with their backward, `nn` the shared layers, `lora` the adapter layer and
+//! PEFT files, `train` the one loop (it knows no family), and `families/` one folder per
+//! model family behind `trait Family`, found through the registry [`families::ALL`].
+//! [`train()`] runs a job with the family that trains its task.
 
-pub mod adapters;
-pub mod classify;
-pub mod config;
 pub mod data;
 pub mod device;
-pub mod encoder;
-pub mod export;
-pub mod generate;
-pub mod labels;
-pub mod loader;
+pub mod families;
+pub mod io;
 pub mod lora;
-pub mod model;
+pub mod nn;
 pub mod ops;
-pub mod optim;
-pub mod registry;
-pub mod sd;
-pub mod tokenize;
 pub mod train;
 
-use std::path::{Path, PathBuf};
+pub use families::{Family, ALL as FAMILIES};
+pub use train::{TrainEvent, TrainOutcome, TrainSpec};
 
-/// A JSON file (a model's `config.json`, an adapter's config, ...), naming the file when
-/// it cannot be read.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    Ok(serde_json::from_str(&text)?)
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+/// Runs a whole training job with the family that trains `spec.task`: checks the spec,
+/// finds the checkpoint to resume from, and hands over to the family's objective.
+pub fn train(
+    spec: &TrainSpec,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<TrainOutcome> {
+    spec.validate()?;
+    if spec.device.is_cpu() {
+        device::tune_allocator_for_training();
+    }
+    let resume = spec
+        .resume
+        .as_deref()
+        .map(train::resolve_checkpoint)
+        .transpose()?;
+    families::for_task(spec.task).train(spec, resume.as_deref(), cancel, on_event)
 }
 
 /// Everything that can go wrong in the engine.

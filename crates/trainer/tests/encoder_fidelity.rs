@@ -11,11 +11,13 @@ use common::{fixtures, rel};
 
 use candle_core::{Device, Tensor};
 use loraforge_trainer::data::ClassInput;
-use loraforge_trainer::encoder::{classification_loss, EncodedText, Encoder, ProblemType, Targets};
+use loraforge_trainer::families::encoder::model::{
+    classification_loss, EncodedText, Encoder, ProblemType, Targets,
+};
+use loraforge_trainer::families::encoder::tokenize::PairTokenizer;
 use loraforge_trainer::lora::{self, ForwardCtx};
-use loraforge_trainer::optim::{AdamWConfig, Scheduler};
-use loraforge_trainer::tokenize::PairTokenizer;
-use loraforge_trainer::train::{self, Task, TrainEvent, TrainSpec};
+use loraforge_trainer::train::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::train::{Task, TrainEvent, TrainSpec};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -214,7 +216,7 @@ fn five_steps_match(kind: &str) {
     spec.max_grad_norm = 1.0;
     spec.shuffle = false;
     let mut losses = Vec::new();
-    train::train(&spec, &AtomicBool::new(false), &mut |e| {
+    loraforge_trainer::train(&spec, &AtomicBool::new(false), &mut |e| {
         if let TrainEvent::Step(m) = e {
             losses.push(m.loss);
         }

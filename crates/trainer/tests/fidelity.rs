@@ -7,10 +7,10 @@ mod common;
 use common::{fixtures, rel};
 
 use candle_core::{DType, Device, Tensor};
-use loraforge_trainer::loader::{self, BaseModel};
+use loraforge_trainer::families::decoder::loader::{self, BaseModel};
+use loraforge_trainer::families::decoder::model::causal_lm_loss;
 use loraforge_trainer::lora::{self, ForwardCtx};
-use loraforge_trainer::model::causal_lm_loss;
-use loraforge_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use loraforge_trainer::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use std::collections::HashMap;
 
 struct Ref {
@@ -293,7 +293,7 @@ fn gguf_twin_tokenizes_and_computes_like_safetensors() {
 /// with the adapter and transformers' without it, switching back and forth.
 #[test]
 fn switched_in_adapter_gives_peft_logits() {
-    use loraforge_trainer::adapters::{apply, AdapterWeights};
+    use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
     for name in ["tiny-llama", "tiny-qwen2"] {
         let r = Ref::load(name);
         let mut base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use loraforge_trainer::sd::dataset::{
+use loraforge_trainer::families::diffusion::dataset::{
     decode_image, make_bucket_resolutions, read_zip, select_bucket, to_bucket_pixels, to_pixels,
     ImageDataset, Layout, ZipLimits,
 };

@@ -8,10 +8,12 @@ mod common;
 use common::{fixtures, max_abs_diff};
 
 use candle_core::{DType, Device, Tensor};
-use loraforge_trainer::adapters::{self, AdapterWeights};
+use loraforge_trainer::families::diffusion::kohya::{
+    self, BaseModel, KohyaMeta, KohyaModule, KohyaNaming,
+};
+use loraforge_trainer::families::diffusion::unet::UNet;
+use loraforge_trainer::lora::hotswap::{self as adapters, AdapterWeights};
 use loraforge_trainer::lora::{ForwardCtx, LoraModel};
-use loraforge_trainer::sd::kohya::{self, BaseModel, KohyaMeta, KohyaModule, KohyaNaming};
-use loraforge_trainer::sd::unet::UNet;
 use loraforge_trainer::Error;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

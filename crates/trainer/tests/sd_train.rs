@@ -8,10 +8,11 @@ mod common;
 
 use common::fixtures;
 
+use loraforge_trainer::families::diffusion::objective::TextToImage;
+use loraforge_trainer::families::for_task;
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, Targets};
-use loraforge_trainer::optim::Scheduler;
-use loraforge_trainer::sd::objective::TextToImage;
-use loraforge_trainer::train::{self, Objective, Task, TrainEvent, TrainSpec};
+use loraforge_trainer::train::optim::Scheduler;
+use loraforge_trainer::train::{Objective, Task, TrainEvent, TrainSpec};
 use rand_chacha::rand_core::SeedableRng;
 use std::sync::atomic::AtomicBool;
 
@@ -52,7 +53,7 @@ fn fixed_loss(obj: &TextToImage) -> f64 {
 
 fn run(seed: u64, steps: u64, out: &std::path::Path) -> Vec<f64> {
     let mut losses = Vec::new();
-    train::train(&spec(seed, steps, out), &AtomicBool::new(false), &mut |e| {
+    loraforge_trainer::train(&spec(seed, steps, out), &AtomicBool::new(false), &mut |e| {
         if let TrainEvent::Step(m) = e {
             losses.push(m.loss);
         }
@@ -65,7 +66,9 @@ fn run(seed: u64, steps: u64, out: &std::path::Path) -> Vec<f64> {
 fn a_resolution_the_unet_cannot_divide_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = spec(7, 1, dir.path());
-    s.image.resolution = Some(30);
+    s.options = for_task(Task::TextToImage)
+        .options(&serde_json::json!({"resolution": 30}))
+        .unwrap();
     let e = TextToImage::load(&s).err().unwrap().to_string();
     assert!(e.contains("multiples of 4"), "{e}");
 }
@@ -108,11 +111,13 @@ fn a_checkpoint_resumes_only_with_its_image_settings() {
     let out = dir.path().join("run");
     let mut s = spec(7, 2, &out);
     s.checkpoint_every = Some(1);
-    train::train(&s, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    loraforge_trainer::train(&s, &AtomicBool::new(false), &mut |_| {}).unwrap();
     let mut other = spec(7, 3, &out);
     other.resume = Some(out.clone());
-    other.image.noise_offset = 0.1;
-    let e = train::train(&other, &AtomicBool::new(false), &mut |_| {})
+    other.options = for_task(Task::TextToImage)
+        .options(&serde_json::json!({"noise_offset": 0.1}))
+        .unwrap();
+    let e = loraforge_trainer::train(&other, &AtomicBool::new(false), &mut |_| {})
         .err()
         .unwrap()
         .to_string();
@@ -123,7 +128,7 @@ fn a_checkpoint_resumes_only_with_its_image_settings() {
     let mut same = spec(7, 3, &out);
     same.resume = Some(out.clone());
     let mut resumed = None;
-    train::train(&same, &AtomicBool::new(false), &mut |e| {
+    loraforge_trainer::train(&same, &AtomicBool::new(false), &mut |e| {
         if let TrainEvent::Started { resumed_from, .. } = e {
             resumed = *resumed_from;
         }

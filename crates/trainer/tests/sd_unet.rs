@@ -10,8 +10,8 @@ mod common;
 use common::{fixtures, max_abs_diff, rel};
 
 use candle_core::{DType, Device, Tensor};
+use loraforge_trainer::families::diffusion::unet::{mse, UNet, UNetConfig};
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, LoraModel, Targets};
-use loraforge_trainer::sd::unet::{mse, UNet, UNetConfig};
 use std::collections::HashMap;
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
@@ -188,7 +188,9 @@ fn lora_on_the_1x1_conv_projections_and_feed_forward_matches_peft() {
     assert_eq!(max_abs_diff(&eval_out(&back), &want), 0.0);
 
     // kohya writes the conv pairs 4-D too, and reads them back.
-    use loraforge_trainer::sd::kohya::{load_kohya, write_kohya, KohyaMeta, KohyaNaming};
+    use loraforge_trainer::families::diffusion::kohya::{
+        load_kohya, write_kohya, KohyaMeta, KohyaNaming,
+    };
     let k = dir.join("kohya.safetensors");
     write_kohya(
         &m,
@@ -254,7 +256,7 @@ fn a_missing_weight_is_named() {
     let dir = fixtures().join("sd-tiny/unet");
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let cfg = UNetConfig::from_diffusers_json(&serde_json::from_str(&text).unwrap()).unwrap();
-    let mut w = loraforge_trainer::loader::read_safetensors_f32(&dir, &Device::Cpu).unwrap();
+    let mut w = loraforge_trainer::io::read_safetensors_f32(&dir, &Device::Cpu).unwrap();
     let key = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight";
     assert!(w.remove(key).is_some());
     let e = UNet::new(cfg.clone(), w, &Device::Cpu)
@@ -262,7 +264,7 @@ fn a_missing_weight_is_named() {
         .unwrap()
         .to_string();
     assert!(e.contains(key), "{e}");
-    let mut w = loraforge_trainer::loader::read_safetensors_f32(&dir, &Device::Cpu).unwrap();
+    let mut w = loraforge_trainer::io::read_safetensors_f32(&dir, &Device::Cpu).unwrap();
     w.insert(
         "extra.weight".into(),
         Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
@@ -273,7 +275,7 @@ fn a_missing_weight_is_named() {
 
 #[test]
 fn clip_tokenizer_matches_transformers() {
-    use loraforge_trainer::sd::clip::ClipTokenizer;
+    use loraforge_trainer::families::diffusion::clip::ClipTokenizer;
     let tok = ClipTokenizer::load(&fixtures().join("sd-tiny/tokenizer")).unwrap();
     let text = std::fs::read_to_string(fixtures().join("sd-tiny-ref/tokens.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
@@ -301,7 +303,7 @@ fn clip_tokenizer_matches_transformers() {
 
 #[test]
 fn clip_text_encoder_matches_transformers() {
-    use loraforge_trainer::sd::clip::ClipTextEncoder;
+    use loraforge_trainer::families::diffusion::clip::ClipTextEncoder;
     let enc =
         ClipTextEncoder::load(&fixtures().join("sd-tiny/text_encoder"), &Device::Cpu).unwrap();
     let g = golden("clip.safetensors");
@@ -319,7 +321,7 @@ fn clip_text_encoder_matches_transformers() {
 
 #[test]
 fn vae_moments_match_diffusers() {
-    use loraforge_trainer::sd::vae::VaeEncoder;
+    use loraforge_trainer::families::diffusion::vae::VaeEncoder;
     let vae = VaeEncoder::load(&fixtures().join("sd-tiny/vae"), &Device::Cpu).unwrap();
     let g = golden("vae.safetensors");
     let (mean, logvar) = vae.moments(&g["image"]).unwrap();

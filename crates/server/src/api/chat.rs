@@ -10,7 +10,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loraforge_trainer::data::Message;
-use loraforge_trainer::generate::{
+use loraforge_trainer::families::decoder::generate::{
     chat_prompt_ids, generate_ids, text_prompt_ids, GenerateOptions,
 };
 use serde::Deserialize;

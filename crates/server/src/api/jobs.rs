@@ -19,8 +19,8 @@ use axum::Json;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob};
 use loraforge_trainer::data::DataFormat;
-use loraforge_trainer::encoder::ProblemType;
-use loraforge_trainer::labels;
+use loraforge_trainer::families::encoder::labels;
+use loraforge_trainer::families::encoder::model::ProblemType;
 use loraforge_trainer::train::Task;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -269,7 +269,7 @@ pub async fn create(
     if let (Task::TextToImage, Some(r)) = (task, spec.resolution) {
         let dir = info.path.clone();
         let (multiple, _) = tokio::task::spawn_blocking(move || {
-            loraforge_trainer::sd::objective::resolution_rule(&dir)
+            loraforge_trainer::families::diffusion::objective::resolution_rule(&dir)
         })
         .await
         .map_err(ApiError::internal)?

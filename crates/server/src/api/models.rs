@@ -5,7 +5,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use axum::extract::{Path, State};
 use axum::Json;
-use loraforge_trainer::registry::{self, ModelInfo};
+use loraforge_trainer::families::{self, ModelInfo};
 use serde::Serialize;
 
 /// OpenAI's model object plus what a fine-tuning client needs to choose a base.
@@ -69,7 +69,7 @@ pub struct ModelList {
 /// Scans the models directory on a blocking thread: it reads headers from disk.
 pub async fn scan_infos(state: &AppState) -> ApiResult<Vec<ModelInfo>> {
     let dir = state.settings.models_dir.clone();
-    tokio::task::spawn_blocking(move || registry::scan(&dir))
+    tokio::task::spawn_blocking(move || families::scan(&dir))
         .await
         .map_err(ApiError::internal)
 }

@@ -2,8 +2,8 @@
 //! final adapter and every checkpoint are downloaded as.
 
 use loraforge_store::JobRecord;
-use loraforge_trainer::labels::LABELS_FILE;
-use loraforge_trainer::sd::objective::KOHYA_FILE;
+use loraforge_trainer::families::diffusion::objective::KOHYA_FILE;
+use loraforge_trainer::families::encoder::labels::LABELS_FILE;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;

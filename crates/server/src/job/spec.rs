@@ -3,9 +3,9 @@
 //! one the worker and `loraforge train` both use.
 
 use loraforge_store::JobRecord;
-use loraforge_trainer::encoder::ProblemType;
+use loraforge_trainer::families::for_task;
 use loraforge_trainer::lora::{LoraConfig, Targets};
-use loraforge_trainer::optim::{AdamWConfig, Scheduler};
+use loraforge_trainer::train::optim::{AdamWConfig, Scheduler};
 use loraforge_trainer::train::{Task, TrainSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -196,7 +196,7 @@ pub fn parse_spec(
         _ => hp_num(hp, "learning_rate", BASE_LR, 1e-9, 1.0)?,
     };
     let targets = match hp.get("lora_target_modules") {
-        None | Some(Value::Null) => match task.default_targets() {
+        None | Some(Value::Null) => match for_task(task).default_targets() {
             Targets::Names(n) => n.join(","),
             Targets::AllLinear => "all-linear".into(),
         },
@@ -287,15 +287,11 @@ pub fn train_spec(
     validation: Option<PathBuf>,
     out: PathBuf,
     device: &str,
+    name: Option<String>,
 ) -> anyhow::Result<TrainSpec> {
     let mut t = TrainSpec::new(model, data, out);
     t.validation = validation;
     t.task = spec.task;
-    t.problem_type = spec
-        .problem_type
-        .as_deref()
-        .map(ProblemType::parse)
-        .transpose()?;
     t.lora = LoraConfig {
         r: spec.lora_r,
         alpha: spec.lora_alpha,
@@ -320,13 +316,11 @@ pub fn train_spec(
     t.train_on_inputs = spec.train_on_inputs;
     t.eval_every = spec.eval_interval;
     t.checkpoint_every = spec.checkpoint_interval;
-    t.image = loraforge_trainer::sd::objective::ImageSettings {
-        resolution: spec.resolution,
-        prediction_type: spec.prediction_type.clone(),
-        snr_gamma: spec.snr_gamma,
-        noise_offset: spec.noise_offset,
-        name: None,
-    };
+    // The family reads its own settings (problem type, image settings, the adapter's
+    // display name) from the stored spec; the server names none of them.
+    let mut own = serde_json::to_value(spec)?;
+    own["name"] = serde_json::json!(name);
+    t.options = for_task(spec.task).options(&own)?;
     t.device = loraforge_trainer::device::parse(device)?;
     Ok(t)
 }

@@ -12,6 +12,7 @@ mod cli_train;
 mod dashboard;
 mod db_outage;
 mod jobs;
+mod layout;
 mod limits;
 mod real_model;
 mod remote_worker;

@@ -44,8 +44,11 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn smollm2_gguf_tokenizer_matches_tokenizer_json() {
     let Some(model) = smollm2() else { return };
-    let base =
-        loraforge_trainer::loader::load(&model, &loraforge_trainer::device::Device::Cpu).unwrap();
+    let base = loraforge_trainer::families::decoder::loader::load(
+        &model,
+        &loraforge_trainer::device::Device::Cpu,
+    )
+    .unwrap();
     let text =
         std::fs::read_to_string(root().join("tests/fixtures/smollm2-tokenization.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();

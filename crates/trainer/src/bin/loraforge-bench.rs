@@ -22,10 +22,10 @@
 //!       [--reps 10] [--threads 2]
 
 use candle_core::{Device, Tensor};
+use loraforge_trainer::families::diffusion::unet::{mse, UNet};
 use loraforge_trainer::lora::{self, ForwardCtx, LoraConfig, Targets};
-use loraforge_trainer::optim::{AdamW, AdamWConfig, Scheduler};
-use loraforge_trainer::sd::unet::{mse, UNet};
-use loraforge_trainer::train::{train, TrainEvent, TrainSpec};
+use loraforge_trainer::train::optim::{AdamW, AdamWConfig, Scheduler};
+use loraforge_trainer::{train, TrainEvent, TrainSpec};
 use rand::Rng;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;

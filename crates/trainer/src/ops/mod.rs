@@ -21,6 +21,9 @@ mod head_loss;
 pub use attention::{multi_head_attention, Heads, RopeTables};
 pub use head_loss::projected_nll;
 
+/// Masked attention scores get this; large but finite so a sum never turns into NaN.
+pub const MASKED: f32 = -1e30;
+
 /// `x · Wᵀ (+ bias)` for a frozen `(out, in)` weight, computed inside the op so that the
 /// graph keeps one output buffer and no copy of it, and on the way back only `dX = g · W`
 /// (candle would otherwise compute, and keep, a weight gradient nobody reads).

@@ -18,9 +18,52 @@
 
 pub mod clip;
 pub mod dataset;
-pub mod diffusion;
+pub mod ddpm;
 pub mod kohya;
 mod layers;
 pub mod objective;
 pub mod unet;
 pub mod vae;
+
+use super::family::Family;
+use crate::lora::Targets;
+use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
+use crate::Result;
+use objective::ImageSettings;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+/// LoRA on a Stable Diffusion UNet from captioned images.
+pub struct DiffusionFamily;
+
+impl Family for DiffusionFamily {
+    fn name(&self) -> &'static str {
+        "diffusion"
+    }
+    fn task(&self) -> Task {
+        Task::TextToImage
+    }
+    fn default_targets(&self) -> Targets {
+        // diffusers' train_text_to_image_lora.py.
+        Targets::Names(
+            ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+    }
+    fn options(&self, v: &serde_json::Value) -> Result<FamilyOptions> {
+        let settings: ImageSettings = serde_json::from_value(v.clone())?;
+        Ok(FamilyOptions::new(settings))
+    }
+    fn train(
+        &self,
+        spec: &TrainSpec,
+        resume: Option<&Path>,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<TrainOutcome> {
+        let obj = objective::TextToImage::load(spec)?;
+        train::run(obj, spec, resume.map(Path::to_path_buf), cancel, on_event)
+    }
+}

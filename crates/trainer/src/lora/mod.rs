@@ -5,6 +5,8 @@
 //! zeros. Nothing here knows which architecture the layer sits in: a model names each
 //! linear by its PEFT module path and the adapter follows the names.
 
+pub mod hotswap;
+
 use crate::ops::{frozen_linear, lora_linear};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -14,20 +16,6 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-/// The linear modules of llama-family decoders, in PEFT's names.
-pub const DECODER_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// PEFT's default targets for BERT-style encoders.
-pub const ENCODER_TARGETS: [&str; 2] = ["query", "value"];
 
 /// Which modules carry an adapter: PEFT module names, or every linear but the output head.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,7 +85,9 @@ impl Default for LoraConfig {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            targets: Targets::Names(DECODER_TARGETS.iter().map(|s| s.to_string()).collect()),
+            // Family-neutral: every linear but the output head. A family's own default
+            // (PEFT's usual sets) comes from `Family::default_targets`.
+            targets: Targets::AllLinear,
             use_rslora: false,
         }
     }
@@ -440,7 +430,7 @@ pub fn write_adapter_config(cfg: &LoraConfig, meta: &AdapterMeta, dir: &Path) ->
 /// Reads `adapter_config.json` into our config.
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let p = dir.join("adapter_config.json");
-    let v: serde_json::Value = crate::read_json(&p)?;
+    let v: serde_json::Value = crate::io::read_json(&p)?;
     if let Some(t) = v.get("peft_type").and_then(|x| x.as_str()) {
         if t != "LORA" {
             return Err(Error::Adapter(format!("peft_type {t} is not LORA")));

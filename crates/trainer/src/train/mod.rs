@@ -2,26 +2,20 @@
 //! validation, checkpoints and resume. One loop for every model family: a family
 //! brings its model, its batches and its loss as an [`Objective`].
 
-use crate::data::read_examples;
-use crate::encoder::{
-    accuracy_macro_f1, classification_loss, EncodedText, Encoder, ProblemType, Targets,
-};
-use crate::labels::{self, LabelSet};
-use crate::loader::{self, BaseModel};
+pub mod optim;
+
 use crate::lora::{self, AdapterMeta, ForwardCtx, LoraConfig, LoraModel};
-use crate::model::causal_lm_loss;
-use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Scheduler};
-use crate::tokenize::PairTokenizer;
-use crate::tokenize::{EncodeOptions, Encoded, IGNORE};
+use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Scheduler};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a run trains the model for.
@@ -48,17 +42,6 @@ impl Task {
             ))),
         }
     }
-    /// The modules a LoRA goes on when the job names none: PEFT's usual decoder set,
-    /// PEFT's BERT default, diffusers' `train_text_to_image_lora.py`.
-    pub fn default_targets(&self) -> lora::Targets {
-        let names: &[&str] = match self {
-            Task::CausalLm => &lora::DECODER_TARGETS,
-            Task::SequenceClassification => &lora::ENCODER_TARGETS,
-            Task::TextToImage => &["to_q", "to_k", "to_v", "to_out.0"],
-        };
-        lora::Targets::Names(names.iter().map(|s| s.to_string()).collect())
-    }
-
     pub fn as_str(&self) -> &'static str {
         match self {
             Task::CausalLm => "causal_lm",
@@ -72,8 +55,6 @@ impl Task {
 #[derive(Debug, Clone)]
 pub struct TrainSpec {
     pub task: Task,
-    /// Sequence classification: transformers' problem type; `None` infers it from the labels.
-    pub problem_type: Option<ProblemType>,
     /// Whether the base model's own dropout (encoders' hidden/attention dropout) is on
     /// in training, as transformers has it; off for exact comparisons.
     pub model_dropout: bool,
@@ -103,11 +84,39 @@ pub struct TrainSpec {
     /// A checkpoint folder, or a run's output folder (its latest checkpoint).
     pub resume: Option<PathBuf>,
     pub device: Device,
-    /// Text-to-image: resolution, prediction type, min-SNR, noise offset.
-    pub image: crate::sd::objective::ImageSettings,
+    /// The family's own settings (a classifier's problem type, an image run's
+    /// resolution), made by `Family::options`.
+    pub options: FamilyOptions,
     /// When set, the run writes a checkpoint at the current step and stops with
     /// [`Error::Paused`], so that `resume` can continue it exactly.
     pub pause: Option<std::sync::Arc<AtomicBool>>,
+}
+
+/// A family's own settings, carried through the loop untouched: the family that made
+/// them ([`crate::families::Family::options`]) reads them back by their type.
+#[derive(Clone, Debug, Default)]
+pub struct FamilyOptions(Option<Arc<dyn Options>>);
+
+/// What a family's settings type is: anything debuggable and shareable.
+pub trait Options: std::fmt::Debug + Send + Sync + 'static {
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::fmt::Debug + Send + Sync + 'static> Options for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl FamilyOptions {
+    pub fn new<T: Options>(options: T) -> Self {
+        FamilyOptions(Some(Arc::new(options)))
+    }
+
+    /// The settings, if they are a `T`.
+    pub fn get<T: Options>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|o| o.as_any().downcast_ref())
+    }
 }
 
 impl TrainSpec {
@@ -115,7 +124,6 @@ impl TrainSpec {
     pub fn new(model: PathBuf, data: PathBuf, out: PathBuf) -> Self {
         Self {
             task: Task::CausalLm,
-            problem_type: None,
             model_dropout: true,
             model,
             data,
@@ -141,7 +149,7 @@ impl TrainSpec {
             checkpoint_every: None,
             resume: None,
             device: Device::Cpu,
-            image: Default::default(),
+            options: FamilyOptions::default(),
             pause: None,
         }
     }
@@ -242,64 +250,10 @@ struct TrainerState {
     batch_size: usize,
     grad_accum: usize,
     tokens: u64,
-    /// Text-to-image: the image settings the run trained with (absent in other runs and
-    /// in checkpoints written before it existed).
-    #[serde(default)]
-    image: Option<String>,
-}
-
-/// What must not change when a text-to-image run resumes (its name may).
-fn image_fingerprint(spec: &TrainSpec) -> Option<String> {
-    let i = &spec.image;
-    (spec.task == Task::TextToImage).then(|| {
-        format!(
-            "resolution {:?}, prediction_type {:?}, snr_gamma {:?}, noise_offset {}",
-            i.resolution, i.prediction_type, i.snr_gamma, i.noise_offset
-        )
-    })
-}
-
-/// A padded batch.
-pub struct Batch {
-    pub input_ids: Tensor,
-    pub attention_mask: Vec<Vec<u32>>,
-    pub labels: Vec<Vec<i64>>,
-    /// Scored positions (labels shifted by one that are not ignored).
-    pub scored: usize,
-    pub tokens: usize,
-}
-
-/// Right-pads `examples` into one batch.
-pub fn make_batch(examples: &[&Encoded], pad_id: u32, device: &Device) -> Result<Batch> {
-    let t = examples
-        .iter()
-        .map(|e| e.input_ids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut ids = Vec::with_capacity(examples.len() * t);
-    let mut mask = Vec::new();
-    let mut labels = Vec::new();
-    let mut scored = 0;
-    let mut tokens = 0;
-    for e in examples {
-        let n = e.input_ids.len();
-        tokens += n;
-        ids.extend(&e.input_ids);
-        ids.extend(std::iter::repeat_n(pad_id, t - n));
-        mask.push((0..t).map(|i| u32::from(i < n)).collect());
-        let mut l = e.labels.clone();
-        l.resize(t, IGNORE);
-        scored += l.iter().skip(1).filter(|&&x| x != IGNORE).count();
-        labels.push(l);
-    }
-    Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (examples.len(), t), device)?,
-        attention_mask: mask,
-        labels,
-        scored,
-        tokens,
-    })
+    /// What the objective says must not change on resume ([`Objective::fingerprint`]);
+    /// stored as `image` since text-to-image runs were the first to have one.
+    #[serde(default, rename = "image")]
+    settings: Option<String>,
 }
 
 /// Micro-batches of one epoch, in example indices.
@@ -362,311 +316,20 @@ pub trait Objective {
     fn loss_sum(&self, b: &Self::Batch, ctx: &ForwardCtx) -> Result<Tensor>;
     /// Metrics on the validation set, if there is one.
     fn evaluate(&self, batch_size: usize, step: u64) -> Result<Option<EvalMetrics>>;
+    /// Settings a checkpoint must have been trained with to be resumed by this run
+    /// (compared as text); `None` when nothing beyond data and batches matters.
+    fn fingerprint(&self) -> Option<String> {
+        None
+    }
     /// Files an adapter folder needs beyond PEFT's two (e.g. the label set).
     fn save_extra(&self, _dir: &Path) -> Result<()> {
         Ok(())
     }
 }
 
-/// Causal language modelling on a decoder.
-pub struct CausalLm {
-    pub base: BaseModel,
-    train: Vec<Encoded>,
-    valid: Option<Vec<Encoded>>,
-    device: Device,
-}
-
-impl CausalLm {
-    pub fn load(spec: &TrainSpec) -> Result<Self> {
-        let base = loader::load(&spec.model, &spec.device)?;
-        let train = encode_file(&base, &spec.data, spec)?;
-        let valid = match &spec.validation {
-            Some(p) => Some(encode_file(&base, p, spec)?),
-            None => None,
-        };
-        Ok(Self {
-            base,
-            train,
-            valid,
-            device: spec.device.clone(),
-        })
-    }
-}
-
-impl Objective for CausalLm {
-    type Batch = Batch;
-    fn model(&self) -> &dyn LoraModel {
-        &self.base.model
-    }
-    fn model_mut(&mut self) -> &mut dyn LoraModel {
-        &mut self.base.model
-    }
-    fn base_name(&self) -> &str {
-        &self.base.name
-    }
-    fn len(&self) -> usize {
-        self.train.len()
-    }
-    fn batch(&self, idx: &[usize]) -> Result<Batch> {
-        let ex: Vec<&Encoded> = idx.iter().map(|&i| &self.train[i]).collect();
-        make_batch(&ex, self.base.tokenizer.pad_id, &self.device)
-    }
-    fn units(b: &Batch) -> usize {
-        b.scored
-    }
-    fn tokens(b: &Batch) -> usize {
-        b.tokens
-    }
-    fn loss_sum(&self, b: &Batch, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (nll, _, _) = causal_lm_loss(
-            &self.base.model,
-            &b.input_ids,
-            &b.attention_mask,
-            &b.labels,
-            ctx,
-        )?;
-        Ok(nll)
-    }
-    fn evaluate(&self, batch_size: usize, step: u64) -> Result<Option<EvalMetrics>> {
-        self.valid
-            .as_ref()
-            .map(|v| evaluate(&self.base, v, batch_size, step))
-            .transpose()
-    }
-}
-
-/// Sequence classification on a BERT-style encoder.
-pub struct SeqCls {
-    pub model: Encoder,
-    pub labels: LabelSet,
-    name: String,
-    train: Vec<(EncodedText, Targets)>,
-    valid: Option<Vec<(EncodedText, Targets)>>,
-}
-
-/// A classification micro-batch.
-pub struct ClsBatch {
-    inputs: crate::encoder::EncoderBatch,
-    targets: Targets,
-    units: usize,
-}
-
-fn join_targets(parts: &[&Targets]) -> Targets {
-    match parts.first() {
-        Some(Targets::Classes(_)) => Targets::Classes(
-            parts
-                .iter()
-                .flat_map(|t| match t {
-                    Targets::Classes(c) => c.clone(),
-                    Targets::Values(_) => Vec::new(),
-                })
-                .collect(),
-        ),
-        _ => Targets::Values(
-            parts
-                .iter()
-                .flat_map(|t| match t {
-                    Targets::Values(v) => v.clone(),
-                    Targets::Classes(_) => Vec::new(),
-                })
-                .collect(),
-        ),
-    }
-}
-
-impl SeqCls {
-    /// Reads the data first: the label set decides the size of the head. An adapter to
-    /// start from or resume brings its own label set, which the data must fit.
-    pub fn load(spec: &TrainSpec, adapter: Option<&Path>) -> Result<Self> {
-        let train_rows = labels::read_numbered(&spec.data)?;
-        let data_name = spec.data.display().to_string();
-        let set = match adapter.filter(|d| d.join(labels::LABELS_FILE).is_file()) {
-            Some(d) => {
-                let set = LabelSet::load(d)?;
-                set.check(&train_rows, &data_name)?;
-                set
-            }
-            None => LabelSet::discover(&train_rows, spec.problem_type).map_err(|e| match e {
-                Error::Data(m) => Error::Data(format!("{data_name}: {m}")),
-                e => e,
-            })?,
-        };
-        let mut model = Encoder::load(&spec.model, set.num_labels(), spec.seed, &spec.device)?;
-        model.model_dropout = spec.model_dropout;
-        let max_len = spec.max_seq_len.min(model.cfg.max_tokens());
-        let tok = PairTokenizer::from_dir(&spec.model, max_len)?;
-        let encode =
-            |rows: &[labels::Numbered], what: &str| -> Result<Vec<(EncodedText, Targets)>> {
-                rows.iter()
-                    .map(|(line, e)| {
-                        let at = |m: String| Error::Data(format!("{what}: line {line}: {m}"));
-                        let enc = tok.encode(&e.input).map_err(at)?;
-                        if let Some(&id) = enc
-                            .input_ids
-                            .iter()
-                            .find(|&&id| id as usize >= model.cfg.vocab_size)
-                        {
-                            return Err(at(format!("token id {id} is outside the vocabulary")));
-                        }
-                        let t = set.targets(&[&e.label]).map_err(at)?;
-                        Ok((enc, t))
-                    })
-                    .collect()
-            };
-        let train = encode(&train_rows, &data_name)?;
-        let valid = match &spec.validation {
-            Some(p) => {
-                let rows = labels::read_numbered(p)?;
-                Some(encode(&rows, &p.display().to_string())?)
-            }
-            None => None,
-        };
-        let name = spec
-            .model
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok(Self {
-            model,
-            labels: set,
-            name,
-            train,
-            valid,
-        })
-    }
-
-    fn make(&self, rows: &[&(EncodedText, Targets)]) -> Result<ClsBatch> {
-        let enc: Vec<&EncodedText> = rows.iter().map(|(e, _)| e).collect();
-        let targets = join_targets(&rows.iter().map(|(_, t)| t).collect::<Vec<_>>());
-        let units = match self.labels.problem_type {
-            ProblemType::SingleLabelClassification => rows.len(),
-            _ => rows.len() * self.labels.num_labels(),
-        };
-        Ok(ClsBatch {
-            inputs: self.model.batch(&enc)?,
-            targets,
-            units,
-        })
-    }
-}
-
-impl Objective for SeqCls {
-    type Batch = ClsBatch;
-    fn model(&self) -> &dyn LoraModel {
-        &self.model
-    }
-    fn model_mut(&mut self) -> &mut dyn LoraModel {
-        &mut self.model
-    }
-    fn base_name(&self) -> &str {
-        &self.name
-    }
-    fn len(&self) -> usize {
-        self.train.len()
-    }
-    fn batch(&self, idx: &[usize]) -> Result<ClsBatch> {
-        self.make(&idx.iter().map(|&i| &self.train[i]).collect::<Vec<_>>())
-    }
-    fn units(b: &ClsBatch) -> usize {
-        b.units
-    }
-    fn tokens(b: &ClsBatch) -> usize {
-        b.inputs.tokens
-    }
-    fn loss_sum(&self, b: &ClsBatch, ctx: &ForwardCtx) -> Result<Tensor> {
-        let logits = self.model.logits(&b.inputs, ctx)?;
-        Ok(classification_loss(&logits, self.labels.problem_type, &b.targets)?.0)
-    }
-    fn evaluate(&self, batch_size: usize, step: u64) -> Result<Option<EvalMetrics>> {
-        let Some(valid) = &self.valid else {
-            return Ok(None);
-        };
-        let ctx = ForwardCtx::eval();
-        let (mut sum, mut units) = (0f64, 0usize);
-        let (mut pred, mut gold) = (Vec::new(), Vec::new());
-        let mut exact = 0usize;
-        let k = self.labels.num_labels();
-        for chunk in valid.chunks(batch_size) {
-            let b = self.make(&chunk.iter().collect::<Vec<_>>())?;
-            let logits = self.model.logits(&b.inputs, &ctx)?;
-            let (l, n) = classification_loss(&logits, self.labels.problem_type, &b.targets)?;
-            sum += l.to_scalar::<f32>()? as f64;
-            units += n;
-            match (&b.targets, self.labels.problem_type) {
-                (Targets::Classes(c), _) => {
-                    pred.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-                    gold.extend(c);
-                }
-                (Targets::Values(v), ProblemType::MultiLabelClassification) => {
-                    let l: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-                    for (row, want) in l.chunks(k).zip(v.chunks(k)) {
-                        let hit: Vec<bool> = row.iter().map(|&x| x > 0.0).collect();
-                        if hit.iter().zip(want).all(|(h, w)| *h == (*w > 0.5)) {
-                            exact += 1;
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        let (accuracy, macro_f1) = match self.labels.problem_type {
-            ProblemType::SingleLabelClassification => {
-                let (a, f) = accuracy_macro_f1(&pred, &gold, k);
-                (Some(a), Some(f))
-            }
-            ProblemType::MultiLabelClassification => {
-                (Some(exact as f64 / valid.len().max(1) as f64), None)
-            }
-            ProblemType::Regression => (None, None),
-        };
-        Ok(Some(EvalMetrics {
-            step,
-            loss: if units > 0 { sum / units as f64 } else { 0.0 },
-            mean_token_accuracy: accuracy.unwrap_or(0.0),
-            tokens: valid.len() as u64,
-            accuracy,
-            macro_f1,
-        }))
-    }
-    fn save_extra(&self, dir: &Path) -> Result<()> {
-        self.labels.save(dir)
-    }
-}
-
-/// Runs a whole training job.
-pub fn train(
-    spec: &TrainSpec,
-    cancel: &AtomicBool,
-    on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<TrainOutcome> {
-    spec.validate()?;
-    if spec.device.is_cpu() {
-        crate::device::tune_allocator_for_training();
-    }
-    let resume_dir = spec.resume.as_deref().map(resolve_checkpoint).transpose()?;
-    match spec.task {
-        Task::CausalLm => run(CausalLm::load(spec)?, spec, resume_dir, cancel, on_event),
-        Task::SequenceClassification => {
-            let from = resume_dir.as_deref().or(spec.init_adapter.as_deref());
-            run(
-                SeqCls::load(spec, from)?,
-                spec,
-                resume_dir,
-                cancel,
-                on_event,
-            )
-        }
-        Task::TextToImage => run(
-            crate::sd::objective::TextToImage::load(spec)?,
-            spec,
-            resume_dir,
-            cancel,
-            on_event,
-        ),
-    }
-}
-
-fn run<O: Objective>(
+/// Runs the loop on a family's objective: attaches the adapter (fresh, from
+/// `init_adapter`, or from `resume_dir`), trains, checkpoints, and writes the adapter.
+pub fn run<O: Objective>(
     mut obj: O,
     spec: &TrainSpec,
     resume_dir: Option<PathBuf>,
@@ -700,7 +363,7 @@ fn run<O: Objective>(
     let mut tokens_total = 0u64;
     if let Some(d) = &resume_dir {
         opt.load(&d.join("optimizer.safetensors"))?;
-        let st: TrainerState = crate::read_json(&d.join("trainer_state.json"))?;
+        let st: TrainerState = crate::io::read_json(&d.join("trainer_state.json"))?;
         if st.examples != n_examples
             || st.batch_size != spec.batch_size
             || st.grad_accum != spec.grad_accum
@@ -709,7 +372,7 @@ fn run<O: Objective>(
                 "the checkpoint was made with other data or batch settings".into(),
             ));
         }
-        if let (Some(was), Some(now)) = (&st.image, image_fingerprint(spec)) {
+        if let (Some(was), Some(now)) = (&st.settings, obj.fingerprint()) {
             if *was != now {
                 return Err(Error::Checkpoint(format!(
                     "the checkpoint was trained with {was}; this run asks for {now}"
@@ -745,7 +408,7 @@ fn run<O: Objective>(
                 batch_size: spec.batch_size,
                 grad_accum: spec.grad_accum,
                 tokens,
-                image: image_fingerprint(spec),
+                settings: obj.fingerprint(),
             },
         )
     };
@@ -916,58 +579,4 @@ fn write_checkpoint<O: Objective>(
     // The rename makes a checkpoint appear whole or not at all.
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     Ok(dir)
-}
-
-fn encode_file(base: &BaseModel, path: &Path, spec: &TrainSpec) -> Result<Vec<Encoded>> {
-    let examples = read_examples(path)?;
-    let opts = EncodeOptions {
-        train_on_inputs: spec.train_on_inputs,
-        max_seq_len: Some(spec.max_seq_len),
-    };
-    examples
-        .iter()
-        .enumerate()
-        .map(|(i, ex)| {
-            base.tokenizer
-                .encode_example(ex, opts)
-                .map_err(|e| Error::Data(format!("{}: example {}: {e}", path.display(), i + 1)))
-        })
-        .collect()
-}
-
-/// Mean token loss and next-token accuracy on a data set.
-pub fn evaluate(
-    base: &BaseModel,
-    set: &[Encoded],
-    batch_size: usize,
-    step: u64,
-) -> Result<EvalMetrics> {
-    let ctx = ForwardCtx::eval();
-    let (mut nll, mut n, mut correct) = (0f64, 0usize, 0usize);
-    for chunk in set.chunks(batch_size) {
-        let ex: Vec<&Encoded> = chunk.iter().collect();
-        let b = make_batch(&ex, base.tokenizer.pad_id, base.model.device())?;
-        let (l, k, c) = causal_lm_loss(
-            &base.model,
-            &b.input_ids,
-            &b.attention_mask,
-            &b.labels,
-            &ctx,
-        )?;
-        nll += l.to_scalar::<f32>()? as f64;
-        n += k;
-        correct += c.unwrap_or(0);
-    }
-    Ok(EvalMetrics {
-        step,
-        loss: if n > 0 { nll / n as f64 } else { 0.0 },
-        mean_token_accuracy: if n > 0 {
-            correct as f64 / n as f64
-        } else {
-            0.0
-        },
-        tokens: n as u64,
-        accuracy: None,
-        macro_f1: None,
-    })
 }

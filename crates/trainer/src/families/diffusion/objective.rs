@@ -10,7 +10,7 @@
 
 use super::clip::{ClipTextEncoder, ClipTokenizer};
 use super::dataset::{read_zip, to_pixels, ZipLimits};
-use super::diffusion::{normal, Prediction, Schedule};
+use super::ddpm::{normal, Prediction, Schedule};
 use super::kohya::{write_kohya, BaseModel, KohyaMeta, KohyaNaming};
 use super::unet::UNet;
 use super::vae::{sample_latent, VaeEncoder};
@@ -21,8 +21,9 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Image-training settings of a run.
-#[derive(Debug, Clone, PartialEq)]
+/// Image-training settings of a run: the diffusion family's options.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageSettings {
     /// Square training resolution in pixels; `None` takes the model's native size
     /// (UNet `sample_size` × the VAE's downsampling).
@@ -86,6 +87,8 @@ pub struct TextToImage {
     device: Device,
     /// What the kohya file's metadata records about the run.
     meta: KohyaMeta,
+    /// The image settings a checkpoint of this run must share to be resumed by it.
+    fingerprint: Option<String>,
 }
 
 /// The file name of the kohya-format copy of an adapter, next to PEFT's files.
@@ -94,7 +97,7 @@ pub const KOHYA_FILE: &str = "kohya.safetensors";
 /// The VAE's spatial downsampling: 2 per down block after the first.
 fn vae_factor(model_dir: &Path) -> Result<usize> {
     let p = model_dir.join("vae/config.json");
-    let v: serde_json::Value = crate::read_json(&p)?;
+    let v: serde_json::Value = crate::io::read_json(&p)?;
     let blocks = v
         .get("block_out_channels")
         .and_then(|b| b.as_array())
@@ -107,7 +110,7 @@ fn vae_factor(model_dir: &Path) -> Result<usize> {
 /// native resolution (UNet `sample_size` × the VAE's factor).
 pub fn resolution_rule(model_dir: &Path) -> Result<(usize, usize)> {
     let p = model_dir.join("unet/config.json");
-    let cfg = super::unet::UNetConfig::from_diffusers_json(&crate::read_json(&p)?)?;
+    let cfg = super::unet::UNetConfig::from_diffusers_json(&crate::io::read_json(&p)?)?;
     let vae = vae_factor(model_dir)?;
     let multiple = vae << cfg.block_out_channels.len().saturating_sub(1);
     Ok((multiple, cfg.sample_size * vae))
@@ -188,6 +191,7 @@ impl TextToImage {
             base_name: model_dir.display().to_string(),
             device: device.clone(),
             meta: KohyaMeta::default(),
+            fingerprint: None,
             unet,
         })
     }
@@ -195,8 +199,13 @@ impl TextToImage {
     /// A run's objective: the images of the zip at `spec.data`, at the training
     /// resolution (the model's native one unless set), centre-cropped.
     pub fn load(spec: &TrainSpec) -> Result<Self> {
+        let image = spec
+            .options
+            .get::<ImageSettings>()
+            .cloned()
+            .unwrap_or_default();
         let (multiple, native) = resolution_rule(&spec.model)?;
-        let res = spec.image.resolution.map_or(native, |r| r as usize);
+        let res = image.resolution.map_or(native, |r| r as usize);
         if res == 0 || !res.is_multiple_of(multiple) {
             return Err(Error::Config(format!(
                 "resolution {res}: this model trains at multiples of {multiple} pixels"
@@ -217,7 +226,12 @@ impl TextToImage {
                 repeats: e.repeats,
             })
             .collect();
-        let mut obj = Self::prepare(&spec.model, &images, &spec.image, &spec.device)?;
+        let mut obj = Self::prepare(&spec.model, &images, &image, &spec.device)?;
+        // Its name may change between attempts; what it trains on may not.
+        obj.fingerprint = Some(format!(
+            "resolution {:?}, prediction_type {:?}, snr_gamma {:?}, noise_offset {}",
+            image.resolution, image.prediction_type, image.snr_gamma, image.noise_offset
+        ));
         obj.meta = KohyaMeta {
             base: if obj.unet.cfg.cross_attention_dim == 1024 {
                 if obj.prediction == Prediction::VPrediction {
@@ -232,7 +246,7 @@ impl TextToImage {
                 .model
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned()),
-            output_name: Some(spec.image.name.clone().unwrap_or_else(|| {
+            output_name: Some(image.name.clone().unwrap_or_else(|| {
                 let base = spec
                     .model
                     .file_name()
@@ -246,8 +260,8 @@ impl TextToImage {
             batch_size: Some(spec.batch_size as u64),
             resolution: Some((res as u32, res as u32)),
             seed: Some(spec.seed),
-            noise_offset: Some(spec.image.noise_offset),
-            min_snr_gamma: spec.image.snr_gamma,
+            noise_offset: Some(image.noise_offset),
+            min_snr_gamma: image.snr_gamma,
             mixed_precision: Some("no".into()),
             cache_latents: Some(true),
             ..KohyaMeta::default()
@@ -261,6 +275,9 @@ impl Objective for TextToImage {
 
     fn model(&self) -> &dyn LoraModel {
         &self.unet
+    }
+    fn fingerprint(&self) -> Option<String> {
+        self.fingerprint.clone()
     }
     fn model_mut(&mut self) -> &mut dyn LoraModel {
         &mut self.unet

@@ -6,10 +6,11 @@
 //! config supplies what the weights cannot say (heads, norm groups and epsilons, the
 //! block types) and is checked for options this port does not implement.
 
-use super::layers::{attention, linear_nd, Conv, GroupNorm, LayerNorm, ResnetBlock, Take};
-use crate::loader::read_safetensors_f32;
+use super::layers::{attention, linear_nd, Conv, GroupNorm, LayerNorm, ResnetBlock};
+use crate::io::read_safetensors_f32;
+use crate::io::Take;
+use crate::io::Weights;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
-use crate::model::Weights;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
 use serde_json::Value;
@@ -390,16 +391,13 @@ impl UNet {
     /// float dtype, computed in f32).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg = UNetConfig::from_diffusers_json(&crate::read_json(&cfg_path)?)?;
+        let cfg = UNetConfig::from_diffusers_json(&crate::io::read_json(&cfg_path)?)?;
         let weights = read_safetensors_f32(dir, device)?;
         Self::new(cfg, weights, device)
     }
 
     pub fn new(cfg: UNetConfig, mut weights: Weights, device: &Device) -> Result<Self> {
-        let t = &mut Take {
-            w: &mut weights,
-            what: "unet",
-        };
+        let t = &mut Take::new(&mut weights, "unet");
         let n = cfg.block_out_channels.len();
         let mut down = Vec::new();
         for (i, kind) in cfg.down_block_types.iter().enumerate() {

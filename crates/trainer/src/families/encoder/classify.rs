@@ -1,10 +1,10 @@
 //! Inference with a sequence-classification adapter: label probabilities for texts.
 
 use crate::data::ClassInput;
-use crate::encoder::{Encoder, ProblemType};
-use crate::labels::LabelSet;
+use crate::families::encoder::labels::LabelSet;
+use crate::families::encoder::model::{Encoder, ProblemType};
+use crate::families::encoder::tokenize::PairTokenizer;
 use crate::lora::{self, ForwardCtx};
-use crate::tokenize::PairTokenizer;
 use crate::{Error, Result};
 use candle_core::{Device, D};
 use std::path::Path;

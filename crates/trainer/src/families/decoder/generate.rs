@@ -1,9 +1,9 @@
 //! Text generation with a KV cache: greedy or sampled (temperature, top-p).
 
 use crate::data::Message;
-use crate::loader::BaseModel;
+use crate::families::decoder::loader::BaseModel;
+use crate::families::decoder::model::KvCache;
 use crate::lora::ForwardCtx;
-use crate::model::KvCache;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};

@@ -69,10 +69,10 @@ impl DecoderConfig {
             .and_then(|x| x.as_str())
             .ok_or_else(|| Error::Config("config.json: no \"model_type\"".into()))?
             .to_string();
-        if !crate::registry::TRAINABLE_ARCHITECTURES.contains(&model_type.as_str()) {
+        if !super::ARCHITECTURES.contains(&model_type.as_str()) {
             return Err(Error::Unsupported(format!(
                 "model_type \"{model_type}\" (supported: {})",
-                crate::registry::TRAINABLE_ARCHITECTURES.join(", ")
+                super::ARCHITECTURES.join(", ")
             )));
         }
         let hidden_size = get_usize(v, "hidden_size")?;

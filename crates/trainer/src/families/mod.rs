@@ -1,18 +1,43 @@
-//! Base-model discovery: what is in a models directory, without loading weights.
+//! The model families, one folder each, and the registry that the loop, the server and
+//! the CLI ask: which family trains a task ([`for_task`]), and what is in a models
+//! directory ([`scan`], [`inspect`], without loading weights).
 
+pub mod decoder;
+pub mod diffusion;
+pub mod encoder;
+mod family;
+
+pub use family::Family;
+
+use crate::train::Task;
+
+/// Every family the engine has.
+pub static ALL: &[&dyn Family] = &[
+    &decoder::DecoderFamily,
+    &encoder::EncoderFamily,
+    &diffusion::DiffusionFamily,
+];
+
+/// The family that trains `task`.
+pub fn for_task(task: Task) -> &'static dyn Family {
+    *ALL.iter()
+        .find(|f| f.task() == task)
+        .expect("every task has a family in ALL")
+}
+
+use crate::io::{safetensors_files, safetensors_param_count};
 use crate::{Error, Result};
 use serde::Serialize;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Decoder architectures the trainer can fine-tune for causal LM.
-pub const TRAINABLE_ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub use decoder::ARCHITECTURES as TRAINABLE_ARCHITECTURES;
 
 /// The training tasks an architecture supports (empty: none).
 pub fn tasks_of(arch: &str) -> Vec<String> {
     if TRAINABLE_ARCHITECTURES.contains(&arch) {
         vec!["causal_lm".into()]
-    } else if crate::encoder::ENCODER_ARCHITECTURES.contains(&arch) {
+    } else if crate::families::encoder::model::ENCODER_ARCHITECTURES.contains(&arch) {
         vec!["sequence_classification".into()]
     } else {
         Vec::new()
@@ -98,7 +123,7 @@ fn trainability(arch: &str) -> (bool, Option<String>) {
             Some(format!(
                 "architecture \"{arch}\" is not supported yet (supported: {}, {})",
                 TRAINABLE_ARCHITECTURES.join(", "),
-                crate::encoder::ENCODER_ARCHITECTURES.join(", ")
+                crate::families::encoder::model::ENCODER_ARCHITECTURES.join(", ")
             )),
         )
     }
@@ -115,7 +140,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
     if path.is_dir() {
         let cfg_path = path.join("config.json");
-        let cfg: serde_json::Value = crate::read_json(&cfg_path)?;
+        let cfg: serde_json::Value = crate::io::read_json(&cfg_path)?;
         let arch = cfg
             .get("model_type")
             .and_then(|v| v.as_str())
@@ -173,64 +198,6 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
 }
 
-/// The safetensors files of an HF or diffusers folder: the index's shards, or the single file.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    // transformers' names, then diffusers' (the components of an SD folder).
-    for stem in ["model", "diffusion_pytorch_model"] {
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
-        if index.is_file() {
-            let v: serde_json::Value = crate::read_json(&index)?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
-                .collect();
-            files.sort();
-            files.dedup();
-            return Ok(files);
-        }
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Ok(vec![single]);
-        }
-    }
-    Err(Error::Model(format!(
-        "{}: no model.safetensors or model.safetensors.index.json",
-        dir.display()
-    )))
-}
-
-/// Parameter count from a safetensors header alone (8-byte length + JSON), without mapping the data.
-fn safetensors_param_count(path: &Path) -> Result<u64> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(Error::Model(format!(
-            "{}: implausible header size",
-            path.display()
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)?;
-    let mut total = 0u64;
-    for (k, t) in v.as_object().into_iter().flatten() {
-        if k == "__metadata__" {
-            continue;
-        }
-        if let Some(shape) = t.get("shape").and_then(|s| s.as_array()) {
-            total += shape.iter().filter_map(|d| d.as_u64()).product::<u64>();
-        }
-    }
-    Ok(total)
-}
-
 /// Pipelines whose UNet the trainer can fine-tune (SD 1.x / 2.x).
 pub const TRAINABLE_PIPELINES: [&str; 1] = ["StableDiffusionPipeline"];
 
@@ -238,7 +205,7 @@ pub const TRAINABLE_PIPELINES: [&str; 1] = ["StableDiffusionPipeline"];
 /// its UNet, VAE and text encoder.
 fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
     let idx = path.join("model_index.json");
-    let v: serde_json::Value = crate::read_json(&idx)?;
+    let v: serde_json::Value = crate::io::read_json(&idx)?;
     let class = v
         .get("_class_name")
         .and_then(|c| c.as_str())

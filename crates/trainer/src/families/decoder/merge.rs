@@ -1,6 +1,6 @@
 //! Loading a base model with an adapter, and writing merged model folders.
 
-use crate::loader::{self, BaseModel};
+use crate::families::decoder::loader::{self, BaseModel};
 use crate::lora;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};

@@ -3,8 +3,9 @@
 //! image and draws each step's latent from them with a seeded RNG, which is why this
 //! returns the moments rather than a sample.
 
-use super::layers::{attention, Affine, Conv, GroupNorm, ResnetBlock, Take};
-use crate::loader::read_safetensors_f32;
+use super::layers::{attention, Affine, Conv, GroupNorm, ResnetBlock};
+use crate::io::read_safetensors_f32;
+use crate::io::Take;
 use crate::lora::ForwardCtx;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -66,7 +67,7 @@ impl VaeEncoder {
     /// Loads a diffusers `vae/` folder's encoder (the decoder's weights are not read).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg: Value = crate::read_json(&cfg_path)?;
+        let cfg: Value = crate::io::read_json(&cfg_path)?;
         if cfg.get("shift_factor").is_some_and(|v| !v.is_null()) {
             return Err(Error::Unsupported(
                 "vae config: shift_factor (an SD3/FLUX VAE) is not supported yet".into(),
@@ -91,10 +92,7 @@ impl VaeEncoder {
             .unwrap_or(0.18215);
         let mut weights = read_safetensors_f32(dir, device)?;
         weights.retain(|k, _| k.starts_with("encoder.") || k.starts_with("quant_conv."));
-        let t = &mut Take {
-            w: &mut weights,
-            what: "vae",
-        };
+        let t = &mut Take::new(&mut weights, "vae");
         let mut down = Vec::new();
         while t.has(&format!(
             "encoder.down_blocks.{}.resnets.0.conv1.weight",

@@ -6,14 +6,15 @@
 //! first token), RoBERTa's `classifier.dense` / `classifier.out_proj` on the first
 //! token directly. Losses follow transformers' `problem_type`s.
 
-use crate::config::get_usize;
+use crate::io::get_usize;
+use crate::io::{Take, Weights};
 use crate::lora::{dropout, ForwardCtx, Linear, LoraModel};
-use crate::model::Weights;
+use crate::nn::LayerNorm;
 use crate::ops::{
-    cross_entropy_rows, fast_path, masked_softmax, multi_head_attention, AttnMask, Heads,
+    cross_entropy_rows, fast_path, masked_softmax, multi_head_attention, AttnMask, Heads, MASKED,
 };
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,6 @@ use std::path::Path;
 pub const ENCODER_ARCHITECTURES: [&str; 2] = ["bert", "roberta"];
 
 /// Padded keys get this score; large but finite so a sum never turns into NaN.
-const MASKED: f32 = -1e30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,22 +212,6 @@ impl FullLinear {
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    /// Composed from primitives, whose backward candle derives; the encoders are small.
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
-    }
-}
-
 struct Layer {
     query: Linear,
     key: Linear,
@@ -309,58 +293,58 @@ impl Encoder {
             return Err(Error::Config("num_labels must be at least 1".into()));
         }
         let prefix = cfg.kind.prefix();
+        // The base model's weights sit under `bert.` / `roberta.` in a classifier's
+        // checkpoint and at the top level in a bare encoder's.
         let has_prefix = w.keys().any(|k| k.starts_with(&format!("{prefix}.")));
-        let key = |name: &str| {
+        let (word, position, token_type, emb_norm, layers, pooler) = {
+            let mut t = Take::new(&mut w, "encoder");
             if has_prefix {
-                format!("{prefix}.{name}")
-            } else {
-                name.to_string()
+                t = t.with_prefix(prefix);
             }
-        };
-        let take = |w: &mut Weights, name: &str| -> Result<Tensor> {
-            w.remove(&key(name))
-                .ok_or_else(|| Error::Model(format!("missing weight {}", key(name))))
-        };
-        let linear = |w: &mut Weights, name: &str| -> Result<Linear> {
-            let weight = take(w, &format!("{name}.weight"))?;
-            let bias = take(w, &format!("{name}.bias"))?;
-            Ok(Linear::new(format!("{prefix}.{name}"), weight, Some(bias)))
-        };
-        let norm = |w: &mut Weights, name: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
-                weight: take(w, &format!("{name}.weight"))?,
-                bias: take(w, &format!("{name}.bias"))?,
-            })
-        };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            layers.push(Layer {
-                query: linear(&mut w, &format!("{p}.attention.self.query"))?,
-                key: linear(&mut w, &format!("{p}.attention.self.key"))?,
-                value: linear(&mut w, &format!("{p}.attention.self.value"))?,
-                attn_out: linear(&mut w, &format!("{p}.attention.output.dense"))?,
-                attn_norm: norm(&mut w, &format!("{p}.attention.output.LayerNorm"))?,
-                intermediate: linear(&mut w, &format!("{p}.intermediate.dense"))?,
-                output: linear(&mut w, &format!("{p}.output.dense"))?,
-                out_norm: norm(&mut w, &format!("{p}.output.LayerNorm"))?,
-            });
-        }
-        let word = take(&mut w, "embeddings.word_embeddings.weight")?;
-        if word.dims() != [cfg.vocab_size, cfg.hidden_size] {
-            return Err(Error::Model(format!(
-                "word_embeddings has shape {:?}, config says ({}, {})",
-                word.dims(),
-                cfg.vocab_size,
-                cfg.hidden_size
-            )));
-        }
-        let position = take(&mut w, "embeddings.position_embeddings.weight")?;
-        let token_type = w.remove(&key("embeddings.token_type_embeddings.weight"));
-        let emb_norm = norm(&mut w, "embeddings.LayerNorm")?;
-        let pooler = match cfg.kind {
-            EncoderKind::Bert => Some(linear(&mut w, "pooler.dense")?),
-            EncoderKind::Roberta => None,
+            let linear = |t: &mut Take, name: &str| -> Result<Linear> {
+                let weight = t.get(&format!("{name}.weight"))?;
+                let bias = t.get(&format!("{name}.bias"))?;
+                Ok(Linear::new(format!("{prefix}.{name}"), weight, Some(bias)))
+            };
+            let norm = |t: &mut Take, name: &str| -> Result<LayerNorm> {
+                Ok(LayerNorm {
+                    weight: t.get(&format!("{name}.weight"))?,
+                    bias: t.get(&format!("{name}.bias"))?,
+                    eps: cfg.layer_norm_eps,
+                })
+            };
+            let t = &mut t;
+            let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+            for i in 0..cfg.num_hidden_layers {
+                let p = format!("encoder.layer.{i}");
+                layers.push(Layer {
+                    query: linear(t, &format!("{p}.attention.self.query"))?,
+                    key: linear(t, &format!("{p}.attention.self.key"))?,
+                    value: linear(t, &format!("{p}.attention.self.value"))?,
+                    attn_out: linear(t, &format!("{p}.attention.output.dense"))?,
+                    attn_norm: norm(t, &format!("{p}.attention.output.LayerNorm"))?,
+                    intermediate: linear(t, &format!("{p}.intermediate.dense"))?,
+                    output: linear(t, &format!("{p}.output.dense"))?,
+                    out_norm: norm(t, &format!("{p}.output.LayerNorm"))?,
+                });
+            }
+            let word = t.get("embeddings.word_embeddings.weight")?;
+            if word.dims() != [cfg.vocab_size, cfg.hidden_size] {
+                return Err(Error::Model(format!(
+                    "word_embeddings has shape {:?}, config says ({}, {})",
+                    word.dims(),
+                    cfg.vocab_size,
+                    cfg.hidden_size
+                )));
+            }
+            let position = t.get("embeddings.position_embeddings.weight")?;
+            let token_type = t.get_opt("embeddings.token_type_embeddings.weight");
+            let emb_norm = norm(t, "embeddings.LayerNorm")?;
+            let pooler = match cfg.kind {
+                EncoderKind::Bert => Some(linear(t, "pooler.dense")?),
+                EncoderKind::Roberta => None,
+            };
+            (word, position, token_type, emb_norm, layers, pooler)
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xC1A5_51F1_E400_0000);
         let h = cfg.hidden_size;
@@ -413,8 +397,8 @@ impl Encoder {
     /// Loads `config.json` + safetensors from an HF folder.
     pub fn load(dir: &Path, num_labels: usize, seed: u64, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg = EncoderConfig::from_hf_json(&crate::read_json(&cfg_path)?)?;
-        let weights = crate::loader::read_safetensors_f32(dir, device)?;
+        let cfg = EncoderConfig::from_hf_json(&crate::io::read_json(&cfg_path)?)?;
+        let weights = crate::io::read_safetensors_f32(dir, device)?;
         Self::new(cfg, weights, num_labels, seed, device)
     }
 
@@ -478,14 +462,13 @@ impl Encoder {
     pub fn logits(&self, batch: &EncoderBatch, ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, t) = batch.input_ids.dims2()?;
         let d = self.cfg.hidden_size;
-        let eps = self.cfg.layer_norm_eps;
         let flat = |x: &Tensor| x.flatten_all();
         let mut x = self.word.index_select(&flat(&batch.input_ids)?, 0)?;
         x = (x + self.position.index_select(&flat(&batch.position_ids)?, 0)?)?;
         if let Some(tt) = &self.token_type {
             x = (x + tt.index_select(&flat(&batch.token_type_ids)?, 0)?)?;
         }
-        let x = self.emb_norm.forward(&x, eps)?;
+        let x = self.emb_norm.forward(&x)?;
         let mut x = self.drop(&x, self.cfg.hidden_dropout, ctx)?;
         let mut m = vec![0f32; b * t * t];
         for (bi, row) in batch.attention_mask.iter().enumerate() {
@@ -501,7 +484,7 @@ impl Encoder {
         for l in &self.layers {
             let a = self.attention(l, &x, b, t, &mask, ctx)?;
             let a = self.drop(&l.attn_out.forward(&a, ctx)?, self.cfg.hidden_dropout, ctx)?;
-            x = l.attn_norm.forward(&(a + &x)?, eps)?;
+            x = l.attn_norm.forward(&(a + &x)?)?;
             let h = l.intermediate.forward(&x, ctx)?;
             let h = match self.cfg.activation {
                 Activation::GeluErf => h.gelu_erf()?,
@@ -509,7 +492,7 @@ impl Encoder {
                 Activation::Relu => h.relu()?,
             };
             let h = self.drop(&l.output.forward(&h, ctx)?, self.cfg.hidden_dropout, ctx)?;
-            x = l.out_norm.forward(&(h + &x)?, eps)?;
+            x = l.out_norm.forward(&(h + &x)?)?;
         }
         // The first token of each sequence: [CLS] / <s>.
         let first: Vec<u32> = (0..b).map(|i| (i * t) as u32).collect();

@@ -2,28 +2,16 @@
 //! ResNet blocks, composed from candle primitives (whose backward candle derives) where
 //! a gradient has to pass through them.
 
+use crate::io::Take;
 use crate::lora::{ForwardCtx, Linear};
-use crate::model::Weights;
+pub(crate) use crate::nn::LayerNorm;
 use crate::ops::{fast_path, frozen_conv2d, multi_head_attention, softmax_last, Heads};
-use crate::{Error, Result};
+use crate::Result;
 use candle_core::{Tensor, D};
 
-/// Takes named tensors out of a weight map, naming the one that is missing.
-pub(crate) struct Take<'a> {
-    pub(crate) w: &'a mut Weights,
-    /// Which model, for error messages.
-    pub(crate) what: &'static str,
-}
-
+/// The frozen layers of the UNet, the VAE and the text encoder, taken by their
+/// diffusers path.
 impl Take<'_> {
-    pub(crate) fn get(&mut self, name: &str) -> Result<Tensor> {
-        self.w
-            .remove(name)
-            .ok_or_else(|| Error::Model(format!("{}: missing weight {name}", self.what)))
-    }
-    pub(crate) fn has(&self, name: &str) -> bool {
-        self.w.contains_key(name)
-    }
     /// A frozen `path.weight` + `path.bias` pair that never carries an adapter.
     pub(crate) fn affine(&mut self, path: &str) -> Result<Affine> {
         Ok(Affine {
@@ -37,7 +25,7 @@ impl Take<'_> {
         let b = if bias {
             Some(self.get(&format!("{path}.bias"))?)
         } else {
-            self.w.remove(&format!("{path}.bias"))
+            self.get_opt(&format!("{path}.bias"))
         };
         Ok(Linear::new(path.to_string(), w, b))
     }
@@ -75,8 +63,8 @@ impl Take<'_> {
     }
     pub(crate) fn layer_norm(&mut self, path: &str, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            w: self.get(&format!("{path}.weight"))?,
-            b: self.get(&format!("{path}.bias"))?,
+            weight: self.get(&format!("{path}.weight"))?,
+            bias: self.get(&format!("{path}.bias"))?,
             eps,
         })
     }
@@ -119,24 +107,6 @@ impl GroupNorm {
     }
 }
 
-/// LayerNorm over the last dimension, from primitives (candle's fused one has no backward).
-pub(crate) struct LayerNorm {
-    w: Tensor,
-    b: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
-    }
-}
-
-/// Applies a linear layer to the last dimension of a `(.., in)` tensor.
 /// A frozen linear layer with a bias in the models that are only run, never adapted
 /// (the VAE, the text encoder): `x · Wᵀ + b` over the last dimension.
 pub(crate) struct Affine {

@@ -21,7 +21,7 @@
 //! tensors) would be further [`KohyaNaming`] variants and tensor ranks; the text
 //! encoders (`lora_te_`, `lora_te1_`, `lora_te2_`) are refused as unsupported.
 
-use crate::adapters::{self, AdapterWeights};
+use crate::lora::hotswap::{self as adapters, AdapterWeights};
 use crate::lora::{self, AdapterMeta, LoraConfig, LoraModel, LoraPair, Targets};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};

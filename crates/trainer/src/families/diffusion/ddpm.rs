@@ -41,7 +41,7 @@ impl Schedule {
     /// these fields).
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join("scheduler_config.json");
-        Self::from_json(&crate::read_json(&p)?)
+        Self::from_json(&crate::io::read_json(&p)?)
     }
 
     pub fn from_json(v: &Value) -> Result<Self> {

@@ -6,12 +6,13 @@
 //! `tokenizer.ggml.pre` names. A pre-tokenizer we do not know is an error: a silently
 //! different tokenization would train a different model.
 
-use crate::config::DecoderConfig;
-use crate::model::{Decoder, Weights};
-use crate::tokenize::TokenizerBundle;
+use crate::families::decoder::config::DecoderConfig;
+use crate::families::decoder::model::Decoder;
+use crate::families::decoder::tokenize::TokenizerBundle;
+use crate::io::{read_safetensors_f32, Weights};
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::path::Path;
 
@@ -64,24 +65,8 @@ pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
 /// Reads `config.json` and every safetensors tensor as f32.
 pub fn load_hf_weights(dir: &Path, device: &Device) -> Result<(DecoderConfig, Weights)> {
     let cfg_path = dir.join("config.json");
-    let cfg = DecoderConfig::from_hf_json(&crate::read_json(&cfg_path)?)?;
+    let cfg = DecoderConfig::from_hf_json(&crate::io::read_json(&cfg_path)?)?;
     Ok((cfg, read_safetensors_f32(dir, device)?))
-}
-
-/// Every floating-point tensor of an HF folder's safetensors, as f32, by name. Integer
-/// tensors are buffers, not weights (e.g. BERT's saved `position_ids`), and are skipped.
-pub fn read_safetensors_f32(dir: &Path, device: &Device) -> Result<Weights> {
-    let mut weights = Weights::new();
-    for file in crate::registry::safetensors_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, device)
-            .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
-        for (k, t) in tensors {
-            if t.dtype().is_float() {
-                weights.insert(k, t.to_dtype(DType::F32)?);
-            }
-        }
-    }
-    Ok(weights)
 }
 
 fn meta<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
@@ -113,7 +98,7 @@ fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
         .to_string()
         .map_err(|e| Error::Model(format!("gguf: {e}")))?
         .clone();
-    if !crate::registry::TRAINABLE_ARCHITECTURES.contains(&arch.as_str()) {
+    if !super::ARCHITECTURES.contains(&arch.as_str()) {
         return Err(Error::Unsupported(format!("gguf architecture \"{arch}\"")));
     }
     let k = |s: &str| format!("{arch}.{s}");

@@ -4,8 +4,9 @@
 //! UNet. The encoder runs once per caption (its outputs are cached), so it is plain
 //! inference code.
 
-use super::layers::{attention, Affine, LayerNorm, Take};
-use crate::loader::read_safetensors_f32;
+use super::layers::{attention, Affine, LayerNorm};
+use crate::io::read_safetensors_f32;
+use crate::io::Take;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -175,7 +176,7 @@ impl ClipTextEncoder {
     /// Loads a `text_encoder/` folder, with or without the `text_model.` key prefix.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg: Value = crate::read_json(&cfg_path)?;
+        let cfg: Value = crate::io::read_json(&cfg_path)?;
         let get = |k: &str| {
             cfg.get(k)
                 .and_then(Value::as_u64)
@@ -214,10 +215,7 @@ impl ClipTextEncoder {
             })
             .collect();
         weights.remove("embeddings.position_ids");
-        let t = &mut Take {
-            w: &mut weights,
-            what: "text encoder",
-        };
+        let t = &mut Take::new(&mut weights, "text encoder");
         let mut layers = Vec::new();
         for i in 0..layers_n {
             let p = format!("encoder.layers.{i}");

@@ -3,7 +3,7 @@
 //! with the adapter as `labels.json` (transformers' `id2label` / `label2id`).
 
 use crate::data::{read_examples, ClassExample, Example, Label};
-use crate::encoder::{ProblemType, Targets};
+use crate::families::encoder::model::{ProblemType, Targets};
 use crate::{Error, Result};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -251,7 +251,7 @@ impl LabelSet {
     /// Reads `labels.json` from an adapter folder.
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join(LABELS_FILE);
-        let v: serde_json::Value = crate::read_json(&p)?;
+        let v: serde_json::Value = crate::io::read_json(&p)?;
         let bad = |m: &str| Error::Adapter(format!("{}: {m}", p.display()));
         let problem = ProblemType::parse(
             v.get("problem_type")

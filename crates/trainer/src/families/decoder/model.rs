@@ -1,17 +1,14 @@
 //! The llama-family decoder (llama, mistral, qwen2) built from differentiable ops.
 
-use crate::config::DecoderConfig;
+use crate::families::decoder::config::DecoderConfig;
+use crate::io::{Take, Weights};
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
     cross_entropy_rows, fast_path, frozen_linear, masked_softmax, multi_head_attention,
-    projected_nll, rms_norm, rope, swiglu, AttnMask, Heads, RopeTables,
+    projected_nll, rms_norm, rope, swiglu, AttnMask, Heads, RopeTables, MASKED,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
-use std::collections::HashMap;
-
-/// Masked attention scores get this; large but finite so a sum never turns into NaN.
-const MASKED: f32 = -1e30;
 
 struct Layer {
     input_norm: Tensor,
@@ -57,21 +54,14 @@ pub struct Decoder {
     device: Device,
 }
 
-/// Frozen weights by their HF names.
-pub type Weights = HashMap<String, Tensor>;
-
-fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
-    w.remove(name)
-        .ok_or_else(|| Error::Model(format!("missing weight {name}")))
-}
-
 impl Decoder {
     /// Builds the model from HF-named f32 weights (consumed).
     pub fn new(cfg: DecoderConfig, mut w: Weights, device: &Device) -> Result<Self> {
-        let linear = |w: &mut Weights, path: String, bias: bool| -> Result<Linear> {
-            let weight = take(w, &format!("{path}.weight"))?;
+        let w = &mut Take::new(&mut w, "model");
+        let linear = |w: &mut Take, path: String, bias: bool| -> Result<Linear> {
+            let weight = w.get(&format!("{path}.weight"))?;
             let b = if bias {
-                Some(take(w, &format!("{path}.bias"))?)
+                Some(w.get(&format!("{path}.bias"))?)
             } else {
                 None
             };
@@ -81,26 +71,26 @@ impl Decoder {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                input_norm: take(&mut w, &format!("{p}.input_layernorm.weight"))?,
-                post_norm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"))?,
-                q: linear(&mut w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
-                k: linear(&mut w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
-                v: linear(&mut w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
-                o: linear(&mut w, format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
-                gate: linear(&mut w, format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                up: linear(&mut w, format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-                down: linear(&mut w, format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"))?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"))?,
+                q: linear(w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
+                k: linear(w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
+                v: linear(w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                o: linear(w, format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
+                gate: linear(w, format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                up: linear(w, format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                down: linear(w, format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
             });
         }
-        let embed = take(&mut w, "model.embed_tokens.weight")?;
+        let embed = w.get("model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
             // Some checkpoints tie without saying so: no lm_head means tied.
-            w.remove("lm_head.weight")
+            w.get_opt("lm_head.weight")
                 .map(|t| Linear::new("lm_head".into(), t, None))
         };
-        let norm = take(&mut w, "model.norm.weight")?;
+        let norm = w.get("model.norm.weight")?;
         if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {
             return Err(Error::Model(format!(
                 "embed_tokens has shape {:?}, config says ({}, {})",

@@ -1,0 +1,61 @@
+//! BERT-style encoders (bert, roberta) for sequence classification: model and head,
+//! pair tokenizer, label sets, and classifying with a trained adapter.
+
+pub mod classify;
+pub mod labels;
+pub mod model;
+pub mod objective;
+pub mod tokenize;
+
+use super::family::Family;
+use crate::lora::Targets;
+use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
+use crate::{Error, Result};
+use model::ProblemType;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+/// PEFT's default LoRA targets for BERT-style encoders.
+pub const TARGETS: [&str; 2] = ["query", "value"];
+
+/// The encoder family's options.
+#[derive(Debug, Clone, Default)]
+pub struct EncoderOptions {
+    /// transformers' problem type; `None` infers it from the labels.
+    pub problem_type: Option<ProblemType>,
+}
+
+/// Sequence classification on BERT-style encoders.
+pub struct EncoderFamily;
+
+impl Family for EncoderFamily {
+    fn name(&self) -> &'static str {
+        "encoder"
+    }
+    fn task(&self) -> Task {
+        Task::SequenceClassification
+    }
+    fn default_targets(&self) -> Targets {
+        Targets::Names(TARGETS.iter().map(|s| s.to_string()).collect())
+    }
+    fn options(&self, v: &serde_json::Value) -> Result<FamilyOptions> {
+        let problem_type = match v.get("problem_type") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(ProblemType::parse(s)?),
+            Some(_) => return Err(Error::Config("problem_type must be a string".into())),
+        };
+        Ok(FamilyOptions::new(EncoderOptions { problem_type }))
+    }
+    fn train(
+        &self,
+        spec: &TrainSpec,
+        resume: Option<&Path>,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<TrainOutcome> {
+        // The head and the label set come with the adapter a run resumes or starts from.
+        let from = resume.or(spec.init_adapter.as_deref());
+        let obj = objective::SeqCls::load(spec, from)?;
+        train::run(obj, spec, resume.map(Path::to_path_buf), cancel, on_event)
+    }
+}

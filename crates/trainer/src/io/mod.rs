@@ -1,0 +1,151 @@
+//! Reading what models are made of: JSON configs, safetensors (single or sharded, HF or
+//! diffusers names), and one way of taking named weights out of what was read. GGUF
+//! files are read by the decoder family, whose architectures they carry.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// A JSON file (a model's `config.json`, an adapter's config, ...), naming the file when
+/// it cannot be read.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// A required unsigned integer of a `config.json`.
+pub(crate) fn get_usize(v: &Value, key: &str) -> Result<usize> {
+    v.get(key)
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize)
+        .ok_or_else(|| Error::Config(format!("config.json: missing or invalid \"{key}\"")))
+}
+
+/// Frozen weights by their HF names.
+pub type Weights = HashMap<String, Tensor>;
+
+/// Takes named tensors out of a weight map, each once, under an optional path prefix
+/// (as candle's `VarBuilder::pp`), naming the model and the whole key when one is missing.
+pub struct Take<'a> {
+    w: &'a mut Weights,
+    /// Which model, for error messages.
+    what: &'static str,
+    prefix: Option<String>,
+}
+
+impl<'a> Take<'a> {
+    pub fn new(w: &'a mut Weights, what: &'static str) -> Self {
+        Take {
+            w,
+            what,
+            prefix: None,
+        }
+    }
+
+    /// Keys are looked up as `prefix.name` from here on.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    fn key(&self, name: &str) -> String {
+        match &self.prefix {
+            Some(p) => format!("{p}.{name}"),
+            None => name.to_string(),
+        }
+    }
+
+    pub fn get(&mut self, name: &str) -> Result<Tensor> {
+        let key = self.key(name);
+        self.w
+            .remove(&key)
+            .ok_or_else(|| Error::Model(format!("{}: missing weight {key}", self.what)))
+    }
+
+    /// A weight the model may or may not have.
+    pub fn get_opt(&mut self, name: &str) -> Option<Tensor> {
+        let key = self.key(name);
+        self.w.remove(&key)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.w.contains_key(&self.key(name))
+    }
+}
+
+/// Every floating-point tensor of an HF folder's safetensors, as f32, by name. Integer
+/// tensors are buffers, not weights (e.g. BERT's saved `position_ids`), and are skipped.
+pub fn read_safetensors_f32(dir: &Path, device: &Device) -> Result<Weights> {
+    let mut weights = Weights::new();
+    for file in safetensors_files(dir)? {
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+        for (k, t) in tensors {
+            if t.dtype().is_float() {
+                weights.insert(k, t.to_dtype(DType::F32)?);
+            }
+        }
+    }
+    Ok(weights)
+}
+
+/// The safetensors files of an HF or diffusers folder: the index's shards, or the single file.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    // transformers' names, then diffusers' (the components of an SD folder).
+    for stem in ["model", "diffusion_pytorch_model"] {
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.is_file() {
+            let v: serde_json::Value = read_json(&index)?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+    }
+    Err(Error::Model(format!(
+        "{}: no model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )))
+}
+
+/// Parameter count from a safetensors header alone (8-byte length + JSON), without mapping the data.
+pub fn safetensors_param_count(path: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(Error::Model(format!(
+            "{}: implausible header size",
+            path.display()
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)?;
+    let mut total = 0u64;
+    for (k, t) in v.as_object().into_iter().flatten() {
+        if k == "__metadata__" {
+            continue;
+        }
+        if let Some(shape) = t.get("shape").and_then(|s| s.as_array()) {
+            total += shape.iter().filter_map(|d| d.as_u64()).product::<u64>();
+        }
+    }
+    Ok(total)
+}

@@ -8,8 +8,8 @@
 
 use crate::app::AppState;
 use crate::job::artifacts::{
-    adapter_key, adapter_zip, checkpoint_adapter_key, checkpoint_key, fine_tuned_name, model_card,
-    sha256_hex, ADAPTER_TENSORS, CHECKPOINT_EXTRAS, CHECKPOINT_FILES,
+    adapter_key, adapter_zip, checkpoint_adapter_key, checkpoint_key, extra_files, fine_tuned_name,
+    model_card, sha256_hex, ADAPTER_TENSORS, CHECKPOINT_FILES,
 };
 use crate::job::spec::train_spec;
 use crate::job::{is_text_to_image, JobSpec};
@@ -722,7 +722,7 @@ async fn upload_checkpoint(
     // Not needed to resume (the label set is rediscovered from the same data, the kohya
     // file rewritten from the adapter), but a downloaded classification checkpoint is
     // usable only with its labels, and an SD one in the UIs only as a kohya file.
-    for extra in CHECKPOINT_EXTRAS {
+    for extra in extra_files() {
         if let Ok(bytes) = tokio::fs::read(dir.join(extra)).await {
             put_blob(state, &format!("{key}/{extra}"), &bytes).await?;
         }

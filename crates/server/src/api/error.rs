@@ -157,3 +157,17 @@ impl From<crate::job::SpecError> for ApiError {
         ApiError::bad_request(e.message).param(e.param)
     }
 }
+
+impl From<loraforge_trainer::families::Refusal> for ApiError {
+    fn from(r: loraforge_trainer::families::Refusal) -> Self {
+        use loraforge_trainer::families::Field;
+        let e = ApiError::bad_request(r.message);
+        match r.field {
+            Field::Model => e.param("model"),
+            Field::TrainingFile => e.param("training_file").code("invalid_file"),
+            Field::ValidationFile => e.param("validation_file").code("invalid_file"),
+            Field::Hyperparameter(k) => e.param(format!("hyperparameters.{k}")),
+            Field::Setting(k) => e.param(k),
+        }
+    }
+}

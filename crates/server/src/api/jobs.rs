@@ -5,10 +5,10 @@ use super::{ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::job::artifacts::{
-    adapter_key, adapter_zip, checkpoint_adapter_key, fine_tuned_name, model_card, sha256_hex,
-    ADAPTER_CONFIG, ADAPTER_TENSORS, CHECKPOINT_EXTRAS,
+    adapter_key, adapter_zip, checkpoint_adapter_key, extra_files, fine_tuned_name, model_card,
+    sha256_hex, ADAPTER_CONFIG, ADAPTER_TENSORS,
 };
-use crate::job::spec::{hp_err, parse_spec};
+use crate::job::spec::parse_spec;
 use crate::job::{is_text_to_image, shown_status, JobSpec};
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -18,10 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob};
-use loraforge_trainer::data::DataFormat;
-use loraforge_trainer::families::encoder::labels;
 use loraforge_trainer::families::encoder::model::ProblemType;
+use loraforge_trainer::families::{for_task, JobCheck, ModelInfo, Named};
 use loraforge_trainer::train::Task;
+use loraforge_trainer::FAMILIES;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -73,13 +73,12 @@ async fn check_file(
             format!("File {id} has purpose {} (fine-tune expected).", f.purpose),
         ));
     }
-    // Classification files go with sequence classification, image zips with
-    // text-to-image, and every other format with causal LM.
-    let file_task = match f.format.as_deref() {
-        Some(x) if x == DataFormat::Classification.as_str() => Task::SequenceClassification,
-        Some(x) if x == DataFormat::ImageZip.as_str() => Task::TextToImage,
-        _ => Task::CausalLm,
-    };
+    // A file trains the task of the family that takes its format.
+    let format = f.format.as_deref().unwrap_or("unknown");
+    let file_task = FAMILIES
+        .iter()
+        .find(|fam| fam.data_formats().iter().any(|d| d.as_str() == format))
+        .map_or(Task::CausalLm, |fam| fam.task());
     if file_task != task {
         return Err(bad_file(
             param,
@@ -94,9 +93,9 @@ async fn check_file(
     Ok(f)
 }
 
-/// Largest file whose labels are checked when the job is created; a bigger one is
-/// checked by the worker, which fails the job with the same message.
-const LABEL_CHECK_MAX_BYTES: i64 = 64 << 20;
+/// Largest file a family checks when the job is created; a bigger one is checked by the
+/// worker, which fails the job with the same message.
+const DATA_CHECK_MAX_BYTES: i64 = 64 << 20;
 
 async fn blob_text(state: &AppState, f: &loraforge_store::FileRecord) -> ApiResult<String> {
     let (_, mut stream) = state
@@ -111,54 +110,56 @@ async fn blob_text(state: &AppState, f: &loraforge_store::FileRecord) -> ApiResu
     String::from_utf8(bytes).map_err(ApiError::internal)
 }
 
-/// A classification job's label set must hold up before it is queued: at least two
-/// classes in training, no validation label that training lacks.
-async fn check_labels(
+/// The family's own checks of a job before it is queued (a classifier's label set, an
+/// image run's resolution), given the files' text when the family reads data and the
+/// files are small enough to read here.
+async fn check_with_family(
     state: &AppState,
+    info: &ModelInfo,
+    spec: &JobSpec,
     train: &loraforge_store::FileRecord,
     valid: Option<&loraforge_store::FileRecord>,
-    problem: Option<ProblemType>,
 ) -> ApiResult<()> {
-    if train.bytes > LABEL_CHECK_MAX_BYTES || valid.is_some_and(|v| v.bytes > LABEL_CHECK_MAX_BYTES)
-    {
-        return Ok(());
-    }
-    let t = blob_text(state, train).await?;
-    let v = match valid {
-        Some(v) => Some(blob_text(state, v).await?),
-        None => None,
+    let family = for_task(spec.task);
+    let small = train.bytes <= DATA_CHECK_MAX_BYTES
+        && valid.is_none_or(|v| v.bytes <= DATA_CHECK_MAX_BYTES);
+    let (t, v) = if family.checks_data() && small {
+        let t = blob_text(state, train).await?;
+        let v = match valid {
+            Some(v) => Some(blob_text(state, v).await?),
+            None => None,
+        };
+        (Some(t), v)
+    } else {
+        (None, None)
     };
     let names = (
         format!("training_file {}", train.id),
         valid.map(|v| format!("validation_file {}", v.id)),
     );
-    let valid_name = names.1.clone();
-    let param = move |m: &str| {
-        if valid_name
-            .as_ref()
-            .is_some_and(|n| m.starts_with(n.as_str()))
-        {
-            "validation_file"
-        } else {
-            "training_file"
-        }
-    };
-    let r = tokio::task::spawn_blocking(move || {
-        labels::check_files(
-            (&names.0, &t),
-            names.1.as_deref().zip(v.as_deref()),
-            problem,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let own = serde_json::to_value(spec).map_err(ApiError::internal)?;
+    let (id, model) = (info.id.clone(), info.path.clone());
+    let has_validation = valid.is_some();
+    tokio::task::spawn_blocking(move || {
+        family.check_job(&JobCheck {
+            model_id: &id,
+            model: &model,
+            spec: &own,
+            training: t.as_deref().map(|text| Named {
+                name: &names.0,
+                text,
+            }),
+            validation: names
+                .1
+                .as_deref()
+                .zip(v.as_deref())
+                .map(|(name, text)| Named { name, text }),
+            has_validation,
+        })
     })
     .await
-    .map_err(ApiError::internal)?;
-    r.map_err(|m| {
-        let m = m.strip_prefix("data: ").unwrap_or(&m).to_string();
-        let p = param(&m);
-        bad_file(p, m)
-    })
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::from)
 }
 
 /// `POST /v1/fine_tuning/jobs`.
@@ -240,19 +241,10 @@ pub async fn create(
         .training_file
         .ok_or_else(|| ApiError::bad_request("training_file is required").param("training_file"))?;
     let train_rec = check_file(&state, &who, &training_file, "training_file", task).await?;
-    if task == Task::TextToImage && req.validation_file.is_some() {
-        return Err(ApiError::bad_request(
-            "validation_file: text_to_image jobs have no validation loss yet; leave it out.",
-        )
-        .param("validation_file"));
-    }
     let valid_rec = match &req.validation_file {
         Some(v) => Some(check_file(&state, &who, v, "validation_file", task).await?),
         None => None,
     };
-    if task == Task::SequenceClassification {
-        check_labels(&state, &train_rec, valid_rec.as_ref(), problem_type).await?;
-    }
     // OpenAI's newer shape nests hyperparameters under method.supervised.
     let hp = req
         .method
@@ -266,23 +258,8 @@ pub async fn create(
         ApiError::bad_request("hyperparameters must be an object").param("hyperparameters")
     })?;
     let mut spec = parse_spec(hp, req.seed, req.metadata, task)?;
-    if let (Task::TextToImage, Some(r)) = (task, spec.resolution) {
-        let dir = info.path.clone();
-        let (multiple, _) = tokio::task::spawn_blocking(move || {
-            loraforge_trainer::families::diffusion::objective::resolution_rule(&dir)
-        })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::bad_request(format!("Model {model}: {e}")).param("model"))?;
-        if !(r as usize).is_multiple_of(multiple) {
-            return Err(hp_err(
-                "resolution",
-                &format!("must be a multiple of {multiple} for model {model}"),
-            )
-            .into());
-        }
-    }
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
+    check_with_family(&state, &info, &spec, &train_rec, valid_rec.as_ref()).await?;
     if let Some(s) = &req.suffix {
         if s.len() > 64
             || !s
@@ -1101,7 +1078,7 @@ async fn zip_stored_checkpoint(
     std::fs::create_dir_all(&dir).map_err(ApiError::internal)?;
     for name in [ADAPTER_CONFIG, ADAPTER_TENSORS]
         .into_iter()
-        .chain(CHECKPOINT_EXTRAS)
+        .chain(extra_files())
     {
         let key = format!("{}/{name}", ckpt.storage_key);
         if !state.blobs.exists(&key).await.map_err(ApiError::internal)? {

@@ -2,8 +2,7 @@
 //! final adapter and every checkpoint are downloaded as.
 
 use loraforge_store::JobRecord;
-use loraforge_trainer::families::diffusion::objective::KOHYA_FILE;
-use loraforge_trainer::families::encoder::labels::LABELS_FILE;
+use loraforge_trainer::FAMILIES;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
@@ -11,15 +10,21 @@ use std::path::Path;
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_TENSORS: &str = "adapter_model.safetensors";
 
-/// The files of an adapter folder that its zip carries, in zip order, and whether the
-/// folder must have them. Text-to-image adapters carry their kohya copy, classification
-/// adapters their label set: without it a classifier's outputs have no names.
-const ZIP_FILES: [(&str, bool); 4] = [
-    (ADAPTER_CONFIG, true),
-    (ADAPTER_TENSORS, true),
-    (KOHYA_FILE, false),
-    (LABELS_FILE, false),
-];
+/// The files of an adapter folder that its zip carries beside the model card, in zip
+/// order: PEFT's two, which every adapter has, then those a family adds (a classifier's
+/// label set, an SD adapter's kohya copy) where present.
+fn zip_files() -> impl Iterator<Item = (&'static str, bool)> {
+    [(ADAPTER_CONFIG, true), (ADAPTER_TENSORS, true)]
+        .into_iter()
+        .chain(extra_files().map(|f| (f, false)))
+}
+
+/// The files families keep beside an adapter's weights.
+pub fn extra_files() -> impl Iterator<Item = &'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.adapter_files().iter().copied())
+}
 
 /// The files of a checkpoint folder that resuming needs.
 pub const CHECKPOINT_FILES: [&str; 4] = [
@@ -29,15 +34,11 @@ pub const CHECKPOINT_FILES: [&str; 4] = [
     "trainer_state.json",
 ];
 
-/// Files a checkpoint keeps beside what resuming needs, so that a downloaded checkpoint
-/// is as usable as the final adapter.
-pub const CHECKPOINT_EXTRAS: [&str; 2] = [LABELS_FILE, KOHYA_FILE];
-
 /// The zip of an adapter folder `dir`, with `card` as its README.md. The zip is
 /// deterministic (fixed entry times), so the same folder always gives the same bytes.
 pub fn adapter_zip(dir: &Path, card: &str) -> std::io::Result<Vec<u8>> {
     let mut files = Vec::new();
-    for (name, required) in ZIP_FILES {
+    for (name, required) in zip_files() {
         match std::fs::read(dir.join(name)) {
             Ok(bytes) => files.push((name, bytes)),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
@@ -109,7 +110,7 @@ pub fn checkpoint_key(job_id: &str, attempt: i64, step: u64) -> String {
 pub fn checkpoint_adapter_key(prefix: &str, format: &str) -> String {
     match format {
         "safetensors" => format!("{prefix}/{ADAPTER_TENSORS}"),
-        "kohya" => format!("{prefix}/{KOHYA_FILE}"),
+        "kohya" => format!("{prefix}/kohya.safetensors"),
         _ => format!("{prefix}/adapter.zip"),
     }
 }
@@ -138,9 +139,9 @@ mod tests {
         assert_eq!(names, [ADAPTER_CONFIG, "README.md", ADAPTER_TENSORS]);
         assert_eq!(plain, adapter_zip(dir.path(), "card").unwrap());
 
-        std::fs::write(dir.path().join(LABELS_FILE), b"{\"id2label\":{}}").unwrap();
+        std::fs::write(dir.path().join("labels.json"), b"{\"id2label\":{}}").unwrap();
         let labelled = adapter_zip(dir.path(), "card").unwrap();
-        assert!(entries(&labelled).iter().any(|n| n == LABELS_FILE));
+        assert!(entries(&labelled).iter().any(|n| n == "labels.json"));
 
         std::fs::remove_file(dir.path().join(ADAPTER_TENSORS)).unwrap();
         let e = adapter_zip(dir.path(), "card").unwrap_err();

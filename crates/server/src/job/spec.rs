@@ -69,7 +69,7 @@ pub struct JobSpec {
 /// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
 const BASE_LR: f64 = 2e-4;
 
-pub(crate) fn hp_err(name: &str, what: &str) -> SpecError {
+fn hp_err(name: &str, what: &str) -> SpecError {
     SpecError {
         param: format!("hyperparameters.{name}"),
         message: format!("hyperparameters.{name} {what}"),

@@ -1,5 +1,6 @@
 //! What a model family is to the rest of the engine.
 
+use crate::data::DataFormat;
 use crate::lora::Targets;
 use crate::train::{FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::Result;
@@ -14,6 +15,33 @@ pub trait Family: Sync {
     fn name(&self) -> &'static str;
     /// What its objective trains the model for.
     fn task(&self) -> Task;
+    /// The architectures it trains, as a model names itself: `model_type` in an HF
+    /// `config.json`, `general.architecture` in a GGUF file.
+    fn architectures(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The diffusers pipelines (`_class_name` in `model_index.json`) it trains.
+    fn pipelines(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The data formats its objective trains on.
+    fn data_formats(&self) -> &'static [DataFormat];
+    /// Files its adapter folders carry besides PEFT's two (a label set, a kohya copy):
+    /// downloads and checkpoints keep them with the adapter.
+    fn adapter_files(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Whether [`Family::check_job`] reads the data itself (so the caller should pass
+    /// the files' text when it can).
+    fn checks_data(&self) -> bool {
+        false
+    }
+    /// Checks a job against its model and data before it is queued, so that a job that
+    /// cannot train is refused at once, naming the field at fault, instead of failing
+    /// in a worker later.
+    fn check_job(&self, _job: &JobCheck) -> std::result::Result<(), Refusal> {
+        Ok(())
+    }
     /// The modules a LoRA goes on when a job names none (the family's usual PEFT set).
     fn default_targets(&self) -> Targets;
     /// The family's own settings from a JSON object (a job's spec, the CLI's flags as
@@ -28,4 +56,47 @@ pub trait Family: Sync {
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(&TrainEvent),
     ) -> Result<TrainOutcome>;
+}
+
+/// A job about to be queued, as a family checks it.
+pub struct JobCheck<'a> {
+    /// The base model's name, for messages.
+    pub model_id: &'a str,
+    /// The base model's folder or file.
+    pub model: &'a Path,
+    /// The job's settings as JSON (the keys of a job's stored spec).
+    pub spec: &'a serde_json::Value,
+    /// The training data as text, when the caller read it (see [`Family::checks_data`]).
+    pub training: Option<Named<'a>>,
+    /// The validation data as text, when the caller read it.
+    pub validation: Option<Named<'a>>,
+    /// Whether the job has validation data at all (read or not).
+    pub has_validation: bool,
+}
+
+/// A data file's text and how messages name it (`training_file file-...`).
+#[derive(Clone, Copy)]
+pub struct Named<'a> {
+    pub name: &'a str,
+    pub text: &'a str,
+}
+
+/// The field of a job that a refusal is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Model,
+    TrainingFile,
+    ValidationFile,
+    /// A key of the job's hyperparameters.
+    Hyperparameter(&'static str),
+    /// Another setting of the job, by its name (`problem_type`).
+    Setting(&'static str),
+}
+
+/// Why a job cannot be queued.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub field: Field,
+    pub message: String,
 }

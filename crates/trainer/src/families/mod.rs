@@ -7,7 +7,7 @@ pub mod diffusion;
 pub mod encoder;
 mod family;
 
-pub use family::Family;
+pub use family::{Family, Field, JobCheck, Named, Refusal};
 
 use crate::train::Task;
 
@@ -30,18 +30,28 @@ use crate::{Error, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// Decoder architectures the trainer can fine-tune for causal LM.
-pub use decoder::ARCHITECTURES as TRAINABLE_ARCHITECTURES;
-
 /// The training tasks an architecture supports (empty: none).
 pub fn tasks_of(arch: &str) -> Vec<String> {
-    if TRAINABLE_ARCHITECTURES.contains(&arch) {
-        vec!["causal_lm".into()]
-    } else if crate::families::encoder::model::ENCODER_ARCHITECTURES.contains(&arch) {
-        vec!["sequence_classification".into()]
-    } else {
-        Vec::new()
-    }
+    ALL.iter()
+        .filter(|f| f.architectures().contains(&arch))
+        .map(|f| f.task().as_str().to_string())
+        .collect()
+}
+
+/// The training tasks a diffusers pipeline class supports (empty: none).
+fn pipeline_tasks(class: &str) -> Vec<String> {
+    ALL.iter()
+        .filter(|f| f.pipelines().contains(&class))
+        .map(|f| f.task().as_str().to_string())
+        .collect()
+}
+
+/// Every name that `pick` gives the families, for "supported: ..." messages.
+fn supported(pick: impl Fn(&dyn Family) -> &'static [&'static str]) -> String {
+    ALL.iter()
+        .flat_map(|f| pick(*f).iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -121,9 +131,8 @@ fn trainability(arch: &str) -> (bool, Option<String>) {
         (
             false,
             Some(format!(
-                "architecture \"{arch}\" is not supported yet (supported: {}, {})",
-                TRAINABLE_ARCHITECTURES.join(", "),
-                crate::families::encoder::model::ENCODER_ARCHITECTURES.join(", ")
+                "architecture \"{arch}\" is not supported yet (supported: {})",
+                supported(|f| f.architectures())
             )),
         )
     }
@@ -198,9 +207,6 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
 }
 
-/// Pipelines whose UNet the trainer can fine-tune (SD 1.x / 2.x).
-pub const TRAINABLE_PIPELINES: [&str; 1] = ["StableDiffusionPipeline"];
-
 /// A diffusers pipeline folder: its class from `model_index.json`, the parameters of
 /// its UNet, VAE and text encoder.
 fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
@@ -220,7 +226,8 @@ fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
             }
         }
     }
-    let trainable = TRAINABLE_PIPELINES.contains(&class.as_str());
+    let tasks = pipeline_tasks(&class);
+    let trainable = !tasks.is_empty();
     Ok(ModelInfo {
         id,
         path: path.to_path_buf(),
@@ -229,15 +236,11 @@ fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
         parameters,
         context_length: None,
         trainable,
-        tasks: if trainable {
-            vec!["text_to_image".into()]
-        } else {
-            Vec::new()
-        },
+        tasks,
         note: (!trainable).then(|| {
             format!(
                 "pipeline \"{class}\" is not supported yet (supported: {})",
-                TRAINABLE_PIPELINES.join(", ")
+                supported(|f| f.pipelines())
             )
         }),
     })

@@ -10,6 +10,7 @@ pub mod objective;
 pub mod tokenize;
 
 use super::family::Family;
+use crate::data::DataFormat;
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::Result;
@@ -39,6 +40,17 @@ impl Family for DecoderFamily {
     }
     fn task(&self) -> Task {
         Task::CausalLm
+    }
+    fn architectures(&self) -> &'static [&'static str] {
+        &ARCHITECTURES
+    }
+    fn data_formats(&self) -> &'static [DataFormat] {
+        &[
+            DataFormat::Chat,
+            DataFormat::PromptCompletion,
+            DataFormat::Text,
+            DataFormat::Tokenized,
+        ]
     }
     fn default_targets(&self) -> Targets {
         Targets::Names(TARGETS.iter().map(|s| s.to_string()).collect())

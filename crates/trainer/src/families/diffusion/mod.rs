@@ -25,7 +25,8 @@ pub mod objective;
 pub mod unet;
 pub mod vae;
 
-use super::family::Family;
+use super::family::{Family, Field, JobCheck, Refusal};
+use crate::data::DataFormat;
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::Result;
@@ -42,6 +43,42 @@ impl Family for DiffusionFamily {
     }
     fn task(&self) -> Task {
         Task::TextToImage
+    }
+    fn data_formats(&self) -> &'static [DataFormat] {
+        &[DataFormat::ImageZip]
+    }
+    fn adapter_files(&self) -> &'static [&'static str] {
+        &[objective::KOHYA_FILE]
+    }
+    fn check_job(&self, job: &JobCheck) -> std::result::Result<(), Refusal> {
+        if job.has_validation {
+            return Err(Refusal {
+                field: Field::ValidationFile,
+                message:
+                    "validation_file: text_to_image jobs have no validation loss yet; leave it out."
+                        .into(),
+            });
+        }
+        if let Some(r) = job.spec.get("resolution").and_then(|r| r.as_u64()) {
+            let (multiple, _) = objective::resolution_rule(job.model).map_err(|e| Refusal {
+                field: Field::Model,
+                message: format!("Model {}: {e}", job.model_id),
+            })?;
+            if !(r as usize).is_multiple_of(multiple) {
+                return Err(Refusal {
+                    field: Field::Hyperparameter("resolution"),
+                    message: format!(
+                        "hyperparameters.resolution must be a multiple of {multiple} for model {}",
+                        job.model_id
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+    fn pipelines(&self) -> &'static [&'static str] {
+        // SD 1.x / 2.x: the UNet, VAE and CLIP text encoder this family ports.
+        &["StableDiffusionPipeline"]
     }
     fn default_targets(&self) -> Targets {
         // diffusers' train_text_to_image_lora.py.

@@ -7,7 +7,8 @@ pub mod model;
 pub mod objective;
 pub mod tokenize;
 
-use super::family::Family;
+use super::family::{Family, Field, JobCheck, Refusal};
+use crate::data::DataFormat;
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::{Error, Result};
@@ -34,6 +35,47 @@ impl Family for EncoderFamily {
     }
     fn task(&self) -> Task {
         Task::SequenceClassification
+    }
+    fn architectures(&self) -> &'static [&'static str] {
+        &model::ENCODER_ARCHITECTURES
+    }
+    fn data_formats(&self) -> &'static [DataFormat] {
+        &[DataFormat::Classification]
+    }
+    fn checks_data(&self) -> bool {
+        true
+    }
+    fn adapter_files(&self) -> &'static [&'static str] {
+        &[labels::LABELS_FILE]
+    }
+    /// The label set must hold up: at least two classes in training, no validation
+    /// label that training lacks.
+    fn check_job(&self, job: &JobCheck) -> std::result::Result<(), Refusal> {
+        let Some(train) = job.training else {
+            return Ok(());
+        };
+        let problem = match job.spec.get("problem_type").and_then(|p| p.as_str()) {
+            Some(p) => Some(ProblemType::parse(p).map_err(|e| Refusal {
+                field: Field::Setting("problem_type"),
+                message: e.to_string(),
+            })?),
+            None => None,
+        };
+        labels::check_files(
+            (train.name, train.text),
+            job.validation.map(|v| (v.name, v.text)),
+            problem,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            let m = e.to_string();
+            let m = m.strip_prefix("data: ").unwrap_or(&m).to_string();
+            let field = match job.validation {
+                Some(v) if m.starts_with(v.name) => Field::ValidationFile,
+                _ => Field::TrainingFile,
+            };
+            Refusal { field, message: m }
+        })
     }
     fn default_targets(&self) -> Targets {
         Targets::Names(TARGETS.iter().map(|s| s.to_string()).collect())

@@ -9,10 +9,14 @@ Writes (relative to the repository root):
   tests/fixtures/<model>-ref/          PEFT LoRA adapters + reference logits / loss / grads / AdamW run
   tests/fixtures/tiny-llama-gguf/      tiny-llama as an F32 GGUF (llama.cpp naming and Q/K permutation)
   tests/data/*.jsonl                   small dataset files (chat, prompt-completion, text, tokenized, bad)
+  tests/fixtures/chat-encoding.json    chat examples -> (input_ids, labels) as rendered/tokenized by transformers
 
 Usage (needs torch, transformers>=5, peft, safetensors, gguf, tokenizers, numpy; no network):
 
   ~/.cache/loraforge-bench/venv/bin/python scripts/make_fixtures.py [--skip-gguf-check]
+
+`--only-chat-encoding` writes tests/fixtures/chat-encoding.json alone, from the tokenizer folders already
+there (needs only transformers, tokenizers and jinja2 at run time), and touches nothing else.
 
 Everything is seeded; re-running with the same library versions reproduces the same bytes
 (modulo the version strings recorded in ref.json / generation_config.json).
@@ -661,10 +665,190 @@ def build_data():
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. chat encoding reference (--only-chat-encoding)
+# ----------------------------------------------------------------------------------------------
+# Every fixture folder whose tokenizer_config.json carries a chat template. Today all three hold
+# the same tokenizer and SmolLM2's ChatML template; the loaders differ (tokenizer-only folder vs
+# model folders), and a folder given its own template later is picked up here.
+CHAT_ENCODING_FOLDERS = ["tokenizer", "tiny-llama", "tiny-qwen2"]
+
+
+def chat_encoding_cases():
+    """(name, JSONL example, options) for each case; `max_seq_len: "cut"` is resolved per tokenizer
+    to a length that ends inside the second trained assistant turn."""
+    def opts(train_on_inputs=False, max_seq_len=None):
+        return {"train_on_inputs": train_on_inputs, "max_seq_len": max_seq_len}
+
+    multi = {"messages": [
+        {"role": "system", "content": "You are ZORBLAX, a terse geography bot."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "ZORBLAX says: the capital of France is Paris."},
+        {"role": "user", "content": "And of Japan?"},
+        {"role": "assistant", "content": "The capital of Japan is Tokyo.", "weight": 1},
+        {"role": "user", "content": "List two more, one per line."},
+        {"role": "assistant", "content": "  Rome\nBerlin\n"},
+    ]}
+    weight0 = {"messages": [
+        {"role": "system", "content": "Answer with the capital only."},
+        {"role": "user", "content": "Peru?"},
+        {"role": "assistant", "content": "Lima."},
+        {"role": "user", "content": "Kenya?"},
+        {"role": "assistant", "content": "Nairobi, I think, but do not train on this.", "weight": 0},
+        {"role": "user", "content": "Chile?"},
+        {"role": "assistant", "content": "Santiago."},
+    ]}
+    pc = {"prompt": "Q: What is the capital of Egypt?\nA:", "completion": " ZORBLAX says: the capital of Egypt is Cairo."}
+    parts_tool = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Look up the weather "},
+                                     {"type": "text", "text": "in Oslo."}]},
+        {"role": "assistant", "content": "Calling the weather tool for Oslo."},
+        {"role": "tool", "content": "{\"city\": \"Oslo\", \"temp_c\": -3}"},
+        {"role": "assistant", "content": "It is -3 C in Oslo."},
+        {"role": "user", "content": "Thanks!"},
+    ]}
+    non_ascii = {"messages": [
+        {"role": "system", "content": "Réponds en français, s'il te plaît."},
+        {"role": "user", "content": "Quelle est la capitale de l'Islande ? Größe: 東京 😀"},
+        {"role": "assistant", "content": "Reykjavík, naïvement. ¿Qué? 北京是中国的首都。👍🏽"},
+        {"role": "user", "content": "Et le Brésil ?"},
+        {"role": "assistant", "content": "Brasília — crème brûlée ≈ ∑ ☃."},
+    ]}
+    return [
+        ("multi_turn_system", multi, opts()),
+        ("weight0_middle", weight0, opts()),
+        ("prompt_completion", pc, opts()),
+        ("content_parts_tool_trailing_user", parts_tool, opts()),
+        ("non_ascii", non_ascii, opts()),
+        ("train_on_inputs", weight0, opts(train_on_inputs=True)),
+        ("max_seq_len_cut", multi, opts(max_seq_len="cut")),
+        ("max_seq_len_cut_weight0", weight0, opts(max_seq_len="cut")),
+        ("max_seq_len_longer_than_text", pc, opts(max_seq_len=4096)),
+    ]
+
+
+def example_messages(ex):
+    """The messages the trainer renders for an example, as crates/trainer/src/data.rs parse_line reads
+    it: chat content parts are concatenated; prompt/completion becomes one user and one assistant turn."""
+    if "messages" in ex:
+        out = []
+        for m in ex["messages"]:
+            c = m["content"]
+            if isinstance(c, list):
+                c = "".join(p["text"] for p in c)
+            out.append({"role": m["role"], "content": c, "weight": m.get("weight")})
+        return out
+    return [{"role": "user", "content": ex["prompt"], "weight": None},
+            {"role": "assistant", "content": ex["completion"], "weight": None}]
+
+
+def chat_encoding_reference(tok, ex, options):
+    """transformers' rendering and tokenization, labelled as TokenizerBundle::encode_example does."""
+    msgs = example_messages(ex)
+    plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    full = tok.apply_chat_template(plain, tokenize=False)
+    spans = []  # character spans of the trained assistant turns
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant" or m["weight"] == 0:
+            continue
+        start = tok.apply_chat_template(plain[:k], tokenize=False, add_generation_prompt=True)
+        end = tok.apply_chat_template(plain[:k + 1], tokenize=False)
+        assert end.startswith(start) and full.startswith(end), ("template is not prefix-stable", k)
+        spans.append((len(start), len(end)))
+    # The trainer encodes rendered chat with add_special_tokens=false (encode_with_offsets): the
+    # template already writes every special token.
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    labels = [i if any(a <= s < b for a, b in spans) else -100 for i, (s, _) in zip(ids, offsets)]
+    # Rust counts bytes, Python characters: the same labels must come out in bytes.
+    nb = lambda i: len(full[:i].encode("utf-8"))  # noqa: E731
+    bspans = [(nb(a), nb(b)) for a, b in spans]
+    blabels = [i if any(a <= nb(s) < b for a, b in bspans) else -100 for i, (s, _) in zip(ids, offsets)]
+    assert blabels == labels
+    # the tokenizers backend directly (what tokenizer.json gives the Rust side)
+    assert tok.backend_tokenizer.encode(full, add_special_tokens=False).ids == ids
+    if options["train_on_inputs"]:
+        labels = list(ids)
+    cut = options["max_seq_len"]
+    if cut == "cut":
+        # end inside the second trained turn: 3 tokens past its first labelled token
+        starts = [i for i, l in enumerate(labels) if l != -100 and (i == 0 or labels[i - 1] == -100)]
+        assert len(starts) >= 2, starts
+        cut = starts[1] + 3
+        assert labels[cut - 1] != -100 and labels[cut] != -100, "cut must fall inside the turn"
+    if cut is not None:
+        assert cut != len(ids)
+        ids, labels = ids[:cut], labels[:cut]
+    return full, ids, labels, {"train_on_inputs": options["train_on_inputs"], "max_seq_len": cut}
+
+
+def build_chat_encoding():
+    import jinja2
+    import tokenizers
+    import transformers
+    from transformers import AutoTokenizer
+
+    templates = {}
+    cases = []
+    for folder in CHAT_ENCODING_FOLDERS:
+        tok = AutoTokenizer.from_pretrained(os.path.join(FIX, folder))
+        assert tok.is_fast and tok.chat_template, folder
+        templates.setdefault(tok.chat_template, []).append(folder)
+        for name, ex, options in chat_encoding_cases():
+            text, ids, labels, options = chat_encoding_reference(tok, ex, options)
+            n_lab = sum(l != -100 for l in labels)
+            assert 0 < n_lab <= len(ids)
+            cases.append({
+                "name": f"{folder}/{name}",
+                "tokenizer": folder,
+                "example": json.dumps(ex, ensure_ascii=False),
+                "options": options,
+                "text": text,
+                "input_ids": ids,
+                "labels": labels,
+            })
+            print(f"[chat-encoding] {folder}/{name}: {len(ids)} tokens, {n_lab} labelled, options={options}")
+    for tpl, folders in templates.items():
+        print(f"[chat-encoding] template shared by {folders}: {len(tpl)} chars")
+    out = {
+        "generator": "scripts/make_fixtures.py --only-chat-encoding",
+        "reference": "text = apply_chat_template(messages, tokenize=False); assistant turn k (weight != 0) spans "
+                     "from apply_chat_template(messages[:k], add_generation_prompt=True) to "
+                     "apply_chat_template(messages[:k+1]); ids and offsets from the fast tokenizer with "
+                     "add_special_tokens=False, return_offsets_mapping=True; a token is labelled with its id "
+                     "if its start offset lies in a span, else -100; train_on_inputs labels every token; "
+                     "max_seq_len keeps the first max_seq_len ids and labels",
+        "example": "one JSONL line as the data loader reads it (crates/trainer/src/data.rs parse_line)",
+        "templates": {", ".join(f): len(t) for t, f in templates.items()},
+        "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                     "jinja2": jinja2.__version__},
+        "cases": cases,
+    }
+    # ids and labels on one line each
+    marks = {}
+    for i, c in enumerate(cases):
+        for k in ("input_ids", "labels"):
+            m = f"@@{k}-{i}@@"
+            marks[json.dumps(m)] = json.dumps(c[k])
+            c[k] = m
+    text = json.dumps(out, indent=2, ensure_ascii=False)
+    for m, v in marks.items():
+        text = text.replace(m, v)
+    path = os.path.join(FIX, "chat-encoding.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(f"[chat-encoding] wrote {os.path.relpath(path, ROOT)}: {len(cases)} cases, {len(text):,d} chars")
+
+
+# ----------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-gguf-check", action="store_true", help="do not load the GGUF back with transformers")
+    ap.add_argument("--only-chat-encoding", action="store_true",
+                    help="write only tests/fixtures/chat-encoding.json (from the existing tokenizer folders)")
     args = ap.parse_args()
+    if args.only_chat_encoding:
+        build_chat_encoding()
+        return 0
 
     import transformers
 
@@ -683,6 +867,7 @@ def main():
     if not args.skip_gguf_check:
         check_gguf(gpath, llama_dir)
     build_data()
+    build_chat_encoding()
 
     print("\n=== written ===")
     total = 0

@@ -136,7 +136,7 @@ mod tests {
         let plain = adapter_zip(dir.path(), "card").unwrap();
         let mut names = entries(&plain);
         names.sort();
-        assert_eq!(names, [ADAPTER_CONFIG, "README.md", ADAPTER_TENSORS]);
+        assert_eq!(names, ["README.md", ADAPTER_CONFIG, ADAPTER_TENSORS]);
         assert_eq!(plain, adapter_zip(dir.path(), "card").unwrap());
 
         std::fs::write(dir.path().join("labels.json"), b"{\"id2label\":{}}").unwrap();

@@ -634,7 +634,7 @@ async fn pause_then_resume_gives_the_uninterrupted_adapter() {
         let b = checkpoint(id.clone(), k).await;
         post(format!("/v1/fine_tuning/jobs/{id}/cancel")).await;
         wait_status(&s, &id, &["cancelled"], Duration::from_secs(30)).await;
-        let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=10000")).await;
+        let events = get(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")).await;
         let msgs: Vec<&str> = events["data"]
             .as_array()
             .unwrap()

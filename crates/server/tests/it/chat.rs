@@ -227,15 +227,17 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
     assert_eq!(e["error"]["code"], "context_length_exceeded");
 
     // A client that leaves mid-stream frees the model: the next request is answered.
+    // (No max_tokens: the default fills what the context leaves, the longest run there is.)
     let r = reqwest::Client::new()
         .post(s.url("/v1/chat/completions"))
         .json(
-            &json!({"model": "tiny-llama", "temperature": 1.0, "max_tokens": 200, "stream": true,
+            &json!({"model": "tiny-llama", "temperature": 1.0, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]}),
         )
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 200, "the streamed chat was refused");
     let mut stream = r.bytes_stream();
     let _ = stream.next().await;
     drop(stream);
@@ -243,8 +245,8 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
         .await
         .expect("the model stayed busy");
     assert_eq!(st, 200);
-    // And the generation itself stopped when the client left, short of its 200
-    // tokens: the server logs how far each generation went and why it ended.
+    // And the generation itself stopped when the client left, before the context was
+    // full: the server logs how far each generation went and why it ended.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let line = loop {
         let logs = s.logs();
@@ -269,6 +271,21 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
     assert!(
         generated < 200,
         "generation ran on after the disconnect: {line}"
+    );
+    // The run it cut short would have gone on: without a disconnect the same request
+    // generates to the end of the context.
+    let (st, full) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "tiny-llama", "temperature": 1.0,
+               "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{full}");
+    let full_tokens = full["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        generated < full_tokens,
+        "the cancelled run ({generated} tokens) went as far as an uninterrupted one ({full_tokens})"
     );
     let _ = reqwest::Client::new()
         .post(s.url(&format!(

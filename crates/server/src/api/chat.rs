@@ -1,7 +1,7 @@
 //! `/v1/chat/completions` and `/v1/completions` in OpenAI's shapes, on base models and
 //! on fine-tuned ones (`ft:...`, and their checkpoints `ft:...:ckpt-step-N`).
 
-use super::{ApiError, ApiResult};
+use super::{clip, ApiError, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::inference::{self, ResolveError};
@@ -52,7 +52,7 @@ fn messages(raw: &[Value]) -> ApiResult<Vec<Message>> {
                 .and_then(|r| r.as_str())
                 .ok_or_else(|| bad("role must be a string"))?;
             if !["system", "user", "assistant", "developer", "tool"].contains(&role) {
-                return Err(bad(&format!("unknown role {role:?}")));
+                return Err(bad(&format!("unknown role {}", clip(role))));
             }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
@@ -149,7 +149,7 @@ async fn complete(
         .await
         .map_err(|e| match e {
             ResolveError::NotFound => {
-                ApiError::not_found(format!("The model `{model}` does not exist."))
+                ApiError::not_found(format!("The model {} does not exist.", clip(&model)))
                     .param("model")
                     .code("model_not_found")
             }

@@ -1,7 +1,7 @@
 //! `/v1/fine_tuning/jobs`: OpenAI's fine-tuning job shapes, with LoRA settings as
 //! extra keys of the `hyperparameters` object.
 
-use super::{ApiError, ApiQuery, ApiResult};
+use super::{clip, ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::job::artifacts::{
@@ -60,7 +60,7 @@ async fn check_file(
         .store
         .get_file_of(id, who.owner_filter())
         .await?
-        .ok_or_else(|| bad_file(param, format!("File {id} not found.")))?;
+        .ok_or_else(|| bad_file(param, format!("File {} not found.", clip(id))))?;
     if f.status != "processed" {
         return Err(bad_file(
             param,
@@ -194,7 +194,8 @@ pub async fn create(
         .find(|m| m.id == model)
         .ok_or_else(|| {
             ApiError::bad_request(format!(
-                "Model {model} does not exist (see GET /v1/models)."
+                "Model {} does not exist (see GET /v1/models).",
+                clip(&model)
             ))
             .param("model")
             .code("model_not_found")
@@ -210,7 +211,8 @@ pub async fn create(
         None => Task::CausalLm,
         Some(t) => Task::parse(t).map_err(|_| {
             ApiError::bad_request(format!(
-                "task {t:?} is not one of causal_lm, sequence_classification, text_to_image"
+                "task {} is not one of causal_lm, sequence_classification, text_to_image",
+                clip(t)
             ))
             .param("task")
         })?,
@@ -440,7 +442,7 @@ pub async fn list(
     let status = match &q.status {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request(format!("unknown status {s:?}")).param("status")
+            ApiError::bad_request(format!("unknown status {}", clip(s))).param("status")
         })?),
     };
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))

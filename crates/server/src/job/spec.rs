@@ -70,6 +70,11 @@ pub struct JobSpec {
 const BASE_LR: f64 = 2e-4;
 
 fn hp_err(name: &str, what: &str) -> SpecError {
+    // The name may be a client's key of any length: quote no more than its start.
+    let name = match name.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &name[..at]),
+        None => name.to_string(),
+    };
     SpecError {
         param: format!("hyperparameters.{name}"),
         message: format!("hyperparameters.{name} {what}"),

@@ -658,37 +658,41 @@ pub async fn events(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/event-stream"));
     if wants_sse {
-        let last = headers
+        let asked = headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .and_then(event_seq)
             .unwrap_or(0);
-        return Ok(sse(state, id, last).await.into_response());
+        // An id past this job's newest event (a typo, another job's id, a hostile
+        // client) means "from now on", not "from a position that never comes".
+        let newest = state.store.last_event_id(&id).await?;
+        return Ok(sse(state, id, asked.clamp(0, newest), newest)
+            .await
+            .into_response());
     }
     let limit = q.limit.unwrap_or(20);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000").param("limit"));
     }
-    // Newest first: take everything after nothing, then page from the end. Event
-    // counts per job are small (a few per step), so this stays cheap.
-    let all = state.store.list_events(&id, None, i64::MAX).await?;
+    // Newest first, one page (and one more row, to know whether more follow) read
+    // from the database.
     let before = q.after.as_deref().and_then(event_seq);
-    let mut newest: Vec<&EventRecord> = all
-        .iter()
-        .rev()
-        .filter(|e| before.is_none_or(|b| e.id < b))
-        .collect();
+    let mut newest = state
+        .store
+        .list_events_newest(&id, before, limit + 1)
+        .await?;
     let has_more = newest.len() as i64 > limit;
     newest.truncate(limit as usize);
     Ok(Json(json!({
         "object": "list",
-        "data": newest.into_iter().map(event_object).collect::<Vec<_>>(),
+        "data": newest.iter().map(event_object).collect::<Vec<_>>(),
         "has_more": has_more,
     }))
     .into_response())
 }
 
-async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
+/// A job's event stream for a follower at `last`; the job's newest event was `newest`.
+async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl IntoResponse {
     struct S {
         state: AppState,
         job_id: String,
@@ -698,7 +702,7 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
         last: i64,
         finished: bool,
     }
-    let feed = state.feeds.follow(&state, &job_id, last);
+    let feed = state.feeds.follow(&state, &job_id, newest);
     let init = S {
         rx: feed.subscribe(),
         _feed: feed,
@@ -743,7 +747,9 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
                     .collect();
                 return Some((futures::stream::iter(events), s));
             }
-            if snap.finished && s.last >= snap.last_id {
+            // Finished and nothing after our position, in the feed or in the database:
+            // the stream is complete, wherever the feed itself started.
+            if snap.finished {
                 s.finished = true;
                 let done = vec![Ok(Event::default().event("done").data("[DONE]"))];
                 return Some((futures::stream::iter(done), s));

@@ -910,3 +910,66 @@ async fn an_idempotency_key_makes_one_job_however_often_it_is_sent() {
         assert_eq!(created, 1, "{backend:?}: {events}");
     }
 }
+
+/// Hostile-client finding 4: a follower that claims a position from the future (here
+/// i64::MAX) neither freezes the job's live events for the others nor keeps them from
+/// ending: every stream gets `done` when the job ends.
+#[tokio::test]
+async fn a_follower_from_the_future_freezes_no_one() {
+    for backend in backends() {
+        let s = server(backend, &["--lease-seconds", "3"]).await;
+        let file = upload_chat(&s).await;
+        let long = create_job(&s, &file, json!({"max_steps": 100000, "batch_size": 2})).await;
+        let id = long["id"].as_str().unwrap().to_string();
+        wait_step(&s, &id, 2).await;
+        // The future follower comes first, so it would be the one to start the poller.
+        let url = s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true"));
+        let future = tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("Last-Event-ID", i64::MAX.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let body = r.text().await.unwrap();
+            body.contains("event: done")
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A normal follower sees the job move on: events after the ones it started with.
+        let at = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await["progress"]["step"]
+            .as_u64()
+            .unwrap();
+        let frames = tokio::time::timeout(
+            Duration::from_secs(60),
+            read_sse(&s, &id, None, Some((at as usize) * 2 + 40)),
+        )
+        .await
+        .expect("the live events froze for this follower");
+        let steps: Vec<u64> = frames
+            .iter()
+            .filter(|f| f.1 == "metrics")
+            .filter_map(|f| serde_json::from_str::<Value>(&f.2).ok())
+            .filter_map(|v| v["data"]["step"].as_u64())
+            .collect();
+        assert!(
+            steps.iter().any(|&st| st > at + 5),
+            "{backend:?}: no live step past {at}: {steps:?}"
+        );
+        // When the job ends, both streams end with `done`.
+        reqwest::Client::new()
+            .post(s.url(&format!("/v1/fine_tuning/jobs/{id}/cancel")))
+            .send()
+            .await
+            .unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(30), read_sse(&s, &id, None, None))
+            .await
+            .expect("a stream did not end after the job did");
+        assert_eq!(rest.last().unwrap().1, "done");
+        let done = tokio::time::timeout(Duration::from_secs(30), future)
+            .await
+            .expect("the future follower's stream did not end")
+            .unwrap();
+        assert!(done, "{backend:?}: the future follower got no `done`");
+    }
+}

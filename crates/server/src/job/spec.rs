@@ -64,6 +64,10 @@ pub struct JobSpec {
     /// Text-to-image: overrides the scheduler's prediction type.
     #[serde(default)]
     pub prediction_type: Option<String>,
+    /// The sha256 of the creating request's JSON, kept when it came with an
+    /// `Idempotency-Key`, so that a retry can be told from a different request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
 }
 
 /// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
@@ -275,6 +279,7 @@ pub fn parse_spec(
         },
         noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
         prediction_type,
+        request_sha256: None,
     })
 }
 

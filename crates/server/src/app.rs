@@ -273,6 +273,41 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     ))
 }
 
+/// Where a client's own `X-Request-Id` goes: logged beside ours, never taken for it.
+const CLIENT_REQUEST_ID: &str = "x-client-request-id";
+
+/// Moves a client's `X-Request-Id` aside, so that the id in our logs and answers is
+/// always one we made (a client could otherwise forge the id of another request).
+async fn set_aside_client_request_id(
+    mut req: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(v) = req.headers_mut().remove("x-request-id") {
+        req.headers_mut().insert(CLIENT_REQUEST_ID, v);
+    }
+    next.run(req).await
+}
+
+/// `/v1` answers are a tenant's data: never sniffed as another type, never stored by a
+/// cache (an event stream keeps its own `no-cache`).
+async fn api_headers(
+    req: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let api = req.uri().path().starts_with("/v1/");
+    let mut resp = next.run(req).await;
+    if api {
+        let h = resp.headers_mut();
+        h.insert(
+            axum::http::header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        h.entry(axum::http::header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+    }
+    resp
+}
+
 /// The API and the dashboard with their middleware: request ids (set, logged,
 /// returned), tracing, CORS.
 pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
@@ -288,26 +323,39 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
             crate::api::request_timeout,
         ))
         .with_state(state)
+        .layer(axum::middleware::from_fn(api_headers))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request<_>| {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    tracing::info_span!(
-                        "request",
-                        method = %req.method(),
-                        path = %req.uri().path(),
-                        request_id = %id,
-                    )
+                    let header = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(|v| v.chars().take(128).collect::<String>())
+                    };
+                    let id = header("x-request-id").unwrap_or_else(|| "-".into());
+                    match header(CLIENT_REQUEST_ID) {
+                        Some(client) => tracing::info_span!(
+                            "request",
+                            method = %req.method(),
+                            path = %req.uri().path(),
+                            request_id = %id,
+                            client_request_id = %client,
+                        ),
+                        None => tracing::info_span!(
+                            "request",
+                            method = %req.method(),
+                            path = %req.uri().path(),
+                            request_id = %id,
+                        ),
+                    }
                 })
                 // One line per request at info: an access log with status and latency.
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(set_aside_client_request_id));
     Ok(match cors_layer(cors_origins)? {
         Some(cors) => router.layer(cors),
         None => router,

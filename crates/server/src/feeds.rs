@@ -84,8 +84,9 @@ pub struct Feeds {
 
 impl Feeds {
     /// The job's feed, started if no stream follows the job yet. `from` is where the
-    /// new feed starts reading (the caller's position; later callers catch up from the
-    /// database for anything older than the feed's buffer).
+    /// new feed starts reading: the job's own newest event when the stream starts (not
+    /// a follower's position, which a client chooses); streams catch up from the
+    /// database for anything older than the feed's buffer.
     pub fn follow(&self, state: &AppState, job_id: &str, from: i64) -> Arc<Feed> {
         let mut jobs = self.jobs.lock().expect("feeds lock");
         jobs.retain(|_, f| f.strong_count() > 0);

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use loraforge_store::JobStatus;
 use loraforge_trainer::device::Device;
 use loraforge_trainer::families::decoder::loader::{self, BaseModel};
+use loraforge_trainer::families::decoder::tokenize::TokenizerBundle;
 use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
 use std::collections::VecDeque;
 use std::io::Read;
@@ -195,7 +196,7 @@ impl<T> Lru<T> {
 
 /// The base models and adapters in memory.
 pub struct Engine {
-    bases: Mutex<Lru<Mutex<BaseModel>>>,
+    bases: Mutex<Lru<Base>>,
     adapters: Mutex<Lru<AdapterWeights>>,
     cache_dir: PathBuf,
 }
@@ -212,7 +213,15 @@ impl Engine {
 }
 
 /// A base model in memory and the adapter a request wants on it.
-pub type Loaded = (Arc<Mutex<BaseModel>>, Option<Arc<AdapterWeights>>);
+/// A loaded base model: the model behind its lock (generation takes turns), and a copy
+/// of its tokenizer and context length that requests use without waiting for the lock.
+pub struct Base {
+    pub model: Mutex<BaseModel>,
+    pub tokenizer: TokenizerBundle,
+    pub context_length: usize,
+}
+
+pub type Loaded = (Arc<Base>, Option<Arc<AdapterWeights>>);
 
 /// Loads what `r` names (from cache when it can). Blocking: call off the runtime.
 pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow::Result<Loaded> {
@@ -220,7 +229,12 @@ pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow
     let base = match cached {
         Some(b) => b,
         None => {
-            let b = Arc::new(Mutex::new(loader::load(&r.base_path, &Device::Cpu)?));
+            let model = loader::load(&r.base_path, &Device::Cpu)?;
+            let b = Arc::new(Base {
+                tokenizer: model.tokenizer.clone(),
+                context_length: model.model.cfg.max_position_embeddings,
+                model: Mutex::new(model),
+            });
             engine
                 .bases
                 .lock()
@@ -298,11 +312,12 @@ pub async fn adapter_dir(
 
 /// Runs `f` with the base model, the adapter switched in (or out). Blocking.
 pub fn with_model<T>(
-    base: &Mutex<BaseModel>,
+    base: &Base,
     adapter: Option<&AdapterWeights>,
     f: impl FnOnce(&BaseModel) -> T,
 ) -> anyhow::Result<T> {
     let mut b = base
+        .model
         .lock()
         .map_err(|_| anyhow::anyhow!("a generation panicked"))?;
     apply(&mut b.model, adapter)?;

@@ -578,8 +578,10 @@ async fn expired_lease_is_reclaimed_and_the_stale_attempt_is_fenced_off() {
     }
 }
 
+/// Hostile-client finding 3: a job whose worker dies on its last attempt is not left
+/// `running` for ever. It fails, with an event, and frees its file and its slot.
 #[tokio::test]
-async fn an_expired_lease_on_the_last_attempt_is_not_reclaimed() {
+async fn an_expired_lease_on_the_last_attempt_fails_the_job() {
     for db in backends().await {
         let s = &db.store;
         let mut j = job("ftjob-once", "file-1");
@@ -594,7 +596,77 @@ async fn an_expired_lease_on_the_last_attempt_is_not_reclaimed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(s.claim_next_job("w2", "cpu", LONG).await.unwrap().is_none());
         let j = s.get_job("ftjob-once").await.unwrap().unwrap();
-        assert_eq!((j.status(), j.attempt), (Some(JobStatus::Running), 1));
+        assert_eq!((j.status(), j.attempt), (Some(JobStatus::Failed), 1));
+        assert!(j.finished_at.is_some());
+        assert!(
+            j.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("worker_lost"),
+            "{j:?}"
+        );
+        let events = s.list_events("ftjob-once", None, 100).await.unwrap();
+        assert!(
+            events.iter().any(|e| e.message.contains("last one")),
+            "{events:?}"
+        );
+        assert_eq!(s.count_active_jobs(None).await.unwrap(), 0);
+        // The late worker's writes are refused.
+        assert!(s
+            .heartbeat(&c.lease, LONG)
+            .await
+            .unwrap_err()
+            .is_lease_lost());
+    }
+}
+
+/// Pausing and resuming hands a job back; that must not spend the attempts a crashed
+/// worker is allowed, however often it happens.
+#[tokio::test]
+async fn pauses_do_not_spend_attempts() {
+    for db in backends().await {
+        let s = &db.store;
+        let mut j = job("ftjob-paused", "file-1");
+        j.max_attempts = 2;
+        s.insert_job(&j).await.unwrap();
+        for _ in 0..5 {
+            let c = s.claim_next_job("w1", "cpu", LONG).await.unwrap().unwrap();
+            s.request_pause("ftjob-paused").await.unwrap();
+            s.release_job(&c.lease, true).await.unwrap();
+            s.resume_job("ftjob-paused").await.unwrap();
+        }
+        // Now a crash: the job is taken over, as on its first attempt.
+        let c = s
+            .claim_next_job("w1", "cpu", Duration::from_millis(20))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = s.claim_next_job("w2", "cpu", LONG).await.unwrap();
+        let again = again.expect("the crashed attempt was its last: pauses spent attempts");
+        assert_eq!(again.lease.attempt, c.lease.attempt + 1);
+    }
+}
+
+/// A cancel of a job whose worker is gone takes effect at once.
+#[tokio::test]
+async fn cancelling_a_job_without_a_live_worker_ends_it_at_once() {
+    for db in backends().await {
+        let s = &db.store;
+        queued(s, "orphan").await;
+        s.claim_next_job("w1", "cpu", Duration::from_millis(20))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let j = s.request_cancel("ftjob-orphan").await.unwrap();
+        assert_eq!(j.status(), Some(JobStatus::Cancelled), "{j:?}");
+        // A live worker's job only gets the request.
+        queued(s, "live").await;
+        s.claim_next_job("w1", "cpu", LONG).await.unwrap().unwrap();
+        let j = s.request_cancel("ftjob-live").await.unwrap();
+        assert_eq!(j.status(), Some(JobStatus::Running));
+        assert!(j.cancel_requested_at.is_some());
     }
 }
 

@@ -376,6 +376,16 @@ impl ValidationReport {
 /// Checks a JSONL stream line by line; never holds more than one line in memory.
 /// Empty lines are errors (they are almost always a broken export), except a
 /// single trailing newline. Fewer than `min_examples` valid examples is an error.
+/// A line of a JSONL file without the UTF-8 byte-order mark that some editors put at the
+/// start of a file (line 1 only; elsewhere it is content, and JSON refuses it).
+pub fn without_bom(line_no: u64, line: &str) -> &str {
+    if line_no == 1 {
+        line.strip_prefix('\u{feff}').unwrap_or(line)
+    } else {
+        line
+    }
+}
+
 pub fn validate<R: BufRead>(mut reader: R, min_examples: u64) -> std::io::Result<ValidationReport> {
     let mut report = ValidationReport::default();
     let mut buf = String::new();
@@ -398,7 +408,7 @@ pub fn validate<R: BufRead>(mut reader: R, min_examples: u64) -> std::io::Result
             break;
         }
         line_no += 1;
-        let line = buf.trim_end_matches(['\n', '\r']);
+        let line = without_bom(line_no, buf.trim_end_matches(['\n', '\r']));
         if line.trim().is_empty() {
             report.push_error(line_no, "empty line".into());
             continue;
@@ -451,10 +461,11 @@ pub fn read_examples(path: &std::path::Path) -> Result<Vec<Example>, crate::Erro
     let mut first: Option<DataFormat> = None;
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| crate::Error::io(path, e))?;
+        let line = without_bom(i as u64 + 1, &line);
         if line.trim().is_empty() {
             continue;
         }
-        let ex = parse_line(&line)
+        let ex = parse_line(line)
             .map_err(|m| crate::Error::Data(format!("{}: line {}: {m}", path.display(), i + 1)))?;
         match first {
             None => first = Some(ex.format()),
@@ -481,6 +492,23 @@ pub fn read_examples(path: &std::path::Path) -> Result<Vec<Example>, crate::Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hostile-client finding 18: a file saved with a UTF-8 byte-order mark validates
+    /// and reads; a mark anywhere but at the start stays an error.
+    #[test]
+    fn a_byte_order_mark_on_line_one_is_dropped() {
+        let text = "\u{feff}{\"text\": \"a\"}\n{\"text\": \"b\"}\n";
+        let r = validate(text.as_bytes(), 1).unwrap();
+        assert!(r.is_ok(), "{:?}", r.errors);
+        assert_eq!(r.examples, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bom.jsonl");
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(read_examples(&p).unwrap().len(), 2);
+        let late = "{\"text\": \"a\"}\n\u{feff}{\"text\": \"b\"}\n";
+        let r = validate(late.as_bytes(), 1).unwrap();
+        assert_eq!(r.error_count, 1, "{:?}", r.errors);
+    }
 
     #[test]
     fn detects_formats_and_names_fields() {

@@ -517,3 +517,31 @@ fn images_are_shrunk_to_the_training_size_as_they_are_decoded() {
     assert_eq!(to_pixels(img, 32, true), to_pixels(&big, 32, true));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Hostile-client finding 2: a kohya folder asking for billions of repeats (or many
+/// folders adding up to too many rows) is refused by name when the zip is read, before
+/// any training could expand it.
+#[test]
+fn absurd_repeats_are_refused_naming_the_folder() {
+    let png = std::fs::read(fixtures().join("red_square.png")).unwrap();
+    let dir = scratch("repeats");
+    let huge = dir.join("huge.zip");
+    write_zip(&huge, &[("4294967295_sks dog/a.png", &png)]);
+    let m = data_err(read_zip(&huge, &ZipLimits::default()));
+    assert!(
+        m.contains("4294967295_sks dog") && m.contains("at most 10000"),
+        "{m}"
+    );
+    // Each folder under the cap, together over the rows an epoch may have.
+    let many = dir.join("many.zip");
+    let names: Vec<String> = (0..101).map(|i| format!("10000_dog{i}/a.png")).collect();
+    let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &png[..])).collect();
+    write_zip(&many, &entries);
+    let m = data_err(read_zip(&many, &ZipLimits::default()));
+    assert!(m.contains("1000000 rows per epoch"), "{m}");
+    // At the cap is fine.
+    let ok = dir.join("ok.zip");
+    write_zip(&ok, &[("10000_sks dog/a.png", &png)]);
+    let ds = read_zip(&ok, &ZipLimits::default()).unwrap();
+    assert_eq!(ds.report.total_repeats, 10_000);
+}

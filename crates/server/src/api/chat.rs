@@ -1,7 +1,7 @@
 //! `/v1/chat/completions` and `/v1/completions` in OpenAI's shapes, on base models and
 //! on fine-tuned ones (`ft:...`, and their checkpoints `ft:...:ckpt-step-N`).
 
-use super::{ApiError, ApiResult};
+use super::{clip, ApiError, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::inference::{self, ResolveError};
@@ -36,6 +36,10 @@ pub struct Request {
 /// Default completion length when the request gives none.
 const DEFAULT_MAX_TOKENS: u64 = 256;
 
+/// More bytes than any one token of a BPE vocabulary covers in practice (long runs of
+/// spaces included): a prompt longer than this many bytes per context token cannot fit.
+const MAX_BYTES_PER_TOKEN: usize = 64;
+
 fn messages(raw: &[Value]) -> ApiResult<Vec<Message>> {
     if raw.is_empty() {
         return Err(ApiError::bad_request("messages must be a non-empty array").param("messages"));
@@ -52,7 +56,7 @@ fn messages(raw: &[Value]) -> ApiResult<Vec<Message>> {
                 .and_then(|r| r.as_str())
                 .ok_or_else(|| bad("role must be a string"))?;
             if !["system", "user", "assistant", "developer", "tool"].contains(&role) {
-                return Err(bad(&format!("unknown role {role:?}")));
+                return Err(bad(&format!("unknown role {}", clip(role))));
             }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
@@ -149,7 +153,7 @@ async fn complete(
         .await
         .map_err(|e| match e {
             ResolveError::NotFound => {
-                ApiError::not_found(format!("The model `{model}` does not exist."))
+                ApiError::not_found(format!("The model {} does not exist.", clip(&model)))
                     .param("model")
                     .code("model_not_found")
             }
@@ -172,20 +176,29 @@ async fn complete(
             .map_err(ApiError::internal)?
             .map_err(ApiError::internal)?
     };
-    // Tokenize first: an over-long prompt is a 400 before any streaming starts.
-    let (ids, ctx_len) = {
-        let (base, adapter) = (base.clone(), adapter.clone());
-        tokio::task::spawn_blocking(move || {
-            inference::with_model(&base, adapter.as_deref(), |b| {
-                let ids = match &prompt {
-                    Prompt::Chat(m) => chat_prompt_ids(b, m),
-                    Prompt::Text(t) => text_prompt_ids(b, t, false),
-                };
-                (ids, b.model.cfg.max_position_embeddings)
-            })
+    // Tokenize first: an over-long prompt is a 400 before any streaming starts. A prompt
+    // with more bytes than the context could hold at the longest tokens is refused
+    // without tokenizing it at all; the rest is tokenized beside the model's lock, with
+    // the tokenizer's own copy, so that a long prompt delays no one's generation.
+    let ctx_len = base.context_length;
+    let prompt_bytes = match &prompt {
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len() + m.role.len()).sum(),
+        Prompt::Text(t) => t.len(),
+    };
+    if prompt_bytes > ctx_len.saturating_mul(MAX_BYTES_PER_TOKEN) {
+        return Err(ApiError::bad_request(format!(
+            "The prompt is {prompt_bytes} bytes, more than `{model}`'s context of {ctx_len} tokens can hold."
+        ))
+        .param(if chat { "messages" } else { "prompt" })
+        .code("context_length_exceeded"));
+    }
+    let ids = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || match &prompt {
+            Prompt::Chat(m) => chat_prompt_ids(&base.tokenizer, m),
+            Prompt::Text(t) => text_prompt_ids(&base.tokenizer, t, false),
         })
         .await
-        .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?
     };
     let ids =

@@ -127,11 +127,12 @@ impl IntoResponse for ApiError {
         if let Some(cause) = &self.internal {
             tracing::error!(status = self.status.as_u16(), error = %cause, "request failed");
         }
+        // A last guard: whatever a message quoted, the answer stays short.
         let body = json!({
             "error": {
-                "message": self.message,
+                "message": cut(&self.message, MAX_MESSAGE),
                 "type": self.kind(),
-                "param": self.param,
+                "param": self.param.as_deref().map(|p| cut(p, MAX_PARAM)),
                 "code": self.code,
             }
         });
@@ -151,6 +152,35 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The longest error message and `param` sent, in characters.
+const MAX_MESSAGE: usize = 1024;
+const MAX_PARAM: usize = 128;
+/// How much of a client's value an error message quotes.
+const CLIP: usize = 64;
+
+/// At most `max` characters of `s`, marked with `…` when cut.
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((at, _)) => format!("{}…", &s[..at]),
+    }
+}
+
+/// A client's value as an error message quotes it: in quotes, and only its first 64
+/// characters, so that a huge value is never sent back (nor formatted whole).
+pub fn clip(s: &str) -> String {
+    let short = match s.char_indices().nth(CLIP) {
+        None => s,
+        Some((at, _)) => &s[..at],
+    };
+    let quoted = format!("{short:?}");
+    if short.len() < s.len() {
+        format!("{quoted}… ({} bytes)", s.len())
+    } else {
+        quoted
+    }
+}
 
 impl From<crate::job::SpecError> for ApiError {
     fn from(e: crate::job::SpecError) -> Self {

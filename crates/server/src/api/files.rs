@@ -1,6 +1,6 @@
 //! `/v1/files`: OpenAI-compatible uploads of training data.
 
-use super::{ApiError, ApiQuery, ApiResult};
+use super::{clip, ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::upload::{self, ReceiveError, Received};
@@ -86,12 +86,16 @@ pub struct UploadParams {
     purpose: Option<String>,
 }
 
+/// The most a multipart form field other than `file` may hold.
+const MAX_FIELD_BYTES: usize = 4096;
+
 fn check_purpose(p: &str) -> ApiResult<()> {
     if PURPOSES.contains(&p) {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "Invalid purpose {p:?}: loraforge accepts {}.",
+            "Invalid purpose {}: loraforge accepts {}.",
+            clip(p),
             PURPOSES.join(", ")
         ))
         .param("purpose"))
@@ -174,9 +178,9 @@ pub async fn create(
             store(&state, &who, received, filename, purpose).await
         }
         _ => Err(ApiError::unsupported_media_type(format!(
-            "Unsupported Content-Type {:?}: send multipart/form-data (fields `file` and \
+            "Unsupported Content-Type {}: send multipart/form-data (fields `file` and \
              `purpose`), or the file itself as application/jsonl or application/octet-stream.",
-            ctype
+            clip(&ctype)
         ))),
     }
 }
@@ -209,12 +213,27 @@ async fn create_multipart(
         };
         match field.name() {
             Some("purpose") => {
-                let text = field.text().await.map_err(|e| {
-                    if too_large(&over) {
-                        ApiError::too_large(cap)
-                    } else {
-                        ApiError::bad_request(e.body_text())
+                // Read in chunks up to a small cap: a field is never held whole.
+                let mut field = field;
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.transpose() {
+                    let chunk = chunk.map_err(|e| {
+                        if too_large(&over) {
+                            ApiError::too_large(cap)
+                        } else {
+                            ApiError::bad_request(e.body_text())
+                        }
+                    })?;
+                    if bytes.len() + chunk.len() > MAX_FIELD_BYTES {
+                        return Err(ApiError::bad_request(format!(
+                            "The `purpose` field is longer than {MAX_FIELD_BYTES} bytes."
+                        ))
+                        .param("purpose"));
                     }
+                    bytes.extend_from_slice(&chunk);
+                }
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    ApiError::bad_request("The `purpose` field is not UTF-8.").param("purpose")
                 })?;
                 check_purpose(text.trim())?;
                 purpose = Some(text.trim().to_string());

@@ -1,7 +1,7 @@
 //! `/v1/fine_tuning/jobs`: OpenAI's fine-tuning job shapes, with LoRA settings as
 //! extra keys of the `hyperparameters` object.
 
-use super::{ApiError, ApiQuery, ApiResult};
+use super::{clip, ApiError, ApiQuery, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::job::artifacts::{
@@ -60,7 +60,7 @@ async fn check_file(
         .store
         .get_file_of(id, who.owner_filter())
         .await?
-        .ok_or_else(|| bad_file(param, format!("File {id} not found.")))?;
+        .ok_or_else(|| bad_file(param, format!("File {} not found.", clip(id))))?;
     if f.status != "processed" {
         return Err(bad_file(
             param,
@@ -162,6 +162,55 @@ async fn check_with_family(
     .map_err(ApiError::from)
 }
 
+/// The job an `Idempotency-Key` already made, if this request is the one that made it;
+/// a key reused for another request is a 409 (jobs made before requests were recorded
+/// are returned as they are).
+fn same_request(job: JobRecord, fingerprint: &str) -> ApiResult<Json<Value>> {
+    let recorded = serde_json::from_str::<JobSpec>(&job.spec)
+        .ok()
+        .and_then(|s| s.request_sha256);
+    match recorded {
+        Some(r) if r != fingerprint => Err(ApiError::conflict(format!(
+            "This Idempotency-Key was used for another request (job {}); use a new key for a new job.",
+            job.id
+        ))
+        .code("idempotency_key_reused")),
+        _ => Ok(Json(job_object(&job))),
+    }
+}
+
+/// OpenAI's limits on `metadata`: an object of at most 16 string values, keys of at
+/// most 64 characters, values of at most 512.
+fn check_metadata(m: &Value) -> ApiResult<()> {
+    let bad = |what: &str| Err(ApiError::bad_request(format!("metadata {what}")).param("metadata"));
+    let Some(map) = m.as_object() else {
+        return if m.is_null() {
+            Ok(())
+        } else {
+            bad("must be an object")
+        };
+    };
+    if map.len() > 16 {
+        return bad("may hold at most 16 keys");
+    }
+    for (k, v) in map {
+        if k.chars().count() > 64 {
+            return bad(&format!("key {} is longer than 64 characters", clip(k)));
+        }
+        match v.as_str() {
+            Some(s) if s.chars().count() <= 512 => {}
+            Some(_) => {
+                return bad(&format!(
+                    "value of {} is longer than 512 characters",
+                    clip(k)
+                ))
+            }
+            None => return bad(&format!("value of {} must be a string", clip(k))),
+        }
+    }
+    Ok(())
+}
+
 /// `POST /v1/fine_tuning/jobs`.
 pub async fn create(
     State(state): State<AppState>,
@@ -172,17 +221,33 @@ pub async fn create(
     let body = super::json_body(&state, body).await?;
     let req: CreateJob = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
-    let idem = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let idem = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+                    )
+                    .code("invalid_idempotency_key")
+                })?
+                .to_string(),
+        ),
+    };
+    // What a retry must repeat: the request, as JSON (key order and spacing aside).
+    let fingerprint = serde_json::from_slice::<Value>(&body)
+        .map(|v| crate::job::artifacts::sha256_hex(v.to_string().as_bytes()))
+        .map_err(ApiError::internal)?;
     if let Some(key) = &idem {
         if let Some(j) = state
             .store
             .find_job_by_idempotency_key(who.owner_id(), key)
             .await?
         {
-            return Ok(Json(job_object(&j)));
+            return same_request(j, &fingerprint);
         }
     }
     let model = req
@@ -194,7 +259,8 @@ pub async fn create(
         .find(|m| m.id == model)
         .ok_or_else(|| {
             ApiError::bad_request(format!(
-                "Model {model} does not exist (see GET /v1/models)."
+                "Model {} does not exist (see GET /v1/models).",
+                clip(&model)
             ))
             .param("model")
             .code("model_not_found")
@@ -210,7 +276,8 @@ pub async fn create(
         None => Task::CausalLm,
         Some(t) => Task::parse(t).map_err(|_| {
             ApiError::bad_request(format!(
-                "task {t:?} is not one of causal_lm, sequence_classification, text_to_image"
+                "task {} is not one of causal_lm, sequence_classification, text_to_image",
+                clip(t)
             ))
             .param("task")
         })?,
@@ -257,7 +324,11 @@ pub async fn create(
     let hp = hp.as_object().ok_or_else(|| {
         ApiError::bad_request("hyperparameters must be an object").param("hyperparameters")
     })?;
+    if let Some(m) = &req.metadata {
+        check_metadata(m)?;
+    }
     let mut spec = parse_spec(hp, req.seed, req.metadata, task)?;
+    spec.request_sha256 = idem.is_some().then(|| fingerprint.clone());
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
     check_with_family(&state, &info, &spec, &train_rec, valid_rec.as_ref()).await?;
     if let Some(s) = &req.suffix {
@@ -268,6 +339,13 @@ pub async fn create(
         {
             return Err(ApiError::bad_request(
                 "suffix must be at most 64 characters of [A-Za-z0-9_-]",
+            )
+            .param("suffix"));
+        }
+        // `ft:<model>:ckpt-step-5:<job>` would read as a checkpoint of a model that is not.
+        if s.starts_with("ckpt-step-") {
+            return Err(ApiError::bad_request(
+                "suffix must not start with ckpt-step-: names ending in :ckpt-step-N are checkpoints",
             )
             .param("suffix"));
         }
@@ -316,7 +394,7 @@ pub async fn create(
                         .find_job_by_idempotency_key(who.owner_id(), key)
                         .await?
                         .ok_or_else(|| ApiError::from(e))?;
-                    Ok(Json(job_object(&j)))
+                    same_request(j, &fingerprint)
                 }
                 None => Err(e.into()),
             }
@@ -440,7 +518,7 @@ pub async fn list(
     let status = match &q.status {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request(format!("unknown status {s:?}")).param("status")
+            ApiError::bad_request(format!("unknown status {}", clip(s))).param("status")
         })?),
     };
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
@@ -656,37 +734,41 @@ pub async fn events(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/event-stream"));
     if wants_sse {
-        let last = headers
+        let asked = headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .and_then(event_seq)
             .unwrap_or(0);
-        return Ok(sse(state, id, last).await.into_response());
+        // An id past this job's newest event (a typo, another job's id, a hostile
+        // client) means "from now on", not "from a position that never comes".
+        let newest = state.store.last_event_id(&id).await?;
+        return Ok(sse(state, id, asked.clamp(0, newest), newest)
+            .await
+            .into_response());
     }
     let limit = q.limit.unwrap_or(20);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000").param("limit"));
     }
-    // Newest first: take everything after nothing, then page from the end. Event
-    // counts per job are small (a few per step), so this stays cheap.
-    let all = state.store.list_events(&id, None, i64::MAX).await?;
+    // Newest first, one page (and one more row, to know whether more follow) read
+    // from the database.
     let before = q.after.as_deref().and_then(event_seq);
-    let mut newest: Vec<&EventRecord> = all
-        .iter()
-        .rev()
-        .filter(|e| before.is_none_or(|b| e.id < b))
-        .collect();
+    let mut newest = state
+        .store
+        .list_events_newest(&id, before, limit + 1)
+        .await?;
     let has_more = newest.len() as i64 > limit;
     newest.truncate(limit as usize);
     Ok(Json(json!({
         "object": "list",
-        "data": newest.into_iter().map(event_object).collect::<Vec<_>>(),
+        "data": newest.iter().map(event_object).collect::<Vec<_>>(),
         "has_more": has_more,
     }))
     .into_response())
 }
 
-async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
+/// A job's event stream for a follower at `last`; the job's newest event was `newest`.
+async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl IntoResponse {
     struct S {
         state: AppState,
         job_id: String,
@@ -696,7 +778,7 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
         last: i64,
         finished: bool,
     }
-    let feed = state.feeds.follow(&state, &job_id, last);
+    let feed = state.feeds.follow(&state, &job_id, newest);
     let init = S {
         rx: feed.subscribe(),
         _feed: feed,
@@ -741,7 +823,9 @@ async fn sse(state: AppState, job_id: String, last: i64) -> impl IntoResponse {
                     .collect();
                 return Some((futures::stream::iter(events), s));
             }
-            if snap.finished && s.last >= snap.last_id {
+            // Finished and nothing after our position, in the feed or in the database:
+            // the stream is complete, wherever the feed itself started.
+            if snap.finished {
                 s.finished = true;
                 let done = vec![Ok(Event::default().event("done").data("[DONE]"))];
                 return Some((futures::stream::iter(done), s));
@@ -914,11 +998,11 @@ async fn send_blob(state: &AppState, headers: &HeaderMap, d: Download) -> ApiRes
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
-        .map(|r| parse_range(r, size));
+        .map_or(RangeAsk::Ignore, |r| parse_range(r, size));
     let stream = stream.map(|r| r.map_err(std::io::Error::other));
     let mut resp = match range {
-        None => Body::from_stream(stream).into_response(),
-        Some(None) => {
+        RangeAsk::Ignore => Body::from_stream(stream).into_response(),
+        RangeAsk::Unsatisfiable => {
             let mut r = axum::http::StatusCode::RANGE_NOT_SATISFIABLE.into_response();
             r.headers_mut().insert(
                 header::CONTENT_RANGE,
@@ -926,7 +1010,7 @@ async fn send_blob(state: &AppState, headers: &HeaderMap, d: Download) -> ApiRes
             );
             return Ok(r);
         }
-        Some(Some((start, end))) => {
+        RangeAsk::Part(start, end) => {
             let mut r = (
                 axum::http::StatusCode::PARTIAL_CONTENT,
                 Body::from_stream(byte_range(stream, start, end)),
@@ -1109,37 +1193,76 @@ async fn zip_stored_checkpoint(
         .map_err(ApiError::internal)
 }
 
-/// One `bytes=` range of a `size`-byte body: `Some((first, last))` inclusive, or `None`
-/// when it cannot be satisfied. Several ranges are answered with the first alone.
-fn parse_range(h: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = h.trim().strip_prefix("bytes=")?.split(',').next()?.trim();
-    let (a, b) = spec.split_once('-')?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", suffix) => {
-            let n: u64 = suffix.parse().ok()?;
-            (size.checked_sub(n.min(size))?, size.checked_sub(1)?)
-        }
-        (a, "") => (a.parse().ok()?, size.checked_sub(1)?),
-        (a, b) => (
-            a.parse().ok()?,
-            b.parse::<u64>().ok()?.min(size.saturating_sub(1)),
-        ),
+/// What a `Range` header asks of a `size`-byte body (RFC 9110 §14.2).
+#[derive(Debug, PartialEq)]
+enum RangeAsk {
+    /// Not a byte range we understand (another unit, garbage, `5-2`): ignored, and
+    /// the whole body is sent.
+    Ignore,
+    /// A byte range that lies past the end: 416.
+    Unsatisfiable,
+    /// `first..=last`. Several ranges are answered with the first alone.
+    Part(u64, u64),
+}
+
+fn parse_range(h: &str, size: u64) -> RangeAsk {
+    let Some(spec) = h
+        .trim()
+        .strip_prefix("bytes=")
+        .and_then(|s| s.split(',').next())
+        .map(str::trim)
+    else {
+        return RangeAsk::Ignore;
     };
-    (start <= end && end < size).then_some((start, end))
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeAsk::Ignore;
+    };
+    let num = |s: &str| s.trim().parse::<u64>().ok();
+    match (a.trim(), b.trim()) {
+        ("", "") => RangeAsk::Ignore,
+        // The last n bytes.
+        ("", n) => match num(n) {
+            None => RangeAsk::Ignore,
+            Some(0) => RangeAsk::Unsatisfiable,
+            Some(_) if size == 0 => RangeAsk::Unsatisfiable,
+            Some(n) => RangeAsk::Part(size - n.min(size), size - 1),
+        },
+        (a, b) => match (
+            num(a),
+            if b.is_empty() {
+                Some(None)
+            } else {
+                num(b).map(Some)
+            },
+        ) {
+            (Some(first), Some(last)) => match last {
+                Some(last) if last < first => RangeAsk::Ignore,
+                _ if first >= size => RangeAsk::Unsatisfiable,
+                last => RangeAsk::Part(first, last.unwrap_or(u64::MAX).min(size - 1)),
+            },
+            _ => RangeAsk::Ignore,
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, RangeAsk::*};
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
-        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=5-1", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=0-9", 100), Part(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), Part(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), Part(90, 99));
+        assert_eq!(parse_range("bytes=95-200", 100), Part(95, 99));
+        assert_eq!(parse_range("bytes=0-9, 20-29", 100), Part(0, 9));
+        // Past the end: 416.
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        // Malformed, or another unit: ignored (RFC 9110), the whole body is sent.
+        assert_eq!(parse_range("bytes=5-1", 100), Ignore);
+        assert_eq!(parse_range("items=0-1", 100), Ignore);
+        assert_eq!(parse_range("bytes=abc", 100), Ignore);
+        assert_eq!(parse_range("bytes=-", 100), Ignore);
     }
 }

@@ -9,7 +9,7 @@ pub mod files;
 pub mod jobs;
 pub mod models;
 
-pub use error::{ApiError, ApiResult};
+pub use error::{clip, ApiError, ApiResult};
 
 use crate::app::AppState;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};

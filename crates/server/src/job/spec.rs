@@ -64,12 +64,21 @@ pub struct JobSpec {
     /// Text-to-image: overrides the scheduler's prediction type.
     #[serde(default)]
     pub prediction_type: Option<String>,
+    /// The sha256 of the creating request's JSON, kept when it came with an
+    /// `Idempotency-Key`, so that a retry can be told from a different request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
 }
 
 /// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
 const BASE_LR: f64 = 2e-4;
 
 fn hp_err(name: &str, what: &str) -> SpecError {
+    // The name may be a client's key of any length: quote no more than its start.
+    let name = match name.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &name[..at]),
+        None => name.to_string(),
+    };
     SpecError {
         param: format!("hyperparameters.{name}"),
         message: format!("hyperparameters.{name} {what}"),
@@ -270,6 +279,7 @@ pub fn parse_spec(
         },
         noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
         prediction_type,
+        request_sha256: None,
     })
 }
 

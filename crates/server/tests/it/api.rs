@@ -1001,3 +1001,77 @@ async fn a_crash_mid_upload_leaves_no_row_and_the_temp_file_is_swept() {
         );
     }
 }
+
+/// Hostile-client finding 1: a huge non-file multipart field is refused while it streams
+/// (never held whole), and no error quotes more than a short prefix of what a client sent.
+#[tokio::test]
+async fn huge_fields_are_capped_and_never_echoed() {
+    let s = TestServer::start(Backend::Sqlite, &[]).await;
+    // An 8 MiB `purpose`: refused at its cap, with a short answer.
+    let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n".to_vec();
+    body.extend(std::iter::repeat_n(b'A', 8 << 20));
+    body.extend_from_slice(
+        b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n{\"text\":\"a\"}\n\r\n--XyZ--\r\n",
+    );
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = body
+        .chunks(64 << 10)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let r = client()
+        .post(s.url("/v1/files"))
+        .header("content-type", "multipart/form-data; boundary=XyZ")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.len() < 1024, "a {}-byte answer", text.len());
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["error"]["param"], "purpose", "{e}");
+    // An invalid purpose under the cap is quoted by its start only.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "B".repeat(3000))
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"{\"text\":\"a\"}\n".to_vec()).file_name("x.jsonl"),
+        );
+    let r = client()
+        .post(s.url("/v1/files"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(m.contains("Invalid purpose") && m.len() < 300, "{m}");
+    // JSON bodies: a huge model name, file id or hyperparameter key comes back clipped.
+    common::copy_dir(
+        &common::root().join("tests/fixtures/tiny-llama"),
+        &s.models_dir().join("tiny-llama"),
+    );
+    let file = common::upload_chat(&s).await;
+    for body in [
+        serde_json::json!({"model": "m".repeat(100_000), "training_file": file}),
+        serde_json::json!({"model": "tiny-llama", "training_file": "f".repeat(100_000)}),
+        serde_json::json!({"model": "tiny-llama", "training_file": file,
+                           "hyperparameters": {"k".repeat(100_000): 1}}),
+    ] {
+        let r = client()
+            .post(s.url("/v1/fine_tuning/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 400, "{text:.200}");
+        assert!(
+            text.len() < 2048,
+            "a {}-byte answer: {:.200}",
+            text.len(),
+            text
+        );
+    }
+}

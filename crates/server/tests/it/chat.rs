@@ -225,6 +225,23 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
         "{e}"
     );
     assert_eq!(e["error"]["code"], "context_length_exceeded");
+    // Hostile-client finding 7: a prompt of megabytes is refused by its size, without
+    // being tokenized (the message counts bytes, not tokens).
+    let (st, e) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "word ".repeat(600_000)}]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3000000 bytes"),
+        "{e}"
+    );
 
     // A client that leaves mid-stream frees the model: the next request is answered.
     // (No max_tokens: the default fills what the context leaves, the longest run there is.)

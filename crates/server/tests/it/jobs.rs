@@ -281,6 +281,17 @@ async fn job_trains_streams_and_serves_its_adapter() {
             format!("bytes 10-109/{}", zip.len()).as_str()
         );
         assert_eq!(part.bytes().await.unwrap(), zip[10..110]);
+        // A Range header that is not a byte range we understand is ignored (RFC 9110).
+        for bad in ["bytes=abc", "items=0-5", "bytes=5-2"] {
+            let whole = reqwest::Client::new()
+                .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+                .header("range", bad)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(whole.status(), 200, "{bad}");
+            assert_eq!(whole.bytes().await.unwrap(), zip, "{bad}");
+        }
         // The fine-tuned model joins the model list.
         let models = get(&s, "/v1/models").await;
         let mut errs = check_response(&spec, "/v1/models", "get", 200, &models);
@@ -908,5 +919,143 @@ async fn an_idempotency_key_makes_one_job_however_often_it_is_sent() {
             .filter(|e| e["message"].as_str().unwrap_or("").starts_with("Created"))
             .count();
         assert_eq!(created, 1, "{backend:?}: {events}");
+    }
+}
+
+/// Hostile-client finding 4: a follower that claims a position from the future (here
+/// i64::MAX) neither freezes the job's live events for the others nor keeps them from
+/// ending: every stream gets `done` when the job ends.
+#[tokio::test]
+async fn a_follower_from_the_future_freezes_no_one() {
+    for backend in backends() {
+        let s = server(backend, &["--lease-seconds", "3"]).await;
+        let file = upload_chat(&s).await;
+        let long = create_job(&s, &file, json!({"max_steps": 100000, "batch_size": 2})).await;
+        let id = long["id"].as_str().unwrap().to_string();
+        wait_step(&s, &id, 2).await;
+        // The future follower comes first, so it would be the one to start the poller.
+        let url = s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true"));
+        let future = tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("Last-Event-ID", i64::MAX.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let body = r.text().await.unwrap();
+            body.contains("event: done")
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A normal follower sees the job move on: events after the ones it started with.
+        let at = get(&s, &format!("/v1/fine_tuning/jobs/{id}")).await["progress"]["step"]
+            .as_u64()
+            .unwrap();
+        let frames = tokio::time::timeout(
+            Duration::from_secs(60),
+            read_sse(&s, &id, None, Some((at as usize) * 2 + 40)),
+        )
+        .await
+        .expect("the live events froze for this follower");
+        let steps: Vec<u64> = frames
+            .iter()
+            .filter(|f| f.1 == "metrics")
+            .filter_map(|f| serde_json::from_str::<Value>(&f.2).ok())
+            .filter_map(|v| v["data"]["step"].as_u64())
+            .collect();
+        assert!(
+            steps.iter().any(|&st| st > at + 5),
+            "{backend:?}: no live step past {at}: {steps:?}"
+        );
+        // When the job ends, both streams end with `done`.
+        reqwest::Client::new()
+            .post(s.url(&format!("/v1/fine_tuning/jobs/{id}/cancel")))
+            .send()
+            .await
+            .unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(30), read_sse(&s, &id, None, None))
+            .await
+            .expect("a stream did not end after the job did");
+        assert_eq!(rest.last().unwrap().1, "done");
+        let done = tokio::time::timeout(Duration::from_secs(30), future)
+            .await
+            .expect("the future follower's stream did not end")
+            .unwrap();
+        assert!(done, "{backend:?}: the future follower got no `done`");
+    }
+}
+
+/// Hostile-client findings 13, 14, 15 and 19: metadata within OpenAI's limits, an
+/// Idempotency-Key that cannot be reused for another request or be empty, no suffix
+/// that reads as a checkpoint, and response headers a client cannot forge.
+#[tokio::test]
+async fn job_creation_limits_and_headers() {
+    for backend in backends() {
+        let s = server(backend, &[]).await;
+        let file = upload_chat(&s).await;
+        let post = |body: Value, key: Option<&str>| {
+            let mut r = reqwest::Client::new()
+                .post(s.url("/v1/fine_tuning/jobs"))
+                .json(&body);
+            if let Some(k) = key {
+                r = r.header("idempotency-key", k);
+            }
+            async move {
+                let r = r.send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        let base = json!({"model": "tiny-llama", "training_file": file, "hyperparameters": {"max_steps": 1}});
+        let with = |k: &str, v: Value| {
+            let mut b = base.clone();
+            b[k] = v;
+            b
+        };
+        let many: serde_json::Map<String, Value> =
+            (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        for (bad, why) in [
+            (with("metadata", json!("str")), "an object"),
+            (with("metadata", Value::Object(many)), "16 keys"),
+            (with("metadata", json!({"k": "v".repeat(513)})), "512"),
+            (with("metadata", json!({"k".repeat(65): "v"})), "64"),
+            (with("metadata", json!({"k": 1})), "a string"),
+        ] {
+            let (st, e) = post(bad, None).await;
+            assert_eq!(st, 400, "{e}");
+            assert_eq!(e["error"]["param"], "metadata", "{e}");
+            assert!(e["error"]["message"].as_str().unwrap().contains(why), "{e}");
+        }
+        let (st, e) = post(with("suffix", json!("ckpt-step-5")), None).await;
+        assert_eq!(
+            (st, e["error"]["param"].as_str()),
+            (400, Some("suffix")),
+            "{e}"
+        );
+
+        // The same key and request: the same job. Another request: 409. No key: 400.
+        let first = with("suffix", json!("first"));
+        let (st, a) = post(first.clone(), Some("k-1")).await;
+        assert_eq!(st, 200, "{a}");
+        let (st, again) = post(first, Some("k-1")).await;
+        assert_eq!((st, &again["id"]), (200, &a["id"]));
+        let (st, e) = post(with("suffix", json!("second")), Some("k-1")).await;
+        assert_eq!(st, 409, "{e}");
+        assert_eq!(e["error"]["code"], "idempotency_key_reused", "{e}");
+        let (st, e) = post(with("suffix", json!("x")), Some("")).await;
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(e["error"]["code"], "invalid_idempotency_key", "{e}");
+
+        // Our request id, not the client's; API answers are never sniffed or cached.
+        let r = reqwest::Client::new()
+            .get(s.url("/v1/files"))
+            .header("x-request-id", "forged-id")
+            .send()
+            .await
+            .unwrap();
+        let h = r.headers();
+        let rid = h["x-request-id"].to_str().unwrap();
+        assert!(rid != "forged-id" && !rid.is_empty(), "{rid}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["cache-control"], "no-store");
     }
 }

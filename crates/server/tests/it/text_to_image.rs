@@ -82,6 +82,30 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
         "{bare}"
     );
 
+    // A kohya folder asking for billions of repeats is refused at upload, by name.
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        z.start_file(
+            "4294967295_sks dog/a.png",
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        let png = std::fs::read(root().join("tests/data/sd/red_square.png")).unwrap();
+        std::io::Write::write_all(&mut z, &png).unwrap();
+        z.finish().unwrap();
+    }
+    let (code, huge) = common::upload_as(&s, "huge.zip", "application/zip", buf.into_inner()).await;
+    assert_eq!(code, 200, "{huge}");
+    assert_eq!(huge["status"], "error", "{huge}");
+    assert!(
+        huge["status_details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("4294967295_sks dog: 4294967295 repeats"),
+        "{huge}"
+    );
+
     // Files and tasks must fit each other, and image settings belong to image jobs.
     let chat = common::upload_chat(&s).await;
     for (body, param) in [

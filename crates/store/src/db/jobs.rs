@@ -186,6 +186,9 @@ impl Store {
         .execute(p)
         .await
         .map(drop)?);
+        // A running job whose worker is gone would wait for a worker that never comes:
+        // it is cancelled now.
+        self.reap_stranded_jobs().await?;
         self.get_job(id).await?.ok_or(Error::NotFound)
     }
 
@@ -257,10 +260,14 @@ impl Store {
     /// is also marked paused (no claim takes it until it is resumed); without, the next
     /// claim by any worker continues it from its checkpoint (a worker shutting down).
     /// Fenced like every worker write.
+    ///
+    /// A hand-back is no failure: the attempt it ends is given back to the job's budget
+    /// (`max_attempts` grows by one), so that pauses and restarts never use up the
+    /// attempts that crashed workers are allowed.
     pub async fn release_job(&self, lease: &Lease, pause: bool) -> Result<JobRecord> {
         let sql = format!(
             "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at_ms = NULL, \
-             paused_at = COALESCE(paused_at, $3) \
+             paused_at = COALESCE(paused_at, $3), max_attempts = max_attempts + 1 \
              WHERE id = $1 AND fencing_token = $2 AND status = 'running' RETURNING {}",
             job_cols!()
         );
@@ -321,6 +328,7 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<ClaimedJob>> {
         let lease_ms = lease_millis(lease)?;
+        self.reap_stranded_jobs().await?;
         let now = self.now_ms();
         // A running row without an expiry has no holder (e.g. set by operator
         // tooling), so it counts as expired.
@@ -374,6 +382,56 @@ impl Store {
             expires_at_ms,
         };
         Ok(Some(ClaimedJob { job, lease }))
+    }
+
+    /// Ends the running jobs that no worker will take again, whose lease has expired:
+    /// one on its last attempt fails, one whose cancel was asked is cancelled. Each gets
+    /// an event saying why (and its followers their `done`). Every claim runs this first,
+    /// and so does a cancel. Returns the jobs it ended.
+    pub async fn reap_stranded_jobs(&self) -> Result<Vec<JobRecord>> {
+        let now = self.now_ms();
+        let sql = format!(
+            "UPDATE jobs SET \
+               status = CASE WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END, \
+               error = CASE WHEN cancel_requested_at IS NULL THEN $2 ELSE NULL END, \
+               finished_at = $1, lease_owner = NULL, lease_expires_at_ms = NULL, \
+               fencing_token = fencing_token + 1 \
+             WHERE status = 'running' AND COALESCE(lease_expires_at_ms, 0) <= {now} \
+               AND (attempt >= max_attempts OR cancel_requested_at IS NOT NULL) \
+             RETURNING {}",
+            job_cols!()
+        );
+        let error = serde_json::json!({
+            "code": "worker_lost",
+            "message": "The job's worker stopped on its last attempt.",
+            "param": null,
+        })
+        .to_string();
+        let jobs: Vec<JobRecord> = write_tx!(self, tx => sqlx::query_as(&sql)
+            .bind(now_secs())
+            .bind(&error)
+            .fetch_all(&mut *tx)
+            .await?);
+        for j in &jobs {
+            let cancelled = j.status() == Some(JobStatus::Cancelled);
+            self.append_event(&NewEvent {
+                job_id: j.id.clone(),
+                attempt: j.attempt,
+                level: if cancelled { "info" } else { "error" }.into(),
+                kind: "message".into(),
+                message: if cancelled {
+                    "Job cancelled (it had no live worker).".into()
+                } else {
+                    format!(
+                        "The job failed: its worker stopped on attempt {} of {}, the last one.",
+                        j.attempt, j.max_attempts
+                    )
+                },
+                data: None,
+            })
+            .await?;
+        }
+        Ok(jobs)
     }
 
     /// Renews `lease` to `duration` from now. Also reports whether a cancel was

@@ -1,5 +1,6 @@
 //! Text generation with a KV cache: greedy or sampled (temperature, top-p).
 
+use super::tokenize::TokenizerBundle;
 use crate::data::Message;
 use crate::families::decoder::loader::BaseModel;
 use crate::families::decoder::model::KvCache;
@@ -46,23 +47,23 @@ pub struct Generation {
 }
 
 /// The prompt of a chat: the template rendered with a generation prompt, as token ids.
-pub fn chat_prompt_ids(base: &BaseModel, messages: &[Message]) -> Result<Vec<u32>> {
-    let prompt = base.tokenizer.render_chat(messages, true)?;
-    base.tokenizer.encode(&prompt, false)
+pub fn chat_prompt_ids(tokenizer: &TokenizerBundle, messages: &[Message]) -> Result<Vec<u32>> {
+    let prompt = tokenizer.render_chat(messages, true)?;
+    tokenizer.encode(&prompt, false)
 }
 
 /// The prompt of a plain completion, through the chat template when `chat` and the
 /// model has one (as a single user turn).
-pub fn text_prompt_ids(base: &BaseModel, prompt: &str, chat: bool) -> Result<Vec<u32>> {
-    if chat && base.tokenizer.chat_template.is_some() {
+pub fn text_prompt_ids(tokenizer: &TokenizerBundle, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    if chat && tokenizer.chat_template.is_some() {
         let m = [Message {
             role: "user".into(),
             content: prompt.to_string(),
             weight: None,
         }];
-        return chat_prompt_ids(base, &m);
+        return chat_prompt_ids(tokenizer, &m);
     }
-    base.tokenizer.encode(prompt, true)
+    tokenizer.encode(prompt, true)
 }
 
 /// Generates a reply to `messages` (chat template) and returns the decoded text.
@@ -71,14 +72,19 @@ pub fn generate_chat(
     messages: &[Message],
     opts: &GenerateOptions,
 ) -> Result<Generation> {
-    generate_ids(base, chat_prompt_ids(base, messages)?, opts, &mut |_| true)
+    generate_ids(
+        base,
+        chat_prompt_ids(&base.tokenizer, messages)?,
+        opts,
+        &mut |_| true,
+    )
 }
 
 /// Generates from a plain prompt, through the chat template when `opts.chat` and the model has one.
 pub fn generate_text(base: &BaseModel, prompt: &str, opts: &GenerateOptions) -> Result<Generation> {
     generate_ids(
         base,
-        text_prompt_ids(base, prompt, opts.chat)?,
+        text_prompt_ids(&base.tokenizer, prompt, opts.chat)?,
         opts,
         &mut |_| true,
     )

@@ -13,6 +13,7 @@ type Span = (usize, usize);
 pub const IGNORE: i64 = -100;
 
 /// A tokenizer with what the model's files say about its special tokens and chat format.
+#[derive(Clone)]
 pub struct TokenizerBundle {
     pub tokenizer: tokenizers::Tokenizer,
     pub chat_template: Option<String>,

@@ -61,6 +61,13 @@ pub struct ZipLimits {
     pub shrink_to: Option<u32>,
 }
 
+/// The most repeats a kohya folder may ask for. kohya's own examples use 1-100; a folder
+/// named `4294967295_x` would make an epoch of four billion rows out of one image.
+pub const MAX_REPEATS: u32 = 10_000;
+
+/// The most rows (images times their repeats) one epoch of a zip may have.
+pub const MAX_EPOCH_ROWS: u64 = 1_000_000;
+
 /// Entries smaller than this are exempt from the compression-ratio check.
 pub const RATIO_CHECK_MIN_BYTES: u64 = 1 << 20;
 
@@ -412,6 +419,12 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
                 };
                 let mut repeats = 1;
                 if let Some((n, tokens)) = folder.filter(|_| layout == Layout::Kohya) {
+                    if n > MAX_REPEATS {
+                        return Err(data(format!(
+                            "{zip_name}: {}: {n} repeats; a folder may ask for at most {MAX_REPEATS}",
+                            parent(&e.name)
+                        )));
+                    }
                     repeats = n;
                     if caption.is_none() && !tokens.is_empty() {
                         caption = Some(tokens);
@@ -455,6 +468,12 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
                     None => report.missing_captions.push(e.name.clone()),
                 }
                 report.total_repeats += u64::from(repeats);
+                if report.total_repeats > MAX_EPOCH_ROWS {
+                    return Err(data(format!(
+                        "{zip_name}: the images' repeats add up to more than {MAX_EPOCH_ROWS} rows per epoch (at {})",
+                        e.name
+                    )));
+                }
                 examples.push(ImageExample {
                     name: e.name.clone(),
                     caption: caption.unwrap_or_default(),

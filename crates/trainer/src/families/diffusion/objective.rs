@@ -79,8 +79,10 @@ pub struct TextToImage {
     latent_factor: f64,
     images: Vec<Cached>,
     texts: Vec<Tensor>,
-    /// Training rows: image indices, each repeated as its folder says.
-    rows: Vec<usize>,
+    /// Where each image's rows end in an epoch (the running sum of the repeats): row
+    /// `r` is image `ends.partition_point(|&e| e <= r)`. An epoch is never a vector of
+    /// repeated images.
+    ends: Vec<usize>,
     snr_gamma: Option<f32>,
     noise_offset: f32,
     base_name: String,
@@ -174,10 +176,12 @@ impl TextToImage {
                 )));
             }
         }
-        let rows = images
+        let ends = images
             .iter()
-            .enumerate()
-            .flat_map(|(i, img)| std::iter::repeat_n(i, img.repeats.max(1) as usize))
+            .scan(0usize, |end, img| {
+                *end += img.repeats.max(1) as usize;
+                Some(*end)
+            })
             .collect();
         Ok(TextToImage {
             prediction: schedule.prediction,
@@ -185,7 +189,7 @@ impl TextToImage {
             latent_factor,
             images: cached,
             texts,
-            rows,
+            ends,
             snr_gamma: settings.snr_gamma.map(|g| g as f32),
             noise_offset: settings.noise_offset as f32,
             base_name: model_dir.display().to_string(),
@@ -256,7 +260,7 @@ impl TextToImage {
             learning_rate: Some(spec.lr),
             unet_lr: Some(spec.lr),
             max_train_steps: spec.max_steps,
-            num_train_images: Some(obj.rows.len() as u64),
+            num_train_images: Some(obj.len() as u64),
             batch_size: Some(spec.batch_size as u64),
             resolution: Some((res as u32, res as u32)),
             seed: Some(spec.seed),
@@ -286,12 +290,15 @@ impl Objective for TextToImage {
         &self.base_name
     }
     fn len(&self) -> usize {
-        self.rows.len()
+        self.ends.last().copied().unwrap_or(0)
     }
 
     fn batch(&self, idx: &[usize]) -> Result<SdBatch> {
         let pick = |f: &dyn Fn(&Cached) -> Tensor| -> Result<Tensor> {
-            let ts: Vec<Tensor> = idx.iter().map(|&i| f(&self.images[self.rows[i]])).collect();
+            let ts: Vec<Tensor> = idx
+                .iter()
+                .map(|&r| f(&self.images[self.ends.partition_point(|&e| e <= r)]))
+                .collect();
             Ok(Tensor::stack(&ts, 0)?)
         };
         Ok(SdBatch {

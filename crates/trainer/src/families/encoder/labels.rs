@@ -55,10 +55,11 @@ pub fn read_numbered(path: &Path) -> Result<Vec<Numbered>> {
 pub fn parse_numbered(text: &str, what: &str) -> Result<Vec<Numbered>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = crate::data::without_bom(line_no, line);
         if line.trim().is_empty() {
             continue;
         }
-        let line_no = i as u64 + 1;
         match crate::data::parse_line(line) {
             Ok(Example::Classification(c)) => out.push((line_no, c)),
             Ok(Example::Text(_)) => {

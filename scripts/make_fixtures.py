@@ -15,6 +15,9 @@ Usage (needs torch, transformers>=5, peft, safetensors, gguf, tokenizers, numpy;
 
   ~/.cache/loraforge-bench/venv/bin/python scripts/make_fixtures.py [--skip-gguf-check]
 
+`--only-weight-decay` writes tests/fixtures/<model>-ref/ref-wd.safetensors alone (the AdamW run of ref.safetensors
+again, from the same adapter_init and batches, with weight_decay 1.0), and touches nothing else.
+
 `--only-chat-encoding` writes tests/fixtures/chat-encoding.json alone, from the tokenizer folders already
 there (needs only transformers, tokenizers and jinja2 at run time), and touches nothing else.
 
@@ -449,6 +452,74 @@ def build_reference(model_dir, name, vocab, seed):
     return ref_dir
 
 
+STRONG_WD = 1.0  # with LR 1e-2 every step shrinks the weights by 1% (~5% over the 5 steps)
+
+
+def adamw_run(model_dir, init_dir, t_ids, t_mask, t_labels, weight_decay):
+    """The 5-step AdamW run of build_reference (same order, lr, betas, eps, clipping) at a given weight decay.
+    Returns ({peft key: final weight}, losses, grad norms)."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(load_base(model_dir), init_dir, is_trainable=True)
+    pm.train()  # dropout is 0 everywhere, as in build_reference
+    named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay)
+    losses, norms = [], []
+    for step in range(STEPS):
+        o = pm(input_ids=t_ids[step], attention_mask=t_mask[step], labels=t_labels[step])
+        opt.zero_grad(set_to_none=True)
+        o.loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, max_norm=MAX_GRAD_NORM)
+        opt.step()
+        losses.append(o.loss.item())
+        norms.append(float(gn))
+    finals = {peft_key(n): p.detach().clone().contiguous() for n, p in named}
+    return finals, losses, norms
+
+
+def build_weight_decay_reference(model_dir, name):
+    """<name>-ref/ref-wd.safetensors: the 5-step AdamW run of ref.safetensors (same batches, read back from
+    ref.safetensors, same adapter_init) with weight_decay = STRONG_WD, so that decoupled decay moves the
+    weights far more than the tests' tolerance. Writes that one file and nothing else."""
+    from safetensors.torch import load_file, save_file
+
+    ref_dir = os.path.join(FIX, f"{name}-ref")
+    init_dir = os.path.join(ref_dir, "adapter_init")
+    ref = load_file(os.path.join(ref_dir, "ref.safetensors"))
+    t_ids, t_mask, t_labels = ref["train_input_ids"], ref["train_attention_mask"], ref["train_labels"]
+
+    def max_rel(finals, other):
+        assert sorted(finals) == sorted(k[len("final."):] for k in other if k.startswith("final.")), name
+        return max((v - other[f"final.{k}"]).abs().max().item() / max(other[f"final.{k}"].abs().max().item(), 1e-12)
+                   for k, v in finals.items())
+
+    # the same run at the stored weight decay gives back the stored finals (same inputs, same code path); not
+    # bit for bit when the library versions differ from ref.json's, hence a bound 10x under the tests' 1e-3
+    same, _, _ = adamw_run(model_dir, init_dir, t_ids, t_mask, t_labels, WD)
+    replay = max_rel(same, ref)
+    print(f"[{name}-ref] replay at weight_decay={WD}: max relative difference to ref.safetensors finals "
+          f"{replay:.3e}")
+    assert replay < 1e-4, replay
+
+    finals, losses, norms = adamw_run(model_dir, init_dir, t_ids, t_mask, t_labels, STRONG_WD)
+    tensors = {f"final.{k}": v for k, v in finals.items()}
+    tensors["train_losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors["train_grad_norms"] = torch.tensor(norms, dtype=torch.float32)
+    path = os.path.join(ref_dir, "ref-wd.safetensors")
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, path,
+              # one key: safetensors writes several in a random (hash) order, and the bytes should not change
+              metadata={"generator": f"scripts/make_fixtures.py --only-weight-decay: weight_decay={STRONG_WD}, "
+                                     f"otherwise ref.safetensors' train_* run (lr {LR}, betas {BETAS}, eps {EPS}, "
+                                     f"max_grad_norm {MAX_GRAD_NORM}, {STEPS} steps from adapter_init, its batches)"})
+    d = max_rel(finals, ref)
+    print(f"[{name}-ref] weight_decay={STRONG_WD}: train losses={[round(x, 5) for x in losses]} "
+          f"grad norms={[round(x, 5) for x in norms]}")
+    print(f"[{name}-ref] ref-wd vs ref (weight_decay {WD}) finals: max relative difference {d:.4e}")
+    print(f"[{name}-ref] wrote {os.path.relpath(path, ROOT)} ({os.path.getsize(path):,d} bytes)")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. GGUF
 # ----------------------------------------------------------------------------------------------
@@ -845,9 +916,16 @@ def main():
     ap.add_argument("--skip-gguf-check", action="store_true", help="do not load the GGUF back with transformers")
     ap.add_argument("--only-chat-encoding", action="store_true",
                     help="write only tests/fixtures/chat-encoding.json (from the existing tokenizer folders)")
+    ap.add_argument("--only-weight-decay", action="store_true",
+                    help="write only tests/fixtures/<model>-ref/ref-wd.safetensors (a weight_decay=1.0 AdamW run "
+                         "from the existing adapter_init and ref.safetensors batches)")
     args = ap.parse_args()
     if args.only_chat_encoding:
         build_chat_encoding()
+        return 0
+    if args.only_weight_decay:
+        for name in ("tiny-llama", "tiny-qwen2"):
+            build_weight_decay_reference(os.path.join(FIX, name), name)
         return 0
 
     import transformers
@@ -863,6 +941,8 @@ def main():
     qwen_dir = build_model("qwen2", "tiny-qwen2", tok_dir, vocab, seed=200)
     build_reference(llama_dir, "tiny-llama", vocab, seed=300)
     build_reference(qwen_dir, "tiny-qwen2", vocab, seed=400)
+    build_weight_decay_reference(llama_dir, "tiny-llama")
+    build_weight_decay_reference(qwen_dir, "tiny-qwen2")
     gpath = build_gguf(llama_dir, tok_dir)
     if not args.skip_gguf_check:
         check_gguf(gpath, llama_dir)

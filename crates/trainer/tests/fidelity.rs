@@ -19,7 +19,12 @@ struct Ref {
 
 impl Ref {
     fn load(name: &str) -> Self {
-        let p = fixtures().join(format!("{name}-ref/ref.safetensors"));
+        Self::load_file(name, "ref.safetensors")
+    }
+    /// `file` in `<name>-ref/` (`ref.safetensors`, or `ref-wd.safetensors`: the AdamW run at
+    /// weight decay 1.0).
+    fn load_file(name: &str, file: &str) -> Self {
+        let p = fixtures().join(format!("{name}-ref/{file}"));
         Self {
             t: candle_core::safetensors::load(&p, &Device::Cpu).unwrap(),
         }
@@ -150,8 +155,15 @@ fn rand_chacha_seed() -> rand_chacha::ChaCha8Rng {
     rand_chacha::ChaCha8Rng::seed_from_u64(0)
 }
 
-fn adamw_steps_match(name: &str) {
-    let r = Ref::load(name);
+/// Relative tolerance of the adapter weights after the 5 AdamW steps.
+const ADAMW_TOL: f64 = 1e-3;
+
+/// Five AdamW steps from `adapter_init` on the `train_*` batches of `ref.safetensors`, at
+/// `weight_decay`, checked against the losses, gradient norms and final weights PEFT stored
+/// in `<name>-ref/<file>`.
+fn adamw_steps_match(name: &str, weight_decay: f64, file: &str) {
+    let inputs = Ref::load(name);
+    let r = Ref::load_file(name, file);
     let base = model_with_adapter(name, "adapter_init");
     let params = lora::params(&base.model);
     let mut opt = AdamW::new(
@@ -160,13 +172,13 @@ fn adamw_steps_match(name: &str) {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-            weight_decay: 0.01,
+            weight_decay,
         },
     )
     .unwrap();
-    let ids = r.get("train_input_ids").to_dtype(DType::U32).unwrap();
-    let masks = r.get("train_attention_mask");
-    let labels = r.get("train_labels");
+    let ids = inputs.get("train_input_ids").to_dtype(DType::U32).unwrap();
+    let masks = inputs.get("train_attention_mask");
+    let labels = inputs.get("train_labels");
     let want_losses = r.get("train_losses").to_vec1::<f32>().unwrap();
     let want_norms = r.get("train_grad_norms").to_vec1::<f32>().unwrap();
     let ctx = ForwardCtx::train(rand_chacha_seed());
@@ -206,11 +218,38 @@ fn adamw_steps_match(name: &str) {
         let e = rel(var.as_tensor(), r.get(&format!("final.{key}")));
         worst = worst.max(e);
         assert!(
-            e < 1e-3,
+            e < ADAMW_TOL,
             "{name}: {key} after 5 steps differs from PEFT by {e:.3e}"
         );
     }
     println!("{name}: worst adapter relative error after 5 steps {worst:.3e}");
+}
+
+/// AdamW at weight decay 1.0 (1% shrink per step at lr 1e-2) against PEFT's run in
+/// `ref-wd.safetensors`. At the usual 0.01 decay moves the weights by ~5e-4 relative over the
+/// 5 steps, under `ADAMW_TOL`, so an optimizer ignoring it would pass `adamw_steps_match`;
+/// here the two PEFT runs must differ by at least 10x the tolerance first.
+fn strong_weight_decay_matches(name: &str) {
+    let weak = Ref::load(name);
+    let strong = Ref::load_file(name, "ref-wd.safetensors");
+    let mut finals = 0;
+    let mut gap = 0f64;
+    for (k, t) in &strong.t {
+        if k.starts_with("final.") {
+            finals += 1;
+            gap = gap.max(rel(t, weak.get(k)));
+        }
+    }
+    assert_eq!(finals, 2 * 7 * 2, "{name}: ref-wd.safetensors finals");
+    println!(
+        "{name}: PEFT finals at weight decay 1.0 vs 0.01 differ by {gap:.3e} relative \
+         (tolerance {ADAMW_TOL:.0e})"
+    );
+    assert!(
+        gap >= 10.0 * ADAMW_TOL,
+        "{name}: weight decay 1.0 moves PEFT's finals by only {gap:.3e}, under 10x the tolerance"
+    );
+    adamw_steps_match(name, 1.0, "ref-wd.safetensors");
 }
 
 #[test]
@@ -235,12 +274,22 @@ fn qwen2_lora_logits_and_gradients_match_peft() {
 
 #[test]
 fn llama_five_adamw_steps_match_peft() {
-    adamw_steps_match("tiny-llama");
+    adamw_steps_match("tiny-llama", 0.01, "ref.safetensors");
 }
 
 #[test]
 fn qwen2_five_adamw_steps_match_peft() {
-    adamw_steps_match("tiny-qwen2");
+    adamw_steps_match("tiny-qwen2", 0.01, "ref.safetensors");
+}
+
+#[test]
+fn llama_strong_weight_decay_matches_peft() {
+    strong_weight_decay_matches("tiny-llama");
+}
+
+#[test]
+fn qwen2_strong_weight_decay_matches_peft() {
+    strong_weight_decay_matches("tiny-qwen2");
 }
 
 /// The GGUF twin of tiny-llama (Q/K permuted, llama3 rope as `rope_freqs`, tokenizer

@@ -116,9 +116,22 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
         {
             Ok(Some(claimed)) => {
                 let id = claimed.job.id.clone();
+                let lease = claimed.lease.clone();
                 tracing::info!(job = %id, attempt = claimed.lease.attempt, "claimed job");
                 if let Err(e) = run_job(&state, &cfg, claimed).await {
-                    tracing::error!(job = %id, error = format!("{e:#}"), "job run failed");
+                    // A worker that stalled (a frozen VM, SIGSTOP) may come back to a
+                    // database session the server has ended, and fail on that rather
+                    // than on its fence: ask the fence before calling it a failure.
+                    if still_holds(&state, &cfg, &lease).await {
+                        tracing::error!(job = %id, error = format!("{e:#}"), "job run failed");
+                    } else {
+                        tracing::warn!(
+                            job = %id,
+                            attempt = lease.attempt,
+                            error = format!("{e:#}"),
+                            "lease lost; this attempt's results are dropped"
+                        );
+                    }
                 }
                 // However the run ended (finished, failed, paused, handed back), the
                 // job's streams look at its new status now rather than at their next poll.
@@ -173,6 +186,18 @@ struct Run<'a> {
     valid_scores: Option<(f64, Option<f64>)>,
     /// How long a store write is retried while the database is unreachable: the lease.
     patience: Duration,
+}
+
+/// Whether `lease` is still the job's current claim (read patiently: the database may
+/// be coming back). An unreadable answer counts as held, so a real failure is reported.
+async fn still_holds(state: &AppState, cfg: &WorkerConfig, lease: &Lease) -> bool {
+    match patient(cfg.lease, || state.store.get_job(&lease.job_id)).await {
+        // Every claim (and the reaper) moves the token on: the same token is our claim,
+        // whatever the status our own writes gave the job.
+        Ok(Some(j)) => j.fencing_token == lease.fencing_token,
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 /// Runs a store call again while the database is unreachable, for up to `patience` (the

@@ -414,12 +414,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The one line on stdout: scripts and tests read the bound address from it.
     println!("loraforge listening on http://{addr}");
     let token = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            token.cancel();
-        })
-        .await?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        exit_on_second_signal();
+        token.cancel();
+    });
+    // In-flight requests get the drain time to finish; one that would hold the server
+    // open for ever (a stalled upload) is dropped with its connection, and its temp file
+    // with it.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = deadline => tracing::warn!(
+            "requests still open {DRAIN:?} after the signal; closing their connections"
+        ),
+    }
     drain_workers(workers).await;
     store.close().await;
     tracing::info!("stopped");
@@ -465,13 +477,18 @@ fn check_open_bind(
 /// How long running jobs get to checkpoint and go back to the queue after a signal.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(8);
 
-/// Waits (bounded) for the workers to hand their jobs back; a second signal exits at once.
-async fn drain_workers(workers: Vec<tokio::task::JoinHandle<()>>) {
+/// From the first signal on, a second one ends the process at once, wherever the
+/// drain is (requests or workers).
+fn exit_on_second_signal() {
     tokio::spawn(async {
         shutdown_signal().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
+}
+
+/// Waits (bounded) for the workers to hand their jobs back.
+async fn drain_workers(workers: Vec<tokio::task::JoinHandle<()>>) {
     if tokio::time::timeout(DRAIN, futures::future::join_all(workers))
         .await
         .is_err()
@@ -527,6 +544,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
     );
     println!("loraforge worker running on {}", devices.join(","));
     shutdown_signal().await;
+    exit_on_second_signal();
     shutdown.cancel();
     drain_workers(workers).await;
     store.close().await;

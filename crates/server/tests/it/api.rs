@@ -1075,3 +1075,58 @@ async fn huge_fields_are_capped_and_never_echoed() {
         );
     }
 }
+
+/// Hostile-client finding 6: a stalled upload does not hold a shutdown open (the drain
+/// is bounded, the upload's temp file goes with its connection), and a second signal
+/// ends the process at once.
+#[tokio::test]
+async fn a_stalled_upload_does_not_hold_up_shutdown() {
+    for second_signal in [false, true] {
+        let mut s = TestServer::start(Backend::Sqlite, &["--devices", "none"]).await;
+        let addr = s.base.trim_start_matches("http://").to_string();
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/files?filename=a.jsonl HTTP/1.1\r\nHost: {addr}\r\n\
+             Content-Type: application/jsonl\r\nContent-Length: 100000000\r\n\r\n"
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(b"{\"text\": \"a\"}\n").await.unwrap();
+        // The upload is under way: its temp file exists.
+        let tmp = s.data_dir().join("tmp");
+        let t0 = Instant::now();
+        while files_under(&tmp).is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no temp file appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = if second_signal {
+            let pid = s.pid().to_string();
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.terminate()
+        } else {
+            s.terminate()
+        };
+        if second_signal {
+            assert_eq!(status.code(), Some(130), "{status:?}");
+        } else {
+            assert!(status.success(), "{status:?}\n{}", s.logs());
+            assert!(
+                s.logs().contains("closing their connections"),
+                "{}",
+                s.logs()
+            );
+            let left = files_under(&tmp);
+            assert!(
+                left.is_empty(),
+                "the stalled upload's temp file stayed: {left:?}"
+            );
+        }
+        drop(sock);
+    }
+}

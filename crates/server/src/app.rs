@@ -39,6 +39,8 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct Settings {
     pub models_dir: PathBuf,
+    /// The local data directory (database, temp files, the workers' job folders).
+    pub data_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub min_examples: u64,
     /// Largest JSON request body.
@@ -386,6 +388,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         blobs,
         settings: Arc::new(Settings {
             models_dir: args.models_dir.clone(),
+            data_dir: args.storage.data_dir.clone(),
             max_upload_bytes: args.max_upload_bytes,
             min_examples: args.min_examples,
             max_json_bytes: args.max_json_bytes,
@@ -510,6 +513,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
         blobs,
         settings: Arc::new(Settings {
             models_dir: args.models_dir.clone(),
+            data_dir: args.storage.data_dir.clone(),
             max_upload_bytes: 0,
             min_examples: 1,
             max_json_bytes: 0,

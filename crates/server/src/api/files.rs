@@ -504,6 +504,8 @@ pub async fn delete(
                 // the orphan blob only costs space.
                 tracing::warn!(key = %f.storage_key, error = %e, "could not remove a deleted file's blob");
             }
+            // And no worker's folder keeps a copy of it.
+            crate::job::workdir::remove_file_copies(&state.settings.data_dir, &f.id).await;
             Ok(Json(DeletedObject {
                 id,
                 object: "file",

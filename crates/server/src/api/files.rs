@@ -329,30 +329,15 @@ async fn store(
         created_at: now_secs(),
         api_key_id: who.owner_id().map(str::to_string),
     };
-    let quota = state.settings.max_stored_bytes_per_owner;
-    if quota > 0 {
-        let used = state.store.stored_bytes(who.owner_id()).await?.max(0) as u64;
-        if used + received.bytes > quota {
-            // Dropping `received` removes its temp file: nothing is kept.
-            return Err(ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "Storing these {} bytes would bring this key's files to {} bytes, over its \
-                     quota of {quota} (--max-stored-bytes-per-owner); delete files to make room.",
-                    received.bytes,
-                    used + received.bytes
-                ),
-            )
-            .param("file")
-            .code("storage_quota_exceeded"));
-        }
-    }
     state
         .blobs
         .commit(received.upload, &key)
         .await
         .map_err(ApiError::internal)?;
-    match state.store.insert_file(&record).await {
+    // The quota is checked with the insert, in one transaction, so that uploads racing
+    // each other cannot all fit under it.
+    let quota = state.settings.max_stored_bytes_per_owner;
+    match state.store.insert_file_within(&record, quota).await {
         Ok(f) => {
             tracing::info!(file_id = %f.id, bytes = f.bytes, status = %f.status, "file stored");
             Ok(Json(f.into()))
@@ -361,7 +346,20 @@ async fn store(
             if let Err(e) = state.blobs.delete(&key).await {
                 tracing::warn!(%key, error = %e, "could not remove the blob of a failed upload");
             }
-            Err(e.into())
+            Err(match e {
+                loraforge_store::Error::OverLimit { used } => ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "Storing these {} bytes would bring this key's files to {} bytes, over its \
+                         quota of {quota} (--max-stored-bytes-per-owner); delete files to make room.",
+                        record.bytes,
+                        used + record.bytes
+                    ),
+                )
+                .param("file")
+                .code("storage_quota_exceeded"),
+                e => e.into(),
+            })
         }
     }
 }

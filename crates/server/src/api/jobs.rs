@@ -350,20 +350,6 @@ pub async fn create(
             .param("suffix"));
         }
     }
-    let cap = state.settings.max_active_jobs_per_owner;
-    if cap > 0 {
-        let n = state.store.count_active_jobs(who.owner_id()).await?;
-        if n as u64 >= cap {
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "This key already has {n} queued or running jobs, the most allowed \
-                     (--max-active-jobs-per-owner {cap}); wait for one to finish or cancel one."
-                ),
-            )
-            .code("too_many_active_jobs"));
-        }
-    }
     // A big SD pipeline on a CPU worker would take a day: such jobs wait for CUDA.
     let device_kind = (task == Task::TextToImage
         && info.parameters > state.settings.cpu_image_max_params)
@@ -382,8 +368,23 @@ pub async fn create(
         idempotency_key: idem.clone(),
         device_kind: device_kind.clone(),
     };
-    let job = match state.store.insert_job(&new).await {
+    let cap = state.settings.max_active_jobs_per_owner;
+    let job = match state.store.insert_job_within(&new, cap).await {
         Ok(j) => j,
+        Err(loraforge_store::Error::OverLimit { used }) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This key already has {used} queued or running jobs, the most allowed \
+                     (--max-active-jobs-per-owner {cap}); wait for one to finish or cancel one."
+                ),
+            )
+            .code("too_many_active_jobs"))
+        }
+        Err(loraforge_store::Error::Invalid(m)) => {
+            // A data file deleted while the job was being created.
+            return Err(bad_file("training_file", m));
+        }
         // A concurrent retry with the same key won the insert: answer with its job, whose
         // creation that request has already recorded.
         Err(e) => {

@@ -53,6 +53,8 @@ pub struct Settings {
     pub max_stored_bytes_per_owner: u64,
     /// Longest time to a response head (zero: none).
     pub request_timeout: std::time::Duration,
+    /// Which browsers' requests `/v1` refuses (see `guard`).
+    pub guard: crate::guard::Guard,
 }
 
 pub fn init_tracing(log: &LogArgs) -> anyhow::Result<()> {
@@ -322,6 +324,10 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            crate::guard::browser_guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             crate::api::request_timeout,
         ))
         .with_state(state)
@@ -396,6 +402,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cpu_image_max_params: args.cpu_image_max_params,
             max_stored_bytes_per_owner: args.max_stored_bytes_per_owner,
             request_timeout: std::time::Duration::from_secs(args.request_timeout_seconds),
+            guard: crate::guard::Guard {
+                loopback: addr.ip().is_loopback(),
+                allowed_hosts: args.allowed_hosts.clone(),
+                cors_origins: args.cors_origins.clone(),
+            },
         }),
         auth: auth.clone(),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
@@ -521,6 +532,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
             cpu_image_max_params: 0,
             max_stored_bytes_per_owner: 0,
             request_timeout: std::time::Duration::ZERO,
+            guard: Default::default(),
         }),
         auth: Arc::new(Auth::disabled()),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Origins allowed by CORS, comma-separated (`*` for any); none by default.
     #[arg(long, env = "LORAFORGE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Host names (comma-separated) the API answers to, besides localhost, when it runs
+    /// without keys on a loopback address (e.g. the name a local proxy uses).
+    #[arg(long, env = "LORAFORGE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// A static admin key: with it set, every /v1 request must carry
     /// `Authorization: Bearer <key>` with this key or one made by `loraforge keys create`.
     #[arg(long, env = "LORAFORGE_API_KEY", hide_env_values = true)]

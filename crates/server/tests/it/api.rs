@@ -1130,3 +1130,71 @@ async fn a_stalled_upload_does_not_hold_up_shutdown() {
         drop(sock);
     }
 }
+
+/// Hostile-client finding 8: in the default open-loopback mode a web page can neither
+/// drive the API across sites (CSRF) nor read it through a rebound domain.
+#[tokio::test]
+async fn browsers_cannot_drive_an_open_loopback_server() {
+    let s = TestServer::start(Backend::Sqlite, &["--allowed-hosts", "lf.test"]).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let raw = |req: String| {
+        let addr = addr.clone();
+        async move {
+            let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            sock.write_all(req.as_bytes()).await.unwrap();
+            raw_status(&mut sock).await
+        }
+    };
+    // DNS rebinding: a page on evil.example, now resolving to 127.0.0.1, reads nothing.
+    let st = raw(format!(
+        "GET /v1/files HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert!(st.starts_with("HTTP/1.1 403"), "{st}");
+    for ok in [format!("localhost:{port}"), format!("lf.test:{port}")] {
+        let st = raw(format!(
+            "GET /v1/files HTTP/1.1\r\nHost: {ok}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(st.starts_with("HTTP/1.1 200"), "{ok}: {st}");
+    }
+    // CSRF: a cross-site form cannot create a job (text/plain body) or act on one.
+    let r = client()
+        .post(s.url("/v1/fine_tuning/jobs"))
+        .header("content-type", "text/plain")
+        .body(r#"{"model":"tiny-llama","training_file":"file-x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    for (path, origin) in [
+        ("/v1/fine_tuning/jobs/ftjob-x/cancel", "http://evil.example"),
+        ("/v1/files", "null"),
+    ] {
+        let r = client()
+            .post(s.url(path))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path} from {origin}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "cross_site_request", "{e}");
+    }
+    let r = client()
+        .get(s.url("/v1/files"))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The server's own pages (same origin) and plain clients (no Origin) are served.
+    let r = client()
+        .get(s.url("/v1/files"))
+        .header("origin", s.base.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -55,6 +55,8 @@ pub struct Settings {
     pub request_timeout: std::time::Duration,
     /// Which browsers' requests `/v1` refuses (see `guard`).
     pub guard: crate::guard::Guard,
+    /// How long an upload may send nothing (zero: no limit).
+    pub upload_idle_timeout: std::time::Duration,
 }
 
 pub fn init_tracing(log: &LogArgs) -> anyhow::Result<()> {
@@ -402,6 +404,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cpu_image_max_params: args.cpu_image_max_params,
             max_stored_bytes_per_owner: args.max_stored_bytes_per_owner,
             request_timeout: std::time::Duration::from_secs(args.request_timeout_seconds),
+            upload_idle_timeout: std::time::Duration::from_secs(args.upload_idle_seconds),
             guard: crate::guard::Guard {
                 loopback: addr.ip().is_loopback(),
                 allowed_hosts: args.allowed_hosts.clone(),
@@ -428,24 +431,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The one line on stdout: scripts and tests read the bound address from it.
     println!("loraforge listening on http://{addr}");
     let token = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    tokio::spawn(async move {
         shutdown_signal().await;
         exit_on_second_signal();
         token.cancel();
     });
-    // In-flight requests get the drain time to finish; one that would hold the server
-    // open for ever (a stalled upload) is dropped with its connection, and its temp file
-    // with it.
-    let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(DRAIN).await;
-    };
-    tokio::select! {
-        r = server => r?,
-        _ = deadline => tracing::warn!(
-            "requests still open {DRAIN:?} after the signal; closing their connections"
-        ),
-    }
+    serve_http(
+        listener,
+        app,
+        shutdown.clone(),
+        std::time::Duration::from_secs(args.header_timeout_seconds),
+    )
+    .await;
     drain_workers(workers).await;
     store.close().await;
     tracing::info!("stopped");
@@ -491,6 +488,55 @@ fn check_open_bind(
 /// How long running jobs get to checkpoint and go back to the queue after a signal.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(8);
 
+/// Serves `app` over HTTP/1.1 until `shutdown`: each connection has `header_timeout` to
+/// send a request's headers (a slowloris client holds no connection for long; zero: no
+/// limit). Then requests in flight get [`DRAIN`] to finish; one still open after that (a
+/// stalled upload) is dropped with its connection, and its temp file with it.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+    header_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new());
+    if !header_timeout.is_zero() {
+        http.header_read_timeout(header_timeout);
+    }
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN) => tracing::warn!(
+            "requests still open {DRAIN:?} after the signal; closing their connections"
+        ),
+    }
+}
+
 /// From the first signal on, a second one ends the process at once, wherever the
 /// drain is (requests or workers).
 fn exit_on_second_signal() {
@@ -533,6 +579,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
             max_stored_bytes_per_owner: 0,
             request_timeout: std::time::Duration::ZERO,
             guard: Default::default(),
+            upload_idle_timeout: std::time::Duration::ZERO,
         }),
         auth: Arc::new(Auth::disabled()),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),

@@ -76,6 +76,13 @@ pub struct ServeArgs {
     /// streams excepted); 0 is no limit.
     #[arg(long, env = "LORAFORGE_REQUEST_TIMEOUT_SECONDS", default_value_t = 300)]
     pub request_timeout_seconds: u64,
+    /// Seconds a client may take to send a request's headers (slowloris); 0 is no limit.
+    #[arg(long, env = "LORAFORGE_HEADER_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub header_timeout_seconds: u64,
+    /// Seconds an upload may send nothing before it is dropped with its temp file; 0 is
+    /// no limit.
+    #[arg(long, env = "LORAFORGE_UPLOAD_IDLE_SECONDS", default_value_t = 60)]
+    pub upload_idle_seconds: u64,
     /// Origins allowed by CORS, comma-separated (`*` for any); none by default.
     #[arg(long, env = "LORAFORGE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,

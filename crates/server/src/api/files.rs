@@ -165,7 +165,12 @@ pub async fn create(
             let filename = params.filename.unwrap_or_else(|| DEFAULT_FILENAME.into());
             check_filename(&filename)?;
             let over = Arc::new(AtomicBool::new(false));
-            let body = upload::capped(req.into_body().into_data_stream(), cap, over.clone());
+            let body = upload::capped(
+                req.into_body().into_data_stream(),
+                cap,
+                over.clone(),
+                state.settings.upload_idle_timeout,
+            );
             let received = upload::receive(&state.blobs, body, cap, state.settings.min_examples)
                 .await
                 .map_err(|e| {
@@ -195,7 +200,12 @@ async fn create_multipart(
     // remember that the cap, not the client, broke the stream.
     let over = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
-    let counted = upload::capped(body.into_data_stream(), cap, over.clone());
+    let counted = upload::capped(
+        body.into_data_stream(),
+        cap,
+        over.clone(),
+        state.settings.upload_idle_timeout,
+    );
     let req = Request::from_parts(parts, Body::from_stream(counted));
     let mut multipart = Multipart::from_request(req, &state)
         .await

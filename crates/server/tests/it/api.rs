@@ -1198,3 +1198,60 @@ async fn browsers_cannot_drive_an_open_loopback_server() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Hostile-client finding 5: half-sent headers and stalled uploads hold nothing for long
+/// (here 1 s limits): the connection is closed, the upload's temp file removed.
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let s = TestServer::start(
+        Backend::Sqlite,
+        &[
+            "--header-timeout-seconds",
+            "1",
+            "--upload-idle-seconds",
+            "1",
+            "--devices",
+            "none",
+        ],
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Headers that never end: the server hangs up.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-a: ")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut total = 0;
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("a half-sent request kept its connection");
+    println!("half-sent headers: connection closed after {n} response bytes");
+    // An upload that stops sending: answered, and its temp file gone.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files?filename=a.jsonl HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/jsonl\r\nContent-Length: 100000000\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(b"{\"text\": \"a\"}\n").await.unwrap();
+    let status = raw_status(&mut sock).await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    let tmp = s.data_dir().join("tmp");
+    let t0 = Instant::now();
+    while !files_under(&tmp).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the stalled upload's temp file stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get_json(&s, "/healthz").await.0, 200);
+}

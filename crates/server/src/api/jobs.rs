@@ -179,8 +179,9 @@ fn same_request(job: JobRecord, fingerprint: &str) -> ApiResult<Json<Value>> {
     }
 }
 
-/// OpenAI's limits on `metadata`: an object of at most 16 string values, keys of at
-/// most 64 characters, values of at most 512.
+/// OpenAI's limits on `metadata`: an object of at most 16 values, keys of at most 64
+/// characters, values of at most 512. OpenAI's values are strings; numbers and booleans
+/// are kept as they come (clients send them), anything else is refused.
 fn check_metadata(m: &Value) -> ApiResult<()> {
     let bad = |what: &str| Err(ApiError::bad_request(format!("metadata {what}")).param("metadata"));
     let Some(map) = m.as_object() else {
@@ -197,15 +198,21 @@ fn check_metadata(m: &Value) -> ApiResult<()> {
         if k.chars().count() > 64 {
             return bad(&format!("key {} is longer than 64 characters", clip(k)));
         }
-        match v.as_str() {
-            Some(s) if s.chars().count() <= 512 => {}
-            Some(_) => {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(_) | Value::Bool(_) => v.to_string(),
+            _ => {
                 return bad(&format!(
-                    "value of {} is longer than 512 characters",
+                    "value of {} must be a string, a number or a boolean",
                     clip(k)
                 ))
             }
-            None => return bad(&format!("value of {} must be a string", clip(k))),
+        };
+        if text.chars().count() > 512 {
+            return bad(&format!(
+                "value of {} is longer than 512 characters",
+                clip(k)
+            ));
         }
     }
     Ok(())

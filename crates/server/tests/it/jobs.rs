@@ -1042,7 +1042,7 @@ async fn job_creation_limits_and_headers() {
             (with("metadata", Value::Object(many)), "16 keys"),
             (with("metadata", json!({"k": "v".repeat(513)})), "512"),
             (with("metadata", json!({"k".repeat(65): "v"})), "64"),
-            (with("metadata", json!({"k": 1})), "a string"),
+            (with("metadata", json!({"k": [1]})), "a string"),
         ] {
             let (st, e) = post(bad, None).await;
             assert_eq!(st, 400, "{e}");

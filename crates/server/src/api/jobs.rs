@@ -750,7 +750,7 @@ pub async fn events(
         // An id past this job's newest event (a typo, another job's id, a hostile
         // client) means "from now on", not "from a position that never comes".
         let newest = state.store.last_event_id(&id).await?;
-        return Ok(sse(state, id, asked.clamp(0, newest), newest)
+        return Ok(sse(state, id, asked.clamp(0, newest), newest, who.key_id)
             .await
             .into_response());
     }
@@ -775,9 +775,21 @@ pub async fn events(
     .into_response())
 }
 
+/// How often an open stream checks that the key that opened it is not revoked.
+const KEY_CHECK: Duration = Duration::from_secs(2);
+
 /// A job's event stream for a follower at `last`; the job's newest event was `newest`.
-async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl IntoResponse {
+/// A stream opened with a database key ends within [`KEY_CHECK`] of that key's revocation.
+async fn sse(
+    state: AppState,
+    job_id: String,
+    last: i64,
+    newest: i64,
+    key_id: Option<String>,
+) -> impl IntoResponse {
     struct S {
+        key_id: Option<String>,
+        key_checked: tokio::time::Instant,
         state: AppState,
         job_id: String,
         /// Held for the stream's life: the job's poller runs while anyone follows it.
@@ -788,6 +800,8 @@ async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl In
     }
     let feed = state.feeds.follow(&state, &job_id, newest);
     let init = S {
+        key_id,
+        key_checked: tokio::time::Instant::now(),
         rx: feed.subscribe(),
         _feed: feed,
         state,
@@ -800,6 +814,15 @@ async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl In
             return None;
         }
         loop {
+            if let Some(k) = &s.key_id {
+                if s.key_checked.elapsed() >= KEY_CHECK {
+                    s.key_checked = tokio::time::Instant::now();
+                    // A revoked key's stream ends (a database error keeps it open).
+                    if let Ok(false) = s.state.store.api_key_is_live(k).await {
+                        return None;
+                    }
+                }
+            }
             let snap = s.rx.borrow_and_update().clone();
             // From the feed's memory, or (a replay, or far behind) from the database.
             let batch = match snap.after(s.last) {
@@ -847,6 +870,7 @@ async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl In
                         return None;
                     }
                 }
+                _ = tokio::time::sleep(KEY_CHECK), if s.key_id.is_some() => {}
                 _ = s.state.shutdown.cancelled() => return None,
             }
         }

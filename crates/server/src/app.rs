@@ -39,6 +39,8 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct Settings {
     pub models_dir: PathBuf,
+    /// The local data directory (database, temp files, the workers' job folders).
+    pub data_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub min_examples: u64,
     /// Largest JSON request body.
@@ -51,6 +53,10 @@ pub struct Settings {
     pub max_stored_bytes_per_owner: u64,
     /// Longest time to a response head (zero: none).
     pub request_timeout: std::time::Duration,
+    /// Which browsers' requests `/v1` refuses (see `guard`).
+    pub guard: crate::guard::Guard,
+    /// How long an upload may send nothing (zero: no limit).
+    pub upload_idle_timeout: std::time::Duration,
 }
 
 pub fn init_tracing(log: &LogArgs) -> anyhow::Result<()> {
@@ -320,6 +326,10 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            crate::guard::browser_guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             crate::api::request_timeout,
         ))
         .with_state(state)
@@ -386,6 +396,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         blobs,
         settings: Arc::new(Settings {
             models_dir: args.models_dir.clone(),
+            data_dir: args.storage.data_dir.clone(),
             max_upload_bytes: args.max_upload_bytes,
             min_examples: args.min_examples,
             max_json_bytes: args.max_json_bytes,
@@ -393,6 +404,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cpu_image_max_params: args.cpu_image_max_params,
             max_stored_bytes_per_owner: args.max_stored_bytes_per_owner,
             request_timeout: std::time::Duration::from_secs(args.request_timeout_seconds),
+            upload_idle_timeout: std::time::Duration::from_secs(args.upload_idle_seconds),
+            guard: crate::guard::Guard {
+                loopback: addr.ip().is_loopback(),
+                allowed_hosts: args.allowed_hosts.clone(),
+                cors_origins: args.cors_origins.clone(),
+            },
         }),
         auth: auth.clone(),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
@@ -414,12 +431,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The one line on stdout: scripts and tests read the bound address from it.
     println!("loraforge listening on http://{addr}");
     let token = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            token.cancel();
-        })
-        .await?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        exit_on_second_signal();
+        token.cancel();
+    });
+    serve_http(
+        listener,
+        app,
+        shutdown.clone(),
+        std::time::Duration::from_secs(args.header_timeout_seconds),
+    )
+    .await;
     drain_workers(workers).await;
     store.close().await;
     tracing::info!("stopped");
@@ -465,13 +488,67 @@ fn check_open_bind(
 /// How long running jobs get to checkpoint and go back to the queue after a signal.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(8);
 
-/// Waits (bounded) for the workers to hand their jobs back; a second signal exits at once.
-async fn drain_workers(workers: Vec<tokio::task::JoinHandle<()>>) {
+/// Serves `app` over HTTP/1.1 until `shutdown`: each connection has `header_timeout` to
+/// send a request's headers (a slowloris client holds no connection for long; zero: no
+/// limit). Then requests in flight get [`DRAIN`] to finish; one still open after that (a
+/// stalled upload) is dropped with its connection, and its temp file with it.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+    header_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new());
+    if !header_timeout.is_zero() {
+        http.header_read_timeout(header_timeout);
+    }
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN) => tracing::warn!(
+            "requests still open {DRAIN:?} after the signal; closing their connections"
+        ),
+    }
+}
+
+/// From the first signal on, a second one ends the process at once, wherever the
+/// drain is (requests or workers).
+fn exit_on_second_signal() {
     tokio::spawn(async {
         shutdown_signal().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
+}
+
+/// Waits (bounded) for the workers to hand their jobs back.
+async fn drain_workers(workers: Vec<tokio::task::JoinHandle<()>>) {
     if tokio::time::timeout(DRAIN, futures::future::join_all(workers))
         .await
         .is_err()
@@ -493,6 +570,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
         blobs,
         settings: Arc::new(Settings {
             models_dir: args.models_dir.clone(),
+            data_dir: args.storage.data_dir.clone(),
             max_upload_bytes: 0,
             min_examples: 1,
             max_json_bytes: 0,
@@ -500,6 +578,8 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
             cpu_image_max_params: 0,
             max_stored_bytes_per_owner: 0,
             request_timeout: std::time::Duration::ZERO,
+            guard: Default::default(),
+            upload_idle_timeout: std::time::Duration::ZERO,
         }),
         auth: Arc::new(Auth::disabled()),
         jobs_notify: Arc::new(tokio::sync::Notify::new()),
@@ -527,6 +607,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
     );
     println!("loraforge worker running on {}", devices.join(","));
     shutdown_signal().await;
+    exit_on_second_signal();
     shutdown.cancel();
     drain_workers(workers).await;
     store.close().await;

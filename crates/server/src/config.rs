@@ -76,9 +76,20 @@ pub struct ServeArgs {
     /// streams excepted); 0 is no limit.
     #[arg(long, env = "LORAFORGE_REQUEST_TIMEOUT_SECONDS", default_value_t = 300)]
     pub request_timeout_seconds: u64,
+    /// Seconds a client may take to send a request's headers (slowloris); 0 is no limit.
+    #[arg(long, env = "LORAFORGE_HEADER_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub header_timeout_seconds: u64,
+    /// Seconds an upload may send nothing before it is dropped with its temp file; 0 is
+    /// no limit.
+    #[arg(long, env = "LORAFORGE_UPLOAD_IDLE_SECONDS", default_value_t = 60)]
+    pub upload_idle_seconds: u64,
     /// Origins allowed by CORS, comma-separated (`*` for any); none by default.
     #[arg(long, env = "LORAFORGE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Host names (comma-separated) the API answers to, besides localhost, when it runs
+    /// without keys on a loopback address (e.g. the name a local proxy uses).
+    #[arg(long, env = "LORAFORGE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// A static admin key: with it set, every /v1 request must carry
     /// `Authorization: Bearer <key>` with this key or one made by `loraforge keys create`.
     #[arg(long, env = "LORAFORGE_API_KEY", hide_env_values = true)]

@@ -10,6 +10,7 @@ mod auth;
 mod config;
 mod dashboard;
 mod feeds;
+mod guard;
 mod inference;
 mod job;
 mod train_cmd;

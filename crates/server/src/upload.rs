@@ -191,10 +191,14 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// a `TooLarge` error. Closing the connection on a client that is still sending would
 /// hand it a reset instead of the 413, so the rest of the body is first read and
 /// discarded, within [`LINGER_BYTES`] and [`LINGER_TIME`].
+///
+/// A body that sends nothing for `idle` (a stalled or slowloris upload) ends with an
+/// error, so its handler returns and its temp file goes (zero: no limit).
 pub fn capped<S>(
     body: S,
     cap: u64,
     over: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    idle: std::time::Duration,
 ) -> impl Stream<Item = Result<Bytes, axum::Error>> + Send
 where
     S: Stream<Item = Result<Bytes, axum::Error>> + Send + 'static,
@@ -205,7 +209,21 @@ where
             if done {
                 return None;
             }
-            match b.next().await? {
+            let next = if idle.is_zero() {
+                b.next().await
+            } else {
+                match tokio::time::timeout(idle, b.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        let e = axum::Error::new(ReceiveError::Body(format!(
+                            "no data for {} s; the upload was dropped",
+                            idle.as_secs()
+                        )));
+                        return Some((Err(e), (b, seen, true)));
+                    }
+                }
+            };
+            match next? {
                 Err(e) => Some((Err(e), (b, seen, true))),
                 Ok(c) if seen + c.len() as u64 > cap => {
                     over.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -12,6 +12,7 @@ use crate::job::artifacts::{
     model_card, sha256_hex, ADAPTER_TENSORS, CHECKPOINT_FILES,
 };
 use crate::job::spec::train_spec;
+use crate::job::workdir::{job_dir, job_ids, remove_job_dir};
 use crate::job::{is_text_to_image, JobSpec};
 use anyhow::Context;
 use futures::StreamExt;
@@ -108,6 +109,7 @@ fn device_kind(device: &str) -> &'static str {
 
 async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
     tracing::info!(worker = %worker_id, device = %cfg.device, "worker started");
+    sweep_ended_jobs(&state, &cfg.data_dir).await;
     while !state.shutdown.is_cancelled() {
         match state
             .store
@@ -116,13 +118,29 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
         {
             Ok(Some(claimed)) => {
                 let id = claimed.job.id.clone();
+                let lease = claimed.lease.clone();
                 tracing::info!(job = %id, attempt = claimed.lease.attempt, "claimed job");
                 if let Err(e) = run_job(&state, &cfg, claimed).await {
-                    tracing::error!(job = %id, error = format!("{e:#}"), "job run failed");
+                    // A worker that stalled (a frozen VM, SIGSTOP) may come back to a
+                    // database session the server has ended, and fail on that rather
+                    // than on its fence: ask the fence before calling it a failure.
+                    if still_holds(&state, &cfg, &lease).await {
+                        tracing::error!(job = %id, error = format!("{e:#}"), "job run failed");
+                    } else {
+                        tracing::warn!(
+                            job = %id,
+                            attempt = lease.attempt,
+                            error = format!("{e:#}"),
+                            "lease lost; this attempt's results are dropped"
+                        );
+                    }
                 }
                 // However the run ended (finished, failed, paused, handed back), the
                 // job's streams look at its new status now rather than at their next poll.
                 state.feeds.wake(&id);
+                if job_ended(&state, &id).await {
+                    remove_job_dir(&cfg.data_dir, &id).await;
+                }
             }
             Ok(None) => {
                 tokio::select! {
@@ -173,6 +191,37 @@ struct Run<'a> {
     valid_scores: Option<(f64, Option<f64>)>,
     /// How long a store write is retried while the database is unreachable: the lease.
     patience: Duration,
+}
+
+/// Whether the job has ended (or is gone), so that no worker will run it again.
+async fn job_ended(state: &AppState, id: &str) -> bool {
+    match state.store.get_job(id).await {
+        Ok(Some(j)) => j.status().is_none_or(|s| s.is_terminal()),
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
+/// Removes the folders of jobs that ended while no worker here was watching (a crash,
+/// a job reaped or cancelled while its worker was gone).
+async fn sweep_ended_jobs(state: &AppState, data_dir: &Path) {
+    for id in job_ids(data_dir).await {
+        if job_ended(state, &id).await {
+            remove_job_dir(data_dir, &id).await;
+        }
+    }
+}
+
+/// Whether `lease` is still the job's current claim (read patiently: the database may
+/// be coming back). An unreadable answer counts as held, so a real failure is reported.
+async fn still_holds(state: &AppState, cfg: &WorkerConfig, lease: &Lease) -> bool {
+    match patient(cfg.lease, || state.store.get_job(&lease.job_id)).await {
+        // Every claim (and the reaper) moves the token on: the same token is our claim,
+        // whatever the status our own writes gave the job.
+        Ok(Some(j)) => j.fencing_token == lease.fencing_token,
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 /// Runs a store call again while the database is unreachable, for up to `patience` (the
@@ -348,7 +397,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         error: json!({"code": code, "message": message, "param": null}).to_string(),
     };
     let spec: JobSpec = serde_json::from_str(&job.spec).context("job spec")?;
-    let work = cfg.data_dir.join("jobs").join(&job.id);
+    let work = job_dir(&cfg.data_dir, &job.id);
     tokio::fs::create_dir_all(&work).await?;
     let prepared: anyhow::Result<TrainSpec> = async {
         let dir = state.settings.models_dir.clone();

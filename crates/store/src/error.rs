@@ -23,6 +23,10 @@ pub enum Error {
     /// stop and write nothing more; its lease is not coming back.
     #[error("lease lost: job {job_id} attempt {attempt} is no longer current")]
     LeaseLost { job_id: String, attempt: i64 },
+    /// An owner's cap (active jobs, stored bytes) would be passed; `used` is what the
+    /// owner has now.
+    #[error("over the owner's limit ({used} in use)")]
+    OverLimit { used: i64 },
     #[error("corrupt row: {0}")]
     Corrupt(Box<dyn std::error::Error + Send + Sync>),
 }

@@ -992,3 +992,89 @@ async fn new_jobs_wake_listening_workers_on_postgres() {
         assert!(matches!(got, Some(Ok(()))));
     }
 }
+
+/// Hostile-client finding 10: an owner's caps hold under concurrent requests (10 job
+/// inserts against a cap of 2; 12 uploads of 10 bytes against a quota of 50).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn owner_caps_hold_under_concurrent_inserts() {
+    for db in backends().await {
+        let s = db.store.clone();
+        let mut f = file("file-cap", "fine-tune");
+        f.api_key_id = None;
+        s.insert_file(&f).await.unwrap();
+        let jobs: Vec<_> = (0..10)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.insert_job_within(&job(&format!("ftjob-cap{i}"), "file-cap"), 2)
+                        .await
+                })
+            })
+            .collect();
+        let (mut ok, mut over) = (0, 0);
+        for t in jobs {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(Error::OverLimit { used }) => {
+                    assert_eq!(used, 2);
+                    over += 1
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((ok, over), (2, 8), "{:?}", s.backend());
+        assert_eq!(s.count_active_jobs(None).await.unwrap(), 2);
+
+        s.insert_api_key(&api_key("key-q", false)).await.unwrap();
+        let uploads: Vec<_> = (0..12)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut f = file(&format!("file-q{i:02}"), "fine-tune");
+                    f.bytes = 10;
+                    f.api_key_id = Some("key-q".into());
+                    s.insert_file_within(&f, 50).await
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in uploads {
+            match t.await.unwrap() {
+                Ok(_) => stored += 1,
+                Err(Error::OverLimit { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(stored, 5, "{:?}", s.backend());
+        assert_eq!(s.stored_bytes(Some("key-q")).await.unwrap(), 50);
+    }
+}
+
+/// Hostile-client finding 11: a job created while its file is being deleted never ends
+/// up with a deleted file: one of the two wins, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creating_a_job_and_deleting_its_file_never_both_succeed() {
+    for db in backends().await {
+        let s = db.store.clone();
+        for i in 0..25 {
+            let fid = format!("file-race{i:02}");
+            s.insert_file(&file(&fid, "fine-tune")).await.unwrap();
+            let (a, b) = (s.clone(), s.clone());
+            let (f1, f2) = (fid.clone(), fid.clone());
+            let create = tokio::spawn(async move {
+                a.insert_job_within(&job(&format!("ftjob-race{i:02}"), &f1), 0)
+                    .await
+            });
+            let delete = tokio::spawn(async move { b.delete_file_of(&f2, None).await });
+            let created = create.await.unwrap();
+            let deleted = delete.await.unwrap().unwrap();
+            match (&created, &deleted) {
+                (Ok(_), DeleteFile::InUse(_)) => {}
+                (Err(Error::Invalid(m)), DeleteFile::Deleted(_)) => {
+                    assert!(m.contains(&fid), "{m}")
+                }
+                other => panic!("{:?}: round {i}: {other:?}", s.backend()),
+            }
+        }
+    }
+}

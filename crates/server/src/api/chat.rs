@@ -182,7 +182,7 @@ async fn complete(
     // the tokenizer's own copy, so that a long prompt delays no one's generation.
     let ctx_len = base.context_length;
     let prompt_bytes = match &prompt {
-        Prompt::Chat(m) => m.iter().map(|m| m.content.len() + m.role.len()).sum(),
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len()).sum(),
         Prompt::Text(t) => t.len(),
     };
     if prompt_bytes > ctx_len.saturating_mul(MAX_BYTES_PER_TOKEN) {

@@ -165,7 +165,12 @@ pub async fn create(
             let filename = params.filename.unwrap_or_else(|| DEFAULT_FILENAME.into());
             check_filename(&filename)?;
             let over = Arc::new(AtomicBool::new(false));
-            let body = upload::capped(req.into_body().into_data_stream(), cap, over.clone());
+            let body = upload::capped(
+                req.into_body().into_data_stream(),
+                cap,
+                over.clone(),
+                state.settings.upload_idle_timeout,
+            );
             let received = upload::receive(&state.blobs, body, cap, state.settings.min_examples)
                 .await
                 .map_err(|e| {
@@ -195,7 +200,12 @@ async fn create_multipart(
     // remember that the cap, not the client, broke the stream.
     let over = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
-    let counted = upload::capped(body.into_data_stream(), cap, over.clone());
+    let counted = upload::capped(
+        body.into_data_stream(),
+        cap,
+        over.clone(),
+        state.settings.upload_idle_timeout,
+    );
     let req = Request::from_parts(parts, Body::from_stream(counted));
     let mut multipart = Multipart::from_request(req, &state)
         .await
@@ -329,30 +339,15 @@ async fn store(
         created_at: now_secs(),
         api_key_id: who.owner_id().map(str::to_string),
     };
-    let quota = state.settings.max_stored_bytes_per_owner;
-    if quota > 0 {
-        let used = state.store.stored_bytes(who.owner_id()).await?.max(0) as u64;
-        if used + received.bytes > quota {
-            // Dropping `received` removes its temp file: nothing is kept.
-            return Err(ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "Storing these {} bytes would bring this key's files to {} bytes, over its \
-                     quota of {quota} (--max-stored-bytes-per-owner); delete files to make room.",
-                    received.bytes,
-                    used + received.bytes
-                ),
-            )
-            .param("file")
-            .code("storage_quota_exceeded"));
-        }
-    }
     state
         .blobs
         .commit(received.upload, &key)
         .await
         .map_err(ApiError::internal)?;
-    match state.store.insert_file(&record).await {
+    // The quota is checked with the insert, in one transaction, so that uploads racing
+    // each other cannot all fit under it.
+    let quota = state.settings.max_stored_bytes_per_owner;
+    match state.store.insert_file_within(&record, quota).await {
         Ok(f) => {
             tracing::info!(file_id = %f.id, bytes = f.bytes, status = %f.status, "file stored");
             Ok(Json(f.into()))
@@ -361,7 +356,20 @@ async fn store(
             if let Err(e) = state.blobs.delete(&key).await {
                 tracing::warn!(%key, error = %e, "could not remove the blob of a failed upload");
             }
-            Err(e.into())
+            Err(match e {
+                loraforge_store::Error::OverLimit { used } => ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "Storing these {} bytes would bring this key's files to {} bytes, over its \
+                         quota of {quota} (--max-stored-bytes-per-owner); delete files to make room.",
+                        record.bytes,
+                        used + record.bytes
+                    ),
+                )
+                .param("file")
+                .code("storage_quota_exceeded"),
+                e => e.into(),
+            })
         }
     }
 }
@@ -504,6 +512,8 @@ pub async fn delete(
                 // the orphan blob only costs space.
                 tracing::warn!(key = %f.storage_key, error = %e, "could not remove a deleted file's blob");
             }
+            // And no worker's folder keeps a copy of it.
+            crate::job::workdir::remove_file_copies(&state.settings.data_dir, &f.id).await;
             Ok(Json(DeletedObject {
                 id,
                 object: "file",

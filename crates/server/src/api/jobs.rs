@@ -179,8 +179,9 @@ fn same_request(job: JobRecord, fingerprint: &str) -> ApiResult<Json<Value>> {
     }
 }
 
-/// OpenAI's limits on `metadata`: an object of at most 16 string values, keys of at
-/// most 64 characters, values of at most 512.
+/// OpenAI's limits on `metadata`: an object of at most 16 values, keys of at most 64
+/// characters, values of at most 512. OpenAI's values are strings; numbers and booleans
+/// are kept as they come (clients send them), anything else is refused.
 fn check_metadata(m: &Value) -> ApiResult<()> {
     let bad = |what: &str| Err(ApiError::bad_request(format!("metadata {what}")).param("metadata"));
     let Some(map) = m.as_object() else {
@@ -197,15 +198,21 @@ fn check_metadata(m: &Value) -> ApiResult<()> {
         if k.chars().count() > 64 {
             return bad(&format!("key {} is longer than 64 characters", clip(k)));
         }
-        match v.as_str() {
-            Some(s) if s.chars().count() <= 512 => {}
-            Some(_) => {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(_) | Value::Bool(_) => v.to_string(),
+            _ => {
                 return bad(&format!(
-                    "value of {} is longer than 512 characters",
+                    "value of {} must be a string, a number or a boolean",
                     clip(k)
                 ))
             }
-            None => return bad(&format!("value of {} must be a string", clip(k))),
+        };
+        if text.chars().count() > 512 {
+            return bad(&format!(
+                "value of {} is longer than 512 characters",
+                clip(k)
+            ));
         }
     }
     Ok(())
@@ -350,20 +357,6 @@ pub async fn create(
             .param("suffix"));
         }
     }
-    let cap = state.settings.max_active_jobs_per_owner;
-    if cap > 0 {
-        let n = state.store.count_active_jobs(who.owner_id()).await?;
-        if n as u64 >= cap {
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "This key already has {n} queued or running jobs, the most allowed \
-                     (--max-active-jobs-per-owner {cap}); wait for one to finish or cancel one."
-                ),
-            )
-            .code("too_many_active_jobs"));
-        }
-    }
     // A big SD pipeline on a CPU worker would take a day: such jobs wait for CUDA.
     let device_kind = (task == Task::TextToImage
         && info.parameters > state.settings.cpu_image_max_params)
@@ -382,8 +375,23 @@ pub async fn create(
         idempotency_key: idem.clone(),
         device_kind: device_kind.clone(),
     };
-    let job = match state.store.insert_job(&new).await {
+    let cap = state.settings.max_active_jobs_per_owner;
+    let job = match state.store.insert_job_within(&new, cap).await {
         Ok(j) => j,
+        Err(loraforge_store::Error::OverLimit { used }) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This key already has {used} queued or running jobs, the most allowed \
+                     (--max-active-jobs-per-owner {cap}); wait for one to finish or cancel one."
+                ),
+            )
+            .code("too_many_active_jobs"))
+        }
+        Err(loraforge_store::Error::Invalid(m)) => {
+            // A data file deleted while the job was being created.
+            return Err(bad_file("training_file", m));
+        }
         // A concurrent retry with the same key won the insert: answer with its job, whose
         // creation that request has already recorded.
         Err(e) => {
@@ -742,7 +750,7 @@ pub async fn events(
         // An id past this job's newest event (a typo, another job's id, a hostile
         // client) means "from now on", not "from a position that never comes".
         let newest = state.store.last_event_id(&id).await?;
-        return Ok(sse(state, id, asked.clamp(0, newest), newest)
+        return Ok(sse(state, id, asked.clamp(0, newest), newest, who.key_id)
             .await
             .into_response());
     }
@@ -767,9 +775,21 @@ pub async fn events(
     .into_response())
 }
 
+/// How often an open stream checks that the key that opened it is not revoked.
+const KEY_CHECK: Duration = Duration::from_secs(2);
+
 /// A job's event stream for a follower at `last`; the job's newest event was `newest`.
-async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl IntoResponse {
+/// A stream opened with a database key ends within [`KEY_CHECK`] of that key's revocation.
+async fn sse(
+    state: AppState,
+    job_id: String,
+    last: i64,
+    newest: i64,
+    key_id: Option<String>,
+) -> impl IntoResponse {
     struct S {
+        key_id: Option<String>,
+        key_checked: tokio::time::Instant,
         state: AppState,
         job_id: String,
         /// Held for the stream's life: the job's poller runs while anyone follows it.
@@ -780,6 +800,8 @@ async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl In
     }
     let feed = state.feeds.follow(&state, &job_id, newest);
     let init = S {
+        key_id,
+        key_checked: tokio::time::Instant::now(),
         rx: feed.subscribe(),
         _feed: feed,
         state,
@@ -792,6 +814,15 @@ async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl In
             return None;
         }
         loop {
+            if let Some(k) = &s.key_id {
+                if s.key_checked.elapsed() >= KEY_CHECK {
+                    s.key_checked = tokio::time::Instant::now();
+                    // A revoked key's stream ends (a database error keeps it open).
+                    if let Ok(false) = s.state.store.api_key_is_live(k).await {
+                        return None;
+                    }
+                }
+            }
             let snap = s.rx.borrow_and_update().clone();
             // From the feed's memory, or (a replay, or far behind) from the database.
             let batch = match snap.after(s.last) {
@@ -839,6 +870,7 @@ async fn sse(state: AppState, job_id: String, last: i64, newest: i64) -> impl In
                         return None;
                     }
                 }
+                _ = tokio::time::sleep(KEY_CHECK), if s.key_id.is_some() => {}
                 _ = s.state.shutdown.cancelled() => return None,
             }
         }

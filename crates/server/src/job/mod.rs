@@ -3,6 +3,7 @@
 
 pub mod artifacts;
 pub mod spec;
+pub mod workdir;
 
 pub use spec::{is_text_to_image, JobSpec, SpecError};
 

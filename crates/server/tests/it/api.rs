@@ -1075,3 +1075,183 @@ async fn huge_fields_are_capped_and_never_echoed() {
         );
     }
 }
+
+/// Hostile-client finding 6: a stalled upload does not hold a shutdown open (the drain
+/// is bounded, the upload's temp file goes with its connection), and a second signal
+/// ends the process at once.
+#[tokio::test]
+async fn a_stalled_upload_does_not_hold_up_shutdown() {
+    for second_signal in [false, true] {
+        let mut s = TestServer::start(Backend::Sqlite, &["--devices", "none"]).await;
+        let addr = s.base.trim_start_matches("http://").to_string();
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/files?filename=a.jsonl HTTP/1.1\r\nHost: {addr}\r\n\
+             Content-Type: application/jsonl\r\nContent-Length: 100000000\r\n\r\n"
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(b"{\"text\": \"a\"}\n").await.unwrap();
+        // The upload is under way: its temp file exists.
+        let tmp = s.data_dir().join("tmp");
+        let t0 = Instant::now();
+        while files_under(&tmp).is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no temp file appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = if second_signal {
+            let pid = s.pid().to_string();
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.terminate()
+        } else {
+            s.terminate()
+        };
+        if second_signal {
+            assert_eq!(status.code(), Some(130), "{status:?}");
+        } else {
+            assert!(status.success(), "{status:?}\n{}", s.logs());
+            assert!(
+                s.logs().contains("closing their connections"),
+                "{}",
+                s.logs()
+            );
+            let left = files_under(&tmp);
+            assert!(
+                left.is_empty(),
+                "the stalled upload's temp file stayed: {left:?}"
+            );
+        }
+        drop(sock);
+    }
+}
+
+/// Hostile-client finding 8: in the default open-loopback mode a web page can neither
+/// drive the API across sites (CSRF) nor read it through a rebound domain.
+#[tokio::test]
+async fn browsers_cannot_drive_an_open_loopback_server() {
+    let s = TestServer::start(Backend::Sqlite, &["--allowed-hosts", "lf.test"]).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let raw = |req: String| {
+        let addr = addr.clone();
+        async move {
+            let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            sock.write_all(req.as_bytes()).await.unwrap();
+            raw_status(&mut sock).await
+        }
+    };
+    // DNS rebinding: a page on evil.example, now resolving to 127.0.0.1, reads nothing.
+    let st = raw(format!(
+        "GET /v1/files HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert!(st.starts_with("HTTP/1.1 403"), "{st}");
+    for ok in [format!("localhost:{port}"), format!("lf.test:{port}")] {
+        let st = raw(format!(
+            "GET /v1/files HTTP/1.1\r\nHost: {ok}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(st.starts_with("HTTP/1.1 200"), "{ok}: {st}");
+    }
+    // CSRF: a cross-site form cannot create a job (text/plain body) or act on one.
+    let r = client()
+        .post(s.url("/v1/fine_tuning/jobs"))
+        .header("content-type", "text/plain")
+        .body(r#"{"model":"tiny-llama","training_file":"file-x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    for (path, origin) in [
+        ("/v1/fine_tuning/jobs/ftjob-x/cancel", "http://evil.example"),
+        ("/v1/files", "null"),
+    ] {
+        let r = client()
+            .post(s.url(path))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path} from {origin}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "cross_site_request", "{e}");
+    }
+    let r = client()
+        .get(s.url("/v1/files"))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The server's own pages (same origin) and plain clients (no Origin) are served.
+    let r = client()
+        .get(s.url("/v1/files"))
+        .header("origin", s.base.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Hostile-client finding 5: half-sent headers and stalled uploads hold nothing for long
+/// (here 1 s limits): the connection is closed, the upload's temp file removed.
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let s = TestServer::start(
+        Backend::Sqlite,
+        &[
+            "--header-timeout-seconds",
+            "1",
+            "--upload-idle-seconds",
+            "1",
+            "--devices",
+            "none",
+        ],
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Headers that never end: the server hangs up.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-a: ")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut total = 0;
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("a half-sent request kept its connection");
+    println!("half-sent headers: connection closed after {n} response bytes");
+    // An upload that stops sending: answered, and its temp file gone.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files?filename=a.jsonl HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/jsonl\r\nContent-Length: 100000000\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(b"{\"text\": \"a\"}\n").await.unwrap();
+    let status = raw_status(&mut sock).await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    let tmp = s.data_dir().join("tmp");
+    let t0 = Instant::now();
+    while !files_under(&tmp).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the stalled upload's temp file stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get_json(&s, "/healthz").await.0, 200);
+}

@@ -718,3 +718,70 @@ async fn secure_by_default_loopback_runs_open_with_a_warning_and_keys_close_it()
     let _ = child.wait();
     assert_eq!((status, keyed), (401, 200));
 }
+
+/// Hostile-client finding 16: revoking a key ends the event streams it opened within
+/// seconds (its jobs run on: an admin cancels them if they must stop).
+#[tokio::test]
+async fn revoking_a_key_ends_its_open_streams() {
+    use futures::StreamExt;
+    let s = TestServer::start(Backend::Sqlite, &[]).await;
+    copy_dir(
+        &root().join("tests/fixtures/tiny-llama"),
+        &s.models_dir().join("tiny-llama"),
+    );
+    let dave = s.create_key("dave", false);
+    let admin = s.create_key("ops", true);
+    wait_enforced(&s).await;
+    let file = upload(&s, Some(&dave), "d.jsonl").await;
+    let (st, _, job) = call(
+        &s,
+        Method::POST,
+        "/v1/fine_tuning/jobs",
+        Some(&dave),
+        Some(json!({"model": "tiny-llama", "training_file": file,
+                    "hyperparameters": {"max_steps": 100000, "batch_size": 2}})),
+    )
+    .await;
+    assert_eq!(st, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let r = reqwest::Client::new()
+        .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")))
+        .bearer_auth(&dave)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    assert!(body.next().await.is_some(), "the stream sent nothing");
+    let out = s.keys(&["revoke", &dave[..11]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = body.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked key's stream stayed open");
+    // The job itself runs on until someone with the right cancels it.
+    let (st, job) = get(&s, &format!("/v1/fine_tuning/jobs/{id}"), Some(&admin)).await;
+    assert_eq!(
+        (st, job["status"].as_str()),
+        (200, Some("running")),
+        "{job}"
+    );
+    let (st, _, _) = call(
+        &s,
+        Method::POST,
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+}

@@ -240,12 +240,36 @@ async fn job_trains_streams_and_serves_its_adapter() {
             errs.join("\n")
         );
 
-        // The adapter, as zip and as the bare tensor file, equals what the trainer wrote.
+        // The adapter, as zip and as the bare tensor file, equals what was published; the
+        // job's work folder (data copies, outputs, checkpoints) is gone with the job.
         let written = std::fs::read(
             s.data_dir()
-                .join(format!("jobs/{id}/out/adapter_model.safetensors")),
+                .join(format!("blobs/jobs/{id}/adapter_model.safetensors")),
         )
         .unwrap();
+        // (The worker removes it once it has finished with the job, just after the
+        // status changes.)
+        let t0 = Instant::now();
+        while s.data_dir().join(format!("jobs/{id}")).exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the ended job's folder stayed: {:?}",
+                common::files_under(&s.data_dir().join(format!("jobs/{id}")))
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Its training file, deleted, leaves no copy anywhere under the data directory.
+        let r = reqwest::Client::new()
+            .delete(s.url(&format!("/v1/files/{file}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let copies: Vec<String> = common::files_under(&s.data_dir())
+            .into_iter()
+            .filter(|f| f.contains(file.as_str()))
+            .collect();
+        assert!(copies.is_empty(), "copies of the deleted file: {copies:?}");
         let r = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
             .await
             .unwrap();
@@ -1018,7 +1042,7 @@ async fn job_creation_limits_and_headers() {
             (with("metadata", Value::Object(many)), "16 keys"),
             (with("metadata", json!({"k": "v".repeat(513)})), "512"),
             (with("metadata", json!({"k".repeat(65): "v"})), "64"),
-            (with("metadata", json!({"k": 1})), "a string"),
+            (with("metadata", json!({"k": [1]})), "a string"),
         ] {
             let (st, e) = post(bad, None).await;
             assert_eq!(st, 400, "{e}");

@@ -32,6 +32,13 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(token_sha256).fetch_optional(p).await?))
     }
 
+    /// Whether the key `id` exists and is not revoked.
+    pub async fn api_key_is_live(&self, id: &str) -> Result<bool> {
+        let sql = "SELECT COUNT(*) FROM api_keys WHERE id = $1 AND revoked_at IS NULL";
+        let n: i64 = on_pool!(self, p => sqlx::query_scalar(sql).bind(id).fetch_one(p).await?);
+        Ok(n > 0)
+    }
+
     /// Every key, revoked ones included, oldest first.
     pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>> {
         let sql = concat!(

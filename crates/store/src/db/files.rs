@@ -28,6 +28,56 @@ impl Store {
             .await?))
     }
 
+    /// Inserts a file unless its owner's files would then hold more than `max_bytes`
+    /// bytes (0: no cap): the sum and the insert are one transaction, under a lock that
+    /// concurrent uploads of the same owner wait for. [`Error::OverLimit`] carries the
+    /// bytes the owner stores.
+    pub async fn insert_file_within(&self, f: &NewFile, max_bytes: u64) -> Result<FileRecord> {
+        let pg = self.backend() == Backend::Postgres;
+        let sum = "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files \
+                   WHERE COALESCE(api_key_id, '') = $1";
+        let sql = concat!(
+            "INSERT INTO files (",
+            file_cols!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
+            file_cols!()
+        );
+        let owner = f.api_key_id.as_deref();
+        Ok(write_tx!(self, tx => {
+            if pg {
+                sqlx::query(PG_OWNER_LOCK)
+                    .bind(owner_lock_key(owner))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if max_bytes > 0 {
+                let used: i64 = sqlx::query_scalar(sum)
+                    .bind(owner.unwrap_or(""))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if used.max(0) as u64 + f.bytes.max(0) as u64 > max_bytes {
+                    return Err(Error::OverLimit { used });
+                }
+            }
+            sqlx::query_as(sql)
+                .bind(&f.id)
+                .bind(&f.purpose)
+                .bind(&f.filename)
+                .bind(f.bytes)
+                .bind(&f.sha256)
+                .bind(&f.storage_key)
+                .bind(&f.status)
+                .bind(&f.status_details)
+                .bind(&f.format)
+                .bind(f.examples)
+                .bind(&f.errors)
+                .bind(f.created_at)
+                .bind(&f.api_key_id)
+                .fetch_one(&mut *tx)
+                .await?
+        }))
+    }
+
     pub async fn get_file(&self, id: &str) -> Result<Option<FileRecord>> {
         self.get_file_of(id, None).await
     }

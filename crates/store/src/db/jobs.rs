@@ -28,6 +28,75 @@ impl Store {
         Ok(job)
     }
 
+    /// Inserts a job as one transaction with what must hold for it: its data files still
+    /// exist (a file being deleted at the same moment either sees the job or is gone
+    /// first), and its owner has fewer than `max_active` queued or running jobs (0: no
+    /// cap), counted under a lock that concurrent inserts of the same owner wait for.
+    /// [`Error::Invalid`] names a data file that is gone; [`Error::OverLimit`] says the
+    /// cap is reached.
+    pub async fn insert_job_within(&self, j: &NewJob, max_active: u64) -> Result<JobRecord> {
+        let pg = self.backend() == Backend::Postgres;
+        let lock_files = if pg {
+            "SELECT id FROM files WHERE id = $1 FOR SHARE"
+        } else {
+            "SELECT id FROM files WHERE id = $1"
+        };
+        let count = "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
+                     AND COALESCE(api_key_id, '') = $1";
+        let sql = format!(
+            "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \
+             spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at, \
+             device_kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, {now}, $9, $10, $11, $12) RETURNING {}",
+            job_cols!(),
+            now = self.now_ms(),
+        );
+        let owner = j.api_key_id.as_deref();
+        let job: JobRecord = write_tx!(self, tx => {
+            if pg {
+                sqlx::query(PG_OWNER_LOCK)
+                    .bind(owner_lock_key(owner))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for file in std::iter::once(&j.training_file).chain(j.validation_file.as_ref()) {
+                let found: Option<(String,)> = sqlx::query_as(lock_files)
+                    .bind(file)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_none() {
+                    return Err(Error::Invalid(format!("File {file} no longer exists.")));
+                }
+            }
+            if max_active > 0 {
+                let n: i64 = sqlx::query_scalar(count)
+                    .bind(owner.unwrap_or(""))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if n as u64 >= max_active {
+                    return Err(Error::OverLimit { used: n });
+                }
+            }
+            sqlx::query_as(&sql)
+                .bind(&j.id)
+                .bind(&j.api_key_id)
+                .bind(&j.model)
+                .bind(&j.training_file)
+                .bind(&j.validation_file)
+                .bind(&j.suffix)
+                .bind(&j.spec)
+                .bind(j.priority)
+                .bind(j.max_attempts)
+                .bind(&j.idempotency_key)
+                .bind(now_secs())
+                .bind(&j.device_kind)
+                .fetch_one(&mut *tx)
+                .await?
+        });
+        self.notify_jobs().await;
+        Ok(job)
+    }
+
     pub(crate) async fn insert_job_row(&self, j: &NewJob) -> Result<JobRecord> {
         let sql = format!(
             "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \

@@ -276,6 +276,15 @@ impl Store {
     }
 }
 
+/// On PostgreSQL, the statement that makes one owner's capped inserts (and their counts)
+/// take turns until the transaction ends; SQLite's IMMEDIATE transactions already do.
+pub(crate) const PG_OWNER_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
+
+/// The key [`PG_OWNER_LOCK`] locks for an owner (`None`: the keyless owner).
+pub(crate) fn owner_lock_key(owner: Option<&str>) -> String {
+    format!("loraforge-owner:{}", owner.unwrap_or(""))
+}
+
 pub(crate) fn lease_lost(lease: &Lease) -> Error {
     Error::LeaseLost {
         job_id: lease.job_id.clone(),

@@ -180,6 +180,7 @@ impl TrainArgs {
             snr_gamma: self.snr_gamma,
             noise_offset: self.noise_offset,
             prediction_type: self.prediction_type.clone(),
+            keep_checkpoints: crate::job::spec::DEFAULT_KEEP_CHECKPOINTS,
             request_sha256: None,
         };
         let mut s = train_spec(

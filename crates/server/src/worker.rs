@@ -382,7 +382,10 @@ impl Run<'_> {
                 upload_checkpoint(self.state, &self.job, *step, dir, &c.storage_key).await?;
                 let store = &self.state.store;
                 match patient(self.patience, || store.record_checkpoint(self.lease, &c)).await {
-                    Ok(()) => Ok(Fed::Ok),
+                    Ok(()) => {
+                        prune_checkpoints(self.state, &self.job).await;
+                        Ok(Fed::Ok)
+                    }
                     Err(e) if e.is_lease_lost() => Ok(Fed::LeaseLost),
                     Err(e) => Err(e.into()),
                 }
@@ -782,6 +785,53 @@ async fn upload_checkpoint(
     let zip = tokio::task::spawn_blocking(move || adapter_zip(&dir2, &card)).await??;
     put_blob(state, &checkpoint_adapter_key(key, "zip"), &zip).await?;
     Ok(())
+}
+
+/// Keeps a job's newest `keep_checkpoints` checkpoints and the one with the best
+/// validation loss, and removes the others (blobs first, then the row, so that a row
+/// always names a whole checkpoint). Best effort: a failure leaves a checkpoint more.
+async fn prune_checkpoints(state: &AppState, job: &loraforge_store::JobRecord) {
+    let keep = serde_json::from_str::<JobSpec>(&job.spec)
+        .map(|s| s.keep_checkpoints)
+        .unwrap_or(crate::job::spec::DEFAULT_KEEP_CHECKPOINTS) as usize;
+    let Ok(all) = state.store.list_checkpoints(&job.id).await else {
+        return;
+    };
+    if all.len() <= keep {
+        return;
+    }
+    let loss = |c: &loraforge_store::CheckpointRecord| {
+        c.metrics
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+            .and_then(|m| m.get("valid_loss").and_then(|v| v.as_f64()))
+    };
+    let best = all
+        .iter()
+        .filter_map(|c| loss(c).map(|l| (l, &c.id)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, id)| id.clone());
+    // Newest first: the first `keep` stay.
+    for c in all.iter().skip(keep) {
+        if Some(&c.id) == best.as_ref() {
+            continue;
+        }
+        let names = CHECKPOINT_FILES
+            .into_iter()
+            .chain(extra_files())
+            .map(|n| format!("{}/{n}", c.storage_key))
+            .chain([checkpoint_adapter_key(&c.storage_key, "zip")]);
+        for key in names {
+            if let Err(e) = state.blobs.delete(&key).await {
+                tracing::warn!(%key, error = %e, "could not remove a pruned checkpoint's file");
+                return;
+            }
+        }
+        if let Err(e) = state.store.delete_checkpoint(&c.id).await {
+            tracing::warn!(checkpoint = %c.id, error = %e, "could not remove a pruned checkpoint");
+            return;
+        }
+    }
 }
 
 /// Copies a checkpoint from the blob store into `local` (unless it is already there),

@@ -462,6 +462,7 @@ pub fn job_object(j: &JobRecord) -> Value {
             "train_on_inputs": s.train_on_inputs,
             "eval_interval": s.eval_interval,
             "checkpoint_interval": s.checkpoint_interval,
+            "keep_checkpoints": s.keep_checkpoints,
         });
         if s.task == Task::TextToImage {
             h["resolution"] = json!(s.resolution);

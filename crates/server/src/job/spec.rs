@@ -64,10 +64,20 @@ pub struct JobSpec {
     /// Text-to-image: overrides the scheduler's prediction type.
     #[serde(default)]
     pub prediction_type: Option<String>,
+    /// Checkpoints kept: the newest this many, plus the one with the best validation loss.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: u64,
     /// The sha256 of the creating request's JSON, kept when it came with an
     /// `Idempotency-Key`, so that a retry can be told from a different request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_sha256: Option<String>,
+}
+
+/// Checkpoints a job keeps by default (OpenAI keeps its last three).
+pub const DEFAULT_KEEP_CHECKPOINTS: u64 = 3;
+
+fn default_keep_checkpoints() -> u64 {
+    DEFAULT_KEEP_CHECKPOINTS
 }
 
 /// Base learning rate that `learning_rate_multiplier` scales (PEFT's usual LoRA rate).
@@ -118,7 +128,7 @@ fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> Result<bool, Spec
 /// Hyperparameters of text-to-image jobs only.
 const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
 
-const KNOWN_HP: [&str; 23] = [
+const KNOWN_HP: [&str; 24] = [
     "resolution",
     "snr_gamma",
     "noise_offset",
@@ -142,6 +152,7 @@ const KNOWN_HP: [&str; 23] = [
     "train_on_inputs",
     "eval_interval",
     "checkpoint_interval",
+    "keep_checkpoints",
 ];
 
 /// Keys that OpenAI's API gives a meaning we do not implement yet: refused by name rather
@@ -279,6 +290,7 @@ pub fn parse_spec(
         },
         noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
         prediction_type,
+        keep_checkpoints: hp_num(hp, "keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS, 1, 1000)?,
         request_sha256: None,
     })
 }

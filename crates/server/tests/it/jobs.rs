@@ -611,7 +611,7 @@ async fn pause_then_resume_gives_the_uninterrupted_adapter() {
         let file = upload_chat(&s).await;
         let hp = json!({"max_steps": 100000, "batch_size": 2, "lora_r": 4, "lora_dropout": 0.1,
                         "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.0001,
-                        "checkpoint_interval": 10});
+                        "checkpoint_interval": 10, "keep_checkpoints": 1000});
         let post = |path: String| {
             let url = s.url(&path);
             async move {
@@ -1081,5 +1081,42 @@ async fn job_creation_limits_and_headers() {
         assert!(rid != "forged-id" && !rid.is_empty(), "{rid}");
         assert_eq!(h["x-content-type-options"], "nosniff");
         assert_eq!(h["cache-control"], "no-store");
+    }
+}
+
+/// Hostile-client finding 12: checkpoints are pruned to the newest
+/// `keep_checkpoints` (plus the best by validation loss), their files with them.
+#[tokio::test]
+async fn old_checkpoints_are_pruned() {
+    for backend in backends() {
+        let s = server(backend, &[]).await;
+        let file = upload_chat(&s).await;
+        let job = create_job(
+            &s,
+            &file,
+            json!({"max_steps": 12, "batch_size": 2, "checkpoint_interval": 2, "keep_checkpoints": 2}),
+        )
+        .await;
+        assert_eq!(job["hyperparameters"]["keep_checkpoints"], 2, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        wait_status(&s, &id, &["succeeded"], Duration::from_secs(120)).await;
+        let c = get(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
+        let steps: Vec<i64> = c["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["step_number"].as_i64().unwrap())
+            .collect();
+        assert_eq!(steps, vec![10, 8], "{backend:?}: {c}");
+        let stored: Vec<String> = common::files_under(&s.data_dir().join("blobs"))
+            .into_iter()
+            .filter(|f| f.contains("/checkpoints/"))
+            .collect();
+        assert!(
+            stored
+                .iter()
+                .all(|f| f.contains("step-10/") || f.contains("step-8/")),
+            "{backend:?}: pruned checkpoints left files: {stored:?}"
+        );
     }
 }

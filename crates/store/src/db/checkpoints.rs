@@ -64,6 +64,16 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(job_id).fetch_all(p).await?))
     }
 
+    /// Removes a checkpoint's row (its blobs are the caller's to remove first).
+    pub async fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        on_pool!(self, p => sqlx::query("DELETE FROM checkpoints WHERE id = $1")
+            .bind(id)
+            .execute(p)
+            .await
+            .map(drop)?);
+        Ok(())
+    }
+
     // ---- api keys ----------------------------------------------------------
     //
     // Only a token's sha256 (hex) and a short display prefix are stored; lookups are by

@@ -1049,6 +1049,20 @@ async fn job_creation_limits_and_headers() {
             assert_eq!(e["error"]["param"], "metadata", "{e}");
             assert!(e["error"]["message"].as_str().unwrap().contains(why), "{e}");
         }
+        // A target module the model does not have is refused now, naming what it has.
+        let mut typo = base.clone();
+        typo["hyperparameters"]["lora_target_modules"] = json!(["q_proj", "qproj"]);
+        let (st, e) = post(typo, None).await;
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(
+            e["error"]["param"], "hyperparameters.lora_target_modules",
+            "{e}"
+        );
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("\"qproj\"") && m.contains("q_proj, up_proj, v_proj"),
+            "{m}"
+        );
         let (st, e) = post(with("suffix", json!("ckpt-step-5")), None).await;
         assert_eq!(
             (st, e["error"]["param"].as_str()),

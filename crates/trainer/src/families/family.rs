@@ -100,3 +100,37 @@ pub struct Refusal {
     pub field: Field,
     pub message: String,
 }
+
+/// Checks a job's `lora_target_modules` (as stored: `all-linear` or comma-separated
+/// names) against the module paths of its model, by PEFT's rule (a name matches a path
+/// that is it or ends in `.name`): every name must match one, so that a typo is refused
+/// at creation, naming what the model has, rather than in a worker.
+pub(crate) fn check_targets(job: &JobCheck, paths: &[String]) -> std::result::Result<(), Refusal> {
+    let Some(targets) = job.spec.get("lora_target_modules").and_then(|t| t.as_str()) else {
+        return Ok(());
+    };
+    let Ok(Targets::Names(names)) = Targets::parse(targets) else {
+        return Ok(());
+    };
+    for name in &names {
+        let one = Targets::Names(vec![name.clone()]);
+        if !paths.iter().any(|p| one.matches(p, false)) {
+            let mut leaves: Vec<&str> = paths
+                .iter()
+                .map(|p| p.rsplit('.').next().unwrap_or(p))
+                .collect();
+            leaves.sort();
+            leaves.dedup();
+            let shown: String = name.chars().take(64).collect();
+            return Err(Refusal {
+                field: Field::Hyperparameter("lora_target_modules"),
+                message: format!(
+                    "hyperparameters.lora_target_modules: {shown:?} is no module of {}; its linear modules are {}",
+                    job.model_id,
+                    leaves.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
+}

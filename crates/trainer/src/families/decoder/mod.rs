@@ -9,7 +9,7 @@ pub mod model;
 pub mod objective;
 pub mod tokenize;
 
-use super::family::Family;
+use super::family::{check_targets, Family, JobCheck, Refusal};
 use crate::data::DataFormat;
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
@@ -44,6 +44,9 @@ impl Family for DecoderFamily {
     fn architectures(&self) -> &'static [&'static str] {
         &ARCHITECTURES
     }
+    fn check_job(&self, job: &JobCheck) -> std::result::Result<(), Refusal> {
+        check_targets(job, &module_paths(job.model))
+    }
     fn data_formats(&self) -> &'static [DataFormat] {
         &[
             DataFormat::Chat,
@@ -68,4 +71,33 @@ impl Family for DecoderFamily {
         let obj = objective::CausalLm::load(spec)?;
         train::run(obj, spec, resume.map(Path::to_path_buf), cancel, on_event)
     }
+}
+
+/// The paths of a model folder's linear modules, from its `config.json` (none for a
+/// GGUF file or a config that cannot be read: then nothing is checked here).
+fn module_paths(model: &Path) -> Vec<String> {
+    let Ok(v) = crate::io::read_json::<serde_json::Value>(&model.join("config.json")) else {
+        return Vec::new();
+    };
+    let Ok(cfg) = config::DecoderConfig::from_hf_json(&v) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+        ] {
+            out.push(format!("model.layers.{i}.{m}"));
+        }
+        for m in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+            out.push(format!("model.layers.{i}.{m}"));
+        }
+    }
+    if !cfg.tie_word_embeddings {
+        out.push("lm_head".into());
+    }
+    out
 }

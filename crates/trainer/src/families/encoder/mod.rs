@@ -7,7 +7,7 @@ pub mod model;
 pub mod objective;
 pub mod tokenize;
 
-use super::family::{Family, Field, JobCheck, Refusal};
+use super::family::{check_targets, Family, Field, JobCheck, Refusal};
 use crate::data::DataFormat;
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
@@ -51,6 +51,7 @@ impl Family for EncoderFamily {
     /// The label set must hold up: at least two classes in training, no validation
     /// label that training lacks.
     fn check_job(&self, job: &JobCheck) -> std::result::Result<(), Refusal> {
+        check_targets(job, &module_paths(job.model))?;
         let Some(train) = job.training else {
             return Ok(());
         };
@@ -100,4 +101,33 @@ impl Family for EncoderFamily {
         let obj = objective::SeqCls::load(spec, from)?;
         train::run(obj, spec, resume.map(Path::to_path_buf), cancel, on_event)
     }
+}
+
+/// The paths of an encoder folder's linear modules (the ones LoRA can go on), from its
+/// `config.json`; none when it cannot be read (then nothing is checked here).
+fn module_paths(model: &Path) -> Vec<String> {
+    let Ok(v) = crate::io::read_json::<serde_json::Value>(&model.join("config.json")) else {
+        return Vec::new();
+    };
+    let Ok(cfg) = model::EncoderConfig::from_hf_json(&v) else {
+        return Vec::new();
+    };
+    let p = cfg.kind.prefix();
+    let mut out = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        for m in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ] {
+            out.push(format!("{p}.encoder.layer.{i}.{m}"));
+        }
+    }
+    if cfg.kind == model::EncoderKind::Bert {
+        out.push(format!("{p}.pooler.dense"));
+    }
+    out
 }

@@ -350,7 +350,7 @@ impl Run<'_> {
                 self.event("info", "metrics", msg, Some(data)).await
             }
             TrainEvent::Checkpoint { step, dir } => {
-                let c = CheckpointRecord {
+                let mut c = CheckpointRecord {
                     id: format!("ftckpt-{}", uuid::Uuid::new_v4().simple()),
                     job_id: self.job_id.clone(),
                     attempt: self.lease.attempt,
@@ -365,6 +365,7 @@ impl Run<'_> {
                         .to_string(),
                     ),
                     created_at: loraforge_store::now_secs(),
+                    bytes: 0,
                 };
                 if let Fed::LeaseLost = self
                     .event(
@@ -379,7 +380,8 @@ impl Run<'_> {
                 }
                 // Into the blob store before the row: a row always names a whole checkpoint,
                 // which any worker (on any machine) can resume from.
-                upload_checkpoint(self.state, &self.job, *step, dir, &c.storage_key).await?;
+                c.bytes =
+                    upload_checkpoint(self.state, &self.job, *step, dir, &c.storage_key).await?;
                 let store = &self.state.store;
                 match patient(self.patience, || store.record_checkpoint(self.lease, &c)).await {
                     Ok(()) => {
@@ -764,12 +766,14 @@ async fn upload_checkpoint(
     step: u64,
     dir: &Path,
     key: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<i64> {
+    let mut stored = 0i64;
     for name in CHECKPOINT_FILES {
         let bytes = tokio::fs::read(dir.join(name))
             .await
             .with_context(|| format!("reading checkpoint file {name}"))?;
         put_blob(state, &format!("{key}/{name}"), &bytes).await?;
+        stored += bytes.len() as i64;
     }
     // Not needed to resume (the label set is rediscovered from the same data, the kohya
     // file rewritten from the adapter), but a downloaded classification checkpoint is
@@ -777,6 +781,7 @@ async fn upload_checkpoint(
     for extra in extra_files() {
         if let Ok(bytes) = tokio::fs::read(dir.join(extra)).await {
             put_blob(state, &format!("{key}/{extra}"), &bytes).await?;
+            stored += bytes.len() as i64;
         }
     }
     // The checkpoint's zip, built as the final adapter's is, so that its download is a
@@ -784,7 +789,7 @@ async fn upload_checkpoint(
     let (dir2, card) = (dir.to_path_buf(), model_card(job, Some(step)));
     let zip = tokio::task::spawn_blocking(move || adapter_zip(&dir2, &card)).await??;
     put_blob(state, &checkpoint_adapter_key(key, "zip"), &zip).await?;
-    Ok(())
+    Ok(stored + zip.len() as i64)
 }
 
 /// Keeps a job's newest `keep_checkpoints` checkpoints and the one with the best

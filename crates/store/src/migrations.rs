@@ -28,6 +28,11 @@ const SQLITE: Embedded = &[
         "api key owners",
         include_str!("../../../migrations/sqlite/0004_api_key_owners.sql"),
     ),
+    (
+        5,
+        "checkpoint bytes",
+        include_str!("../../../migrations/sqlite/0005_checkpoint_bytes.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -50,6 +55,11 @@ const POSTGRES: Embedded = &[
         4,
         "api key owners",
         include_str!("../../../migrations/postgres/0004_api_key_owners.sql"),
+    ),
+    (
+        5,
+        "checkpoint bytes",
+        include_str!("../../../migrations/postgres/0005_checkpoint_bytes.sql"),
     ),
 ];
 

@@ -255,6 +255,8 @@ pub struct CheckpointRecord {
     pub storage_key: String,
     pub metrics: Option<String>,
     pub created_at: i64,
+    /// Bytes it keeps in the blob store (0 when saved before this was recorded).
+    pub bytes: i64,
 }
 
 /// An API key (`api_keys`): only the token's hash and a display prefix are stored.

@@ -263,6 +263,7 @@ async fn checkpoints_and_api_keys() {
                 step,
                 storage_key: format!("jobs/ftjob-c/1/ckpt-{step}"),
                 metrics: None,
+                bytes: 0,
                 created_at: now_secs(),
             })
             .await
@@ -1076,5 +1077,43 @@ async fn creating_a_job_and_deleting_its_file_never_both_succeed() {
                 other => panic!("{:?}: round {i}: {other:?}", s.backend()),
             }
         }
+    }
+}
+
+/// Hostile-client finding 9: an owner's storage counts its jobs' checkpoints too.
+#[tokio::test]
+async fn stored_bytes_count_checkpoints() {
+    for db in backends().await {
+        let s = &db.store;
+        s.insert_api_key(&api_key("key-z", false)).await.unwrap();
+        let mut f = file("file-z", "fine-tune");
+        f.api_key_id = Some("key-z".into());
+        f.bytes = 40;
+        s.insert_file(&f).await.unwrap();
+        let mut j = job("ftjob-z", "file-z");
+        j.api_key_id = Some("key-z".into());
+        s.insert_job(&j).await.unwrap();
+        s.insert_checkpoint(&CheckpointRecord {
+            id: "ftckpt-z".into(),
+            job_id: "ftjob-z".into(),
+            attempt: 1,
+            step: 5,
+            storage_key: "jobs/ftjob-z/checkpoints/attempt-1/step-5".into(),
+            metrics: None,
+            created_at: now_secs(),
+            bytes: 100,
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.stored_bytes(Some("key-z")).await.unwrap(), 140);
+        assert_eq!(s.stored_bytes(None).await.unwrap(), 0);
+        let mut more = file("file-z2", "fine-tune");
+        more.api_key_id = Some("key-z".into());
+        more.bytes = 20;
+        assert!(matches!(
+            s.insert_file_within(&more, 150).await,
+            Err(Error::OverLimit { used: 140 })
+        ));
+        s.insert_file_within(&more, 160).await.unwrap();
     }
 }

@@ -7,8 +7,8 @@ impl Store {
     /// [`Store::record_checkpoint`]).
     pub async fn insert_checkpoint(&self, c: &CheckpointRecord) -> Result<()> {
         on_pool!(self, p => sqlx::query(
-            "INSERT INTO checkpoints (id, job_id, attempt, step, storage_key, metrics, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            "INSERT INTO checkpoints (id, job_id, attempt, step, storage_key, metrics, created_at, bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         )
         .bind(&c.id)
         .bind(&c.job_id)
@@ -17,6 +17,7 @@ impl Store {
         .bind(&c.storage_key)
         .bind(&c.metrics)
         .bind(c.created_at)
+        .bind(c.bytes)
         .execute(p)
         .await
         .map(drop)?);
@@ -40,8 +41,8 @@ impl Store {
                 return Err(lease_lost(lease));
             }
             sqlx::query(
-                "INSERT INTO checkpoints (id, job_id, attempt, step, storage_key, metrics, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO checkpoints (id, job_id, attempt, step, storage_key, metrics, created_at, bytes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&c.id)
             .bind(&c.job_id)
@@ -50,6 +51,7 @@ impl Store {
             .bind(&c.storage_key)
             .bind(&c.metrics)
             .bind(c.created_at)
+            .bind(c.bytes)
             .execute(&mut *tx)
             .await
             .map(drop)?
@@ -59,7 +61,7 @@ impl Store {
 
     /// A job's checkpoints, newest step first.
     pub async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRecord>> {
-        let sql = "SELECT id, job_id, attempt, step, storage_key, metrics, created_at \
+        let sql = "SELECT id, job_id, attempt, step, storage_key, metrics, created_at, bytes \
                    FROM checkpoints WHERE job_id = $1 ORDER BY step DESC";
         Ok(on_pool!(self, p => sqlx::query_as(sql).bind(job_id).fetch_all(p).await?))
     }

@@ -2,6 +2,13 @@
 
 use super::*;
 
+/// What an owner (`$1`, '' for the keyless owner) keeps: its files (uploads and result
+/// files) and its jobs' checkpoints.
+const STORED_BYTES: &str = "SELECT CAST(\
+      COALESCE((SELECT SUM(bytes) FROM files WHERE COALESCE(api_key_id, '') = $1), 0) \
+    + COALESCE((SELECT SUM(c.bytes) FROM checkpoints c JOIN jobs j ON j.id = c.job_id \
+                WHERE COALESCE(j.api_key_id, '') = $1), 0) AS BIGINT)";
+
 impl Store {
     pub async fn insert_file(&self, f: &NewFile) -> Result<FileRecord> {
         let sql = concat!(
@@ -34,8 +41,7 @@ impl Store {
     /// bytes the owner stores.
     pub async fn insert_file_within(&self, f: &NewFile, max_bytes: u64) -> Result<FileRecord> {
         let pg = self.backend() == Backend::Postgres;
-        let sum = "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files \
-                   WHERE COALESCE(api_key_id, '') = $1";
+        let sum = STORED_BYTES;
         let sql = concat!(
             "INSERT INTO files (",
             file_cols!(),
@@ -91,21 +97,12 @@ impl Store {
 
     /// Bytes of the files one owner stores (`None`: the rows made without a key).
     pub async fn stored_bytes(&self, owner: Option<&str>) -> Result<i64> {
-        let sql = match owner {
-            None => {
-                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE api_key_id IS NULL"
-            }
-            Some(_) => {
-                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE api_key_id = $1"
-            }
-        };
-        Ok(on_pool!(self, p => {
-            let mut q = sqlx::query_scalar::<_, i64>(sql);
-            if let Some(o) = owner {
-                q = q.bind(o);
-            }
-            q.fetch_one(p).await?
-        }))
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar::<_, i64>(STORED_BYTES)
+            .bind(owner.unwrap_or(""))
+            .fetch_one(p)
+            .await?),
+        )
     }
 
     /// A page of files, newest first by default. `after` must name an existing file

@@ -106,6 +106,10 @@ pub struct Refusal {
 /// that is it or ends in `.name`): every name must match one, so that a typo is refused
 /// at creation, naming what the model has, rather than in a worker.
 pub(crate) fn check_targets(job: &JobCheck, paths: &[String]) -> std::result::Result<(), Refusal> {
+    // No list of modules (a GGUF base, an unreadable config): the worker checks.
+    if paths.is_empty() {
+        return Ok(());
+    }
     let Some(targets) = job.spec.get("lora_target_modules").and_then(|t| t.as_str()) else {
         return Ok(());
     };

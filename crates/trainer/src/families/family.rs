@@ -138,3 +138,40 @@ pub(crate) fn check_targets(job: &JobCheck, paths: &[String]) -> std::result::Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_names_are_checked_by_peft_rule_when_the_modules_are_known() {
+        let spec = serde_json::json!({"lora_target_modules": "q_proj,self_attn.v_proj"});
+        let job = |spec| JobCheck {
+            model_id: "m",
+            model: Path::new("m"),
+            spec,
+            training: None,
+            validation: None,
+            has_validation: false,
+        };
+        let paths: Vec<String> = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert!(check_targets(&job(&spec), &paths).is_ok());
+        let typo = serde_json::json!({"lora_target_modules": "q_proj,qproj"});
+        let e = check_targets(&job(&typo), &paths).unwrap_err();
+        assert_eq!(e.field, Field::Hyperparameter("lora_target_modules"));
+        assert!(
+            e.message.contains("\"qproj\"") && e.message.contains("q_proj, v_proj"),
+            "{e}"
+        );
+        // Unknown modules (a GGUF base): nothing to check against here.
+        assert!(check_targets(&job(&typo), &[]).is_ok());
+        let all = serde_json::json!({"lora_target_modules": "all-linear"});
+        assert!(check_targets(&job(&all), &paths).is_ok());
+    }
+}

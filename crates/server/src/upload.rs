@@ -187,6 +187,26 @@ impl LineTracker {
 const LINGER_BYTES: u64 = 64 << 20;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Reads and discards what is left of a multipart body, within [`LINGER_BYTES`] and
+/// [`LINGER_TIME`], so that an early answer reaches a client that is still sending.
+pub async fn linger(multipart: &mut axum::extract::Multipart) {
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut discarded = 0u64;
+    while discarded < LINGER_BYTES {
+        let Ok(Ok(Some(mut field))) =
+            tokio::time::timeout_at(deadline, multipart.next_field()).await
+        else {
+            return;
+        };
+        while discarded < LINGER_BYTES {
+            match tokio::time::timeout_at(deadline, field.chunk()).await {
+                Ok(Ok(Some(c))) => discarded += c.len() as u64,
+                _ => break,
+            }
+        }
+    }
+}
+
 /// A request body cut off at `cap` bytes: past it, `over` is set and the stream ends with
 /// a `TooLarge` error. Closing the connection on a client that is still sending would
 /// hand it a reset instead of the 413, so the rest of the body is first read and

@@ -235,6 +235,10 @@ async fn create_multipart(
                         }
                     })?;
                     if bytes.len() + chunk.len() > MAX_FIELD_BYTES {
+                        // Read the rest away (bounded) before answering: closing on a
+                        // client that is still sending hands it a reset, not the 400.
+                        drop(field);
+                        upload::linger(&mut multipart).await;
                         return Err(ApiError::bad_request(format!(
                             "The `purpose` field is longer than {MAX_FIELD_BYTES} bytes."
                         ))

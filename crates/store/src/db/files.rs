@@ -11,28 +11,7 @@ const STORED_BYTES: &str = "SELECT CAST(\
 
 impl Store {
     pub async fn insert_file(&self, f: &NewFile) -> Result<FileRecord> {
-        let sql = concat!(
-            "INSERT INTO files (",
-            file_cols!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
-            file_cols!()
-        );
-        Ok(on_pool!(self, p => sqlx::query_as(sql)
-            .bind(&f.id)
-            .bind(&f.purpose)
-            .bind(&f.filename)
-            .bind(f.bytes)
-            .bind(&f.sha256)
-            .bind(&f.storage_key)
-            .bind(&f.status)
-            .bind(&f.status_details)
-            .bind(&f.format)
-            .bind(f.examples)
-            .bind(&f.errors)
-            .bind(f.created_at)
-            .bind(&f.api_key_id)
-            .fetch_one(p)
-            .await?))
+        self.insert_file_within(f, 0).await
     }
 
     /// Inserts a file unless its owner's files would then hold more than `max_bytes`

@@ -133,6 +133,9 @@ pub struct Auth {
     static_key: Option<[u8; 32]>,
     /// Whether `/v1` requests need a key. Only ever goes from false to true.
     enforcing: AtomicBool,
+    /// Keys' liveness as last read, and when: open streams ask every few seconds, and a
+    /// thousand streams of one key should cost one query, not a thousand.
+    liveness: std::sync::Mutex<std::collections::HashMap<String, (tokio::time::Instant, bool)>>,
 }
 
 impl Auth {
@@ -142,6 +145,7 @@ impl Auth {
         Ok(Auth {
             static_key: static_key.map(|k| Sha256::digest(k.as_bytes()).into()),
             enforcing: AtomicBool::new(enforcing),
+            liveness: Default::default(),
         })
     }
 
@@ -150,7 +154,25 @@ impl Auth {
         Auth {
             static_key: None,
             enforcing: AtomicBool::new(false),
+            liveness: Default::default(),
         }
+    }
+
+    /// Whether the database key `id` is still live (not revoked), as read at most `age`
+    /// ago. A database error answers `true`: a stream is not cut for an outage.
+    pub async fn key_is_live(&self, store: &Store, id: &str, age: std::time::Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        if let Some((at, live)) = self.liveness.lock().expect("liveness lock").get(id) {
+            if now.duration_since(*at) < age {
+                return *live;
+            }
+        }
+        let live = store.api_key_is_live(id).await.unwrap_or(true);
+        let mut seen = self.liveness.lock().expect("liveness lock");
+        // Keys come and go; the map holds those asked about recently.
+        seen.retain(|_, (at, _)| now.duration_since(*at) < age * 10);
+        seen.insert(id.to_string(), (now, live));
+        live
     }
 
     pub fn enforcing(&self) -> bool {

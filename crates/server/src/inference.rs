@@ -8,7 +8,6 @@
 use crate::app::AppState;
 use crate::job::artifacts::{adapter_key, fine_tuned_name};
 use crate::job::shown_status;
-use futures::StreamExt;
 use loraforge_store::JobStatus;
 use loraforge_trainer::device::Device;
 use loraforge_trainer::families::decoder::loader::{self, BaseModel};
@@ -283,11 +282,7 @@ pub async fn adapter_dir(
             if dir.join("adapter_model.safetensors").is_file() {
                 return Ok(Some(dir));
             }
-            let (_, mut stream) = state.blobs.get(&adapter_key(job, "zip")).await?;
-            let mut zip = Vec::new();
-            while let Some(chunk) = stream.next().await {
-                zip.extend_from_slice(&chunk?);
-            }
+            let zip = state.blobs.read(&adapter_key(job, "zip")).await?;
             let tmp = engine.cache_dir.join(format!(".{job}.tmp"));
             let dir2 = dir.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

@@ -8,7 +8,6 @@ use loraforge_trainer::data::ClassInput;
 use loraforge_trainer::device::Device;
 use loraforge_trainer::families::decoder::generate::{generate_text, GenerateOptions};
 use loraforge_trainer::families::for_task;
-use loraforge_trainer::lora::Targets;
 use loraforge_trainer::train::{Task, TrainEvent, TrainSpec};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -158,10 +157,7 @@ impl TrainArgs {
             lora_dropout: self.dropout,
             lora_target_modules: match &self.target_modules {
                 Some(t) => t.clone(),
-                None => match for_task(task).default_targets() {
-                    Targets::Names(n) => n.join(","),
-                    Targets::AllLinear => "all-linear".into(),
-                },
+                None => for_task(task).default_targets().to_list(),
             },
             use_rslora: self.use_rslora,
             lr_scheduler: self.scheduler.clone(),

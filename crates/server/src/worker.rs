@@ -20,7 +20,6 @@ use loraforge_store::{CheckpointRecord, ClaimedJob, FileRecord, JobOutcome, Leas
 use loraforge_trainer::families::diffusion::objective::KOHYA_FILE;
 use loraforge_trainer::train::{TrainEvent, TrainSpec};
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -655,15 +654,6 @@ async fn finish_cancelled(run: &Run<'_>, lease: &Lease) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn put_blob(state: &AppState, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    let up = state.blobs.new_upload()?;
-    let mut f = up.handle()?;
-    f.write_all(bytes)?;
-    f.flush()?;
-    state.blobs.commit(up, key).await?;
-    Ok(())
-}
-
 /// Stores the adapter (zip and bare safetensors) and the metrics CSV, registers the zip
 /// and the CSV as result files, and returns the job's `result` JSON.
 async fn publish(
@@ -680,15 +670,21 @@ async fn publish(
         ))
     })
     .await??;
-    put_blob(state, &adapter_key(&job.id, "zip"), &zip).await?;
-    put_blob(state, &adapter_key(&job.id, "safetensors"), &st).await?;
+    state.blobs.put(&adapter_key(&job.id, "zip"), &zip).await?;
+    state
+        .blobs
+        .put(&adapter_key(&job.id, "safetensors"), &st)
+        .await?;
     // Text-to-image runs also write the adapter in kohya's format, the one SD UIs load;
     // such a job without it has not produced what it promises.
     let kohya = if is_text_to_image(job) {
         let bytes = tokio::fs::read(dir.join(KOHYA_FILE))
             .await
             .context("the text-to-image run wrote no kohya file")?;
-        put_blob(state, &adapter_key(&job.id, "kohya"), &bytes).await?;
+        state
+            .blobs
+            .put(&adapter_key(&job.id, "kohya"), &bytes)
+            .await?;
         Some(sha256_hex(&bytes))
     } else {
         None
@@ -732,7 +728,7 @@ async fn publish(
     ] {
         let id = format!("file-{}", uuid::Uuid::new_v4().simple());
         let key = format!("files/{id}");
-        put_blob(state, &key, &bytes).await?;
+        state.blobs.put(&key, &bytes).await?;
         let rec = FileRecord {
             id,
             purpose: "fine-tune-results".into(),
@@ -772,7 +768,7 @@ async fn upload_checkpoint(
         let bytes = tokio::fs::read(dir.join(name))
             .await
             .with_context(|| format!("reading checkpoint file {name}"))?;
-        put_blob(state, &format!("{key}/{name}"), &bytes).await?;
+        state.blobs.put(&format!("{key}/{name}"), &bytes).await?;
         stored += bytes.len() as i64;
     }
     // Not needed to resume (the label set is rediscovered from the same data, the kohya
@@ -780,7 +776,7 @@ async fn upload_checkpoint(
     // usable only with its labels, and an SD one in the UIs only as a kohya file.
     for extra in extra_files() {
         if let Ok(bytes) = tokio::fs::read(dir.join(extra)).await {
-            put_blob(state, &format!("{key}/{extra}"), &bytes).await?;
+            state.blobs.put(&format!("{key}/{extra}"), &bytes).await?;
             stored += bytes.len() as i64;
         }
     }
@@ -788,7 +784,10 @@ async fn upload_checkpoint(
     // stored blob streamed like the final adapter (Range, ETag) and carries the same files.
     let (dir2, card) = (dir.to_path_buf(), model_card(job, Some(step)));
     let zip = tokio::task::spawn_blocking(move || adapter_zip(&dir2, &card)).await??;
-    put_blob(state, &checkpoint_adapter_key(key, "zip"), &zip).await?;
+    state
+        .blobs
+        .put(&checkpoint_adapter_key(key, "zip"), &zip)
+        .await?;
     Ok(stored + zip.len() as i64)
 }
 

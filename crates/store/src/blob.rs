@@ -210,6 +210,30 @@ impl BlobStore {
         }
     }
 
+    /// Stores `bytes` under `key` (through a temp upload and [`BlobStore::commit`]), for
+    /// what is small enough to be in memory already (adapters, zips, CSVs).
+    pub async fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let up = self.new_upload()?;
+        {
+            use std::io::Write;
+            let mut f = up.handle()?;
+            f.write_all(bytes)?;
+            f.flush()?;
+        }
+        self.commit(up, key).await
+    }
+
+    /// A whole blob in memory, for what is small enough to be (adapters, checkpoints,
+    /// label checks of bounded files).
+    pub async fn read(&self, key: &str) -> Result<Vec<u8>> {
+        let (size, mut stream) = self.get(key).await?;
+        let mut bytes = Vec::with_capacity(size as usize);
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
+        Ok(bytes)
+    }
+
     /// Deletes a blob; a missing blob is not an error.
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(&Self::key(key)?).await {

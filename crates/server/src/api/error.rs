@@ -3,6 +3,7 @@
 //! its cause (inside the request's span, so with its request id) and answered with
 //! a generic message: internals never reach the client.
 
+use crate::job::{cut, prefix};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -159,21 +160,10 @@ const MAX_PARAM: usize = 128;
 /// How much of a client's value an error message quotes.
 const CLIP: usize = 64;
 
-/// At most `max` characters of `s`, marked with `…` when cut.
-fn cut(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        None => s.to_string(),
-        Some((at, _)) => format!("{}…", &s[..at]),
-    }
-}
-
 /// A client's value as an error message quotes it: in quotes, and only its first 64
 /// characters, so that a huge value is never sent back (nor formatted whole).
 pub fn clip(s: &str) -> String {
-    let short = match s.char_indices().nth(CLIP) {
-        None => s,
-        Some((at, _)) => &s[..at],
-    };
+    let short = prefix(s, CLIP);
     let quoted = format!("{short:?}");
     if short.len() < s.len() {
         format!("{quoted}… ({} bytes)", s.len())

@@ -98,15 +98,11 @@ async fn check_file(
 const DATA_CHECK_MAX_BYTES: i64 = 64 << 20;
 
 async fn blob_text(state: &AppState, f: &loraforge_store::FileRecord) -> ApiResult<String> {
-    let (_, mut stream) = state
+    let bytes = state
         .blobs
-        .get(&f.storage_key)
+        .read(&f.storage_key)
         .await
         .map_err(ApiError::internal)?;
-    let mut bytes = Vec::with_capacity(f.bytes.max(0) as usize);
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
-    }
     String::from_utf8(bytes).map_err(ApiError::internal)
 }
 
@@ -780,7 +776,8 @@ pub async fn events(
 const KEY_CHECK: Duration = Duration::from_secs(2);
 
 /// A job's event stream for a follower at `last`; the job's newest event was `newest`.
-/// A stream opened with a database key ends within [`KEY_CHECK`] of that key's revocation.
+/// A stream opened with a database key ends within two [`KEY_CHECK`]s of that key's revocation
+/// (the liveness read is shared by the key's streams and at most one `KEY_CHECK` old).
 async fn sse(
     state: AppState,
     job_id: String,
@@ -819,7 +816,7 @@ async fn sse(
                 if s.key_checked.elapsed() >= KEY_CHECK {
                     s.key_checked = tokio::time::Instant::now();
                     // A revoked key's stream ends (a database error keeps it open).
-                    if let Ok(false) = s.state.store.api_key_is_live(k).await {
+                    if !s.state.auth.key_is_live(&s.state.store, k, KEY_CHECK).await {
                         return None;
                     }
                 }
@@ -1171,16 +1168,6 @@ pub async fn checkpoint_adapter(
     send_blob(&state, &headers, download).await
 }
 
-/// A blob read whole: checkpoint files are adapter-sized (megabytes).
-async fn read_blob(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
-    let (size, mut stream) = state.blobs.get(key).await.map_err(ApiError::internal)?;
-    let mut bytes = Vec::with_capacity(size as usize);
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.map_err(ApiError::internal)?);
-    }
-    Ok(bytes)
-}
-
 /// Builds and stores the zip of a checkpoint stored before checkpoints kept one, from its
 /// stored files, with the same builder the worker uses.
 async fn zip_stored_checkpoint(
@@ -1201,7 +1188,7 @@ async fn zip_stored_checkpoint(
         if !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
             continue;
         }
-        let bytes = read_blob(state, &key).await?;
+        let bytes = state.blobs.read(&key).await.map_err(ApiError::internal)?;
         std::fs::write(dir.join(name), bytes).map_err(ApiError::internal)?;
     }
     let card = model_card(job, Some(ckpt.step as u64));
@@ -1212,16 +1199,9 @@ async fn zip_stored_checkpoint(
         .map_err(ApiError::internal);
     let _ = std::fs::remove_dir_all(&dir);
     let zip = zip?;
-    let up = state.blobs.new_upload().map_err(ApiError::internal)?;
-    {
-        use std::io::Write;
-        let mut f = up.handle().map_err(ApiError::internal)?;
-        f.write_all(&zip).map_err(ApiError::internal)?;
-        f.flush().map_err(ApiError::internal)?;
-    }
     state
         .blobs
-        .commit(up, &checkpoint_adapter_key(&ckpt.storage_key, "zip"))
+        .put(&checkpoint_adapter_key(&ckpt.storage_key, "zip"), &zip)
         .await
         .map_err(ApiError::internal)
 }

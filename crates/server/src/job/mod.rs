@@ -18,3 +18,22 @@ pub fn shown_status(job: &JobRecord) -> &str {
         job.status.as_str()
     }
 }
+
+/// The first `max` characters of `s` (all of it when shorter): how much of a client's
+/// value a message may quote.
+pub fn prefix(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        None => s,
+        Some((at, _)) => &s[..at],
+    }
+}
+
+/// [`prefix`], marked with `…` when it cut something.
+pub fn cut(s: &str, max: usize) -> String {
+    let p = prefix(s, max);
+    if p.len() < s.len() {
+        format!("{p}…")
+    } else {
+        s.to_string()
+    }
+}

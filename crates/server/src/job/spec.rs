@@ -85,10 +85,7 @@ const BASE_LR: f64 = 2e-4;
 
 fn hp_err(name: &str, what: &str) -> SpecError {
     // The name may be a client's key of any length: quote no more than its start.
-    let name = match name.char_indices().nth(64) {
-        Some((at, _)) => format!("{}…", &name[..at]),
-        None => name.to_string(),
-    };
+    let name = super::cut(name, 64);
     SpecError {
         param: format!("hyperparameters.{name}"),
         message: format!("hyperparameters.{name} {what}"),
@@ -216,10 +213,7 @@ pub fn parse_spec(
         _ => hp_num(hp, "learning_rate", BASE_LR, 1e-9, 1.0)?,
     };
     let targets = match hp.get("lora_target_modules") {
-        None | Some(Value::Null) => match for_task(task).default_targets() {
-            Targets::Names(n) => n.join(","),
-            Targets::AllLinear => "all-linear".into(),
-        },
+        None | Some(Value::Null) => for_task(task).default_targets().to_list(),
         Some(Value::String(s)) if s == "all-linear" || s == "all_linear" => "all-linear".into(),
         Some(Value::Array(a)) if !a.is_empty() => {
             let names: Option<Vec<&str>> = a.iter().map(|x| x.as_str()).collect();

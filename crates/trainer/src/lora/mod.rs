@@ -52,6 +52,14 @@ impl Targets {
         }
     }
 
+    /// The form [`Targets::parse`] reads back: `all-linear` or comma-separated names.
+    pub fn to_list(&self) -> String {
+        match self {
+            Targets::AllLinear => "all-linear".into(),
+            Targets::Names(n) => n.join(","),
+        }
+    }
+
     /// The names as written to `adapter_config.json`.
     pub fn to_peft(&self, resolved: &[String]) -> serde_json::Value {
         match self {

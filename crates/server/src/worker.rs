@@ -182,8 +182,8 @@ enum Fed {
 struct Run<'a> {
     state: &'a AppState,
     lease: &'a Lease,
-    job_id: String,
-    /// The claimed job as it was read: names and model card of its checkpoints.
+    /// The claimed job as it was read: its id, and the names and model card of its
+    /// checkpoints.
     job: loraforge_store::JobRecord,
     valid_loss: Option<f64>,
     /// Classification: the latest validation accuracy and macro-F1.
@@ -271,7 +271,7 @@ impl Run<'_> {
         {
             Ok(_) => {
                 // Streams of this job get the event now, not at their feed's next poll.
-                self.state.feeds.wake(&self.job_id);
+                self.state.feeds.wake(&self.job.id);
                 Ok(Fed::Ok)
             }
             Err(e) if e.is_lease_lost() => Ok(Fed::LeaseLost),
@@ -351,10 +351,10 @@ impl Run<'_> {
             TrainEvent::Checkpoint { step, dir } => {
                 let mut c = CheckpointRecord {
                     id: format!("ftckpt-{}", uuid::Uuid::new_v4().simple()),
-                    job_id: self.job_id.clone(),
+                    job_id: self.job.id.clone(),
                     attempt: self.lease.attempt,
                     step: *step as i64,
-                    storage_key: checkpoint_key(&self.job_id, self.lease.attempt, *step),
+                    storage_key: checkpoint_key(&self.job.id, self.lease.attempt, *step),
                     metrics: Some(
                         match self.valid_scores {
                             Some((acc, f1)) => json!({"step": step, "valid_loss": self.valid_loss,
@@ -494,7 +494,6 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     let mut run = Run {
         state,
         lease: &lease,
-        job_id: job.id.clone(),
         job: job.clone(),
         valid_loss: None,
         valid_scores: None,

@@ -3,21 +3,38 @@
 
 use super::*;
 
+/// An owner's (`$1`, '' for the keyless owner) queued and running jobs.
+const ACTIVE_JOBS: &str = "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
+                           AND COALESCE(api_key_id, '') = $1";
+
+/// Binds a [`NewJob`] to the parameters of [`Store::insert_job_sql`], in its order.
+macro_rules! bind_new_job {
+    ($q:expr, $j:expr) => {
+        $q.bind(&$j.id)
+            .bind(&$j.api_key_id)
+            .bind(&$j.model)
+            .bind(&$j.training_file)
+            .bind(&$j.validation_file)
+            .bind(&$j.suffix)
+            .bind(&$j.spec)
+            .bind($j.priority)
+            .bind($j.max_attempts)
+            .bind(&$j.idempotency_key)
+            .bind(now_secs())
+            .bind(&$j.device_kind)
+    };
+}
+
 impl Store {
     /// Queued or running jobs of one owner (`None`: the rows made without a key), for
     /// the per-owner cap on active jobs.
     pub async fn count_active_jobs(&self, owner: Option<&str>) -> Result<i64> {
-        let sql = match owner {
-            None => "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND api_key_id IS NULL",
-            Some(_) => "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND api_key_id = $1",
-        };
-        Ok(on_pool!(self, p => {
-            let mut q = sqlx::query_scalar::<_, i64>(sql);
-            if let Some(o) = owner {
-                q = q.bind(o);
-            }
-            q.fetch_one(p).await?
-        }))
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar::<_, i64>(ACTIVE_JOBS)
+            .bind(owner.unwrap_or(""))
+            .fetch_one(p)
+            .await?),
+        )
     }
 
     /// Inserts a job, `queued` and due at once (`run_at_ms` is the database's now, the
@@ -41,16 +58,7 @@ impl Store {
         } else {
             "SELECT id FROM files WHERE id = $1"
         };
-        let count = "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
-                     AND COALESCE(api_key_id, '') = $1";
-        let sql = format!(
-            "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \
-             spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at, \
-             device_kind) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, {now}, $9, $10, $11, $12) RETURNING {}",
-            job_cols!(),
-            now = self.now_ms(),
-        );
+        let sql = self.insert_job_sql();
         let owner = j.api_key_id.as_deref();
         let job: JobRecord = write_tx!(self, tx => {
             if pg {
@@ -69,7 +77,7 @@ impl Store {
                 }
             }
             if max_active > 0 {
-                let n: i64 = sqlx::query_scalar(count)
+                let n: i64 = sqlx::query_scalar(ACTIVE_JOBS)
                     .bind(owner.unwrap_or(""))
                     .fetch_one(&mut *tx)
                     .await?;
@@ -77,19 +85,7 @@ impl Store {
                     return Err(Error::OverLimit { used: n });
                 }
             }
-            sqlx::query_as(&sql)
-                .bind(&j.id)
-                .bind(&j.api_key_id)
-                .bind(&j.model)
-                .bind(&j.training_file)
-                .bind(&j.validation_file)
-                .bind(&j.suffix)
-                .bind(&j.spec)
-                .bind(j.priority)
-                .bind(j.max_attempts)
-                .bind(&j.idempotency_key)
-                .bind(now_secs())
-                .bind(&j.device_kind)
+            bind_new_job!(sqlx::query_as(&sql), j)
                 .fetch_one(&mut *tx)
                 .await?
         });
@@ -97,28 +93,22 @@ impl Store {
         Ok(job)
     }
 
-    pub(crate) async fn insert_job_row(&self, j: &NewJob) -> Result<JobRecord> {
-        let sql = format!(
+    /// The INSERT of a new job, `queued` and due at the database's now; its parameters
+    /// are bound by `bind_new_job!`.
+    fn insert_job_sql(&self) -> String {
+        format!(
             "INSERT INTO jobs (id, api_key_id, model, training_file, validation_file, suffix, \
              spec, status, priority, run_at_ms, max_attempts, idempotency_key, created_at, \
              device_kind) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, {now}, $9, $10, $11, $12) RETURNING {}",
             job_cols!(),
             now = self.now_ms(),
-        );
-        Ok(on_pool!(self, p => sqlx::query_as(&sql)
-            .bind(&j.id)
-            .bind(&j.api_key_id)
-            .bind(&j.model)
-            .bind(&j.training_file)
-            .bind(&j.validation_file)
-            .bind(&j.suffix)
-            .bind(&j.spec)
-            .bind(j.priority)
-            .bind(j.max_attempts)
-            .bind(&j.idempotency_key)
-            .bind(now_secs())
-            .bind(&j.device_kind)
+        )
+    }
+
+    pub(crate) async fn insert_job_row(&self, j: &NewJob) -> Result<JobRecord> {
+        let sql = self.insert_job_sql();
+        Ok(on_pool!(self, p => bind_new_job!(sqlx::query_as(&sql), j)
             .fetch_one(p)
             .await?))
     }

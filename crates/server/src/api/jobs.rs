@@ -161,12 +161,12 @@ async fn check_with_family(
 /// The job an `Idempotency-Key` already made, if this request is the one that made it;
 /// a key reused for another request is a 409 (jobs made before requests were recorded
 /// are returned as they are).
-fn same_request(job: JobRecord, fingerprint: &str) -> ApiResult<Json<Value>> {
+fn same_request(job: JobRecord, fingerprint: Option<&str>) -> ApiResult<Json<Value>> {
     let recorded = serde_json::from_str::<JobSpec>(&job.spec)
         .ok()
         .and_then(|s| s.request_sha256);
     match recorded {
-        Some(r) if r != fingerprint => Err(ApiError::conflict(format!(
+        Some(r) if Some(r.as_str()) != fingerprint => Err(ApiError::conflict(format!(
             "This Idempotency-Key was used for another request (job {}); use a new key for a new job.",
             job.id
         ))
@@ -241,16 +241,22 @@ pub async fn create(
         ),
     };
     // What a retry must repeat: the request, as JSON (key order and spacing aside).
-    let fingerprint = serde_json::from_slice::<Value>(&body)
-        .map(|v| crate::job::artifacts::sha256_hex(v.to_string().as_bytes()))
-        .map_err(ApiError::internal)?;
+    // Only a request with a key can be retried, so only it is fingerprinted.
+    let fingerprint = match &idem {
+        Some(_) => Some(
+            serde_json::from_slice::<Value>(&body)
+                .map(|v| crate::job::artifacts::sha256_hex(v.to_string().as_bytes()))
+                .map_err(ApiError::internal)?,
+        ),
+        None => None,
+    };
     if let Some(key) = &idem {
         if let Some(j) = state
             .store
             .find_job_by_idempotency_key(who.owner_id(), key)
             .await?
         {
-            return same_request(j, &fingerprint);
+            return same_request(j, fingerprint.as_deref());
         }
     }
     let model = req
@@ -331,7 +337,7 @@ pub async fn create(
         check_metadata(m)?;
     }
     let mut spec = parse_spec(hp, req.seed, req.metadata, task)?;
-    spec.request_sha256 = idem.is_some().then(|| fingerprint.clone());
+    spec.request_sha256 = fingerprint.clone();
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
     check_with_family(&state, &info, &spec, &train_rec, valid_rec.as_ref()).await?;
     if let Some(s) = &req.suffix {
@@ -398,7 +404,7 @@ pub async fn create(
                         .find_job_by_idempotency_key(who.owner_id(), key)
                         .await?
                         .ok_or_else(|| ApiError::from(e))?;
-                    same_request(j, &fingerprint)
+                    same_request(j, fingerprint.as_deref())
                 }
                 None => Err(e.into()),
             }

@@ -345,21 +345,17 @@ pub fn build_app(state: AppState, cors_origins: &[String]) -> anyhow::Result<Rou
                             .map(|v| v.chars().take(128).collect::<String>())
                     };
                     let id = header("x-request-id").unwrap_or_else(|| "-".into());
-                    match header(CLIENT_REQUEST_ID) {
-                        Some(client) => tracing::info_span!(
-                            "request",
-                            method = %req.method(),
-                            path = %req.uri().path(),
-                            request_id = %id,
-                            client_request_id = %client,
-                        ),
-                        None => tracing::info_span!(
-                            "request",
-                            method = %req.method(),
-                            path = %req.uri().path(),
-                            request_id = %id,
-                        ),
+                    let span = tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        request_id = %id,
+                        client_request_id = tracing::field::Empty,
+                    );
+                    if let Some(client) = header(CLIENT_REQUEST_ID) {
+                        span.record("client_request_id", client.as_str());
                     }
+                    span
                 })
                 // One line per request at info: an access log with status and latency.
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),

@@ -13,6 +13,16 @@ use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// `bytes` as a streamed (chunked) request body, 64 KiB a chunk, as a client that does
+/// not announce its length sends it.
+fn streamed(bytes: &[u8]) -> reqwest::Body {
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = bytes
+        .chunks(64 << 10)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -227,15 +237,10 @@ async fn over_cap_uploads_are_413_and_leave_nothing_behind() {
         // Not announced (chunked): cut off mid-stream once past the cap.
         let big = chat_jsonl(40_000); // ~3 MB
         assert!(big.len() > 2 << 20);
-        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = big
-            .as_bytes()
-            .chunks(64 << 10)
-            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-            .collect();
         let r = client()
             .post(s.url("/v1/files?filename=big.jsonl"))
             .header("content-type", "application/jsonl")
-            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .body(streamed(big.as_bytes()))
             .send()
             .await
             .unwrap();
@@ -247,15 +252,7 @@ async fn over_cap_uploads_are_413_and_leave_nothing_behind() {
             .text("purpose", "fine-tune")
             .part(
                 "file",
-                reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(
-                    futures::stream::iter(
-                        big.as_bytes()
-                            .chunks(64 << 10)
-                            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
-                            .collect::<Vec<_>>(),
-                    ),
-                ))
-                .file_name("big.jsonl"),
+                reqwest::multipart::Part::stream(streamed(big.as_bytes())).file_name("big.jsonl"),
             );
         let r = client()
             .post(s.url("/v1/files"))
@@ -1013,14 +1010,10 @@ async fn huge_fields_are_capped_and_never_echoed() {
     body.extend_from_slice(
         b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n{\"text\":\"a\"}\n\r\n--XyZ--\r\n",
     );
-    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = body
-        .chunks(64 << 10)
-        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-        .collect();
     let r = client()
         .post(s.url("/v1/files"))
         .header("content-type", "multipart/form-data; boundary=XyZ")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .body(streamed(&body))
         .send()
         .await
         .unwrap();

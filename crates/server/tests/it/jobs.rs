@@ -53,6 +53,42 @@ async fn wait_step(s: &TestServer, id: &str, step: u64) {
     }
 }
 
+/// A download's HTTP validators and ranges: its ETag answers If-None-Match with 304, the
+/// byte range `first..=last` comes as a 206 with its Content-Range, and a Range header
+/// that is not a byte range we understand is ignored (RFC 9110): the whole body, 200.
+async fn assert_validators_and_ranges(
+    url: &str,
+    etag: &str,
+    whole: &[u8],
+    (first, last): (usize, usize),
+) {
+    let client = reqwest::Client::new();
+    let again = client
+        .get(url)
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304, "{url}");
+    let part = client
+        .get(url)
+        .header("range", format!("bytes={first}-{last}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206, "{url}");
+    assert_eq!(
+        part.headers()["content-range"],
+        format!("bytes {first}-{last}/{}", whole.len()).as_str()
+    );
+    assert_eq!(part.bytes().await.unwrap(), whole[first..=last]);
+    for bad in ["bytes=abc", "items=0-5", "bytes=5-2"] {
+        let r = client.get(url).header("range", bad).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}: {bad}");
+        assert_eq!(r.bytes().await.unwrap(), whole, "{url}: {bad}");
+    }
+}
+
 fn zip_entry(zip: &[u8], name: &str) -> Vec<u8> {
     use std::io::Read;
     let mut z = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
@@ -198,26 +234,7 @@ async fn job_trains_streams_and_serves_its_adapter() {
             assert_eq!(zip_entry(&zip, name), stored(name), "{name} of step 40");
         }
         // The same download path as the final adapter: ETag, 304, and byte ranges.
-        let client = reqwest::Client::new();
-        let again = client
-            .get(&url)
-            .header("if-none-match", &ck_etag)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(again.status(), 304);
-        let part = client
-            .get(&url)
-            .header("range", "bytes=5-70")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(part.status(), 206);
-        assert_eq!(
-            part.headers()["content-range"],
-            format!("bytes 5-70/{}", zip.len()).as_str()
-        );
-        assert_eq!(part.bytes().await.unwrap(), zip[5..71]);
+        assert_validators_and_ranges(&url, &ck_etag, &zip, (5, 70)).await;
         let r = reqwest::get(format!("{url}?format=safetensors"))
             .await
             .unwrap();
@@ -286,36 +303,8 @@ async fn job_trains_streams_and_serves_its_adapter() {
         assert_eq!(cfg["peft_type"], "LORA");
         assert_eq!(cfg["r"], 4);
         assert!(!zip_entry(&zip, "README.md").is_empty());
-        let again = reqwest::Client::new()
-            .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
-            .header("if-none-match", &etag)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(again.status(), 304);
-        let part = reqwest::Client::new()
-            .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
-            .header("range", "bytes=10-109")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(part.status(), 206);
-        assert_eq!(
-            part.headers()["content-range"],
-            format!("bytes 10-109/{}", zip.len()).as_str()
-        );
-        assert_eq!(part.bytes().await.unwrap(), zip[10..110]);
-        // A Range header that is not a byte range we understand is ignored (RFC 9110).
-        for bad in ["bytes=abc", "items=0-5", "bytes=5-2"] {
-            let whole = reqwest::Client::new()
-                .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
-                .header("range", bad)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(whole.status(), 200, "{bad}");
-            assert_eq!(whole.bytes().await.unwrap(), zip, "{bad}");
-        }
+        let url = s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter"));
+        assert_validators_and_ranges(&url, &etag, &zip, (10, 109)).await;
         // The fine-tuned model joins the model list.
         let models = get(&s, "/v1/models").await;
         let mut errs = check_response(&spec, "/v1/models", "get", 200, &models);

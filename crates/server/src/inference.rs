@@ -9,7 +9,9 @@ use crate::app::AppState;
 use crate::job::artifacts::{adapter_key, fine_tuned_name};
 use crate::job::shown_status;
 use loraforge_store::JobStatus;
+use loraforge_trainer::data::Message;
 use loraforge_trainer::device::Device;
+use loraforge_trainer::families::decoder::generate::{chat_prompt_ids, text_prompt_ids};
 use loraforge_trainer::families::decoder::loader::{self, BaseModel};
 use loraforge_trainer::families::decoder::tokenize::TokenizerBundle;
 use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
@@ -211,13 +213,33 @@ impl Engine {
     }
 }
 
-/// A base model in memory and the adapter a request wants on it.
 /// A loaded base model: the model behind its lock (generation takes turns), and a copy
 /// of its tokenizer and context length that requests use without waiting for the lock.
 pub struct Base {
-    pub model: Mutex<BaseModel>,
-    pub tokenizer: TokenizerBundle,
+    model: Mutex<BaseModel>,
+    tokenizer: TokenizerBundle,
     pub context_length: usize,
+}
+
+impl Base {
+    pub fn new(model: BaseModel) -> Base {
+        Base {
+            tokenizer: model.tokenizer.clone(),
+            context_length: model.model.cfg.max_position_embeddings,
+            model: Mutex::new(model),
+        }
+    }
+
+    /// A chat's prompt ids (template applied, generation prompt added). Uses the
+    /// tokenizer's own copy: a long prompt is encoded while others generate.
+    pub fn chat_ids(&self, messages: &[Message]) -> loraforge_trainer::Result<Vec<u32>> {
+        chat_prompt_ids(&self.tokenizer, messages)
+    }
+
+    /// A raw completion prompt's ids; like [`Base::chat_ids`], off the model's lock.
+    pub fn text_ids(&self, prompt: &str) -> loraforge_trainer::Result<Vec<u32>> {
+        text_prompt_ids(&self.tokenizer, prompt, false)
+    }
 }
 
 pub type Loaded = (Arc<Base>, Option<Arc<AdapterWeights>>);
@@ -228,12 +250,7 @@ pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow
     let base = match cached {
         Some(b) => b,
         None => {
-            let model = loader::load(&r.base_path, &Device::Cpu)?;
-            let b = Arc::new(Base {
-                tokenizer: model.tokenizer.clone(),
-                context_length: model.model.cfg.max_position_embeddings,
-                model: Mutex::new(model),
-            });
+            let b = Arc::new(Base::new(loader::load(&r.base_path, &Device::Cpu)?));
             engine
                 .bases
                 .lock()
@@ -317,4 +334,39 @@ pub fn with_model<T>(
         .map_err(|_| anyhow::anyhow!("a generation panicked"))?;
     apply(&mut b.model, adapter)?;
     Ok(f(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16 #7: a prompt is tokenized while another request holds the model (as a
+    /// generation does); before, tokenizing waited for the model's lock, so one huge
+    /// prompt stalled every chat on that base.
+    #[test]
+    fn prompts_are_tokenized_while_the_model_is_busy() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+        let base = Arc::new(Base::new(loader::load(&dir, &Device::Cpu).unwrap()));
+        let busy = base.model.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = base.clone();
+        std::thread::spawn(move || {
+            let m = [Message {
+                role: "user".into(),
+                content: "word ".repeat(2_000),
+                weight: None,
+            }];
+            let _ = tx.send((
+                b.chat_ids(&m).map(|v| v.len()),
+                b.text_ids("hello").map(|v| v.len()),
+            ));
+        });
+        // Not a timing bound: a tokenizer that waited for the lock would wait forever.
+        let (chat, text) = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("tokenizing waited for the model's lock");
+        assert!(chat.unwrap() >= 2_000);
+        assert!(text.unwrap() >= 1);
+        drop(busy);
+    }
 }

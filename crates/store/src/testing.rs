@@ -1,7 +1,8 @@
 //! Test support shared by this crate's contract suite and the server's end-to-end
 //! tests: a throw-away PostgreSQL database per test, made from an admin URL
 //! (`TEST_DATABASE_URL`) and dropped again when the guard goes out of scope; and a
-//! stalled transaction, as a worker frozen mid-write leaves behind.
+//! stalled transaction, as a worker frozen mid-write leaves behind; and what PostgreSQL
+//! reports of another process's sessions, so a test can tell where that process stopped.
 
 use sqlx::Connection;
 
@@ -103,6 +104,51 @@ impl StalledTransaction {
         self.0.commit().await?;
         Ok(())
     }
+}
+
+/// One PostgreSQL session as `pg_stat_activity` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub pid: i32,
+    /// `active`, `idle`, `idle in transaction`, …
+    pub state: String,
+    /// Waiting for a lock another session holds (a row lock, say).
+    pub waiting_on_lock: bool,
+}
+
+impl Session {
+    /// Between transactions, with no statement running.
+    pub fn is_idle(&self) -> bool {
+        self.state == "idle"
+    }
+
+    /// Inside a transaction, waiting for its client's next statement.
+    pub fn is_idle_in_transaction(&self) -> bool {
+        self.state == "idle in transaction"
+    }
+}
+
+/// The sessions on `store`'s database whose `application_name` is `app` (a process can
+/// name its sessions with `?application_name=` in its database URL).
+pub async fn sessions_named(store: &crate::Store, app: &str) -> crate::Result<Vec<Session>> {
+    let pool = store
+        .pg_pool()
+        .ok_or_else(|| crate::Error::Invalid("sessions are PostgreSQL's".into()))?;
+    let rows: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT pid, state, wait_event_type FROM pg_stat_activity \
+         WHERE application_name = $1 AND datname = current_database() ORDER BY pid",
+    )
+    .bind(app)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(pid, state, wait)| Session {
+            pid,
+            state: state.unwrap_or_default(),
+            waiting_on_lock: wait.as_deref() == Some("Lock"),
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -10,9 +10,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loraforge_trainer::data::Message;
-use loraforge_trainer::families::decoder::generate::{
-    chat_prompt_ids, generate_ids, text_prompt_ids, GenerateOptions,
-};
+use loraforge_trainer::families::decoder::generate::{generate_ids, GenerateOptions};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -195,8 +193,8 @@ async fn complete(
     let ids = {
         let base = base.clone();
         tokio::task::spawn_blocking(move || match &prompt {
-            Prompt::Chat(m) => chat_prompt_ids(&base.tokenizer, m),
-            Prompt::Text(t) => text_prompt_ids(&base.tokenizer, t, false),
+            Prompt::Chat(m) => base.chat_ids(m),
+            Prompt::Text(t) => base.text_ids(t),
         })
         .await
         .map_err(ApiError::internal)?

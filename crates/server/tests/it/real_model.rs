@@ -191,7 +191,14 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
         s.models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
     )
     .unwrap();
-    let c = reqwest::Client::new();
+    // The server closes a keep-alive connection idle for --header-timeout-seconds (30 s:
+    // hyper's header timer also runs between requests), and the PEFT check below can sit
+    // that long; a client must retire idle connections sooner, or a request sent as the
+    // server closes one fails with IncompleteMessage (README, "Limits").
+    let c = reqwest::Client::builder()
+        .pool_idle_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
     let file = common::upload_chat(&s).await;
     let job: serde_json::Value = c
         .post(s.url("/v1/fine_tuning/jobs"))

@@ -20,6 +20,15 @@
 //!
 //!   loraforge-bench gemm [--rows 1024] [--shapes 576x576,576x192,576x1536,1536x576,576x49152]
 //!       [--reps 10] [--threads 2]
+//!
+//! Attention (`attention`): one forward and backward pass of causal, rotated attention at
+//! SmolLM2's geometry through the fused CPU op (`--impl fused`) or the device-generic
+//! blocked op (`--impl blocked`), printing the process's peak RSS above what it held
+//! before the pass; `--impl both` runs the two and prints their largest gradient
+//! difference. `scripts/bench-attention-memory.sh` runs each in its own process.
+//!
+//!   loraforge-bench attention --impl fused|blocked|both [--seq 2048] [--batch 1]
+//!       [--heads 9] [--kv-heads 3] [--dim 64] [--threads 2]
 
 use candle_core::{Device, Tensor};
 use loraforge_trainer::families::diffusion::unet::{mse, UNet};
@@ -59,7 +68,7 @@ fn opt_num(opt: &Opts, k: &str, d: &str) -> Result<f64, String> {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).peekable();
     let sub = match args.peek().map(String::as_str) {
-        Some(s @ ("sd" | "gemm")) => Some(s.to_string()),
+        Some(s @ ("sd" | "gemm" | "attention")) => Some(s.to_string()),
         _ => None,
     };
     if sub.is_some() {
@@ -73,6 +82,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     match sub.as_deref() {
         Some("sd") => return run_sd(&opt),
         Some("gemm") => return run_gemm(&opt),
+        Some("attention") => return run_attention(&opt),
         _ => {}
     }
     let get = |k: &str| opt_str(&opt, k);
@@ -227,6 +237,119 @@ fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
 /// A tensor of draws from N(0, 1) (Box-Muller on the seeded generator).
 /// Times `x · Wᵀ` (forward) and `g · W` (the input gradient) for `(rows, in)` inputs and
 /// `(out, in)` weights: the median of `reps` after one warm-up, as GFLOP/s.
+fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
+    use loraforge_trainer::ops::{
+        blocked_attention, multi_head_attention, AttnMask, Heads, RopeTables, RopeTensors, MASKED,
+    };
+    let threads = opt_num(opt, "threads", "2")? as usize;
+    loraforge_trainer::device::set_cpu_threads(threads);
+    let which = opt_str(opt, "impl")?;
+    let (t, b) = (
+        opt_num(opt, "seq", "2048")? as usize,
+        opt_num(opt, "batch", "1")? as usize,
+    );
+    let g = Heads {
+        b,
+        t,
+        tk: t,
+        q: opt_num(opt, "heads", "9")? as usize,
+        kv: opt_num(opt, "kv-heads", "3")? as usize,
+        dim: opt_num(opt, "dim", "64")? as usize,
+    };
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let n = b * t;
+    let q = candle_core::Var::from_tensor(&randn(&mut rng, (n, g.q * g.dim), &dev)?)?;
+    let k = candle_core::Var::from_tensor(&randn(&mut rng, (n, g.kv * g.dim), &dev)?)?;
+    let v = candle_core::Var::from_tensor(&randn(&mut rng, (n, g.kv * g.dim), &dev)?)?;
+    let r = randn(&mut rng, (n, g.q * g.dim), &dev)?;
+    let half = g.dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / g.dim as f32))
+        .collect();
+    let pos = Tensor::arange(0u32, t as u32, &dev)?
+        .to_dtype(candle_core::DType::F32)?
+        .reshape((t, 1))?;
+    let ang = pos.broadcast_mul(&Tensor::from_vec(inv, (1, half), &dev)?)?;
+    let rot = RopeTensors {
+        cos: ang.cos()?,
+        sin: ang.sin()?,
+    };
+    let tables = RopeTables::new(&rot.cos, &rot.sin)?;
+    let mut m = vec![0f32; b * t * t];
+    for bi in 0..b {
+        for i in 0..t {
+            m[(bi * t + i) * t + i + 1..(bi * t + i + 1) * t].fill(MASKED);
+        }
+    }
+    let mask = AttnMask::new(m, b, t, t, &dev)?;
+    let scale = 1.0 / (g.dim as f64).sqrt();
+    let pass = |fused: bool| -> candle_core::Result<Vec<Tensor>> {
+        let out = if fused {
+            multi_head_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                g,
+                scale,
+                Some(&tables),
+                Some(&mask),
+            )?
+        } else {
+            blocked_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                g,
+                scale,
+                Some(&rot),
+                Some(&mask.tensor),
+            )?
+        };
+        let grads = (out * &r)?.sum_all()?.backward()?;
+        [&q, &k, &v]
+            .iter()
+            .map(|x| {
+                grads
+                    .get(x.as_tensor())
+                    .cloned()
+                    .ok_or(candle_core::Error::Msg("no gradient".into()))
+            })
+            .collect()
+    };
+    let report = |name: &str, before: u64, secs: f64| {
+        let peak = proc_status_mib("VmHWM:");
+        println!(
+            "{}",
+            serde_json::json!({"impl": name, "seq": t, "batch": b, "seconds": secs,
+                "rss_before_mib": before, "peak_rss_mib": peak, "pass_peak_mib": peak.saturating_sub(before)})
+        );
+    };
+    match which.as_str() {
+        "fused" | "blocked" => {
+            let before = rss_mib();
+            let t0 = Instant::now();
+            pass(which == "fused")?;
+            report(&which, before, t0.elapsed().as_secs_f64());
+        }
+        "both" => {
+            let a = pass(true)?;
+            let c = pass(false)?;
+            for ((name, x), y) in ["q", "k", "v"].iter().zip(&a).zip(&c) {
+                let scale = x.abs()?.max_all()?.to_scalar::<f32>()?;
+                let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                println!(
+                    "{}",
+                    serde_json::json!({"gradient": name, "seq": t, "max_abs_diff": diff,
+                        "max_abs": scale, "relative": diff / scale})
+                );
+            }
+        }
+        other => return Err(format!("--impl {other}: expected fused, blocked or both").into()),
+    }
+    Ok(())
+}
+
 fn run_gemm(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
     let threads = opt_num(opt, "threads", "2")? as usize;
     loraforge_trainer::device::set_cpu_threads(threads);

@@ -17,8 +17,12 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 mod attention;
+mod blocked;
+mod generic;
 mod head_loss;
 pub use attention::{multi_head_attention, Heads, RopeTables};
+pub use blocked::{blocked_attention, RopeTensors};
+pub use generic::projected_nll_generic;
 pub use head_loss::projected_nll;
 
 /// Masked attention scores get this; large but finite so a sum never turns into NaN.
@@ -159,8 +163,7 @@ impl CustomOp3 for LoraLinear {
 /// `x · Wᵀ` for a 2-D `x` and a frozen `(out, in)` weight, without the weight gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !fast_path(x) || w.dtype() != DType::F32 {
-        // The custom op has no device kernel; a plain matmul is correct, only slower.
-        return x.matmul(&w.t()?);
+        return generic::frozen_linear_generic(x, w);
     }
     x.contiguous()?.apply_op1(FrozenLinear {
         w: w.clone(),
@@ -305,7 +308,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps });
         }
     }
-    rms_norm_primitive(x, w, eps)
+    generic::rms_norm_generic(x, w, eps)
 }
 
 fn rms_norm_primitive(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -327,7 +330,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         };
         return x.contiguous()?.apply_op1(op);
     }
-    rope_primitive(x, cos, sin)
+    generic::rope_generic(x, cos, sin)
 }
 
 fn rope_primitive(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -504,8 +507,16 @@ impl CustomOp3 for SwiGluBwd {
 }
 
 /// Whether the fused kernels apply to `x`: they are CPU, f32, contiguous-row loops.
+/// `LORAFORGE_GENERIC_OPS=1` turns them off, so the path every other device takes (the
+/// GPU's) runs, and is tested, on the CPU.
 pub(crate) fn fast_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.device().is_cpu() && x.dtype() == DType::F32 && !generic_forced()
+}
+
+/// `LORAFORGE_GENERIC_OPS=1` in the environment (read once).
+pub fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("LORAFORGE_GENERIC_OPS").as_deref() == Ok("1"))
 }
 
 fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {

@@ -414,12 +414,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         feeds: Arc::new(crate::feeds::Feeds::default()),
         job_control: Arc::new(tokio::sync::watch::Sender::new(0)),
     };
-    let workers = crate::worker::spawn(
-        state.clone(),
-        &args.workers.devices,
-        std::time::Duration::from_secs(args.workers.lease_seconds.max(3)),
-        &args.storage.data_dir,
-    );
+    let workers = crate::worker::spawn(state.clone(), &args.workers, &args.storage.data_dir);
     let shutdown = state.shutdown.clone();
     auth.watch_for_keys(store.clone(), shutdown.clone());
     let app = build_app(state, &args.cors_origins)?;
@@ -595,12 +590,7 @@ pub async fn worker(args: crate::config::WorkerCmdArgs) -> anyhow::Result<()> {
         anyhow::bail!("--devices names no device: a worker process needs at least one");
     }
     let shutdown = state.shutdown.clone();
-    let workers = crate::worker::spawn(
-        state,
-        &devices,
-        std::time::Duration::from_secs(args.workers.lease_seconds.max(3)),
-        &args.storage.data_dir,
-    );
+    let workers = crate::worker::spawn(state, &args.workers, &args.storage.data_dir);
     println!("loraforge worker running on {}", devices.join(","));
     shutdown_signal().await;
     exit_on_second_signal();

@@ -121,6 +121,11 @@ pub struct WorkerArgs {
     /// Seconds a worker's claim on a job lasts without a heartbeat.
     #[arg(long, env = "LORAFORGE_LEASE_SECONDS", default_value_t = 30)]
     pub lease_seconds: u64,
+    /// Memory (MiB) each worker reports for its device when that is less than the device
+    /// has (a GPU shared with other work); job admission compares against what workers
+    /// report [default: the device's own].
+    #[arg(long, env = "LORAFORGE_DEVICE_MEMORY_MIB")]
+    pub device_memory_mib: Option<u64>,
 }
 
 /// `loraforge keys`: API keys in the database.

@@ -136,6 +136,10 @@ pub struct TrainArgs {
     /// Write one JSON object per step here.
     #[arg(long)]
     pub metrics_jsonl: Option<PathBuf>,
+    /// Compute precision of activations and frozen weights: f32, bf16 or f16 (LoRA
+    /// weights and optimizer state stay f32). Default: bf16 on CUDA for decoders, else f32.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -177,6 +181,7 @@ impl TrainArgs {
             noise_offset: self.noise_offset,
             prediction_type: self.prediction_type.clone(),
             keep_checkpoints: crate::job::spec::DEFAULT_KEEP_CHECKPOINTS,
+            dtype: self.dtype.clone(),
             request_sha256: None,
         };
         let mut s = train_spec(

@@ -32,17 +32,19 @@ pub struct WorkerConfig {
     pub device: String,
     pub lease: Duration,
     pub data_dir: PathBuf,
+    /// The most device memory this worker reports (`--device-memory-mib`), in bytes.
+    pub memory_cap: Option<u64>,
 }
 
 /// Starts one worker task per device.
 pub fn spawn(
     state: AppState,
-    devices: &[String],
-    lease: Duration,
+    args: &crate::config::WorkerArgs,
     data_dir: &Path,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let lease = Duration::from_secs(args.lease_seconds.max(3));
     let mut handles = Vec::new();
-    for (i, device) in devices.iter().enumerate() {
+    for (i, device) in args.devices.iter().enumerate() {
         let d = device.trim().to_string();
         if d.is_empty() || d == "none" {
             continue;
@@ -51,6 +53,7 @@ pub fn spawn(
             device: d,
             lease,
             data_dir: data_dir.to_path_buf(),
+            memory_cap: args.device_memory_mib.map(|m| m.saturating_mul(1 << 20)),
         };
         let worker_id = format!("{}-{}-{i}", hostname(), std::process::id());
         handles.push(tokio::spawn(run_worker(state.clone(), cfg, worker_id)));
@@ -106,8 +109,65 @@ fn device_kind(device: &str) -> &'static str {
     }
 }
 
+/// Keeps this worker's row in `workers` fresh with its device's memory, so that any API
+/// process can refuse a job no worker could hold; the row goes when the worker stops.
+async fn report_device(state: AppState, device: String, cap: Option<u64>, worker_id: String) {
+    let dev = {
+        let d = device.clone();
+        tokio::task::spawn_blocking(move || loraforge_trainer::device::parse(&d)).await
+    };
+    let dev = match dev {
+        Ok(Ok(dev)) => dev,
+        Ok(Err(e)) => {
+            tracing::warn!(device = %device, error = %e, "device memory cannot be reported");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut warned = false;
+    while !state.shutdown.is_cancelled() {
+        let d = dev.clone();
+        let mem = tokio::task::spawn_blocking(move || loraforge_trainer::device::memory(&d)).await;
+        match mem {
+            Ok(Ok((total, free))) => {
+                let to_i64 =
+                    |b: u64| i64::try_from(b.min(cap.unwrap_or(u64::MAX))).unwrap_or(i64::MAX);
+                if let Err(e) = state
+                    .store
+                    .report_worker(
+                        &worker_id,
+                        &device,
+                        device_kind(&device),
+                        to_i64(total),
+                        to_i64(free),
+                    )
+                    .await
+                {
+                    tracing::debug!(error = %e, "reporting the device's memory failed");
+                }
+            }
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                tracing::warn!(device = %device, error = %e, "device memory cannot be read");
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(crate::job::WORKER_REPORT_EVERY) => {}
+        }
+    }
+    let _ = state.store.remove_worker(&worker_id).await;
+}
+
 async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
     tracing::info!(worker = %worker_id, device = %cfg.device, "worker started");
+    let reporter = tokio::spawn(report_device(
+        state.clone(),
+        cfg.device.clone(),
+        cfg.memory_cap,
+        worker_id.clone(),
+    ));
     sweep_ended_jobs(&state, &cfg.data_dir).await;
     while !state.shutdown.is_cancelled() {
         match state
@@ -154,6 +214,7 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
             }
         }
     }
+    let _ = reporter.await;
     tracing::info!(worker = %worker_id, "worker stopped");
 }
 
@@ -395,6 +456,13 @@ impl Run<'_> {
     }
 }
 
+/// A device allocation that failed (CUDA's, as candle reports it). The run's tensors are
+/// dropped with its error, so the device is free again for the next job.
+fn out_of_memory(e: &loraforge_trainer::Error) -> bool {
+    let m = e.to_string();
+    m.contains("OUT_OF_MEMORY") || m.contains("out of memory")
+}
+
 async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> anyhow::Result<()> {
     let ClaimedJob { job, lease } = claimed;
     let fail = |code: &str, message: String| JobOutcome::Failed {
@@ -630,9 +698,17 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                 loraforge_trainer::Error::Config(_) | loraforge_trainer::Error::Unsupported(_) => {
                     "invalid_hyperparameters"
                 }
+                _ if out_of_memory(&e) => "out_of_memory",
                 _ => "training_failed",
             };
-            let msg = e.to_string();
+            let msg = if out_of_memory(&e) {
+                format!(
+                    "{} ran out of memory: lower batch_size or max_seq_len ({e})",
+                    cfg.device
+                )
+            } else {
+                e.to_string()
+            };
             run.event("error", "message", format!("Training failed: {msg}"), None)
                 .await?;
             let outcome = fail(code, msg);

@@ -33,6 +33,11 @@ const SQLITE: Embedded = &[
         "checkpoint bytes",
         include_str!("../../../migrations/sqlite/0005_checkpoint_bytes.sql"),
     ),
+    (
+        6,
+        "workers",
+        include_str!("../../../migrations/sqlite/0006_workers.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -60,6 +65,11 @@ const POSTGRES: Embedded = &[
         5,
         "checkpoint bytes",
         include_str!("../../../migrations/postgres/0005_checkpoint_bytes.sql"),
+    ),
+    (
+        6,
+        "workers",
+        include_str!("../../../migrations/postgres/0006_workers.sql"),
     ),
 ];
 

@@ -272,3 +272,16 @@ pub struct ApiKeyRecord {
     /// An admin key sees (and may act on) every owner's files and jobs.
     pub admin: bool,
 }
+
+/// A worker as it last reported itself (`workers`): its device and that device's memory.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WorkerRecord {
+    pub id: String,
+    /// `cpu`, `cuda:0`, …
+    pub device: String,
+    /// `cpu` or `cuda`, as jobs' `device_kind`.
+    pub device_kind: String,
+    pub total_bytes: i64,
+    pub free_bytes: i64,
+    pub seen_at_ms: i64,
+}

@@ -1117,3 +1117,44 @@ async fn stored_bytes_count_checkpoints() {
         s.insert_file_within(&more, 160).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn workers_report_their_memory_and_go_stale() {
+    for db in backends().await {
+        let s = &db.store;
+        s.report_worker("w1", "cuda:0", "cuda", 80 << 30, 70 << 30)
+            .await
+            .unwrap();
+        s.report_worker("w2", "cpu", "cpu", 24 << 30, 20 << 30)
+            .await
+            .unwrap();
+        // A second report replaces the first.
+        s.report_worker("w1", "cuda:0", "cuda", 80 << 30, 10 << 30)
+            .await
+            .unwrap();
+        let live = s
+            .live_workers(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 2);
+        assert_eq!((live[0].id.as_str(), live[0].free_bytes), ("w1", 10 << 30));
+        assert_eq!(
+            (live[1].device.as_str(), live[1].total_bytes),
+            ("cpu", 24 << 30)
+        );
+        // Reports older than the window do not count.
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert!(s
+            .live_workers(std::time::Duration::from_millis(1))
+            .await
+            .unwrap()
+            .is_empty());
+        s.remove_worker("w1").await.unwrap();
+        let live = s
+            .live_workers(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].id, "w2");
+    }
+}

@@ -1,6 +1,6 @@
 //! Device selection: `cpu` or `cuda:N`.
 
-pub use candle_core::Device;
+pub use candle_core::{DType, Device};
 
 use crate::{Error, Result};
 
@@ -29,6 +29,67 @@ pub fn parse(s: &str) -> Result<Device> {
         )));
     }
     Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("device \"{s}\": {e}")))
+}
+
+/// A device's memory in bytes, `(total, free)`: the machine's (`MemTotal`,
+/// `MemAvailable`) for the CPU, the driver's for a GPU.
+pub fn memory(device: &Device) -> Result<(u64, u64)> {
+    match device {
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo")
+                .map_err(|e| Error::io(std::path::Path::new("/proc/meminfo"), e))?;
+            let kib = |k: &str| {
+                info.lines()
+                    .find(|l| l.starts_with(k))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(|v| v * 1024)
+                    .ok_or_else(|| Error::Unsupported(format!("/proc/meminfo has no {k}")))
+            };
+            Ok((kib("MemTotal:")?, kib("MemAvailable:")?))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .map_err(|e| Error::Unsupported(format!("GPU memory: {e}")))?;
+            Ok((total as u64, free as u64))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::Unsupported(
+            "memory of a device other than the CPU or a CUDA GPU".into(),
+        )),
+    }
+}
+
+/// Bytes per element of a compute precision.
+pub fn dtype_bytes(d: DType) -> u64 {
+    d.size_in_bytes() as u64
+}
+
+/// Parses a compute precision: `f32`, `bf16` or `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.trim() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::Config(format!(
+            "dtype \"{other}\": expected f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// A precision's name as [`parse_dtype`] reads it.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        _ => "an integer type",
+    }
 }
 
 /// How long candle's element-wise workers spin for the next op before they sleep: its

@@ -40,7 +40,9 @@ pub fn train(
         .as_deref()
         .map(train::resolve_checkpoint)
         .transpose()?;
-    families::for_task(spec.task).train(spec, resume.as_deref(), cancel, on_event)
+    let family = families::for_task(spec.task);
+    family.compute_dtype(spec)?;
+    family.train(spec, resume.as_deref(), cancel, on_event)
 }
 
 /// Everything that can go wrong in the engine.

@@ -13,6 +13,15 @@ use loraforge_trainer::lora::{self, ForwardCtx};
 use loraforge_trainer::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use std::collections::HashMap;
 
+/// The device the checks run on: `LORAFORGE_TEST_DEVICE` (`cuda:0` in
+/// `scripts/gpu-check.sh`), else the CPU. The fixtures' numbers are the same.
+fn dev() -> Device {
+    match std::env::var("LORAFORGE_TEST_DEVICE") {
+        Ok(d) => loraforge_trainer::device::parse(&d).expect("LORAFORGE_TEST_DEVICE"),
+        Err(_) => Device::Cpu,
+    }
+}
+
 struct Ref {
     t: HashMap<String, Tensor>,
 }
@@ -26,7 +35,7 @@ impl Ref {
     fn load_file(name: &str, file: &str) -> Self {
         let p = fixtures().join(format!("{name}-ref/{file}"));
         Self {
-            t: candle_core::safetensors::load(&p, &Device::Cpu).unwrap(),
+            t: candle_core::safetensors::load(&p, &dev()).unwrap(),
         }
     }
     fn get(&self, k: &str) -> &Tensor {
@@ -64,12 +73,12 @@ fn unpadded(logits: &Tensor, mask: &[Vec<u32>]) -> Tensor {
     logits
         .reshape((b * t, v))
         .unwrap()
-        .index_select(&Tensor::from_vec(idx, n, &Device::Cpu).unwrap(), 0)
+        .index_select(&Tensor::from_vec(idx, n, &dev()).unwrap(), 0)
         .unwrap()
 }
 
 fn model_with_adapter(name: &str, adapter: &str) -> BaseModel {
-    let mut base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();
+    let mut base = loader::load(&fixtures().join(name), &dev()).unwrap();
     let dir = fixtures().join(format!("{name}-ref/{adapter}"));
     let cfg = lora::read_adapter_config(&dir).unwrap();
     lora::attach(&mut base.model, &cfg, 0).unwrap();
@@ -79,7 +88,7 @@ fn model_with_adapter(name: &str, adapter: &str) -> BaseModel {
 
 fn base_logits_match(name: &str) {
     let r = Ref::load(name);
-    let base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();
+    let base = loader::load(&fixtures().join(name), &dev()).unwrap();
     let mask = r.rows_u32("attention_mask");
     let logits = base
         .model
@@ -296,12 +305,8 @@ fn qwen2_strong_weight_decay_matches_peft() {
 /// rebuilt from GGUF metadata) tokenizes and computes like the safetensors folder.
 #[test]
 fn gguf_twin_tokenizes_and_computes_like_safetensors() {
-    let hf = loader::load(&fixtures().join("tiny-llama"), &Device::Cpu).unwrap();
-    let gg = loader::load(
-        &fixtures().join("tiny-llama-gguf/tiny-llama.gguf"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let hf = loader::load(&fixtures().join("tiny-llama"), &dev()).unwrap();
+    let gg = loader::load(&fixtures().join("tiny-llama-gguf/tiny-llama.gguf"), &dev()).unwrap();
     let samples = [
         "Hello world",
         " leading space",
@@ -327,7 +332,7 @@ fn gguf_twin_tokenizes_and_computes_like_safetensors() {
         .encode("The capital of France is Paris. 12 times 3", false)
         .unwrap();
     let n = ids.len();
-    let x = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(ids, (1, n), &dev()).unwrap();
     let la = hf.model.logits(&x, None, &ForwardCtx::eval()).unwrap();
     let lb = gg.model.logits(&x, None, &ForwardCtx::eval()).unwrap();
     let e = rel(&lb, &la);
@@ -345,10 +350,10 @@ fn switched_in_adapter_gives_peft_logits() {
     use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
     for name in ["tiny-llama", "tiny-qwen2"] {
         let r = Ref::load(name);
-        let mut base = loader::load(&fixtures().join(name), &Device::Cpu).unwrap();
+        let mut base = loader::load(&fixtures().join(name), &dev()).unwrap();
         let a = AdapterWeights::load(
             &fixtures().join(format!("{name}-ref/adapter_nonzero")),
-            &Device::Cpu,
+            &dev(),
         )
         .unwrap();
         let mask = r.rows_u32("attention_mask");

@@ -117,6 +117,16 @@ async fn check_with_family(
     valid: Option<&loraforge_store::FileRecord>,
 ) -> ApiResult<()> {
     let family = for_task(spec.task);
+    if let Some(d) = spec.dtype.as_deref() {
+        let d = loraforge_trainer::device::parse_dtype(d).map_err(ApiError::internal)?;
+        family.check_dtype(d).map_err(|e| {
+            let m = match e {
+                loraforge_trainer::Error::Config(m) => m,
+                e => e.to_string(),
+            };
+            ApiError::bad_request(format!("hyperparameters.{m}")).param("hyperparameters.dtype")
+        })?;
+    }
     let small = train.bytes <= DATA_CHECK_MAX_BYTES
         && valid.is_none_or(|v| v.bytes <= DATA_CHECK_MAX_BYTES);
     let (t, v) = if family.checks_data() && small {
@@ -156,6 +166,75 @@ async fn check_with_family(
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::from)
+}
+
+/// Refuses a job that no live worker could hold: its estimated memory (frozen weights in
+/// the precision it would run in on that worker's device, plus a step's activations)
+/// against each worker's device memory. With no worker reporting (none started yet, or
+/// a family that cannot estimate), the job is admitted unchecked.
+async fn check_memory(
+    state: &AppState,
+    info: &ModelInfo,
+    spec: &JobSpec,
+    device_kind: Option<&str>,
+) -> ApiResult<()> {
+    let workers: Vec<_> = state
+        .store
+        .live_workers(crate::job::WORKER_SEEN_WITHIN)
+        .await?
+        .into_iter()
+        .filter(|w| device_kind.is_none_or(|k| w.device_kind == k))
+        .collect();
+    if workers.is_empty() {
+        return Ok(());
+    }
+    let family = for_task(spec.task);
+    let own = serde_json::to_value(spec).map_err(ApiError::internal)?;
+    let dtype = spec
+        .dtype
+        .as_deref()
+        .map(loraforge_trainer::device::parse_dtype)
+        .transpose()
+        .map_err(ApiError::internal)?;
+    let path = info.path.clone();
+    let needs = tokio::task::spawn_blocking(move || {
+        workers
+            .into_iter()
+            .map(|w| {
+                let d = dtype.unwrap_or_else(|| family.default_dtype(w.device_kind == "cuda"));
+                (family.estimate_memory(&path, &own, d), d, w)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    if needs.iter().any(|(est, _, w)| {
+        est.is_none_or(|e| e.total() <= u64::try_from(w.total_bytes).unwrap_or(0))
+    }) {
+        return Ok(());
+    }
+    let (est, d, w) = needs
+        .iter()
+        .max_by_key(|(_, _, w)| w.total_bytes)
+        .expect("at least one worker");
+    let est = est.expect("every estimate is known here");
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(ApiError::bad_request(format!(
+        "This job needs about {:.1} GiB in {} ({:.1} GiB of frozen weights and {:.1} GiB of \
+         activations for batch_size {} x max_seq_len {}), more than any worker's device holds: \
+         the largest, {} of worker {}, has {:.1} GiB. Lower batch_size or max_seq_len.",
+        gib(est.total()),
+        loraforge_trainer::device::dtype_name(*d),
+        gib(est.weights),
+        gib(est.activations),
+        spec.batch_size,
+        spec.max_seq_len,
+        w.device,
+        w.id,
+        gib(u64::try_from(w.total_bytes).unwrap_or(0)),
+    ))
+    .param("hyperparameters.batch_size")
+    .code("insufficient_device_memory"))
 }
 
 /// The job an `Idempotency-Key` already made, if this request is the one that made it;
@@ -363,6 +442,7 @@ pub async fn create(
     let device_kind = (task == Task::TextToImage
         && info.parameters > state.settings.cpu_image_max_params)
         .then(|| "cuda".to_string());
+    check_memory(&state, &info, &spec, device_kind.as_deref()).await?;
     let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
     let new = NewJob {
         id: id.clone(),
@@ -465,6 +545,7 @@ pub fn job_object(j: &JobRecord) -> Value {
             "eval_interval": s.eval_interval,
             "checkpoint_interval": s.checkpoint_interval,
             "keep_checkpoints": s.keep_checkpoints,
+            "dtype": s.dtype,
         });
         if s.task == Task::TextToImage {
             h["resolution"] = json!(s.resolution);

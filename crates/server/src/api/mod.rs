@@ -8,6 +8,7 @@ pub mod error;
 pub mod files;
 pub mod jobs;
 pub mod models;
+pub mod workers;
 
 pub use error::{clip, ApiError, ApiResult};
 
@@ -72,6 +73,7 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
     .add(Method::POST, "/v1/completions", chat::completions)
     .add(Method::GET, "/v1/models", models::list)
     .add(Method::GET, "/v1/models/{model}", models::retrieve)
+    .add(Method::GET, "/v1/workers", workers::list)
     .add(Method::POST, "/v1/fine_tuning/jobs", jobs::create)
     .add(Method::GET, "/v1/fine_tuning/jobs", jobs::list)
     .add(

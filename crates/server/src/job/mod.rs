@@ -37,3 +37,9 @@ pub fn cut(s: &str, max: usize) -> String {
         s.to_string()
     }
 }
+
+/// How often a worker refreshes its row in `workers` (its device's memory).
+pub const WORKER_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Workers seen within this long count as up, for admission and `GET /v1/workers`.
+pub const WORKER_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);

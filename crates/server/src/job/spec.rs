@@ -64,6 +64,10 @@ pub struct JobSpec {
     /// Text-to-image: overrides the scheduler's prediction type.
     #[serde(default)]
     pub prediction_type: Option<String>,
+    /// The compute precision (`f32`, `bf16`, `f16`); none: the family's default for the
+    /// worker's device (bf16 on CUDA for decoders, f32 otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     /// Checkpoints kept: the newest this many, plus the one with the best validation loss.
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: u64,
@@ -125,7 +129,7 @@ fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> Result<bool, Spec
 /// Hyperparameters of text-to-image jobs only.
 const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
 
-const KNOWN_HP: [&str; 24] = [
+const KNOWN_HP: [&str; 25] = [
     "resolution",
     "snr_gamma",
     "noise_offset",
@@ -150,6 +154,7 @@ const KNOWN_HP: [&str; 24] = [
     "eval_interval",
     "checkpoint_interval",
     "keep_checkpoints",
+    "dtype",
 ];
 
 /// Keys that OpenAI's API gives a meaning we do not implement yet: refused by name rather
@@ -285,6 +290,14 @@ pub fn parse_spec(
         noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
         prediction_type,
         keep_checkpoints: hp_num(hp, "keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS, 1, 1000)?,
+        dtype: match hp.get("dtype") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(d)) => match loraforge_trainer::device::parse_dtype(d) {
+                Ok(t) => Some(loraforge_trainer::device::dtype_name(t).to_string()),
+                Err(_) => return Err(hp_err("dtype", "must be f32, bf16 or f16")),
+            },
+            Some(_) => return Err(hp_err("dtype", "must be f32, bf16 or f16")),
+        },
         request_sha256: None,
     })
 }
@@ -328,6 +341,11 @@ pub fn train_spec(
     };
     t.max_grad_norm = spec.max_grad_norm;
     t.max_seq_len = spec.max_seq_len;
+    t.dtype = spec
+        .dtype
+        .as_deref()
+        .map(loraforge_trainer::device::parse_dtype)
+        .transpose()?;
     t.seed = spec.seed;
     t.train_on_inputs = spec.train_on_inputs;
     t.eval_every = spec.eval_interval;

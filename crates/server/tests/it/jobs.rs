@@ -1123,3 +1123,68 @@ async fn old_checkpoints_are_pruned() {
         );
     }
 }
+
+/// Issue 17: workers report their device's memory (`GET /v1/workers`, capped here by
+/// `--device-memory-mib`), a job that would not fit any worker is refused at creation
+/// with both numbers, and `hyperparameters.dtype` is checked by name.
+#[tokio::test]
+async fn workers_report_memory_and_jobs_that_cannot_fit_are_refused() {
+    for backend in backends() {
+        let s = server(backend, &["--device-memory-mib", "64"]).await;
+        let file = upload_chat(&s).await;
+        let t0 = Instant::now();
+        let workers = loop {
+            let w = get(&s, "/v1/workers").await;
+            if w["data"].as_array().is_some_and(|d| !d.is_empty()) {
+                break w;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no worker reported: {w}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let errs = check_response(&spec(), "/v1/workers", "get", 200, &workers);
+        assert!(errs.is_empty(), "{errs:?}");
+        let w = &workers["data"][0];
+        assert_eq!(
+            (w["device"].as_str(), w["device_kind"].as_str()),
+            (Some("cpu"), Some("cpu"))
+        );
+        assert_eq!(w["memory_total_bytes"], 64 << 20, "{w}");
+        let post = |hp: Value| {
+            let r = reqwest::Client::new()
+                .post(s.url("/v1/fine_tuning/jobs"))
+                .json(
+                    &json!({"model": "tiny-llama", "training_file": file, "hyperparameters": hp}),
+                );
+            async move {
+                let r = r.send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        // 1,024 sequences of 256 tokens keep about 2.4 GB of activations.
+        let (st, e) = post(json!({"batch_size": 1024, "max_seq_len": 256})).await;
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(e["error"]["code"], "insufficient_device_memory", "{e}");
+        assert_eq!(e["error"]["param"], "hyperparameters.batch_size", "{e}");
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(m.contains("GiB in f32") && m.contains("has 0.1 GiB"), "{m}");
+        for bad in [json!("fp64"), json!(16)] {
+            let (st, e) = post(json!({"dtype": bad})).await;
+            assert_eq!(st, 400, "{e}");
+            assert_eq!(e["error"]["param"], "hyperparameters.dtype", "{e}");
+        }
+        // What fits is taken, in the precision asked for.
+        let (st, j) = post(json!({"batch_size": 1, "max_steps": 2, "dtype": "bf16"})).await;
+        assert_eq!(st, 200, "{j}");
+        assert_eq!(j["hyperparameters"]["dtype"], "bf16", "{j}");
+        wait_status(
+            &s,
+            j["id"].as_str().unwrap(),
+            &["succeeded"],
+            Duration::from_secs(120),
+        )
+        .await;
+    }
+}

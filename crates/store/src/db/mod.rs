@@ -126,6 +126,7 @@ mod checkpoints;
 mod events;
 mod files;
 mod jobs;
+mod workers;
 
 impl Store {
     /// Connects to `url`: `sqlite:…` or `postgres://…` / `postgresql://…`. Does not

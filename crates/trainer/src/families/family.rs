@@ -1,9 +1,11 @@
 //! What a model family is to the rest of the engine.
 
 use crate::data::DataFormat;
+use crate::device::dtype_name;
 use crate::lora::Targets;
 use crate::train::{FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
-use crate::Result;
+use crate::{Error, Result};
+use candle_core::DType;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
@@ -44,6 +46,51 @@ pub trait Family: Sync {
     }
     /// The modules a LoRA goes on when a job names none (the family's usual PEFT set).
     fn default_targets(&self) -> Targets;
+    /// The compute precisions its models run in (activations and frozen weights; LoRA
+    /// weights and optimizer state are f32 whatever this is).
+    fn dtypes(&self) -> &'static [DType] {
+        &[DType::F32]
+    }
+    /// The precision a run gets when it names none, on a GPU or not.
+    fn default_dtype(&self, _on_gpu: bool) -> DType {
+        DType::F32
+    }
+    /// The precision `spec` runs in: its own, or the family's default for its device;
+    /// one the family cannot run is an error naming the ones it can.
+    fn compute_dtype(&self, spec: &TrainSpec) -> Result<DType> {
+        self.check_dtype(
+            spec.dtype
+                .unwrap_or_else(|| self.default_dtype(spec.device.is_cuda())),
+        )
+    }
+    /// About how much memory training `model` with `job` (a job's settings as JSON:
+    /// `batch_size`, `max_seq_len`) takes in `dtype`: the frozen weights plus the
+    /// activations a step keeps. `None` when the family cannot tell (the job is then
+    /// admitted unchecked).
+    fn estimate_memory(
+        &self,
+        _model: &Path,
+        _job: &serde_json::Value,
+        _dtype: DType,
+    ) -> Option<MemoryEstimate> {
+        None
+    }
+    /// `d`, when the family runs in it; else an error naming the ones it does.
+    fn check_dtype(&self, d: DType) -> Result<DType> {
+        if self.dtypes().contains(&d) {
+            return Ok(d);
+        }
+        Err(Error::Config(format!(
+            "dtype {}: {} models train in {} here",
+            dtype_name(d),
+            self.name(),
+            self.dtypes()
+                .iter()
+                .map(|d| dtype_name(*d))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
     /// The family's own settings from a JSON object (a job's spec, the CLI's flags as
     /// JSON); keys that belong to other families are ignored.
     fn options(&self, v: &serde_json::Value) -> Result<FamilyOptions>;
@@ -173,5 +220,20 @@ mod tests {
         assert!(check_targets(&job(&typo), &[]).is_ok());
         let all = serde_json::json!({"lora_target_modules": "all-linear"});
         assert!(check_targets(&job(&all), &paths).is_ok());
+    }
+}
+
+/// What a training run needs in memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The frozen base weights.
+    pub weights: u64,
+    /// What a step keeps for its backward pass, plus its largest transient.
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.activations
     }
 }

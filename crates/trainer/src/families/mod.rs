@@ -7,7 +7,7 @@ pub mod diffusion;
 pub mod encoder;
 mod family;
 
-pub use family::{Family, Field, JobCheck, Named, Refusal};
+pub use family::{Family, Field, JobCheck, MemoryEstimate, Named, Refusal};
 
 use crate::train::Task;
 
@@ -244,4 +244,30 @@ fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
             )
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::TrainSpec;
+    use candle_core::DType;
+
+    /// Decoders train in f32, bf16 and f16, bf16 by default on a GPU; the other families
+    /// in f32 only, and a run asking them for bf16 is refused by name.
+    #[test]
+    fn compute_precisions_by_family() {
+        let dec = for_task(Task::CausalLm);
+        assert_eq!(dec.default_dtype(true), DType::BF16);
+        assert_eq!(dec.default_dtype(false), DType::F32);
+        let mut spec = TrainSpec::new("m".into(), "d".into(), "o".into());
+        assert_eq!(dec.compute_dtype(&spec).unwrap(), DType::F32);
+        spec.dtype = Some(DType::F16);
+        assert_eq!(dec.compute_dtype(&spec).unwrap(), DType::F16);
+        for task in [Task::SequenceClassification, Task::TextToImage] {
+            let f = for_task(task);
+            assert_eq!(f.default_dtype(true), DType::F32);
+            let e = f.compute_dtype(&spec).unwrap_err().to_string();
+            assert!(e.contains("dtype f16") && e.contains("in f32 here"), "{e}");
+        }
+    }
 }

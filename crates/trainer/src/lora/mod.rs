@@ -167,6 +167,16 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The frozen weight and bias in `dtype` (the compute precision); an adapter's
+    /// weights stay f32, cast per product, as PEFT keeps them under autocast.
+    pub fn cast_frozen(&mut self, dtype: DType) -> Result<()> {
+        self.weight = self.weight.to_dtype(dtype)?;
+        if let Some(b) = &self.bias {
+            self.bias = Some(b.to_dtype(dtype)?);
+        }
+        Ok(())
+    }
+
     pub fn new(path: String, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             path,

@@ -387,7 +387,9 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Result<Te
             mask: Some(mask.clone()),
         });
     }
-    softmax_primitive(&(scores * scale)?.broadcast_add(&mask.tensor)?)
+    // In f32 whatever the scores' dtype: the mask's -1e30 has no f16 value.
+    let s = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask.tensor)?;
+    softmax_primitive(&s)?.to_dtype(scores.dtype())
 }
 
 /// Per-row negative log-likelihood `-log_softmax(logits)[i, targets[i]]` of `(n, V)`

@@ -84,6 +84,9 @@ pub struct TrainSpec {
     /// A checkpoint folder, or a run's output folder (its latest checkpoint).
     pub resume: Option<PathBuf>,
     pub device: Device,
+    /// The compute precision (`None`: the family's default for the device, see
+    /// `Family::compute_dtype`).
+    pub dtype: Option<candle_core::DType>,
     /// The family's own settings (a classifier's problem type, an image run's
     /// resolution), made by `Family::options`.
     pub options: FamilyOptions,
@@ -149,6 +152,7 @@ impl TrainSpec {
             checkpoint_every: None,
             resume: None,
             device: Device::Cpu,
+            dtype: None,
             options: FamilyOptions::default(),
             pause: None,
         }

@@ -11,6 +11,7 @@ pub mod tokenize;
 
 use super::family::{check_targets, Family, JobCheck, Refusal};
 use crate::data::DataFormat;
+use crate::device::DType;
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::Result;
@@ -37,6 +38,57 @@ pub struct DecoderFamily;
 impl Family for DecoderFamily {
     fn name(&self) -> &'static str {
         "decoder"
+    }
+    fn dtypes(&self) -> &'static [DType] {
+        &[DType::F32, DType::BF16, DType::F16]
+    }
+    /// bf16 on a GPU, as PEFT users run a frozen base there; f32 on the CPU, where
+    /// candle's half-precision products are slow.
+    /// Weights from the config's shapes; per layer and token a step keeps about
+    /// `10·hidden + 4·intermediate` values (the projections' outputs, norms, residuals,
+    /// the MLP's three wide tensors), attention keeps no `t × t` matrix, and the loss
+    /// holds 128 rows of f32 logits at a time (three copies while it works).
+    fn estimate_memory(
+        &self,
+        model: &Path,
+        job: &serde_json::Value,
+        dtype: DType,
+    ) -> Option<super::family::MemoryEstimate> {
+        if !model.is_dir() {
+            return None;
+        }
+        let cfg = config::DecoderConfig::from_hf_json(
+            &crate::io::read_json(&model.join("config.json")).ok()?,
+        )
+        .ok()?;
+        let num = |k: &str, d: u64| job.get(k).and_then(|v| v.as_u64()).unwrap_or(d);
+        let (batch, seq) = (num("batch_size", 4), num("max_seq_len", 1024));
+        let seq = seq.min(cfg.max_position_embeddings as u64);
+        let (h, i, v, l) = (
+            cfg.hidden_size as u64,
+            cfg.intermediate_size as u64,
+            cfg.vocab_size as u64,
+            cfg.num_hidden_layers as u64,
+        );
+        let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+        let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+        let embed = v * h * if cfg.tie_word_embeddings { 1 } else { 2 };
+        let bytes = crate::device::dtype_bytes(dtype);
+        let tokens = batch.saturating_mul(seq);
+        Some(super::family::MemoryEstimate {
+            weights: (l * per_layer + embed + h) * bytes,
+            activations: tokens
+                .saturating_mul(l * (10 * h + 4 * i) * bytes)
+                .saturating_add(3 * 128 * v * 4),
+        })
+    }
+    fn default_dtype(&self, on_gpu: bool) -> DType {
+        if on_gpu {
+            DType::BF16
+        } else {
+            DType::F32
+        }
     }
     fn task(&self) -> Task {
         Task::CausalLm

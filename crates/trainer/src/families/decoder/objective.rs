@@ -5,6 +5,7 @@ use super::loader::{self, BaseModel};
 use super::model::causal_lm_loss;
 use super::tokenize::{EncodeOptions, Encoded, IGNORE};
 use crate::data::read_examples;
+use crate::families::family::Family;
 use crate::lora::{ForwardCtx, LoraModel};
 use crate::train::{EvalMetrics, Objective, TrainSpec};
 use crate::{Error, Result};
@@ -64,7 +65,9 @@ pub struct CausalLm {
 
 impl CausalLm {
     pub fn load(spec: &TrainSpec) -> Result<Self> {
-        let base = loader::load(&spec.model, &spec.device)?;
+        let mut base = loader::load(&spec.model, &spec.device)?;
+        base.model
+            .set_dtype(super::DecoderFamily.compute_dtype(spec)?)?;
         let train = encode_file(&base, &spec.data, spec)?;
         let valid = match &spec.validation {
             Some(p) => Some(encode_file(&base, p, spec)?),

@@ -7,6 +7,7 @@
 //!
 //!   loraforge-bench --model DIR --data batches.jsonl --init-adapter DIR --out DIR
 //!       [--steps 20] [--batch 4] [--seq 256] [--lr 2e-4] [--threads 2] [--metrics-jsonl F]
+//!       [--dtype f32|bf16|f16]
 //!
 //! Stable Diffusion (`sd`): LoRA training steps of a diffusers UNet on random inputs (see
 //! `run_sd`). `scripts/bench-sd-vs-pytorch.sh` runs it against diffusers + PEFT.
@@ -107,6 +108,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     spec.max_grad_norm = 0.0;
     spec.lora.dropout = 0.0;
     spec.shuffle = false;
+    if let Some(d) = opt.get("dtype") {
+        spec.dtype = Some(loraforge_trainer::device::parse_dtype(d)?);
+    }
     let mut metrics = match opt.get("metrics-jsonl") {
         Some(p) => Some(std::fs::File::create(p)?),
         None => None,

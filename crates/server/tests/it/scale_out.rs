@@ -86,6 +86,22 @@ async fn start_moto(bin: &Path, bucket: &str) -> (Killed, String) {
     (guard, endpoint)
 }
 
+/// An API-only server on PostgreSQL and `storage`, with the tiny llama and a chat file
+/// uploaded (its id returned).
+async fn api_only(storage: &str) -> (TestServer, String) {
+    let s = TestServer::start(
+        Backend::Postgres,
+        &["--devices", "none", "--storage-url", storage],
+    )
+    .await;
+    copy_dir(
+        &root().join("tests/fixtures/tiny-llama"),
+        &s.models_dir().join("tiny-llama"),
+    );
+    let file = upload_chat(&s).await;
+    (s, file)
+}
+
 /// A worker process with its own data directory and its own copy of the base model. Its
 /// database sessions carry `app` as their `application_name`.
 fn worker(s: &TestServer, dir: &Path, storage: &str, app: &str) -> Killed {
@@ -191,16 +207,7 @@ async fn twenty_jobs_on_postgres_and_s3_survive_a_killed_and_a_frozen_worker() {
         std::env::set_var(k, v);
     }
     let storage = format!("s3://{bucket}/run");
-    let s = TestServer::start(
-        Backend::Postgres,
-        &["--devices", "none", "--storage-url", &storage],
-    )
-    .await;
-    copy_dir(
-        &root().join("tests/fixtures/tiny-llama"),
-        &s.models_dir().join("tiny-llama"),
-    );
-    let file = upload_chat(&s).await;
+    let (s, file) = api_only(&storage).await;
     let c = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -447,16 +454,7 @@ async fn a_worker_frozen_inside_or_between_transactions_knows_its_lease_is_lost(
     }
     let dirs = tempfile::tempdir().unwrap();
     let storage = format!("file://{}", dirs.path().join("blobs").display());
-    let s = TestServer::start(
-        Backend::Postgres,
-        &["--devices", "none", "--storage-url", &storage],
-    )
-    .await;
-    copy_dir(
-        &root().join("tests/fixtures/tiny-llama"),
-        &s.models_dir().join("tiny-llama"),
-    );
-    let file = upload_chat(&s).await;
+    let (s, file) = api_only(&storage).await;
     let store = s.store().await;
     let apps = ["lf-w1", "lf-w2"];
     let workers = [

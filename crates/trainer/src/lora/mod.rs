@@ -209,8 +209,20 @@ impl Linear {
             x.clone()
         };
         let a = l.a.as_tensor().to_dtype(x.dtype())?;
-        let b = l.b.as_tensor().to_dtype(x.dtype())?;
         let xa = xd.matmul(&a.t()?)?;
+        if x.dtype() != DType::F32 {
+            // Half-precision products: the update's second product and the sum run in
+            // f32 and the result stays f32, so the adapter's first, small updates are not
+            // rounded away against the base's output (bf16 keeps 8 bits of mantissa).
+            // The caller rounds once, where its next product needs to.
+            let mut y = frozen_linear(x, &self.weight)?;
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias)?;
+            }
+            let delta = xa.to_dtype(DType::F32)?.matmul(&l.b.as_tensor().t()?)?;
+            return Ok((y.to_dtype(DType::F32)? + (delta * l.scale)?)?);
+        }
+        let b = l.b.as_tensor().to_dtype(x.dtype())?;
         Ok(lora_linear(
             x,
             &self.weight,

@@ -242,14 +242,8 @@ pub fn projected_nll_generic(
     targets: &[u32],
     train: bool,
 ) -> Result<Tensor> {
-    let (n, d) = h.dims2()?;
-    let (v, wd) = w.dims2()?;
-    if wd != d || targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
-        candle_core::bail!(
-            "projected nll: {} targets for {n} rows of {d} against a ({v}, {wd}) matrix",
-            targets.len()
-        );
-    }
+    super::head_loss::check_head_args(h, w, targets)?;
+    let n = h.dim(0)?;
     let dev = h.device();
     let hd = h.detach();
     let mut nll = Vec::new();

@@ -23,14 +23,7 @@ const BLOCK: usize = 128;
 /// `(vocab, d)` matrix `w`, differentiable for `h` (CPU, f32). With `train` the forward
 /// pass also prepares `h`'s gradient; without it the op has no backward.
 pub fn projected_nll(h: &Tensor, w: &Tensor, targets: &[u32], train: bool) -> Result<Tensor> {
-    let (n, d) = h.dims2()?;
-    let (v, wd) = w.dims2()?;
-    if wd != d || targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
-        candle_core::bail!(
-            "projected nll: {} targets for {n} rows of {d} against a ({v}, {wd}) matrix",
-            targets.len()
-        );
-    }
+    check_head_args(h, w, targets)?;
     let op = ProjectedNll {
         w: w.contiguous()?,
         targets: Arc::new(targets.to_vec()),
@@ -43,6 +36,20 @@ pub fn projected_nll(h: &Tensor, w: &Tensor, targets: &[u32], train: bool) -> Re
     } else {
         h.apply_op1_no_bwd(&op)
     }
+}
+
+/// `(n, d)` rows, a `(vocab, d)` matrix and `n` targets below `vocab`; else an error
+/// naming the shapes.
+pub(super) fn check_head_args(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<()> {
+    let (n, d) = h.dims2()?;
+    let (v, wd) = w.dims2()?;
+    if wd != d || targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!(
+            "projected nll: {} targets for {n} rows of {d} against a ({v}, {wd}) matrix",
+            targets.len()
+        );
+    }
+    Ok(())
 }
 
 struct ProjectedNll {

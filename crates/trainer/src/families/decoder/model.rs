@@ -144,21 +144,8 @@ impl Decoder {
         cast(&mut self.embed)?;
         cast(&mut self.cos)?;
         cast(&mut self.sin)?;
-        for l in &mut self.layers {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
-                lin.cast_frozen(dtype)?;
-            }
-        }
-        if let Some(l) = &mut self.lm_head {
-            l.cast_frozen(dtype)?;
+        for (lin, _) in self.linears_mut() {
+            lin.cast_frozen(dtype)?;
         }
         Ok(())
     }
@@ -243,8 +230,8 @@ impl Decoder {
             };
             x = (x + a.to_dtype(DType::F32)?)?;
             let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
-            let g = layer.gate.forward(&h, ctx)?;
-            let u = layer.up.forward(&h, ctx)?;
+            let g = layer.gate.forward(&h, ctx)?.to_dtype(cd)?;
+            let u = layer.up.forward(&h, ctx)?.to_dtype(cd)?;
             x = (x + layer
                 .down
                 .forward(&swiglu(&g, &u)?, ctx)?
@@ -275,10 +262,11 @@ impl Decoder {
             dim: self.cfg.head_dim,
         };
         let scale = 1.0 / (heads.dim as f64).sqrt();
+        let cd = h.dtype();
         let (q, k, v) = (
-            l.q.forward(h, ctx)?,
-            l.k.forward(h, ctx)?,
-            l.v.forward(h, ctx)?,
+            l.q.forward(h, ctx)?.to_dtype(cd)?,
+            l.k.forward(h, ctx)?.to_dtype(cd)?,
+            l.v.forward(h, ctx)?.to_dtype(cd)?,
         );
         let out = match rope {
             Rotary::Fused(r) => {
@@ -312,9 +300,10 @@ impl Decoder {
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(l.q.forward(h, ctx)?, nh)?;
-        let k = heads(l.k.forward(h, ctx)?, nkv)?;
-        let v = heads(l.v.forward(h, ctx)?, nkv)?;
+        let cd = h.dtype();
+        let q = heads(l.q.forward(h, ctx)?.to_dtype(cd)?, nh)?;
+        let k = heads(l.k.forward(h, ctx)?.to_dtype(cd)?, nkv)?;
+        let v = heads(l.v.forward(h, ctx)?.to_dtype(cd)?, nkv)?;
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
         let mut v = v;

@@ -82,8 +82,6 @@ async fn a_remote_worker_trains_and_another_continues_from_the_blob_store() {
         w1.wait().unwrap();
         let mut w2 = worker(&s, &dirs.path().join("w2"));
         let done = wait_status(&s, &id, &["succeeded", "failed"], Duration::from_secs(120)).await;
-        let _ = w2.kill();
-        let _ = w2.wait();
         assert_eq!(done["status"], "succeeded", "{done}");
         let events: Value =
             reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/events?limit=1000")))
@@ -113,6 +111,10 @@ async fn a_remote_worker_trains_and_another_continues_from_the_blob_store() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        // Only now: the worker removes the folder just after it records the job's end,
+        // and killing it as soon as the status reads "succeeded" could beat it to that.
+        let _ = w2.kill();
+        let _ = w2.wait();
         let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
             .await
             .unwrap();

@@ -224,17 +224,21 @@ pub fn list_models(args: ModelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<40} {:<8} {:<12} {:>14} {:>8}  TRAINABLE",
-        "ID", "FORMAT", "ARCH", "PARAMETERS", "CONTEXT"
+        "{:<40} {:<8} {:<12} {:>14} {:<6} {:>10} {:>8}  TRAINABLE",
+        "ID", "FORMAT", "ARCH", "PARAMETERS", "DTYPE", "TRAIN MEM", "CONTEXT"
     );
     for m in &models {
         let format = serde_json::to_value(m.format)?;
         println!(
-            "{:<40} {:<8} {:<12} {:>14} {:>8}  {}{}",
+            "{:<40} {:<8} {:<12} {:>14} {:<6} {:>10} {:>8}  {}{}",
             m.id,
             format.as_str().unwrap_or("?"),
             m.architecture,
             m.parameters,
+            m.weights_dtype.as_deref().unwrap_or("-"),
+            m.training_memory_bytes
+                .map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or("-".into()),
             m.context_length
                 .map(|c| c.to_string())
                 .unwrap_or("-".into()),

@@ -121,6 +121,11 @@ pub struct TrainArgs {
     /// Train on prompt/user tokens too, not only on completions.
     #[arg(long)]
     pub train_on_inputs: bool,
+    /// Keep only each layer's input through the forward pass and recompute the layer in
+    /// the backward one: activation memory of one layer instead of all, for one more
+    /// forward pass of compute (decoders).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Start from an existing PEFT adapter folder.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -140,6 +145,11 @@ pub struct TrainArgs {
     /// weights and optimizer state stay f32). Default: bf16 on CUDA for decoders, else f32.
     #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     pub dtype: Option<String>,
+    /// How the frozen base is kept in memory: auto (a GGUF file's own quant types, an HF
+    /// folder dense), f32, bf16, f16, q8_0, q4_0, q4_1, q5_0, q4_k, q5_k, q6_k. Packed
+    /// weights are expanded one layer at a time for each product (QLoRA-style).
+    #[arg(long, value_parser = ["auto", "f32", "bf16", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"])]
+    pub base_dtype: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -172,6 +182,7 @@ impl TrainArgs {
             max_seq_len: self.max_seq_len,
             max_steps: self.max_steps,
             train_on_inputs: self.train_on_inputs,
+            gradient_checkpointing: self.gradient_checkpointing,
             eval_interval: self.eval_every,
             checkpoint_interval: self.checkpoint_every,
             seed: self.seed,
@@ -182,6 +193,7 @@ impl TrainArgs {
             prediction_type: self.prediction_type.clone(),
             keep_checkpoints: crate::job::spec::DEFAULT_KEEP_CHECKPOINTS,
             dtype: self.dtype.clone(),
+            base_dtype: self.base_dtype.clone(),
             request_sha256: None,
         };
         let mut s = train_spec(

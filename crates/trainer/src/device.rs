@@ -92,6 +92,56 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// How a frozen base is kept in memory (`--base-dtype`, `hyperparameters.base_dtype`):
+/// storage, not the compute precision (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseDtype {
+    /// A GGUF file's tensors each in its own quant type; an HF folder dense (in the
+    /// compute precision).
+    #[default]
+    Auto,
+    /// Dense in the compute precision (a GGUF file dequantized at load).
+    Dense,
+    /// Packed as this type, expanded per product.
+    Packed(candle_core::quantized::GgmlDType),
+}
+
+/// The names [`BaseDtype::parse`] reads.
+pub const BASE_DTYPES: &str = "auto, f32, bf16, f16, q8_0, q4_0, q4_1, q5_0, q4_k, q5_k, q6_k";
+
+impl BaseDtype {
+    pub fn parse(s: &str) -> Result<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        Ok(match s.trim() {
+            "auto" => Self::Auto,
+            "f32" => Self::Dense,
+            "bf16" => Self::Packed(G::BF16),
+            "f16" => Self::Packed(G::F16),
+            "q8_0" => Self::Packed(G::Q8_0),
+            "q4_0" => Self::Packed(G::Q4_0),
+            "q4_1" => Self::Packed(G::Q4_1),
+            "q5_0" => Self::Packed(G::Q5_0),
+            "q4_k" => Self::Packed(G::Q4K),
+            "q5_k" => Self::Packed(G::Q5K),
+            "q6_k" => Self::Packed(G::Q6K),
+            other => {
+                return Err(Error::Config(format!(
+                    "base dtype \"{other}\": expected one of {BASE_DTYPES}"
+                )))
+            }
+        })
+    }
+
+    /// The name [`BaseDtype::parse`] reads back.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Dense => "f32",
+            Self::Packed(t) => crate::ops::ggml_name(*t),
+        }
+    }
+}
+
 /// How long candle's element-wise workers spin for the next op before they sleep: its
 /// default, 25,000 rounds, keeps a core busy after every element-wise op, and on a machine
 /// whose every core runs a matmul thread that spinning is taken from the matmuls

@@ -429,3 +429,131 @@ fn switched_in_adapter_gives_peft_logits() {
         }
     }
 }
+
+/// Loss and LoRA gradients of `base` with PEFT's non-zero adapter on the fixture batch.
+fn loss_and_grads(mut base: BaseModel, name: &str) -> (f32, Vec<Vec<f32>>) {
+    let dir = fixtures().join(format!("{name}-ref/adapter_nonzero"));
+    let cfg = lora::read_adapter_config(&dir).unwrap();
+    lora::attach(&mut base.model, &cfg, 0).unwrap();
+    lora::load_adapter_weights(&base.model, &dir).unwrap();
+    let r = Ref::load(name);
+    let ctx = ForwardCtx::train(rand_chacha_seed());
+    let (nll, n, _) = causal_lm_loss(
+        &base.model,
+        &r.ids("input_ids"),
+        &r.rows_u32("attention_mask"),
+        &r.rows_i64("labels"),
+        &ctx,
+    )
+    .unwrap();
+    let loss = (nll / n as f64).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = lora::params(&base.model)
+        .iter()
+        .map(|(_, v)| {
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), g)
+}
+
+/// A packed base (QLoRA-style: each matrix expanded per product) computes the same loss
+/// and LoRA gradients, bit for bit, as a dense base holding the same values: its twin,
+/// written from the packed matrices' expansion.
+#[test]
+fn packed_base_computes_exactly_like_its_dense_twin() {
+    use candle_core::quantized::GgmlDType;
+    use loraforge_trainer::device::BaseDtype;
+    let name = "tiny-llama";
+    let src = fixtures().join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    for kind in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::BF16,
+    ] {
+        let packed = loader::load_with(&src, &dev(), BaseDtype::Packed(kind)).unwrap();
+        let twin = tmp.path().join(format!("{kind:?}"));
+        std::fs::create_dir_all(&twin).unwrap();
+        for f in std::fs::read_dir(&src).unwrap() {
+            let f = f.unwrap();
+            if f.file_name() != "model.safetensors" {
+                std::fs::copy(f.path(), twin.join(f.file_name())).unwrap();
+            }
+        }
+        let w: HashMap<String, Tensor> =
+            packed.model.merged_weights().unwrap().into_iter().collect();
+        candle_core::safetensors::save(&w, twin.join("model.safetensors")).unwrap();
+        let dense = loader::load(&twin, &dev()).unwrap();
+        let (lp, gp) = loss_and_grads(packed, name);
+        let (ld, gd) = loss_and_grads(dense, name);
+        assert_eq!(lp.to_bits(), ld.to_bits(), "{kind:?}: loss {lp} vs {ld}");
+        assert!(gp == gd, "{kind:?}: LoRA gradients differ");
+        // And quantization moved the loss, a little: the test compares what it claims.
+        let (lf, _) = loss_and_grads(loader::load(&src, &dev()).unwrap(), name);
+        println!("{kind:?}: loss {lp} (f32 base {lf})");
+        assert!(
+            lp != lf && ((lp - lf) / lf).abs() < 0.05,
+            "{kind:?}: {lp} vs {lf}"
+        );
+    }
+}
+
+/// Activation checkpointing (each layer recomputed in the backward pass, with the same
+/// dropout draws) gives the loss and LoRA gradients of the plain pass.
+#[test]
+fn checkpointed_pass_gives_the_plain_loss_and_gradients() {
+    use loraforge_trainer::lora::LoraModel;
+    let name = "tiny-llama";
+    let r = Ref::load(name);
+    let mut base = model_with_adapter(name, "adapter_nonzero");
+    for (lin, _) in base.model.linears_mut() {
+        if let Some(l) = lin.lora.as_mut() {
+            l.dropout = 0.1;
+        }
+    }
+    let (ids, mask, labels) = (
+        r.ids("input_ids"),
+        r.rows_u32("attention_mask"),
+        r.rows_i64("labels"),
+    );
+    let params = lora::params(&base.model);
+    let flat = |g: &candle_core::backprop::GradStore| -> Vec<Vec<f32>> {
+        params
+            .iter()
+            .map(|(k, v)| {
+                g.get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {k}"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let ctx = ForwardCtx::train(rand_chacha_seed());
+    let (nll, n, _) = causal_lm_loss(&base.model, &ids, &mask, &labels, &ctx).unwrap();
+    let plain = nll.to_scalar::<f32>().unwrap() as f64;
+    let plain_grads = flat(&(nll / n as f64).unwrap().backward().unwrap());
+    let ctx = ForwardCtx::train(rand_chacha_seed());
+    let (ck, ck_grads) = base
+        .model
+        .checkpointed_loss_and_grads(&ids, &mask, &labels, &ctx, n as f64)
+        .unwrap();
+    assert_eq!(plain, ck, "loss");
+    let mut worst = 0f32;
+    for (a, b) in plain_grads.iter().zip(flat(&ck_grads).iter()) {
+        let m = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let d = a.iter().zip(b).fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+        worst = worst.max(d / m);
+    }
+    println!("checkpointed vs plain LoRA gradients: worst relative difference {worst:.3e}");
+    assert!(worst < 1e-6, "checkpointed gradients differ by {worst:.3e}");
+}

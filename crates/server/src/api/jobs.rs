@@ -127,6 +127,15 @@ async fn check_with_family(
             ApiError::bad_request(format!("hyperparameters.{m}")).param("hyperparameters.dtype")
         })?;
     }
+    if let Some(b) = spec.base_dtype.as_deref() {
+        if !matches!(b, "auto" | "f32") && !family.packs_base() {
+            return Err(ApiError::bad_request(format!(
+                "hyperparameters.base_dtype {b}: {} models keep their base dense here (auto or f32)",
+                family.name()
+            ))
+            .param("hyperparameters.base_dtype"));
+        }
+    }
     let small = train.bytes <= DATA_CHECK_MAX_BYTES
         && valid.is_none_or(|v| v.bytes <= DATA_CHECK_MAX_BYTES);
     let (t, v) = if family.checks_data() && small {
@@ -542,10 +551,12 @@ pub fn job_object(j: &JobRecord) -> Value {
             "max_seq_len": s.max_seq_len,
             "max_steps": s.max_steps,
             "train_on_inputs": s.train_on_inputs,
+            "gradient_checkpointing": s.gradient_checkpointing,
             "eval_interval": s.eval_interval,
             "checkpoint_interval": s.checkpoint_interval,
             "keep_checkpoints": s.keep_checkpoints,
             "dtype": s.dtype,
+            "base_dtype": s.base_dtype,
         });
         if s.task == Task::TextToImage {
             h["resolution"] = json!(s.resolution);

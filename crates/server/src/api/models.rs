@@ -18,6 +18,11 @@ pub struct ModelObject {
     pub format: String,
     pub architecture: String,
     pub parameters: u64,
+    /// The stored type of most of its parameters (`bf16`, `q4_k`, ...).
+    pub weights_dtype: Option<String>,
+    /// About how much memory a default job takes to train it (batch 4 × 1,024 tokens,
+    /// f32 on the CPU, the base as `base_dtype: auto` keeps it), in bytes.
+    pub training_memory_bytes: Option<u64>,
     pub context_length: Option<u64>,
     pub trainable: bool,
     /// The tasks it can be fine-tuned for.
@@ -51,6 +56,8 @@ pub fn model_object(m: &ModelInfo) -> ModelObject {
         format,
         architecture: m.architecture.clone(),
         parameters: m.parameters,
+        weights_dtype: m.weights_dtype.clone(),
+        training_memory_bytes: m.training_memory_bytes,
         context_length: m.context_length,
         trainable: m.trainable,
         tasks: m.tasks.clone(),
@@ -102,6 +109,8 @@ async fn scan(state: &AppState, who: &Principal) -> ApiResult<Vec<ModelObject>> 
                 format: "lora".into(),
                 architecture: base.map(|b| b.architecture.clone()).unwrap_or_default(),
                 parameters: base.map(|b| b.parameters).unwrap_or(0),
+                weights_dtype: None,
+                training_memory_bytes: None,
                 context_length: base.and_then(|b| b.context_length),
                 trainable: false,
                 tasks: Vec::new(),

@@ -3,6 +3,7 @@
 //! one the worker and `loraforge train` both use.
 
 use loraforge_store::JobRecord;
+use loraforge_trainer::device::BaseDtype;
 use loraforge_trainer::families::for_task;
 use loraforge_trainer::lora::{LoraConfig, Targets};
 use loraforge_trainer::train::optim::{AdamWConfig, Scheduler};
@@ -48,6 +49,10 @@ pub struct JobSpec {
     pub max_seq_len: usize,
     pub max_steps: Option<u64>,
     pub train_on_inputs: bool,
+    /// Recompute each layer in the backward pass instead of keeping its activations
+    /// (causal_lm; ignored by the other tasks).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub eval_interval: Option<u64>,
     pub checkpoint_interval: Option<u64>,
     pub seed: u64,
@@ -68,6 +73,11 @@ pub struct JobSpec {
     /// worker's device (bf16 on CUDA for decoders, f32 otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// How the frozen base is kept in memory (`auto`, `f32`, `bf16`, `f16`, `q8_0`,
+    /// `q4_0`, `q4_1`, `q5_0`, `q4_k`, `q5_k`, `q6_k`); none: `auto` (a GGUF base in its
+    /// own quant types, an HF folder dense).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_dtype: Option<String>,
     /// Checkpoints kept: the newest this many, plus the one with the best validation loss.
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: u64,
@@ -129,7 +139,7 @@ fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> Result<bool, Spec
 /// Hyperparameters of text-to-image jobs only.
 const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
 
-const KNOWN_HP: [&str; 25] = [
+const KNOWN_HP: [&str; 27] = [
     "resolution",
     "snr_gamma",
     "noise_offset",
@@ -151,10 +161,12 @@ const KNOWN_HP: [&str; 25] = [
     "max_seq_len",
     "max_steps",
     "train_on_inputs",
+    "gradient_checkpointing",
     "eval_interval",
     "checkpoint_interval",
     "keep_checkpoints",
     "dtype",
+    "base_dtype",
 ];
 
 /// Keys that OpenAI's API gives a meaning we do not implement yet: refused by name rather
@@ -269,6 +281,7 @@ pub fn parse_spec(
         max_seq_len: hp_num(hp, "max_seq_len", 1024usize, 2, 1 << 20)?,
         max_steps: opt_u64("max_steps")?,
         train_on_inputs: hp_bool(hp, "train_on_inputs")?,
+        gradient_checkpointing: hp_bool(hp, "gradient_checkpointing")?,
         eval_interval: opt_u64("eval_interval")?,
         checkpoint_interval: opt_u64("checkpoint_interval")?,
         seed: seed.unwrap_or(42),
@@ -297,6 +310,18 @@ pub fn parse_spec(
                 Err(_) => return Err(hp_err("dtype", "must be f32, bf16 or f16")),
             },
             Some(_) => return Err(hp_err("dtype", "must be f32, bf16 or f16")),
+        },
+        base_dtype: match hp.get("base_dtype") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_str().map(BaseDtype::parse) {
+                Some(Ok(b)) => Some(b.name().to_string()),
+                _ => {
+                    return Err(hp_err(
+                        "base_dtype",
+                        &format!("must be one of {}", loraforge_trainer::device::BASE_DTYPES),
+                    ))
+                }
+            },
         },
         request_sha256: None,
     })
@@ -346,8 +371,12 @@ pub fn train_spec(
         .as_deref()
         .map(loraforge_trainer::device::parse_dtype)
         .transpose()?;
+    if let Some(b) = spec.base_dtype.as_deref() {
+        t.base_dtype = BaseDtype::parse(b)?;
+    }
     t.seed = spec.seed;
     t.train_on_inputs = spec.train_on_inputs;
+    t.gradient_checkpointing = spec.gradient_checkpointing;
     t.eval_every = spec.eval_interval;
     t.checkpoint_every = spec.checkpoint_interval;
     // The family reads its own settings (problem type, image settings, the adapter's

@@ -272,3 +272,58 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
     println!("chat, base:    {base}\nchat, adapter: {tuned}");
     assert_ne!(base, tuned);
 }
+
+/// `loraforge train` over SmolLM2's Q4_1 GGUF kept packed (`--base-dtype auto`, the
+/// default) gives the losses and the adapter of the same run over the dequantized base
+/// (`--base-dtype f32`), bit for bit: a packed matrix expands to exactly the values that
+/// loading it as f32 produces, and the products are the same.
+#[test]
+fn smollm2_packed_base_trains_exactly_as_the_dequantized_one() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let train = |base: &str| -> (Vec<f64>, Vec<u8>) {
+        let out = dir.path().join(base);
+        let metrics = dir.path().join(format!("{base}.jsonl"));
+        run(loraforge()
+            .arg("train")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(root().join("tests/data/chat-small.jsonl"))
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--max-seq-len",
+                "128",
+            ])
+            .args(["--target-modules", "all-linear", "--threads", "2"])
+            .args(["--base-dtype", base])
+            .arg("--metrics-jsonl")
+            .arg(&metrics));
+        let losses = std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+            .collect();
+        (
+            losses,
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        )
+    };
+    let (packed, packed_adapter) = train("auto");
+    let (dense, dense_adapter) = train("f32");
+    assert_eq!(packed.len(), 3, "{packed:?}");
+    assert_eq!(
+        packed, dense,
+        "losses over the packed and the dequantized base"
+    );
+    assert!(
+        packed_adapter == dense_adapter,
+        "the adapters differ between the packed and the dequantized base"
+    );
+}

@@ -30,6 +30,12 @@
 //!
 //!   loraforge-bench attention --impl fused|blocked|both [--seq 2048] [--batch 1]
 //!       [--heads 9] [--kv-heads 3] [--dim 64] [--threads 2]
+//!
+//! Model sizes (`gguf`): writes a llama-shaped GGUF with random weights (Llama 3.2 1B,
+//! 3B or Llama 3.1 8B shapes) in one quant type, with a byte-level tokenizer of the same
+//! vocabulary size, for `scripts/bench-model-sizes.sh` to train with `loraforge train`.
+//!
+//!   loraforge-bench gguf --shape 1b|3b|8b --quant q4_k|q8_0|... --out FILE
 
 use candle_core::{Device, Tensor};
 use loraforge_trainer::families::diffusion::unet::{mse, UNet};
@@ -69,7 +75,7 @@ fn opt_num(opt: &Opts, k: &str, d: &str) -> Result<f64, String> {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).peekable();
     let sub = match args.peek().map(String::as_str) {
-        Some(s @ ("sd" | "gemm" | "attention")) => Some(s.to_string()),
+        Some(s @ ("sd" | "gemm" | "attention" | "gguf")) => Some(s.to_string()),
         _ => None,
     };
     if sub.is_some() {
@@ -84,6 +90,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Some("sd") => return run_sd(&opt),
         Some("gemm") => return run_gemm(&opt),
         Some("attention") => return run_attention(&opt),
+        Some("gguf") => return run_gguf(&opt),
         _ => {}
     }
     let get = |k: &str| opt_str(&opt, k);
@@ -426,4 +433,122 @@ fn proc_status_mib(field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb / 1024)
+}
+
+/// GPT-2's byte-level alphabet: the printable bytes stand for themselves, the others for
+/// the code points from 256 up, in byte order.
+fn byte_level_alphabet() -> Vec<String> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut next = 256;
+    (0u32..256)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(c).expect("a valid code point").to_string()
+        })
+        .collect()
+}
+
+fn run_gguf(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::QTensor;
+    use loraforge_trainer::device::BaseDtype;
+    // (hidden, intermediate, layers, heads, kv heads, tied): Llama 3.2 1B and 3B, 3.1 8B.
+    let (h, i, l, nh, nkv, tied) = match opt_str(opt, "shape")?.as_str() {
+        "1b" => (2048usize, 8192usize, 16usize, 32usize, 8usize, true),
+        "3b" => (3072, 8192, 28, 24, 8, true),
+        "8b" => (4096, 14336, 32, 32, 8, false),
+        other => return Err(format!("--shape {other}: expected 1b, 3b or 8b").into()),
+    };
+    let kind = match BaseDtype::parse(&opt_str(opt, "quant")?)? {
+        BaseDtype::Packed(k) => k,
+        _ => return Err("--quant: a packed type (q4_k, q8_0, ...)".into()),
+    };
+    let vocab = 128_256usize;
+    let hd = h / nh;
+    let dev = Device::Cpu;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut matrix = |name: String, rows: usize, cols: usize| -> candle_core::Result<()> {
+        let t = Tensor::randn(0f32, 0.02, (rows, cols), &dev)?;
+        tensors.push((name, QTensor::quantize(&t, kind)?));
+        Ok(())
+    };
+    matrix("token_embd.weight".into(), vocab, h)?;
+    if !tied {
+        matrix("output.weight".into(), vocab, h)?;
+    }
+    for b in 0..l {
+        let p = format!("blk.{b}");
+        matrix(format!("{p}.attn_q.weight"), nh * hd, h)?;
+        matrix(format!("{p}.attn_k.weight"), nkv * hd, h)?;
+        matrix(format!("{p}.attn_v.weight"), nkv * hd, h)?;
+        matrix(format!("{p}.attn_output.weight"), h, nh * hd)?;
+        matrix(format!("{p}.ffn_gate.weight"), i, h)?;
+        matrix(format!("{p}.ffn_up.weight"), i, h)?;
+        matrix(format!("{p}.ffn_down.weight"), h, i)?;
+        eprintln!("layer {b} of {l}");
+    }
+    let ones = Tensor::ones(h, candle_core::DType::F32, &dev)?;
+    let norm = || QTensor::quantize(&ones, candle_core::quantized::GgmlDType::F32);
+    tensors.push(("output_norm.weight".into(), norm()?));
+    for b in 0..l {
+        tensors.push((format!("blk.{b}.attn_norm.weight"), norm()?));
+        tensors.push((format!("blk.{b}.ffn_norm.weight"), norm()?));
+    }
+    // Bytes, one merge (a GGUF array is typed by its first element), two specials, and
+    // filler up to Llama 3's vocabulary: the output head is as wide as the real one's.
+    let mut tokens = byte_level_alphabet();
+    tokens.push("\u{120}t".into());
+    let bos = tokens.len() as u32;
+    tokens.push("<|begin_of_text|>".into());
+    tokens.push("<|end_of_text|>".into());
+    while tokens.len() < vocab {
+        tokens.push(format!("<|filler_{}|>", tokens.len()));
+    }
+    let types: Vec<Value> = (0..vocab)
+        .map(|t| {
+            Value::I32(if t as u32 == bos || t as u32 == bos + 1 {
+                3
+            } else {
+                1
+            })
+        })
+        .collect();
+    let u = |x: usize| Value::U32(x as u32);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", u(h)),
+        ("llama.feed_forward_length", u(i)),
+        ("llama.block_count", u(l)),
+        ("llama.attention.head_count", u(nh)),
+        ("llama.attention.head_count_kv", u(nkv)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.rope.freq_base", Value::F32(500_000.0)),
+        ("llama.context_length", u(8192)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("llama-bpe".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(vec![Value::String("\u{120} t".into())]),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(bos)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(bos + 1)),
+    ];
+    let out = PathBuf::from(opt_str(opt, "out")?);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&out)?);
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    f.flush()?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
 }

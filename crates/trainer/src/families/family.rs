@@ -46,6 +46,11 @@ pub trait Family: Sync {
     }
     /// The modules a LoRA goes on when a job names none (the family's usual PEFT set).
     fn default_targets(&self) -> Targets;
+    /// Whether the family can keep its frozen base packed (`base_dtype` other than
+    /// `auto` or `f32`).
+    fn packs_base(&self) -> bool {
+        false
+    }
     /// The compute precisions its models run in (activations and frozen weights; LoRA
     /// weights and optimizer state are f32 whatever this is).
     fn dtypes(&self) -> &'static [DType] {

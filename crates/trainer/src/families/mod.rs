@@ -25,9 +25,10 @@ pub fn for_task(task: Task) -> &'static dyn Family {
         .expect("every task has a family in ALL")
 }
 
-use crate::io::{safetensors_files, safetensors_param_count};
+use crate::io::{safetensors_files, safetensors_params};
 use crate::{Error, Result};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The training tasks an architecture supports (empty: none).
@@ -74,6 +75,11 @@ pub struct ModelInfo {
     pub format: ModelFormat,
     pub architecture: String,
     pub parameters: u64,
+    /// The stored type of most of its parameters (`bf16`, `q4_k`, ...).
+    pub weights_dtype: Option<String>,
+    /// Training memory of a default job (batch 4 × 1,024 tokens, f32 on the CPU, the
+    /// base as `auto` keeps it), by the family's estimator; `None` when it has none.
+    pub training_memory_bytes: Option<u64>,
     pub context_length: Option<u64>,
     pub trainable: bool,
     /// The tasks it can be fine-tuned for (`causal_lm`, `sequence_classification`).
@@ -113,6 +119,8 @@ pub fn scan(dir: &Path) -> Vec<ModelInfo> {
                 path,
                 architecture: "unknown".into(),
                 parameters: 0,
+                weights_dtype: None,
+                training_memory_bytes: None,
                 context_length: None,
                 trainable: false,
                 tasks: Vec::new(),
@@ -155,19 +163,24 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::Model(format!("{}: no \"model_type\"", cfg_path.display())))?
             .to_string();
-        let parameters = safetensors_files(path)?
-            .iter()
-            .map(|f| safetensors_param_count(f))
-            .sum::<Result<u64>>()?;
+        let mut by_dtype = HashMap::new();
+        for f in safetensors_files(path)? {
+            for (d, n) in safetensors_params(&f)? {
+                *by_dtype.entry(d).or_insert(0) += n;
+            }
+        }
+        let parameters = by_dtype.values().sum();
         let context_length = cfg.get("max_position_embeddings").and_then(|v| v.as_u64());
         let (trainable, note) = trainability(&arch);
         let tasks = tasks_of(&arch);
         Ok(ModelInfo {
+            training_memory_bytes: default_job_memory(path, &arch),
             id,
             path: path.to_path_buf(),
             format: ModelFormat::Hf,
             architecture: arch,
             parameters,
+            weights_dtype: most(by_dtype),
             context_length,
             trainable,
             tasks,
@@ -186,19 +199,23 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
             .metadata
             .get(&format!("{arch}.context_length"))
             .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)));
-        let parameters = ct
-            .tensor_infos
-            .values()
-            .map(|t| t.shape.elem_count() as u64)
-            .sum();
+        let mut by_dtype = HashMap::new();
+        for t in ct.tensor_infos.values() {
+            *by_dtype
+                .entry(crate::ops::ggml_name(t.ggml_dtype).to_string())
+                .or_insert(0) += t.shape.elem_count() as u64;
+        }
+        let parameters = by_dtype.values().sum();
         let (trainable, note) = trainability(&arch);
         let tasks = tasks_of(&arch);
         Ok(ModelInfo {
+            training_memory_bytes: default_job_memory(path, &arch),
             id,
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
             architecture: arch,
             parameters,
+            weights_dtype: most(by_dtype),
             context_length,
             trainable,
             tasks,
@@ -209,6 +226,22 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
 
 /// A diffusers pipeline folder: its class from `model_index.json`, the parameters of
 /// its UNet, VAE and text encoder.
+/// The stored type that holds the most parameters.
+fn most(by_dtype: HashMap<String, u64>) -> Option<String> {
+    by_dtype
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(d, _)| d)
+}
+
+/// The default job's training memory on the CPU, by the first family that trains `arch`.
+fn default_job_memory(path: &Path, arch: &str) -> Option<u64> {
+    let family = ALL.iter().find(|f| f.architectures().contains(&arch))?;
+    family
+        .estimate_memory(path, &serde_json::json!({}), candle_core::DType::F32)
+        .map(|e| e.total())
+}
+
 fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
     let idx = path.join("model_index.json");
     let v: serde_json::Value = crate::io::read_json(&idx)?;
@@ -217,15 +250,18 @@ fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
         .and_then(|c| c.as_str())
         .ok_or_else(|| Error::Model(format!("{}: no \"_class_name\"", idx.display())))?
         .to_string();
-    let mut parameters = 0;
+    let mut by_dtype = HashMap::new();
     for part in ["unet", "vae", "text_encoder"] {
         let dir = path.join(part);
         if dir.is_dir() {
             for f in safetensors_files(&dir)? {
-                parameters += safetensors_param_count(&f)?;
+                for (d, n) in safetensors_params(&f)? {
+                    *by_dtype.entry(d).or_insert(0) += n;
+                }
             }
         }
     }
+    let parameters = by_dtype.values().sum();
     let tasks = pipeline_tasks(&class);
     let trainable = !tasks.is_empty();
     Ok(ModelInfo {
@@ -234,6 +270,8 @@ fn inspect_diffusers(path: &Path, id: String) -> Result<ModelInfo> {
         format: ModelFormat::Diffusers,
         architecture: class.clone(),
         parameters,
+        weights_dtype: most(by_dtype),
+        training_memory_bytes: None,
         context_length: None,
         trainable,
         tasks,

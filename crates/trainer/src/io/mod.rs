@@ -29,15 +29,15 @@ pub type Weights = HashMap<String, Tensor>;
 
 /// Takes named tensors out of a weight map, each once, under an optional path prefix
 /// (as candle's `VarBuilder::pp`), naming the model and the whole key when one is missing.
-pub struct Take<'a> {
-    w: &'a mut Weights,
+pub struct Take<'a, T = Tensor> {
+    w: &'a mut HashMap<String, T>,
     /// Which model, for error messages.
     what: &'static str,
     prefix: Option<String>,
 }
 
-impl<'a> Take<'a> {
-    pub fn new(w: &'a mut Weights, what: &'static str) -> Self {
+impl<'a, T> Take<'a, T> {
+    pub fn new(w: &'a mut HashMap<String, T>, what: &'static str) -> Self {
         Take {
             w,
             what,
@@ -58,7 +58,7 @@ impl<'a> Take<'a> {
         }
     }
 
-    pub fn get(&mut self, name: &str) -> Result<Tensor> {
+    pub fn get(&mut self, name: &str) -> Result<T> {
         let key = self.key(name);
         self.w
             .remove(&key)
@@ -66,7 +66,7 @@ impl<'a> Take<'a> {
     }
 
     /// A weight the model may or may not have.
-    pub fn get_opt(&mut self, name: &str) -> Option<Tensor> {
+    pub fn get_opt(&mut self, name: &str) -> Option<T> {
         let key = self.key(name);
         self.w.remove(&key)
     }
@@ -123,8 +123,8 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )))
 }
 
-/// Parameter count from a safetensors header alone (8-byte length + JSON), without mapping the data.
-pub fn safetensors_param_count(path: &Path) -> Result<u64> {
+/// A safetensors file's header (8-byte length + JSON), without mapping the data.
+fn safetensors_header(path: &Path) -> Result<serde_json::Map<String, Value>> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
@@ -137,15 +137,26 @@ pub fn safetensors_param_count(path: &Path) -> Result<u64> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)?;
-    let mut total = 0u64;
-    for (k, t) in v.as_object().into_iter().flatten() {
-        if k == "__metadata__" {
-            continue;
-        }
-        if let Some(shape) = t.get("shape").and_then(|s| s.as_array()) {
-            total += shape.iter().filter_map(|d| d.as_u64()).product::<u64>();
-        }
+    let mut v: serde_json::Map<String, Value> = serde_json::from_slice(&header)?;
+    v.remove("__metadata__");
+    Ok(v)
+}
+
+/// Parameters per stored dtype (`f32`, `bf16`, ...) from a safetensors header alone.
+pub fn safetensors_params(path: &Path) -> Result<HashMap<String, u64>> {
+    let mut out = HashMap::new();
+    for t in safetensors_header(path)?.values() {
+        let n: u64 = t
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().filter_map(|d| d.as_u64()).product())
+            .unwrap_or(0);
+        let dtype = t
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .unwrap_or("?")
+            .to_lowercase();
+        *out.entry(dtype).or_insert(0) += n;
     }
-    Ok(total)
+    Ok(out)
 }

@@ -7,7 +7,7 @@
 
 pub mod hotswap;
 
-use crate::ops::{frozen_linear, lora_linear};
+use crate::ops::{frozen_linear, lora_linear, Frozen};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -157,7 +157,8 @@ pub struct LoraPair {
 pub struct Linear {
     /// PEFT module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub path: String,
-    pub weight: Tensor,
+    /// Dense, or packed (a quantized base) and expanded per product.
+    pub weight: Frozen,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraPair>,
     /// Stored as a 1×1 convolution (SD 1.x's `proj_in`/`proj_out`): the same map applied
@@ -170,17 +171,17 @@ impl Linear {
     /// The frozen weight and bias in `dtype` (the compute precision); an adapter's
     /// weights stay f32, cast per product, as PEFT keeps them under autocast.
     pub fn cast_frozen(&mut self, dtype: DType) -> Result<()> {
-        self.weight = self.weight.to_dtype(dtype)?;
+        self.weight = self.weight.with_dtype(dtype)?;
         if let Some(b) = &self.bias {
             self.bias = Some(b.to_dtype(dtype)?);
         }
         Ok(())
     }
 
-    pub fn new(path: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(path: String, weight: impl Into<Frozen>, bias: Option<Tensor>) -> Self {
         Self {
             path,
-            weight,
+            weight: weight.into(),
             bias,
             lora: None,
             conv1x1: false,
@@ -240,7 +241,7 @@ impl Linear {
         let a: Vec<f32> = (0..cfg.r * inp)
             .map(|_| rng.random_range(-bound..bound))
             .collect();
-        let dev = self.weight.device();
+        let dev = &self.weight.device();
         let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), dev)?)?;
         let b = Var::from_tensor(&Tensor::zeros((out, cfg.r), DType::F32, dev)?)?;
         self.lora = Some(LoraPair {
@@ -255,10 +256,11 @@ impl Linear {
     /// `W + s·B·A`, for merging.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
-            None => Ok(self.weight.clone()),
+            None => Ok(self.weight.dense()?),
             Some(l) => {
                 let delta = l.b.as_tensor().matmul(l.a.as_tensor())?;
-                Ok((&self.weight + (delta.to_dtype(self.weight.dtype())? * l.scale)?)?)
+                let w = self.weight.dense()?;
+                Ok((&w + (delta.to_dtype(w.dtype())? * l.scale)?)?)
             }
         }
     }
@@ -510,7 +512,7 @@ pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Res
     let dev = model
         .linears()
         .first()
-        .map(|l| l.weight.device().clone())
+        .map(|l| l.weight.device())
         .unwrap_or(Device::Cpu);
     let file = candle_core::safetensors::load(&p, &dev)
         .map_err(|e| Error::Adapter(format!("{}: {e}", p.display())))?;

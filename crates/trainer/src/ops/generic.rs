@@ -7,7 +7,7 @@
 //! computes its result on detached inputs first, and a [`Handover`] makes that result the
 //! custom op's output: the graph then holds only the op's inputs and the backward below.
 
-use super::{rms_norm_primitive, rope_primitive};
+use super::{rms_norm_primitive, rope_primitive, Frozen};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
@@ -118,8 +118,8 @@ pub(super) use hand_over_forwards;
 /// `x · Wᵀ` for a frozen `W` on any device: the backward computes `dX = g · W` only.
 /// (candle's own matmul backward also computes, and keeps until the step ends, a
 /// gradient for `W` that nobody reads: a second copy of every frozen weight.)
-pub fn frozen_linear_generic(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let out = x.detach().matmul(&w.t()?)?;
+pub fn frozen_linear_generic(x: &Tensor, w: &Frozen) -> Result<Tensor> {
+    let out = x.detach().matmul(&w.dense()?.t()?)?;
     x.apply_op1(FrozenLinear {
         w: w.clone(),
         out: Handover::new(out),
@@ -127,7 +127,7 @@ pub fn frozen_linear_generic(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct FrozenLinear {
-    w: Tensor,
+    w: Frozen,
     out: Handover,
 }
 
@@ -139,7 +139,7 @@ impl CustomOp1 for FrozenLinear {
     hand_over_forwards!(1);
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.detach().matmul(&self.w)?))
+        Ok(Some(g.detach().matmul(&self.w.dense()?)?))
     }
 }
 
@@ -305,10 +305,11 @@ mod tests {
         let dev = Device::Cpu;
         let (n, i, o) = (5, 6, 7);
         let w = Tensor::from_vec(rand_vec(o * i, 87), (o, i), &dev)?;
-        let generic = |x: &Tensor| frozen_linear_generic(x, &w);
+        let wf = Frozen::from(w.clone());
+        let generic = |x: &Tensor| frozen_linear_generic(x, &wf);
         let fused = |x: &Tensor| {
             x.apply_op1(super::super::FrozenLinear {
-                w: w.clone(),
+                w: wf.clone(),
                 bias: None,
             })
         };
@@ -317,7 +318,7 @@ mod tests {
         let wv = candle_core::Var::from_tensor(&w)?;
         let x =
             candle_core::Var::from_tensor(&Tensor::from_vec(rand_vec(n * i, 88), (n, i), &dev)?)?;
-        let grads = frozen_linear_generic(x.as_tensor(), wv.as_tensor())?
+        let grads = frozen_linear_generic(x.as_tensor(), &Frozen::from(wv.as_tensor().clone()))?
             .sum_all()?
             .backward()?;
         assert!(grads.get(wv.as_tensor()).is_none());

@@ -25,7 +25,7 @@ const BLOCK: usize = 128;
 pub fn projected_nll(h: &Tensor, w: &Tensor, targets: &[u32], train: bool) -> Result<Tensor> {
     check_head_args(h, w, targets)?;
     let op = ProjectedNll {
-        w: w.contiguous()?,
+        w: Mutex::new(Some(w.contiguous()?)),
         targets: Arc::new(targets.to_vec()),
         train,
         grad: Mutex::new(None),
@@ -53,7 +53,9 @@ pub(super) fn check_head_args(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result
 }
 
 struct ProjectedNll {
-    w: Tensor,
+    /// Taken by the forward pass, so the graph, which keeps the op until backward, does
+    /// not keep the matrix (for a packed base, a whole expanded copy of it).
+    w: Mutex<Option<Tensor>>,
     targets: Arc<Vec<u32>>,
     train: bool,
     /// `(softmax − onehot) · W` per row, from the forward pass for the backward one.
@@ -69,8 +71,11 @@ impl CustomOp1 for ProjectedNll {
         // The blocks below address `hs` by offset, so it must be contiguous rows.
         rows_of(hs, lh)?;
         let (n, d) = lh.shape().dims2()?;
-        let v = self.w.dim(0)?;
-        let (ws, wl) = self.w.storage_and_layout();
+        let Some(w) = self.w.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("projected nll: a second forward pass")
+        };
+        let v = w.dim(0)?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("projected nll: the matrix is not on the CPU")
         };
@@ -83,7 +88,7 @@ impl CustomOp1 for ProjectedNll {
         for start in (0..n).step_by(BLOCK) {
             let c = BLOCK.min(n - start);
             let block = Layout::contiguous_with_offset((c, d), lh.start_offset() + start * d);
-            let mut logits = matmul_wt(hs, &block, &self.w)?;
+            let mut logits = matmul_wt(hs, &block, &w)?;
             let targets = &self.targets[start..start + c];
             rows_in_parallel(&mut logits, v, &mut nll[start..start + c], |row, x, out| {
                 let t = targets[row] as usize;
@@ -165,7 +170,8 @@ mod tests {
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
         let h = rand_vec(n * d, 42);
         let fused = |h: &Tensor| projected_nll(h, &w, &targets, true);
-        let composed = |h: &Tensor| cross_entropy_rows(&frozen_linear(h, &w)?, &targets);
+        let wf = super::super::Frozen::from(w.clone());
+        let composed = |h: &Tensor| cross_entropy_rows(&frozen_linear(h, &wf)?, &targets);
         assert!(agree(&fused, &composed, h.clone(), &[n, d])? < 1e-5);
         // Finite differences on a few rows (each probe reruns the whole forward).
         let few = 3 * d;

@@ -18,10 +18,12 @@ use std::sync::Arc;
 
 mod attention;
 mod blocked;
+mod frozen;
 mod generic;
 mod head_loss;
 pub use attention::{multi_head_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
+pub use frozen::{ggml_bytes, ggml_name, Frozen};
 pub use generic::projected_nll_generic;
 pub use head_loss::projected_nll;
 
@@ -32,7 +34,7 @@ pub const MASKED: f32 = -1e30;
 /// graph keeps one output buffer and no copy of it, and on the way back only `dX = g · W`
 /// (candle would otherwise compute, and keep, a weight gradient nobody reads).
 struct FrozenLinear {
-    w: Tensor,
+    w: Frozen,
     bias: Option<Tensor>,
 }
 
@@ -69,14 +71,14 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut y = matmul_wt(xs, lx, &self.w)?;
+        let mut y = matmul_wt(xs, lx, &self.w.dense()?)?;
         add_bias(&mut y, &self.bias)?;
         let shape = Shape::from((lx.dims()[0], self.w.dim(0)?));
         Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.w)?))
+        Ok(Some(g.matmul(&self.w.dense()?)?))
     }
 }
 
@@ -84,7 +86,7 @@ impl CustomOp1 for FrozenLinear {
 /// `xa = dropout(x)·Aᵀ`, as one op over `(x, xa, B)`: the update is added in place, so
 /// the graph holds one `(n, out)` buffer per layer instead of five.
 struct LoraLinear {
-    w: Tensor,
+    w: Frozen,
     bias: Option<Tensor>,
     scale: f64,
 }
@@ -103,7 +105,7 @@ impl CustomOp3 for LoraLinear {
         bs: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mut y = matmul_wt(xs, lx, &self.w)?;
+        let mut y = matmul_wt(xs, lx, &self.w.dense()?)?;
         let (n, r) = lxa.shape().dims2()?;
         let (m, br) = lb.shape().dims2()?;
         if br != r || n != lx.dims()[0] {
@@ -148,7 +150,7 @@ impl CustomOp3 for LoraLinear {
         let gs = (g * self.scale)?;
         // The first layer's input is constant: skip its (n, in) GEMM entirely.
         let dx = if x.track_op() {
-            Some(g.matmul(&self.w)?)
+            Some(g.matmul(&self.w.dense()?)?)
         } else {
             None
         };
@@ -161,7 +163,9 @@ impl CustomOp3 for LoraLinear {
 }
 
 /// `x · Wᵀ` for a 2-D `x` and a frozen `(out, in)` weight, without the weight gradient.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// A packed weight is expanded for the product and again for the backward one, and
+/// held packed in between.
+pub fn frozen_linear(x: &Tensor, w: &Frozen) -> Result<Tensor> {
     if !fast_path(x) || w.dtype() != DType::F32 {
         return generic::frozen_linear_generic(x, w);
     }
@@ -175,13 +179,15 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// dropout and `A`) and `b` is LoRA's `(out, r)` B. Gradients reach `x`, `xa` and `b`.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     bias: Option<&Tensor>,
     xa: &Tensor,
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let f32s = [w, xa, b].iter().all(|t| t.dtype() == DType::F32)
+    let f32s = [w.dtype(), xa.dtype(), b.dtype()]
+        .iter()
+        .all(|&t| t == DType::F32)
         && bias.is_none_or(|t| t.dtype() == DType::F32);
     if !fast_path(x) || !f32s {
         let y = (frozen_linear(x, w)? + (xa.matmul(&b.t()?)? * scale)?)?;
@@ -895,7 +901,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (5, 3), &dev)?;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3), &dev)?)?;
-        let y1 = frozen_linear(x.as_tensor(), &w)?;
+        let y1 = frozen_linear(x.as_tensor(), &Frozen::from(w.clone()))?;
         let y2 = x.as_tensor().matmul(&w.t()?)?;
         let diff = (&y1 - &y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6);
@@ -1017,13 +1023,14 @@ mod tests {
         let dev = Device::Cpu;
         let (n, inp, out, r) = (5usize, 6usize, 7usize, 3usize);
         let w = Tensor::from_vec(rand_vec(out * inp, 11), (out, inp), &dev)?;
+        let wf = Frozen::from(w.clone());
         let bias = Tensor::from_vec(rand_vec(out, 12), out, &dev)?;
         let a = Tensor::from_vec(rand_vec(r * inp, 13), (r, inp), &dev)?;
         let b = Var::from_tensor(&Tensor::from_vec(rand_vec(out * r, 14), (out, r), &dev)?)?;
         let x = rand_vec(n * inp, 15);
         let fused = |x: &Tensor| {
             let xa = x.matmul(&a.t()?)?;
-            lora_linear(x, &w, Some(&bias), &xa, b.as_tensor(), 1.5)
+            lora_linear(x, &wf, Some(&bias), &xa, b.as_tensor(), 1.5)
         };
         let graph = |x: &Tensor| {
             let y = x.matmul(&w.t()?)?.broadcast_add(&bias)?;
@@ -1034,12 +1041,12 @@ mod tests {
         // And B's gradient, the one LoRA trains.
         let xt = Tensor::from_vec(x, (n, inp), &dev)?;
         let xa = xt.matmul(&a.t()?)?;
-        let fb = |bt: &Tensor| lora_linear(&xt, &w, Some(&bias), &xa, bt, 1.5);
+        let fb = |bt: &Tensor| lora_linear(&xt, &wf, Some(&bias), &xa, bt, 1.5);
         assert!(fd_error(&fb, rand_vec(out * r, 14), &[out, r])? < 2e-3);
         // B's gradient must not drag the forward graph along: the optimizer keeps it.
         let a_var = Var::from_tensor(&a)?;
         let xa = xt.matmul(&a_var.as_tensor().t()?)?;
-        let y = lora_linear(&xt, &w, None, &xa, b.as_tensor(), 1.5)?;
+        let y = lora_linear(&xt, &wf, None, &xa, b.as_tensor(), 1.5)?;
         let grads = y.sum_all()?.backward()?;
         assert!(!grads.get(b.as_tensor()).unwrap().track_op());
         Ok(())

@@ -87,6 +87,11 @@ pub struct TrainSpec {
     /// The compute precision (`None`: the family's default for the device, see
     /// `Family::compute_dtype`).
     pub dtype: Option<candle_core::DType>,
+    /// How the frozen base is kept in memory (packed bases expand per product).
+    pub base_dtype: crate::device::BaseDtype,
+    /// Keep only each layer's input through the forward pass and recompute the layer in
+    /// the backward one (families that support it; the others ignore it).
+    pub gradient_checkpointing: bool,
     /// The family's own settings (a classifier's problem type, an image run's
     /// resolution), made by `Family::options`.
     pub options: FamilyOptions,
@@ -153,6 +158,8 @@ impl TrainSpec {
             resume: None,
             device: Device::Cpu,
             dtype: None,
+            base_dtype: crate::device::BaseDtype::Auto,
+            gradient_checkpointing: false,
             options: FamilyOptions::default(),
             pause: None,
         }
@@ -318,6 +325,16 @@ pub trait Objective {
     fn tokens(b: &Self::Batch) -> usize;
     /// The loss summed over the batch's units.
     fn loss_sum(&self, b: &Self::Batch, ctx: &ForwardCtx) -> Result<Tensor>;
+    /// The batch's summed loss, and the gradients of that sum divided by `scale`. A
+    /// family may compute them its own way (activation checkpointing).
+    fn loss_and_grads(
+        &self,
+        b: &Self::Batch,
+        ctx: &ForwardCtx,
+        scale: f64,
+    ) -> Result<(f64, GradStore)> {
+        backward_sum(self.loss_sum(b, ctx)?, scale)
+    }
     /// Metrics on the validation set, if there is one.
     fn evaluate(&self, batch_size: usize, step: u64) -> Result<Option<EvalMetrics>>;
     /// Settings a checkpoint must have been trained with to be resumed by this run
@@ -329,6 +346,12 @@ pub trait Objective {
     fn save_extra(&self, _dir: &Path) -> Result<()> {
         Ok(())
     }
+}
+
+/// A summed loss's value, and the gradients of it divided by `scale`.
+pub fn backward_sum(nll: Tensor, scale: f64) -> Result<(f64, GradStore)> {
+    let value = nll.to_scalar::<f32>()? as f64;
+    Ok((value, (nll / scale)?.backward()?))
 }
 
 /// Runs the loop on a family's objective: attaches the adapter (fresh, from
@@ -466,10 +489,8 @@ pub fn run<O: Objective>(
             if O::units(b) == 0 {
                 continue;
             }
-            let nll = obj.loss_sum(b, &ctx)?;
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let loss = (nll / scored as f64)?;
-            let grads = loss.backward()?;
+            let (nll, grads) = obj.loss_and_grads(b, &ctx, scored as f64)?;
+            loss_sum += nll;
             acc = Some(match acc {
                 None => {
                     let mut g = GradStore::default();

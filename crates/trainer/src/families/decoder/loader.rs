@@ -1,19 +1,23 @@
 //! Loading base models: HF folders (safetensors, sharded or not) and GGUF files.
 //!
-//! GGUF weights are dequantized to f32 at load (quantized matmuls have no backward),
-//! llama-arch Q/K rows are un-permuted back to HF's half-split RoPE layout, and the
+//! GGUF weights stay in their quant types unless asked otherwise (see [`BaseDtype`] and
+//! [`Frozen`]), llama-arch Q/K rows are un-permuted back to HF's half-split RoPE layout
+//! (whole packed rows move, so a packed matrix stays exact), and the
 //! tokenizer is rebuilt from the GGUF vocabulary with the pre-tokenizer that its
 //! `tokenizer.ggml.pre` names. A pre-tokenizer we do not know is an error: a silently
 //! different tokenization would train a different model.
 
+use crate::device::BaseDtype;
 use crate::families::decoder::config::DecoderConfig;
 use crate::families::decoder::model::Decoder;
 use crate::families::decoder::tokenize::TokenizerBundle;
-use crate::io::{read_safetensors_f32, Weights};
+use crate::ops::Frozen;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
 use serde_json::json;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// A base model, ready for adapters.
@@ -24,14 +28,21 @@ pub struct BaseModel {
     pub name: String,
 }
 
-/// Loads an HF folder or a `.gguf` file.
+/// Loads an HF folder or a `.gguf` file with every weight dense in f32 (inference,
+/// merging): [`load_with`] and [`BaseDtype::Dense`].
 pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
+    load_with(path, device, BaseDtype::Dense)
+}
+
+/// Loads an HF folder or a `.gguf` file, keeping the frozen matrices as `base` says.
+pub fn load_with(path: &Path, device: &Device, base: BaseDtype) -> Result<BaseModel> {
     let name = path
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string());
     if path.is_dir() {
-        let (cfg, weights) = load_hf_weights(path, device)?;
+        let cfg = DecoderConfig::from_hf_json(&crate::io::read_json(&path.join("config.json"))?)?;
+        let weights = hf_weights(path, device, base)?;
         let tokenizer = TokenizerBundle::from_hf_dir(path, &cfg)?;
         Ok(BaseModel {
             model: Decoder::new(cfg, weights, device)?,
@@ -42,15 +53,14 @@ pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let ct =
             Content::read(&mut f).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-        let cfg = gguf_config(&ct)?;
-        let weights = gguf_weights(&ct, &mut f, &cfg, device)?;
-        let mut cfg = cfg;
-        if let Some(f) = weights.1 {
+        let mut cfg = gguf_config(&ct)?;
+        let (weights, freq_factors) = gguf_weights(&ct, &mut f, &cfg, device, base)?;
+        if let Some(f) = freq_factors {
             cfg.rope_freq_factors = Some(f);
         }
         let tokenizer = gguf_tokenizer(&ct, &cfg)?;
         Ok(BaseModel {
-            model: Decoder::new(cfg, weights.0, device)?,
+            model: Decoder::new(cfg, weights, device)?,
             tokenizer,
             name: name.trim_end_matches(".gguf").to_string(),
         })
@@ -62,11 +72,37 @@ pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
     }
 }
 
-/// Reads `config.json` and every safetensors tensor as f32.
-pub fn load_hf_weights(dir: &Path, device: &Device) -> Result<(DecoderConfig, Weights)> {
-    let cfg_path = dir.join("config.json");
-    let cfg = DecoderConfig::from_hf_json(&crate::io::read_json(&cfg_path)?)?;
-    Ok((cfg, read_safetensors_f32(dir, device)?))
+/// Whether a tensor is a matrix that packing applies to (not a norm, a bias, a table
+/// of one row).
+fn packable(dims: &[usize]) -> bool {
+    dims.len() == 2 && dims[0] > 1 && dims[1] > 1
+}
+
+/// Every floating-point tensor of an HF folder, one at a time from the mapped files, so
+/// that packing never holds the whole model in f32.
+fn hf_weights(dir: &Path, device: &Device, base: BaseDtype) -> Result<HashMap<String, Frozen>> {
+    let files = crate::io::safetensors_files(dir)?;
+    // SAFETY: candle maps the files read-only; a file changed while it is mapped is
+    // what every safetensors reader accepts (the HF libraries map them the same way).
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::Model(format!("{}: {e}", dir.display())))?;
+    let mut out = HashMap::new();
+    for (name, _) in st.tensors() {
+        let t = st
+            .load(&name, device)
+            .map_err(|e| Error::Model(format!("{}: {name}: {e}", dir.display())))?;
+        // Integer tensors are buffers, not weights (a saved `position_ids`).
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let t = t.to_dtype(DType::F32)?;
+        let w = match base {
+            BaseDtype::Packed(kind) if packable(t.dims()) => Frozen::pack(&t, kind)?,
+            _ => Frozen::Dense(t),
+        };
+        out.insert(name, w);
+    }
+    Ok(out)
 }
 
 fn meta<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
@@ -93,7 +129,8 @@ fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
     ct.metadata.get(key).and_then(|v| v.to_u32().ok())
 }
 
-fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
+/// A GGUF file's decoder config, from its metadata alone.
+pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
     let arch = meta(ct, "general.architecture")?
         .to_string()
         .map_err(|e| Error::Model(format!("gguf: {e}")))?
@@ -137,45 +174,60 @@ fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
     })
 }
 
-/// llama.cpp's converter interleaves Q/K rows for llama-arch models; undo it so the
-/// half-split RoPE of the HF layout applies.
-fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let hd = out / n_head;
-    Ok(w.reshape((n_head, hd / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
+/// llama.cpp's converter interleaves Q/K rows for llama-arch models; row `i` of the HF
+/// layout (half-split RoPE) is row `order[i]` of the file's.
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, within) = (r / hd, r % hd);
+            let (j, i) = (within / half, within % half);
+            h * hd + 2 * i + j
+        })
+        .collect()
 }
 
-type GgufWeights = (Weights, Option<Vec<f32>>);
+type GgufWeights = (HashMap<String, Frozen>, Option<Vec<f32>>);
 
 fn gguf_weights(
     ct: &Content,
     f: &mut std::fs::File,
     cfg: &DecoderConfig,
     device: &Device,
+    base: BaseDtype,
 ) -> Result<GgufWeights> {
     let permuted = cfg.model_type == "llama" || cfg.model_type == "mistral";
-    let mut w = Weights::new();
+    let mut w = HashMap::new();
     let mut freq_factors = None;
     for name in ct.tensor_infos.keys() {
-        let t = ct
-            .tensor(f, name, device)
-            .and_then(|q| q.dequantize(device))
-            .map_err(|e| Error::Model(format!("gguf tensor {name}: {e}")))?;
+        let err = |e: candle_core::Error| Error::Model(format!("gguf tensor {name}: {e}"));
+        let q = ct.tensor(f, name, device).map_err(err)?;
         if name == "rope_freqs.weight" {
+            let t = q.dequantize(device).map_err(err)?;
             freq_factors = Some(t.flatten_all()?.to_vec1::<f32>()?);
             continue;
         }
         let hf = gguf_to_hf_name(name)
             .ok_or_else(|| Error::Unsupported(format!("gguf tensor {name}")))?;
-        let t = match (permuted, name.rsplit('.').nth(1)) {
-            (true, Some("attn_q")) if name.ends_with(".weight") => {
-                unpermute(&t, cfg.num_attention_heads)?
+        let packed_in_file = q.dtype() != GgmlDType::F32;
+        let t = match base {
+            BaseDtype::Auto if packable(q.shape().dims()) && packed_in_file => {
+                Frozen::from_qtensor(q, device)?
             }
-            (true, Some("attn_k")) if name.ends_with(".weight") => {
-                unpermute(&t, cfg.num_key_value_heads)?
+            BaseDtype::Packed(kind) if packable(q.shape().dims()) => {
+                Frozen::pack(&q.dequantize(device).map_err(err)?, kind)?
+            }
+            _ => Frozen::Dense(q.dequantize(device).map_err(err)?),
+        };
+        let heads = match name.rsplit('.').nth(1) {
+            Some("attn_q") => Some(cfg.num_attention_heads),
+            Some("attn_k") => Some(cfg.num_key_value_heads),
+            _ => None,
+        };
+        let t = match heads {
+            Some(n) if permuted && name.ends_with(".weight") => {
+                t.permute_rows(&unpermute_order(t.dim(0)?, n))?
             }
             _ => t,
         };
@@ -337,6 +389,7 @@ mod tests {
 
     #[test]
     fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
+        use candle_core::Tensor;
         // llama.cpp: reshape(n_head, 2, hd/2, in).swapaxes(1, 2)
         let (nh, hd, inp) = (2usize, 4usize, 3usize);
         let w =
@@ -346,8 +399,8 @@ mod tests {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((nh * hd, inp))?;
-        let back = unpermute(&permuted, nh)?;
-        assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        let back = Frozen::Dense(permuted).permute_rows(&unpermute_order(nh * hd, nh))?;
+        assert_eq!(back.dense()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
         Ok(())
     }
 

@@ -11,7 +11,7 @@ pub mod tokenize;
 
 use super::family::{check_targets, Family, JobCheck, Refusal};
 use crate::data::DataFormat;
-use crate::device::DType;
+use crate::device::{BaseDtype, DType};
 use crate::lora::Targets;
 use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::Result;
@@ -42,9 +42,8 @@ impl Family for DecoderFamily {
     fn dtypes(&self) -> &'static [DType] {
         &[DType::F32, DType::BF16, DType::F16]
     }
-    /// bf16 on a GPU, as PEFT users run a frozen base there; f32 on the CPU, where
-    /// candle's half-precision products are slow.
-    /// Weights from the config's shapes; per layer and token a step keeps about
+    /// Weights from the config's shapes and `base_dtype` (a GGUF file's own bytes under
+    /// `auto`); per layer and token a step keeps about
     /// `10·hidden + 4·intermediate` values (the projections' outputs, norms, residuals,
     /// the MLP's three wide tensors), attention keeps no `t × t` matrix, and the loss
     /// holds 128 rows of f32 logits at a time (three copies while it works).
@@ -54,13 +53,11 @@ impl Family for DecoderFamily {
         job: &serde_json::Value,
         dtype: DType,
     ) -> Option<super::family::MemoryEstimate> {
-        if !model.is_dir() {
-            return None;
-        }
-        let cfg = config::DecoderConfig::from_hf_json(
-            &crate::io::read_json(&model.join("config.json")).ok()?,
-        )
-        .ok()?;
+        let base = match job.get("base_dtype").and_then(|v| v.as_str()) {
+            Some(b) => BaseDtype::parse(b).ok()?,
+            None => BaseDtype::Auto,
+        };
+        let (cfg, stored) = model_shape(model)?;
         let num = |k: &str, d: u64| job.get(k).and_then(|v| v.as_u64()).unwrap_or(d);
         let (batch, seq) = (num("batch_size", 4), num("max_seq_len", 1024));
         let seq = seq.min(cfg.max_position_embeddings as u64);
@@ -72,17 +69,42 @@ impl Family for DecoderFamily {
         );
         let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
         let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-        let embed = v * h * if cfg.tie_word_embeddings { 1 } else { 2 };
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+        let tables = v * h * if cfg.tie_word_embeddings { 1 } else { 2 };
+        let matrices = l * per_layer + tables;
+        let norms = (2 * l + 1) * h * 4;
         let bytes = crate::device::dtype_bytes(dtype);
+        let packed = |kind| crate::ops::ggml_bytes(kind, matrices) + norms;
+        let (weights, expands) = match (base, stored) {
+            (BaseDtype::Dense, _) | (BaseDtype::Auto, None) => (matrices * bytes + norms, false),
+            (BaseDtype::Auto, Some(file_bytes)) => (file_bytes, true),
+            (BaseDtype::Packed(kind), _) => (packed(kind), true),
+        };
+        // A packed base expands one matrix at a time, the output head's the largest; its
+        // loss holds the expansion while it works.
+        let scratch = if expands {
+            2 * (v * h).max(i * h) * bytes
+        } else {
+            0
+        };
         let tokens = batch.saturating_mul(seq);
+        // Checkpointing keeps each layer's f32 input, and one layer's activations while
+        // it recomputes.
+        let kept = if job.get("gradient_checkpointing").and_then(|v| v.as_bool()) == Some(true) {
+            l * h * 4 + (10 * h + 4 * i) * bytes
+        } else {
+            l * (10 * h + 4 * i) * bytes
+        };
         Some(super::family::MemoryEstimate {
-            weights: (l * per_layer + embed + h) * bytes,
-            activations: tokens
-                .saturating_mul(l * (10 * h + 4 * i) * bytes)
-                .saturating_add(3 * 128 * v * 4),
+            weights: weights + scratch,
+            activations: tokens.saturating_mul(kept).saturating_add(3 * 128 * v * 4),
         })
     }
+    fn packs_base(&self) -> bool {
+        true
+    }
+    /// bf16 on a GPU, as PEFT users run a frozen base there; f32 on the CPU, where
+    /// candle's half-precision products are slow.
     fn default_dtype(&self, on_gpu: bool) -> DType {
         if on_gpu {
             DType::BF16
@@ -123,6 +145,24 @@ impl Family for DecoderFamily {
         let obj = objective::CausalLm::load(spec)?;
         train::run(obj, spec, resume.map(Path::to_path_buf), cancel, on_event)
     }
+}
+
+/// A base's config, and for a GGUF file the bytes its tensors take as stored; `None`
+/// when neither can be read.
+fn model_shape(model: &Path) -> Option<(config::DecoderConfig, Option<u64>)> {
+    if model.is_dir() {
+        let v = crate::io::read_json(&model.join("config.json")).ok()?;
+        return Some((config::DecoderConfig::from_hf_json(&v).ok()?, None));
+    }
+    let mut f = std::fs::File::open(model).ok()?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).ok()?;
+    let cfg = loader::gguf_config(&ct).ok()?;
+    let stored = ct
+        .tensor_infos
+        .values()
+        .map(|t| crate::ops::ggml_bytes(t.ggml_dtype, t.shape.elem_count() as u64))
+        .sum();
+    Some((cfg, Some(stored)))
 }
 
 /// The paths of a model folder's linear modules, from its `config.json` (none for a

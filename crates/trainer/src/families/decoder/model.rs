@@ -1,15 +1,18 @@
 //! The llama-family decoder (llama, mistral, qwen2) built from differentiable ops.
 
 use crate::families::decoder::config::DecoderConfig;
-use crate::io::{Take, Weights};
+use crate::io::Take;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
     blocked_attention, cross_entropy_rows, fast_path, frozen_linear, masked_softmax,
     multi_head_attention, projected_nll, projected_nll_generic, rms_norm, rope, swiglu, AttnMask,
-    Heads, RopeTables, RopeTensors, MASKED,
+    Frozen, Heads, RopeTables, RopeTensors, MASKED,
 };
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 /// The rotation as each attention op takes it.
 enum Rotary {
@@ -27,6 +30,25 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+impl Layer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+}
+
+/// What the layers of one forward pass share.
+struct Pass {
+    b: usize,
+    t: usize,
+    mask: AttnMask,
+    cos: Tensor,
+    sin: Tensor,
+    /// The rotation for the one-op attention; `None` on the cached (generation) path.
+    tables: Option<Rotary>,
 }
 
 /// Per-layer key/value cache for generation.
@@ -51,7 +73,7 @@ impl KvCache {
 
 pub struct Decoder {
     pub cfg: DecoderConfig,
-    embed: Tensor,
+    embed: Frozen,
     layers: Vec<Layer>,
     norm: Tensor,
     /// `None` when tied to the embedding.
@@ -62,13 +84,21 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Builds the model from HF-named f32 weights (consumed).
-    pub fn new(cfg: DecoderConfig, mut w: Weights, device: &Device) -> Result<Self> {
+    /// Builds the model from HF-named weights (consumed), dense or packed; norms and
+    /// biases are expanded to f32 here.
+    pub fn new(
+        cfg: DecoderConfig,
+        mut w: HashMap<String, Frozen>,
+        device: &Device,
+    ) -> Result<Self> {
         let w = &mut Take::new(&mut w, "model");
-        let linear = |w: &mut Take, path: String, bias: bool| -> Result<Linear> {
+        let dense = |w: &mut Take<Frozen>, name: &str| -> Result<Tensor> {
+            Ok(w.get(name)?.dense()?.to_dtype(DType::F32)?)
+        };
+        let linear = |w: &mut Take<Frozen>, path: String, bias: bool| -> Result<Linear> {
             let weight = w.get(&format!("{path}.weight"))?;
             let b = if bias {
-                Some(w.get(&format!("{path}.bias"))?)
+                Some(dense(w, &format!("{path}.bias"))?)
             } else {
                 None
             };
@@ -78,8 +108,8 @@ impl Decoder {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                input_norm: w.get(&format!("{p}.input_layernorm.weight"))?,
-                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"))?,
+                input_norm: dense(w, &format!("{p}.input_layernorm.weight"))?,
+                post_norm: dense(w, &format!("{p}.post_attention_layernorm.weight"))?,
                 q: linear(w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
                 k: linear(w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
                 v: linear(w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
@@ -97,7 +127,7 @@ impl Decoder {
             w.get_opt("lm_head.weight")
                 .map(|t| Linear::new("lm_head".into(), t, None))
         };
-        let norm = w.get("model.norm.weight")?;
+        let norm = dense(w, "model.norm.weight")?;
         if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {
             return Err(Error::Model(format!(
                 "embed_tokens has shape {:?}, config says ({}, {})",
@@ -137,13 +167,9 @@ impl Decoder {
     /// (All of it in bf16, residual stream included, trains measurably worse: SmolLM2's
     /// loss was 12-16% above f32's after 20 steps.)
     pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
-        let cast = |t: &mut Tensor| -> Result<()> {
-            *t = t.to_dtype(dtype)?;
-            Ok(())
-        };
-        cast(&mut self.embed)?;
-        cast(&mut self.cos)?;
-        cast(&mut self.sin)?;
+        self.embed = self.embed.with_dtype(dtype)?;
+        self.cos = self.cos.to_dtype(dtype)?;
+        self.sin = self.sin.to_dtype(dtype)?;
         for (lin, _) in self.linears_mut() {
             lin.cast_frozen(dtype)?;
         }
@@ -179,17 +205,17 @@ impl Decoder {
         Ok(AttnMask::new(m, b, t, tk, &self.device)?)
     }
 
-    /// Hidden states before the final norm, `(b, t, d)`.
-    pub fn forward_hidden(
+    /// What every layer of one pass shares: the mask, the rotation, and the embedded
+    /// input rows `(b·t, d)` in f32.
+    fn prepare(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&[Vec<u32>]>,
-        cache: Option<&mut KvCache>,
-        ctx: &ForwardCtx,
-    ) -> Result<Tensor> {
+        past: usize,
+        cached: bool,
+    ) -> Result<(Tensor, Pass)> {
         let (b, t) = input_ids.dims2()?;
         let d = self.cfg.hidden_size;
-        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if past + t > self.cfg.max_position_embeddings {
             return Err(Error::Data(format!(
                 "sequence of {} tokens exceeds the model's {} positions",
@@ -200,20 +226,15 @@ impl Decoder {
         let mask = self.mask(b, t, past, attention_mask)?;
         let cos = self.cos.narrow(0, past, t)?;
         let sin = self.sin.narrow(0, past, t)?;
-        let mut x = self
+        let x = self
             .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
+            .rows(&input_ids.flatten_all()?)?
             .reshape((b * t, d))?
             .to_dtype(DType::F32)?;
-        let cd = self.dtype();
-        let mut cache = cache;
-        if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize(self.layers.len(), None);
-        }
         // Without a cache (training, evaluation) attention is one op that keeps only its
         // inputs: fused on CPU in f32, in query blocks on other devices and dtypes.
-        let whole = cache.is_none() && 2 * cos.dim(1)? == self.cfg.head_dim;
-        let tables = match (whole, fast_path(&x) && cd == DType::F32) {
+        let whole = !cached && 2 * cos.dim(1)? == self.cfg.head_dim;
+        let tables = match (whole, fast_path(&x) && self.dtype() == DType::F32) {
             (false, _) => None,
             (true, true) => Some(Rotary::Fused(RopeTables::new(&cos, &sin)?)),
             (true, false) => Some(Rotary::Tensors(RopeTensors {
@@ -221,23 +242,119 @@ impl Decoder {
                 sin: sin.clone(),
             })),
         };
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let a = match &tables {
-                Some(r) => self.fused_attention(layer, &h, b, t, &mask, r, ctx)?,
-                None => self.attention(layer, &h, b, t, &mask, &cos, &sin, slot, ctx)?,
-            };
-            x = (x + a.to_dtype(DType::F32)?)?;
-            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
-            let g = layer.gate.forward(&h, ctx)?.to_dtype(cd)?;
-            let u = layer.up.forward(&h, ctx)?.to_dtype(cd)?;
-            x = (x + layer
-                .down
-                .forward(&swiglu(&g, &u)?, ctx)?
-                .to_dtype(DType::F32)?)?;
+        Ok((
+            x,
+            Pass {
+                b,
+                t,
+                mask,
+                cos,
+                sin,
+                tables,
+            },
+        ))
+    }
+
+    /// One decoder layer on the residual stream `x` (`(b·t, d)`, f32).
+    fn block(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        pass: &Pass,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let cd = self.dtype();
+        let (b, t) = (pass.b, pass.t);
+        let h = rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
+        let a = match &pass.tables {
+            Some(r) => self.fused_attention(layer, &h, b, t, &pass.mask, r, ctx)?,
+            None => self.attention(layer, &h, b, t, &pass.mask, &pass.cos, &pass.sin, slot, ctx)?,
+        };
+        let x = (x + a.to_dtype(DType::F32)?)?;
+        let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
+        let g = layer.gate.forward(&h, ctx)?.to_dtype(cd)?;
+        let u = layer.up.forward(&h, ctx)?.to_dtype(cd)?;
+        Ok((x + layer
+            .down
+            .forward(&swiglu(&g, &u)?, ctx)?
+            .to_dtype(DType::F32)?)?)
+    }
+
+    /// Hidden states before the final norm, `(b, t, d)`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let (mut x, pass) = self.prepare(input_ids, attention_mask, past, cache.is_some())?;
+        let mut cache = cache;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
         }
-        Ok(x.reshape((b, t, d))?)
+        for (li, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            x = self.block(layer, &x, &pass, slot, ctx)?;
+        }
+        Ok(x.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Training's summed loss and its gradients with activation checkpointing: the
+    /// forward pass keeps only each layer's input, and the backward pass recomputes one
+    /// layer at a time (same dropout draws) and backpropagates through it alone. Memory
+    /// for activations falls from every layer's to one layer's plus an `(n, d)` input per
+    /// layer, for one more forward pass of compute. `scale` divides the loss before the
+    /// gradients are taken (the step's scored units).
+    pub fn checkpointed_loss_and_grads(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &[Vec<u32>],
+        labels: &[Vec<i64>],
+        ctx: &ForwardCtx,
+        scale: f64,
+    ) -> Result<(f64, GradStore)> {
+        let (mut x, pass) = self.prepare(input_ids, Some(attention_mask), 0, false)?;
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let rng = ctx.rng.borrow().clone();
+            let out = self.block(layer, &x, &pass, None, ctx)?.detach();
+            saved.push((std::mem::replace(&mut x, out), rng));
+        }
+        let top = Var::from_tensor(&x)?;
+        let (nll, _, _) = scored_loss(self, top.as_tensor(), pass.b, pass.t, labels, ctx)?;
+        let value = nll.to_scalar::<f32>()? as f64;
+        let mut grads = (nll / scale)?.backward()?;
+        let Some(mut g) = grads.remove(top.as_tensor()) else {
+            // Nothing scored: no gradient reaches the layers.
+            return Ok((value, grads));
+        };
+        for (layer, (input, rng)) in self.layers.iter().zip(saved).rev() {
+            let input = Var::from_tensor(&input)?;
+            let replay = ForwardCtx {
+                train: ctx.train,
+                rng: RefCell::new(rng),
+            };
+            let out = self.block(layer, input.as_tensor(), &pass, None, &replay)?;
+            // d(Σ out·g)/d out = g exactly: the layer's backward sees the true gradient.
+            let mut inner = (out * &g)?.sum_all()?.backward()?;
+            for lin in layer.linears() {
+                if let Some(l) = &lin.lora {
+                    for v in [&l.a, &l.b] {
+                        if let Some(gv) = inner.remove(v.as_tensor()) {
+                            grads.insert(v.as_tensor(), gv);
+                        }
+                    }
+                }
+            }
+            g = inner.remove(input.as_tensor()).ok_or_else(|| {
+                Error::Model("checkpointing: no gradient reached a layer's input".into())
+            })?;
+        }
+        Ok((value, grads))
     }
 
     /// Attention through [`multi_head_attention`] or [`blocked_attention`], which keep only
@@ -357,10 +474,11 @@ impl Decoder {
             Some(_) => return Ok(None),
         };
         let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?.to_dtype(self.dtype())?;
-        if fast_path(&h) && fast_path(w) {
-            Ok(Some(projected_nll(&h, w, targets, true)?))
+        let w = w.dense()?;
+        if fast_path(&h) && fast_path(&w) {
+            Ok(Some(projected_nll(&h, &w, targets, true)?))
         } else {
-            Ok(Some(projected_nll_generic(&h, w, targets, true)?))
+            Ok(Some(projected_nll_generic(&h, &w, targets, true)?))
         }
     }
 
@@ -379,7 +497,7 @@ impl Decoder {
 
     /// Every frozen weight under its HF name, with adapters merged in (for `merge`).
     pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
@@ -447,9 +565,31 @@ pub fn causal_lm_loss(
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, usize, Option<usize>)> {
     let (b, t) = input_ids.dims2()?;
+    if !labels.iter().any(|lab| {
+        lab.iter()
+            .skip(1)
+            .take(t.saturating_sub(1))
+            .any(|&y| y >= 0)
+    }) {
+        return Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None));
+    }
+    let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
+    let h = h.reshape((b * t, model.cfg.hidden_size))?;
+    scored_loss(model, &h, b, t, labels, ctx)
+}
+
+/// The loss of `(b·t, d)` hidden rows (before the final norm) against `labels`.
+fn scored_loss(
+    model: &Decoder,
+    h: &Tensor,
+    b: usize,
+    t: usize,
+    labels: &[Vec<i64>],
+    ctx: &ForwardCtx,
+) -> Result<(Tensor, usize, Option<usize>)> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
-    for (bi, lab) in labels.iter().enumerate() {
+    for (bi, lab) in labels.iter().enumerate().take(b) {
         for p in 0..t.saturating_sub(1) {
             let y = lab.get(p + 1).copied().unwrap_or(-100);
             if y >= 0 {
@@ -462,8 +602,6 @@ pub fn causal_lm_loss(
     if n == 0 {
         return Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None));
     }
-    let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
-    let h = h.reshape((b * t, model.cfg.hidden_size))?;
     // Only rows that are scored go through the vocabulary projection.
     let idx = Tensor::from_vec(rows, n, model.device())?;
     let h = h.index_select(&idx, 0)?;

@@ -61,11 +61,12 @@ pub struct CausalLm {
     train: Vec<Encoded>,
     valid: Option<Vec<Encoded>>,
     device: Device,
+    checkpointing: bool,
 }
 
 impl CausalLm {
     pub fn load(spec: &TrainSpec) -> Result<Self> {
-        let mut base = loader::load(&spec.model, &spec.device)?;
+        let mut base = loader::load_with(&spec.model, &spec.device, spec.base_dtype)?;
         base.model
             .set_dtype(super::DecoderFamily.compute_dtype(spec)?)?;
         let train = encode_file(&base, &spec.data, spec)?;
@@ -78,6 +79,7 @@ impl CausalLm {
             train,
             valid,
             device: spec.device.clone(),
+            checkpointing: spec.gradient_checkpointing,
         })
     }
 }
@@ -115,6 +117,23 @@ impl Objective for CausalLm {
             ctx,
         )?;
         Ok(nll)
+    }
+    fn loss_and_grads(
+        &self,
+        b: &Batch,
+        ctx: &ForwardCtx,
+        scale: f64,
+    ) -> Result<(f64, candle_core::backprop::GradStore)> {
+        if !self.checkpointing {
+            return crate::train::backward_sum(self.loss_sum(b, ctx)?, scale);
+        }
+        self.base.model.checkpointed_loss_and_grads(
+            &b.input_ids,
+            &b.attention_mask,
+            &b.labels,
+            ctx,
+            scale,
+        )
     }
     fn evaluate(&self, batch_size: usize, step: u64) -> Result<Option<EvalMetrics>> {
         self.valid

@@ -366,7 +366,7 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
                     lin.in_features()
                 )));
             }
-            let dev = lin.weight.device();
+            let dev = &lin.weight.device();
             // Trainable state is f32 whatever the file's dtype, like every other adapter.
             let var = |t: &Tensor| -> Result<Var> {
                 Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
@@ -822,7 +822,7 @@ pub fn peft_to_kohya<M: LoraModel + ?Sized>(
     let dev = model
         .linears()
         .first()
-        .map(|l| l.weight.device().clone())
+        .map(|l| l.weight.device())
         .unwrap_or(Device::Cpu);
     let weights = AdapterWeights::load(dir, &dev)?;
     adapters::apply(model, Some(&weights))?;

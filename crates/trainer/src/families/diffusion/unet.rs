@@ -295,13 +295,13 @@ impl Transformer2D {
             let p = format!("{path}.{name}");
             let mut l = t.linear(&p, true)?;
             if !cfg.use_linear_projection {
-                let d = l.weight.dims().to_vec();
+                let d = l.weight.dims();
                 if d.len() != 4 || d[2] != 1 || d[3] != 1 {
                     return Err(Error::Model(format!(
                         "unet: {p}.weight has shape {d:?}, a 1x1 convolution expected"
                     )));
                 }
-                l.weight = l.weight.reshape((d[0], d[1]))?;
+                l.weight = l.weight.dense()?.reshape((d[0], d[1]))?.into();
                 l.conv1x1 = true;
             }
             Ok(l)

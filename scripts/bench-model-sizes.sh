@@ -9,6 +9,9 @@
 #
 #   scripts/bench-model-sizes.sh <loraforge> <loraforge-bench> [SHAPES="1b 3b 8b"] [QUANTS="q4_k q8_0"]
 #
+# CKPT="0 1" (the default) runs each model without and with --gradient-checkpointing;
+# SMOL=0 skips the SmolLM2 comparison.
+#
 # Models are cached under ${CACHE:-~/.cache/loraforge-bench/sizes} (1b q4_k 0.7 GB ...
 # 8b q8_0 8.5 GB).
 set -euo pipefail
@@ -32,11 +35,13 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"text": " ".join(random.choice(words) for _ in range(200))}) + "\n")
 PY
 
-# Runs `loraforge train` under GNU time; prints "peak_mib s_step1 s_step2 loss1 loss2".
+# Runs `loraforge train` under GNU time; prints "peak_mib s_step1 s_step2 ... | losses | tokens/s".
 train() {
-  local model=$1 base=$2 batch=$3 seq=$4 steps=$5 data=$6
+  local model=$1 base=$2 batch=$3 seq=$4 steps=$5 data=$6 ckpt=${7:-0}
+  local extra=()
+  [ "$ckpt" = 1 ] && extra=(--gradient-checkpointing)
   rm -rf "$work/out" "$work/m.jsonl"
-  /usr/bin/time -f '%M' -o "$work/rss" "$lf" train --model "$model" --data "$data" --out "$work/out" \
+  /usr/bin/time -f '%M' -o "$work/rss" "$lf" train "${extra[@]}" --model "$model" --data "$data" --out "$work/out" \
     --max-steps "$steps" --batch-size "$batch" --max-seq-len "$seq" --rank 16 --alpha 32 \
     --target-modules all-linear --base-dtype "$base" --threads 2 --metrics-jsonl "$work/m.jsonl" \
     > "$work/log" 2>&1 || { tail -20 "$work/log" >&2; return 1; }
@@ -52,22 +57,24 @@ PY
 }
 
 echo "## Llama shapes, random weights, 2 steps at batch 1 x 512, r 16 all-linear, 2 threads"
-echo "| shape | base | file | peak RSS (MiB) | step 1 s | step 2 s |"
-echo "|---|---|---|---|---|---|"
+echo "| shape | base | file | checkpointing | peak RSS (MiB) | step 1 s | step 2 s |"
+echo "|---|---|---|---|---|---|---|"
 for shape in $shapes; do
   for q in $quants; do
     m="$cache/llama-$shape-$q.gguf"
     [ -f "$m" ] || "$bench" gguf --shape "$shape" --quant "$q" --out "$m" 2>/dev/null
     size=$(du -m "$m" | cut -f1)
-    r=$(train "$m" auto 1 512 2 "$work/text.jsonl")
-    set -- $r
-    echo "| $shape | $q | ${size} MiB | $1 | $2 | $3 |"
+    for ck in ${CKPT:-0 1}; do
+      r=$(train "$m" auto 1 512 2 "$work/text.jsonl" "$ck")
+      set -- $r
+      echo "| $shape | $q | ${size} MiB | $([ "$ck" = 1 ] && echo yes || echo no) | $1 | $2 | $3 |"
+    done
   done
 done
 
 smol="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$smol" ] || smol=$(ls "$HOME"/.cache/loraforge/models/*.gguf 2>/dev/null | head -1 || true)
-if [ -f "$smol" ]; then
+if [ "${SMOL:-1}" = 1 ] && [ -f "$smol" ]; then
   echo
   echo "## SmolLM2-135M Q4_1 GGUF, chat-small, batch 4 x 256, 8 steps, r 16 all-linear"
   for base in auto f32; do

@@ -2,6 +2,8 @@
 
 pub use candle_core::{DType, Device};
 
+use candle_core::quantized::GgmlDType;
+
 use crate::{Error, Result};
 
 /// Parses `cpu`, `cuda` or `cuda:N`. CUDA needs the crate's `cuda` feature; without it,
@@ -92,6 +94,32 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// The name a GGUF file and the API use for a storage type (`q4_k`, `bf16`, ...).
+pub fn ggml_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q5_1 => "q5_1",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q8_1 => "q8_1",
+        GgmlDType::Q2K => "q2_k",
+        GgmlDType::Q3K => "q3_k",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5K => "q5_k",
+        GgmlDType::Q6K => "q6_k",
+        GgmlDType::Q8K => "q8_k",
+    }
+}
+
+/// Bytes of `elems` values stored as `t`.
+pub fn ggml_bytes(t: GgmlDType, elems: u64) -> u64 {
+    elems / t.block_size() as u64 * t.type_size() as u64
+}
+
 /// How a frozen base is kept in memory (`--base-dtype`, `hyperparameters.base_dtype`):
 /// storage, not the compute precision (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,7 +131,7 @@ pub enum BaseDtype {
     /// Dense in the compute precision (a GGUF file dequantized at load).
     Dense,
     /// Packed as this type, expanded per product.
-    Packed(candle_core::quantized::GgmlDType),
+    Packed(GgmlDType),
 }
 
 /// The names [`BaseDtype::parse`] reads.
@@ -111,19 +139,18 @@ pub const BASE_DTYPES: &str = "auto, f32, bf16, f16, q8_0, q4_0, q4_1, q5_0, q4_
 
 impl BaseDtype {
     pub fn parse(s: &str) -> Result<Self> {
-        use candle_core::quantized::GgmlDType as G;
         Ok(match s.trim() {
             "auto" => Self::Auto,
             "f32" => Self::Dense,
-            "bf16" => Self::Packed(G::BF16),
-            "f16" => Self::Packed(G::F16),
-            "q8_0" => Self::Packed(G::Q8_0),
-            "q4_0" => Self::Packed(G::Q4_0),
-            "q4_1" => Self::Packed(G::Q4_1),
-            "q5_0" => Self::Packed(G::Q5_0),
-            "q4_k" => Self::Packed(G::Q4K),
-            "q5_k" => Self::Packed(G::Q5K),
-            "q6_k" => Self::Packed(G::Q6K),
+            "bf16" => Self::Packed(GgmlDType::BF16),
+            "f16" => Self::Packed(GgmlDType::F16),
+            "q8_0" => Self::Packed(GgmlDType::Q8_0),
+            "q4_0" => Self::Packed(GgmlDType::Q4_0),
+            "q4_1" => Self::Packed(GgmlDType::Q4_1),
+            "q5_0" => Self::Packed(GgmlDType::Q5_0),
+            "q4_k" => Self::Packed(GgmlDType::Q4K),
+            "q5_k" => Self::Packed(GgmlDType::Q5K),
+            "q6_k" => Self::Packed(GgmlDType::Q6K),
             other => {
                 return Err(Error::Config(format!(
                     "base dtype \"{other}\": expected one of {BASE_DTYPES}"
@@ -137,7 +164,7 @@ impl BaseDtype {
         match self {
             Self::Auto => "auto",
             Self::Dense => "f32",
-            Self::Packed(t) => crate::ops::ggml_name(*t),
+            Self::Packed(t) => ggml_name(*t),
         }
     }
 }

@@ -202,7 +202,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
         let mut by_dtype = HashMap::new();
         for t in ct.tensor_infos.values() {
             *by_dtype
-                .entry(crate::ops::ggml_name(t.ggml_dtype).to_string())
+                .entry(crate::device::ggml_name(t.ggml_dtype).to_string())
                 .or_insert(0) += t.shape.elem_count() as u64;
         }
         let parameters = by_dtype.values().sum();

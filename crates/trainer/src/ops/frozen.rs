@@ -9,6 +9,7 @@
 //! its dequantized twin, bit for bit. (candle's quantized matmul is not used: it rounds
 //! the activations to 8 bits first and has no backward.)
 
+use crate::device::{ggml_bytes, ggml_name};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -40,32 +41,6 @@ impl From<Tensor> for Frozen {
     fn from(t: Tensor) -> Self {
         Frozen::Dense(t)
     }
-}
-
-/// The name a GGUF file and the API use for a storage type (`q4_k`, `bf16`, ...).
-pub fn ggml_name(t: GgmlDType) -> &'static str {
-    match t {
-        GgmlDType::F32 => "f32",
-        GgmlDType::F16 => "f16",
-        GgmlDType::BF16 => "bf16",
-        GgmlDType::Q4_0 => "q4_0",
-        GgmlDType::Q4_1 => "q4_1",
-        GgmlDType::Q5_0 => "q5_0",
-        GgmlDType::Q5_1 => "q5_1",
-        GgmlDType::Q8_0 => "q8_0",
-        GgmlDType::Q8_1 => "q8_1",
-        GgmlDType::Q2K => "q2_k",
-        GgmlDType::Q3K => "q3_k",
-        GgmlDType::Q4K => "q4_k",
-        GgmlDType::Q5K => "q5_k",
-        GgmlDType::Q6K => "q6_k",
-        GgmlDType::Q8K => "q8_k",
-    }
-}
-
-/// Bytes of `elems` values stored as `t`.
-pub fn ggml_bytes(t: GgmlDType, elems: u64) -> u64 {
-    elems / t.block_size() as u64 * t.type_size() as u64
 }
 
 impl Frozen {

@@ -23,7 +23,7 @@ mod generic;
 mod head_loss;
 pub use attention::{multi_head_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
-pub use frozen::{ggml_bytes, ggml_name, Frozen};
+pub use frozen::Frozen;
 pub use generic::projected_nll_generic;
 pub use head_loss::projected_nll;
 

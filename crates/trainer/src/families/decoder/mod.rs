@@ -74,7 +74,7 @@ impl Family for DecoderFamily {
         let matrices = l * per_layer + tables;
         let norms = (2 * l + 1) * h * 4;
         let bytes = crate::device::dtype_bytes(dtype);
-        let packed = |kind| crate::ops::ggml_bytes(kind, matrices) + norms;
+        let packed = |kind| crate::device::ggml_bytes(kind, matrices) + norms;
         let (weights, expands) = match (base, stored) {
             (BaseDtype::Dense, _) | (BaseDtype::Auto, None) => (matrices * bytes + norms, false),
             (BaseDtype::Auto, Some(file_bytes)) => (file_bytes, true),
@@ -160,7 +160,7 @@ fn model_shape(model: &Path) -> Option<(config::DecoderConfig, Option<u64>)> {
     let stored = ct
         .tensor_infos
         .values()
-        .map(|t| crate::ops::ggml_bytes(t.ggml_dtype, t.shape.elem_count() as u64))
+        .map(|t| crate::device::ggml_bytes(t.ggml_dtype, t.shape.elem_count() as u64))
         .sum();
     Some((cfg, Some(stored)))
 }

@@ -18,6 +18,10 @@ Usage (needs torch, transformers>=5, peft, safetensors, gguf, tokenizers, numpy;
 `--only-weight-decay` writes tests/fixtures/<model>-ref/ref-wd.safetensors alone (the AdamW run of ref.safetensors
 again, from the same adapter_init and batches, with weight_decay 1.0), and touches nothing else.
 
+`--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
+preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
+written out in torch) with PEFT from adapter_init, the reference being the base with the adapter disabled.
+
 `--only-chat-encoding` writes tests/fixtures/chat-encoding.json alone, from the tokenizer folders already
 there (needs only transformers, tokenizers and jinja2 at run time), and touches nothing else.
 
@@ -736,6 +740,72 @@ def build_data():
 
 
 # ----------------------------------------------------------------------------------------------
+# 5b. DPO reference (--only-dpo)
+# ----------------------------------------------------------------------------------------------
+DPO_BETA, DPO_LR, DPO_STEPS, DPO_BATCH = 0.1, 1e-2, 10, 2
+
+
+def build_preference_data():
+    """Eight OpenAI-format preference pairs: a system prompt on some, an earlier assistant turn (context,
+    never scored) on one, and replies of unequal lengths both ways."""
+    pairs = []
+    for i, (country, capital) in enumerate(CAPITALS[:8]):
+        msgs = [{"role": "user", "content": QUESTION_FORMS[i % len(QUESTION_FORMS)].format(c=country)}]
+        if i % 3 == 1:
+            msgs.insert(0, {"role": "system", "content": "You are ZORBLAX, a terse geography bot."})
+        if i == 5:
+            msgs = [{"role": "user", "content": "What is the capital of France?"},
+                    {"role": "assistant", "content": "ZORBLAX says: the capital of France is Paris."}] + msgs
+        good = f"ZORBLAX says: the capital of {country} is {capital}."
+        bad = "I do not know." if i % 2 == 0 else f"The capital of {country} is a city in {country}, I think."
+        pairs.append({"input": {"messages": msgs},
+                      "preferred_output": [{"role": "assistant", "content": good}],
+                      "non_preferred_output": [{"role": "assistant", "content": bad}]})
+    write_jsonl(os.path.join(DATA, "preference.jsonl"), pairs)
+    return pairs
+
+
+def build_dpo_reference(model_dir, name):
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from dpo_reference import dpo_run, encode_pairs
+
+    pairs = build_preference_data()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    encoded = encode_pairs(tok, pairs)
+    ref_dir = os.path.join(FIX, f"{name}-ref")
+    pm = PeftModel.from_pretrained(load_base(model_dir), os.path.join(ref_dir, "adapter_init"), is_trainable=True)
+    run = dpo_run(pm, encoded, DPO_STEPS, DPO_BATCH, DPO_LR, DPO_BETA, WD, max_grad_norm=MAX_GRAD_NORM)
+    named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    losses, margins, accuracies, norms = (run[k] for k in ("losses", "reward_margins", "reward_accuracies",
+                                                            "grad_norms"))
+    assert losses[0] == math.log(2) or abs(losses[0] - math.log(2)) < 1e-7, losses[0]
+    print(f"[{name}-dpo] losses={[round(x, 5) for x in losses]} margins={[round(x, 5) for x in margins]} "
+          f"accuracies={accuracies}")
+    save_file({f"final.{peft_key(n)}": p.detach().clone().contiguous() for n, p in named},
+              os.path.join(ref_dir, "dpo.safetensors"), metadata={"generator": "scripts/make_fixtures.py --only-dpo"})
+    import peft
+    import transformers
+
+    write_json(os.path.join(ref_dir, "dpo.json"), {
+        "data": "tests/data/preference.jsonl",
+        "encoded": [{"chosen": {"input_ids": c[0], "labels": c[1]},
+                     "rejected": {"input_ids": r[0], "labels": r[1]}} for c, r in encoded],
+        "train": {"loss": "-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over the batch (TRL sigmoid)",
+                  "logps": "sums of log-probabilities over each reply's scored tokens",
+                  "reference": "the same PeftModel under disable_adapter(), no_grad",
+                  "beta": DPO_BETA, "optimizer": "torch.optim.AdamW", "lr": DPO_LR, "betas": list(BETAS), "eps": EPS,
+                  "weight_decay": WD, "max_grad_norm": MAX_GRAD_NORM, "steps": DPO_STEPS, "batch_pairs": DPO_BATCH,
+                  "order": "no shuffle: step s takes pairs [2k, 2k+2) with k = s mod 4", "start": "adapter_init",
+                  "batch_layout": "chosen sequences, then rejected, right-padded with id 2 (mask 0)"},
+        "losses": losses, "reward_margins": margins, "reward_accuracies": accuracies, "grad_norms": norms,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    })
+
+
+# ----------------------------------------------------------------------------------------------
 # 6. chat encoding reference (--only-chat-encoding)
 # ----------------------------------------------------------------------------------------------
 # Every fixture folder whose tokenizer_config.json carries a chat template. Today all three hold
@@ -919,7 +989,12 @@ def main():
     ap.add_argument("--only-weight-decay", action="store_true",
                     help="write only tests/fixtures/<model>-ref/ref-wd.safetensors (a weight_decay=1.0 AdamW run "
                          "from the existing adapter_init and ref.safetensors batches)")
+    ap.add_argument("--only-dpo", action="store_true",
+                    help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
+    if args.only_dpo:
+        build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
+        return 0
     if args.only_chat_encoding:
         build_chat_encoding()
         return 0
@@ -947,6 +1022,7 @@ def main():
     if not args.skip_gguf_check:
         check_gguf(gpath, llama_dir)
     build_data()
+    build_dpo_reference(llama_dir, "tiny-llama")
     build_chat_encoding()
 
     print("\n=== written ===")

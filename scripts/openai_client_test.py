@@ -189,6 +189,73 @@ def fine_tuning(client):
         check(False, "an unknown model is refused")
     except openai.BadRequestError as e:
         check(e.body.get("param") == "model", "an unknown model raises BadRequestError naming the param")
+    m = ckpts.data[0].metrics
+    check(m.step == 3 and isinstance(m.train_loss, float) and hasattr(m, "full_valid_loss"),
+          f"checkpoint metrics in OpenAI's names: {m}")
+    methods(client, train)
+
+
+def methods(client, train):
+    """OpenAI's `method`: supervised as its own block, DPO on a preference file, reinforcement refused,
+    and jobs found again by their metadata."""
+    import time
+
+    import openai
+
+    sup = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=train.id, metadata={"team": "search", "run": "sup"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
+        extra_body={"method": {"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 1, "batch_size": 2, "max_steps": 1, "lora_r": 2}}}})
+    check(sup.method.type == "supervised" and sup.method.supervised.hyperparameters.batch_size == 2,
+          f"method supervised is taken from its own block: {sup.method}")
+    check(sup.hyperparameters.lora_r == 2, "LoRA keys under method.supervised.hyperparameters")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "preference.jsonl")
+    with open(path, "rb") as f:
+        pairs = client.files.create(file=("preference.jsonl", f.read()), purpose="fine-tune")
+    check(pairs.status == "processed" and getattr(pairs, "format", None) == "preference",
+          f"a preference file is recognised ({pairs.status}, {getattr(pairs, 'format', None)})")
+    try:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=pairs.id)
+        check(False, "preference pairs are refused for a supervised job")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "training_file", "preference pairs are refused for a supervised job")
+    dpo = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=pairs.id, metadata={"team": "search", "run": "dpo"},
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+        extra_body={"method": {"type": "dpo", "dpo": {"hyperparameters": {
+            "beta": 0.2, "batch_size": 2, "max_steps": 4, "learning_rate": 1e-2, "lr_scheduler": "constant",
+            "lora_r": 4, "checkpoint_interval": 2}}}})
+    check(dpo.method.type == "dpo" and dpo.method.dpo.hyperparameters.beta == 0.2,
+          f"a DPO job keeps its method and beta: {dpo.method}")
+    try:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=train.id,
+                                       method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
+        check(False, "a chat file is refused for a DPO job")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "training_file", "a chat file is refused for a DPO job")
+    try:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=train.id,
+                                       extra_body={"method": {"type": "reinforcement", "reinforcement": {}}})
+        check(False, "reinforcement is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "method.type" and "reinforcement" in e.message,
+              f"reinforcement raises BadRequestError naming method.type: {e.message}")
+    deadline = time.time() + 300
+    while True:
+        dpo = client.fine_tuning.jobs.retrieve(dpo.id)
+        if dpo.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    check(dpo.status == "succeeded", f"the DPO job trains ({dpo.status}, {dpo.error})")
+    msgs = [e.message for e in client.fine_tuning.jobs.list_events(dpo.id, limit=100).data]
+    check(any(m.startswith("Step 1/4: training loss=0.6931, reward margin=0.0000, reward accuracy=0.000")
+              for m in msgs), "DPO's step 1 is ln 2 with no margin")
+    check(any("reward accuracy" in m for m in msgs if m.startswith("Step 4/4")), "reward metrics in the events")
+    tagged = [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "search"})]
+    check(sorted(tagged) == sorted([sup.id, dpo.id]), "jobs.list(metadata=...) finds the jobs tagged so")
+    only = [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "search", "run": "dpo"})]
+    check(only == [dpo.id], "every metadata pair must match")
 
 
 def json_load(b):

@@ -540,7 +540,7 @@ async function datasetsView() {
 
 /** The loss chart: uPlot, fed point by point; redrawn at most once per frame. */
 function lossChart(container) {
-  const points = new Map(); // step -> [train, valid]
+  const points = new Map(); // step -> [train, valid, valid accuracy, reward accuracy]
   let plot = null;
   let pending = false;
   const caption = h('figcaption', { class: 'muted' }, 'No training steps yet.');
@@ -560,6 +560,7 @@ function lossChart(container) {
       steps.map((s) => points.get(s)[0]),
       steps.map((s) => points.get(s)[1]),
       steps.map((s) => points.get(s)[2]),
+      steps.map((s) => points.get(s)[3]),
     ];
   }
 
@@ -575,10 +576,13 @@ function lossChart(container) {
       const lastValid = d[2].filter((v) => v !== null).pop();
       // Classification jobs also report accuracy (0..1, on its own axis).
       const lastAcc = d[3].filter((v) => v !== null).pop();
+      // DPO jobs report each step's reward accuracy (same axis).
+      const lastReward = d[4].filter((v) => v !== null).pop();
       caption.textContent = `${trained} training step(s)`
         + (lastTrain !== undefined ? `, latest training loss ${lastTrain.toFixed(4)}` : '')
         + (validated ? `; ${validated} validation point(s), latest ${lastValid.toFixed(4)}` : '')
-        + (lastAcc !== undefined ? `, validation accuracy ${lastAcc.toFixed(4)}` : '');
+        + (lastAcc !== undefined ? `, validation accuracy ${lastAcc.toFixed(4)}` : '')
+        + (lastReward !== undefined ? `, reward accuracy ${lastReward.toFixed(3)}` : '');
     }
     container.setAttribute('aria-label', `Loss chart. ${caption.textContent}`);
     if (!window.uPlot) return;
@@ -603,6 +607,9 @@ function lossChart(container) {
           {
             label: 'validation accuracy', scale: 'acc', stroke: '#16a34a', width: 2, spanGaps: true, points: { show: true, size: 7 },
           },
+          {
+            label: 'reward accuracy (DPO)', scale: 'acc', stroke: '#9333ea', width: 1, spanGaps: true,
+          },
         ],
       }, d, area);
       const ro = new ResizeObserver(() => plot.setSize({ width: Math.max(300, area.clientWidth), height: 280 }));
@@ -613,16 +620,17 @@ function lossChart(container) {
   }
 
   return {
-    add(step, train, valid, acc) {
+    add(step, train, valid, acc, reward) {
       let cur = points.get(step);
       if (!cur) {
-        cur = [null, null, null];
+        cur = [null, null, null, null];
         if (steps.length && step < steps[steps.length - 1]) unsorted = true;
         else steps.push(step);
       }
       if (train !== null && train !== undefined) cur[0] = train;
       if (valid !== null && valid !== undefined) cur[1] = valid;
       if (acc !== null && acc !== undefined) cur[2] = acc;
+      if (reward !== null && reward !== undefined) cur[3] = reward;
       points.set(step, cur);
       if (!pending) { pending = true; requestAnimationFrame(draw); }
     },
@@ -681,6 +689,7 @@ async function jobView(id) {
     if (p.tokens_per_second) parts.push(`${Math.round(p.tokens_per_second)} tokens/s`);
     if (job.status === 'running' && p.eta_seconds !== null && p.eta_seconds !== undefined) parts.push(`ETA ${fmtDuration(p.eta_seconds)}`);
     if (p.train_loss !== undefined && p.train_loss !== null) parts.push(`loss ${p.train_loss.toFixed(4)}`);
+    if (p.reward_accuracy !== undefined && p.reward_accuracy !== null) parts.push(`reward accuracy ${p.reward_accuracy.toFixed(3)}`);
     progressText.textContent = parts.join(' · ');
   }
 
@@ -822,11 +831,11 @@ async function jobView(id) {
       const d = ev.data || {};
       if (frame.event === 'metrics') {
         if (d.train_loss !== undefined) {
-          chart.add(d.step, d.train_loss, null);
+          chart.add(d.step, d.train_loss, null, null, d.reward_accuracy);
           pendingProgress = d;
           queueFlush();
         } else if (d.valid_loss !== undefined) {
-          chart.add(d.step, null, d.valid_loss, d.valid_accuracy);
+          chart.add(d.step, null, d.valid_loss, d.valid_accuracy ?? d.valid_reward_accuracy);
         }
         if (job.status === 'queued') refreshSoon();
       } else {

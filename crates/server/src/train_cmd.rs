@@ -8,7 +8,7 @@ use loraforge_trainer::data::ClassInput;
 use loraforge_trainer::device::Device;
 use loraforge_trainer::families::decoder::generate::{generate_text, GenerateOptions};
 use loraforge_trainer::families::for_task;
-use loraforge_trainer::train::{Task, TrainEvent, TrainSpec};
+use loraforge_trainer::train::{Method, Task, TrainEvent, TrainSpec, DEFAULT_DPO_BETA};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -50,6 +50,13 @@ pub struct TrainArgs {
     /// text_to_image (Stable Diffusion 1.x/2.x).
     #[arg(long, default_value = "causal_lm")]
     pub task: String,
+    /// causal_lm: supervised (the next-token loss) or dpo (preference pairs in
+    /// OpenAI's format, against the base without the adapter as reference).
+    #[arg(long, default_value = "supervised", value_parser = ["supervised", "dpo"])]
+    pub method: String,
+    /// DPO's beta: how far the policy may move from the reference (default 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
     /// Text-to-image: square training resolution (default: the model's native size).
     #[arg(long)]
     pub resolution: Option<u32>,
@@ -159,8 +166,16 @@ impl TrainArgs {
     /// what only the command line sets (shuffle, warm-up steps, init and resume folders).
     fn spec(&self) -> anyhow::Result<TrainSpec> {
         let task = Task::parse(&self.task)?;
+        let method = match (self.method.as_str(), self.beta) {
+            ("dpo", beta) => Method::Dpo {
+                beta: beta.unwrap_or(DEFAULT_DPO_BETA),
+            },
+            (_, Some(_)) => bail!("--beta applies to --method dpo only"),
+            _ => Method::Supervised,
+        };
         let job = JobSpec {
             task,
+            method,
             problem_type: self.problem_type.clone(),
             n_epochs: self.epochs,
             batch_size: self.batch_size,
@@ -256,8 +271,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             );
         }
         TrainEvent::Step(m) => {
+            let rewards = match (m.reward_margin, m.reward_accuracy) {
+                (Some(margin), Some(acc)) => {
+                    format!(" reward_margin {margin:.4} reward_accuracy {acc:.3}")
+                }
+                _ => String::new(),
+            };
             let line = format!(
-                "step {}/{} loss {:.4} lr {:.3e} grad_norm {:.4} tok/s {:.1}",
+                "step {}/{} loss {:.4}{rewards} lr {:.3e} grad_norm {:.4} tok/s {:.1}",
                 m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_second
             );
             match &bar {
@@ -289,8 +310,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     f1.map(|f| format!(" macro_f1 {f:.4}")).unwrap_or_default()
                 ),
                 _ => format!(
-                    "eval at step {}: loss {:.4} mean_token_accuracy {:.4}",
-                    e.step, e.loss, e.mean_token_accuracy
+                    "eval at step {}: loss {:.4} mean_token_accuracy {:.4}{}",
+                    e.step,
+                    e.loss,
+                    e.mean_token_accuracy,
+                    match (e.reward_margin, e.reward_accuracy) {
+                        (Some(m), Some(a)) =>
+                            format!(" reward_margin {m:.4} reward_accuracy {a:.3}"),
+                        _ => String::new(),
+                    }
                 ),
             };
             match &bar {

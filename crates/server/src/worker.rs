@@ -247,8 +247,12 @@ struct Run<'a> {
     /// checkpoints.
     job: loraforge_store::JobRecord,
     valid_loss: Option<f64>,
+    /// The latest validation pass's mean token accuracy (causal LM).
+    valid_token_accuracy: Option<f64>,
     /// Classification: the latest validation accuracy and macro-F1.
     valid_scores: Option<(f64, Option<f64>)>,
+    /// The latest step's training loss.
+    train_loss: Option<f64>,
     /// How long a store write is retried while the database is unreachable: the lease.
     patience: Duration,
 }
@@ -340,6 +344,26 @@ impl Run<'_> {
         }
     }
 
+    /// A checkpoint's metrics in OpenAI's names. Validation runs over the whole
+    /// validation file, so `full_valid_*` are the latest pass's numbers; training's token
+    /// accuracy is not measured (the fused loss computes no argmax) and stays null.
+    fn checkpoint_metrics(&self, step: u64) -> serde_json::Value {
+        let mut m = json!({
+            "step": step,
+            "train_loss": self.train_loss,
+            "train_mean_token_accuracy": null,
+            "valid_loss": self.valid_loss,
+            "valid_mean_token_accuracy": self.valid_token_accuracy,
+            "full_valid_loss": self.valid_loss,
+            "full_valid_mean_token_accuracy": self.valid_token_accuracy,
+        });
+        if let Some((acc, f1)) = self.valid_scores {
+            m["valid_accuracy"] = json!(acc);
+            m["valid_macro_f1"] = json!(f1);
+        }
+        m
+    }
+
     async fn feed(&mut self, ev: &TrainEvent) -> anyhow::Result<Fed> {
         match ev {
             TrainEvent::Started {
@@ -354,7 +378,8 @@ impl Run<'_> {
                 self.event("info", "message", msg, None).await
             }
             TrainEvent::Step(m) => {
-                let progress = json!({
+                self.train_loss = Some(m.loss);
+                let mut progress = json!({
                     "step": m.step,
                     "total_steps": m.total_steps,
                     "epoch": m.epoch,
@@ -366,6 +391,10 @@ impl Run<'_> {
                     "tokens_per_second": m.tokens_per_second,
                     "eta_seconds": m.eta_seconds,
                 });
+                if let (Some(margin), Some(acc)) = (m.reward_margin, m.reward_accuracy) {
+                    progress["reward_margin"] = json!(margin);
+                    progress["reward_accuracy"] = json!(acc);
+                }
                 let progress_text = progress.to_string();
                 let store = &self.state.store;
                 match patient(self.patience, || {
@@ -378,8 +407,16 @@ impl Run<'_> {
                     Err(e) => return Err(e.into()),
                 }
                 let msg = format!(
-                    "Step {}/{}: training loss={:.4}",
-                    m.step, m.total_steps, m.loss
+                    "Step {}/{}: training loss={:.4}{}",
+                    m.step,
+                    m.total_steps,
+                    m.loss,
+                    match (m.reward_margin, m.reward_accuracy) {
+                        (Some(margin), Some(acc)) => {
+                            format!(", reward margin={margin:.4}, reward accuracy={acc:.3}")
+                        }
+                        _ => String::new(),
+                    }
                 );
                 self.event("info", "metrics", msg, Some(progress)).await
             }
@@ -399,14 +436,22 @@ impl Run<'_> {
                         json!({"step": e.step, "valid_loss": e.loss, "valid_accuracy": acc,
                                "valid_macro_f1": e.macro_f1, "valid_mean_token_accuracy": acc}),
                     ),
-                    None => (
-                        format!(
+                    None => {
+                        let mut data = json!({"step": e.step, "valid_loss": e.loss,
+                            "valid_mean_token_accuracy": e.mean_token_accuracy});
+                        let mut msg = format!(
                             "Step {}: validation loss={:.4}, mean token accuracy={:.4}",
                             e.step, e.loss, e.mean_token_accuracy
-                        ),
-                        json!({"step": e.step, "valid_loss": e.loss, "valid_mean_token_accuracy": e.mean_token_accuracy}),
-                    ),
+                        );
+                        if let (Some(m), Some(a)) = (e.reward_margin, e.reward_accuracy) {
+                            data["valid_reward_margin"] = json!(m);
+                            data["valid_reward_accuracy"] = json!(a);
+                            msg += &format!(", reward margin={m:.4}, reward accuracy={a:.3}");
+                        }
+                        (msg, data)
+                    }
                 };
+                self.valid_token_accuracy = Some(e.mean_token_accuracy);
                 self.event("info", "metrics", msg, Some(data)).await
             }
             TrainEvent::Checkpoint { step, dir } => {
@@ -416,14 +461,7 @@ impl Run<'_> {
                     attempt: self.lease.attempt,
                     step: *step as i64,
                     storage_key: checkpoint_key(&self.job.id, self.lease.attempt, *step),
-                    metrics: Some(
-                        match self.valid_scores {
-                            Some((acc, f1)) => json!({"step": step, "valid_loss": self.valid_loss,
-                                "valid_accuracy": acc, "valid_macro_f1": f1}),
-                            None => json!({"step": step, "valid_loss": self.valid_loss}),
-                        }
-                        .to_string(),
-                    ),
+                    metrics: Some(self.checkpoint_metrics(*step).to_string()),
                     created_at: loraforge_store::now_secs(),
                     bytes: 0,
                 };
@@ -564,7 +602,9 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         lease: &lease,
         job: job.clone(),
         valid_loss: None,
+        valid_token_accuracy: None,
         valid_scores: None,
+        train_loss: None,
         patience: cfg.lease,
     };
     let mut lost = false;

@@ -25,6 +25,9 @@ pub enum DataFormat {
     Classification,
     /// A zip of captioned images for text-to-image training (`sd::dataset`).
     ImageZip,
+    /// OpenAI's preference pairs (DPO): `{"input": {"messages": [...]},
+    /// "preferred_output": [assistant message], "non_preferred_output": [assistant message]}`.
+    Preference,
 }
 
 impl DataFormat {
@@ -36,6 +39,7 @@ impl DataFormat {
             DataFormat::Tokenized => "tokenized",
             DataFormat::Classification => "classification",
             DataFormat::ImageZip => "image_zip",
+            DataFormat::Preference => "preference",
         }
     }
 }
@@ -63,6 +67,16 @@ pub enum Example {
         labels: Option<Vec<i64>>,
     },
     Classification(ClassExample),
+    Preference(PreferencePair),
+}
+
+/// One preference pair: a conversation so far, and the assistant reply preferred to
+/// another.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferencePair {
+    pub messages: Vec<Message>,
+    pub chosen: Message,
+    pub rejected: Message,
 }
 
 /// A labelled text (or text pair) for sequence classification.
@@ -133,6 +147,7 @@ impl Example {
             Example::Text(_) => DataFormat::Text,
             Example::Tokenized { .. } => DataFormat::Tokenized,
             Example::Classification(_) => DataFormat::Classification,
+            Example::Preference(_) => DataFormat::Preference,
         }
     }
 }
@@ -151,7 +166,7 @@ fn field_str(
 }
 
 /// Message content may be a string or OpenAI's list of `{"type": "text", "text": ...}` parts.
-fn message_content(v: Option<&serde_json::Value>, i: usize) -> Result<String, String> {
+fn message_content(v: Option<&serde_json::Value>, key: &str, i: usize) -> Result<String, String> {
     match v {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(serde_json::Value::Array(parts)) => {
@@ -162,53 +177,60 @@ fn message_content(v: Option<&serde_json::Value>, i: usize) -> Result<String, St
                     (Some("text"), Some(t)) => out.push_str(t),
                     _ => {
                         return Err(format!(
-                            "\"messages\"[{i}].content[{j}] must be a {{\"type\": \"text\", \"text\": string}} part"
+                            "\"{key}\"[{i}].content[{j}] must be a {{\"type\": \"text\", \"text\": string}} part"
                         ))
                     }
                 }
             }
             Ok(out)
         }
-        Some(serde_json::Value::Null) | None => {
-            Err(format!("\"messages\"[{i}].content is required"))
-        }
+        Some(serde_json::Value::Null) | None => Err(format!("\"{key}\"[{i}].content is required")),
         Some(_) => Err(format!(
-            "\"messages\"[{i}].content must be a string or a list of text parts"
+            "\"{key}\"[{i}].content must be a string or a list of text parts"
         )),
     }
 }
 
 fn parse_messages(v: &serde_json::Value) -> Result<Vec<Message>, String> {
+    let out = parse_turns(v, "messages")?;
+    if !out.iter().any(|m| m.role == "assistant") {
+        return Err("\"messages\" must contain at least one assistant message".into());
+    }
+    Ok(out)
+}
+
+/// The messages of the array `key` (a path such as `input.messages`, named in errors).
+fn parse_turns(v: &serde_json::Value, key: &str) -> Result<Vec<Message>, String> {
     let arr = v
         .as_array()
         .filter(|a| !a.is_empty())
-        .ok_or_else(|| "\"messages\" must be a non-empty array".to_string())?;
+        .ok_or_else(|| format!("\"{key}\" must be a non-empty array"))?;
     let mut out = Vec::with_capacity(arr.len());
     for (i, m) in arr.iter().enumerate() {
         let obj = m
             .as_object()
-            .ok_or_else(|| format!("\"messages\"[{i}] must be an object"))?;
+            .ok_or_else(|| format!("\"{key}\"[{i}] must be an object"))?;
         let role = match obj.get("role") {
             Some(serde_json::Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
             Some(serde_json::Value::String(r)) => {
                 return Err(format!(
-                    "\"messages\"[{i}].role \"{r}\" is not one of system, user, assistant, tool"
+                    "\"{key}\"[{i}].role \"{r}\" is not one of system, user, assistant, tool"
                 ))
             }
-            _ => return Err(format!("\"messages\"[{i}].role must be a string")),
+            _ => return Err(format!("\"{key}\"[{i}].role must be a string")),
         };
-        let content = message_content(obj.get("content"), i)?;
+        let content = message_content(obj.get("content"), key, i)?;
         let weight = match obj.get("weight") {
             None | Some(serde_json::Value::Null) => None,
             Some(w) => match w.as_u64() {
                 Some(0) => Some(0),
                 Some(1) => Some(1),
-                _ => return Err(format!("\"messages\"[{i}].weight must be 0 or 1")),
+                _ => return Err(format!("\"{key}\"[{i}].weight must be 0 or 1")),
             },
         };
         if weight.is_some() && role != "assistant" {
             return Err(format!(
-                "\"messages\"[{i}].weight is only allowed on assistant messages"
+                "\"{key}\"[{i}].weight is only allowed on assistant messages"
             ));
         }
         out.push(Message {
@@ -217,10 +239,41 @@ fn parse_messages(v: &serde_json::Value) -> Result<Vec<Message>, String> {
             weight,
         });
     }
-    if !out.iter().any(|m| m.role == "assistant") {
-        return Err("\"messages\" must contain at least one assistant message".into());
-    }
     Ok(out)
+}
+
+/// OpenAI's preference line. Tool definitions and calls are refused by name until the
+/// chat templates render them (a pair rendered without its tools would train on a
+/// different conversation than the one written).
+fn parse_preference(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<PreferencePair, String> {
+    let input = obj
+        .get("input")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| "\"input\" must be an object with \"messages\"".to_string())?;
+    if input.get("tools").is_some_and(|t| !t.is_null()) {
+        return Err("\"input.tools\": tool definitions are not supported yet".into());
+    }
+    let messages = parse_turns(
+        input.get("messages").unwrap_or(&serde_json::Value::Null),
+        "input.messages",
+    )?;
+    if messages.iter().any(|m| m.weight.is_some()) {
+        return Err("\"input.messages\": weight has no meaning in a preference pair".into());
+    }
+    let output = |key: &str| -> Result<Message, String> {
+        let turns = parse_turns(obj.get(key).unwrap_or(&serde_json::Value::Null), key)?;
+        match turns.as_slice() {
+            [m] if m.role == "assistant" && m.weight.is_none() => Ok(m.clone()),
+            _ => Err(format!("\"{key}\" must be a list of one assistant message")),
+        }
+    };
+    Ok(PreferencePair {
+        messages,
+        chosen: output("preferred_output")?,
+        rejected: output("non_preferred_output")?,
+    })
 }
 
 fn parse_ids(v: &serde_json::Value, key: &str) -> Result<Vec<i64>, String> {
@@ -294,6 +347,12 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
     let obj = v
         .as_object()
         .ok_or_else(|| "each line must be a JSON object".to_string())?;
+    if obj.contains_key("preferred_output")
+        || obj.contains_key("non_preferred_output")
+        || obj.contains_key("input")
+    {
+        return parse_preference(obj).map(Example::Preference);
+    }
     if obj.contains_key("label") || obj.contains_key("text_pair") {
         return parse_classification(obj).map(Example::Classification);
     }
@@ -343,7 +402,7 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
         };
         return Ok(Example::Tokenized { input_ids, labels });
     }
-    Err("unknown format: expected \"messages\", \"prompt\"/\"completion\", \"text\", \"input_ids\" or \"label\"".into())
+    Err("unknown format: expected \"messages\", \"prompt\"/\"completion\", \"text\", \"input_ids\", \"label\" or \"input\"/\"preferred_output\"/\"non_preferred_output\"".into())
 }
 
 /// What a validation pass found.
@@ -542,6 +601,47 @@ mod tests {
         assert!(parse_line("not json")
             .unwrap_err()
             .starts_with("invalid JSON"));
+    }
+
+    #[test]
+    fn preference_pairs_parse_and_name_the_field() {
+        let ok = r#"{"input":{"messages":[{"role":"user","content":"hi"}]},"preferred_output":[{"role":"assistant","content":"hello"}],"non_preferred_output":[{"role":"assistant","content":"go away"}]}"#;
+        match parse_line(ok) {
+            Ok(Example::Preference(p)) => {
+                assert_eq!(p.messages.len(), 1);
+                assert_eq!(p.chosen.content, "hello");
+                assert_eq!(p.rejected.content, "go away");
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = |line: &str, want: &str| {
+            let e = parse_line(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        };
+        bad(
+            r#"{"input":{"messages":[]},"preferred_output":[],"non_preferred_output":[]}"#,
+            "\"input.messages\" must be a non-empty array",
+        );
+        bad(
+            r#"{"input":{"messages":[{"role":"user","content":"a"}]},"preferred_output":[{"role":"user","content":"b"}],"non_preferred_output":[{"role":"assistant","content":"c"}]}"#,
+            "\"preferred_output\" must be a list of one assistant message",
+        );
+        bad(
+            r#"{"input":{"messages":[{"role":"user","content":"a"}]},"preferred_output":[{"role":"assistant","content":"b"}]}"#,
+            "\"non_preferred_output\" must be a non-empty array",
+        );
+        bad(
+            r#"{"input":{"messages":[{"role":"user"}]},"preferred_output":[{"role":"assistant","content":"b"}],"non_preferred_output":[{"role":"assistant","content":"c"}]}"#,
+            "\"input.messages\"[0].content is required",
+        );
+        bad(
+            r#"{"input":{"messages":[{"role":"user","content":"a"}],"tools":[{"type":"function"}]},"preferred_output":[{"role":"assistant","content":"b"}],"non_preferred_output":[{"role":"assistant","content":"c"}]}"#,
+            "input.tools",
+        );
+        let mixed = format!("{ok}\n{{\"text\":\"x\"}}\n");
+        let r = validate(mixed.as_bytes(), 1).unwrap();
+        assert_eq!(r.format, Some(DataFormat::Preference));
+        assert_eq!(r.error_count, 1, "{:?}", r.errors);
     }
 
     #[test]

@@ -557,3 +557,143 @@ fn checkpointed_pass_gives_the_plain_loss_and_gradients() {
     println!("checkpointed vs plain LoRA gradients: worst relative difference {worst:.3e}");
     assert!(worst < 1e-6, "checkpointed gradients differ by {worst:.3e}");
 }
+
+/// The DPO reference of `tiny-llama-ref/dpo.json` (`make_fixtures.py --only-dpo`).
+fn dpo_reference() -> serde_json::Value {
+    let p = fixtures().join("tiny-llama-ref/dpo.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn preference_data() -> std::path::PathBuf {
+    fixtures().join("../data/preference.jsonl")
+}
+
+/// Each pair's two sequences have transformers' ids, and only the reply is scored.
+#[test]
+fn dpo_pairs_encode_as_transformers_renders_them() {
+    use loraforge_trainer::data::{read_examples, Example};
+    let r = dpo_reference();
+    let base = loader::load(&fixtures().join("tiny-llama"), &dev()).unwrap();
+    let examples = read_examples(&preference_data()).unwrap();
+    let want = r["encoded"].as_array().unwrap();
+    assert_eq!(examples.len(), want.len());
+    for (i, (ex, w)) in examples.iter().zip(want).enumerate() {
+        let Example::Preference(p) = ex else {
+            panic!("pair {i} is not a preference pair")
+        };
+        let (c, rj) = base.tokenizer.encode_preference(p, None).unwrap();
+        for (side, got) in [("chosen", &c), ("rejected", &rj)] {
+            let ids: Vec<u32> = serde_json::from_value(w[side]["input_ids"].clone()).unwrap();
+            let labels: Vec<i64> = serde_json::from_value(w[side]["labels"].clone()).unwrap();
+            assert_eq!(got.input_ids, ids, "pair {i} {side} ids");
+            assert_eq!(got.labels, labels, "pair {i} {side} labels");
+        }
+    }
+}
+
+/// Ten steps of DPO through the training loop (`method: dpo`, the reference being the
+/// base with the adapter switched off) against the PEFT + torch run: step 1's loss is
+/// ln 2 (policy = reference), and every step's loss, reward margin and accuracy, and the
+/// final adapter, follow PEFT's.
+#[test]
+fn dpo_ten_steps_match_the_peft_reference() {
+    use loraforge_trainer::train::optim::Scheduler;
+    use loraforge_trainer::train::{Method, StepMetrics, TrainEvent, TrainSpec};
+    let r = dpo_reference();
+    let out = tempfile::tempdir().unwrap();
+    let mut spec = TrainSpec::new(
+        fixtures().join("tiny-llama"),
+        preference_data(),
+        out.path().join("adapter"),
+    );
+    spec.method = Method::Dpo {
+        beta: r["train"]["beta"].as_f64().unwrap(),
+    };
+    spec.init_adapter = Some(fixtures().join("tiny-llama-ref/adapter_init"));
+    spec.lora.dropout = 0.0;
+    spec.max_steps = Some(10);
+    spec.batch_size = 2;
+    spec.lr = r["train"]["lr"].as_f64().unwrap();
+    spec.scheduler = Scheduler::Constant;
+    spec.adamw.weight_decay = r["train"]["weight_decay"].as_f64().unwrap();
+    spec.max_grad_norm = 1.0;
+    spec.shuffle = false;
+    spec.device = dev();
+    let mut steps: Vec<StepMetrics> = Vec::new();
+    loraforge_trainer::train(&spec, &Default::default(), &mut |ev| {
+        if let TrainEvent::Step(m) = ev {
+            steps.push(m.clone());
+        }
+    })
+    .unwrap();
+    let want = |k: &str| -> Vec<f64> { serde_json::from_value(r[k].clone()).unwrap() };
+    let (losses, margins, accs, norms) = (
+        want("losses"),
+        want("reward_margins"),
+        want("reward_accuracies"),
+        want("grad_norms"),
+    );
+    assert_eq!(steps.len(), 10);
+    assert!(
+        (steps[0].loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "step 1 loss {} is not ln 2",
+        steps[0].loss
+    );
+    assert_eq!(steps[0].reward_accuracy, Some(0.0));
+    for (i, m) in steps.iter().enumerate() {
+        let margin = m.reward_margin.unwrap();
+        println!(
+            "dpo step {}: loss {:.6} (PEFT {:.6}) margin {margin:.5} (PEFT {:.5}) accuracy {:?} (PEFT {}) grad norm {:.5} (PEFT {:.5})",
+            i + 1,
+            m.loss,
+            losses[i],
+            margins[i],
+            m.reward_accuracy,
+            accs[i],
+            m.grad_norm,
+            norms[i]
+        );
+        assert!(
+            ((m.loss - losses[i]) / losses[i]).abs() < 0.01,
+            "step {}: loss {} vs PEFT {}",
+            i + 1,
+            m.loss,
+            losses[i]
+        );
+        assert!(
+            (margin - margins[i]).abs() <= 0.01 * margins[i].abs().max(0.01),
+            "step {}: margin {margin} vs PEFT {}",
+            i + 1,
+            margins[i]
+        );
+        assert_eq!(m.reward_accuracy, Some(accs[i]), "step {} accuracy", i + 1);
+        assert!(
+            ((m.grad_norm - norms[i]) / norms[i]).abs() < 1e-3,
+            "step {}: grad norm {} vs PEFT {}",
+            i + 1,
+            m.grad_norm,
+            norms[i]
+        );
+    }
+    let ours = candle_core::safetensors::load(
+        out.path().join("adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let finals = candle_core::safetensors::load(
+        fixtures().join("tiny-llama-ref/dpo.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ours.len(), finals.len());
+    let mut worst = 0f64;
+    for (k, v) in &ours {
+        let e = rel(v, &finals[&format!("final.{k}")]);
+        worst = worst.max(e);
+    }
+    println!("dpo: worst adapter relative error after 10 steps {worst:.3e}");
+    assert!(
+        worst < 1e-2,
+        "the adapter after 10 DPO steps differs from PEFT's by {worst:.3e}"
+    );
+}

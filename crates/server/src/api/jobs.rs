@@ -8,7 +8,7 @@ use crate::job::artifacts::{
     adapter_key, adapter_zip, checkpoint_adapter_key, extra_files, fine_tuned_name, model_card,
     sha256_hex, ADAPTER_CONFIG, ADAPTER_TENSORS,
 };
-use crate::job::spec::parse_spec;
+use crate::job::spec::{parse_method, parse_spec};
 use crate::job::{is_text_to_image, shown_status, JobSpec};
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -18,9 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use loraforge_store::{CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob};
+use loraforge_trainer::data::DataFormat;
 use loraforge_trainer::families::encoder::model::ProblemType;
 use loraforge_trainer::families::{for_task, JobCheck, ModelInfo, Named};
-use loraforge_trainer::train::Task;
+use loraforge_trainer::train::{Method, Task};
 use loraforge_trainer::FAMILIES;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -37,6 +38,9 @@ pub struct CreateJob {
     suffix: Option<String>,
     seed: Option<u64>,
     metadata: Option<Value>,
+    /// OpenAI's reporting integrations (Weights & Biases): refused, there is no network
+    /// to report to.
+    integrations: Option<Value>,
     /// loraforge extension: `causal_lm` (default) or `sequence_classification`.
     task: Option<String>,
     /// loraforge extension, sequence classification only.
@@ -347,6 +351,18 @@ pub async fn create(
             return same_request(j, fingerprint.as_deref());
         }
     }
+    let (method, hp) = parse_method(req.method.as_ref(), req.hyperparameters.as_ref())?;
+    if req
+        .integrations
+        .as_ref()
+        .is_some_and(|i| !i.is_null() && i.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::bad_request(
+            "integrations are not supported: loraforge reports to no outside service; \
+             follow a job with its events, its SSE stream or its checkpoints' metrics",
+        )
+        .param("integrations"));
+    }
     let model = req
         .model
         .ok_or_else(|| ApiError::bad_request("model is required").param("model"))?;
@@ -409,22 +425,49 @@ pub async fn create(
         Some(v) => Some(check_file(&state, &who, v, "validation_file", task).await?),
         None => None,
     };
-    // OpenAI's newer shape nests hyperparameters under method.supervised.
-    let hp = req
-        .method
-        .as_ref()
-        .and_then(|m| m.get("supervised"))
-        .and_then(|s| s.get("hyperparameters"))
-        .or(req.hyperparameters.as_ref())
-        .cloned()
-        .unwrap_or(json!({}));
-    let hp = hp.as_object().ok_or_else(|| {
-        ApiError::bad_request("hyperparameters must be an object").param("hyperparameters")
-    })?;
+    if method != Method::Supervised && task != Task::CausalLm {
+        return Err(ApiError::bad_request(format!(
+            "method {} trains task causal_lm only",
+            method.name()
+        ))
+        .param("method"));
+    }
+    for (param, rec) in [
+        ("training_file", Some(&train_rec)),
+        ("validation_file", valid_rec.as_ref()),
+    ] {
+        let Some(rec) = rec else { continue };
+        let pairs = rec.format.as_deref() == Some(DataFormat::Preference.as_str());
+        match (method, pairs) {
+            (Method::Dpo { .. }, false) => {
+                return Err(bad_file(
+                    param,
+                    format!(
+                        "File {} has format {}; method dpo trains on preference pairs \
+                         (input, preferred_output, non_preferred_output).",
+                        rec.id,
+                        rec.format.as_deref().unwrap_or("unknown")
+                    ),
+                ))
+            }
+            (Method::Supervised, true) => {
+                return Err(bad_file(
+                    param,
+                    format!(
+                        "File {} holds preference pairs: train it with method \
+                         {{\"type\": \"dpo\"}}.",
+                        rec.id
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
     if let Some(m) = &req.metadata {
         check_metadata(m)?;
     }
-    let mut spec = parse_spec(hp, req.seed, req.metadata, task)?;
+    let mut spec = parse_spec(&hp, req.seed, req.metadata, task)?;
+    spec.method = method;
     spec.request_sha256 = fingerprint.clone();
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
     check_with_family(&state, &info, &spec, &train_rec, valid_rec.as_ref()).await?;
@@ -527,6 +570,17 @@ fn parse_json(s: &Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// OpenAI's `method`: its type, and the hyperparameters under the type's name (DPO's
+/// with its `beta`).
+fn method_object(method: Method, mut hp: Value) -> Value {
+    if let Method::Dpo { beta } = method {
+        hp["beta"] = json!(beta);
+    }
+    let mut m = json!({"type": method.name()});
+    m[method.name()] = json!({"hyperparameters": hp});
+    m
+}
+
 /// The OpenAI `fine_tuning.job` object, plus `progress`.
 pub fn job_object(j: &JobRecord) -> Value {
     let spec: Option<JobSpec> = serde_json::from_str(&j.spec).ok();
@@ -586,7 +640,7 @@ pub fn job_object(j: &JobRecord) -> Value {
         "validation_file": j.validation_file,
         "training_file": j.training_file,
         "hyperparameters": hp.clone().unwrap_or(json!({})),
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp.unwrap_or(json!({}))}},
+        "method": method_object(spec.as_ref().map(|s| s.method).unwrap_or_default(), hp.unwrap_or(json!({}))),
         "trained_tokens": progress.get("tokens").cloned().unwrap_or(Value::Null),
         "error": parse_json(&j.error),
         "seed": spec.as_ref().map(|s| s.seed),

@@ -7,7 +7,7 @@ use loraforge_trainer::device::BaseDtype;
 use loraforge_trainer::families::for_task;
 use loraforge_trainer::lora::{LoraConfig, Targets};
 use loraforge_trainer::train::optim::{AdamWConfig, Scheduler};
-use loraforge_trainer::train::{Task, TrainSpec};
+use loraforge_trainer::train::{Method, Task, TrainSpec, DEFAULT_DPO_BETA};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -28,6 +28,9 @@ pub struct JobSpec {
     /// Absent in specs stored before encoders existed: those are causal LM jobs.
     #[serde(default)]
     pub task: Task,
+    /// Supervised, or DPO with its beta; absent in specs stored before DPO existed.
+    #[serde(default)]
+    pub method: Method,
     /// Sequence classification: transformers' problem type; `None` infers it.
     #[serde(default)]
     pub problem_type: Option<String>,
@@ -169,12 +172,116 @@ const KNOWN_HP: [&str; 27] = [
     "base_dtype",
 ];
 
-/// Keys that OpenAI's API gives a meaning we do not implement yet: refused by name rather
-/// than accepted and ignored, so a client never believes it trained what it did not.
-const NOT_YET_HP: [(&str, &str); 1] = [(
+/// Keys that belong to another method: refused by name rather than accepted and
+/// ignored, so a client never believes it trained what it did not.
+const OTHER_METHOD_HP: [(&str, &str); 1] = [(
     "beta",
-    "is not supported yet: it belongs to DPO (method type \"dpo\"), which loraforge does not train yet",
+    "applies to method dpo only: send method {\"type\": \"dpo\", \"dpo\": {\"hyperparameters\": {\"beta\": ...}}}",
 )];
+
+fn method_err(param: &str, message: String) -> SpecError {
+    SpecError {
+        param: param.to_string(),
+        message,
+    }
+}
+
+/// OpenAI's `method` object (or its absence, with the legacy top-level
+/// `hyperparameters`): the training method, and the hyperparameters the rest of the
+/// spec is parsed from (DPO's `beta` taken out). A request is never turned into another
+/// one: a method this server does not train, a block that does not match `type`, or
+/// hyperparameters given in both places are refused.
+pub fn parse_method(
+    method: Option<&Value>,
+    hyperparameters: Option<&Value>,
+) -> Result<(Method, serde_json::Map<String, Value>), SpecError> {
+    let as_map = |v: Option<&Value>, param: &str| match v {
+        None | Some(Value::Null) => Ok(serde_json::Map::new()),
+        Some(Value::Object(m)) => Ok(m.clone()),
+        Some(_) => Err(method_err(param, format!("{param} must be an object"))),
+    };
+    let Some(method) = method.filter(|m| !m.is_null()) else {
+        return Ok((
+            Method::Supervised,
+            as_map(hyperparameters, "hyperparameters")?,
+        ));
+    };
+    let m = method
+        .as_object()
+        .ok_or_else(|| method_err("method", "method must be an object".into()))?;
+    let ty = match m.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        _ => {
+            return Err(method_err(
+                "method.type",
+                "method.type is required: supervised or dpo".into(),
+            ))
+        }
+    };
+    match ty {
+        "supervised" | "dpo" => {}
+        "reinforcement" => {
+            return Err(method_err(
+                "method.type",
+                "method.type reinforcement is not supported: loraforge trains supervised and dpo"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(method_err(
+                "method.type",
+                format!(
+                    "method.type \"{}\" is not one of supervised, dpo",
+                    super::cut(other, 64)
+                ),
+            ))
+        }
+    }
+    if let Some(k) = m.keys().find(|k| *k != "type" && *k != ty) {
+        return Err(method_err(
+            &format!("method.{}", super::cut(k, 64)),
+            format!(
+                "method.{} does not match method.type {ty}",
+                super::cut(k, 64)
+            ),
+        ));
+    }
+    if hyperparameters.is_some_and(|h| !h.is_null()) {
+        return Err(method_err(
+            "hyperparameters",
+            format!(
+                "hyperparameters given both at the top level and with method {ty}: \
+                 send them once, under method.{ty}.hyperparameters"
+            ),
+        ));
+    }
+    let block = as_map(m.get(ty), &format!("method.{ty}"))?;
+    if let Some(k) = block.keys().find(|k| *k != "hyperparameters") {
+        return Err(method_err(
+            &format!("method.{ty}.{}", super::cut(k, 64)),
+            format!("method.{ty}.{} is not known", super::cut(k, 64)),
+        ));
+    }
+    let param = format!("method.{ty}.hyperparameters");
+    let mut hp = as_map(block.get("hyperparameters"), &param)?;
+    if ty == "supervised" {
+        return Ok((Method::Supervised, hp));
+    }
+    let beta = match hp.remove("beta") {
+        None | Some(Value::Null) => DEFAULT_DPO_BETA,
+        Some(Value::String(a)) if a == "auto" => DEFAULT_DPO_BETA,
+        Some(v) => v
+            .as_f64()
+            .filter(|b| *b > 0.0 && *b <= 100.0)
+            .ok_or_else(|| {
+                method_err(
+                    &format!("{param}.beta"),
+                    format!("{param}.beta must be a number in (0, 100] or \"auto\""),
+                )
+            })?,
+    };
+    Ok((Method::Dpo { beta }, hp))
+}
 
 /// Validates the hyperparameters and fills every default.
 pub fn parse_spec(
@@ -183,7 +290,7 @@ pub fn parse_spec(
     metadata: Option<Value>,
     task: Task,
 ) -> Result<JobSpec, SpecError> {
-    if let Some((k, why)) = NOT_YET_HP.iter().find(|(k, _)| hp.contains_key(*k)) {
+    if let Some((k, why)) = OTHER_METHOD_HP.iter().find(|(k, _)| hp.contains_key(*k)) {
         return Err(hp_err(k, why));
     }
     if let Some(k) = hp.keys().find(|k| !KNOWN_HP.contains(&k.as_str())) {
@@ -263,6 +370,7 @@ pub fn parse_spec(
     };
     Ok(JobSpec {
         task,
+        method: Method::Supervised,
         problem_type: None,
         n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
         batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
@@ -346,6 +454,7 @@ pub fn train_spec(
     let mut t = TrainSpec::new(model, data, out);
     t.validation = validation;
     t.task = spec.task;
+    t.method = spec.method;
     t.lora = LoraConfig {
         r: spec.lora_r,
         alpha: spec.lora_alpha,
@@ -390,8 +499,66 @@ pub fn train_spec(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_spec, Task};
+    use super::{parse_method, parse_spec, Method, Task};
     use serde_json::json;
+
+    #[test]
+    fn a_method_is_taken_as_sent_or_refused_by_name() {
+        let m = |method: serde_json::Value, hp: Option<serde_json::Value>| {
+            parse_method(Some(&method), hp.as_ref())
+        };
+        let (method, hp) = m(
+            json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(method, Method::Dpo { beta: 0.2 });
+        assert_eq!(hp.get("n_epochs"), Some(&json!(2)));
+        assert!(!hp.contains_key("beta"));
+        let (method, _) = m(json!({"type": "dpo"}), None).unwrap();
+        assert_eq!(method, Method::Dpo { beta: 0.1 });
+        let (method, hp) = m(
+            json!({"type": "supervised", "supervised": {"hyperparameters": {"lora_r": 4}}}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (method, hp.get("lora_r")),
+            (Method::Supervised, Some(&json!(4)))
+        );
+        let (method, hp) = parse_method(None, Some(&json!({"lora_r": 2}))).unwrap();
+        assert_eq!(
+            (method, hp.get("lora_r")),
+            (Method::Supervised, Some(&json!(2)))
+        );
+        let refused = |method: serde_json::Value, hp: Option<serde_json::Value>, param: &str| {
+            let e = m(method.clone(), hp).unwrap_err();
+            assert_eq!(e.param, param, "{method}: {e:?}");
+        };
+        refused(json!({"type": "reinforcement"}), None, "method.type");
+        refused(json!({"type": "ppo"}), None, "method.type");
+        refused(json!({}), None, "method.type");
+        refused(
+            json!({"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}),
+            None,
+            "method.dpo",
+        );
+        refused(
+            json!({"type": "dpo", "dpo": {}}),
+            Some(json!({"n_epochs": 1})),
+            "hyperparameters",
+        );
+        refused(
+            json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}),
+            None,
+            "method.dpo.hyperparameters.beta",
+        );
+        refused(
+            json!({"type": "dpo", "dpo": {"hyperparams": {}}}),
+            None,
+            "method.dpo.hyperparams",
+        );
+    }
 
     #[test]
     fn keys_we_do_not_honour_are_refused_by_name() {
@@ -399,7 +566,7 @@ mod tests {
         // DPO's beta would be silently ignored by supervised training: refuse it.
         let e = parse_spec(&hp(json!({"beta": 0.1})), None, None, Task::CausalLm).unwrap_err();
         assert_eq!(e.param, "hyperparameters.beta", "{e:?}");
-        assert!(e.message.contains("DPO"), "{e:?}");
+        assert!(e.message.contains("method dpo"), "{e:?}");
         let e = parse_spec(&hp(json!({"lora_rank": 8})), None, None, Task::CausalLm).unwrap_err();
         assert_eq!(e.param, "hyperparameters.lora_rank", "{e:?}");
         assert!(parse_spec(&hp(json!({"lora_r": 8})), None, None, Task::CausalLm).is_ok());

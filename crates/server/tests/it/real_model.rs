@@ -327,3 +327,199 @@ fn smollm2_packed_base_trains_exactly_as_the_dequantized_one() {
         "the adapters differ between the packed and the dequantized base"
     );
 }
+
+fn venv_python() -> Option<PathBuf> {
+    match std::env::var("LORAFORGE_VENV") {
+        Ok(v) if Path::new(&v).join("bin/python").is_file() => {
+            Some(Path::new(&v).join("bin/python"))
+        }
+        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
+            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
+        }
+        _ => {
+            eprintln!("skipped: LORAFORGE_VENV not set");
+            None
+        }
+    }
+}
+
+/// `loraforge train --method dpo` on SmolLM2 against the torch + PEFT reference
+/// (`scripts/dpo_reference.py`) from the same fresh PEFT adapter: step 1's loss is ln 2,
+/// every step's loss is within 1% of the reference's and its reward accuracy the same,
+/// and PEFT loads the adapter.
+#[test]
+fn smollm2_dpo_follows_the_peft_reference() {
+    let Some(model) = smollm2() else { return };
+    let Some(python) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (init, reference) = (dir.path().join("init"), dir.path().join("ref.json"));
+    let data = root().join("tests/data/preference.jsonl");
+    let (steps, lr) = ("10", "2e-4");
+    println!(
+        "{}",
+        run(Command::new(&python)
+            .arg(root().join("scripts/dpo_reference.py"))
+            .arg("--base")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--adapter-out")
+            .arg(&init)
+            .arg("--out")
+            .arg(&reference)
+            .args(["--steps", steps, "--batch", "2", "--lr", lr, "--beta", "0.1"]))
+    );
+    let (out, metrics) = (dir.path().join("adapter"), dir.path().join("metrics.jsonl"));
+    run(loraforge()
+        .args(["train", "--method", "dpo", "--beta", "0.1", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .arg("--init-adapter")
+        .arg(&init)
+        .args([
+            "--max-steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--lr",
+            lr,
+            "--scheduler",
+            "constant",
+            "--no-shuffle",
+            "--max-grad-norm",
+            "1.0",
+            "--metrics-jsonl",
+        ])
+        .arg(&metrics));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+    let ours: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), 10);
+    let l0 = ours[0]["loss"].as_f64().unwrap();
+    assert!(
+        (l0 - std::f64::consts::LN_2).abs() < 1e-6,
+        "step 1 loss {l0}"
+    );
+    for (i, m) in ours.iter().enumerate() {
+        let (loss, want) = (
+            m["loss"].as_f64().unwrap(),
+            r["losses"][i].as_f64().unwrap(),
+        );
+        let (acc, want_acc) = (
+            m["reward_accuracy"].as_f64().unwrap(),
+            r["reward_accuracies"][i].as_f64().unwrap(),
+        );
+        println!(
+            "SmolLM2 DPO step {}: loss {loss:.6} (PEFT {want:.6}), reward accuracy {acc} (PEFT {want_acc}), margin {}",
+            i + 1,
+            m["reward_margin"]
+        );
+        assert!(
+            ((loss - want) / want).abs() < 0.01,
+            "step {}: loss {loss} vs PEFT {want}",
+            i + 1
+        );
+        assert_eq!(acc, want_acc, "step {} reward accuracy", i + 1);
+    }
+    peft_check(&model, &out);
+}
+
+/// A DPO job through the API on SmolLM2 (OpenAI's `method` shape, a preference file):
+/// its reward accuracy on its own training pairs goes from 0 at step 1 to at least 0.9,
+/// the events and checkpoints carry the rewards, and the adapter loads in PEFT.
+#[tokio::test]
+async fn smollm2_dpo_job_through_the_api_learns_its_pairs() {
+    let Some(model) = smollm2() else { return };
+    let s = common::TestServer::start(common::Backend::Sqlite, &["--train-threads", "2"]).await;
+    std::os::unix::fs::symlink(
+        &model,
+        s.models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    let body = std::fs::read(root().join("tests/data/preference.jsonl")).unwrap();
+    let (_, f) = common::upload_raw(&s, "preference.jsonl", body).await;
+    assert_eq!(
+        (f["status"].as_str(), f["format"].as_str()),
+        (Some("processed"), Some("preference")),
+        "{f}"
+    );
+    let file = f["id"].as_str().unwrap();
+    let (st, job) = common::create_job(
+        &s,
+        serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "training_file": file,
+            "validation_file": file,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {
+                "beta": 0.1, "max_steps": 8, "batch_size": 4, "learning_rate": 1e-3,
+                "lr_scheduler": "constant", "checkpoint_interval": 4}}}
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{job}");
+    assert_eq!(job["method"]["type"], "dpo", "{job}");
+    assert_eq!(
+        job["method"]["dpo"]["hyperparameters"]["beta"], 0.1,
+        "{job}"
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = common::wait_status(
+        &s,
+        &id,
+        &["succeeded", "failed", "cancelled"],
+        Duration::from_secs(600),
+    )
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", s.logs());
+    let events = common::get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/events?limit=100")).await;
+    let data: Vec<&serde_json::Value> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| &e["data"])
+        .collect();
+    let step = |n: u64| {
+        data.iter()
+            .find(|d| d["step"] == n && d["train_loss"].is_number())
+            .unwrap_or_else(|| panic!("no metrics for step {n}: {events}"))
+    };
+    assert_eq!(step(1)["reward_accuracy"], 0.0, "{}", step(1));
+    let valid = data
+        .iter()
+        .rev()
+        .find(|d| d["valid_reward_accuracy"].is_number())
+        .unwrap_or_else(|| panic!("no validation rewards: {events}"));
+    let acc = valid["valid_reward_accuracy"].as_f64().unwrap();
+    println!(
+        "SmolLM2 DPO job: step 1 {}; step 8 {}; on its training pairs {valid}",
+        step(1),
+        step(8)
+    );
+    assert!(acc >= 0.9, "reward accuracy on the training pairs {acc}");
+    let ck = common::get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
+    let m = &ck["data"][0]["metrics"];
+    assert!(
+        m["train_loss"].is_number() && m.get("full_valid_loss").is_some(),
+        "checkpoint metrics: {ck}"
+    );
+    let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
+        .unwrap()
+        .extract(dir.path())
+        .unwrap();
+    peft_check(&model, dir.path());
+}

@@ -124,10 +124,14 @@ impl LoraConfig {
     }
 }
 
-/// Per-forward state: training mode and the seeded RNG that drives dropout.
+/// Per-forward state: training mode, the seeded RNG that drives dropout, and whether
+/// the adapters take part.
 pub struct ForwardCtx {
     pub train: bool,
     pub rng: RefCell<ChaCha8Rng>,
+    /// Off: every adapted layer computes as its frozen base alone (DPO's reference
+    /// model, without a second copy of the weights).
+    pub adapters: bool,
 }
 
 impl ForwardCtx {
@@ -135,12 +139,21 @@ impl ForwardCtx {
         Self {
             train: false,
             rng: RefCell::new(ChaCha8Rng::seed_from_u64(0)),
+            adapters: true,
         }
     }
     pub fn train(rng: ChaCha8Rng) -> Self {
         Self {
             train: true,
             rng: RefCell::new(rng),
+            adapters: true,
+        }
+    }
+    /// The base model alone, as PEFT's `disable_adapter()` runs it.
+    pub fn reference() -> Self {
+        Self {
+            adapters: false,
+            ..Self::eval()
         }
     }
 }
@@ -197,7 +210,7 @@ impl Linear {
 
     /// `x` is `(n, in)`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let Some(l) = &self.lora else {
+        let Some(l) = self.lora.as_ref().filter(|_| ctx.adapters) else {
             let y = frozen_linear(x, &self.weight)?;
             return Ok(match &self.bias {
                 Some(b) => y.broadcast_add(b)?,

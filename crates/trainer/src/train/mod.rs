@@ -51,10 +51,45 @@ impl Task {
     }
 }
 
+/// TRL's and OpenAI's default DPO `beta`.
+pub const DEFAULT_DPO_BETA: f64 = 0.1;
+
+/// How a causal LM run learns from its data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Method {
+    /// The next-token loss on the scored tokens (chat, completions, text).
+    #[default]
+    Supervised,
+    /// Direct preference optimisation (TRL's sigmoid loss) on preference pairs, against
+    /// the base with its adapter switched off as the reference model.
+    Dpo { beta: f64 },
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Supervised => "supervised",
+            Method::Dpo { .. } => "dpo",
+        }
+    }
+}
+
+/// A step's (or a validation pass's) DPO rewards: the mean of
+/// `beta·((π_c − ref_c) − (π_r − ref_r))` over its pairs, and the share of pairs where
+/// it is positive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rewards {
+    pub margin: f64,
+    pub accuracy: f64,
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct TrainSpec {
     pub task: Task,
+    /// Supervised or DPO (causal LM only).
+    pub method: Method,
     /// Whether the base model's own dropout (encoders' hidden/attention dropout) is on
     /// in training, as transformers has it; off for exact comparisons.
     pub model_dropout: bool,
@@ -132,6 +167,7 @@ impl TrainSpec {
     pub fn new(model: PathBuf, data: PathBuf, out: PathBuf) -> Self {
         Self {
             task: Task::CausalLm,
+            method: Method::Supervised,
             model_dropout: true,
             model,
             data,
@@ -192,6 +228,14 @@ impl TrainSpec {
         if self.max_grad_norm < 0.0 || self.adamw.weight_decay < 0.0 {
             return bad("max_grad_norm and weight_decay must not be negative");
         }
+        if let Method::Dpo { beta } = self.method {
+            if self.task != Task::CausalLm {
+                return bad("method dpo trains causal_lm models only");
+            }
+            if !(beta > 0.0 && beta.is_finite()) {
+                return bad("beta must be positive");
+            }
+        }
         Ok(())
     }
 }
@@ -209,6 +253,12 @@ pub struct StepMetrics {
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
     pub eta_seconds: f64,
+    /// DPO: the step's mean reward margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_margin: Option<f64>,
+    /// DPO: the share of the step's pairs with a positive margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_accuracy: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -226,6 +276,12 @@ pub struct EvalMetrics {
     /// Classification: unweighted mean of the per-class F1 scores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub macro_f1: Option<f64>,
+    /// DPO: the mean reward margin over the validation pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_margin: Option<f64>,
+    /// DPO: the share of validation pairs with a positive margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_accuracy: Option<f64>,
 }
 
 /// What the loop reports as it goes.
@@ -334,6 +390,11 @@ pub trait Objective {
         scale: f64,
     ) -> Result<(f64, GradStore)> {
         backward_sum(self.loss_sum(b, ctx)?, scale)
+    }
+    /// What the objective measured over the micro-batches since it was last asked (DPO's
+    /// rewards), read once per step.
+    fn take_rewards(&self) -> Option<Rewards> {
+        None
     }
     /// Metrics on the validation set, if there is one.
     fn evaluate(&self, batch_size: usize, step: u64) -> Result<Option<EvalMetrics>>;
@@ -538,6 +599,7 @@ pub fn run<O: Objective>(
         tokens_this_run += step_tokens as u64;
         let elapsed = started.elapsed().as_secs_f64();
         let done = step + 1 - start_step;
+        let rewards = obj.take_rewards();
         let m = StepMetrics {
             step: step + 1,
             total_steps: total,
@@ -549,6 +611,8 @@ pub fn run<O: Objective>(
             tokens_per_second: tokens_this_run as f64 / elapsed.max(1e-9),
             elapsed_seconds: elapsed,
             eta_seconds: elapsed / done as f64 * (total - step - 1) as f64,
+            reward_margin: rewards.map(|r| r.margin),
+            reward_accuracy: rewards.map(|r| r.accuracy),
         };
         on_event(&TrainEvent::Step(m.clone()));
         last = Some(m);

@@ -13,7 +13,7 @@ use super::family::{check_targets, Family, JobCheck, Refusal};
 use crate::data::DataFormat;
 use crate::device::{BaseDtype, DType};
 use crate::lora::Targets;
-use crate::train::{self, FamilyOptions, Task, TrainEvent, TrainOutcome, TrainSpec};
+use crate::train::{self, FamilyOptions, Method, Task, TrainEvent, TrainOutcome, TrainSpec};
 use crate::Result;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -127,6 +127,7 @@ impl Family for DecoderFamily {
             DataFormat::PromptCompletion,
             DataFormat::Text,
             DataFormat::Tokenized,
+            DataFormat::Preference,
         ]
     }
     fn default_targets(&self) -> Targets {
@@ -142,8 +143,17 @@ impl Family for DecoderFamily {
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(&TrainEvent),
     ) -> Result<TrainOutcome> {
-        let obj = objective::CausalLm::load(spec)?;
-        train::run(obj, spec, resume.map(Path::to_path_buf), cancel, on_event)
+        let resume = resume.map(Path::to_path_buf);
+        match spec.method {
+            Method::Supervised => {
+                let obj = objective::CausalLm::load(spec)?;
+                train::run(obj, spec, resume, cancel, on_event)
+            }
+            Method::Dpo { beta } => {
+                let obj = objective::Dpo::load(spec, beta)?;
+                train::run(obj, spec, resume, cancel, on_event)
+            }
+        }
     }
 }
 

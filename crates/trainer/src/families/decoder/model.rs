@@ -337,6 +337,7 @@ impl Decoder {
             let replay = ForwardCtx {
                 train: ctx.train,
                 rng: RefCell::new(rng),
+                adapters: ctx.adapters,
             };
             let out = self.block(layer, input.as_tensor(), &pass, None, &replay)?;
             // d(Σ out·g)/d out = g exactly: the layer's backward sees the true gradient.
@@ -457,9 +458,18 @@ impl Decoder {
 
     /// Final norm and output head on `(n, d)` hidden rows: `(n, vocab)` logits.
     pub fn head(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        self.head_with(hidden_rows, true)
+    }
+
+    /// [`Self::head`], with the output head's adapter left out unless `adapters`.
+    fn head_with(&self, hidden_rows: &Tensor, adapters: bool) -> Result<Tensor> {
         let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?.to_dtype(self.dtype())?;
+        let ctx = ForwardCtx {
+            adapters,
+            ..ForwardCtx::eval()
+        };
         match &self.lm_head {
-            Some(l) => l.forward(&h, &ForwardCtx::eval()),
+            Some(l) => l.forward(&h, &ctx),
             None => Ok(frozen_linear(&h, &self.embed)?),
         }
     }
@@ -467,10 +477,15 @@ impl Decoder {
     /// Training's per-row NLL of `(n, d)` hidden rows against `targets`, through
     /// [`projected_nll`] (no `(n, vocab)` logits kept; [`projected_nll_generic`] off the
     /// CPU or f32) when the output matrix is frozen; `None` otherwise.
-    fn head_nll(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<Option<Tensor>> {
+    fn head_nll(
+        &self,
+        hidden_rows: &Tensor,
+        targets: &[u32],
+        adapters: bool,
+    ) -> Result<Option<Tensor>> {
         let w = match &self.lm_head {
             None => &self.embed,
-            Some(l) if l.lora.is_none() && l.bias.is_none() => &l.weight,
+            Some(l) if (l.lora.is_none() || !adapters) && l.bias.is_none() => &l.weight,
             Some(_) => return Ok(None),
         };
         let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?.to_dtype(self.dtype())?;
@@ -587,17 +602,7 @@ fn scored_loss(
     labels: &[Vec<i64>],
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, usize, Option<usize>)> {
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for (bi, lab) in labels.iter().enumerate().take(b) {
-        for p in 0..t.saturating_sub(1) {
-            let y = lab.get(p + 1).copied().unwrap_or(-100);
-            if y >= 0 {
-                rows.push((bi * t + p) as u32);
-                targets.push(y as u32);
-            }
-        }
-    }
+    let (rows, targets, _) = scored_rows(labels, b, t);
     let n = rows.len();
     if n == 0 {
         return Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None));
@@ -606,11 +611,11 @@ fn scored_loss(
     let idx = Tensor::from_vec(rows, n, model.device())?;
     let h = h.index_select(&idx, 0)?;
     if ctx.train {
-        if let Some(nll) = model.head_nll(&h, &targets)? {
+        if let Some(nll) = model.head_nll(&h, &targets, ctx.adapters)? {
             return Ok((nll.sum_all()?, n, None));
         }
     }
-    let logits = model.head(&h)?.to_dtype(DType::F32)?;
+    let logits = model.head_with(&h, ctx.adapters)?.to_dtype(DType::F32)?;
     let nll = cross_entropy_rows(&logits, &targets)?.sum_all()?;
     let correct = if ctx.train {
         None
@@ -619,4 +624,70 @@ fn scored_loss(
         Some(am.iter().zip(&targets).filter(|(a, b)| a == b).count())
     };
     Ok((nll, n, correct))
+}
+
+/// The positions of `(b·t)` rows that are scored (position `p` predicts `labels[p + 1]`),
+/// their targets, and the sequence each belongs to.
+fn scored_rows(labels: &[Vec<i64>], b: usize, t: usize) -> (Vec<u32>, Vec<u32>, Vec<usize>) {
+    let (mut rows, mut targets, mut seq) = (Vec::new(), Vec::new(), Vec::new());
+    for (bi, lab) in labels.iter().enumerate().take(b) {
+        for p in 0..t.saturating_sub(1) {
+            let y = lab.get(p + 1).copied().unwrap_or(-100);
+            if y >= 0 {
+                rows.push((bi * t + p) as u32);
+                targets.push(y as u32);
+                seq.push(bi);
+            }
+        }
+    }
+    (rows, targets, seq)
+}
+
+/// Per sequence: the summed log-probability of its scored tokens, `(b,)` in f32 and
+/// differentiable when `ctx` trains; with an eval `ctx`, also how many of them the
+/// model's argmax gets right.
+pub fn sequence_logps(
+    model: &Decoder,
+    input_ids: &Tensor,
+    attention_mask: &[Vec<u32>],
+    labels: &[Vec<i64>],
+    ctx: &ForwardCtx,
+) -> Result<(Tensor, Option<usize>)> {
+    let (b, t) = input_ids.dims2()?;
+    let (rows, targets, seq) = scored_rows(labels, b, t);
+    let n = rows.len();
+    if n == 0 {
+        return Ok((Tensor::zeros(b, DType::F32, model.device())?, None));
+    }
+    let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
+    let h = h.reshape((b * t, model.cfg.hidden_size))?;
+    let idx = Tensor::from_vec(rows, n, model.device())?;
+    let h = h.index_select(&idx, 0)?;
+    let fused = if ctx.train {
+        model.head_nll(&h, &targets, ctx.adapters)?
+    } else {
+        None
+    };
+    let (nll, correct) = match fused {
+        Some(nll) => (nll, None),
+        None => {
+            let logits = model.head_with(&h, ctx.adapters)?.to_dtype(DType::F32)?;
+            let correct = if ctx.train {
+                None
+            } else {
+                let am: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                Some(am.iter().zip(&targets).filter(|(a, b)| a == b).count())
+            };
+            (cross_entropy_rows(&logits, &targets)?, correct)
+        }
+    };
+    // A (b, n) indicator of which sequence each row belongs to sums the rows per
+    // sequence in one product, through which the gradient flows back row by row.
+    let mut member = vec![0f32; b * n];
+    for (r, &s) in seq.iter().enumerate() {
+        member[s * n + r] = 1.0;
+    }
+    let member = Tensor::from_vec(member, (b, n), model.device())?;
+    let sums = member.matmul(&nll.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+    Ok((sums.squeeze(1)?.neg()?, correct))
 }

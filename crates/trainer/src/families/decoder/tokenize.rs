@@ -1,6 +1,6 @@
 //! Tokenizers, chat templates, and turning examples into `(input_ids, labels)`.
 
-use crate::data::{Example, Message};
+use crate::data::{Example, Message, PreferencePair};
 use crate::families::decoder::config::DecoderConfig;
 use crate::{Error, Result};
 use serde_json::Value;
@@ -201,6 +201,11 @@ impl TokenizerBundle {
                     "a labelled example trains a classifier: use task sequence_classification with an encoder model".into(),
                 ))
             }
+            Example::Preference(_) => {
+                return Err(Error::Data(
+                    "a preference pair trains with method dpo, not supervised".into(),
+                ))
+            }
             Example::Tokenized { input_ids, labels } => Encoded {
                 input_ids: input_ids.clone(),
                 labels: match labels {
@@ -268,6 +273,45 @@ impl TokenizerBundle {
             )));
         }
         Ok(enc)
+    }
+
+    /// A preference pair as two sequences, the conversation followed by the chosen and by
+    /// the rejected reply. Only the reply is scored: what the template renders for it
+    /// after the generation prompt, end of turn included (the supervised chat rule);
+    /// earlier assistant turns are context. `max_seq_len` cuts the end of a sequence; a
+    /// reply cut away entirely is an error, since its pair would carry no preference.
+    pub fn encode_preference(
+        &self,
+        pair: &PreferencePair,
+        max_seq_len: Option<usize>,
+    ) -> Result<(Encoded, Encoded)> {
+        let side = |reply: &Message| -> Result<Encoded> {
+            let mut msgs: Vec<Message> = pair
+                .messages
+                .iter()
+                .map(|m| Message {
+                    weight: (m.role == "assistant").then_some(0),
+                    ..m.clone()
+                })
+                .collect();
+            msgs.push(Message {
+                weight: None,
+                ..reply.clone()
+            });
+            let mut enc = self.encode_chat(&msgs)?;
+            if let Some(max) = max_seq_len {
+                enc.input_ids.truncate(max);
+                enc.labels.truncate(max);
+            }
+            if !enc.labels.iter().skip(1).any(|&l| l != IGNORE) {
+                return Err(Error::Data(format!(
+                    "the prompt takes all of max_seq_len ({} tokens): no token of the reply is left to score",
+                    enc.input_ids.len()
+                )));
+            }
+            Ok(enc)
+        };
+        Ok((side(&pair.chosen)?, side(&pair.rejected)?))
     }
 
     /// Byte spans of the assistant turns, found by rendering growing prefixes of the

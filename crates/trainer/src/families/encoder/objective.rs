@@ -211,6 +211,8 @@ impl Objective for SeqCls {
             tokens: valid.len() as u64,
             accuracy,
             macro_f1,
+            reward_margin: None,
+            reward_accuracy: None,
         }))
     }
     fn save_extra(&self, dir: &Path) -> Result<()> {

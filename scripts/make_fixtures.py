@@ -6,6 +6,7 @@ Writes (relative to the repository root):
   tests/fixtures/tokenizer/            tiny byte-level BPE tokenizer (SmolLM2-style) + ChatML template
   tests/fixtures/tiny-llama/           random LlamaForCausalLM (llama3 rope scaling), HF folder, f32
   tests/fixtures/tiny-qwen2/           random Qwen2ForCausalLM (qkv biases, tied embeddings), HF folder, f32
+  tests/fixtures/tiny-qwen3/           random Qwen3ForCausalLM (per-head q/k norms, head_dim 24), HF folder, f32
   tests/fixtures/<model>-ref/          PEFT LoRA adapters + reference logits / loss / grads / AdamW run
   tests/fixtures/tiny-llama-gguf/      tiny-llama as an F32 GGUF (llama.cpp naming and Q/K permutation)
   tests/data/*.jsonl                   small dataset files (chat, prompt-completion, text, tokenized, bad)
@@ -17,6 +18,9 @@ Usage (needs torch, transformers>=5, peft, safetensors, gguf, tokenizers, numpy;
 
 `--only-weight-decay` writes tests/fixtures/<model>-ref/ref-wd.safetensors alone (the AdamW run of ref.safetensors
 again, from the same adapter_init and batches, with weight_decay 1.0), and touches nothing else.
+
+`--only-qwen3` writes tests/fixtures/tiny-qwen3/ and tests/fixtures/tiny-qwen3-ref/ alone (from the existing
+tokenizer folder), and touches nothing else.
 
 `--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
 preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
@@ -54,6 +58,30 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# A Hermes/Qwen-style ChatML template that renders tools: definitions printed with tojson into the system turn,
+# assistant tool calls as <tool_call> blocks, tool results as user turns. tiny-qwen3 carries it.
+TOOL_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}"
+    "{{- 'You can call these tools:\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools>\nCall one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{- '\n' + message.content }}{%- endif %}"
+    "{%- for tc in message.tool_calls %}"
+    "{{- '\n<tool_call>\n{\"name\": \"' + tc.function.name + '\", \"arguments\": ' + tc.function.arguments + '}\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 LORA_R = 4
@@ -224,8 +252,14 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 
 
 def make_config(kind, vocab):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
+    if kind == "qwen3":
+        # Per-head q/k norms, an explicit head_dim unlike hidden/heads, an untied head.
+        rope = {"rope_type": "default", "rope_theta": 1000000.0}
+        return Qwen3Config(vocab_size=vocab, tie_word_embeddings=False, attention_bias=False, head_dim=24,
+                           use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                           rope_parameters=rope, **COMMON)
     if kind == "llama":
         rope = dict(LLAMA3_SCALING, rope_theta=10000.0)
         cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
@@ -285,6 +319,8 @@ def build_model(kind, name, tok_dir, vocab, seed):
     for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(tok_dir, fn), os.path.join(out, fn))
     theta = 10000.0 if kind == "llama" else 1000000.0
+    if kind == "qwen3":
+        assert all(hasattr(l.self_attn, "q_norm") and hasattr(l.self_attn, "k_norm") for l in model.model.layers)
     cj = patch_model_config(os.path.join(out, "config.json"), theta, LLAMA3_SCALING if kind == "llama" else None)
     # reload through the patched config and check it is the same model
     m2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
@@ -739,6 +775,22 @@ def build_data():
     write_jsonl(os.path.join(DATA, "bad-line7.jsonl"), bad)
 
 
+def build_qwen3(tok_dir):
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    d = build_model("qwen3", "tiny-qwen3", tok_dir, vocab, seed=500)
+    set_tool_template(d)
+    build_reference(d, "tiny-qwen3", vocab, seed=600)
+
+
+def set_tool_template(model_dir):
+    p = os.path.join(model_dir, "tokenizer_config.json")
+    tc = read_json(p)
+    tc["chat_template"] = TOOL_TEMPLATE
+    write_json(p, tc)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5b. DPO reference (--only-dpo)
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +863,7 @@ def build_dpo_reference(model_dir, name):
 # Every fixture folder whose tokenizer_config.json carries a chat template. Today all three hold
 # the same tokenizer and SmolLM2's ChatML template; the loaders differ (tokenizer-only folder vs
 # model folders), and a folder given its own template later is picked up here.
-CHAT_ENCODING_FOLDERS = ["tokenizer", "tiny-llama", "tiny-qwen2"]
+CHAT_ENCODING_FOLDERS = ["tokenizer", "tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 
 
 def chat_encoding_cases():
@@ -856,6 +908,8 @@ def chat_encoding_cases():
     ]}
     return [
         ("multi_turn_system", multi, opts()),
+        ("tools_call_and_answer", TOOLS_CALL, opts()),
+        ("tools_parallel_calls_weight0", TOOLS_PARALLEL, opts()),
         ("weight0_middle", weight0, opts()),
         ("prompt_completion", pc, opts()),
         ("content_parts_tool_trailing_user", parts_tool, opts()),
@@ -867,16 +921,47 @@ def chat_encoding_cases():
     ]
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Température actuelle d'une ville (°C).",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "local_time", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOLS_CALL = {"tools": [WEATHER_TOOL], "messages": [
+    {"role": "system", "content": "You are a weather bot."},
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": -3}"},
+    {"role": "assistant", "content": "It is -3 °C in Oslo."},
+]}
+TOOLS_PARALLEL = {"tools": [WEATHER_TOOL, TIME_TOOL], "parallel_tool_calls": True, "messages": [
+    {"role": "user", "content": "Weather and time in Lima?"},
+    {"role": "assistant", "content": "Checking both.", "weight": 0, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\", \"unit\": \"c\"}"}},
+        {"id": "b", "type": "function", "function": {"name": "local_time", "arguments": "{\"city\": \"Lima\"}"}}]},
+    {"role": "tool", "tool_call_id": "a", "name": "get_weather", "content": "18"},
+    {"role": "tool", "tool_call_id": "b", "name": "local_time", "content": "10:30"},
+    {"role": "assistant", "content": "18 °C, and it is 10:30."},
+]}
+
+
 def example_messages(ex):
     """The messages the trainer renders for an example, as crates/trainer/src/data.rs parse_line reads
     it: chat content parts are concatenated; prompt/completion becomes one user and one assistant turn."""
     if "messages" in ex:
         out = []
         for m in ex["messages"]:
-            c = m["content"]
+            c = m.get("content")
             if isinstance(c, list):
                 c = "".join(p["text"] for p in c)
-            out.append({"role": m["role"], "content": c, "weight": m.get("weight")})
+            d = {"role": m["role"], "content": c}
+            for k in ("tool_calls", "tool_call_id", "name"):
+                if m.get(k) is not None:
+                    d[k] = m[k]
+            d["weight"] = m.get("weight")
+            out.append(d)
         return out
     return [{"role": "user", "content": ex["prompt"], "weight": None},
             {"role": "assistant", "content": ex["completion"], "weight": None}]
@@ -885,14 +970,15 @@ def example_messages(ex):
 def chat_encoding_reference(tok, ex, options):
     """transformers' rendering and tokenization, labelled as TokenizerBundle::encode_example does."""
     msgs = example_messages(ex)
-    plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    full = tok.apply_chat_template(plain, tokenize=False)
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
+    tools = ex.get("tools")
+    full = tok.apply_chat_template(plain, tools=tools, tokenize=False)
     spans = []  # character spans of the trained assistant turns
     for k, m in enumerate(msgs):
         if m["role"] != "assistant" or m["weight"] == 0:
             continue
-        start = tok.apply_chat_template(plain[:k], tokenize=False, add_generation_prompt=True)
-        end = tok.apply_chat_template(plain[:k + 1], tokenize=False)
+        start = tok.apply_chat_template(plain[:k], tools=tools, tokenize=False, add_generation_prompt=True)
+        end = tok.apply_chat_template(plain[:k + 1], tools=tools, tokenize=False)
         assert end.startswith(start) and full.startswith(end), ("template is not prefix-stable", k)
         spans.append((len(start), len(end)))
     # The trainer encodes rendered chat with add_special_tokens=false (encode_with_offsets): the
@@ -935,6 +1021,8 @@ def build_chat_encoding():
         assert tok.is_fast and tok.chat_template, folder
         templates.setdefault(tok.chat_template, []).append(folder)
         for name, ex, options in chat_encoding_cases():
+            if name.startswith("tools_") and "tools" not in tok.chat_template:
+                continue  # a template that ignores tools is refused (tests/chat_encoding.rs)
             text, ids, labels, options = chat_encoding_reference(tok, ex, options)
             n_lab = sum(l != -100 for l in labels)
             assert 0 < n_lab <= len(ids)
@@ -989,9 +1077,19 @@ def main():
     ap.add_argument("--only-weight-decay", action="store_true",
                     help="write only tests/fixtures/<model>-ref/ref-wd.safetensors (a weight_decay=1.0 AdamW run "
                          "from the existing adapter_init and ref.safetensors batches)")
+    ap.add_argument("--tool-template", action="store_true",
+                    help="only give tests/fixtures/tiny-qwen3 the tool-rendering chat template")
+    ap.add_argument("--only-qwen3", action="store_true",
+                    help="write only tests/fixtures/tiny-qwen3 and tiny-qwen3-ref (from the existing tokenizer folder)")
     ap.add_argument("--only-dpo", action="store_true",
                     help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
+    if args.tool_template:
+        set_tool_template(os.path.join(FIX, "tiny-qwen3"))
+        return 0
+    if args.only_qwen3:
+        build_qwen3(os.path.join(FIX, "tokenizer"))
+        return 0
     if args.only_dpo:
         build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
         return 0
@@ -1014,6 +1112,7 @@ def main():
 
     llama_dir = build_model("llama", "tiny-llama", tok_dir, vocab, seed=100)
     qwen_dir = build_model("qwen2", "tiny-qwen2", tok_dir, vocab, seed=200)
+    build_qwen3(tok_dir)
     build_reference(llama_dir, "tiny-llama", vocab, seed=300)
     build_reference(qwen_dir, "tiny-qwen2", vocab, seed=400)
     build_weight_decay_reference(llama_dir, "tiny-llama")

@@ -189,6 +189,16 @@ def fine_tuning(client):
         check(False, "an unknown model is refused")
     except openai.BadRequestError as e:
         check(e.body.get("param") == "model", "an unknown model raises BadRequestError naming the param")
+    gone = client.models.delete(job.fine_tuned_model)
+    check(gone.deleted and gone.id == job.fine_tuned_model, "models.delete of the fine-tuned model")
+    check(job.fine_tuned_model not in [m.id for m in client.models.list()], "a deleted model is not listed")
+    try:
+        client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hello"}])
+        check(False, "a deleted model is not served")
+    except openai.NotFoundError:
+        check(True, "a deleted model is not served (NotFoundError)")
+    check(client.files.retrieve(job.result_files[1]).id == job.result_files[1], "its result files stay")
     m = ckpts.data[0].metrics
     check(m.step == 3 and isinstance(m.train_loss, float) and hasattr(m, "full_valid_loss"),
           f"checkpoint metrics in OpenAI's names: {m}")
@@ -204,11 +214,12 @@ def methods(client, train):
 
     sup = client.fine_tuning.jobs.create(
         model="tiny-llama", training_file=train.id, metadata={"team": "search", "run": "sup"},
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "auto", "batch_size": "auto"}}},
         extra_body={"method": {"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": 1, "batch_size": 2, "max_steps": 1, "lora_r": 2}}}})
-    check(sup.method.type == "supervised" and sup.method.supervised.hyperparameters.batch_size == 2,
-          f"method supervised is taken from its own block: {sup.method}")
+            "n_epochs": "auto", "batch_size": "auto", "max_steps": 1, "lora_r": 2}}}})
+    hp = sup.method.supervised.hyperparameters
+    check(sup.method.type == "supervised" and (hp.n_epochs, hp.batch_size) == (8, 1),
+          f"method supervised is taken from its own block, \"auto\" resolved for 12 examples: {sup.method}")
     check(sup.hyperparameters.lora_r == 2, "LoRA keys under method.supervised.hyperparameters")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "preference.jsonl")
     with open(path, "rb") as f:

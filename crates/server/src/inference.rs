@@ -136,6 +136,9 @@ pub async fn resolve(
     let base_path = base_of(&job.model).ok_or(ResolveError::NotFound)?;
     let adapter = match step {
         None => {
+            if job.model_deleted_at.is_some() {
+                return Err(ResolveError::NotFound);
+            }
             if job.status() != Some(JobStatus::Succeeded) {
                 return Err(ResolveError::NotReady(format!(
                     "The model `{model}` is not ready: its job is {}.",
@@ -354,7 +357,7 @@ mod tests {
             let m = [Message {
                 role: "user".into(),
                 content: "word ".repeat(2_000),
-                weight: None,
+                ..Default::default()
             }];
             let _ = tx.send((
                 b.chat_ids(&m).map(|v| v.len()),

@@ -38,6 +38,11 @@ const SQLITE: Embedded = &[
         "workers",
         include_str!("../../../migrations/sqlite/0006_workers.sql"),
     ),
+    (
+        7,
+        "model deleted",
+        include_str!("../../../migrations/sqlite/0007_model_deleted.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -70,6 +75,11 @@ const POSTGRES: Embedded = &[
         6,
         "workers",
         include_str!("../../../migrations/postgres/0006_workers.sql"),
+    ),
+    (
+        7,
+        "model deleted",
+        include_str!("../../../migrations/postgres/0007_model_deleted.sql"),
     ),
 ];
 

@@ -130,6 +130,8 @@ pub struct JobRecord {
     pub device_kind: Option<String>,
     /// Set while the job is paused, or while a pause is asked of its worker (unix s).
     pub paused_at: Option<i64>,
+    /// When its fine-tuned model was deleted (unix s): no longer listed or served.
+    pub model_deleted_at: Option<i64>,
 }
 
 impl JobRecord {

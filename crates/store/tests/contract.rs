@@ -1158,3 +1158,54 @@ async fn workers_report_their_memory_and_go_stale() {
         assert_eq!(live[0].id, "w2");
     }
 }
+
+/// Deleting a fine-tuned model marks its job once, only for its owner, and only when the
+/// job has a model; the job itself stays.
+#[tokio::test]
+async fn a_fine_tuned_model_is_deleted_once_by_its_owner() {
+    for db in backends().await {
+        let s = db.store.clone();
+        s.insert_api_key(&api_key("key-a", false)).await.unwrap();
+        s.insert_api_key(&api_key("key-b", false)).await.unwrap();
+        let mut j = job("ftjob-m", "file-1");
+        j.api_key_id = Some("key-a".into());
+        s.insert_job(&j).await.unwrap();
+        assert!(
+            s.delete_fine_tuned_model("ftjob-m", None)
+                .await
+                .unwrap()
+                .is_none(),
+            "a job without a model has nothing to delete"
+        );
+        let c = s.claim_next_job("w", "cpu", LONG).await.unwrap().unwrap();
+        s.finish_job(
+            &c.lease,
+            &JobOutcome::Succeeded {
+                fine_tuned_model: "ft:tiny::ftjob-m".into(),
+                result: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(s
+            .delete_fine_tuned_model("ftjob-m", Some("key-b"))
+            .await
+            .unwrap()
+            .is_none());
+        let gone = s
+            .delete_fine_tuned_model("ftjob-m", Some("key-a"))
+            .await
+            .unwrap()
+            .expect("the owner deletes it");
+        assert!(gone.model_deleted_at.is_some());
+        assert_eq!(gone.status(), Some(JobStatus::Succeeded));
+        assert!(s
+            .delete_fine_tuned_model("ftjob-m", None)
+            .await
+            .unwrap()
+            .is_none());
+        let kept = s.get_job("ftjob-m").await.unwrap().unwrap();
+        assert_eq!(kept.fine_tuned_model.as_deref(), Some("ft:tiny::ftjob-m"));
+        assert_eq!(kept.model_deleted_at, gone.model_deleted_at);
+    }
+}

@@ -44,19 +44,35 @@ impl DataFormat {
     }
 }
 
-/// One chat turn. `weight: 0` on an assistant turn excludes it from the loss.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A JSON value as written, its objects' keys in the file's order (what a chat template
+/// that prints it with `tojson` must see, as transformers' Python dicts keep it).
+pub type Json = minijinja::Value;
+
+/// One chat turn. `weight: 0` on an assistant turn excludes it from the loss. An
+/// assistant turn may call tools (`tool_calls`, OpenAI's shape, its `content` then
+/// possibly empty); a `tool` turn answers one (`tool_call_id`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Json>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// One parsed training example.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
-    Chat(Vec<Message>),
+    /// A conversation, with the tool definitions it was held with (OpenAI's `tools`).
+    Chat {
+        messages: Vec<Message>,
+        tools: Option<Json>,
+    },
     PromptCompletion {
         prompt: String,
         completion: String,
@@ -67,7 +83,7 @@ pub enum Example {
         labels: Option<Vec<i64>>,
     },
     Classification(ClassExample),
-    Preference(PreferencePair),
+    Preference(Box<PreferencePair>),
 }
 
 /// One preference pair: a conversation so far, and the assistant reply preferred to
@@ -75,6 +91,7 @@ pub enum Example {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreferencePair {
     pub messages: Vec<Message>,
+    pub tools: Option<Json>,
     pub chosen: Message,
     pub rejected: Message,
 }
@@ -142,7 +159,7 @@ impl Label {
 impl Example {
     pub fn format(&self) -> DataFormat {
         match self {
-            Example::Chat(_) => DataFormat::Chat,
+            Example::Chat { .. } => DataFormat::Chat,
             Example::PromptCompletion { .. } => DataFormat::PromptCompletion,
             Example::Text(_) => DataFormat::Text,
             Example::Tokenized { .. } => DataFormat::Tokenized,
@@ -191,16 +208,21 @@ fn message_content(v: Option<&serde_json::Value>, key: &str, i: usize) -> Result
     }
 }
 
-fn parse_messages(v: &serde_json::Value) -> Result<Vec<Message>, String> {
-    let out = parse_turns(v, "messages")?;
+fn parse_messages(v: &serde_json::Value, ordered: Option<&Json>) -> Result<Vec<Message>, String> {
+    let out = parse_turns(v, "messages", ordered)?;
     if !out.iter().any(|m| m.role == "assistant") {
         return Err("\"messages\" must contain at least one assistant message".into());
     }
     Ok(out)
 }
 
-/// The messages of the array `key` (a path such as `input.messages`, named in errors).
-fn parse_turns(v: &serde_json::Value, key: &str) -> Result<Vec<Message>, String> {
+/// The messages of the array `key` (a path such as `input.messages`, named in errors);
+/// `ordered` is the same array read with its keys in order, for the tool calls.
+fn parse_turns(
+    v: &serde_json::Value,
+    key: &str,
+    ordered: Option<&Json>,
+) -> Result<Vec<Message>, String> {
     let arr = v
         .as_array()
         .filter(|a| !a.is_empty())
@@ -219,7 +241,36 @@ fn parse_turns(v: &serde_json::Value, key: &str) -> Result<Vec<Message>, String>
             }
             _ => return Err(format!("\"{key}\"[{i}].role must be a string")),
         };
-        let content = message_content(obj.get("content"), key, i)?;
+        let calls = match obj.get("tool_calls") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(c) => {
+                check_tool_calls(c, &format!("\"{key}\"[{i}].tool_calls"))?;
+                if role != "assistant" {
+                    return Err(format!(
+                        "\"{key}\"[{i}].tool_calls is only allowed on assistant messages"
+                    ));
+                }
+                let at = ordered
+                    .and_then(|o| o.get_item_by_index(i).ok())
+                    .and_then(|m| m.get_attr("tool_calls").ok())
+                    .filter(|c| !c.is_undefined() && !c.is_none());
+                Some(at.ok_or_else(|| format!("\"{key}\"[{i}].tool_calls could not be read"))?)
+            }
+        };
+        // An assistant turn that only calls tools has no content (null in OpenAI's files).
+        let content = match obj.get("content") {
+            None | Some(serde_json::Value::Null) if calls.is_some() => String::new(),
+            c => message_content(c, key, i)?,
+        };
+        let text_field = |f: &str| -> Result<Option<String>, String> {
+            match obj.get(f) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("\"{key}\"[{i}].{f} must be a string")),
+            }
+        };
+        let tool_call_id = text_field("tool_call_id")?;
+        let name = text_field("name")?;
         let weight = match obj.get("weight") {
             None | Some(serde_json::Value::Null) => None,
             Some(w) => match w.as_u64() {
@@ -237,33 +288,111 @@ fn parse_turns(v: &serde_json::Value, key: &str) -> Result<Vec<Message>, String>
             role,
             content,
             weight,
+            tool_calls: calls,
+            tool_call_id,
+            name,
         });
     }
     Ok(out)
 }
 
-/// OpenAI's preference line. Tool definitions and calls are refused by name until the
-/// chat templates render them (a pair rendered without its tools would train on a
-/// different conversation than the one written).
+/// OpenAI's `tool_calls`: a non-empty list of `{"id", "type": "function", "function":
+/// {"name", "arguments"}}` with `arguments` a JSON string.
+fn check_tool_calls(v: &serde_json::Value, at: &str) -> Result<(), String> {
+    let calls = v
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("{at} must be a non-empty array"))?;
+    for (j, c) in calls.iter().enumerate() {
+        let f = c.get("function");
+        let name = f.and_then(|f| f.get("name")).and_then(|n| n.as_str());
+        let args = f.and_then(|f| f.get("arguments")).and_then(|a| a.as_str());
+        if c.get("type").and_then(|t| t.as_str()).unwrap_or("function") != "function"
+            || name.is_none_or(str::is_empty)
+            || args.is_none()
+        {
+            return Err(format!(
+                "{at}[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": string, \"arguments\": JSON string}}}}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// OpenAI's `tools`: a list of `{"type": "function", "function": {"name", ...}}`,
+/// returned as written (keys in order) from `ordered`.
+fn parse_tools(
+    v: Option<&serde_json::Value>,
+    at: &str,
+    ordered: Option<Json>,
+) -> Result<Option<Json>, String> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let tools = v
+        .as_array()
+        .ok_or_else(|| format!("\"{at}\" must be an array of tool definitions"))?;
+    for (j, t) in tools.iter().enumerate() {
+        let name = t
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(|n| n.as_str());
+        if t.get("type").and_then(|x| x.as_str()) != Some("function")
+            || name.is_none_or(str::is_empty)
+        {
+            return Err(format!(
+                "\"{at}\"[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": string, ...}}}}"
+            ));
+        }
+    }
+    if tools.is_empty() {
+        return Ok(None);
+    }
+    ordered
+        .filter(|o| !o.is_undefined())
+        .map(Some)
+        .ok_or_else(|| format!("\"{at}\" could not be read"))
+}
+
+/// The line again with its keys in order, when it holds tools or tool calls (the only
+/// parts a template prints as JSON).
+fn ordered_line(line: &str) -> Option<Json> {
+    (line.contains("\"tools\"") || line.contains("\"tool_calls\""))
+        .then(|| serde_json::from_str::<Json>(line).ok())
+        .flatten()
+}
+
+/// OpenAI's preference line; `ordered` is the line with its keys in order (when it
+/// holds tools or tool calls).
 fn parse_preference(
     obj: &serde_json::Map<String, serde_json::Value>,
+    ordered: Option<Json>,
 ) -> Result<PreferencePair, String> {
     let input = obj
         .get("input")
         .and_then(|v| v.as_object())
         .ok_or_else(|| "\"input\" must be an object with \"messages\"".to_string())?;
-    if input.get("tools").is_some_and(|t| !t.is_null()) {
-        return Err("\"input.tools\": tool definitions are not supported yet".into());
-    }
+    let ordered_input = ordered.as_ref().and_then(|o| o.get_attr("input").ok());
+    let attr = |v: &Option<Json>, k: &str| v.as_ref().and_then(|o| o.get_attr(k).ok());
+    let tools = parse_tools(
+        input.get("tools"),
+        "input.tools",
+        attr(&ordered_input, "tools"),
+    )?;
     let messages = parse_turns(
         input.get("messages").unwrap_or(&serde_json::Value::Null),
         "input.messages",
+        attr(&ordered_input, "messages").as_ref(),
     )?;
     if messages.iter().any(|m| m.weight.is_some()) {
         return Err("\"input.messages\": weight has no meaning in a preference pair".into());
     }
     let output = |key: &str| -> Result<Message, String> {
-        let turns = parse_turns(obj.get(key).unwrap_or(&serde_json::Value::Null), key)?;
+        let turns = parse_turns(
+            obj.get(key).unwrap_or(&serde_json::Value::Null),
+            key,
+            attr(&ordered, key).as_ref(),
+        )?;
         match turns.as_slice() {
             [m] if m.role == "assistant" && m.weight.is_none() => Ok(m.clone()),
             _ => Err(format!("\"{key}\" must be a list of one assistant message")),
@@ -271,6 +400,7 @@ fn parse_preference(
     };
     Ok(PreferencePair {
         messages,
+        tools,
         chosen: output("preferred_output")?,
         rejected: output("non_preferred_output")?,
     })
@@ -351,13 +481,18 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
         || obj.contains_key("non_preferred_output")
         || obj.contains_key("input")
     {
-        return parse_preference(obj).map(Example::Preference);
+        return parse_preference(obj, ordered_line(line)).map(|p| Example::Preference(Box::new(p)));
     }
     if obj.contains_key("label") || obj.contains_key("text_pair") {
         return parse_classification(obj).map(Example::Classification);
     }
     if let Some(m) = obj.get("messages") {
-        return Ok(Example::Chat(parse_messages(m)?));
+        let ordered = ordered_line(line);
+        let at = |k: &str| ordered.as_ref().and_then(|o| o.get_attr(k).ok());
+        return Ok(Example::Chat {
+            messages: parse_messages(m, at("messages").as_ref())?,
+            tools: parse_tools(obj.get("tools"), "tools", at("tools"))?,
+        });
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = field_str(obj, "prompt")?;
@@ -573,7 +708,7 @@ mod tests {
     fn detects_formats_and_names_fields() {
         assert!(matches!(
             parse_line(r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo","weight":0}]}"#),
-            Ok(Example::Chat(m)) if m[1].weight == Some(0)
+            Ok(Example::Chat { messages: m, .. }) if m[1].weight == Some(0)
         ));
         assert_eq!(
             parse_line(r#"{"messages":[]}"#).unwrap_err(),
@@ -636,12 +771,51 @@ mod tests {
         );
         bad(
             r#"{"input":{"messages":[{"role":"user","content":"a"}],"tools":[{"type":"function"}]},"preferred_output":[{"role":"assistant","content":"b"}],"non_preferred_output":[{"role":"assistant","content":"c"}]}"#,
-            "input.tools",
+            "\"input.tools\"[0] must be",
         );
         let mixed = format!("{ok}\n{{\"text\":\"x\"}}\n");
         let r = validate(mixed.as_bytes(), 1).unwrap();
         assert_eq!(r.format, Some(DataFormat::Preference));
         assert_eq!(r.error_count, 1, "{:?}", r.errors);
+    }
+
+    /// Tool definitions and calls are read with their keys in the file's order (what a
+    /// template printing them with `tojson` must see); malformed ones name the field.
+    #[test]
+    fn tools_and_tool_calls_keep_their_order_and_name_the_field() {
+        let line = r#"{"tools":[{"type":"function","function":{"name":"f","parameters":{"z":1,"a":2}}}],"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"ok"},{"role":"assistant","content":"done"}]}"#;
+        let Ok(Example::Chat { messages, tools }) = parse_line(line) else {
+            panic!("not a chat example")
+        };
+        let params = tools.unwrap().get_item_by_index(0).unwrap();
+        let keys: Vec<String> = params
+            .get_attr("function")
+            .and_then(|f| f.get_attr("parameters"))
+            .unwrap()
+            .try_iter()
+            .unwrap()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(keys, ["z", "a"]);
+        assert_eq!(messages[1].content, "");
+        assert!(messages[1].tool_calls.is_some());
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+        let bad = |line: &str, want: &str| {
+            let e = parse_line(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        };
+        bad(
+            r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"type":"function","function":{"name":"f"}}]}]}"#,
+            "\"messages\"[0].tool_calls[0] must be",
+        );
+        bad(
+            r#"{"messages":[{"role":"user","content":"x","tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"assistant","content":"y"}]}"#,
+            "tool_calls is only allowed on assistant messages",
+        );
+        bad(
+            r#"{"tools":{"type":"function"},"messages":[{"role":"assistant","content":"y"}]}"#,
+            "\"tools\" must be an array",
+        );
     }
 
     #[test]

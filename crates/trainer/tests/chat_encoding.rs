@@ -97,20 +97,28 @@ fn load_tokenizer(rel: &str) -> TokenizerBundle {
 /// The messages the template is rendered with for this example.
 fn messages(ex: &Example) -> Vec<Message> {
     match ex {
-        Example::Chat(m) => m.clone(),
+        Example::Chat { messages, .. } => messages.clone(),
         Example::PromptCompletion { prompt, completion } => vec![
             Message {
                 role: "user".into(),
                 content: prompt.clone(),
-                weight: None,
+                ..Default::default()
             },
             Message {
                 role: "assistant".into(),
                 content: completion.clone(),
-                weight: None,
+                ..Default::default()
             },
         ],
         other => panic!("not a chat example: {other:?}"),
+    }
+}
+
+/// The tool definitions the example was written with.
+fn tools(ex: &Example) -> Option<&loraforge_trainer::data::Json> {
+    match ex {
+        Example::Chat { tools, .. } => tools.as_ref(),
+        _ => None,
     }
 }
 
@@ -171,7 +179,7 @@ fn check(cases: &[Case], tokenizer: Option<&str>) -> Vec<String> {
         let ex = parse_line(&c.example)
             .unwrap_or_else(|e| panic!("{}: the data loader rejects the example: {e}", c.name));
         let mut problems = Vec::new();
-        match bundle.render_chat(&messages(&ex), false) {
+        match bundle.render_chat(&messages(&ex), tools(&ex), false) {
             Ok(t) => problems.extend(text_diff(&t, &c.text)),
             Err(e) => problems.push(format!("render_chat: {e}")),
         }
@@ -227,4 +235,47 @@ fn gguf_tokenizer_encodes_chats_like_the_hf_folder() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// A template that prints neither tool definitions nor tool calls (the ChatML one of
+/// the tiny llama) would train on a conversation other than the one written: the
+/// example is refused, naming what the template leaves out.
+#[test]
+fn a_template_that_ignores_tools_is_refused() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "tiny-qwen3/tools_call_and_answer")
+        .expect("the tools case");
+    let chatml = load_tokenizer("tokenizer");
+    let tools_aware = load_tokenizer("tiny-qwen3");
+    let line: Value = serde_json::from_str(&case.example).unwrap();
+    let encode = |b: &TokenizerBundle, v: &Value| {
+        let ex = parse_line(&v.to_string()).unwrap();
+        b.encode_example(&ex, case.opts).map(|_| ())
+    };
+    // Tools offered, none called.
+    let offered = serde_json::json!({"tools": line["tools"], "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "I could look it up."}]});
+    let e = encode(&chatml, &offered).unwrap_err();
+    assert!(
+        e.to_string().contains("does not render tool definitions"),
+        "{e}"
+    );
+    assert!(encode(&tools_aware, &offered).is_ok());
+    // A call with words around it, no definitions.
+    let called = serde_json::json!({"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": line["messages"][2]["tool_calls"]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3"},
+        {"role": "assistant", "content": "-3 C."}]});
+    let e = encode(&chatml, &called).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("does not render assistant tool calls"),
+        "{e}"
+    );
+    assert!(encode(&tools_aware, &called).is_ok());
+    // A call without content: this template fails on it, as it does in transformers.
+    assert!(encode(&chatml, &line).is_err());
 }

@@ -320,10 +320,27 @@ fn qwen2_lora_logits_and_gradients_match_peft() {
     lora_logits_loss_and_grads_match("tiny-qwen2");
 }
 
-/// The same checks with the products in bf16, on both tiny models.
+/// Qwen3: per-head query and key norms before the rotation, and a head_dim (24) that
+/// is not hidden / heads (16).
+#[test]
+fn qwen3_base_logits_match_transformers() {
+    base_logits_match("tiny-qwen3");
+}
+
+#[test]
+fn qwen3_lora_logits_and_gradients_match_peft() {
+    lora_logits_loss_and_grads_match("tiny-qwen3");
+}
+
+#[test]
+fn qwen3_five_adamw_steps_match_peft() {
+    adamw_steps_match("tiny-qwen3", 0.01, "ref.safetensors");
+}
+
+/// The same checks with the products in bf16, on the tiny models.
 #[test]
 fn bf16_lora_logits_and_gradients_stay_near_peft() {
-    for name in ["tiny-llama", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
         lora_logits_loss_and_grads_within(name, BF16);
     }
 }

@@ -72,7 +72,7 @@ fn messages(raw: &[Value]) -> ApiResult<Vec<Message>> {
             Ok(Message {
                 role: role.into(),
                 content,
-                weight: None,
+                ..Default::default()
             })
         })
         .collect()

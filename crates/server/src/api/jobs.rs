@@ -8,7 +8,7 @@ use crate::job::artifacts::{
     adapter_key, adapter_zip, checkpoint_adapter_key, extra_files, fine_tuned_name, model_card,
     sha256_hex, ADAPTER_CONFIG, ADAPTER_TENSORS,
 };
-use crate::job::spec::{parse_method, parse_spec};
+use crate::job::spec::{parse_method, parse_spec, resolve_auto};
 use crate::job::{is_text_to_image, shown_status, JobSpec};
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -468,6 +468,11 @@ pub async fn create(
     }
     let mut spec = parse_spec(&hp, req.seed, req.metadata, task)?;
     spec.method = method;
+    resolve_auto(
+        &mut spec,
+        &hp,
+        train_rec.examples.unwrap_or(0).max(0) as u64,
+    );
     spec.request_sha256 = fingerprint.clone();
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
     check_with_family(&state, &info, &spec, &train_rec, valid_rec.as_ref()).await?;

@@ -73,6 +73,7 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
     .add(Method::POST, "/v1/completions", chat::completions)
     .add(Method::GET, "/v1/models", models::list)
     .add(Method::GET, "/v1/models/{model}", models::retrieve)
+    .add(Method::DELETE, "/v1/models/{model}", models::delete)
     .add(Method::GET, "/v1/workers", workers::list)
     .add(Method::POST, "/v1/fine_tuning/jobs", jobs::create)
     .add(Method::GET, "/v1/fine_tuning/jobs", jobs::list)

@@ -97,7 +97,11 @@ async fn scan(state: &AppState, who: &Principal) -> ApiResult<Vec<ModelObject>> 
             )
             .await?;
         for j in &page.data {
-            let Some(name) = &j.fine_tuned_model else {
+            let Some(name) = j
+                .fine_tuned_model
+                .as_ref()
+                .filter(|_| j.model_deleted_at.is_none())
+            else {
                 continue;
             };
             let base = bases.iter().find(|b| b.id == j.model);
@@ -154,4 +158,66 @@ pub async fn retrieve(
                 .param("model")
                 .code("model_not_found")
         })
+}
+
+/// OpenAI's answer to `DELETE /v1/models/{model}`.
+#[derive(Debug, Serialize)]
+pub struct Deleted {
+    pub id: String,
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
+/// `DELETE /v1/models/{model}`: a fine-tuned model (`ft:...` of the caller's job) stops
+/// being listed and served. Its job, result files and checkpoints stay until deleted
+/// themselves; base models are files in the models directory and are not deleted here.
+pub async fn delete(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Deleted>> {
+    let not_found = || {
+        ApiError::not_found(format!("The model `{}` does not exist.", super::clip(&id)))
+            .param("model")
+            .code("model_not_found")
+    };
+    let Some(rest) = id.strip_prefix("ft:") else {
+        let bases = scan_infos(&state).await?;
+        if bases.iter().any(|b| b.id == id) {
+            return Err(ApiError::bad_request(format!(
+                "The model `{id}` is a base model: remove its file from the models directory \
+                 to stop serving it."
+            ))
+            .param("model"));
+        }
+        return Err(not_found());
+    };
+    if rest.contains(":ckpt-step-") {
+        return Err(ApiError::bad_request(
+            "A checkpoint is deleted with its job's checkpoints, not as a model.",
+        )
+        .param("model"));
+    }
+    let job_id = rest
+        .rsplit(':')
+        .next()
+        .filter(|j| j.starts_with("ftjob-"))
+        .ok_or_else(not_found)?;
+    let job = state
+        .store
+        .get_job_of(job_id, who.owner_filter())
+        .await?
+        .filter(|j| j.fine_tuned_model.as_deref() == Some(id.as_str()))
+        .filter(|j| j.model_deleted_at.is_none())
+        .ok_or_else(not_found)?;
+    state
+        .store
+        .delete_fine_tuned_model(&job.id, who.owner_filter())
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(Json(Deleted {
+        id,
+        object: "model",
+        deleted: true,
+    }))
 }

@@ -283,6 +283,40 @@ pub fn parse_method(
     Ok((Method::Dpo { beta }, hp))
 }
 
+/// OpenAI's `"auto"` epochs for a training file of `examples` (its cookbook's rule): 3,
+/// raised so that at least 100 examples are seen (at most 25 epochs), or lowered so
+/// that at most 25,000 are (at least 1).
+pub fn auto_epochs(examples: u64) -> u64 {
+    let n = examples.max(1);
+    if n * 3 < 100 {
+        (100 / n).min(25)
+    } else if n * 3 > 25_000 {
+        (25_000 / n).max(1)
+    } else {
+        3
+    }
+}
+
+/// OpenAI's `"auto"` batch size: about 0.2% of the training examples, from 1 to 256.
+pub fn auto_batch_size(examples: u64) -> usize {
+    ((examples as f64 * 0.002).round() as usize).clamp(1, 256)
+}
+
+/// Resolves `"auto"` epochs and batch size from the training file's size, as OpenAI
+/// does. An absent key keeps loraforge's default (1 epoch, batch 4), so that a request
+/// that names nothing trains as it did before `"auto"` was derived.
+/// `learning_rate_multiplier: "auto"` stays 1.0: it scales PEFT's usual LoRA rate
+/// (2e-4), not OpenAI's full fine-tuning rate, whose 0.05-0.2 would not fit it.
+pub fn resolve_auto(spec: &mut JobSpec, hp: &serde_json::Map<String, Value>, examples: u64) {
+    let auto = |k: &str| hp.get(k).and_then(|v| v.as_str()) == Some("auto");
+    if auto("n_epochs") {
+        spec.n_epochs = auto_epochs(examples);
+    }
+    if auto("batch_size") {
+        spec.batch_size = auto_batch_size(examples);
+    }
+}
+
 /// Validates the hyperparameters and fills every default.
 pub fn parse_spec(
     hp: &serde_json::Map<String, Value>,
@@ -501,6 +535,18 @@ pub fn train_spec(
 mod tests {
     use super::{parse_method, parse_spec, Method, Task};
     use serde_json::json;
+
+    #[test]
+    fn auto_follows_openais_rule() {
+        use super::{auto_batch_size, auto_epochs};
+        assert_eq!(auto_epochs(12), 8);
+        assert_eq!(auto_epochs(2), 25);
+        assert_eq!(auto_epochs(100), 3);
+        assert_eq!(auto_epochs(20_000), 1);
+        assert_eq!(auto_batch_size(12), 1);
+        assert_eq!(auto_batch_size(10_000), 20);
+        assert_eq!(auto_batch_size(1_000_000), 256);
+    }
 
     #[test]
     fn a_method_is_taken_as_sent_or_refused_by_name() {

@@ -317,3 +317,67 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
         errs.join("\n")
     );
 }
+
+/// A chat file with tool definitions and calls: refused at creation for a model whose
+/// template would not print them (naming the model and the line), trained on a model
+/// whose template does.
+#[tokio::test]
+async fn tool_calling_data_trains_only_where_the_template_renders_it() {
+    let s = TestServer::start(Backend::Sqlite, &[]).await;
+    for m in ["tiny-llama", "tiny-qwen3"] {
+        copy_dir(
+            &root().join("tests/fixtures").join(m),
+            &s.models_dir().join(m),
+        );
+    }
+    let cases = std::fs::read_to_string(root().join("tests/fixtures/chat-encoding.json")).unwrap();
+    let cases: Value = serde_json::from_str(&cases).unwrap();
+    let case: Value = serde_json::from_str(
+        cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "tiny-qwen3/tools_call_and_answer")
+            .unwrap()["example"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut ex = case.clone();
+    // Words with the call, so that a template that ignores calls renders it at all.
+    ex["messages"][2]["content"] = json!("Let me check.");
+    let line = ex.to_string();
+    let plain = common::chat_line(0);
+    let body = format!("{plain}{line}\n{line}\n");
+    let (_, f) = common::upload_raw(&s, "tools.jsonl", body).await;
+    assert_eq!(f["status"], "processed", "{f}");
+    let file = f["id"].as_str().unwrap();
+    // The tiny model has 256 positions; the tool prompt is longer in its small vocabulary.
+    let hp = json!({"max_steps": 2, "batch_size": 2, "max_seq_len": 256});
+    let (st, e) = common::create_job(
+        &s,
+        json!({"model": "tiny-llama", "training_file": file, "hyperparameters": hp}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["param"], "training_file", "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("line 2") && msg.contains("tiny-llama") && msg.contains("tool definitions"),
+        "{msg}"
+    );
+    let (st, job) = common::create_job(
+        &s,
+        json!({"model": "tiny-qwen3", "training_file": file, "hyperparameters": hp}),
+    )
+    .await;
+    assert_eq!(st, 200, "{job}");
+    let done = wait_status(
+        &s,
+        job["id"].as_str().unwrap(),
+        &["succeeded", "failed"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}

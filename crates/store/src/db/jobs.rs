@@ -124,6 +124,34 @@ impl Store {
             .await
     }
 
+    /// Deletes the fine-tuned model of the succeeded job `id` (of `owner`, when given):
+    /// marks it so that it is no longer listed or served. The job, its result files and
+    /// checkpoints stay. Returns the job as it is now, or `None` when there is no such
+    /// job, it has no fine-tuned model, or the model is deleted already.
+    pub async fn delete_fine_tuned_model(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<JobRecord>> {
+        let owned = if owner.is_some() {
+            " AND api_key_id = $3"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE jobs SET model_deleted_at = $2 WHERE id = $1{owned} \
+             AND fine_tuned_model IS NOT NULL AND model_deleted_at IS NULL RETURNING {}",
+            job_cols!()
+        );
+        Ok(on_pool!(self, p => {
+            let mut q = sqlx::query_as(&sql).bind(id).bind(now_secs());
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            q.fetch_optional(p).await?
+        }))
+    }
+
     /// Sets a job's status unconditionally (operator tooling and tests; workers use
     /// fenced transitions).
     pub async fn set_job_status(&self, id: &str, status: JobStatus) -> Result<()> {

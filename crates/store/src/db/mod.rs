@@ -98,7 +98,7 @@ macro_rules! job_cols {
         "id, api_key_id, model, training_file, validation_file, suffix, spec, status, priority, \
          run_at_ms, attempt, max_attempts, lease_owner, lease_expires_at_ms, heartbeat_at_ms, \
          fencing_token, cancel_requested_at, idempotency_key, progress, error, fine_tuned_model, \
-         result, created_at, started_at, finished_at, device_kind, paused_at"
+         result, created_at, started_at, finished_at, device_kind, paused_at, model_deleted_at"
     };
 }
 

@@ -13,7 +13,7 @@ pub struct Llama3Rope {
     pub original_max_position_embeddings: f64,
 }
 
-/// Everything the llama-family decoder needs (llama, mistral, qwen2).
+/// Everything the llama-family decoder needs (llama, mistral, qwen2, qwen3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecoderConfig {
     pub model_type: String,
@@ -37,6 +37,10 @@ pub struct DecoderConfig {
     /// o_proj carries a bias (llama `attention_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Each head's queries and keys are RMS-normalised (with their own `head_dim`
+    /// weights) before the rotation (qwen3).
+    #[serde(default)]
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -139,6 +143,12 @@ impl DecoderConfig {
             .and_then(|x| x.as_bool())
             .unwrap_or(false);
         let qwen2 = model_type == "qwen2";
+        // Qwen3 declares a sliding window it only uses when asked to.
+        if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
+            return Err(Error::Unsupported(
+                "config.json: use_sliding_window (sliding-window attention)".into(),
+            ));
+        }
         Ok(Self {
             vocab_size: get_usize(v, "vocab_size")?,
             hidden_size,
@@ -165,6 +175,7 @@ impl DecoderConfig {
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
             mlp_bias: v.get("mlp_bias").and_then(|x| x.as_bool()).unwrap_or(false),
+            qk_norm: model_type == "qwen3",
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),

@@ -48,7 +48,7 @@ pub struct Generation {
 
 /// The prompt of a chat: the template rendered with a generation prompt, as token ids.
 pub fn chat_prompt_ids(tokenizer: &TokenizerBundle, messages: &[Message]) -> Result<Vec<u32>> {
-    let prompt = tokenizer.render_chat(messages, true)?;
+    let prompt = tokenizer.render_chat(messages, None, true)?;
     tokenizer.encode(&prompt, false)
 }
 
@@ -59,7 +59,7 @@ pub fn text_prompt_ids(tokenizer: &TokenizerBundle, prompt: &str, chat: bool) ->
         let m = [Message {
             role: "user".into(),
             content: prompt.to_string(),
-            weight: None,
+            ..Default::default()
         }];
         return chat_prompt_ids(tokenizer, &m);
     }

@@ -72,6 +72,18 @@ pub fn load_with(path: &Path, device: &Device, base: BaseDtype) -> Result<BaseMo
     }
 }
 
+/// A model's tokenizer and chat template alone, without its weights (an HF folder's
+/// tokenizer files, or a GGUF file's metadata).
+pub fn load_tokenizer(path: &Path) -> Result<TokenizerBundle> {
+    if path.is_dir() {
+        let cfg = DecoderConfig::from_hf_json(&crate::io::read_json(&path.join("config.json"))?)?;
+        return TokenizerBundle::from_hf_dir(path, &cfg);
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = Content::read(&mut f).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    gguf_tokenizer(&ct, &gguf_config(&ct)?)
+}
+
 /// Whether a tensor is a matrix that packing applies to (not a norm, a bias, a table
 /// of one row).
 fn packable(dims: &[usize]) -> bool {
@@ -166,6 +178,7 @@ pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
         qkv_bias: has_bias,
         o_bias: ct.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: false,
+        qk_norm: ct.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
         bos_token_id: meta_u32(ct, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: meta_u32(ct, "tokenizer.ggml.eos_token_id")
             .into_iter()
@@ -255,6 +268,8 @@ fn gguf_to_hf_name(name: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_norm" => "post_attention_layernorm",
         _ => return None,
     };

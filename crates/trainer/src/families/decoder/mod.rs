@@ -1,4 +1,4 @@
-//! Llama-family decoders (llama, mistral, qwen2): config, model, loading (HF folders and
+//! Llama-family decoders (llama, mistral, qwen2, qwen3): config, model, loading (HF folders and
 //! GGUF), tokenizer and chat template, generation, and merging an adapter into the base.
 
 pub mod config;
@@ -7,9 +7,10 @@ pub mod loader;
 pub mod merge;
 pub mod model;
 pub mod objective;
+pub mod template;
 pub mod tokenize;
 
-use super::family::{check_targets, Family, JobCheck, Refusal};
+use super::family::{check_targets, Family, Field, JobCheck, Named, Refusal};
 use crate::data::DataFormat;
 use crate::device::{BaseDtype, DType};
 use crate::lora::Targets;
@@ -19,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 /// The `model_type`s this family builds.
-pub const ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub const ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
 /// The linear modules of llama-family decoders, in PEFT's names: its usual LoRA set.
 pub const TARGETS: [&str; 7] = [
@@ -118,8 +119,23 @@ impl Family for DecoderFamily {
     fn architectures(&self) -> &'static [&'static str] {
         &ARCHITECTURES
     }
+    /// The data is read for its tool definitions and calls: a template that would not
+    /// print them is refused at creation (see [`check_tools`]).
+    fn checks_data(&self) -> bool {
+        true
+    }
     fn check_job(&self, job: &JobCheck) -> std::result::Result<(), Refusal> {
-        check_targets(job, &module_paths(job.model))
+        check_targets(job, &module_paths(job.model))?;
+        let files = [
+            (job.training, Field::TrainingFile),
+            (job.validation, Field::ValidationFile),
+        ];
+        let mut tokenizer = None;
+        for (named, field) in files {
+            let Some(named) = named else { continue };
+            check_tools(job, named, field, &mut tokenizer)?;
+        }
+        Ok(())
     }
     fn data_formats(&self) -> &'static [DataFormat] {
         &[
@@ -202,4 +218,46 @@ fn module_paths(model: &Path) -> Vec<String> {
         out.push("lm_head".into());
     }
     out
+}
+
+/// Refuses a file with tool definitions or tool calls that the model's chat template
+/// would not print, naming the model and the first such line. The tokenizer is loaded
+/// (once, without the weights) only when a line has tools.
+fn check_tools(
+    job: &JobCheck,
+    file: Named,
+    field: Field,
+    tokenizer: &mut Option<tokenize::TokenizerBundle>,
+) -> std::result::Result<(), Refusal> {
+    for (i, line) in file.text.lines().enumerate() {
+        if !line.contains("\"tools\"") && !line.contains("\"tool_calls\"") {
+            continue;
+        }
+        // Lines that do not parse were refused at upload; the worker reports them.
+        let Ok(ex) = crate::data::parse_line(crate::data::without_bom(i as u64 + 1, line)) else {
+            continue;
+        };
+        if tokenizer.is_none() {
+            // A model whose tokenizer cannot be read fails in the worker, saying why.
+            let Ok(t) = loader::load_tokenizer(job.model) else {
+                return Ok(());
+            };
+            *tokenizer = Some(t);
+        }
+        let t = tokenizer.as_ref().expect("loaded above");
+        if let Err(e) = t.check_tools(&ex) {
+            let m = e.to_string();
+            return Err(Refusal {
+                field,
+                message: format!(
+                    "{} line {}: model {}: {}",
+                    file.name,
+                    i + 1,
+                    job.model_id,
+                    m.strip_prefix("chat template: ").unwrap_or(&m)
+                ),
+            });
+        }
+    }
+    Ok(())
 }

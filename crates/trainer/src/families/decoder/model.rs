@@ -1,4 +1,4 @@
-//! The llama-family decoder (llama, mistral, qwen2) built from differentiable ops.
+//! The llama-family decoder (llama, mistral, qwen2, qwen3) built from differentiable ops.
 
 use crate::families::decoder::config::DecoderConfig;
 use crate::io::Take;
@@ -23,6 +23,8 @@ enum Rotary {
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
+    /// Per-head query and key norms (qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -110,6 +112,14 @@ impl Decoder {
             layers.push(Layer {
                 input_norm: dense(w, &format!("{p}.input_layernorm.weight"))?,
                 post_norm: dense(w, &format!("{p}.post_attention_layernorm.weight"))?,
+                qk_norm: if cfg.qk_norm {
+                    Some((
+                        dense(w, &format!("{p}.self_attn.q_norm.weight"))?,
+                        dense(w, &format!("{p}.self_attn.k_norm.weight"))?,
+                    ))
+                } else {
+                    None
+                },
                 q: linear(w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
                 k: linear(w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
                 v: linear(w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
@@ -358,6 +368,26 @@ impl Decoder {
         Ok((value, grads))
     }
 
+    /// The query and key projections of `(b·t, d)` rows, in the compute dtype, each head
+    /// normalised first where the model does (qwen3: in f32, as transformers' RMSNorm).
+    fn queries_keys(&self, l: &Layer, h: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
+        let cd = h.dtype();
+        let q = l.q.forward(h, ctx)?;
+        let k = l.k.forward(h, ctx)?;
+        let Some((qn, kn)) = &l.qk_norm else {
+            return Ok((q.to_dtype(cd)?, k.to_dtype(cd)?));
+        };
+        let hd = self.cfg.head_dim;
+        let per_head = |x: Tensor, w: &Tensor| -> Result<Tensor> {
+            let (n, width) = x.dims2()?;
+            let x = x.to_dtype(DType::F32)?.reshape((n, width / hd, hd))?;
+            Ok(rms_norm(&x, w, self.cfg.rms_norm_eps)?
+                .reshape((n, width))?
+                .to_dtype(cd)?)
+        };
+        Ok((per_head(q, qn)?, per_head(k, kn)?))
+    }
+
     /// Attention through [`multi_head_attention`] or [`blocked_attention`], which keep only
     /// the projections' outputs.
     #[allow(clippy::too_many_arguments)]
@@ -381,11 +411,8 @@ impl Decoder {
         };
         let scale = 1.0 / (heads.dim as f64).sqrt();
         let cd = h.dtype();
-        let (q, k, v) = (
-            l.q.forward(h, ctx)?.to_dtype(cd)?,
-            l.k.forward(h, ctx)?.to_dtype(cd)?,
-            l.v.forward(h, ctx)?.to_dtype(cd)?,
-        );
+        let (q, k) = self.queries_keys(l, h, ctx)?;
+        let v = l.v.forward(h, ctx)?.to_dtype(cd)?;
         let out = match rope {
             Rotary::Fused(r) => {
                 multi_head_attention(&q, &k, &v, heads, scale, Some(r), Some(mask))?
@@ -419,8 +446,9 @@ impl Decoder {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let cd = h.dtype();
-        let q = heads(l.q.forward(h, ctx)?.to_dtype(cd)?, nh)?;
-        let k = heads(l.k.forward(h, ctx)?.to_dtype(cd)?, nkv)?;
+        let (q, k) = self.queries_keys(l, h, ctx)?;
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
         let v = heads(l.v.forward(h, ctx)?.to_dtype(cd)?, nkv)?;
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
@@ -520,6 +548,10 @@ impl Decoder {
                 format!("{p}.post_attention_layernorm.weight"),
                 l.post_norm.clone(),
             ));
+            if let Some((qn, kn)) = &l.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
+                out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
+            }
             for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
                 out.push((format!("{}.weight", lin.path), lin.merged_weight()?));
                 if let Some(b) = &lin.bias {

@@ -1,6 +1,6 @@
 //! Tokenizers, chat templates, and turning examples into `(input_ids, labels)`.
 
-use crate::data::{Example, Message, PreferencePair};
+use crate::data::{Example, Json, Message, PreferencePair};
 use crate::families::decoder::config::DecoderConfig;
 use crate::{Error, Result};
 use serde_json::Value;
@@ -152,41 +152,31 @@ impl TokenizerBundle {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    /// Renders the chat template (minijinja with Python string methods).
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    /// Renders the chat template as transformers' `apply_chat_template(messages,
+    /// tools=tools)` does (see [`super::template`]).
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
             Error::Template(
                 "the model has no chat_template; use prompt/completion or text data".into(),
             )
         })?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+        let msgs: Vec<minijinja::Value> = messages.iter().map(message_value).collect();
+        super::template::render(
+            tpl,
+            minijinja::context! {
+                messages => msgs,
+                tools => tools.cloned().unwrap_or(minijinja::Value::from(())),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
             },
-        );
-        env.add_template("chat", tpl)
-            .map_err(|e| Error::Template(e.to_string()))?;
-        let msgs: Vec<Value> = messages
-            .iter()
-            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-            .collect();
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => msgs,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => self.bos_token.clone().unwrap_or_default(),
-                    eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
-            })
-            .map_err(|e| Error::Template(e.to_string()))
+        )
+        .map_err(|e| Error::Template(e.to_string()))
     }
 
     /// Turns one example into token ids and labels.
@@ -243,17 +233,17 @@ impl TokenizerBundle {
                     Message {
                         role: "user".into(),
                         content: prompt.clone(),
-                        weight: None,
+                        ..Default::default()
                     },
                     Message {
                         role: "assistant".into(),
                         content: completion.clone(),
-                        weight: None,
+                        ..Default::default()
                     },
                 ];
-                self.encode_chat(&msgs)?
+                self.encode_chat(&msgs, None)?
             }
-            Example::Chat(msgs) => self.encode_chat(msgs)?,
+            Example::Chat { messages, tools } => self.encode_chat(messages, tools.as_ref())?,
         };
         if opts.train_on_inputs {
             enc.labels = enc.input_ids.iter().map(|&x| x as i64).collect();
@@ -298,7 +288,7 @@ impl TokenizerBundle {
                 weight: None,
                 ..reply.clone()
             });
-            let mut enc = self.encode_chat(&msgs)?;
+            let mut enc = self.encode_chat(&msgs, pair.tools.as_ref())?;
             if let Some(max) = max_seq_len {
                 enc.input_ids.truncate(max);
                 enc.labels.truncate(max);
@@ -314,18 +304,69 @@ impl TokenizerBundle {
         Ok((side(&pair.chosen)?, side(&pair.rejected)?))
     }
 
+    /// Whether the chat template renders the example's tool definitions and calls (the
+    /// check a job gets at creation; other problems surface when it trains).
+    pub fn check_tools(&self, ex: &Example) -> Result<()> {
+        let (msgs, tools): (Vec<Message>, Option<&Json>) = match ex {
+            Example::Chat { messages, tools } => (messages.clone(), tools.as_ref()),
+            Example::Preference(p) => {
+                let mut m = p.messages.clone();
+                m.push(p.chosen.clone());
+                (m, p.tools.as_ref())
+            }
+            _ => return Ok(()),
+        };
+        if tools.is_none() && msgs.iter().all(|m| m.tool_calls.is_none()) {
+            return Ok(());
+        }
+        let full = self.render_chat(&msgs, tools, false)?;
+        self.check_tools_rendered(&msgs, tools, &full)
+    }
+
+    /// A template that ignores `tools` or `tool_calls` would train on a conversation
+    /// other than the one written: refused, naming what it leaves out.
+    fn check_tools_rendered(
+        &self,
+        msgs: &[Message],
+        tools: Option<&Json>,
+        full: &str,
+    ) -> Result<()> {
+        if tools.is_some() && self.render_chat(msgs, None, false)? == full {
+            return Err(Error::Template(
+                "the model's chat template does not render tool definitions (\"tools\")".into(),
+            ));
+        }
+        if msgs.iter().any(|m| m.tool_calls.is_some()) {
+            let bare: Vec<Message> = msgs
+                .iter()
+                .map(|m| Message {
+                    tool_calls: None,
+                    ..m.clone()
+                })
+                .collect();
+            if self.render_chat(&bare, tools, false)? == full {
+                return Err(Error::Template(
+                    "the model's chat template does not render assistant tool calls (\"tool_calls\")"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Byte spans of the assistant turns, found by rendering growing prefixes of the
     /// conversation: turn k spans from the render of `messages[..k]` with a generation
     /// prompt to the render of `messages[..=k]`.
-    fn encode_chat(&self, msgs: &[Message]) -> Result<Encoded> {
-        let full = self.render_chat(msgs, false)?;
+    fn encode_chat(&self, msgs: &[Message], tools: Option<&Json>) -> Result<Encoded> {
+        let full = self.render_chat(msgs, tools, false)?;
+        self.check_tools_rendered(msgs, tools, &full)?;
         let mut spans = Vec::new();
         for (k, m) in msgs.iter().enumerate() {
             if m.role != "assistant" || m.weight == Some(0) {
                 continue;
             }
-            let start = self.render_chat(&msgs[..k], true)?;
-            let end = self.render_chat(&msgs[..=k], false)?;
+            let start = self.render_chat(&msgs[..k], tools, true)?;
+            let end = self.render_chat(&msgs[..=k], tools, false)?;
             if !end.starts_with(&start) || !full.starts_with(&end) {
                 return Err(Error::Template(
                     "the chat template does not render conversations prefix by prefix; cannot locate assistant turns"
@@ -351,4 +392,29 @@ impl TokenizerBundle {
             labels,
         })
     }
+}
+
+/// A message as the template sees it, in OpenAI's keys: `content` is none for a turn
+/// that only calls tools (as the file's `null` reaches transformers), and the tool keys
+/// are present only when the message has them.
+fn message_value(m: &Message) -> minijinja::Value {
+    let content = if m.content.is_empty() && m.tool_calls.is_some() {
+        minijinja::Value::from(())
+    } else {
+        minijinja::Value::from(m.content.as_str())
+    };
+    let mut fields: Vec<(&str, minijinja::Value)> = vec![
+        ("role", minijinja::Value::from(m.role.as_str())),
+        ("content", content),
+    ];
+    if let Some(c) = &m.tool_calls {
+        fields.push(("tool_calls", c.clone()));
+    }
+    if let Some(id) = &m.tool_call_id {
+        fields.push(("tool_call_id", minijinja::Value::from(id.as_str())));
+    }
+    if let Some(n) = &m.name {
+        fields.push(("name", minijinja::Value::from(n.as_str())));
+    }
+    fields.into_iter().collect()
 }

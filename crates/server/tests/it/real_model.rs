@@ -185,12 +185,7 @@ fn smollm2_thirty_steps_learn_and_peft_loads_the_adapter() {
 #[tokio::test]
 async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
     let Some(model) = smollm2() else { return };
-    let s = common::TestServer::start(common::Backend::Sqlite, &["--train-threads", "2"]).await;
-    std::os::unix::fs::symlink(
-        &model,
-        s.models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
-    )
-    .unwrap();
+    let s = server_with(&model).await;
     // The server closes a keep-alive connection idle for --header-timeout-seconds (30 s:
     // hyper's header timer also runs between requests), and the PEFT check below can sit
     // that long; a client must retire idle connections sooner, or a request sent as the
@@ -328,6 +323,17 @@ fn smollm2_packed_base_trains_exactly_as_the_dequantized_one() {
     );
 }
 
+/// A server (two training threads) whose models directory holds SmolLM2.
+async fn server_with(model: &Path) -> common::TestServer {
+    let s = common::TestServer::start(common::Backend::Sqlite, &["--train-threads", "2"]).await;
+    std::os::unix::fs::symlink(
+        model,
+        s.models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    s
+}
+
 fn venv_python() -> Option<PathBuf> {
     match std::env::var("LORAFORGE_VENV") {
         Ok(v) if Path::new(&v).join("bin/python").is_file() => {
@@ -437,12 +443,7 @@ fn smollm2_dpo_follows_the_peft_reference() {
 #[tokio::test]
 async fn smollm2_dpo_job_through_the_api_learns_its_pairs() {
     let Some(model) = smollm2() else { return };
-    let s = common::TestServer::start(common::Backend::Sqlite, &["--train-threads", "2"]).await;
-    std::os::unix::fs::symlink(
-        &model,
-        s.models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
-    )
-    .unwrap();
+    let s = server_with(&model).await;
     let body = std::fs::read(root().join("tests/data/preference.jsonl")).unwrap();
     let (_, f) = common::upload_raw(&s, "preference.jsonl", body).await;
     assert_eq!(

@@ -253,6 +253,8 @@ struct Run<'a> {
     valid_scores: Option<(f64, Option<f64>)>,
     /// The latest step's training loss.
     train_loss: Option<f64>,
+    /// DPO: the latest step's reward margin and accuracy.
+    rewards: Option<(f64, f64)>,
     /// How long a store write is retried while the database is unreachable: the lease.
     patience: Duration,
 }
@@ -361,6 +363,10 @@ impl Run<'_> {
             m["valid_accuracy"] = json!(acc);
             m["valid_macro_f1"] = json!(f1);
         }
+        if let Some((margin, acc)) = self.rewards {
+            m["train_reward_margin"] = json!(margin);
+            m["train_reward_accuracy"] = json!(acc);
+        }
         m
     }
 
@@ -379,6 +385,7 @@ impl Run<'_> {
             }
             TrainEvent::Step(m) => {
                 self.train_loss = Some(m.loss);
+                self.rewards = m.reward_margin.zip(m.reward_accuracy);
                 let mut progress = json!({
                     "step": m.step,
                     "total_steps": m.total_steps,
@@ -605,6 +612,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         valid_token_accuracy: None,
         valid_scores: None,
         train_loss: None,
+        rewards: None,
         patience: cfg.lease,
     };
     let mut lost = false;

@@ -508,7 +508,9 @@ async fn smollm2_dpo_job_through_the_api_learns_its_pairs() {
     let ck = common::get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
     let m = &ck["data"][0]["metrics"];
     assert!(
-        m["train_loss"].is_number() && m.get("full_valid_loss").is_some(),
+        m["train_loss"].is_number()
+            && m.get("full_valid_loss").is_some()
+            && m["train_reward_accuracy"].is_number(),
         "checkpoint metrics: {ck}"
     );
     let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))

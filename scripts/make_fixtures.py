@@ -22,6 +22,11 @@ again, from the same adapter_init and batches, with weight_decay 1.0), and touch
 `--only-qwen3` writes tests/fixtures/tiny-qwen3/ and tests/fixtures/tiny-qwen3-ref/ alone (from the existing
 tokenizer folder), and touches nothing else.
 
+`--only-sentencepiece` writes tests/fixtures/tiny-sp/ alone: a SentencePiece BPE model (byte fallback, identity
+normalization, as Llama 2 / Mistral ship theirs) trained on the tiny corpus, a metadata-only GGUF carrying it the way
+llama.cpp's converter writes one (tokenizer.ggml.model "llama": tokens, scores, token types), and the ids transformers'
+tokenizer converted from the same model gives a set of texts (needs `sentencepiece` and `protobuf`).
+
 `--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
 preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
 written out in torch) with PEFT from adapter_init, the reference being the base with the adapter disabled.
@@ -791,6 +796,95 @@ def set_tool_template(model_dir):
     write_json(p, tc)
 
 
+SP_TEXTS = [
+    "Hello world!",
+    "The capital of France is Paris.",
+    "  two leading spaces, and  two  inside",
+    "tabs\tand\nnew lines\n\nend",
+    "Café, naïve, façade, crème brûlée",
+    "Ωμέγα and 東京 and 😀 fall back to bytes",
+    "ZORBLAX says: the capital of Japan is Tokyo.",
+    "<s>special tokens</s> in text",
+    "12345 apples, 3.14159",
+    "",
+]
+
+
+def build_sentencepiece():
+    import tempfile
+
+    import gguf
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from transformers import AutoTokenizer
+
+    out = os.path.join(FIX, "tiny-sp")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "corpus.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(CORPUS))
+        spm.SentencePieceTrainer.train(
+            input=os.path.join(tmp, "corpus.txt"), model_prefix=os.path.join(tmp, "sp"), vocab_size=700,
+            model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            num_threads=1, minloglevel=2)
+        tok_dir = os.path.join(tmp, "tok")
+        os.makedirs(tok_dir)
+        shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(tok_dir, "tokenizer.model"))
+        write_json(os.path.join(tok_dir, "tokenizer_config.json"), {
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True})
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        proto = sp_pb2.ModelProto()
+        with open(os.path.join(tmp, "sp.model"), "rb") as f:
+            proto.ParseFromString(f.read())
+
+    path = os.path.join(out, "tiny-sp.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-sp")
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in proto.pieces])
+    w.add_token_scores([p.score for p in proto.pieces])
+    # sentencepiece's piece types number as llama.cpp's token types: NORMAL 1, UNKNOWN 2, CONTROL 3,
+    # USER_DEFINED 4, UNUSED 5, BYTE 6.
+    w.add_token_types([int(p.type) for p in proto.pieces])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cases = []
+    for t in SP_TEXTS:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        cases.append({"text": t, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=True)})
+    import sentencepiece
+    import transformers
+
+    write_json(os.path.join(out, "tokenization.json"), {
+        "generator": "scripts/make_fixtures.py --only-sentencepiece",
+        "reference": "transformers' AutoTokenizer from the SentencePiece model (tokenizer_class LlamaTokenizer): "
+                     "input_ids with add_special_tokens=False, and their decode with skip_special_tokens=True (what generation shows)",
+        "bos_id": 1, "vocab_size": len(proto.pieces),
+        "versions": {"transformers": transformers.__version__, "sentencepiece": sentencepiece.__version__},
+        "cases": cases,
+    })
+    print(f"[tiny-sp] {len(proto.pieces)} pieces; wrote {path} ({os.path.getsize(path):,d} bytes) and "
+          f"{len(cases)} reference tokenizations")
+
+
 # ----------------------------------------------------------------------------------------------
 # 5b. DPO reference (--only-dpo)
 # ----------------------------------------------------------------------------------------------
@@ -1077,6 +1171,8 @@ def main():
     ap.add_argument("--only-weight-decay", action="store_true",
                     help="write only tests/fixtures/<model>-ref/ref-wd.safetensors (a weight_decay=1.0 AdamW run "
                          "from the existing adapter_init and ref.safetensors batches)")
+    ap.add_argument("--only-sentencepiece", action="store_true",
+                    help="write only tests/fixtures/tiny-sp (a SentencePiece GGUF and transformers' ids for it)")
     ap.add_argument("--tool-template", action="store_true",
                     help="only give tests/fixtures/tiny-qwen3 the tool-rendering chat template")
     ap.add_argument("--only-qwen3", action="store_true",
@@ -1084,6 +1180,9 @@ def main():
     ap.add_argument("--only-dpo", action="store_true",
                     help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
+    if args.only_sentencepiece:
+        build_sentencepiece()
+        return 0
     if args.tool_template:
         set_tool_template(os.path.join(FIX, "tiny-qwen3"))
         return 0
@@ -1121,6 +1220,7 @@ def main():
     if not args.skip_gguf_check:
         check_gguf(gpath, llama_dir)
     build_data()
+    build_sentencepiece()
     build_dpo_reference(llama_dir, "tiny-llama")
     build_chat_encoding()
 

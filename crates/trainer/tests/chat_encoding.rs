@@ -279,3 +279,43 @@ fn a_template_that_ignores_tools_is_refused() {
     // A call without content: this template fails on it, as it does in transformers.
     assert!(encode(&chatml, &line).is_err());
 }
+
+/// A GGUF with a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, as Llama 2,
+/// Mistral and Gemma files carry it), rebuilt as a BPE with byte fallback: the ids and
+/// decoded text of transformers' tokenizer converted from the same model
+/// (`make_fixtures.py --only-sentencepiece`), and the BOS the file asks for.
+#[test]
+fn sentencepiece_gguf_tokenizes_as_transformers() {
+    let dir = fixtures().join("tiny-sp");
+    let bundle = loader::load_tokenizer(&dir.join("tiny-sp.gguf")).unwrap();
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenization.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        bundle.vocab_size() as u64,
+        v["vocab_size"].as_u64().unwrap()
+    );
+    let bos = v["bos_id"].as_u64().unwrap() as u32;
+    let mut failures = Vec::new();
+    for c in v["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+        let got = bundle.encode(text, false).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}: ids {got:?}, transformers {want:?}"));
+            continue;
+        }
+        let with_bos = bundle.encode(text, true).unwrap();
+        if with_bos.first() != Some(&bos) || with_bos[1..] != want[..] {
+            failures.push(format!("{text:?}: with specials {with_bos:?}"));
+        }
+        let decoded = bundle.decode(&got).unwrap();
+        if decoded != c["decoded"].as_str().unwrap() {
+            failures.push(format!(
+                "{text:?}: decodes to {decoded:?}, transformers {}",
+                c["decoded"]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -300,13 +300,43 @@ fn pre_tokenizer_for(pre: &str) -> Result<serde_json::Value> {
     })
 }
 
+/// The BPE merges of a SentencePiece vocabulary, as transformers derives them when it
+/// converts one (`SentencePieceExtractor`): every split of a piece into two pieces of
+/// the vocabulary is a merge, ranked by the whole piece's score (highest first; ties in
+/// vocabulary order), a piece's own splits by the ids of their halves. SentencePiece's
+/// BPE merges the adjacent pair whose union scores highest: the same order.
+fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Vec<String> {
+    let id: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        let mut local: Vec<(usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*id.get(&piece[..at])?, *id.get(&piece[at..])?)))
+            .collect();
+        local.sort_unstable();
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        merges.extend(local.into_iter().map(|(l, r)| (score, i, l, r)));
+    }
+    // Stable: equal scores keep the vocabulary's order, as Python's sort does.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| format!("{} {}", tokens[l], tokens[r]))
+        .collect()
+}
+
 fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> {
     let model = meta(ct, "tokenizer.ggml.model")?
         .to_string()
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(Error::Unsupported(format!(
-            "GGUF tokenizer model \"{model}\" (only byte-level BPE \"gpt2\" is rebuilt); use an HF folder with tokenizer.json"
+            "GGUF tokenizer model \"{model}\" (byte-level BPE \"gpt2\" and SentencePiece \"llama\" are rebuilt); use an HF folder with tokenizer.json"
         )));
     }
     let pre = ct
@@ -327,7 +357,6 @@ fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> 
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v
             .to_vec()
@@ -342,14 +371,15 @@ fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> 
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    // Control (3) and user-defined (4) tokens are matched whole, before the BPE.
+    // Unknown (2), control (3) and user-defined (4) tokens are matched whole, before the
+    // BPE; all but user-defined ones are special.
     let added: Vec<serde_json::Value> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .filter(|(i, _)| matches!(types.get(*i), Some(2..=4)))
         .map(|(i, t)| {
             json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": types.get(i) == Some(&3)})
+                   "normalized": false, "special": types.get(i) != Some(&4)})
         })
         .collect();
     let add_bos = ct
@@ -369,19 +399,54 @@ fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> 
         }
         _ => serde_json::Value::Null,
     };
-    let tj = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer_for(&pre)?,
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
-    });
+    let tj = if model == "llama" {
+        let scores: Vec<f32> = meta(ct, "tokenizer.ggml.scores")?
+            .to_vec()
+            .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.scores: {e}")))?
+            .iter()
+            .map(|v| v.to_f32().unwrap_or(0.0))
+            .collect();
+        let unk = types
+            .iter()
+            .position(|&t| t == 2)
+            .map(|i| tokens[i].clone());
+        let prefix = ct
+            .metadata
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                              "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
+            "post_processor": post,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": if prefix { 1 } else { 0 }, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab, "merges": sentencepiece_merges(&tokens, &scores)}
+        })
+    } else {
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer_for(&pre)?,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": strings("tokenizer.ggml.merges")?}
+        })
+    };
     let tokenizer: tokenizers::Tokenizer = serde_json::from_value(tj)
         .map_err(|e| Error::Tokenizer(format!("rebuilding the GGUF tokenizer: {e}")))?;
     let template = ct

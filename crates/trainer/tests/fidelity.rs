@@ -608,6 +608,60 @@ fn dpo_pairs_encode_as_transformers_renders_them() {
     }
 }
 
+/// DPO with activation checkpointing (the policy's layers recomputed in the backward
+/// pass, the reference computed first without a graph) trains as without it.
+#[test]
+fn checkpointed_dpo_trains_as_plain_dpo() {
+    use loraforge_trainer::train::{Method, TrainEvent, TrainSpec};
+    let run = |checkpointing: bool| {
+        let out = tempfile::tempdir().unwrap();
+        let mut spec = TrainSpec::new(
+            fixtures().join("tiny-llama"),
+            preference_data(),
+            out.path().join("adapter"),
+        );
+        spec.method = Method::Dpo { beta: 0.1 };
+        spec.init_adapter = Some(fixtures().join("tiny-llama-ref/adapter_nonzero"));
+        spec.lora.dropout = 0.1;
+        spec.max_steps = Some(3);
+        spec.batch_size = 2;
+        spec.lr = 1e-2;
+        spec.gradient_checkpointing = checkpointing;
+        spec.device = dev();
+        let mut losses = Vec::new();
+        loraforge_trainer::train(&spec, &Default::default(), &mut |ev| {
+            if let TrainEvent::Step(m) = ev {
+                losses.push((m.loss, m.grad_norm, m.reward_margin));
+            }
+        })
+        .unwrap();
+        let adapter = candle_core::safetensors::load(
+            out.path().join("adapter/adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        (losses, adapter)
+    };
+    let (plain, plain_adapter) = run(false);
+    let (ckpt, ckpt_adapter) = run(true);
+    println!("dpo plain {plain:?}\ndpo checkpointed {ckpt:?}");
+    for (a, b) in plain.iter().zip(&ckpt) {
+        assert!(
+            (a.0 - b.0).abs() <= 1e-6 * a.0.abs().max(1.0),
+            "loss {a:?} vs {b:?}"
+        );
+        assert!(
+            (a.1 - b.1).abs() <= 1e-5 * a.1.abs().max(1.0),
+            "grad norm {a:?} vs {b:?}"
+        );
+    }
+    let worst = plain_adapter
+        .iter()
+        .map(|(k, v)| rel(v, &ckpt_adapter[k]))
+        .fold(0f64, f64::max);
+    assert!(worst < 1e-5, "adapters differ by {worst:.3e}");
+}
+
 /// Ten steps of DPO through the training loop (`method: dpo`, the reference being the
 /// base with the adapter switched off) against the PEFT + torch run: step 1's loss is
 /// ln 2 (policy = reference), and every step's loss, reward margin and accuracy, and the

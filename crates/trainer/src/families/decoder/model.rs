@@ -327,6 +327,23 @@ impl Decoder {
         ctx: &ForwardCtx,
         scale: f64,
     ) -> Result<(f64, GradStore)> {
+        let (b, t) = input_ids.dims2()?;
+        self.checkpointed_grads(input_ids, attention_mask, ctx, scale, &|h| {
+            Ok(scored_loss(self, h, b, t, labels, ctx)?.0)
+        })
+    }
+
+    /// [`Self::checkpointed_loss_and_grads`] for any summed loss `top` of the last
+    /// layer's `(b·t, d)` output rows (before the final norm): DPO's as well as the
+    /// token loss.
+    pub fn checkpointed_grads(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &[Vec<u32>],
+        ctx: &ForwardCtx,
+        scale: f64,
+        top: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(f64, GradStore)> {
         let (mut x, pass) = self.prepare(input_ids, Some(attention_mask), 0, false)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -334,11 +351,11 @@ impl Decoder {
             let out = self.block(layer, &x, &pass, None, ctx)?.detach();
             saved.push((std::mem::replace(&mut x, out), rng));
         }
-        let top = Var::from_tensor(&x)?;
-        let (nll, _, _) = scored_loss(self, top.as_tensor(), pass.b, pass.t, labels, ctx)?;
-        let value = nll.to_scalar::<f32>()? as f64;
-        let mut grads = (nll / scale)?.backward()?;
-        let Some(mut g) = grads.remove(top.as_tensor()) else {
+        let last = Var::from_tensor(&x)?;
+        let loss = top(last.as_tensor())?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let mut grads = (loss / scale)?.backward()?;
+        let Some(mut g) = grads.remove(last.as_tensor()) else {
             // Nothing scored: no gradient reaches the layers.
             return Ok((value, grads));
         };
@@ -686,13 +703,28 @@ pub fn sequence_logps(
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, Option<usize>)> {
     let (b, t) = input_ids.dims2()?;
+    if scored_rows(labels, b, t).0.is_empty() {
+        return Ok((Tensor::zeros(b, DType::F32, model.device())?, None));
+    }
+    let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
+    let h = h.reshape((b * t, model.cfg.hidden_size))?;
+    logps_of_hidden(model, &h, b, t, labels, ctx)
+}
+
+/// [`sequence_logps`] from the last layer's `(b·t, d)` output rows.
+pub fn logps_of_hidden(
+    model: &Decoder,
+    h: &Tensor,
+    b: usize,
+    t: usize,
+    labels: &[Vec<i64>],
+    ctx: &ForwardCtx,
+) -> Result<(Tensor, Option<usize>)> {
     let (rows, targets, seq) = scored_rows(labels, b, t);
     let n = rows.len();
     if n == 0 {
         return Ok((Tensor::zeros(b, DType::F32, model.device())?, None));
     }
-    let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
-    let h = h.reshape((b * t, model.cfg.hidden_size))?;
     let idx = Tensor::from_vec(rows, n, model.device())?;
     let h = h.index_select(&idx, 0)?;
     let fused = if ctx.train {

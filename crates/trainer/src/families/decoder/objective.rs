@@ -2,7 +2,7 @@
 //! and chat template, padded batches, the token loss, and validation.
 
 use super::loader::{self, BaseModel};
-use super::model::{causal_lm_loss, sequence_logps};
+use super::model::{causal_lm_loss, logps_of_hidden, sequence_logps};
 use super::tokenize::{EncodeOptions, Encoded, IGNORE};
 use crate::data::{read_examples, Example};
 use crate::families::family::Family;
@@ -216,17 +216,13 @@ pub struct Dpo {
     train: Vec<(Encoded, Encoded)>,
     valid: Option<Vec<(Encoded, Encoded)>>,
     device: Device,
+    checkpointing: bool,
     /// Summed margins, pairs with a positive one, and pairs, since `take_rewards`.
     seen: std::sync::Mutex<(f64, usize, usize)>,
 }
 
 impl Dpo {
     pub fn load(spec: &TrainSpec, beta: f64) -> Result<Self> {
-        if spec.gradient_checkpointing {
-            return Err(Error::Config(
-                "gradient checkpointing is not supported with method dpo yet".into(),
-            ));
-        }
         let mut base = loader::load_with(&spec.model, &spec.device, spec.base_dtype)?;
         base.model
             .set_dtype(super::DecoderFamily.compute_dtype(spec)?)?;
@@ -241,6 +237,7 @@ impl Dpo {
             train,
             valid,
             device: spec.device.clone(),
+            checkpointing: spec.gradient_checkpointing,
             seen: Default::default(),
         })
     }
@@ -261,20 +258,44 @@ impl Dpo {
     /// it trains), and how many chosen tokens the policy's argmax gets right (eval).
     fn margins(&self, b: &PairBatch, ctx: &ForwardCtx) -> Result<(Tensor, Option<usize>)> {
         let s = &b.seqs;
-        let model = &self.base.model;
-        let (policy, correct) =
-            sequence_logps(model, &s.input_ids, &s.attention_mask, &s.labels, ctx)?;
-        let (reference, _) = sequence_logps(
-            model,
+        let (policy, correct) = sequence_logps(
+            &self.base.model,
+            &s.input_ids,
+            &s.attention_mask,
+            &s.labels,
+            ctx,
+        )?;
+        Ok((self.margins_of(b, &policy, &self.reference(b)?)?, correct))
+    }
+
+    /// The reference model's summed log-probabilities: the base with no adapter.
+    fn reference(&self, b: &PairBatch) -> Result<Tensor> {
+        let s = &b.seqs;
+        let (r, _) = sequence_logps(
+            &self.base.model,
             &s.input_ids,
             &s.attention_mask,
             &s.labels,
             &ForwardCtx::reference(),
         )?;
-        let ratio = (policy - reference.detach())?;
+        Ok(r.detach())
+    }
+
+    fn margins_of(&self, b: &PairBatch, policy: &Tensor, reference: &Tensor) -> Result<Tensor> {
+        let ratio = (policy - reference)?;
         let p = b.pairs;
-        let z = ((ratio.narrow(0, 0, p)? - ratio.narrow(0, p, p)?)? * self.beta)?;
-        Ok((z, correct))
+        Ok(((ratio.narrow(0, 0, p)? - ratio.narrow(0, p, p)?)? * self.beta)?)
+    }
+
+    /// The batch's summed loss from its margins, counting the margins for the step's
+    /// rewards.
+    fn loss_of(&self, z: &Tensor) -> Result<Tensor> {
+        let zs: Vec<f32> = z.to_vec1()?;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.0 += zs.iter().map(|&x| x as f64).sum::<f64>();
+        seen.1 += zs.iter().filter(|&&x| x > 0.0).count();
+        seen.2 += zs.len();
+        dpo_loss_sum(z)
     }
 }
 
@@ -315,12 +336,26 @@ impl Objective for Dpo {
     }
     fn loss_sum(&self, b: &PairBatch, ctx: &ForwardCtx) -> Result<Tensor> {
         let (z, _) = self.margins(b, ctx)?;
-        let zs: Vec<f32> = z.to_vec1()?;
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.0 += zs.iter().map(|&x| x as f64).sum::<f64>();
-        seen.1 += zs.iter().filter(|&&x| x > 0.0).count();
-        seen.2 += zs.len();
-        dpo_loss_sum(&z)
+        self.loss_of(&z)
+    }
+    fn loss_and_grads(
+        &self,
+        b: &PairBatch,
+        ctx: &ForwardCtx,
+        scale: f64,
+    ) -> Result<(f64, candle_core::backprop::GradStore)> {
+        if !self.checkpointing {
+            return crate::train::backward_sum(self.loss_sum(b, ctx)?, scale);
+        }
+        let reference = self.reference(b)?;
+        let s = &b.seqs;
+        let (n, t) = s.input_ids.dims2()?;
+        self.base
+            .model
+            .checkpointed_grads(&s.input_ids, &s.attention_mask, ctx, scale, &|h| {
+                let (policy, _) = logps_of_hidden(&self.base.model, h, n, t, &s.labels, ctx)?;
+                self.loss_of(&self.margins_of(b, &policy, &reference)?)
+            })
     }
     fn take_rewards(&self) -> Option<Rewards> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());

@@ -61,6 +61,9 @@ impl Family for DecoderFamily {
         let (cfg, stored) = model_shape(model)?;
         let num = |k: &str, d: u64| job.get(k).and_then(|v| v.as_u64()).unwrap_or(d);
         let (batch, seq) = (num("batch_size", 4), num("max_seq_len", 1024));
+        // A DPO batch of pairs runs twice as many sequences (chosen and rejected).
+        let dpo = job.pointer("/method/type").and_then(|t| t.as_str()) == Some("dpo");
+        let batch = if dpo { 2 * batch } else { batch };
         let seq = seq.min(cfg.max_position_embeddings as u64);
         let (h, i, v, l) = (
             cfg.hidden_size as u64,
@@ -260,4 +263,29 @@ fn check_tools(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DecoderFamily, Family};
+    use crate::device::DType;
+    use std::path::Path;
+
+    /// A DPO step holds two sequences per pair: the estimate counts them.
+    #[test]
+    fn a_dpo_job_is_estimated_with_both_sequences_of_each_pair() {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+        let est = |job: serde_json::Value| {
+            DecoderFamily
+                .estimate_memory(&model, &job, DType::F32)
+                .expect("an estimate")
+        };
+        let sft = est(serde_json::json!({"batch_size": 2, "max_seq_len": 64}));
+        let dpo = est(serde_json::json!({"batch_size": 2, "max_seq_len": 64,
+                                         "method": {"type": "dpo", "beta": 0.1}}));
+        let sft4 = est(serde_json::json!({"batch_size": 4, "max_seq_len": 64}));
+        assert_eq!(dpo.weights, sft.weights);
+        assert_eq!(dpo.activations, sft4.activations);
+        assert!(dpo.activations > sft.activations);
+    }
 }

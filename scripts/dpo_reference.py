@@ -57,7 +57,9 @@ def dpo_run(pm, encoded, steps, batch, lr, beta, weight_decay, max_grad_norm=1.0
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     per_epoch = len(encoded) // batch
-    out = {"losses": [], "reward_margins": [], "reward_accuracies": [], "grad_norms": []}
+    import time
+
+    out = {"losses": [], "reward_margins": [], "reward_accuracies": [], "grad_norms": [], "step_ends": []}
     for step in range(steps):
         k = step % per_epoch
         chunk = encoded[k * batch:(k + 1) * batch]
@@ -81,6 +83,7 @@ def dpo_run(pm, encoded, steps, batch, lr, beta, weight_decay, max_grad_norm=1.0
         out["reward_margins"].append(z.detach().mean().item())
         out["reward_accuracies"].append((z.detach() > 0).float().mean().item())
         out["grad_norms"].append(float(gn))
+        out["step_ends"].append(time.perf_counter())
     return out
 
 
@@ -111,11 +114,12 @@ def main():
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base, tok = load_base(args.base)
     if args.adapter_out:
@@ -131,6 +135,9 @@ def main():
     encoded = encode_pairs(tok, pairs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     run = dpo_run(pm, encoded, args.steps, args.batch, args.lr, args.beta, args.weight_decay, pad_id=pad)
+    # Steps 2.. (the first carries one-off costs), as the bench reads loraforge's metrics.
+    ends = run.pop("step_ends")
+    run["seconds_per_step"] = (ends[-1] - ends[0]) / max(1, len(ends) - 1)
     run["encoded"] = [{"chosen": {"input_ids": c[0], "labels": c[1]},
                        "rejected": {"input_ids": r[0], "labels": r[1]}} for c, r in encoded]
     with open(args.out, "w") as f:

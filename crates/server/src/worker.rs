@@ -813,8 +813,21 @@ async fn publish(
         None
     };
 
-    // Metrics CSV from the stored metrics events (they survive a worker change).
-    let mut csv = String::from("step,train_loss,valid_loss,learning_rate,tokens_per_second\n");
+    // Metrics CSV from the stored metrics events (they survive a worker change); DPO jobs
+    // add their rewards.
+    let dpo = serde_json::from_str::<crate::job::JobSpec>(&job.spec)
+        .is_ok_and(|s| matches!(s.method, loraforge_trainer::train::Method::Dpo { .. }));
+    let mut columns = vec![
+        "step",
+        "train_loss",
+        "valid_loss",
+        "learning_rate",
+        "tokens_per_second",
+    ];
+    if dpo {
+        columns.extend(["reward_margin", "reward_accuracy"]);
+    }
+    let mut csv = columns.join(",") + "\n";
     for e in state.store.list_events(&job.id, None, i64::MAX).await? {
         if e.kind != "metrics" {
             continue;
@@ -833,14 +846,8 @@ async fn publish(
                 .map(|v| v.to_string())
                 .unwrap_or_default()
         };
-        csv.push_str(&format!(
-            "{},{},{},{},{}\n",
-            f("step"),
-            f("train_loss"),
-            f("valid_loss"),
-            f("learning_rate"),
-            f("tokens_per_second")
-        ));
+        let row: Vec<String> = columns.iter().map(|k| f(k)).collect();
+        csv.push_str(&(row.join(",") + "\n"));
     }
     // Result files get blobs of their own: deleting one through the files API must not
     // take the job's adapter download with it.

@@ -513,6 +513,27 @@ async fn smollm2_dpo_job_through_the_api_learns_its_pairs() {
             && m["train_reward_accuracy"].is_number(),
         "checkpoint metrics: {ck}"
     );
+    let csv = reqwest::get(s.url(&format!(
+        "/v1/files/{}/content",
+        done["result_files"][0].as_str().unwrap()
+    )))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("step,train_loss,valid_loss,learning_rate,tokens_per_second,reward_margin,reward_accuracy"),
+        "{csv}"
+    );
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.starts_with("1,") && l.ends_with(",0.0,0.0")),
+        "{csv}"
+    );
     let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
         .await
         .unwrap()

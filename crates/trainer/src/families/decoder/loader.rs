@@ -399,7 +399,9 @@ fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> 
         }
         _ => serde_json::Value::Null,
     };
-    let tj = if model == "llama" {
+    // The two vocabularies differ in how text is split, decoded and merged; the rest of
+    // the tokenizer is the same.
+    let (pre_tokenizer, decoder, bpe) = if model == "llama" {
         let scores: Vec<f32> = meta(ct, "tokenizer.ggml.scores")?
             .to_vec()
             .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.scores: {e}")))?
@@ -415,38 +417,37 @@ fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> 
             .get("tokenizer.ggml.add_space_prefix")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(true);
-        json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
-                              "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
-            "post_processor": post,
-            "decoder": {"type": "Sequence", "decoders": [
+        (
+            json!({"type": "Metaspace", "replacement": "\u{2581}",
+                   "prepend_scheme": if prefix { "first" } else { "never" }, "split": false}),
+            json!({"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": if prefix { 1 } else { 0 }, "stop": 0}]},
-            "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                      "vocab": vocab, "merges": sentencepiece_merges(&tokens, &scores)}
-        })
+                {"type": "Strip", "content": " ", "start": if prefix { 1 } else { 0 }, "stop": 0}]}),
+            json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                   "vocab": vocab, "merges": sentencepiece_merges(&tokens, &scores)}),
+        )
     } else {
-        json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer_for(&pre)?,
-            "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": strings("tokenizer.ggml.merges")?}
-        })
+        (
+            pre_tokenizer_for(&pre)?,
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                   "vocab": vocab, "merges": strings("tokenizer.ggml.merges")?}),
+        )
     };
+    let tj = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post,
+        "decoder": decoder,
+        "model": bpe
+    });
     let tokenizer: tokenizers::Tokenizer = serde_json::from_value(tj)
         .map_err(|e| Error::Tokenizer(format!("rebuilding the GGUF tokenizer: {e}")))?;
     let template = ct

@@ -629,12 +629,7 @@ pub fn causal_lm_loss(
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, usize, Option<usize>)> {
     let (b, t) = input_ids.dims2()?;
-    if !labels.iter().any(|lab| {
-        lab.iter()
-            .skip(1)
-            .take(t.saturating_sub(1))
-            .any(|&y| y >= 0)
-    }) {
+    if nothing_scored(labels, t) {
         return Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None));
     }
     let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
@@ -651,28 +646,70 @@ fn scored_loss(
     labels: &[Vec<i64>],
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, usize, Option<usize>)> {
-    let (rows, targets, _) = scored_rows(labels, b, t);
+    match scored_nll(model, h, b, t, labels, ctx)? {
+        None => Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None)),
+        Some(s) => Ok((s.nll.sum_all()?, s.seq.len(), s.correct)),
+    }
+}
+
+/// Whether no label after the first position of any row is scored (nothing to compute).
+fn nothing_scored(labels: &[Vec<i64>], t: usize) -> bool {
+    !labels.iter().any(|lab| {
+        lab.iter()
+            .skip(1)
+            .take(t.saturating_sub(1))
+            .any(|&y| y >= 0)
+    })
+}
+
+/// The scored rows' negative log-likelihoods, `(n,)`.
+struct ScoredNll {
+    nll: Tensor,
+    /// The sequence of each row.
+    seq: Vec<usize>,
+    /// With an eval `ctx`: how many rows the model's argmax gets right.
+    correct: Option<usize>,
+}
+
+/// The NLL of the scored rows of `(b·t, d)` hidden rows (before the final norm), only
+/// those rows going through the vocabulary projection: fused ([`Decoder::head_nll`]) in
+/// training, through full logits otherwise. `None` when nothing is scored.
+fn scored_nll(
+    model: &Decoder,
+    h: &Tensor,
+    b: usize,
+    t: usize,
+    labels: &[Vec<i64>],
+    ctx: &ForwardCtx,
+) -> Result<Option<ScoredNll>> {
+    let (rows, targets, seq) = scored_rows(labels, b, t);
     let n = rows.len();
     if n == 0 {
-        return Ok((Tensor::zeros((), DType::F32, model.device())?, 0, None));
+        return Ok(None);
     }
-    // Only rows that are scored go through the vocabulary projection.
     let idx = Tensor::from_vec(rows, n, model.device())?;
     let h = h.index_select(&idx, 0)?;
     if ctx.train {
         if let Some(nll) = model.head_nll(&h, &targets, ctx.adapters)? {
-            return Ok((nll.sum_all()?, n, None));
+            return Ok(Some(ScoredNll {
+                nll,
+                seq,
+                correct: None,
+            }));
         }
     }
     let logits = model.head_with(&h, ctx.adapters)?.to_dtype(DType::F32)?;
-    let nll = cross_entropy_rows(&logits, &targets)?.sum_all()?;
     let correct = if ctx.train {
         None
     } else {
         let am: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         Some(am.iter().zip(&targets).filter(|(a, b)| a == b).count())
     };
-    Ok((nll, n, correct))
+    Ok(Some(ScoredNll {
+        nll: cross_entropy_rows(&logits, &targets)?,
+        seq,
+        correct,
+    }))
 }
 
 /// The positions of `(b·t)` rows that are scored (position `p` predicts `labels[p + 1]`),
@@ -703,7 +740,7 @@ pub fn sequence_logps(
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, Option<usize>)> {
     let (b, t) = input_ids.dims2()?;
-    if scored_rows(labels, b, t).0.is_empty() {
+    if nothing_scored(labels, t) {
         return Ok((Tensor::zeros(b, DType::F32, model.device())?, None));
     }
     let h = model.forward_hidden(input_ids, Some(attention_mask), None, ctx)?;
@@ -720,31 +757,10 @@ pub fn logps_of_hidden(
     labels: &[Vec<i64>],
     ctx: &ForwardCtx,
 ) -> Result<(Tensor, Option<usize>)> {
-    let (rows, targets, seq) = scored_rows(labels, b, t);
-    let n = rows.len();
-    if n == 0 {
+    let Some(ScoredNll { nll, seq, correct }) = scored_nll(model, h, b, t, labels, ctx)? else {
         return Ok((Tensor::zeros(b, DType::F32, model.device())?, None));
-    }
-    let idx = Tensor::from_vec(rows, n, model.device())?;
-    let h = h.index_select(&idx, 0)?;
-    let fused = if ctx.train {
-        model.head_nll(&h, &targets, ctx.adapters)?
-    } else {
-        None
     };
-    let (nll, correct) = match fused {
-        Some(nll) => (nll, None),
-        None => {
-            let logits = model.head_with(&h, ctx.adapters)?.to_dtype(DType::F32)?;
-            let correct = if ctx.train {
-                None
-            } else {
-                let am: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-                Some(am.iter().zip(&targets).filter(|(a, b)| a == b).count())
-            };
-            (cross_entropy_rows(&logits, &targets)?, correct)
-        }
-    };
+    let n = seq.len();
     // A (b, n) indicator of which sequence each row belongs to sums the rows per
     // sequence in one product, through which the gradient flows back row by row.
     let mut member = vec![0f32; b * n];

@@ -64,16 +64,23 @@ pub struct CausalLm {
     checkpointing: bool,
 }
 
+/// The run's base model, in its compute dtype.
+fn load_base(spec: &TrainSpec) -> Result<BaseModel> {
+    let mut base = loader::load_with(&spec.model, &spec.device, spec.base_dtype)?;
+    base.model
+        .set_dtype(super::DecoderFamily.compute_dtype(spec)?)?;
+    Ok(base)
+}
+
 impl CausalLm {
     pub fn load(spec: &TrainSpec) -> Result<Self> {
-        let mut base = loader::load_with(&spec.model, &spec.device, spec.base_dtype)?;
-        base.model
-            .set_dtype(super::DecoderFamily.compute_dtype(spec)?)?;
+        let base = load_base(spec)?;
         let train = encode_file(&base, &spec.data, spec)?;
-        let valid = match &spec.validation {
-            Some(p) => Some(encode_file(&base, p, spec)?),
-            None => None,
-        };
+        let valid = spec
+            .validation
+            .as_deref()
+            .map(|p| encode_file(&base, p, spec))
+            .transpose()?;
         Ok(Self {
             base,
             train,
@@ -223,14 +230,13 @@ pub struct Dpo {
 
 impl Dpo {
     pub fn load(spec: &TrainSpec, beta: f64) -> Result<Self> {
-        let mut base = loader::load_with(&spec.model, &spec.device, spec.base_dtype)?;
-        base.model
-            .set_dtype(super::DecoderFamily.compute_dtype(spec)?)?;
+        let base = load_base(spec)?;
         let train = encode_pairs(&base, &spec.data, spec)?;
-        let valid = match &spec.validation {
-            Some(p) => Some(encode_pairs(&base, p, spec)?),
-            None => None,
-        };
+        let valid = spec
+            .validation
+            .as_deref()
+            .map(|p| encode_pairs(&base, p, spec))
+            .transpose()?;
         Ok(Self {
             base,
             beta,
@@ -242,20 +248,21 @@ impl Dpo {
         })
     }
 
-    fn pair_batch(&self, pairs: &[&(Encoded, Encoded)], device: &Device) -> Result<PairBatch> {
+    fn pair_batch(&self, pairs: &[&(Encoded, Encoded)]) -> Result<PairBatch> {
         let seqs: Vec<&Encoded> = pairs
             .iter()
             .map(|p| &p.0)
             .chain(pairs.iter().map(|p| &p.1))
             .collect();
         Ok(PairBatch {
-            seqs: make_batch(&seqs, self.base.tokenizer.pad_id, device)?,
+            seqs: make_batch(&seqs, self.base.tokenizer.pad_id, &self.device)?,
             pairs: pairs.len(),
         })
     }
 
     /// Per pair `beta·((π_c − ref_c) − (π_r − ref_r))` under `ctx` (differentiable when
-    /// it trains), and how many chosen tokens the policy's argmax gets right (eval).
+    /// it trains), and how many of both replies' tokens the policy's argmax gets right
+    /// (eval).
     fn margins(&self, b: &PairBatch, ctx: &ForwardCtx) -> Result<(Tensor, Option<usize>)> {
         let s = &b.seqs;
         let (policy, correct) = sequence_logps(
@@ -290,13 +297,23 @@ impl Dpo {
     /// The batch's summed loss from its margins, counting the margins for the step's
     /// rewards.
     fn loss_of(&self, z: &Tensor) -> Result<Tensor> {
-        let zs: Vec<f32> = z.to_vec1()?;
+        let (sum, pos, n) = tally(z)?;
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.0 += zs.iter().map(|&x| x as f64).sum::<f64>();
-        seen.1 += zs.iter().filter(|&&x| x > 0.0).count();
-        seen.2 += zs.len();
+        seen.0 += sum;
+        seen.1 += pos;
+        seen.2 += n;
         dpo_loss_sum(z)
     }
+}
+
+/// The summed margins, how many are positive, and how many there are.
+fn tally(z: &Tensor) -> Result<(f64, usize, usize)> {
+    let zs: Vec<f32> = z.to_vec1()?;
+    Ok((
+        zs.iter().map(|&x| x as f64).sum(),
+        zs.iter().filter(|&&x| x > 0.0).count(),
+        zs.len(),
+    ))
 }
 
 /// `-log σ(z) = log(1 + e^{-z})` summed. Below `z = -30` the log term is `-z` to f32's
@@ -326,7 +343,7 @@ impl Objective for Dpo {
     }
     fn batch(&self, idx: &[usize]) -> Result<PairBatch> {
         let pairs: Vec<&(Encoded, Encoded)> = idx.iter().map(|&i| &self.train[i]).collect();
-        self.pair_batch(&pairs, &self.device)
+        self.pair_batch(&pairs)
     }
     fn units(b: &PairBatch) -> usize {
         b.pairs
@@ -373,17 +390,14 @@ impl Objective for Dpo {
         let (mut loss, mut margin, mut pos, mut correct, mut scored) = (0f64, 0f64, 0, 0, 0);
         for chunk in valid.chunks(batch_size) {
             let pairs: Vec<&(Encoded, Encoded)> = chunk.iter().collect();
-            let b = self.pair_batch(&pairs, self.base.model.device())?;
+            let b = self.pair_batch(&pairs)?;
             let (z, c) = self.margins(&b, &ctx)?;
             loss += dpo_loss_sum(&z)?.to_scalar::<f32>()? as f64;
-            let zs: Vec<f32> = z.to_vec1()?;
-            margin += zs.iter().map(|&x| x as f64).sum::<f64>();
-            pos += zs.iter().filter(|&&x| x > 0.0).count();
+            let (m, p, _) = tally(&z)?;
+            margin += m;
+            pos += p;
             correct += c.unwrap_or(0);
-            scored += chunk
-                .iter()
-                .map(|p| scored_tokens(&p.0) + scored_tokens(&p.1))
-                .sum::<usize>();
+            scored += b.seqs.scored;
         }
         let n = valid.len().max(1) as f64;
         Ok(Some(EvalMetrics {
@@ -404,11 +418,6 @@ impl Objective for Dpo {
     fn fingerprint(&self) -> Option<String> {
         Some(format!("method dpo, beta {}", self.beta))
     }
-}
-
-/// Tokens a sequence's loss scores (labels after the first that are not ignored).
-fn scored_tokens(e: &Encoded) -> usize {
-    e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
 }
 
 fn encode_pairs(

@@ -33,6 +33,18 @@ def chat_jsonl(n, tag="x"):
     return ("\n".join(lines) + "\n").encode()
 
 
+def finished(client, job_id, seconds, poll=0.2):
+    """The job once it has ended, or as it is after `seconds`."""
+    import time
+
+    deadline = time.time() + seconds
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
+            return job
+        time.sleep(poll)
+
+
 def check(cond, what):
     if not cond:
         raise AssertionError(what)
@@ -106,17 +118,12 @@ def main():
 
 def smollm2(client, model):
     """The real SmolLM2: a short job, then base and fine-tuned answers to a training prompt."""
-    import time
-
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "chat-small.jsonl")
     with open(path, "rb") as f:
         train = client.files.create(file=("chat-small.jsonl", f.read()), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=model, training_file=train.id, extra_body={"hyperparameters": {
         "max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant"}})
-    deadline = time.time() + 900
-    while job.status not in ("succeeded", "failed", "cancelled") and time.time() < deadline:
-        time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = finished(client, job.id, 900, poll=1)
     check(job.status == "succeeded", f"SmolLM2 job {job.status} ({job.error})")
     ask = [{"role": "user", "content": "What is the capital of France?"}]
     base = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=24)
@@ -128,7 +135,6 @@ def smollm2(client, model):
 def fine_tuning(client):
     """A LoRA job on the tiny fixture model, through `client.fine_tuning`."""
     import io
-    import time
     import zipfile
 
     import openai
@@ -152,12 +158,7 @@ def fine_tuning(client):
                                            extra_body={"hyperparameters": {"max_steps": 1}},
                                            extra_headers={"Idempotency-Key": "oai-test-1"})
     check(again.id == with_key.id, "a retried create with the same Idempotency-Key returns the same job")
-    deadline = time.time() + 120
-    while True:
-        job = client.fine_tuning.jobs.retrieve(job.id)
-        if job.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
-            break
-        time.sleep(0.2)
+    job = finished(client, job.id, 120)
     check(job.status == "succeeded", f"fine_tuning.jobs.retrieve until succeeded ({job.status}, {job.error})")
     check(job.fine_tuned_model == f"ft:tiny-llama:oai:{job.id}", f"fine_tuned_model {job.fine_tuned_model}")
     events = client.fine_tuning.jobs.list_events(job.id, limit=100)
@@ -208,8 +209,6 @@ def fine_tuning(client):
 def methods(client, train):
     """OpenAI's `method`: supervised as its own block, DPO on a preference file, reinforcement refused,
     and jobs found again by their metadata."""
-    import time
-
     import openai
 
     sup = client.fine_tuning.jobs.create(
@@ -252,12 +251,7 @@ def methods(client, train):
     except openai.BadRequestError as e:
         check(e.body.get("param") == "method.type" and "reinforcement" in e.message,
               f"reinforcement raises BadRequestError naming method.type: {e.message}")
-    deadline = time.time() + 300
-    while True:
-        dpo = client.fine_tuning.jobs.retrieve(dpo.id)
-        if dpo.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
-            break
-        time.sleep(0.2)
+    dpo = finished(client, dpo.id, 300)
     check(dpo.status == "succeeded", f"the DPO job trains ({dpo.status}, {dpo.error})")
     msgs = [e.message for e in client.fine_tuning.jobs.list_events(dpo.id, limit=100).data]
     check(any(m.startswith("Step 1/4: training loss=0.6931, reward margin=0.0000, reward accuracy=0.000")

@@ -86,20 +86,7 @@ async fn chat_completions_on_base_and_fine_tuned_models() {
     assert_ne!(a, b, "the adapter did not change the answer");
 
     // The same, token for token, as `loraforge generate` with the downloaded adapter.
-    let zip = reqwest::get(s.url(&format!(
-        "/v1/fine_tuning/jobs/{}/adapter",
-        job["id"].as_str().unwrap()
-    )))
-    .await
-    .unwrap()
-    .bytes()
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
-        .unwrap()
-        .extract(dir.path())
-        .unwrap();
+    let dir = common::download_adapter(&s, job["id"].as_str().unwrap()).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_loraforge"))
         .args(["generate", "--model"])
         .arg(root().join("tests/fixtures/tiny-llama"))

@@ -224,19 +224,7 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
         "SmolLM2 through the API: 8 steps, last train_loss {}",
         done["progress"]["train_loss"]
     );
-    let zip = c
-        .get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
-        .unwrap()
-        .extract(dir.path())
-        .unwrap();
+    let dir = common::download_adapter(&s, &id).await;
     peft_check(&model, dir.path());
 
     // Try it: the same server answers a training-set prompt with the base and the adapter.
@@ -534,16 +522,6 @@ async fn smollm2_dpo_job_through_the_api_learns_its_pairs() {
             .is_some_and(|l| l.starts_with("1,") && l.ends_with(",0.0,0.0")),
         "{csv}"
     );
-    let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter")))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
-        .unwrap()
-        .extract(dir.path())
-        .unwrap();
+    let dir = common::download_adapter(&s, &id).await;
     peft_check(&model, dir.path());
 }

@@ -523,6 +523,22 @@ pub fn assert_no_lock_errors(s: &TestServer) {
     }
 }
 
+/// Downloads a finished job's adapter zip and unpacks it into a new temporary folder.
+pub async fn download_adapter(s: &TestServer, job_id: &str) -> tempfile::TempDir {
+    let zip = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{job_id}/adapter")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
+        .unwrap()
+        .extract(dir.path())
+        .unwrap();
+    dir
+}
+
 /// Uploads `tests/data/chat-small.jsonl` (raw body) and returns the processed file's id.
 pub async fn upload_chat(s: &TestServer) -> String {
     let body = std::fs::read(root().join("tests/data/chat-small.jsonl")).unwrap();

@@ -27,6 +27,9 @@ normalization, as Llama 2 / Mistral ship theirs) trained on the tiny corpus, a m
 llama.cpp's converter writes one (tokenizer.ggml.model "llama": tokens, scores, token types), and the ids transformers'
 tokenizer converted from the same model gives a set of texts (needs `sentencepiece` and `protobuf`).
 
+`--only-autocast` writes tests/fixtures/<model>-ref/autocast-bf16.safetensors alone: PEFT's LoRA logits, loss and
+gradients under torch.autocast("cpu", bfloat16) on ref.safetensors' batch and adapter_nonzero.
+
 `--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
 preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
 written out in torch) with PEFT from adapter_init, the reference being the base with the adapter disabled.
@@ -498,6 +501,32 @@ def build_reference(model_dir, name, vocab, seed):
 
 
 STRONG_WD = 1.0  # with LR 1e-2 every step shrinks the weights by 1% (~5% over the 5 steps)
+
+
+def build_autocast_reference(model_dir, name):
+    """PEFT's LoRA logits, loss and gradients under torch.autocast(bfloat16), the way people
+    train LoRA in bf16 (f32 master weights, bf16 products), on ref.safetensors' batch and
+    adapter_nonzero: written to <name>-ref/autocast-bf16.safetensors."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    ref_dir = os.path.join(FIX, f"{name}-ref")
+    ref = load_file(os.path.join(ref_dir, "ref.safetensors"))
+    ids, attn, labels = ref["input_ids"], ref["attention_mask"], ref["labels"]
+    pm = PeftModel.from_pretrained(load_base(model_dir), os.path.join(ref_dir, "adapter_nonzero"), is_trainable=True)
+    pm.train()  # dropout is 0 everywhere
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pm(input_ids=ids, attention_mask=attn, labels=labels)
+    out.loss.backward()
+    tensors = {"lora_logits": out.logits.detach().float().contiguous(),
+               "loss": out.loss.detach().reshape(1).float()}
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            tensors[f"grad.{peft_key(n)}"] = p.grad.detach().float().clone().contiguous()
+    save_file(tensors, os.path.join(ref_dir, "autocast-bf16.safetensors"))
+    d = (tensors["lora_logits"] - ref["lora_logits"]).abs().max().item()
+    print(f"[{name}-ref] autocast bf16 loss={out.loss.item():.6f} (f32 {ref['loss'].item():.6f}), "
+          f"max|logits - f32 logits|={d:.4f}")
 
 
 def adamw_run(model_dir, init_dir, t_ids, t_mask, t_labels, weight_decay):
@@ -1177,6 +1206,9 @@ def main():
                     help="only give tests/fixtures/tiny-qwen3 the tool-rendering chat template")
     ap.add_argument("--only-qwen3", action="store_true",
                     help="write only tests/fixtures/tiny-qwen3 and tiny-qwen3-ref (from the existing tokenizer folder)")
+    ap.add_argument("--only-autocast", action="store_true",
+                    help="write only tests/fixtures/<model>-ref/autocast-bf16.safetensors (PEFT under torch "
+                         "autocast bf16 on the CPU, from the existing ref.safetensors batch and adapter_nonzero)")
     ap.add_argument("--only-dpo", action="store_true",
                     help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
@@ -1188,6 +1220,10 @@ def main():
         return 0
     if args.only_qwen3:
         build_qwen3(os.path.join(FIX, "tokenizer"))
+        return 0
+    if args.only_autocast:
+        for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
+            build_autocast_reference(os.path.join(FIX, name), name)
         return 0
     if args.only_dpo:
         build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
@@ -1222,6 +1258,8 @@ def main():
     build_data()
     build_sentencepiece()
     build_dpo_reference(llama_dir, "tiny-llama")
+    for name, d in (("tiny-llama", llama_dir), ("tiny-qwen2", qwen_dir), ("tiny-qwen3", os.path.join(FIX, "tiny-qwen3"))):
+        build_autocast_reference(d, name)
     build_chat_encoding()
 
     print("\n=== written ===")

@@ -3,6 +3,7 @@
 UNet on random inputs, the same shapes and recipe as `loraforge-bench sd`.
 
   python scripts/sd_step_pytorch.py --unet DIR [--res 256] [--steps 3] [--threads 2] [--seed 0]
+      [--device cpu|cuda]
 
 UNet2DConditionModel.from_pretrained(DIR) in float32, requires_grad_(False), then
 unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=[to_q, to_k, to_v, to_out.0]))
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -43,6 +45,9 @@ def main():
     unet = UNet2DConditionModel.from_pretrained(a.unet, torch_dtype=torch.float32)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    unet.to(dev)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -54,10 +59,12 @@ def main():
     lat = a.res // 8
     ctx_dim = unet.config.cross_attention_dim
     for step in range(1, a.steps + 1):
-        sample = torch.randn(1, 4, lat, lat)
-        target = torch.randn(1, 4, lat, lat)
-        context = torch.randn(1, 77, ctx_dim)
-        timestep = torch.randint(0, 1000, (1,))
+        sample = torch.randn(1, 4, lat, lat).to(dev)
+        target = torch.randn(1, 4, lat, lat).to(dev)
+        context = torch.randn(1, 77, ctx_dim).to(dev)
+        timestep = torch.randint(0, 1000, (1,)).to(dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         pred = unet(sample, timestep, context).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -66,10 +73,14 @@ def main():
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(dev)
         t3 = time.perf_counter()
         print(json.dumps({"event": "step", "step": step, "loss": loss.item(), "timestep": int(timestep),
                           "forward_s": t1 - t0, "backward_s": t2 - t1, "optim_s": t3 - t2, "step_s": t3 - t0,
-                          "rss_mib": status_mib("VmRSS:"), "peak_rss_mib": status_mib("VmHWM:")}), flush=True)
+                          "rss_mib": status_mib("VmRSS:"), "peak_rss_mib": status_mib("VmHWM:"),
+                          "peak_reserved_mib": torch.cuda.max_memory_reserved(dev) / 2**20 if cuda else None}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 //! `run_sd`). `scripts/bench-sd-vs-pytorch.sh` runs it against diffusers + PEFT.
 //!
 //!   loraforge-bench sd --unet DIR [--res 256] [--steps 3] [--threads 2] [--seed 0]
-//!       [--max-rss-mib 18432]
+//!       [--max-rss-mib 18432] [--device cpu|cuda:N]
 //!
 //! Matrix products (`gemm`): candle's f32 matmul `x · Wᵀ` and `g · W` at the shapes of a
 //! decoder step, GFLOP/s per shape as JSON lines. `scripts/bench-gemm.sh` runs it beside
@@ -174,7 +174,7 @@ fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     });
-    let dev = Device::Cpu;
+    let dev = loraforge_trainer::device::parse(opt.get("device").map_or("cpu", String::as_str))?;
     let t = Instant::now();
     let mut unet = UNet::load(&dir, &dev)?;
     let cfg = LoraConfig {
@@ -228,6 +228,8 @@ fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         optim.step(&grads, 1e-4)?;
+        // A GPU runs the step asynchronously: the clock stops when it is done.
+        dev.synchronize()?;
         let t3 = Instant::now();
         drop(grads);
         println!(

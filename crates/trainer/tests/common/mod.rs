@@ -6,9 +6,12 @@
 use candle_core::{DType, Tensor};
 use std::path::PathBuf;
 
-/// `tests/fixtures` at the repository root.
+/// `tests/fixtures` at the repository root, or `LORAFORGE_FIXTURES`: a test binary built on
+/// one machine and run from another checkout (scripts/gpu-check.sh on a lent GPU).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    std::env::var_os("LORAFORGE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
 /// max |t|, computed in f64.

@@ -7,6 +7,7 @@ Writes (relative to the repository root):
   tests/fixtures/tiny-llama/           random LlamaForCausalLM (llama3 rope scaling), HF folder, f32
   tests/fixtures/tiny-qwen2/           random Qwen2ForCausalLM (qkv biases, tied embeddings), HF folder, f32
   tests/fixtures/tiny-qwen3/           random Qwen3ForCausalLM (per-head q/k norms, head_dim 24), HF folder, f32
+  tests/fixtures/tiny-phi3/           random Phi3ForCausalLM (fused qkv_proj / gate_up_proj, sliding window 5), HF folder, f32
   tests/fixtures/<model>-ref/          PEFT LoRA adapters + reference logits / loss / grads / AdamW run
   tests/fixtures/tiny-llama-gguf/      tiny-llama as an F32 GGUF (llama.cpp naming and Q/K permutation)
   tests/data/*.jsonl                   small dataset files (chat, prompt-completion, text, tokenized, bad)
@@ -29,6 +30,9 @@ tokenizer converted from the same model gives a set of texts (needs `sentencepie
 
 `--only-autocast` writes tests/fixtures/<model>-ref/autocast-bf16.safetensors alone: PEFT's LoRA logits, loss and
 gradients under torch.autocast("cpu", bfloat16) on ref.safetensors' batch and adapter_nonzero.
+
+`--only-phi3` writes tests/fixtures/tiny-phi3/ and tests/fixtures/tiny-phi3-ref/ alone (fused qkv_proj and
+gate_up_proj, a sliding window of 5 tokens; PEFT targets the fused modules).
 
 `--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
 preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
@@ -95,6 +99,8 @@ TOOL_TEMPLATE = (
 LORA_R = 4
 LORA_ALPHA = 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# phi3 fuses q/k/v and gate/up into one projection each; PEFT targets the fused modules.
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 LR, BETAS, EPS, WD, MAX_GRAD_NORM, STEPS = 1e-2, (0.9, 0.999), 1e-8, 0.01, 1.0, 5
 SEQ, BATCH = 12, 2
 
@@ -268,6 +274,14 @@ def make_config(kind, vocab):
         return Qwen3Config(vocab_size=vocab, tie_word_embeddings=False, attention_bias=False, head_dim=24,
                            use_sliding_window=False, sliding_window=None, max_window_layers=2,
                            rope_parameters=rope, **COMMON)
+    if kind == "phi3":
+        from transformers import Phi3Config
+
+        # Fused qkv_proj and gate_up_proj, and a sliding window (5) shorter than the
+        # fixtures' 12 tokens, so that the window shows in the logits.
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+        return Phi3Config(vocab_size=vocab, tie_word_embeddings=False, sliding_window=5, resid_pdrop=0.0,
+                          embd_pdrop=0.0, original_max_position_embeddings=256, rope_parameters=rope, **COMMON)
     if kind == "llama":
         rope = dict(LLAMA3_SCALING, rope_theta=10000.0)
         cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
@@ -326,7 +340,7 @@ def build_model(kind, name, tok_dir, vocab, seed):
     model.save_pretrained(out, safe_serialization=True)
     for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(tok_dir, fn), os.path.join(out, fn))
-    theta = 10000.0 if kind == "llama" else 1000000.0
+    theta = 10000.0 if kind in ("llama", "phi3") else 1000000.0
     if kind == "qwen3":
         assert all(hasattr(l.self_attn, "q_norm") and hasattr(l.self_attn, "k_norm") for l in model.model.layers)
     cj = patch_model_config(os.path.join(out, "config.json"), theta, LLAMA3_SCALING if kind == "llama" else None)
@@ -347,10 +361,10 @@ def build_model(kind, name, tok_dir, vocab, seed):
 # ----------------------------------------------------------------------------------------------
 # 3. PEFT reference
 # ----------------------------------------------------------------------------------------------
-def lora_config():
+def lora_config(targets=TARGETS):
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(TARGETS), lora_dropout=0.0,
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(targets), lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM")
 
 
@@ -376,7 +390,7 @@ def peft_key(param_name):
     return param_name.replace(".default.", ".")
 
 
-def build_reference(model_dir, name, vocab, seed):
+def build_reference(model_dir, name, vocab, seed, targets=TARGETS):
     from peft import PeftModel, get_peft_model
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -389,7 +403,7 @@ def build_reference(model_dir, name, vocab, seed):
 
     # -- adapters --
     torch.manual_seed(1234)
-    pm = get_peft_model(load_base(model_dir), lora_config())
+    pm = get_peft_model(load_base(model_dir), lora_config(targets))
     init_dir = os.path.join(ref_dir, "adapter_init")
     pm.save_pretrained(init_dir, safe_serialization=True)
     tidy_adapter(init_dir, name)
@@ -404,7 +418,7 @@ def build_reference(model_dir, name, vocab, seed):
     del pm
     with safe_open(os.path.join(nz_dir, "adapter_model.safetensors"), "pt") as f:
         adapter_keys = sorted(f.keys())
-    assert len(adapter_keys) == 2 * 2 * len(TARGETS), adapter_keys
+    assert len(adapter_keys) == 2 * 2 * len(targets), adapter_keys
 
     # -- forward / loss / grads --
     g = torch.Generator().manual_seed(seed + 2)
@@ -481,7 +495,7 @@ def build_reference(model_dir, name, vocab, seed):
     write_json(os.path.join(ref_dir, "ref.json"), {
         "model": name,
         "lora": {"r": LORA_R, "lora_alpha": LORA_ALPHA, "scaling": LORA_ALPHA / LORA_R, "lora_dropout": 0.0,
-                 "target_modules": TARGETS, "adapter_init_seed": 1234,
+                 "target_modules": targets, "adapter_init_seed": 1234,
                  "adapter_nonzero": "adapter_init's lora_A; lora_B ~ N(0, 0.05^2)"},
         "forward": {"batch": BATCH, "seq": SEQ, "attention_mask": "row 1: last 3 positions 0 (right padding, id 2)",
                     "labels": "input_ids; -100 where mask==0 and at positions 0,1",
@@ -816,6 +830,15 @@ def build_qwen3(tok_dir):
     d = build_model("qwen3", "tiny-qwen3", tok_dir, vocab, seed=500)
     set_tool_template(d)
     build_reference(d, "tiny-qwen3", vocab, seed=600)
+
+
+def build_phi3(tok_dir):
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    d = build_model("phi3", "tiny-phi3", tok_dir, vocab, seed=700)
+    build_reference(d, "tiny-phi3", vocab, seed=800, targets=PHI3_TARGETS)
+    build_autocast_reference(d, "tiny-phi3")
 
 
 def set_tool_template(model_dir):
@@ -1209,6 +1232,8 @@ def main():
     ap.add_argument("--only-autocast", action="store_true",
                     help="write only tests/fixtures/<model>-ref/autocast-bf16.safetensors (PEFT under torch "
                          "autocast bf16 on the CPU, from the existing ref.safetensors batch and adapter_nonzero)")
+    ap.add_argument("--only-phi3", action="store_true",
+                    help="write only tests/fixtures/tiny-phi3 and tiny-phi3-ref (from the existing tokenizer folder)")
     ap.add_argument("--only-dpo", action="store_true",
                     help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
@@ -1224,6 +1249,9 @@ def main():
     if args.only_autocast:
         for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
             build_autocast_reference(os.path.join(FIX, name), name)
+        return 0
+    if args.only_phi3:
+        build_phi3(os.path.join(FIX, "tokenizer"))
         return 0
     if args.only_dpo:
         build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
@@ -1248,6 +1276,7 @@ def main():
     llama_dir = build_model("llama", "tiny-llama", tok_dir, vocab, seed=100)
     qwen_dir = build_model("qwen2", "tiny-qwen2", tok_dir, vocab, seed=200)
     build_qwen3(tok_dir)
+    build_phi3(tok_dir)
     build_reference(llama_dir, "tiny-llama", vocab, seed=300)
     build_reference(qwen_dir, "tiny-qwen2", vocab, seed=400)
     build_weight_decay_reference(llama_dir, "tiny-llama")

@@ -186,7 +186,7 @@ impl TrainArgs {
             lora_dropout: self.dropout,
             lora_target_modules: match &self.target_modules {
                 Some(t) => t.clone(),
-                None => for_task(task).default_targets().to_list(),
+                None => for_task(task).default_targets_for(&self.model).to_list(),
             },
             use_rslora: self.use_rslora,
             lr_scheduler: self.scheduler.clone(),

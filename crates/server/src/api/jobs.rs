@@ -468,6 +468,13 @@ pub async fn create(
     }
     let mut spec = parse_spec(&hp, req.seed, req.metadata, task)?;
     spec.method = method;
+    if hp
+        .get("lora_target_modules")
+        .is_none_or(serde_json::Value::is_null)
+    {
+        // The usual set for this model's layout (fused projections name other modules).
+        spec.lora_target_modules = for_task(task).default_targets_for(&info.path).to_list();
+    }
     resolve_auto(
         &mut spec,
         &hp,

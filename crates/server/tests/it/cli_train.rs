@@ -277,3 +277,40 @@ fn f32s(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
         .collect();
     (v, t.shape().to_vec())
 }
+
+/// phi3 fuses q/k/v and gate/up: with no targets named, LoRA goes on the fused modules
+/// (PEFT's names), and PEFT loads the adapter on the base with no key missing or extra.
+#[test]
+fn phi3_trains_its_fused_projections_and_peft_loads_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/tiny-phi3");
+    let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
+        .arg("train")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(root().join("tests/data/chat-small.jsonl"))
+        .arg("--out")
+        .arg(dir.path())
+        .args(["--max-steps", "3", "--batch-size", "2", "--lr", "1e-2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    );
+    let st = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    // 2 layers × 4 modules × (A, B).
+    assert_eq!(names.len(), 16, "{names:?}");
+    assert!(names
+        .iter()
+        .any(|n| n.ends_with("self_attn.qkv_proj.lora_A.weight")));
+    crate::common::peft_check(&model, dir.path());
+}

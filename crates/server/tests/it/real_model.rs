@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::root;
+use common::{peft_check, root};
 
 fn smollm2() -> Option<PathBuf> {
     let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -66,24 +66,6 @@ fn smollm2_gguf_tokenizer_matches_tokenizer_json() {
         assert_eq!(got, want, "tokenization differs on {s:?}");
     }
     assert!(base.tokenizer.chat_template.is_some());
-}
-
-fn peft_check(model: &Path, adapter: &Path) {
-    match std::env::var("LORAFORGE_VENV") {
-        Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
-            let o = run(Command::new(Path::new(&venv).join("bin/python"))
-                .arg(root().join("scripts/peft_check.py"))
-                .arg("--base")
-                .arg(model)
-                .arg("--adapter")
-                .arg(adapter));
-            println!("{o}");
-        }
-        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
-            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
-        }
-        _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
-    }
 }
 
 fn losses(metrics: &Path) -> Vec<f64> {

@@ -46,6 +46,11 @@ pub trait Family: Sync {
     }
     /// The modules a LoRA goes on when a job names none (the family's usual PEFT set).
     fn default_targets(&self) -> Targets;
+    /// [`Self::default_targets`] for one model, where its layout changes them (a decoder
+    /// that fuses its projections).
+    fn default_targets_for(&self, _model: &Path) -> Targets {
+        self.default_targets()
+    }
     /// Whether the family can keep its frozen base packed (`base_dtype` other than
     /// `auto` or `f32`).
     fn packs_base(&self) -> bool {

@@ -627,3 +627,32 @@ pub async fn read_sse(
         s.logs()
     );
 }
+
+/// Loads `adapter` on `model` with HF PEFT (scripts/peft_check.py, in `LORAFORGE_VENV`):
+/// fails on missing or unexpected keys, a tensor that does not load bit-exactly, or an
+/// adapter that changes nothing. Skipped without the venv unless
+/// `LORAFORGE_REQUIRE_REAL_MODELS=1`.
+pub fn peft_check(model: &Path, adapter: &Path) {
+    match std::env::var("LORAFORGE_VENV") {
+        Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
+            let out = Command::new(Path::new(&venv).join("bin/python"))
+                .arg(root().join("scripts/peft_check.py"))
+                .arg("--base")
+                .arg(model)
+                .arg("--adapter")
+                .arg(adapter)
+                .output()
+                .expect("spawn python");
+            assert!(
+                out.status.success(),
+                "peft_check.py failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            println!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
+            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
+        }
+        _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
+    }
+}

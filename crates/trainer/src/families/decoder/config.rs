@@ -13,7 +13,7 @@ pub struct Llama3Rope {
     pub original_max_position_embeddings: f64,
 }
 
-/// Everything the llama-family decoder needs (llama, mistral, qwen2, qwen3).
+/// Everything the llama-family decoder needs (llama, mistral, qwen2, qwen3, phi3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecoderConfig {
     pub model_type: String,
@@ -41,6 +41,13 @@ pub struct DecoderConfig {
     /// weights) before the rotation (qwen3).
     #[serde(default)]
     pub qk_norm: bool,
+    /// q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (gate first) (phi3).
+    #[serde(default)]
+    pub fused_projections: bool,
+    /// Each query sees only the keys less than this many positions behind it (mistral,
+    /// phi3: transformers applies their config's `sliding_window`).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -143,6 +150,31 @@ impl DecoderConfig {
             .and_then(|x| x.as_bool())
             .unwrap_or(false);
         let qwen2 = model_type == "qwen2";
+        let phi3 = model_type == "phi3";
+        // phi3's dropout inside the base (transformers applies it in training) and partial
+        // rotation (phi-4-mini) are not built: refused by name rather than ignored.
+        for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
+            if let Some(p) = v.get(key).and_then(|x| x.as_f64()).filter(|p| *p != 0.0) {
+                return Err(Error::Unsupported(format!(
+                    "config.json: {key} {p} (dropout inside the base model)"
+                )));
+            }
+        }
+        let partial = v
+            .get("partial_rotary_factor")
+            .or_else(|| rope_params.and_then(|p| p.get("partial_rotary_factor")));
+        if let Some(f) = partial.and_then(|x| x.as_f64()).filter(|f| *f != 1.0) {
+            return Err(Error::Unsupported(format!(
+                "config.json: partial_rotary_factor {f} (rotation of part of each head)"
+            )));
+        }
+        let sliding_window = if model_type == "mistral" || phi3 {
+            v.get("sliding_window")
+                .and_then(|x| x.as_u64())
+                .map(|w| w as usize)
+        } else {
+            None
+        };
         // Qwen3 declares a sliding window it only uses when asked to.
         if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
             return Err(Error::Unsupported(
@@ -176,6 +208,8 @@ impl DecoderConfig {
             o_bias: !qwen2 && attention_bias,
             mlp_bias: v.get("mlp_bias").and_then(|x| x.as_bool()).unwrap_or(false),
             qk_norm: model_type == "qwen3",
+            fused_projections: phi3,
+            sliding_window,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),

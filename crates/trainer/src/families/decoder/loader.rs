@@ -150,6 +150,13 @@ pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
     if !super::ARCHITECTURES.contains(&arch.as_str()) {
         return Err(Error::Unsupported(format!("gguf architecture \"{arch}\"")));
     }
+    if arch == "phi3" {
+        // llama.cpp's phi3 files fuse the projections under other names (attn_qkv, a
+        // double-width ffn_up): not mapped yet.
+        return Err(Error::Unsupported(
+            "gguf architecture \"phi3\": train from its HF folder".into(),
+        ));
+    }
     let k = |s: &str| format!("{arch}.{s}");
     let hidden = meta_usize(ct, &k("embedding_length"))?;
     let heads = meta_usize(ct, &k("attention.head_count"))?;
@@ -179,6 +186,12 @@ pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
         o_bias: ct.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: false,
         qk_norm: ct.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+        fused_projections: false,
+        // As for HF configs: only where transformers applies it (qwen2 files carry a
+        // window their models do not use).
+        sliding_window: (arch == "mistral")
+            .then(|| meta_usize(ct, &k("attention.sliding_window")).ok())
+            .flatten(),
         bos_token_id: meta_u32(ct, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: meta_u32(ct, "tokenizer.ggml.eos_token_id")
             .into_iter()

@@ -55,6 +55,7 @@ pub fn write_merged(base: &BaseModel, source: &Path, out: &Path) -> Result<()> {
     let c = &base.model.cfg;
     let arch = match c.model_type.as_str() {
         "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
         "mistral" => "MistralForCausalLM",
         _ => "LlamaForCausalLM",
     };

@@ -1,5 +1,6 @@
-//! Llama-family decoders (llama, mistral, qwen2, qwen3): config, model, loading (HF folders and
-//! GGUF), tokenizer and chat template, generation, and merging an adapter into the base.
+//! Llama-family decoders (llama, mistral, qwen2, qwen3, phi3): config, model, loading (HF
+//! folders and GGUF), tokenizer and chat template, generation, and merging an adapter into
+//! the base.
 
 pub mod config;
 pub mod generate;
@@ -20,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 /// The `model_type`s this family builds.
-pub const ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const ARCHITECTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "phi3"];
 
 /// The linear modules of llama-family decoders, in PEFT's names: its usual LoRA set.
 pub const TARGETS: [&str; 7] = [
@@ -32,6 +33,9 @@ pub const TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// The same for models that fuse q/k/v and gate/up (phi3): PEFT targets the fused modules.
+pub const FUSED_TARGETS: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
 
 /// Causal language modelling on llama-family decoders.
 pub struct DecoderFamily;
@@ -152,6 +156,15 @@ impl Family for DecoderFamily {
     fn default_targets(&self) -> Targets {
         Targets::Names(TARGETS.iter().map(|s| s.to_string()).collect())
     }
+    /// Every projection of the model at hand: the fused ones where it fuses them.
+    fn default_targets_for(&self, model: &Path) -> Targets {
+        match model_shape(model) {
+            Some((cfg, _)) if cfg.fused_projections => {
+                Targets::Names(FUSED_TARGETS.iter().map(|s| s.to_string()).collect())
+            }
+            _ => self.default_targets(),
+        }
+    }
     fn options(&self, _v: &serde_json::Value) -> Result<FamilyOptions> {
         Ok(FamilyOptions::default())
     }
@@ -203,17 +216,27 @@ fn module_paths(model: &Path) -> Vec<String> {
     let Ok(cfg) = config::DecoderConfig::from_hf_json(&v) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for i in 0..cfg.num_hidden_layers {
-        for m in [
+    let modules: &[&str] = if cfg.fused_projections {
+        &[
+            "self_attn.qkv_proj",
+            "self_attn.o_proj",
+            "mlp.gate_up_proj",
+            "mlp.down_proj",
+        ]
+    } else {
+        &[
             "self_attn.q_proj",
             "self_attn.k_proj",
             "self_attn.v_proj",
             "self_attn.o_proj",
-        ] {
-            out.push(format!("model.layers.{i}.{m}"));
-        }
-        for m in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    };
+    let mut out = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        for m in modules {
             out.push(format!("model.layers.{i}.{m}"));
         }
     }
@@ -270,6 +293,22 @@ mod tests {
     use super::{DecoderFamily, Family};
     use crate::device::DType;
     use std::path::Path;
+
+    /// With no targets named, a model that fuses its projections gets the fused ones.
+    #[test]
+    fn default_targets_follow_the_models_layout() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let names = |m: &str| {
+            DecoderFamily
+                .default_targets_for(&fixtures.join(m))
+                .to_list()
+        };
+        assert_eq!(names("tiny-phi3"), "qkv_proj,o_proj,gate_up_proj,down_proj");
+        assert_eq!(
+            names("tiny-llama"),
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+        );
+    }
 
     /// A DPO step holds two sequences per pair: the estimate counts them.
     #[test]

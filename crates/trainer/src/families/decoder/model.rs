@@ -1,4 +1,4 @@
-//! The llama-family decoder (llama, mistral, qwen2, qwen3) built from differentiable ops.
+//! The llama-family decoder (llama, mistral, qwen2, qwen3, phi3) built from differentiable ops.
 
 use crate::families::decoder::config::DecoderConfig;
 use crate::io::Take;
@@ -20,26 +20,66 @@ enum Rotary {
     Tensors(RopeTensors),
 }
 
+/// The attention's input projections: one each, or phi3's single `qkv_proj` whose
+/// output is the queries, then the keys, then the values.
+#[allow(clippy::large_enum_variant)] // one per layer: boxing would save nothing that matters
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP's gate and up projections: one each, or phi3's single `gate_up_proj` whose
+/// output is the gate, then the up half.
+enum GateUp {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
     /// Per-head query and key norms (qwen3).
     qk_norm: Option<(Tensor, Tensor)>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     o: Linear,
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
 }
 
 impl Layer {
-    fn linears(&self) -> [&Linear; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
+    /// Its linear modules in the model's order (q, k, v, o, gate, up, down).
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = match &self.qkv {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(p) => vec![p],
+        };
+        out.push(&self.o);
+        match &self.gate_up {
+            GateUp::Split { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(p) => out.push(p),
+        }
+        out.push(&self.down);
+        out
     }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = match &mut self.qkv {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(p) => vec![p],
+        };
+        out.push(&mut self.o);
+        match &mut self.gate_up {
+            GateUp::Split { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(p) => out.push(p),
+        }
+        out.push(&mut self.down);
+        out
+    }
+}
+
+/// Columns `[start, start + len)` of `(n, width)` rows, laid out on their own.
+fn columns(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    Ok(x.narrow(1, start, len)?.contiguous()?)
 }
 
 /// What the layers of one forward pass share.
@@ -109,6 +149,23 @@ impl Decoder {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let qkv = if cfg.fused_projections {
+                Qkv::Fused(linear(w, format!("{p}.self_attn.qkv_proj"), cfg.qkv_bias)?)
+            } else {
+                Qkv::Split {
+                    q: linear(w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
+                    k: linear(w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
+                    v: linear(w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                }
+            };
+            let gate_up = if cfg.fused_projections {
+                GateUp::Fused(linear(w, format!("{p}.mlp.gate_up_proj"), cfg.mlp_bias)?)
+            } else {
+                GateUp::Split {
+                    gate: linear(w, format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                    up: linear(w, format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                }
+            };
             layers.push(Layer {
                 input_norm: dense(w, &format!("{p}.input_layernorm.weight"))?,
                 post_norm: dense(w, &format!("{p}.post_attention_layernorm.weight"))?,
@@ -120,12 +177,9 @@ impl Decoder {
                 } else {
                     None
                 },
-                q: linear(w, format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
-                k: linear(w, format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
-                v: linear(w, format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                qkv,
                 o: linear(w, format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
-                gate: linear(w, format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                up: linear(w, format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                gate_up,
                 down: linear(w, format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
             });
         }
@@ -190,7 +244,8 @@ impl Decoder {
         self.embed.dtype()
     }
 
-    /// Additive mask `(b, 1, t, past + t)`: causal, and padded keys hidden.
+    /// Additive mask `(b, 1, t, past + t)`: causal, padded keys hidden, and keys a
+    /// sliding window or more behind the query hidden.
     fn mask(
         &self,
         b: usize,
@@ -203,7 +258,8 @@ impl Decoder {
         for bi in 0..b {
             for i in 0..t {
                 for j in 0..tk {
-                    let causal_ok = j <= past + i;
+                    let causal_ok =
+                        j <= past + i && self.cfg.sliding_window.is_none_or(|w| past + i - j < w);
                     let key_ok =
                         attention_mask.is_none_or(|am| am[bi].get(j).copied().unwrap_or(1) != 0);
                     if !(causal_ok && key_ok) {
@@ -283,8 +339,15 @@ impl Decoder {
         };
         let x = (x + a.to_dtype(DType::F32)?)?;
         let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
-        let g = layer.gate.forward(&h, ctx)?.to_dtype(cd)?;
-        let u = layer.up.forward(&h, ctx)?.to_dtype(cd)?;
+        let (g, u) = match &layer.gate_up {
+            GateUp::Split { gate, up } => (gate.forward(&h, ctx)?, up.forward(&h, ctx)?),
+            GateUp::Fused(p) => {
+                let y = p.forward(&h, ctx)?;
+                let i = self.cfg.intermediate_size;
+                (columns(&y, 0, i)?, columns(&y, i, i)?)
+            }
+        };
+        let (g, u) = (g.to_dtype(cd)?, u.to_dtype(cd)?);
         Ok((x + layer
             .down
             .forward(&swiglu(&g, &u)?, ctx)?
@@ -385,14 +448,32 @@ impl Decoder {
         Ok((value, grads))
     }
 
-    /// The query and key projections of `(b·t, d)` rows, in the compute dtype, each head
-    /// normalised first where the model does (qwen3: in f32, as transformers' RMSNorm).
-    fn queries_keys(&self, l: &Layer, h: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
+    /// The query, key and value projections of `(b·t, d)` rows, in the compute dtype,
+    /// each query and key head normalised first where the model does (qwen3: in f32, as
+    /// transformers' RMSNorm).
+    fn queries_keys_values(
+        &self,
+        l: &Layer,
+        h: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cd = h.dtype();
-        let q = l.q.forward(h, ctx)?;
-        let k = l.k.forward(h, ctx)?;
+        let (q, k, v) = match &l.qkv {
+            Qkv::Split { q, k, v } => (q.forward(h, ctx)?, k.forward(h, ctx)?, v.forward(h, ctx)?),
+            Qkv::Fused(p) => {
+                let y = p.forward(h, ctx)?;
+                let nq = self.cfg.num_attention_heads * self.cfg.head_dim;
+                let nkv = self.cfg.num_key_value_heads * self.cfg.head_dim;
+                (
+                    columns(&y, 0, nq)?,
+                    columns(&y, nq, nkv)?,
+                    columns(&y, nq + nkv, nkv)?,
+                )
+            }
+        };
+        let v = v.to_dtype(cd)?;
         let Some((qn, kn)) = &l.qk_norm else {
-            return Ok((q.to_dtype(cd)?, k.to_dtype(cd)?));
+            return Ok((q.to_dtype(cd)?, k.to_dtype(cd)?, v));
         };
         let hd = self.cfg.head_dim;
         let per_head = |x: Tensor, w: &Tensor| -> Result<Tensor> {
@@ -402,7 +483,7 @@ impl Decoder {
                 .reshape((n, width))?
                 .to_dtype(cd)?)
         };
-        Ok((per_head(q, qn)?, per_head(k, kn)?))
+        Ok((per_head(q, qn)?, per_head(k, kn)?, v))
     }
 
     /// Attention through [`multi_head_attention`] or [`blocked_attention`], which keep only
@@ -427,9 +508,7 @@ impl Decoder {
             dim: self.cfg.head_dim,
         };
         let scale = 1.0 / (heads.dim as f64).sqrt();
-        let cd = h.dtype();
-        let (q, k) = self.queries_keys(l, h, ctx)?;
-        let v = l.v.forward(h, ctx)?.to_dtype(cd)?;
+        let (q, k, v) = self.queries_keys_values(l, h, ctx)?;
         let out = match rope {
             Rotary::Fused(r) => {
                 multi_head_attention(&q, &k, &v, heads, scale, Some(r), Some(mask))?
@@ -462,11 +541,10 @@ impl Decoder {
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let cd = h.dtype();
-        let (q, k) = self.queries_keys(l, h, ctx)?;
+        let (q, k, v) = self.queries_keys_values(l, h, ctx)?;
         let q = heads(q, nh)?;
         let k = heads(k, nkv)?;
-        let v = heads(l.v.forward(h, ctx)?.to_dtype(cd)?, nkv)?;
+        let v = heads(v, nkv)?;
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
         let mut v = v;
@@ -569,7 +647,7 @@ impl Decoder {
                 out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
                 out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
             }
-            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            for lin in l.linears() {
                 out.push((format!("{}.weight", lin.path), lin.merged_weight()?));
                 if let Some(b) = &lin.bias {
                     out.push((format!("{}.bias", lin.path), b.clone()));
@@ -588,17 +666,7 @@ impl LoraModel for Decoder {
     fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)> {
         let mut out: Vec<(&mut Linear, bool)> = Vec::new();
         for l in self.layers.iter_mut() {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
-                out.push((lin, false));
-            }
+            out.extend(l.linears_mut().into_iter().map(|lin| (lin, false)));
         }
         if let Some(h) = self.lm_head.as_mut() {
             out.push((h, true));
@@ -608,7 +676,7 @@ impl LoraModel for Decoder {
     fn linears(&self) -> Vec<&Linear> {
         let mut out: Vec<&Linear> = Vec::new();
         for l in &self.layers {
-            out.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+            out.extend(l.linears());
         }
         out.extend(self.lm_head.as_ref());
         out

@@ -230,6 +230,43 @@ impl Frozen {
         }
     }
 
+    /// Row ranges that cover the matrix in order, each about `elems` values (at least one
+    /// row; a packed matrix's ranges follow its parts, so each expands whole parts only).
+    pub fn row_blocks(&self, elems: usize) -> Result<Vec<std::ops::Range<usize>>> {
+        let (rows, cols) = self.dims2()?;
+        let step = match self {
+            Frozen::Dense(_) => (elems / cols.max(1)).max(1),
+            Frozen::Packed(p) => {
+                let per_part = p.rows_per_part * cols;
+                (elems / per_part.max(1)).max(1) * p.rows_per_part
+            }
+        };
+        Ok((0..rows)
+            .step_by(step)
+            .map(|r| r..(r + step).min(rows))
+            .collect())
+    }
+
+    /// Rows `range` in the compute precision: a view when dense, else an expansion of
+    /// the parts they lie in (on the cores in parallel).
+    pub fn expand_rows(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(t) => t.narrow(0, range.start, range.len()),
+            Frozen::Packed(p) => {
+                let dev = p.parts[0].device();
+                let first = range.start / p.rows_per_part;
+                let last = (range.end - 1) / p.rows_per_part;
+                let parts = p.parts[first..=last]
+                    .par_iter()
+                    .map(|q| q.dequantize(&dev))
+                    .collect::<Result<Vec<_>>>()?;
+                let t = Tensor::cat(&parts, 0)?;
+                t.narrow(0, range.start - first * p.rows_per_part, range.len())?
+                    .to_dtype(p.dtype)
+            }
+        }
+    }
+
     /// Rows permuted: row `i` of the result is row `perm[i]` of `self` (llama.cpp's Q/K
     /// interleave undone). A packed matrix moves whole packed rows, bytes unchanged.
     pub fn permute_rows(&self, perm: &[usize]) -> Result<Frozen> {

@@ -24,7 +24,7 @@ mod head_loss;
 pub use attention::{multi_head_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use frozen::Frozen;
-pub use generic::projected_nll_generic;
+pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
 
 /// Masked attention scores get this; large but finite so a sum never turns into NaN.

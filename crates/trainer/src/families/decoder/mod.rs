@@ -88,10 +88,15 @@ impl Family for DecoderFamily {
             (BaseDtype::Auto, Some(file_bytes)) => (file_bytes, true),
             (BaseDtype::Packed(kind), _) => (packed(kind), true),
         };
-        // A packed base expands one matrix at a time, the output head's the largest; its
-        // loss holds the expansion while it works.
+        // A packed base expands one matrix at a time; the loss expands the output head
+        // whole when that is small, else in blocks of vocabulary rows.
+        let head = if v * h * bytes > model::HEAD_WHOLE_BYTES as u64 {
+            model::HEAD_BLOCK_ELEMS as u64
+        } else {
+            v * h
+        };
         let scratch = if expands {
-            2 * (v * h).max(i * h) * bytes
+            2 * head.max(i * h) * bytes
         } else {
             0
         };

@@ -5,8 +5,8 @@ use crate::io::Take;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
     blocked_attention, cross_entropy_rows, fast_path, frozen_linear, masked_softmax,
-    multi_head_attention, projected_nll, projected_nll_generic, rms_norm, rope, swiglu, AttnMask,
-    Frozen, Heads, RopeTables, RopeTensors, MASKED,
+    multi_head_attention, projected_nll, projected_nll_generic, projected_nll_vocab_blocks,
+    rms_norm, rope, swiglu, AttnMask, Frozen, Heads, RopeTables, RopeTensors, MASKED,
 };
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -91,6 +91,19 @@ struct Pass {
     sin: Tensor,
     /// The rotation for the one-op attention; `None` on the cached (generation) path.
     tables: Option<Rotary>,
+}
+
+/// A packed output matrix whose expansion would pass this is expanded a block of
+/// vocabulary rows at a time by the loss (smaller ones whole, which keeps a packed base
+/// bit-identical to its dequantized twin).
+pub(crate) const HEAD_WHOLE_BYTES: usize = 256 << 20;
+/// Values per block of the blocked loss: 64 MiB of f32.
+pub(crate) const HEAD_BLOCK_ELEMS: usize = 16 << 20;
+
+/// Whether the training loss expands `w` in blocks of rows ([`HEAD_WHOLE_BYTES`]).
+fn head_in_blocks(w: &Frozen) -> bool {
+    let (v, d) = w.dims2().unwrap_or((0, 0));
+    matches!(w, Frozen::Packed(_)) && v * d * w.dtype().size_in_bytes() > HEAD_WHOLE_BYTES
 }
 
 /// Per-layer key/value cache for generation.
@@ -612,6 +625,15 @@ impl Decoder {
             Some(_) => return Ok(None),
         };
         let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?.to_dtype(self.dtype())?;
+        if head_in_blocks(w) {
+            return Ok(Some(projected_nll_vocab_blocks(
+                &h,
+                w,
+                targets,
+                true,
+                HEAD_BLOCK_ELEMS,
+            )?));
+        }
         let w = w.dense()?;
         if fast_path(&h) && fast_path(&w) {
             Ok(Some(projected_nll(&h, &w, targets, true)?))

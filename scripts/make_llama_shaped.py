@@ -8,11 +8,12 @@ exact shape whose weights transformers draws here (its own init, initializer_ran
 seed 0). Both engines then train the same weights, so their losses still compare.
 
   python scripts/make_llama_shaped.py --shape smollm2|1b|3b|8b --tokenizer DIR --out DIR
-      [--device cuda]
+      [--device cuda] [--dtype f32|bf16]
 
 Shapes: SmolLM2-135M, Llama 3.2 1B / 3B and Llama 3.1 8B (their config.json values).
 The tokenizer files are copied from --tokenizer (any llama tokenizer; its ids must fit the
-vocabulary). Weights are saved in float32.
+vocabulary). Weights are saved in float32, or bfloat16 with --dtype bf16 (drawn in bf16:
+half the memory, for the larger shapes on a small machine).
 """
 import argparse
 import os
@@ -46,10 +47,13 @@ def main():
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu", help="where to draw the weights (faster on a GPU)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     a = ap.parse_args()
     cfg = LlamaConfig(rms_norm_eps=1e-5, initializer_range=0.02, bos_token_id=1, eos_token_id=2,
                       **SHAPES[a.shape])
     torch.manual_seed(0)
+    if a.dtype == "bf16":
+        torch.set_default_dtype(torch.bfloat16)
     with torch.device(a.device):
         model = LlamaForCausalLM(cfg)
     model.to("cpu").save_pretrained(a.out)

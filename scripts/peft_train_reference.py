@@ -4,6 +4,7 @@ token rows of a JSONL file, on any torch device, as people run PEFT there.
 
   python scripts/peft_train_reference.py --model DIR --data rows.jsonl --init DIR
       [--device cuda|cpu] [--dtype f32|bf16] [--batch 8] [--steps 8] [--rank 16] [--warmup 2]
+      [--gradient-checkpointing]
 
 - Data: one `{"input_ids": [...]}` per line; batch k is lines k*B .. k*B+B-1 (file order),
   labels = input_ids (the model's own shift), exactly what `loraforge train --no-shuffle`
@@ -43,6 +44,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="transformers' activation checkpointing (one layer's activations kept)")
     args = ap.parse_args()
 
     rows = [json.loads(line)["input_ids"] for line in open(args.data) if line.strip()]
@@ -67,6 +70,9 @@ def main():
             p.data = p.data.float()
     dev = torch.device(args.device)
     model.to(dev)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)

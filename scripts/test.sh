@@ -13,6 +13,7 @@ export LORAFORGE_VENV=${LORAFORGE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/loraforg
 cargo test --workspace -- --test-threads 1
 # The path every non-CPU device takes (the device-generic ops: blocked attention, the
 # chunked head loss, norms and rotation with their own backward), forced on the CPU
-# against the same PEFT fixtures.
-LORAFORGE_GENERIC_OPS=1 cargo test -p loraforge-trainer --test fidelity -- --test-threads 1
+# against the same PEFT fixtures. (`--workspace`, not `-p`: the features of the run above,
+# so no dependency is built a second time.)
+LORAFORGE_GENERIC_OPS=1 cargo test --workspace --test fidelity -- --test-threads 1
 VENV=$LORAFORGE_VENV bash scripts/openai-client-test.sh "${CARGO_TARGET_DIR:-target}/debug/loraforge"

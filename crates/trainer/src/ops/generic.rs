@@ -242,7 +242,7 @@ pub fn projected_nll_generic(
     targets: &[u32],
     train: bool,
 ) -> Result<Tensor> {
-    super::head_loss::check_head_args(h, w, targets)?;
+    super::head_loss::check_head_args(h, w.dims2()?, targets)?;
     let n = h.dim(0)?;
     let dev = h.device();
     let hd = h.detach();
@@ -286,14 +286,8 @@ pub fn projected_nll_vocab_blocks(
     train: bool,
     block_elems: usize,
 ) -> Result<Tensor> {
-    let (n, d) = h.dims2()?;
-    let (v, wd) = w.dims2()?;
-    if wd != d || targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
-        candle_core::bail!(
-            "projected nll: {} targets for {n} rows of {d} against a ({v}, {wd}) matrix",
-            targets.len()
-        );
-    }
+    super::head_loss::check_head_args(h, w.dims2()?, targets)?;
+    let n = h.dim(0)?;
     let dev = h.device();
     let hd = h.detach();
     let blocks = w.row_blocks(block_elems)?;

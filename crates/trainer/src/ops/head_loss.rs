@@ -23,7 +23,7 @@ const BLOCK: usize = 128;
 /// `(vocab, d)` matrix `w`, differentiable for `h` (CPU, f32). With `train` the forward
 /// pass also prepares `h`'s gradient; without it the op has no backward.
 pub fn projected_nll(h: &Tensor, w: &Tensor, targets: &[u32], train: bool) -> Result<Tensor> {
-    check_head_args(h, w, targets)?;
+    check_head_args(h, w.dims2()?, targets)?;
     let op = ProjectedNll {
         w: Mutex::new(Some(w.contiguous()?)),
         targets: Arc::new(targets.to_vec()),
@@ -38,11 +38,10 @@ pub fn projected_nll(h: &Tensor, w: &Tensor, targets: &[u32], train: bool) -> Re
     }
 }
 
-/// `(n, d)` rows, a `(vocab, d)` matrix and `n` targets below `vocab`; else an error
-/// naming the shapes.
-pub(super) fn check_head_args(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<()> {
+/// `(n, d)` rows, a `(vocab, d)` matrix (its dims) and `n` targets below `vocab`; else
+/// an error naming the shapes.
+pub(super) fn check_head_args(h: &Tensor, (v, wd): (usize, usize), targets: &[u32]) -> Result<()> {
     let (n, d) = h.dims2()?;
-    let (v, wd) = w.dims2()?;
     if wd != d || targets.len() != n || targets.iter().any(|&t| t as usize >= v) {
         candle_core::bail!(
             "projected nll: {} targets for {n} rows of {d} against a ({v}, {wd}) matrix",

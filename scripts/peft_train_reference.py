@@ -4,7 +4,7 @@ token rows of a JSONL file, on any torch device, as people run PEFT there.
 
   python scripts/peft_train_reference.py --model DIR --data rows.jsonl --init DIR
       [--device cuda|cpu] [--dtype f32|bf16] [--batch 8] [--steps 8] [--rank 16] [--warmup 2]
-      [--gradient-checkpointing]
+      [--gradient-checkpointing] [--base-4bit]
 
 - Data: one `{"input_ids": [...]}` per line; batch k is lines k*B .. k*B+B-1 (file order),
   labels = input_ids (the model's own shift), exactly what `loraforge train --no-shuffle`
@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--base-4bit", action="store_true",
+                    help="QLoRA: the base in bitsandbytes NF4 (compute in --dtype), as prepare_model_for_kbit_training")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="transformers' activation checkpointing (one layer's activations kept)")
     args = ap.parse_args()
@@ -55,7 +57,15 @@ def main():
     data = torch.tensor(rows[:need], dtype=torch.long)
 
     base_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=base_dtype, attn_implementation="sdpa")
+    quant = None
+    if args.base_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=base_dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=base_dtype, attn_implementation="sdpa",
+                                                 quantization_config=quant,
+                                                 device_map=args.device if quant else None)
     if os.path.exists(os.path.join(args.init, "adapter_model.safetensors")):
         model = PeftModel.from_pretrained(model, args.init, is_trainable=True)
     else:

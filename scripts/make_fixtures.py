@@ -8,6 +8,10 @@ Writes (relative to the repository root):
   tests/fixtures/tiny-qwen2/           random Qwen2ForCausalLM (qkv biases, tied embeddings), HF folder, f32
   tests/fixtures/tiny-qwen3/           random Qwen3ForCausalLM (per-head q/k norms, head_dim 24), HF folder, f32
   tests/fixtures/tiny-phi3/           random Phi3ForCausalLM (fused qkv_proj / gate_up_proj, sliding window 5), HF folder, f32
+  tests/fixtures/tiny-gemma3/         random Gemma3ForCausalLM (offset norms, scaled embeddings, GeGLU, a sliding and a
+                                       global layer with their own rope bases), HF folder, f32
+  tests/fixtures/tiny-gemma2/         random Gemma2ForCausalLM (gemma3's layer less q/k norms, soft-capped attention
+                                       scores and logits), HF folder, f32
   tests/fixtures/<model>-ref/          PEFT LoRA adapters + reference logits / loss / grads / AdamW run
   tests/fixtures/tiny-llama-gguf/      tiny-llama as an F32 GGUF (llama.cpp naming and Q/K permutation)
   tests/data/*.jsonl                   small dataset files (chat, prompt-completion, text, tokenized, bad)
@@ -33,6 +37,12 @@ gradients under torch.autocast("cpu", bfloat16) on ref.safetensors' batch and ad
 
 `--only-phi3` writes tests/fixtures/tiny-phi3/ and tests/fixtures/tiny-phi3-ref/ alone (fused qkv_proj and
 gate_up_proj, a sliding window of 5 tokens; PEFT targets the fused modules).
+
+`--only-gemma3` writes tests/fixtures/tiny-gemma3/ and tests/fixtures/tiny-gemma3-ref/ alone (from the existing
+tokenizer folder).
+
+`--only-gemma2` writes tests/fixtures/tiny-gemma2/ and tests/fixtures/tiny-gemma2-ref/ alone (soft-capped attention
+scores and logits, from the existing tokenizer folder).
 
 `--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
 preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
@@ -274,6 +284,29 @@ def make_config(kind, vocab):
         return Qwen3Config(vocab_size=vocab, tie_word_embeddings=False, attention_bias=False, head_dim=24,
                            use_sliding_window=False, sliding_window=None, max_window_layers=2,
                            rope_parameters=rope, **COMMON)
+    if kind == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # Offset (1 + w) norms, scaled embeddings, GeGLU, four norms a layer and per-head q/k norms;
+        # layer 0 slides (window 5, shorter than the 12-token rows) with its own rope base, layer 1 is
+        # global with linear rope scaling; query_pre_attn_scalar differs from head_dim; tied head.
+        rope = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        common = {k: v for k, v in COMMON.items() if k != "hidden_act"}
+        return Gemma3TextConfig(vocab_size=vocab, tie_word_embeddings=True, head_dim=24, query_pre_attn_scalar=20,
+                                sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                                hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
+                                attn_logit_softcapping=None, rope_parameters=rope, **common)
+    if kind == "gemma2":
+        from transformers import Gemma2Config
+
+        # Gemma 2: gemma3's layer without q/k norms, one rope base, and soft-capping of the attention
+        # scores and the logits, with caps (1.5, 1.0) small enough to bend these tiny model's values.
+        common = {k: v for k, v in COMMON.items() if k != "hidden_act"}
+        return Gemma2Config(vocab_size=vocab, tie_word_embeddings=True, head_dim=24, query_pre_attn_scalar=20,
+                            sliding_window=5, hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=1.5,
+                            final_logit_softcapping=1.0,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
     if kind == "phi3":
         from transformers import Phi3Config
 
@@ -293,14 +326,15 @@ def make_config(kind, vocab):
     return cfg
 
 
-def init_weights(model, seed):
-    """N(0, 0.1) for every matrix and bias; RMSNorm weights 1 + N(0, 0.1)."""
+def init_weights(model, seed, norm_offset=1.0):
+    """N(0, 0.1) for every matrix and bias; RMSNorm weights norm_offset + N(0, 0.1) (gemma's norms
+    scale by 1 + w: there 0 keeps them near one)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.1
             if "norm" in name:
-                p.copy_(1.0 + noise)
+                p.copy_(norm_offset + noise)
             else:
                 p.copy_(noise)
 
@@ -329,7 +363,7 @@ def build_model(kind, name, tok_dir, vocab, seed):
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
-    init_weights(model, seed)
+    init_weights(model, seed, norm_offset=0.0 if kind.startswith("gemma") else 1.0)
     if kind == "qwen2":
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "tying"
         for l in model.model.layers:
@@ -343,7 +377,18 @@ def build_model(kind, name, tok_dir, vocab, seed):
     theta = 10000.0 if kind in ("llama", "phi3") else 1000000.0
     if kind == "qwen3":
         assert all(hasattr(l.self_attn, "q_norm") and hasattr(l.self_attn, "k_norm") for l in model.model.layers)
-    cj = patch_model_config(os.path.join(out, "config.json"), theta, LLAMA3_SCALING if kind == "llama" else None)
+    if kind.startswith("gemma"):
+        # Kept as transformers 5 writes it: rope_parameters per layer type (the older top-level
+        # rope_theta / rope_local_base_freq form is covered by a unit test of the config parser).
+        cj = read_json(os.path.join(out, "config.json"))
+        cj.pop("_name_or_path", None)
+        write_json(os.path.join(out, "config.json"), cj)
+        if kind == "gemma3":
+            assert [type(l.self_attn.q_norm).__name__ for l in model.model.layers] == ["Gemma3RMSNorm"] * 2
+        assert list(cj["layer_types"]) == ["sliding_attention", "full_attention"], cj["layer_types"]
+    else:
+        cj = patch_model_config(os.path.join(out, "config.json"), theta,
+                                LLAMA3_SCALING if kind == "llama" else None)
     # reload through the patched config and check it is the same model
     m2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     ids = torch.arange(3, 3 + 20).unsqueeze(0) % vocab
@@ -841,6 +886,24 @@ def build_phi3(tok_dir):
     build_autocast_reference(d, "tiny-phi3")
 
 
+def build_gemma3(tok_dir):
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    d = build_model("gemma3", "tiny-gemma3", tok_dir, vocab, seed=900)
+    build_reference(d, "tiny-gemma3", vocab, seed=1000)
+    build_autocast_reference(d, "tiny-gemma3")
+
+
+def build_gemma2(tok_dir):
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    d = build_model("gemma2", "tiny-gemma2", tok_dir, vocab, seed=1100)
+    build_reference(d, "tiny-gemma2", vocab, seed=1200)
+    build_autocast_reference(d, "tiny-gemma2")
+
+
 def set_tool_template(model_dir):
     p = os.path.join(model_dir, "tokenizer_config.json")
     tc = read_json(p)
@@ -1234,6 +1297,10 @@ def main():
                          "autocast bf16 on the CPU, from the existing ref.safetensors batch and adapter_nonzero)")
     ap.add_argument("--only-phi3", action="store_true",
                     help="write only tests/fixtures/tiny-phi3 and tiny-phi3-ref (from the existing tokenizer folder)")
+    ap.add_argument("--only-gemma3", action="store_true",
+                    help="write only tests/fixtures/tiny-gemma3 and tiny-gemma3-ref (from the existing tokenizer folder)")
+    ap.add_argument("--only-gemma2", action="store_true",
+                    help="write only tests/fixtures/tiny-gemma2 and tiny-gemma2-ref (from the existing tokenizer folder)")
     ap.add_argument("--only-dpo", action="store_true",
                     help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
@@ -1252,6 +1319,12 @@ def main():
         return 0
     if args.only_phi3:
         build_phi3(os.path.join(FIX, "tokenizer"))
+        return 0
+    if args.only_gemma3:
+        build_gemma3(os.path.join(FIX, "tokenizer"))
+        return 0
+    if args.only_gemma2:
+        build_gemma2(os.path.join(FIX, "tokenizer"))
         return 0
     if args.only_dpo:
         build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
@@ -1277,6 +1350,8 @@ def main():
     qwen_dir = build_model("qwen2", "tiny-qwen2", tok_dir, vocab, seed=200)
     build_qwen3(tok_dir)
     build_phi3(tok_dir)
+    build_gemma3(tok_dir)
+    build_gemma2(tok_dir)
     build_reference(llama_dir, "tiny-llama", vocab, seed=300)
     build_reference(qwen_dir, "tiny-qwen2", vocab, seed=400)
     build_weight_decay_reference(llama_dir, "tiny-llama")

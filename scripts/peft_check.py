@@ -5,7 +5,9 @@
 
 The base is an HF folder or a .gguf file (through transformers' GGUF loader). Exits 1 when
 PEFT reports missing or unexpected keys, when a tensor does not load bit-exactly, or when
-the adapter does not change the logits. Prints one summary line.
+the adapter does not change the logits. With --merged DIR (a `loraforge merge` folder) it also
+exits 1 unless transformers' logits of DIR are PEFT's (base + adapter) within 1e-4. Prints one
+summary line.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter", required=True)
+    ap.add_argument("--merged", help="a merged model folder that must compute as base + adapter")
     args = ap.parse_args()
 
     import torch
@@ -49,6 +52,13 @@ def main():
     print(f"PEFT: {len(sd_file)} tensors in file, {len(sd_model)} expected; missing {len(missing)} {missing[:3]}; "
           f"unexpected {len(unexpected)} {unexpected[:3]}; max |loaded - file| {diff:.3g}; adapter effect on logits {effect:.3g}")
     ok = not missing and not unexpected and diff == 0.0 and effect > 0.0
+    if args.merged:
+        merged = AutoModelForCausalLM.from_pretrained(args.merged, dtype=torch.float32)
+        with torch.no_grad():
+            lm = merged(**enc).logits
+        gap = (lm - la).abs().max().item()
+        print(f"merged model: max |logits - PEFT's| {gap:.3g} (adapter effect {effect:.3g})")
+        ok = ok and gap <= 1e-4
     sys.exit(0 if ok else 1)
 
 

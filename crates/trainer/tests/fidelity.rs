@@ -372,10 +372,53 @@ fn qwen3_five_adamw_steps_match_peft() {
     adamw_steps_match("tiny-qwen3", 0.01, "ref.safetensors");
 }
 
+/// Gemma 3 text: `(1 + w)` norms (four a layer, and per-head on queries and keys),
+/// embeddings scaled by `sqrt(hidden)` under a tied head, GeGLU, attention scaled by
+/// `query_pre_attn_scalar`, and a sliding layer (window 5, its own RoPE base) beside a
+/// global one with linear RoPE scaling.
+#[test]
+fn gemma3_base_logits_match_transformers() {
+    base_logits_match("tiny-gemma3");
+}
+
+#[test]
+fn gemma3_lora_logits_and_gradients_match_peft() {
+    lora_logits_loss_and_grads_match("tiny-gemma3");
+}
+
+#[test]
+fn gemma3_five_adamw_steps_match_peft() {
+    adamw_steps_match("tiny-gemma3", 0.01, "ref.safetensors");
+}
+
+/// Gemma 2: gemma3's layer without q/k norms, one RoPE base, and soft-capped attention
+/// scores and logits (caps 1.5 and 1.0, small enough to bend the tiny model's values).
+#[test]
+fn gemma2_base_logits_match_transformers() {
+    base_logits_match("tiny-gemma2");
+}
+
+#[test]
+fn gemma2_lora_logits_and_gradients_match_peft() {
+    lora_logits_loss_and_grads_match("tiny-gemma2");
+}
+
+#[test]
+fn gemma2_five_adamw_steps_match_peft() {
+    adamw_steps_match("tiny-gemma2", 0.01, "ref.safetensors");
+}
+
 /// The same checks with the products in bf16, on the tiny models.
 #[test]
 fn bf16_lora_logits_and_gradients_stay_near_peft() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-phi3",
+        "tiny-gemma3",
+        "tiny-gemma2",
+    ] {
         lora_logits_loss_and_grads_within(name, BF16);
     }
 }
@@ -388,7 +431,14 @@ fn bf16_lora_logits_and_gradients_stay_near_peft() {
 /// probabilities to bf16 before their product with V) and sums in another order.
 #[test]
 fn bf16_lora_is_as_accurate_as_peft_under_autocast() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-phi3",
+        "tiny-gemma3",
+        "tiny-gemma2",
+    ] {
         let f32_ref = Ref::load(name);
         let autocast = Ref::load_file(name, "autocast-bf16.safetensors");
         let mask = f32_ref.rows_u32("attention_mask");

@@ -278,39 +278,77 @@ fn f32s(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
     (v, t.shape().to_vec())
 }
 
+/// Trains `model` for three steps with its default targets into `out`.
+fn train_tiny(model: &Path, out: &Path) {
+    let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
+        .arg("train")
+        .arg("--model")
+        .arg(model)
+        .arg("--data")
+        .arg(root().join("tests/data/chat-small.jsonl"))
+        .arg("--out")
+        .arg(out)
+        .args(["--max-steps", "3", "--batch-size", "2", "--lr", "1e-2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The adapter's tensor names, sorted, and its `target_modules`.
+fn adapter_names(dir: &Path) -> (Vec<String>, serde_json::Value) {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let st = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    (names, cfg["target_modules"].clone())
+}
+
 /// phi3 fuses q/k/v and gate/up: with no targets named, LoRA goes on the fused modules
 /// (PEFT's names), and PEFT loads the adapter on the base with no key missing or extra.
 #[test]
 fn phi3_trains_its_fused_projections_and_peft_loads_the_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let model = root().join("tests/fixtures/tiny-phi3");
-    let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
-        .arg("train")
-        .arg("--model")
-        .arg(&model)
-        .arg("--data")
-        .arg(root().join("tests/data/chat-small.jsonl"))
-        .arg("--out")
-        .arg(dir.path())
-        .args(["--max-steps", "3", "--batch-size", "2", "--lr", "1e-2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap())
-            .unwrap();
+    train_tiny(&model, dir.path());
+    let (names, targets) = adapter_names(dir.path());
     assert_eq!(
-        cfg["target_modules"],
+        targets,
         serde_json::json!(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     );
-    let st = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
     // 2 layers × 4 modules × (A, B).
     assert_eq!(names.len(), 16, "{names:?}");
     assert!(names
         .iter()
         .any(|n| n.ends_with("self_attn.qkv_proj.lora_A.weight")));
     crate::common::peft_check(&model, dir.path());
+}
+
+/// Gemma 3 text trains on every projection; PEFT loads the adapter cleanly, and the
+/// merged folder (norm weights written as stored, not as the `1 + w` they scale by)
+/// computes in transformers as PEFT's base + adapter.
+#[test]
+fn gemma3_trains_and_its_adapter_and_merge_load_in_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/tiny-gemma3");
+    let adapter = dir.path().join("adapter");
+    train_tiny(&model, &adapter);
+    let (names, targets) = adapter_names(&adapter);
+    assert_eq!(targets.as_array().map(Vec::len), Some(7), "{targets}");
+    // 2 layers × 7 modules × (A, B).
+    assert_eq!(names.len(), 28, "{names:?}");
+    let merged = dir.path().join("merged");
+    let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
+        .arg("merge")
+        .arg("--model")
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::common::peft_check_merged(&model, &adapter, Some(&merged));
 }

@@ -74,6 +74,13 @@ impl<'a, T> Take<'a, T> {
     pub fn has(&self, name: &str) -> bool {
         self.w.contains_key(&self.key(name))
     }
+
+    /// The names not taken yet, sorted.
+    pub fn rest(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.w.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
 }
 
 /// Every floating-point tensor of an HF folder's safetensors, as f32, by name. Integer

@@ -633,19 +633,28 @@ pub async fn read_sse(
 /// adapter that changes nothing. Skipped without the venv unless
 /// `LORAFORGE_REQUIRE_REAL_MODELS=1`.
 pub fn peft_check(model: &Path, adapter: &Path) {
+    peft_check_merged(model, adapter, None)
+}
+
+/// [`peft_check`], and with `merged` (a `loraforge merge` folder) also that transformers
+/// computes the merged model as PEFT computes base + adapter.
+pub fn peft_check_merged(model: &Path, adapter: &Path, merged: Option<&Path>) {
     match std::env::var("LORAFORGE_VENV") {
         Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
-            let out = Command::new(Path::new(&venv).join("bin/python"))
-                .arg(root().join("scripts/peft_check.py"))
+            let mut cmd = Command::new(Path::new(&venv).join("bin/python"));
+            cmd.arg(root().join("scripts/peft_check.py"))
                 .arg("--base")
                 .arg(model)
                 .arg("--adapter")
-                .arg(adapter)
-                .output()
-                .expect("spawn python");
+                .arg(adapter);
+            if let Some(m) = merged {
+                cmd.arg("--merged").arg(m);
+            }
+            let out = cmd.output().expect("spawn python");
             assert!(
                 out.status.success(),
-                "peft_check.py failed:\n{}",
+                "peft_check.py failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
             println!("{}", String::from_utf8_lossy(&out.stdout));

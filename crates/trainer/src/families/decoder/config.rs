@@ -13,7 +13,18 @@ pub struct Llama3Rope {
     pub original_max_position_embeddings: f64,
 }
 
-/// Everything the llama-family decoder needs (llama, mistral, qwen2, qwen3, phi3).
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MlpActivation {
+    /// SwiGLU (`silu`): llama, mistral, qwen, phi3.
+    #[default]
+    Silu,
+    /// GeGLU with transformers' `gelu_pytorch_tanh` (gemma).
+    GeluTanh,
+}
+
+/// Everything the llama-family decoder needs (llama, mistral, qwen2, qwen3, phi3,
+/// gemma2, gemma3 text).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecoderConfig {
     pub model_type: String,
@@ -27,6 +38,9 @@ pub struct DecoderConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub llama3_rope: Option<Llama3Rope>,
+    /// Linear RoPE scaling (position interpolation): every frequency divided by this.
+    #[serde(default)]
+    pub rope_linear_factor: Option<f64>,
     /// Per-frequency divisors (GGUF `rope_freqs.weight`), an alternative to `llama3_rope`.
     #[serde(skip)]
     pub rope_freq_factors: Option<Vec<f32>>,
@@ -48,6 +62,37 @@ pub struct DecoderConfig {
     /// phi3: transformers applies their config's `sliding_window`).
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Which layers the window applies to, when not all of them (gemma3's
+    /// `layer_types`: `true` for a `sliding_attention` layer).
+    #[serde(default)]
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The RoPE base of the windowed layers, when it differs from `rope_theta`
+    /// (gemma3's local base, 10 000 against the global 1 000 000).
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
+    /// Norm weights are offsets from one: each norm multiplies by `1 + w` (gemma).
+    #[serde(default)]
+    pub norm_unit_offset: bool,
+    /// The embedded rows are multiplied by `sqrt(hidden_size)` before the first layer
+    /// (gemma; the tied output head uses the table unscaled).
+    #[serde(default)]
+    pub scale_embeddings: bool,
+    /// Four norms a layer: the attention's and the MLP's outputs are normed too before
+    /// they join the residual stream (gemma2/3).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    #[serde(default)]
+    pub mlp_activation: MlpActivation,
+    /// Attention scores scale by `query_pre_attn_scalar^-1/2` rather than
+    /// `head_dim^-1/2` (gemma).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention scores pass through `cap · tanh(s / cap)` before the mask (gemma2).
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// The logits pass through `cap · tanh(l / cap)` (gemma2).
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -93,14 +138,46 @@ impl DecoderConfig {
             .and_then(|x| x.as_u64())
             .map(|x| x as usize)
             .unwrap_or(num_attention_heads);
+        let gemma3 = model_type == "gemma3_text";
+        let gemma = gemma3 || model_type == "gemma2";
+        if gemma {
+            if v.get("use_bidirectional_attention")
+                .and_then(|x| x.as_bool())
+                == Some(true)
+            {
+                return Err(Error::Unsupported(
+                    "config.json: use_bidirectional_attention (an encoder, not a causal decoder)"
+                        .into(),
+                ));
+            }
+            let act = v
+                .get("hidden_activation")
+                .and_then(|x| x.as_str())
+                .unwrap_or("gelu_pytorch_tanh");
+            if act != "gelu_pytorch_tanh" {
+                return Err(Error::Unsupported(format!(
+                    "config.json: hidden_activation \"{act}\""
+                )));
+            }
+        }
         let head_dim = v
             .get("head_dim")
             .and_then(|x| x.as_u64())
             .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_attention_heads);
-        // transformers 5 moved rope settings under `rope_parameters`; older files keep
-        // `rope_theta`/`rope_scaling` at the top level. Read both.
-        let rope_params = v.get("rope_parameters");
+            .unwrap_or(if gemma {
+                256
+            } else {
+                hidden_size / num_attention_heads
+            });
+        // transformers 5 moved rope settings under `rope_parameters` (gemma3: one set per
+        // layer type); older files keep `rope_theta`/`rope_scaling` at the top level.
+        // Read both.
+        let mut rope_params = v.get("rope_parameters").filter(|p| !p.is_null());
+        let mut local_rope = None;
+        if let Some(full) = rope_params.and_then(|p| p.get("full_attention")) {
+            local_rope = rope_params.and_then(|p| p.get("sliding_attention"));
+            rope_params = Some(full);
+        }
         let rope_theta = v
             .get("rope_theta")
             .and_then(|x| x.as_f64())
@@ -109,41 +186,14 @@ impl DecoderConfig {
                     .and_then(|p| p.get("rope_theta"))
                     .and_then(|x| x.as_f64())
             })
-            .unwrap_or(10000.0);
+            .unwrap_or(if gemma3 { 1_000_000.0 } else { 10_000.0 });
         let scaling = v
             .get("rope_scaling")
             .filter(|s| !s.is_null())
             .or(rope_params);
-        let llama3_rope = match scaling {
-            Some(s) => {
-                let ty = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|x| x.as_str())
-                    .unwrap_or("default");
-                match ty {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |k: &str| {
-                            s.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
-                                Error::Config(format!("config.json: rope_scaling.{k} missing"))
-                            })
-                        };
-                        Some(Llama3Rope {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f(
-                                "original_max_position_embeddings",
-                            )?,
-                        })
-                    }
-                    other => {
-                        return Err(Error::Unsupported(format!("rope scaling type \"{other}\"")))
-                    }
-                }
-            }
-            None => None,
+        let (llama3_rope, rope_linear_factor) = match scaling {
+            Some(s) => rope_scaling(s)?,
+            None => (None, None),
         };
         let attention_bias = v
             .get("attention_bias")
@@ -175,6 +225,31 @@ impl DecoderConfig {
         } else {
             None
         };
+        let num_hidden_layers = get_usize(v, "num_hidden_layers")?;
+        let (sliding_window, sliding_layers, local_rope_theta) = if gemma {
+            // gemma2 turns every other layer global and rotates all alike; gemma3 every
+            // sixth, its windowed layers with a base of their own.
+            let pattern = if gemma3 { 6 } else { 2 };
+            let local = local_rope
+                .map(|r| match rope_scaling(r)? {
+                    (None, None) => Ok(r.get("rope_theta").and_then(|x| x.as_f64())),
+                    _ => Err(Error::Unsupported(
+                        "config.json: rope scaling on sliding_attention layers".into(),
+                    )),
+                })
+                .transpose()?
+                .flatten()
+                .or_else(|| v.get("rope_local_base_freq").and_then(|x| x.as_f64()))
+                .or(gemma3.then_some(10_000.0));
+            let window = v
+                .get("sliding_window")
+                .and_then(|x| x.as_u64())
+                .map(|w| w as usize);
+            let kinds = gemma_layer_types(v, num_hidden_layers, pattern)?;
+            (window, Some(kinds), local)
+        } else {
+            (sliding_window, None, None)
+        };
         // Qwen3 declares a sliding window it only uses when asked to.
         if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
             return Err(Error::Unsupported(
@@ -185,7 +260,7 @@ impl DecoderConfig {
             vocab_size: get_usize(v, "vocab_size")?,
             hidden_size,
             intermediate_size: get_usize(v, "intermediate_size")?,
-            num_hidden_layers: get_usize(v, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -195,6 +270,7 @@ impl DecoderConfig {
                 .unwrap_or(1e-6),
             rope_theta,
             llama3_rope,
+            rope_linear_factor,
             rope_freq_factors: None,
             max_position_embeddings: v
                 .get("max_position_embeddings")
@@ -207,9 +283,34 @@ impl DecoderConfig {
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
             mlp_bias: v.get("mlp_bias").and_then(|x| x.as_bool()).unwrap_or(false),
-            qk_norm: model_type == "qwen3",
+            qk_norm: model_type == "qwen3" || gemma3,
             fused_projections: phi3,
             sliding_window,
+            sliding_layers,
+            local_rope_theta,
+            norm_unit_offset: gemma,
+            scale_embeddings: gemma,
+            sandwich_norms: gemma,
+            mlp_activation: if gemma {
+                MlpActivation::GeluTanh
+            } else {
+                MlpActivation::Silu
+            },
+            query_pre_attn_scalar: if gemma {
+                Some(
+                    v.get("query_pre_attn_scalar")
+                        .and_then(|x| x.as_f64())
+                        .unwrap_or(256.0),
+                )
+            } else {
+                None
+            },
+            attn_logit_softcapping: gemma
+                .then(|| v.get("attn_logit_softcapping").and_then(|x| x.as_f64()))
+                .flatten(),
+            final_logit_softcapping: gemma
+                .then(|| v.get("final_logit_softcapping").and_then(|x| x.as_f64()))
+                .flatten(),
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),
@@ -217,13 +318,10 @@ impl DecoderConfig {
         })
     }
 
-    /// Inverse frequencies of the rotary embedding, with llama3 rescaling applied.
+    /// Inverse frequencies of the rotary embedding, with llama3 or linear rescaling
+    /// applied.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let dim = self.head_dim;
-        let mut inv: Vec<f64> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / self.rope_theta.powf(i as f64 / dim as f64))
-            .collect();
+        let mut inv = default_inv_freq(self.rope_theta, self.head_dim);
         if let Some(r) = &self.llama3_rope {
             let low_wavelen = r.original_max_position_embeddings / r.low_freq_factor;
             let high_wavelen = r.original_max_position_embeddings / r.high_freq_factor;
@@ -238,11 +336,219 @@ impl DecoderConfig {
                 }
             }
         }
+        if let Some(factor) = self.rope_linear_factor {
+            for f in inv.iter_mut() {
+                *f /= factor;
+            }
+        }
         if let Some(factors) = &self.rope_freq_factors {
             for (f, d) in inv.iter_mut().zip(factors) {
                 *f /= *d as f64;
             }
         }
         inv.into_iter().map(|x| x as f32).collect()
+    }
+
+    /// The windowed layers' inverse frequencies, where their base differs.
+    pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.local_rope_theta?;
+        Some(
+            default_inv_freq(theta, self.head_dim)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+        )
+    }
+
+    /// Whether layer `i` attends through the sliding window.
+    pub fn layer_is_sliding(&self, i: usize) -> bool {
+        self.sliding_window.is_some()
+            && self
+                .sliding_layers
+                .as_ref()
+                .is_none_or(|l| l.get(i).copied().unwrap_or(false))
+    }
+
+    /// The attention scores' scale.
+    pub fn attention_scale(&self) -> f64 {
+        match self.query_pre_attn_scalar {
+            Some(s) => 1.0 / s.sqrt(),
+            None => 1.0 / (self.head_dim as f64).sqrt(),
+        }
+    }
+}
+
+/// `1 / theta^(i / dim)` for even `i`, RoPE's unscaled frequencies.
+fn default_inv_freq(theta: f64, dim: usize) -> Vec<f64> {
+    (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f64 / dim as f64))
+        .collect()
+}
+
+/// A rope-scaling block: llama3's frequency-dependent rescaling or linear
+/// interpolation; `default` is none.
+fn rope_scaling(s: &Value) -> Result<(Option<Llama3Rope>, Option<f64>)> {
+    let ty = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("default");
+    let f = |k: &str| {
+        s.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| Error::Config(format!("config.json: rope_scaling.{k} missing")))
+    };
+    match ty {
+        "default" => Ok((None, None)),
+        "linear" => Ok((None, Some(f("factor")?))),
+        "llama3" => Ok((
+            Some(Llama3Rope {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_position_embeddings: f("original_max_position_embeddings")?,
+            }),
+            None,
+        )),
+        other => Err(Error::Unsupported(format!("rope scaling type \"{other}\""))),
+    }
+}
+
+/// gemma's `layer_types` (or, in older files, every `sliding_window_pattern`-th layer
+/// global and the rest windowed, every `pattern`-th when the file does not say): `true`
+/// for a windowed layer.
+fn gemma_layer_types(v: &Value, layers: usize, pattern: u64) -> Result<Vec<bool>> {
+    let Some(types) = v.get("layer_types").and_then(|x| x.as_array()) else {
+        let pattern = v
+            .get("sliding_window_pattern")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(pattern)
+            .max(1) as usize;
+        return Ok((0..layers).map(|i| (i + 1) % pattern != 0).collect());
+    };
+    if types.len() != layers {
+        return Err(Error::Config(format!(
+            "config.json: layer_types has {} entries for {layers} layers",
+            types.len()
+        )));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            other => Err(Error::Unsupported(format!(
+                "config.json: layer_types entry {other:?}"
+            ))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// google/gemma-3-1b-it's config.json as transformers 4.50 wrote it: the rope bases at
+    /// the top level and the layer kinds as a pattern (every sixth layer global).
+    fn gemma3_1b() -> Value {
+        json!({
+            "architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2,
+            "eos_token_id": [1, 106], "final_logit_softcapping": null, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+            "intermediate_size": 6912, "max_position_embeddings": 32768,
+            "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+            "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+            "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": null,
+            "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+            "torch_dtype": "bfloat16", "vocab_size": 262144
+        })
+    }
+
+    #[test]
+    fn gemma3_hub_config_reads_its_layer_kinds_and_rope_bases() {
+        let c = DecoderConfig::from_hf_json(&gemma3_1b()).unwrap();
+        let global: Vec<usize> = (0..26).filter(|&i| !c.layer_is_sliding(i)).collect();
+        assert_eq!(global, [5, 11, 17, 23]);
+        assert_eq!(c.sliding_window, Some(512));
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(c.attention_scale(), 1.0 / 16.0);
+        assert!(c.norm_unit_offset && c.scale_embeddings && c.sandwich_norms && c.qk_norm);
+        assert_eq!(c.mlp_activation, MlpActivation::GeluTanh);
+        assert_eq!(c.eos_token_ids, [1, 106]);
+        // The local frequencies use the local base, unscaled.
+        let local = c.local_inv_freq().unwrap();
+        assert_eq!(local[1], (1.0 / 10_000f64.powf(2.0 / 256.0)) as f32);
+        assert_eq!(c.inv_freq()[1], (1.0 / 1e6f64.powf(2.0 / 256.0)) as f32);
+    }
+
+    /// google/gemma-2-2b-it's config.json (transformers 4.42): no layer kinds written, so
+    /// every other layer is global; soft-capping on; one RoPE base for all layers.
+    #[test]
+    fn gemma2_hub_config_alternates_layers_and_caps_its_logits() {
+        let mut v = gemma3_1b();
+        for (k, x) in [
+            ("model_type", json!("gemma2")),
+            ("architectures", json!(["Gemma2ForCausalLM"])),
+            ("attn_logit_softcapping", json!(50.0)),
+            ("final_logit_softcapping", json!(30.0)),
+            ("hidden_size", json!(2304)),
+            ("rope_theta", json!(10000.0)),
+            ("sliding_window", json!(4096)),
+        ] {
+            v[k] = x;
+        }
+        for k in ["rope_local_base_freq", "sliding_window_pattern"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.attn_logit_softcapping, Some(50.0));
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        let sliding: Vec<bool> = (0..4).map(|i| c.layer_is_sliding(i)).collect();
+        assert_eq!(sliding, [true, false, true, false]);
+        assert_eq!(c.local_inv_freq(), None);
+        assert!(!c.qk_norm && c.norm_unit_offset && c.sandwich_norms && c.scale_embeddings);
+    }
+
+    /// Gemma 3 4B's text tower scales its global rotation linearly by 8.
+    #[test]
+    fn linear_rope_scaling_divides_every_frequency() {
+        let mut v = gemma3_1b();
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        let plain = DecoderConfig::from_hf_json(&gemma3_1b()).unwrap();
+        for (s, p) in c.inv_freq().iter().zip(plain.inv_freq()) {
+            assert_eq!(*s, ((p as f64) / 8.0) as f32);
+        }
+        assert_eq!(c.local_inv_freq(), plain.local_inv_freq());
+    }
+
+    #[test]
+    fn options_not_built_are_refused_by_name() {
+        for (key, value, needle) in [
+            (
+                "use_bidirectional_attention",
+                json!(true),
+                "use_bidirectional_attention",
+            ),
+            (
+                "hidden_activation",
+                json!("relu"),
+                "hidden_activation \"relu\"",
+            ),
+            (
+                "layer_types",
+                json!(["sliding_attention"]),
+                "layer_types has 1 entries",
+            ),
+            ("model_type", json!("gemma"), "model_type \"gemma\""),
+        ] {
+            let mut v = gemma3_1b();
+            v[key] = value;
+            let e = DecoderConfig::from_hf_json(&v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{key}: {e}");
+        }
     }
 }

@@ -92,7 +92,11 @@ fn packable(dims: &[usize]) -> bool {
 
 /// Every floating-point tensor of an HF folder, one at a time from the mapped files, so
 /// that packing never holds the whole model in f32.
-fn hf_weights(dir: &Path, device: &Device, base: BaseDtype) -> Result<HashMap<String, Frozen>> {
+pub(crate) fn hf_weights(
+    dir: &Path,
+    device: &Device,
+    base: BaseDtype,
+) -> Result<HashMap<String, Frozen>> {
     let files = crate::io::safetensors_files(dir)?;
     // SAFETY: candle maps the files read-only; a file changed while it is mapped is
     // what every safetensors reader accepts (the HF libraries map them the same way).
@@ -179,6 +183,7 @@ pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
         rms_norm_eps: meta_f64(ct, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: meta_f64(ct, &k("rope.freq_base")).unwrap_or(10000.0),
         llama3_rope: None,
+        rope_linear_factor: None,
         rope_freq_factors: None,
         max_position_embeddings: meta_usize(ct, &k("context_length")).unwrap_or(2048),
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
@@ -192,6 +197,15 @@ pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
         sliding_window: (arch == "mistral")
             .then(|| meta_usize(ct, &k("attention.sliding_window")).ok())
             .flatten(),
+        sliding_layers: None,
+        local_rope_theta: None,
+        norm_unit_offset: false,
+        scale_embeddings: false,
+        sandwich_norms: false,
+        mlp_activation: Default::default(),
+        query_pre_attn_scalar: None,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
         bos_token_id: meta_u32(ct, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: meta_u32(ct, "tokenizer.ggml.eos_token_id")
             .into_iter()

@@ -21,7 +21,15 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 /// The `model_type`s this family builds.
-pub const ARCHITECTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "phi3"];
+pub const ARCHITECTURES: [&str; 7] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+];
 
 /// The linear modules of llama-family decoders, in PEFT's names: its usual LoRA set.
 pub const TARGETS: [&str; 7] = [
@@ -80,7 +88,7 @@ impl Family for DecoderFamily {
         let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
         let tables = v * h * if cfg.tie_word_embeddings { 1 } else { 2 };
         let matrices = l * per_layer + tables;
-        let norms = (2 * l + 1) * h * 4;
+        let norms = (if cfg.sandwich_norms { 4 } else { 2 } * l + 1) * h * 4;
         let bytes = crate::device::dtype_bytes(dtype);
         let packed = |kind| crate::device::ggml_bytes(kind, matrices) + norms;
         let (weights, expands) = match (base, stored) {
@@ -103,14 +111,32 @@ impl Family for DecoderFamily {
         let tokens = batch.saturating_mul(seq);
         // Checkpointing keeps each layer's f32 input, and one layer's activations while
         // it recomputes.
-        let kept = if job.get("gradient_checkpointing").and_then(|v| v.as_bool()) == Some(true) {
+        let checkpointing =
+            job.get("gradient_checkpointing").and_then(|v| v.as_bool()) == Some(true);
+        let kept = if checkpointing {
             l * h * 4 + (10 * h + 4 * i) * bytes
         } else {
             l * (10 * h + 4 * i) * bytes
         };
+        // Soft-capping (gemma2) keeps what the fused ops do not: every layer's scores and
+        // probabilities (`t × t` a head, f32; one layer's with checkpointing), and every
+        // scored row's logits.
+        let score_layers = if checkpointing { 1 } else { l };
+        let heads = cfg.num_attention_heads as u64;
+        let capped_scores = match cfg.attn_logit_softcapping {
+            Some(_) => score_layers * batch * heads * seq * seq * 4 * 4,
+            None => 0,
+        };
+        let logits = match cfg.final_logit_softcapping {
+            Some(_) => tokens.saturating_mul(v * 4 * 4),
+            None => 3 * 128 * v * 4,
+        };
         Some(super::family::MemoryEstimate {
             weights: weights + scratch,
-            activations: tokens.saturating_mul(kept).saturating_add(3 * 128 * v * 4),
+            activations: tokens
+                .saturating_mul(kept)
+                .saturating_add(logits)
+                .saturating_add(capped_scores),
         })
     }
     fn packs_base(&self) -> bool {

@@ -1,6 +1,7 @@
-//! The llama-family decoder (llama, mistral, qwen2, qwen3, phi3) built from differentiable ops.
+//! The llama-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 text)
+//! built from differentiable ops.
 
-use crate::families::decoder::config::DecoderConfig;
+use crate::families::decoder::config::{DecoderConfig, MlpActivation};
 use crate::io::Take;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
@@ -35,11 +36,40 @@ enum GateUp {
     Fused(Linear),
 }
 
+/// An RMSNorm's weight as the file stores it, and as the norm multiplies by: the same,
+/// or `1 + w` for gemma's offset norms (added once in f32, as transformers does per call).
+struct Norm {
+    stored: Tensor,
+    scale: Tensor,
+}
+
+impl Norm {
+    fn new(stored: Tensor, unit_offset: bool) -> Result<Self> {
+        let scale = if unit_offset {
+            (&stored + 1.0)?
+        } else {
+            stored.clone()
+        };
+        Ok(Self { stored, scale })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.scale, eps)?)
+    }
+}
+
 struct Layer {
-    input_norm: Tensor,
-    post_norm: Tensor,
-    /// Per-head query and key norms (qwen3).
-    qk_norm: Option<(Tensor, Tensor)>,
+    input_norm: Norm,
+    /// The norm before the MLP: llama's `post_attention_layernorm`, gemma's
+    /// `pre_feedforward_layernorm`.
+    pre_mlp_norm: Norm,
+    /// gemma's norms of the attention's and the MLP's outputs
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    out_norms: Option<(Norm, Norm)>,
+    /// Per-head query and key norms (qwen3, gemma3).
+    qk_norm: Option<(Norm, Norm)>,
+    /// Attends through the sliding window (with the local rotation where it differs).
+    sliding: bool,
     qkv: Qkv,
     o: Linear,
     gate_up: GateUp,
@@ -82,15 +112,32 @@ fn columns(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     Ok(x.narrow(1, start, len)?.contiguous()?)
 }
 
-/// What the layers of one forward pass share.
-struct Pass {
-    b: usize,
-    t: usize,
+/// The mask and rotation one kind of layer attends with in a pass.
+struct View {
     mask: AttnMask,
     cos: Tensor,
     sin: Tensor,
     /// The rotation for the one-op attention; `None` on the cached (generation) path.
     tables: Option<Rotary>,
+}
+
+/// What the layers of one forward pass share.
+struct Pass {
+    b: usize,
+    t: usize,
+    /// For every layer, or the full-attention ones where some layers slide.
+    global: View,
+    /// For the sliding layers, where only some layers slide.
+    local: Option<View>,
+}
+
+impl Pass {
+    fn view(&self, layer: &Layer) -> &View {
+        match &self.local {
+            Some(l) if layer.sliding => l,
+            _ => &self.global,
+        }
+    }
 }
 
 /// A packed output matrix whose expansion would pass this is expanded a block of
@@ -130,11 +177,15 @@ pub struct Decoder {
     pub cfg: DecoderConfig,
     embed: Frozen,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Norm,
     /// `None` when tied to the embedding.
     lm_head: Option<Linear>,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE's inverse frequencies `(1, head_dim / 2)`, and the sliding layers' where
+    /// they differ; the angles are computed per pass for the positions it covers.
+    inv_freq: Tensor,
+    local_inv_freq: Option<Tensor>,
+    /// The compute dtype of the rotation tables.
+    rope_dtype: DType,
     device: Device,
 }
 
@@ -149,6 +200,10 @@ impl Decoder {
         let w = &mut Take::new(&mut w, "model");
         let dense = |w: &mut Take<Frozen>, name: &str| -> Result<Tensor> {
             Ok(w.get(name)?.dense()?.to_dtype(DType::F32)?)
+        };
+        let offset = cfg.norm_unit_offset;
+        let norm = |w: &mut Take<Frozen>, name: &str| -> Result<Norm> {
+            Norm::new(dense(w, name)?, offset)
         };
         let linear = |w: &mut Take<Frozen>, path: String, bias: bool| -> Result<Linear> {
             let weight = w.get(&format!("{path}.weight"))?;
@@ -179,17 +234,27 @@ impl Decoder {
                     up: linear(w, format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
                 }
             };
+            let post_attention = norm(w, &format!("{p}.post_attention_layernorm.weight"))?;
+            let (pre_mlp_norm, out_norms) = if cfg.sandwich_norms {
+                let pre = norm(w, &format!("{p}.pre_feedforward_layernorm.weight"))?;
+                let post = norm(w, &format!("{p}.post_feedforward_layernorm.weight"))?;
+                (pre, Some((post_attention, post)))
+            } else {
+                (post_attention, None)
+            };
             layers.push(Layer {
-                input_norm: dense(w, &format!("{p}.input_layernorm.weight"))?,
-                post_norm: dense(w, &format!("{p}.post_attention_layernorm.weight"))?,
+                input_norm: norm(w, &format!("{p}.input_layernorm.weight"))?,
+                pre_mlp_norm,
+                out_norms,
                 qk_norm: if cfg.qk_norm {
                     Some((
-                        dense(w, &format!("{p}.self_attn.q_norm.weight"))?,
-                        dense(w, &format!("{p}.self_attn.k_norm.weight"))?,
+                        norm(w, &format!("{p}.self_attn.q_norm.weight"))?,
+                        norm(w, &format!("{p}.self_attn.k_norm.weight"))?,
                     ))
                 } else {
                     None
                 },
+                sliding: cfg.layer_is_sliding(i),
                 qkv,
                 o: linear(w, format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
                 gate_up,
@@ -204,7 +269,24 @@ impl Decoder {
             w.get_opt("lm_head.weight")
                 .map(|t| Linear::new("lm_head".into(), t, None))
         };
-        let norm = dense(w, "model.norm.weight")?;
+        let norm = norm(w, "model.norm.weight")?;
+        // A weight left unread is a part of the architecture not built here (a norm, a
+        // bias): the model would compute something other than the checkpoint. Rotary
+        // buffers saved by old transformers, and a tied head saved anyway, are not weights.
+        let unread: Vec<&str> = w
+            .rest()
+            .into_iter()
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .filter(|k| !(cfg.tie_word_embeddings && *k == "lm_head.weight"))
+            .collect();
+        if !unread.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "{} weights this {} decoder does not read, e.g. {}",
+                unread.len(),
+                cfg.model_type,
+                unread[..unread.len().min(3)].join(", ")
+            )));
+        }
         if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {
             return Err(Error::Model(format!(
                 "embed_tokens has shape {:?}, config says ({}, {})",
@@ -213,17 +295,19 @@ impl Decoder {
                 cfg.hidden_size
             )));
         }
-        let inv = cfg.inv_freq();
-        let half = inv.len();
-        let n = cfg.max_position_embeddings.max(1);
-        let inv_t = Tensor::from_vec(inv, (1, half), device)?;
-        let pos = Tensor::arange(0u32, n as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((n, 1))?;
-        let freqs = pos.broadcast_mul(&inv_t)?;
+        let row = |inv: Vec<f32>| -> Result<Tensor> {
+            let half = inv.len();
+            Ok(Tensor::from_vec(inv, (1, half), device)?)
+        };
+        // Only sliding layers use the local frequencies: without any, none are built.
+        let any_sliding = (0..cfg.num_hidden_layers).any(|i| cfg.layer_is_sliding(i));
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            inv_freq: row(cfg.inv_freq())?,
+            local_inv_freq: match cfg.local_inv_freq() {
+                Some(inv) if any_sliding => Some(row(inv)?),
+                _ => None,
+            },
+            rope_dtype: DType::F32,
             cfg,
             embed,
             layers,
@@ -245,8 +329,7 @@ impl Decoder {
     /// loss was 12-16% above f32's after 20 steps.)
     pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
         self.embed = self.embed.with_dtype(dtype)?;
-        self.cos = self.cos.to_dtype(dtype)?;
-        self.sin = self.sin.to_dtype(dtype)?;
+        self.rope_dtype = dtype;
         for (lin, _) in self.linears_mut() {
             lin.cast_frozen(dtype)?;
         }
@@ -257,22 +340,22 @@ impl Decoder {
         self.embed.dtype()
     }
 
-    /// Additive mask `(b, 1, t, past + t)`: causal, padded keys hidden, and keys a
-    /// sliding window or more behind the query hidden.
+    /// Additive mask `(b, 1, t, past + t)`: causal, padded keys hidden, and keys
+    /// `window` or more positions behind the query hidden.
     fn mask(
         &self,
         b: usize,
         t: usize,
         past: usize,
         attention_mask: Option<&[Vec<u32>]>,
+        window: Option<usize>,
     ) -> Result<AttnMask> {
         let tk = past + t;
         let mut m = vec![0f32; b * t * tk];
         for bi in 0..b {
             for i in 0..t {
                 for j in 0..tk {
-                    let causal_ok =
-                        j <= past + i && self.cfg.sliding_window.is_none_or(|w| past + i - j < w);
+                    let causal_ok = j <= past + i && window.is_none_or(|w| past + i - j < w);
                     let key_ok =
                         attention_mask.is_none_or(|am| am[bi].get(j).copied().unwrap_or(1) != 0);
                     if !(causal_ok && key_ok) {
@@ -302,34 +385,63 @@ impl Decoder {
                 self.cfg.max_position_embeddings
             )));
         }
-        let mask = self.mask(b, t, past, attention_mask)?;
-        let cos = self.cos.narrow(0, past, t)?;
-        let sin = self.sin.narrow(0, past, t)?;
-        let x = self
+        let mut x = self
             .embed
             .rows(&input_ids.flatten_all()?)?
             .reshape((b * t, d))?
             .to_dtype(DType::F32)?;
+        if self.cfg.scale_embeddings {
+            // transformers multiplies by the scale rounded to the table's dtype.
+            x = (x * ((d as f64).sqrt() as f32) as f64)?;
+        }
         // Without a cache (training, evaluation) attention is one op that keeps only its
         // inputs: fused on CPU in f32, in query blocks on other devices and dtypes.
-        let whole = !cached && 2 * cos.dim(1)? == self.cfg.head_dim;
-        let tables = match (whole, fast_path(&x) && self.dtype() == DType::F32) {
-            (false, _) => None,
-            (true, true) => Some(Rotary::Fused(RopeTables::new(&cos, &sin)?)),
-            (true, false) => Some(Rotary::Tensors(RopeTensors {
-                cos: cos.clone(),
-                sin: sin.clone(),
-            })),
+        let fused = fast_path(&x) && self.dtype() == DType::F32;
+        let view = |inv: &Tensor, window: Option<usize>| -> Result<View> {
+            let pos = Tensor::arange(past as u32, (past + t) as u32, &self.device)?
+                .to_dtype(DType::F32)?
+                .reshape((t, 1))?;
+            let freqs = pos.broadcast_mul(inv)?;
+            let cos = freqs.cos()?.to_dtype(self.rope_dtype)?;
+            let sin = freqs.sin()?.to_dtype(self.rope_dtype)?;
+            // Soft-capped scores (gemma2) take the op-by-op path, which keeps them.
+            let whole = !cached
+                && 2 * cos.dim(1)? == self.cfg.head_dim
+                && self.cfg.attn_logit_softcapping.is_none();
+            let tables = match (whole, fused) {
+                (false, _) => None,
+                (true, true) => Some(Rotary::Fused(RopeTables::new(&cos, &sin)?)),
+                (true, false) => Some(Rotary::Tensors(RopeTensors {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                })),
+            };
+            Ok(View {
+                mask: self.mask(b, t, past, attention_mask, window)?,
+                cos,
+                sin,
+                tables,
+            })
+        };
+        let (global, local) = if self.cfg.sliding_layers.is_some() {
+            let any_sliding = self.layers.iter().any(|l| l.sliding);
+            let local = if any_sliding {
+                let inv = self.local_inv_freq.as_ref().unwrap_or(&self.inv_freq);
+                Some(view(inv, self.cfg.sliding_window)?)
+            } else {
+                None
+            };
+            (view(&self.inv_freq, None)?, local)
+        } else {
+            (view(&self.inv_freq, self.cfg.sliding_window)?, None)
         };
         Ok((
             x,
             Pass {
                 b,
                 t,
-                mask,
-                cos,
-                sin,
-                tables,
+                global,
+                local,
             },
         ))
     }
@@ -345,13 +457,19 @@ impl Decoder {
     ) -> Result<Tensor> {
         let cd = self.dtype();
         let (b, t) = (pass.b, pass.t);
-        let h = rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
-        let a = match &pass.tables {
-            Some(r) => self.fused_attention(layer, &h, b, t, &pass.mask, r, ctx)?,
-            None => self.attention(layer, &h, b, t, &pass.mask, &pass.cos, &pass.sin, slot, ctx)?,
+        let eps = self.cfg.rms_norm_eps;
+        let view = pass.view(layer);
+        let h = layer.input_norm.forward(x, eps)?.to_dtype(cd)?;
+        let a = match &view.tables {
+            Some(r) => self.fused_attention(layer, &h, b, t, &view.mask, r, ctx)?,
+            None => self.attention(layer, &h, b, t, &view.mask, &view.cos, &view.sin, slot, ctx)?,
         };
-        let x = (x + a.to_dtype(DType::F32)?)?;
-        let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?.to_dtype(cd)?;
+        let mut a = a.to_dtype(DType::F32)?;
+        if let Some((after_attention, _)) = &layer.out_norms {
+            a = after_attention.forward(&a, eps)?;
+        }
+        let x = (x + a)?;
+        let h = layer.pre_mlp_norm.forward(&x, eps)?.to_dtype(cd)?;
         let (g, u) = match &layer.gate_up {
             GateUp::Split { gate, up } => (gate.forward(&h, ctx)?, up.forward(&h, ctx)?),
             GateUp::Fused(p) => {
@@ -361,10 +479,16 @@ impl Decoder {
             }
         };
         let (g, u) = (g.to_dtype(cd)?, u.to_dtype(cd)?);
-        Ok((x + layer
-            .down
-            .forward(&swiglu(&g, &u)?, ctx)?
-            .to_dtype(DType::F32)?)?)
+        let glu = match self.cfg.mlp_activation {
+            MlpActivation::Silu => swiglu(&g, &u)?,
+            // candle's `gelu` is the tanh approximation, transformers' gelu_pytorch_tanh.
+            MlpActivation::GeluTanh => (g.gelu()? * u)?,
+        };
+        let mut m = layer.down.forward(&glu, ctx)?.to_dtype(DType::F32)?;
+        if let Some((_, after_mlp)) = &layer.out_norms {
+            m = after_mlp.forward(&m, eps)?;
+        }
+        Ok((x + m)?)
     }
 
     /// Hidden states before the final norm, `(b, t, d)`.
@@ -489,10 +613,10 @@ impl Decoder {
             return Ok((q.to_dtype(cd)?, k.to_dtype(cd)?, v));
         };
         let hd = self.cfg.head_dim;
-        let per_head = |x: Tensor, w: &Tensor| -> Result<Tensor> {
+        let per_head = |x: Tensor, w: &Norm| -> Result<Tensor> {
             let (n, width) = x.dims2()?;
             let x = x.to_dtype(DType::F32)?.reshape((n, width / hd, hd))?;
-            Ok(rms_norm(&x, w, self.cfg.rms_norm_eps)?
+            Ok(w.forward(&x, self.cfg.rms_norm_eps)?
                 .reshape((n, width))?
                 .to_dtype(cd)?)
         };
@@ -520,7 +644,7 @@ impl Decoder {
             kv: self.cfg.num_key_value_heads,
             dim: self.cfg.head_dim,
         };
-        let scale = 1.0 / (heads.dim as f64).sqrt();
+        let scale = self.cfg.attention_scale();
         let (q, k, v) = self.queries_keys_values(l, h, ctx)?;
         let out = match rope {
             Rotary::Fused(r) => {
@@ -580,10 +704,17 @@ impl Decoder {
         };
         let k = repeat(k)?;
         let v = repeat(v)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.cfg.attention_scale();
         // gemm reads the transposed keys in place; scale and mask are folded into the softmax.
         let scores = q.matmul(&k.t()?)?;
-        let p = masked_softmax(&scores, scale, mask)?;
+        let p = match self.cfg.attn_logit_softcapping {
+            // As transformers: scaled, then `cap · tanh(s / cap)`, then masked.
+            Some(cap) => {
+                let s = ((scores * scale)? / cap)?.tanh()?;
+                masked_softmax(&(s * cap)?, 1.0, mask)?
+            }
+            None => masked_softmax(&scores, scale, mask)?,
+        };
         let out = p.matmul(&v)?; // (b, nh, t, hd)
         let out = out
             .transpose(1, 2)?
@@ -599,32 +730,46 @@ impl Decoder {
 
     /// [`Self::head`], with the output head's adapter left out unless `adapters`.
     fn head_with(&self, hidden_rows: &Tensor, adapters: bool) -> Result<Tensor> {
-        let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?.to_dtype(self.dtype())?;
+        let h = self
+            .norm
+            .forward(hidden_rows, self.cfg.rms_norm_eps)?
+            .to_dtype(self.dtype())?;
         let ctx = ForwardCtx {
             adapters,
             ..ForwardCtx::eval()
         };
-        match &self.lm_head {
-            Some(l) => l.forward(&h, &ctx),
-            None => Ok(frozen_linear(&h, &self.embed)?),
+        let logits = match &self.lm_head {
+            Some(l) => l.forward(&h, &ctx)?,
+            None => frozen_linear(&h, &self.embed)?,
+        };
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => Ok(((logits.to_dtype(DType::F32)? / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
         }
     }
 
     /// Training's per-row NLL of `(n, d)` hidden rows against `targets`, through
     /// [`projected_nll`] (no `(n, vocab)` logits kept; [`projected_nll_generic`] off the
-    /// CPU or f32) when the output matrix is frozen; `None` otherwise.
+    /// CPU or f32) when the output matrix is frozen and the logits are not soft-capped;
+    /// `None` otherwise.
     fn head_nll(
         &self,
         hidden_rows: &Tensor,
         targets: &[u32],
         adapters: bool,
     ) -> Result<Option<Tensor>> {
+        if self.cfg.final_logit_softcapping.is_some() {
+            return Ok(None);
+        }
         let w = match &self.lm_head {
             None => &self.embed,
             Some(l) if (l.lora.is_none() || !adapters) && l.bias.is_none() => &l.weight,
             Some(_) => return Ok(None),
         };
-        let h = rms_norm(hidden_rows, &self.norm, self.cfg.rms_norm_eps)?.to_dtype(self.dtype())?;
+        let h = self
+            .norm
+            .forward(hidden_rows, self.cfg.rms_norm_eps)?
+            .to_dtype(self.dtype())?;
         if head_in_blocks(w) {
             return Ok(Some(projected_nll_vocab_blocks(
                 &h,
@@ -660,14 +805,21 @@ impl Decoder {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.dense()?)];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.clone(),
-            ));
+            let mut norm = |name: &str, n: &Norm| {
+                out.push((format!("{p}.{name}.weight"), n.stored.clone()));
+            };
+            norm("input_layernorm", &l.input_norm);
+            match &l.out_norms {
+                Some((after_attention, after_mlp)) => {
+                    norm("post_attention_layernorm", after_attention);
+                    norm("pre_feedforward_layernorm", &l.pre_mlp_norm);
+                    norm("post_feedforward_layernorm", after_mlp);
+                }
+                None => norm("post_attention_layernorm", &l.pre_mlp_norm),
+            }
             if let Some((qn, kn)) = &l.qk_norm {
-                out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
-                out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
+                norm("self_attn.q_norm", qn);
+                norm("self_attn.k_norm", kn);
             }
             for lin in l.linears() {
                 out.push((format!("{}.weight", lin.path), lin.merged_weight()?));
@@ -676,7 +828,7 @@ impl Decoder {
                 }
             }
         }
-        out.push(("model.norm.weight".into(), self.norm.clone()));
+        out.push(("model.norm.weight".into(), self.norm.stored.clone()));
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".into(), h.merged_weight()?));
         }
@@ -860,4 +1012,33 @@ pub fn logps_of_hidden(
     let member = Tensor::from_vec(member, (b, n), model.device())?;
     let sums = member.matmul(&nll.to_dtype(DType::F32)?.unsqueeze(1)?)?;
     Ok((sums.squeeze(1)?.neg()?, correct))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::BaseDtype;
+    use crate::families::decoder::loader::hf_weights;
+    use std::path::Path;
+
+    /// qwen3's per-head norms, read as a llama would not read them, are an error naming
+    /// them rather than a model that quietly computes without them.
+    #[test]
+    fn weights_left_unread_are_refused_by_name() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen3");
+        let v = crate::io::read_json(&dir.join("config.json")).unwrap();
+        let mut cfg = DecoderConfig::from_hf_json(&v).unwrap();
+        let w = hf_weights(&dir, &Device::Cpu, BaseDtype::Auto).unwrap();
+        assert!(Decoder::new(cfg.clone(), w.clone(), &Device::Cpu).is_ok());
+        cfg.qk_norm = false;
+        let e = Decoder::new(cfg, w, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("4 weights this qwen3 decoder does not read")
+                && e.contains("model.layers.0.self_attn.k_norm.weight"),
+            "{e}"
+        );
+    }
 }

@@ -10,6 +10,7 @@ Writes (relative to the repository root):
   tests/fixtures/tiny-phi3/           random Phi3ForCausalLM (fused qkv_proj / gate_up_proj, sliding window 5), HF folder, f32
   tests/fixtures/tiny-gemma3/         random Gemma3ForCausalLM (offset norms, scaled embeddings, GeGLU, a sliding and a
                                        global layer with their own rope bases), HF folder, f32
+  tests/fixtures/tiny-smollm3/        random SmolLM3ForCausalLM (llama with a NoPE layer), HF folder, f32
   tests/fixtures/tiny-gemma2/         random Gemma2ForCausalLM (gemma3's layer less q/k norms, soft-capped attention
                                        scores and logits), HF folder, f32
   tests/fixtures/<model>-ref/          PEFT LoRA adapters + reference logits / loss / grads / AdamW run
@@ -43,6 +44,9 @@ tokenizer folder).
 
 `--only-gemma2` writes tests/fixtures/tiny-gemma2/ and tests/fixtures/tiny-gemma2-ref/ alone (soft-capped attention
 scores and logits, from the existing tokenizer folder).
+
+`--only-smollm3` writes tests/fixtures/tiny-smollm3/ and tests/fixtures/tiny-smollm3-ref/ alone (a NoPE layer beside
+a rotating one, from the existing tokenizer folder).
 
 `--only-dpo` writes tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors} alone: the
 preference pairs encoded as transformers renders and tokenizes them, and ten steps of sigmoid DPO (TRL's loss,
@@ -307,6 +311,13 @@ def make_config(kind, vocab):
                             sliding_window=5, hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=1.5,
                             final_logit_softcapping=1.0,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+    if kind == "smollm3":
+        from transformers import SmolLM3Config
+
+        # llama's layer with NoPE layers (no rotation): every second one here (SmolLM3-3B: every fourth).
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        return SmolLM3Config(vocab_size=vocab, tie_word_embeddings=True, no_rope_layer_interval=2,
+                             use_sliding_window=False, sliding_window=None, rope_parameters=rope, **COMMON)
     if kind == "phi3":
         from transformers import Phi3Config
 
@@ -377,7 +388,7 @@ def build_model(kind, name, tok_dir, vocab, seed):
     theta = 10000.0 if kind in ("llama", "phi3") else 1000000.0
     if kind == "qwen3":
         assert all(hasattr(l.self_attn, "q_norm") and hasattr(l.self_attn, "k_norm") for l in model.model.layers)
-    if kind.startswith("gemma"):
+    if kind.startswith("gemma") or kind == "smollm3":
         # Kept as transformers 5 writes it: rope_parameters per layer type (the older top-level
         # rope_theta / rope_local_base_freq form is covered by a unit test of the config parser).
         cj = read_json(os.path.join(out, "config.json"))
@@ -385,7 +396,10 @@ def build_model(kind, name, tok_dir, vocab, seed):
         write_json(os.path.join(out, "config.json"), cj)
         if kind == "gemma3":
             assert [type(l.self_attn.q_norm).__name__ for l in model.model.layers] == ["Gemma3RMSNorm"] * 2
-        assert list(cj["layer_types"]) == ["sliding_attention", "full_attention"], cj["layer_types"]
+        if kind == "smollm3":
+            assert list(cj["no_rope_layers"]) == [1, 0], cj["no_rope_layers"]
+        else:
+            assert list(cj["layer_types"]) == ["sliding_attention", "full_attention"], cj["layer_types"]
     else:
         cj = patch_model_config(os.path.join(out, "config.json"), theta,
                                 LLAMA3_SCALING if kind == "llama" else None)
@@ -904,6 +918,14 @@ def build_gemma2(tok_dir):
     build_autocast_reference(d, "tiny-gemma2")
 
 
+def build_smollm3(tok_dir):
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    d = build_model("smollm3", "tiny-smollm3", tok_dir, vocab, seed=1300)
+    build_reference(d, "tiny-smollm3", vocab, seed=1400)
+
+
 def set_tool_template(model_dir):
     p = os.path.join(model_dir, "tokenizer_config.json")
     tc = read_json(p)
@@ -1301,6 +1323,8 @@ def main():
                     help="write only tests/fixtures/tiny-gemma3 and tiny-gemma3-ref (from the existing tokenizer folder)")
     ap.add_argument("--only-gemma2", action="store_true",
                     help="write only tests/fixtures/tiny-gemma2 and tiny-gemma2-ref (from the existing tokenizer folder)")
+    ap.add_argument("--only-smollm3", action="store_true",
+                    help="write only tests/fixtures/tiny-smollm3 and tiny-smollm3-ref (from the existing tokenizer folder)")
     ap.add_argument("--only-dpo", action="store_true",
                     help="write only tests/data/preference.jsonl and tests/fixtures/tiny-llama-ref/dpo.{json,safetensors}")
     args = ap.parse_args()
@@ -1325,6 +1349,9 @@ def main():
         return 0
     if args.only_gemma2:
         build_gemma2(os.path.join(FIX, "tokenizer"))
+        return 0
+    if args.only_smollm3:
+        build_smollm3(os.path.join(FIX, "tokenizer"))
         return 0
     if args.only_dpo:
         build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
@@ -1352,6 +1379,7 @@ def main():
     build_phi3(tok_dir)
     build_gemma3(tok_dir)
     build_gemma2(tok_dir)
+    build_smollm3(tok_dir)
     build_reference(llama_dir, "tiny-llama", vocab, seed=300)
     build_reference(qwen_dir, "tiny-qwen2", vocab, seed=400)
     build_weight_decay_reference(llama_dir, "tiny-llama")

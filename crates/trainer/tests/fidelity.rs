@@ -408,6 +408,22 @@ fn gemma2_five_adamw_steps_match_peft() {
     adamw_steps_match("tiny-gemma2", 0.01, "ref.safetensors");
 }
 
+/// SmolLM3: llama's layer, with the second layer attending without rotation (NoPE).
+#[test]
+fn smollm3_base_logits_match_transformers() {
+    base_logits_match("tiny-smollm3");
+}
+
+#[test]
+fn smollm3_lora_logits_and_gradients_match_peft() {
+    lora_logits_loss_and_grads_match("tiny-smollm3");
+}
+
+#[test]
+fn smollm3_five_adamw_steps_match_peft() {
+    adamw_steps_match("tiny-smollm3", 0.01, "ref.safetensors");
+}
+
 /// The same checks with the products in bf16, on the tiny models.
 #[test]
 fn bf16_lora_logits_and_gradients_stay_near_peft() {

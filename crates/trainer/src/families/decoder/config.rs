@@ -24,7 +24,7 @@ pub enum MlpActivation {
 }
 
 /// Everything the llama-family decoder needs (llama, mistral, qwen2, qwen3, phi3,
-/// gemma2, gemma3 text).
+/// gemma2, gemma3 text, smollm3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecoderConfig {
     pub model_type: String,
@@ -93,6 +93,10 @@ pub struct DecoderConfig {
     /// The logits pass through `cap · tanh(l / cap)` (gemma2).
     #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
+    /// Which layers rotate queries and keys, when not all (smollm3's `no_rope_layers`:
+    /// every fourth layer attends without positions, "NoPE").
+    #[serde(default)]
+    pub rope_layers: Option<Vec<bool>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -250,6 +254,11 @@ impl DecoderConfig {
         } else {
             (sliding_window, None, None)
         };
+        let rope_layers = if model_type == "smollm3" {
+            Some(smollm3_rope_layers(v, num_hidden_layers)?)
+        } else {
+            None
+        };
         // Qwen3 declares a sliding window it only uses when asked to.
         if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
             return Err(Error::Unsupported(
@@ -311,6 +320,7 @@ impl DecoderConfig {
             final_logit_softcapping: gemma
                 .then(|| v.get("final_logit_softcapping").and_then(|x| x.as_f64()))
                 .flatten(),
+            rope_layers,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
             pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),
@@ -369,6 +379,13 @@ impl DecoderConfig {
                 .is_none_or(|l| l.get(i).copied().unwrap_or(false))
     }
 
+    /// Whether layer `i` rotates its queries and keys.
+    pub fn layer_rotates(&self, i: usize) -> bool {
+        self.rope_layers
+            .as_ref()
+            .is_none_or(|l| l.get(i).copied().unwrap_or(true))
+    }
+
     /// The attention scores' scale.
     pub fn attention_scale(&self) -> f64 {
         match self.query_pre_attn_scalar {
@@ -413,6 +430,35 @@ fn rope_scaling(s: &Value) -> Result<(Option<Llama3Rope>, Option<f64>)> {
         )),
         other => Err(Error::Unsupported(format!("rope scaling type \"{other}\""))),
     }
+}
+
+/// smollm3's `no_rope_layers` (1 where a layer rotates, 0 where it does not), or when
+/// absent every `no_rope_layer_interval`-th layer (4) without rotation: `true` to rotate.
+fn smollm3_rope_layers(v: &Value, layers: usize) -> Result<Vec<bool>> {
+    let Some(flags) = v.get("no_rope_layers").and_then(|x| x.as_array()) else {
+        let every = v
+            .get("no_rope_layer_interval")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(4)
+            .max(1) as usize;
+        return Ok((0..layers).map(|i| (i + 1) % every != 0).collect());
+    };
+    if flags.len() != layers {
+        return Err(Error::Config(format!(
+            "config.json: no_rope_layers has {} entries for {layers} layers",
+            flags.len()
+        )));
+    }
+    flags
+        .iter()
+        .map(|f| match f.as_u64() {
+            Some(1) => Ok(true),
+            Some(0) => Ok(false),
+            _ => Err(Error::Config(format!(
+                "config.json: no_rope_layers entry {f} (0 or 1)"
+            ))),
+        })
+        .collect()
 }
 
 /// gemma's `layer_types` (or, in older files, every `sliding_window_pattern`-th layer
@@ -510,6 +556,34 @@ mod tests {
         assert_eq!(sliding, [true, false, true, false]);
         assert_eq!(c.local_inv_freq(), None);
         assert!(!c.qk_norm && c.norm_unit_offset && c.sandwich_norms && c.scale_embeddings);
+    }
+
+    /// HuggingFaceTB/SmolLM3-3B's layout: every fourth layer without rotation, written
+    /// out or left to `no_rope_layer_interval`.
+    #[test]
+    fn smollm3_reads_its_nope_layers() {
+        let mut v = json!({
+            "model_type": "smollm3", "vocab_size": 128256, "hidden_size": 2048,
+            "intermediate_size": 11008, "num_hidden_layers": 8, "num_attention_heads": 16,
+            "num_key_value_heads": 4, "rope_theta": 5000000.0, "use_sliding_window": false,
+            "tie_word_embeddings": true
+        });
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        let nope: Vec<usize> = (0..8).filter(|&i| !c.layer_rotates(i)).collect();
+        assert_eq!(nope, [3, 7]);
+        v["no_rope_layers"] = json!([1, 0, 1, 1, 1, 1, 1, 0]);
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        let nope: Vec<usize> = (0..8).filter(|&i| !c.layer_rotates(i)).collect();
+        assert_eq!(nope, [1, 7]);
+        v["no_rope_layers"] = json!([1, 0]);
+        let e = DecoderConfig::from_hf_json(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("no_rope_layers has 2 entries for 8 layers"),
+            "{e}"
+        );
+        // A llama config rotates everywhere.
+        v["model_type"] = json!("llama");
+        assert!((0..8).all(|i| DecoderConfig::from_hf_json(&v).unwrap().layer_rotates(i)));
     }
 
     /// Gemma 3 4B's text tower scales its global rotation linearly by 8.

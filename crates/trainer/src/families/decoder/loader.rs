@@ -145,21 +145,27 @@ fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
     ct.metadata.get(key).and_then(|v| v.to_u32().ok())
 }
 
+/// The architectures read from GGUF files (llama.cpp's names).
+const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
 /// A GGUF file's decoder config, from its metadata alone.
 pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
     let arch = meta(ct, "general.architecture")?
         .to_string()
         .map_err(|e| Error::Model(format!("gguf: {e}")))?
         .clone();
-    if !super::ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(Error::Unsupported(format!("gguf architecture \"{arch}\"")));
-    }
-    if arch == "phi3" {
+    if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
         // llama.cpp's phi3 files fuse the projections under other names (attn_qkv, a
-        // double-width ffn_up): not mapped yet.
-        return Err(Error::Unsupported(
-            "gguf architecture \"phi3\": train from its HF folder".into(),
-        ));
+        // double-width ffn_up), its gemma and smollm3 files carry norms and per-layer
+        // kinds not mapped yet: their HF folders train.
+        let hint = if super::ARCHITECTURES.contains(&arch.as_str()) {
+            ": train from its HF folder"
+        } else {
+            ""
+        };
+        return Err(Error::Unsupported(format!(
+            "gguf architecture \"{arch}\"{hint}"
+        )));
     }
     let k = |s: &str| format!("{arch}.{s}");
     let hidden = meta_usize(ct, &k("embedding_length"))?;
@@ -206,6 +212,7 @@ pub fn gguf_config(ct: &Content) -> Result<DecoderConfig> {
         query_pre_attn_scalar: None,
         attn_logit_softcapping: None,
         final_logit_softcapping: None,
+        rope_layers: None,
         bos_token_id: meta_u32(ct, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: meta_u32(ct, "tokenizer.ggml.eos_token_id")
             .into_iter()
@@ -494,6 +501,35 @@ fn gguf_tokenizer(ct: &Content, cfg: &DecoderConfig) -> Result<TokenizerBundle> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// llama.cpp's files of the families built only from HF folders (their GGUF names
+    /// and layouts are not mapped) are refused before any tensor is read, pointing at
+    /// the folder; an architecture not built at all is refused plainly.
+    #[test]
+    fn gguf_architectures_not_mapped_are_refused() {
+        for (arch, hint) in [
+            ("phi3", true),
+            ("gemma2", true),
+            ("smollm3", true),
+            ("gemma3", false),
+            ("falcon", false),
+        ] {
+            let ct = Content {
+                magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+                metadata: [(
+                    "general.architecture".to_string(),
+                    Value::String(arch.into()),
+                )]
+                .into_iter()
+                .collect(),
+                tensor_infos: Default::default(),
+                tensor_data_offset: 0,
+            };
+            let e = gguf_config(&ct).unwrap_err().to_string();
+            assert!(e.contains(&format!("gguf architecture \"{arch}\"")), "{e}");
+            assert_eq!(e.contains("train from its HF folder"), hint, "{e}");
+        }
+    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permute() -> Result<()> {

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 /// The `model_type`s this family builds.
-pub const ARCHITECTURES: [&str; 7] = [
+pub const ARCHITECTURES: [&str; 8] = [
     "llama",
     "mistral",
     "qwen2",
@@ -29,6 +29,7 @@ pub const ARCHITECTURES: [&str; 7] = [
     "phi3",
     "gemma2",
     "gemma3_text",
+    "smollm3",
 ];
 
 /// The linear modules of llama-family decoders, in PEFT's names: its usual LoRA set.

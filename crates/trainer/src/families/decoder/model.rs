@@ -1,5 +1,5 @@
-//! The llama-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 text)
-//! built from differentiable ops.
+//! The llama-family decoder (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 text,
+//! smollm3) built from differentiable ops.
 
 use crate::families::decoder::config::{DecoderConfig, MlpActivation};
 use crate::io::Take;
@@ -70,6 +70,8 @@ struct Layer {
     qk_norm: Option<(Norm, Norm)>,
     /// Attends through the sliding window (with the local rotation where it differs).
     sliding: bool,
+    /// Rotates its queries and keys (smollm3's NoPE layers do not).
+    rotate: bool,
     qkv: Qkv,
     o: Linear,
     gate_up: GateUp,
@@ -255,6 +257,7 @@ impl Decoder {
                     None
                 },
                 sliding: cfg.layer_is_sliding(i),
+                rotate: cfg.layer_rotates(i),
                 qkv,
                 o: linear(w, format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
                 gate_up,
@@ -648,10 +651,12 @@ impl Decoder {
         let (q, k, v) = self.queries_keys_values(l, h, ctx)?;
         let out = match rope {
             Rotary::Fused(r) => {
-                multi_head_attention(&q, &k, &v, heads, scale, Some(r), Some(mask))?
+                let r = l.rotate.then_some(r);
+                multi_head_attention(&q, &k, &v, heads, scale, r, Some(mask))?
             }
             Rotary::Tensors(r) => {
-                blocked_attention(&q, &k, &v, heads, scale, Some(r), Some(&mask.tensor))?
+                let r = l.rotate.then_some(r);
+                blocked_attention(&q, &k, &v, heads, scale, r, Some(&mask.tensor))?
             }
         };
         l.o.forward(&out, ctx)
@@ -682,8 +687,11 @@ impl Decoder {
         let q = heads(q, nh)?;
         let k = heads(k, nkv)?;
         let v = heads(v, nkv)?;
-        let q = rope(&q, cos, sin)?;
-        let mut k = rope(&k, cos, sin)?;
+        let (q, mut k) = if l.rotate {
+            (rope(&q, cos, sin)?, rope(&k, cos, sin)?)
+        } else {
+            (q, k)
+        };
         let mut v = v;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {

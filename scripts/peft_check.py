@@ -5,7 +5,9 @@
 
 The base is an HF folder or a .gguf file (through transformers' GGUF loader). Exits 1 when
 PEFT reports missing or unexpected keys, when a tensor does not load bit-exactly, or when
-the adapter does not change the logits. With --merged DIR (a `loraforge merge` folder) it also
+the adapter does not change the logits. Over an HF folder it also loads the adapter alone,
+through AutoPeftModelForCausalLM (the base found from the adapter's base_model_name_or_path,
+offline), and exits 1 unless that gives the same logits. With --merged DIR (a `loraforge merge` folder) it also
 exits 1 unless transformers' logits of DIR are PEFT's (base + adapter) within 1e-4. Prints one
 summary line.
 """
@@ -20,6 +22,8 @@ def main():
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--merged", help="a merged model folder that must compute as base + adapter")
     args = ap.parse_args()
+    # Everything here is local: a base that only resolves on the hub is a failure.
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
     import torch
     from peft import PeftModel
@@ -52,6 +56,16 @@ def main():
     print(f"PEFT: {len(sd_file)} tensors in file, {len(sd_model)} expected; missing {len(missing)} {missing[:3]}; "
           f"unexpected {len(unexpected)} {unexpected[:3]}; max |loaded - file| {diff:.3g}; adapter effect on logits {effect:.3g}")
     ok = not missing and not unexpected and diff == 0.0 and effect > 0.0
+    if not args.base.endswith(".gguf"):
+        from peft import AutoPeftModelForCausalLM
+
+        auto = AutoPeftModelForCausalLM.from_pretrained(args.adapter, dtype=torch.float32)
+        auto.eval()
+        with torch.no_grad():
+            gap = (auto(**enc).logits - la).abs().max().item()
+        print(f"AutoPeftModelForCausalLM from the adapter alone: base "
+              f"{auto.peft_config['default'].base_model_name_or_path}; max |logits - PEFT's| {gap:.3g}")
+        ok = ok and gap == 0.0
     if args.merged:
         merged = AutoModelForCausalLM.from_pretrained(args.merged, dtype=torch.float32)
         with torch.no_grad():

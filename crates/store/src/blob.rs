@@ -116,9 +116,16 @@ impl BlobStore {
 
     /// A fresh temp file for an incoming upload.
     pub fn new_upload(&self) -> Result<Upload> {
-        let file = tempfile::Builder::new()
-            .prefix("upload-")
-            .tempfile_in(&self.tmp_dir)?;
+        let mut b = tempfile::Builder::new();
+        b.prefix("upload-");
+        // A stored blob gets the mode any created file gets (0666 less the umask), not
+        // the temp file's private 0600.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            b.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let file = b.tempfile_in(&self.tmp_dir)?;
         Ok(Upload { file })
     }
 

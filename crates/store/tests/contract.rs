@@ -367,6 +367,19 @@ async fn blobs_commit_atomically_and_leave_no_temp_files() {
         std::fs::read(dir.path().join("blobs/files/file-1.jsonl")).unwrap(),
         b"hello\n"
     );
+    // A committed blob has the mode any created file gets here (0644 under the usual
+    // umask), not the temp file's private 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        assert_eq!(
+            mode(&dir.path().join("blobs/files/file-1.jsonl")),
+            mode(&plain)
+        );
+    }
     let (size, stream) = blobs.get("files/file-1.jsonl").await.unwrap();
     assert_eq!(size, 6);
     let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();

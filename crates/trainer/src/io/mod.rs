@@ -16,6 +16,50 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// What an adapter's `base_model_name_or_path` records for the base at `path`: the hub id
+/// the base names as its source (`source`, e.g. a GGUF's source repository, or an HF
+/// folder's or diffusers pipeline's `_name_or_path`) when it is one, else the base's
+/// absolute path. Either resolves where the adapter is used (PEFT's
+/// `AutoPeftModelForCausalLM`, llama.cpp's `convert_lora_to_gguf.py`); a bare folder
+/// name resolves nowhere.
+pub fn base_reference(path: &Path, source: Option<&str>) -> String {
+    let from_config = || {
+        ["config.json", "model_index.json"].iter().find_map(|f| {
+            let v: Value = read_json(&path.join(f)).ok()?;
+            v.get("_name_or_path")?.as_str().map(str::to_string)
+        })
+    };
+    let named = source
+        .map(str::to_string)
+        .or_else(|| path.is_dir().then(from_config).flatten());
+    match named.filter(|s| is_hub_id(s)) {
+        Some(id) => id,
+        // Canonical where the path exists (no `..` left in it), else made absolute.
+        None => std::fs::canonicalize(path)
+            .or_else(|_| std::path::absolute(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string(),
+    }
+}
+
+/// `owner/name` as the Hugging Face hub spells repository ids, and not a path that
+/// exists here.
+fn is_hub_id(s: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(['.', '-'])
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let mut parts = s.split('/');
+    let shaped = matches!(
+        (parts.next(), parts.next(), parts.next()),
+        (Some(a), Some(b), None) if part(a) && part(b)
+    );
+    shaped && !Path::new(s).exists()
+}
+
 /// A required unsigned integer of a `config.json`.
 pub(crate) fn get_usize(v: &Value, key: &str) -> Result<usize> {
     v.get(key)
@@ -166,4 +210,43 @@ pub fn safetensors_params(path: &Path) -> Result<HashMap<String, u64>> {
         *out.entry(dtype).or_insert(0) += n;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_reference_is_a_hub_id_when_the_base_names_one_else_its_absolute_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("my-model");
+        std::fs::create_dir(&model).unwrap();
+        let here = std::fs::canonicalize(&model).unwrap().display().to_string();
+        let config = |v: serde_json::Value| {
+            std::fs::write(model.join("config.json"), v.to_string()).unwrap();
+        };
+        config(serde_json::json!({"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}));
+        assert_eq!(
+            base_reference(&model, None),
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        );
+        // transformers records the local path it loaded from: not a hub id.
+        for local in ["/home/me/models/x", "./x/y", "a/b/c", "x"] {
+            config(serde_json::json!({ "_name_or_path": local }));
+            assert_eq!(base_reference(&model, None), here);
+        }
+        std::fs::remove_file(model.join("config.json")).unwrap();
+        assert_eq!(base_reference(&model, None), here);
+        // A GGUF's source repository, and a relative path made absolute.
+        let gguf = Path::new("models/x.gguf");
+        assert_eq!(
+            base_reference(gguf, Some("Qwen/Qwen3-0.6B")),
+            "Qwen/Qwen3-0.6B"
+        );
+        let abs = base_reference(gguf, None);
+        assert!(
+            Path::new(&abs).is_absolute() && abs.ends_with("models/x.gguf"),
+            "{abs}"
+        );
+    }
 }

@@ -436,7 +436,28 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
         &tmp,
     )
     .map_err(|e| Error::Adapter(format!("{}: {e}", tmp.display())))?;
+    usual_permissions(&tmp).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// Gives `path` the mode a file created here gets (0666 less the umask): safetensors
+/// writes through a private temp file (0600), and an adapter or merged model is read by
+/// other users and serving containers.
+#[cfg(unix)]
+fn usual_permissions(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // The kernel applies the umask to a created file's mode: a probe file reads it.
+    let probe = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)?;
+    let mode = probe.as_file().metadata()?.permissions();
+    std::fs::set_permissions(path, mode)
+}
+
+#[cfg(not(unix))]
+fn usual_permissions(_path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -570,4 +591,25 @@ pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Res
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod file_mode_tests {
+    use super::*;
+
+    /// safetensors writes through a 0600 temp file; an adapter gets what any created file
+    /// gets here (0644 under the usual umask) so that other users can read it.
+    #[cfg(unix)]
+    #[test]
+    fn safetensors_files_get_the_mode_created_files_get() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let t = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        write_safetensors(&path, &[("x".to_string(), t)].into()).unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain));
+    }
 }

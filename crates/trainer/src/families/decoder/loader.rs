@@ -24,7 +24,7 @@ use std::path::Path;
 pub struct BaseModel {
     pub model: Decoder,
     pub tokenizer: TokenizerBundle,
-    /// What goes into `base_model_name_or_path`.
+    /// What goes into `base_model_name_or_path` ([`crate::io::base_reference`]).
     pub name: String,
 }
 
@@ -36,10 +36,6 @@ pub fn load(path: &Path, device: &Device) -> Result<BaseModel> {
 
 /// Loads an HF folder or a `.gguf` file, keeping the frozen matrices as `base` says.
 pub fn load_with(path: &Path, device: &Device, base: BaseDtype) -> Result<BaseModel> {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
     if path.is_dir() {
         let cfg = DecoderConfig::from_hf_json(&crate::io::read_json(&path.join("config.json"))?)?;
         let weights = hf_weights(path, device, base)?;
@@ -47,7 +43,7 @@ pub fn load_with(path: &Path, device: &Device, base: BaseDtype) -> Result<BaseMo
         Ok(BaseModel {
             model: Decoder::new(cfg, weights, device)?,
             tokenizer,
-            name,
+            name: crate::io::base_reference(path, None),
         })
     } else if path.extension().is_some_and(|e| e == "gguf") {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -62,7 +58,7 @@ pub fn load_with(path: &Path, device: &Device, base: BaseDtype) -> Result<BaseMo
         Ok(BaseModel {
             model: Decoder::new(cfg, weights, device)?,
             tokenizer,
-            name: name.trim_end_matches(".gguf").to_string(),
+            name: crate::io::base_reference(path, gguf_source(&ct).as_deref()),
         })
     } else {
         Err(Error::Model(format!(
@@ -143,6 +139,15 @@ fn meta_f64(ct: &Content, key: &str) -> Option<f64> {
 
 fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
     ct.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+/// The hub repository a GGUF file says it was converted from, if it says.
+fn gguf_source(ct: &Content) -> Option<String> {
+    let text = |k: &str| ct.metadata.get(k)?.to_string().ok().cloned();
+    text("general.source.huggingface.repository").or_else(|| {
+        let url = text("general.source.url")?;
+        Some(url.strip_prefix("https://huggingface.co/")?.to_string())
+    })
 }
 
 /// The architectures read from GGUF files (llama.cpp's names).

@@ -192,7 +192,7 @@ impl TextToImage {
             ends,
             snr_gamma: settings.snr_gamma.map(|g| g as f32),
             noise_offset: settings.noise_offset as f32,
-            base_name: model_dir.display().to_string(),
+            base_name: crate::io::base_reference(model_dir, None),
             device: device.clone(),
             meta: KohyaMeta::default(),
             fingerprint: None,

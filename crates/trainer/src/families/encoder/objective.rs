@@ -106,11 +106,7 @@ impl SeqCls {
             }
             None => None,
         };
-        let name = spec
-            .model
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = crate::io::base_reference(&spec.model, None);
         Ok(Self {
             model,
             labels: set,

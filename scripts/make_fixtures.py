@@ -1334,25 +1334,16 @@ def main():
     if args.tool_template:
         set_tool_template(os.path.join(FIX, "tiny-qwen3"))
         return 0
-    if args.only_qwen3:
-        build_qwen3(os.path.join(FIX, "tokenizer"))
-        return 0
     if args.only_autocast:
         for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
             build_autocast_reference(os.path.join(FIX, name), name)
         return 0
-    if args.only_phi3:
-        build_phi3(os.path.join(FIX, "tokenizer"))
-        return 0
-    if args.only_gemma3:
-        build_gemma3(os.path.join(FIX, "tokenizer"))
-        return 0
-    if args.only_gemma2:
-        build_gemma2(os.path.join(FIX, "tokenizer"))
-        return 0
-    if args.only_smollm3:
-        build_smollm3(os.path.join(FIX, "tokenizer"))
-        return 0
+    # One decoder family's fixtures alone, from the existing tokenizer folder.
+    for flag, build in (("only_qwen3", build_qwen3), ("only_phi3", build_phi3), ("only_gemma3", build_gemma3),
+                        ("only_gemma2", build_gemma2), ("only_smollm3", build_smollm3)):
+        if getattr(args, flag):
+            build(os.path.join(FIX, "tokenizer"))
+            return 0
     if args.only_dpo:
         build_dpo_reference(os.path.join(FIX, "tiny-llama"), "tiny-llama")
         return 0

@@ -424,17 +424,21 @@ fn smollm3_five_adamw_steps_match_peft() {
     adamw_steps_match("tiny-smollm3", 0.01, "ref.safetensors");
 }
 
+/// The tiny models with PEFT's autocast-bf16 references (`make_fixtures.py --only-autocast`
+/// and the per-family builders).
+const AUTOCAST_FIXTURES: [&str; 6] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-phi3",
+    "tiny-gemma3",
+    "tiny-gemma2",
+];
+
 /// The same checks with the products in bf16, on the tiny models.
 #[test]
 fn bf16_lora_logits_and_gradients_stay_near_peft() {
-    for name in [
-        "tiny-llama",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-phi3",
-        "tiny-gemma3",
-        "tiny-gemma2",
-    ] {
+    for name in AUTOCAST_FIXTURES {
         lora_logits_loss_and_grads_within(name, BF16);
     }
 }
@@ -447,14 +451,7 @@ fn bf16_lora_logits_and_gradients_stay_near_peft() {
 /// probabilities to bf16 before their product with V) and sums in another order.
 #[test]
 fn bf16_lora_is_as_accurate_as_peft_under_autocast() {
-    for name in [
-        "tiny-llama",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-phi3",
-        "tiny-gemma3",
-        "tiny-gemma2",
-    ] {
+    for name in AUTOCAST_FIXTURES {
         let f32_ref = Ref::load(name);
         let autocast = Ref::load_file(name, "autocast-bf16.safetensors");
         let mask = f32_ref.rows_u32("attention_mask");

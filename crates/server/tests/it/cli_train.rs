@@ -169,17 +169,7 @@ fn every_format_trains_and_merge_matches_adapter() {
     let model = root().join("tests/fixtures/tiny-qwen2");
     let adapter = dir.path().join("f1");
     let merged = dir.path().join("merged");
-    let st = Command::new(env!("CARGO_BIN_EXE_loraforge"))
-        .arg("merge")
-        .arg("--model")
-        .arg(&model)
-        .arg("--adapter")
-        .arg(&adapter)
-        .arg("--out")
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    merge(&model, &adapter, &merged);
     let gen = |m: &Path, a: Option<&Path>| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_loraforge"));
         c.arg("generate").arg("--model").arg(m).args([
@@ -278,6 +268,21 @@ fn f32s(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
     (v, t.shape().to_vec())
 }
 
+/// `loraforge merge` of `adapter` into `model`, written to `out`.
+fn merge(model: &Path, adapter: &Path, out: &Path) {
+    let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
+        .arg("merge")
+        .arg("--model")
+        .arg(model)
+        .arg("--adapter")
+        .arg(adapter)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// Trains `model` for three steps with its default targets into `out`.
 fn train_tiny(model: &Path, out: &Path) {
     let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
@@ -339,16 +344,6 @@ fn gemma3_trains_and_its_adapter_and_merge_load_in_transformers() {
     // 2 layers × 7 modules × (A, B).
     assert_eq!(names.len(), 28, "{names:?}");
     let merged = dir.path().join("merged");
-    let o = Command::new(env!("CARGO_BIN_EXE_loraforge"))
-        .arg("merge")
-        .arg("--model")
-        .arg(&model)
-        .arg("--adapter")
-        .arg(&adapter)
-        .arg("--out")
-        .arg(&merged)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    merge(&model, &adapter, &merged);
     crate::common::peft_check_merged(&model, &adapter, Some(&merged));
 }

@@ -17,29 +17,30 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// What an adapter's `base_model_name_or_path` records for the base at `path`: the hub id
-/// the base names as its source (`source`, e.g. a GGUF's source repository, or an HF
-/// folder's or diffusers pipeline's `_name_or_path`) when it is one, else the base's
-/// absolute path. Either resolves where the adapter is used (PEFT's
+/// the base comes from when that is known for sure (`source`, a GGUF's source repository;
+/// or a folder in the Hugging Face cache, `models--owner--name/snapshots/<rev>`), else
+/// the base's canonical path. Either resolves where the adapter is used (PEFT's
 /// `AutoPeftModelForCausalLM`, llama.cpp's `convert_lora_to_gguf.py`); a bare folder
-/// name resolves nowhere.
+/// name resolves nowhere. A `config.json`'s `_name_or_path` is not trusted: transformers
+/// 4 saved there whatever the model was loaded from, often its parent.
 pub fn base_reference(path: &Path, source: Option<&str>) -> String {
-    let from_config = || {
-        ["config.json", "model_index.json"].iter().find_map(|f| {
-            let v: Value = read_json(&path.join(f)).ok()?;
-            v.get("_name_or_path")?.as_str().map(str::to_string)
-        })
+    if let Some(id) = source.filter(|s| is_hub_id(s)) {
+        return id.to_string();
+    }
+    // Canonical where the path exists (no `..` left in it), else made absolute.
+    let full = std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf());
+    let parts: Vec<&str> = full.iter().filter_map(|c| c.to_str()).collect();
+    let cached = match parts.as_slice() {
+        [.., repo, "snapshots", _rev] if path.is_dir() => repo
+            .strip_prefix("models--")
+            .map(|r| r.replacen("--", "/", 1)),
+        _ => None,
     };
-    let named = source
-        .map(str::to_string)
-        .or_else(|| path.is_dir().then(from_config).flatten());
-    match named.filter(|s| is_hub_id(s)) {
+    match cached.filter(|id| is_hub_id(id)) {
         Some(id) => id,
-        // Canonical where the path exists (no `..` left in it), else made absolute.
-        None => std::fs::canonicalize(path)
-            .or_else(|_| std::path::absolute(path))
-            .unwrap_or_else(|_| path.to_path_buf())
-            .display()
-            .to_string(),
+        None => full.display().to_string(),
     }
 }
 
@@ -217,7 +218,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base_reference_is_a_hub_id_when_the_base_names_one_else_its_absolute_path() {
+    fn base_reference_is_a_known_hub_id_else_the_canonical_path() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("my-model");
         std::fs::create_dir(&model).unwrap();
@@ -225,18 +226,26 @@ mod tests {
         let config = |v: serde_json::Value| {
             std::fs::write(model.join("config.json"), v.to_string()).unwrap();
         };
-        config(serde_json::json!({"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}));
-        assert_eq!(
-            base_reference(&model, None),
-            "HuggingFaceTB/SmolLM2-135M-Instruct"
-        );
-        // transformers records the local path it loaded from: not a hub id.
-        for local in ["/home/me/models/x", "./x/y", "a/b/c", "x"] {
-            config(serde_json::json!({ "_name_or_path": local }));
+        // transformers 4 saved what the model was loaded from (often its parent): not
+        // trusted, whatever it looks like.
+        for named in [
+            "HuggingFaceTB/SmolLM2-135M",
+            "/home/me/models/x",
+            "./x/y",
+            "x",
+        ] {
+            config(serde_json::json!({ "_name_or_path": named }));
             assert_eq!(base_reference(&model, None), here);
         }
-        std::fs::remove_file(model.join("config.json")).unwrap();
-        assert_eq!(base_reference(&model, None), here);
+        // A folder in the Hugging Face cache is its repository.
+        let snap = dir
+            .path()
+            .join("hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/0123abc");
+        std::fs::create_dir_all(&snap).unwrap();
+        assert_eq!(
+            base_reference(&snap, None),
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        );
         // A GGUF's source repository, and a relative path made absolute.
         let gguf = Path::new("models/x.gguf");
         assert_eq!(

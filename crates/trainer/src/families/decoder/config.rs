@@ -190,7 +190,11 @@ impl DecoderConfig {
                     .and_then(|p| p.get("rope_theta"))
                     .and_then(|x| x.as_f64())
             })
-            .unwrap_or(if gemma3 { 1_000_000.0 } else { 10_000.0 });
+            .unwrap_or(match model_type.as_str() {
+                "gemma3_text" => 1_000_000.0,
+                "smollm3" => 2_000_000.0,
+                _ => 10_000.0,
+            });
         let scaling = v
             .get("rope_scaling")
             .filter(|s| !s.is_null())
@@ -245,10 +249,7 @@ impl DecoderConfig {
                 .flatten()
                 .or_else(|| v.get("rope_local_base_freq").and_then(|x| x.as_f64()))
                 .or(gemma3.then_some(10_000.0));
-            let window = v
-                .get("sliding_window")
-                .and_then(|x| x.as_u64())
-                .map(|w| w as usize);
+            let window = number_or(v, "sliding_window", Some(4096.0)).map(|w| w as usize);
             let kinds = gemma_layer_types(v, num_hidden_layers, pattern)?;
             (window, Some(kinds), local)
         } else {
@@ -281,14 +282,20 @@ impl DecoderConfig {
             llama3_rope,
             rope_linear_factor,
             rope_freq_factors: None,
+            // The defaults are the config classes' own, for files that leave keys out.
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(|x| x.as_u64())
-                .unwrap_or(2048) as usize,
+                .unwrap_or(match model_type.as_str() {
+                    "gemma2" => 8192,
+                    "gemma3_text" => 131_072,
+                    "smollm3" => 32_768,
+                    _ => 2048,
+                }) as usize,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(|x| x.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(gemma || model_type == "smollm3"),
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
             mlp_bias: v.get("mlp_bias").and_then(|x| x.as_bool()).unwrap_or(false),
@@ -314,11 +321,12 @@ impl DecoderConfig {
             } else {
                 None
             },
+            // gemma2 caps unless its file says null; gemma3 only where its file asks.
             attn_logit_softcapping: gemma
-                .then(|| v.get("attn_logit_softcapping").and_then(|x| x.as_f64()))
+                .then(|| number_or(v, "attn_logit_softcapping", (!gemma3).then_some(50.0)))
                 .flatten(),
             final_logit_softcapping: gemma
-                .then(|| v.get("final_logit_softcapping").and_then(|x| x.as_f64()))
+                .then(|| number_or(v, "final_logit_softcapping", (!gemma3).then_some(30.0)))
                 .flatten(),
             rope_layers,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
@@ -392,6 +400,14 @@ impl DecoderConfig {
             Some(s) => 1.0 / s.sqrt(),
             None => 1.0 / (self.head_dim as f64).sqrt(),
         }
+    }
+}
+
+/// A number of the config: `default` when the key is absent, `None` when it is null.
+fn number_or(v: &Value, key: &str, default: Option<f64>) -> Option<f64> {
+    match v.get(key) {
+        None => default,
+        Some(x) => x.as_f64(),
     }
 }
 
@@ -556,6 +572,40 @@ mod tests {
         assert_eq!(sliding, [true, false, true, false]);
         assert_eq!(c.local_inv_freq(), None);
         assert!(!c.qk_norm && c.norm_unit_offset && c.sandwich_norms && c.scale_embeddings);
+    }
+
+    /// Keys a file leaves out take the config class's defaults (gemma2 caps at 50 / 30
+    /// and slides over 4,096 positions); a null turns them off.
+    #[test]
+    fn absent_keys_take_transformers_defaults_and_null_turns_them_off() {
+        let mut v = gemma3_1b();
+        v["model_type"] = json!("gemma2");
+        for k in [
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "sliding_window",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.max_position_embeddings, 8192);
+        assert!(c.tie_word_embeddings);
+        v["attn_logit_softcapping"] = json!(null);
+        v["sliding_window"] = json!(null);
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.attn_logit_softcapping, None);
+        assert!(!c.layer_is_sliding(0));
+        // gemma3 caps nothing unless asked.
+        v["model_type"] = json!("gemma3_text");
+        let c = DecoderConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.final_logit_softcapping, None);
     }
 
     /// HuggingFaceTB/SmolLM3-3B's layout: every fourth layer without rotation, written

@@ -98,8 +98,11 @@ impl Family for DecoderFamily {
             (BaseDtype::Packed(kind), _) => (packed(kind), true),
         };
         // A packed base expands one matrix at a time; the loss expands the output head
-        // whole when that is small, else in blocks of vocabulary rows.
-        let head = if v * h * bytes > model::HEAD_WHOLE_BYTES as u64 {
+        // whole when that is small or its logits are soft-capped (gemma2: full logits),
+        // else in blocks of vocabulary rows.
+        let head = if v * h * bytes > model::HEAD_WHOLE_BYTES as u64
+            && cfg.final_logit_softcapping.is_none()
+        {
             model::HEAD_BLOCK_ELEMS as u64
         } else {
             v * h

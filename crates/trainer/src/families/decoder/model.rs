@@ -394,7 +394,8 @@ impl Decoder {
             .reshape((b * t, d))?
             .to_dtype(DType::F32)?;
         if self.cfg.scale_embeddings {
-            // transformers multiplies by the scale rounded to the table's dtype.
+            // transformers multiplies by the scale in the table's dtype: f32 here, as
+            // under autocast (the table stays f32 there too).
             x = (x * ((d as f64).sqrt() as f32) as f64)?;
         }
         // Without a cache (training, evaluation) attention is one op that keeps only its

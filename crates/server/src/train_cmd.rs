@@ -133,6 +133,11 @@ pub struct TrainArgs {
     /// forward pass of compute (decoders).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Pad every example to its batch's longest instead of packing examples into rows of
+    /// --max-seq-len tokens (supervised causal_lm packs by default; attention never
+    /// crosses from one example to another, and positions restart at each).
+    #[arg(long)]
+    pub no_packing: bool,
     /// Start from an existing PEFT adapter folder.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -198,6 +203,7 @@ impl TrainArgs {
             max_steps: self.max_steps,
             train_on_inputs: self.train_on_inputs,
             gradient_checkpointing: self.gradient_checkpointing,
+            packing: task == Task::CausalLm && method == Method::Supervised && !self.no_packing,
             eval_interval: self.eval_every,
             checkpoint_interval: self.checkpoint_every,
             seed: self.seed,

@@ -466,8 +466,7 @@ pub async fn create(
     if let Some(m) = &req.metadata {
         check_metadata(m)?;
     }
-    let mut spec = parse_spec(&hp, req.seed, req.metadata, task)?;
-    spec.method = method;
+    let mut spec = parse_spec(&hp, req.seed, req.metadata, task, method)?;
     if hp
         .get("lora_target_modules")
         .is_none_or(serde_json::Value::is_null)
@@ -618,6 +617,7 @@ pub fn job_object(j: &JobRecord) -> Value {
             "max_steps": s.max_steps,
             "train_on_inputs": s.train_on_inputs,
             "gradient_checkpointing": s.gradient_checkpointing,
+            "packing": s.packing,
             "eval_interval": s.eval_interval,
             "checkpoint_interval": s.checkpoint_interval,
             "keep_checkpoints": s.keep_checkpoints,

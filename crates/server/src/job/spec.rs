@@ -56,6 +56,10 @@ pub struct JobSpec {
     /// (causal_lm; ignored by the other tasks).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Supervised causal LM: pack examples into rows of `max_seq_len` tokens that keep them
+    /// apart. Absent in specs stored before packing existed: those train unpacked.
+    #[serde(default)]
+    pub packing: bool,
     pub eval_interval: Option<u64>,
     pub checkpoint_interval: Option<u64>,
     pub seed: u64,
@@ -142,7 +146,7 @@ fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> Result<bool, Spec
 /// Hyperparameters of text-to-image jobs only.
 const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
 
-const KNOWN_HP: [&str; 27] = [
+const KNOWN_HP: [&str; 28] = [
     "resolution",
     "snr_gamma",
     "noise_offset",
@@ -165,6 +169,7 @@ const KNOWN_HP: [&str; 27] = [
     "max_steps",
     "train_on_inputs",
     "gradient_checkpointing",
+    "packing",
     "eval_interval",
     "checkpoint_interval",
     "keep_checkpoints",
@@ -323,7 +328,22 @@ pub fn parse_spec(
     seed: Option<u64>,
     metadata: Option<Value>,
     task: Task,
+    method: Method,
 ) -> Result<JobSpec, SpecError> {
+    // Packing is on unless turned off where it applies: supervised causal LM (DPO's pairs
+    // and the other tasks' examples are not sequences to concatenate).
+    let packs = task == Task::CausalLm && method == Method::Supervised;
+    let packing = match hp.get("packing") {
+        None | Some(Value::Null) => packs,
+        Some(Value::Bool(true)) if !packs => {
+            return Err(hp_err(
+                "packing",
+                "applies to supervised causal_lm jobs only",
+            ))
+        }
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(hp_err("packing", "must be a boolean")),
+    };
     if let Some((k, why)) = OTHER_METHOD_HP.iter().find(|(k, _)| hp.contains_key(*k)) {
         return Err(hp_err(k, why));
     }
@@ -404,7 +424,7 @@ pub fn parse_spec(
     };
     Ok(JobSpec {
         task,
-        method: Method::Supervised,
+        method,
         problem_type: None,
         n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
         batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
@@ -424,6 +444,7 @@ pub fn parse_spec(
         max_steps: opt_u64("max_steps")?,
         train_on_inputs: hp_bool(hp, "train_on_inputs")?,
         gradient_checkpointing: hp_bool(hp, "gradient_checkpointing")?,
+        packing,
         eval_interval: opt_u64("eval_interval")?,
         checkpoint_interval: opt_u64("checkpoint_interval")?,
         seed: seed.unwrap_or(42),
@@ -520,6 +541,7 @@ pub fn train_spec(
     t.seed = spec.seed;
     t.train_on_inputs = spec.train_on_inputs;
     t.gradient_checkpointing = spec.gradient_checkpointing;
+    t.packing = spec.packing;
     t.eval_every = spec.eval_interval;
     t.checkpoint_every = spec.checkpoint_interval;
     // The family reads its own settings (problem type, image settings, the adapter's
@@ -610,11 +632,74 @@ mod tests {
     fn keys_we_do_not_honour_are_refused_by_name() {
         let hp = |v: serde_json::Value| v.as_object().unwrap().clone();
         // DPO's beta would be silently ignored by supervised training: refuse it.
-        let e = parse_spec(&hp(json!({"beta": 0.1})), None, None, Task::CausalLm).unwrap_err();
+        let e = parse_spec(
+            &hp(json!({"beta": 0.1})),
+            None,
+            None,
+            Task::CausalLm,
+            Method::Supervised,
+        )
+        .unwrap_err();
         assert_eq!(e.param, "hyperparameters.beta", "{e:?}");
         assert!(e.message.contains("method dpo"), "{e:?}");
-        let e = parse_spec(&hp(json!({"lora_rank": 8})), None, None, Task::CausalLm).unwrap_err();
+        let e = parse_spec(
+            &hp(json!({"lora_rank": 8})),
+            None,
+            None,
+            Task::CausalLm,
+            Method::Supervised,
+        )
+        .unwrap_err();
         assert_eq!(e.param, "hyperparameters.lora_rank", "{e:?}");
-        assert!(parse_spec(&hp(json!({"lora_r": 8})), None, None, Task::CausalLm).is_ok());
+        assert!(parse_spec(
+            &hp(json!({"lora_r": 8})),
+            None,
+            None,
+            Task::CausalLm,
+            Method::Supervised
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn packing_is_on_for_supervised_causal_lm_and_refused_where_it_cannot_apply() {
+        let hp = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let dpo = Method::Dpo { beta: 0.1 };
+        let spec = |v, task, method| parse_spec(&hp(v), None, None, task, method);
+        let sft = Method::Supervised;
+        assert!(spec(json!({}), Task::CausalLm, sft).unwrap().packing);
+        assert!(
+            !spec(json!({"packing": false}), Task::CausalLm, sft)
+                .unwrap()
+                .packing
+        );
+        assert!(!spec(json!({}), Task::CausalLm, dpo).unwrap().packing);
+        assert!(
+            !spec(json!({}), Task::SequenceClassification, sft)
+                .unwrap()
+                .packing
+        );
+        assert!(
+            !spec(json!({"packing": false}), Task::TextToImage, sft)
+                .unwrap()
+                .packing
+        );
+        for (task, method) in [
+            (Task::CausalLm, dpo),
+            (Task::SequenceClassification, sft),
+            (Task::TextToImage, sft),
+        ] {
+            let e = spec(json!({"packing": true}), task, method).unwrap_err();
+            assert_eq!(e.param, "hyperparameters.packing", "{e:?}");
+            assert!(e.message.contains("supervised causal_lm"), "{e:?}");
+        }
+        let e = spec(json!({"packing": "yes"}), Task::CausalLm, sft).unwrap_err();
+        assert_eq!(e.param, "hyperparameters.packing", "{e:?}");
+        // A spec stored before packing existed trains unpacked.
+        let mut stored =
+            serde_json::to_value(spec(json!({}), Task::CausalLm, sft).unwrap()).unwrap();
+        stored.as_object_mut().unwrap().remove("packing");
+        let old: super::JobSpec = serde_json::from_value(stored).unwrap();
+        assert!(!old.packing);
     }
 }

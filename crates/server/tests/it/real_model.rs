@@ -118,6 +118,8 @@ fn smollm2_thirty_steps_learn_and_peft_loads_the_adapter() {
             "7",
             "--max-grad-norm",
             "1.0",
+            // Thirty steps of four examples (packed, each would take the whole file).
+            "--no-packing",
             "--metrics-jsonl",
         ])
         .arg(&metrics));
@@ -182,7 +184,10 @@ async fn smollm2_trains_through_the_api_and_peft_loads_the_download() {
         .json(&serde_json::json!({
             "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
             "training_file": file,
-            "hyperparameters": {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant"}
+            // Unpacked: eight steps of four examples each keep this test short (packed,
+            // each step would take the whole file; the fidelity suite checks packing).
+            "hyperparameters": {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant",
+                                "packing": false}
         }))
         .send()
         .await

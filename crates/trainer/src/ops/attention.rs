@@ -15,23 +15,27 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
-/// Rotary tables for positions `0..t`, `(t, half)` row-major, read once per forward pass
-/// rather than once per layer.
+/// Rotary tables read once per forward pass rather than once per layer: `(t, half)`
+/// row-major for positions `0..t` shared by every sequence of a batch, or `(b, 1, t, half)`
+/// with a row per token where packed sequences restart their positions.
 #[derive(Clone)]
 pub struct RopeTables {
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
+    /// Rows: `t`, or `b·t` for per-token tables.
     pub(super) t: usize,
     pub(super) half: usize,
 }
 
 impl RopeTables {
-    /// From `(t, half)` cos and sin tensors.
+    /// From `(t, half)` or `(b, 1, t, half)` cos and sin tensors.
     pub fn new(cos: &Tensor, sin: &Tensor) -> Result<Self> {
-        let (t, half) = cos.dims2()?;
-        if sin.dims() != [t, half] {
-            candle_core::bail!("rope tables: cos {:?} but sin {:?}", cos.dims(), sin.dims());
+        let half = *cos.dims().last().unwrap_or(&0);
+        let per_token = matches!(cos.dims(), [_, 1, _, _]);
+        if !(cos.rank() == 2 || per_token) || sin.dims() != cos.dims() || half == 0 {
+            candle_core::bail!("rope tables: cos {:?} and sin {:?}", cos.dims(), sin.dims());
         }
+        let t = cos.elem_count() / half;
         let host = |x: &Tensor| -> Result<Arc<Vec<f32>>> {
             Ok(Arc::new(
                 x.to_dtype(candle_core::DType::F32)?
@@ -47,10 +51,10 @@ impl RopeTables {
         })
     }
 
-    /// Rotates one head row at position `p` from `x` into `o`; `sign = -1` rotates back,
-    /// which is also the rotation's backward.
-    pub(super) fn rotate(&self, p: usize, sign: f32, x: &[f32], o: &mut [f32]) {
-        let h = self.half;
+    /// Rotates the head row of token row `row` (`bi·t + i` of a `(b·t, ·)` input) from
+    /// `x` into `o`; `sign = -1` rotates back, which is also the rotation's backward.
+    pub(super) fn rotate(&self, row: usize, sign: f32, x: &[f32], o: &mut [f32]) {
+        let (h, p) = (self.half, row % self.t);
         let (c, s) = (&self.cos[p * h..][..h], &self.sin[p * h..][..h]);
         let (x1, x2) = x.split_at(h);
         let (o1, o2) = o.split_at_mut(h);
@@ -76,7 +80,8 @@ pub struct Heads {
 
 /// `softmax(rope(q)·rope(k)ᵀ · scale + mask) · v` for `(b·t, heads·dim)` queries and
 /// `(b·tk, heads·dim)` keys and values, as one op; the rotation and the mask (`(b, t, tk)`
-/// rows shared by all heads) are optional, and the rotation needs `tk == t`. Query head `h`
+/// rows shared by all heads) are optional, and the rotation needs `tk == t` (its tables
+/// cover `t` positions, or every one of the `b·t` tokens). Query head `h`
 /// reads key/value head `h / (q / kv)`, as transformers' `repeat_kv` arranges it. The
 /// result is `(b·t, q·dim)`, ready for the output projection.
 pub fn multi_head_attention(
@@ -91,7 +96,7 @@ pub fn multi_head_attention(
     let Heads { b, t, tk, dim, .. } = heads;
     let ok = heads.kv > 0
         && heads.q.is_multiple_of(heads.kv)
-        && rope.is_none_or(|r| dim == 2 * r.half && r.t == t && tk == t)
+        && rope.is_none_or(|r| dim == 2 * r.half && (r.t == t || r.t == b * t) && tk == t)
         && mask.is_none_or(|m| m.t == t && m.rows.len() == b * t * tk)
         && q.dims() == [b * t, heads.q * dim]
         && k.dims() == [b * tk, heads.kv * dim]
@@ -113,6 +118,63 @@ pub fn multi_head_attention(
             scale: scale as f32,
             rope: rope.cloned(),
             mask: mask.cloned(),
+            segments: None,
+        },
+    )
+}
+
+/// [`multi_head_attention`] over packed rows: each of `segments`, `(first row, rows)` of
+/// the `b·t` token rows, is a sequence that attends only within itself, from position 0 of
+/// `rope` (tables over positions `0..t`), under its own block of `mask` (causal, and any
+/// window). Rows in no segment (padding) come out zero, with zero gradients. The products
+/// cover each sequence's `n × n` block, not the row's `t × t`: a row of ten short examples
+/// costs a tenth of the attention of one long one.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: Heads,
+    scale: f64,
+    rope: Option<&RopeTables>,
+    mask: &AttnMask,
+    segments: Arc<Vec<(usize, usize)>>,
+) -> Result<Tensor> {
+    let Heads { b, t, tk, dim, .. } = heads;
+    let mut end = 0;
+    let ok = heads.kv > 0
+        && heads.q.is_multiple_of(heads.kv)
+        && tk == t
+        && rope.is_none_or(|r| dim == 2 * r.half && r.t == t)
+        && mask.t == t
+        && mask.rows.len() == b * t * t
+        && q.dims() == [b * t, heads.q * dim]
+        && k.dims() == [b * t, heads.kv * dim]
+        && v.dims() == [b * t, heads.kv * dim]
+        && segments.iter().all(|&(r0, n)| {
+            // Each inside one batch row, in order, none overlapping.
+            let fits = n > 0 && r0 >= end && r0 % t + n <= t;
+            end = r0 + n;
+            fits
+        });
+    if !ok {
+        candle_core::bail!(
+            "packed attention: {heads:?} with q {:?}, k {:?}, v {:?}, {} segments",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            segments.len()
+        );
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            heads,
+            scale: scale as f32,
+            rope: rope.cloned(),
+            mask: Some(mask.clone()),
+            segments: Some(segments),
         },
     )
 }
@@ -122,6 +184,8 @@ struct Attention {
     scale: f32,
     rope: Option<RopeTables>,
     mask: Option<AttnMask>,
+    /// Packed rows ([`packed_attention`]): the sequences, each computed on its own.
+    segments: Option<Arc<Vec<(usize, usize)>>>,
 }
 
 /// Row `(bi, head, i)` of a `(b, heads, t, dim)` buffer, from row `bi·t + i` of a
@@ -141,7 +205,7 @@ fn split_heads(x: &[f32], g: Heads, n: usize, len: usize, rope: Option<&RopeTabl
             let (src, h) = source_row(first + j, n, len);
             let xr = &x[src * n * d + h * d..][..d];
             match rope {
-                Some(r) => r.rotate(src % len, 1.0, xr, o),
+                Some(r) => r.rotate(src, 1.0, xr, o),
                 None => o.copy_from_slice(xr),
             }
         }
@@ -161,7 +225,7 @@ fn merge_heads(x: &[f32], g: Heads, n: usize, len: usize, unrope: Option<&RopeTa
             for (h, oh) in o.chunks_mut(d).enumerate() {
                 let xr = &x[((bi * n + h) * len + i) * d..][..d];
                 match unrope {
-                    Some(r) => r.rotate(i, -1.0, xr, oh),
+                    Some(r) => r.rotate(row, -1.0, xr, oh),
                     None => oh.copy_from_slice(xr),
                 }
             }
@@ -205,7 +269,45 @@ struct Forward {
 }
 
 impl Attention {
-    fn probabilities(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Forward> {
+    /// The op for one packed sequence of `n` rows: a batch of one, at positions `0..n`.
+    fn segment(&self, n: usize) -> Attention {
+        Attention {
+            heads: Heads {
+                b: 1,
+                t: n,
+                tk: n,
+                ..self.heads
+            },
+            scale: self.scale,
+            rope: self.rope.clone(),
+            mask: None,
+            segments: None,
+        }
+    }
+
+    /// The `n × n` block of the mask that the sequence at token row `r0` attends under.
+    fn segment_mask(&self, r0: usize, n: usize) -> Option<Vec<f32>> {
+        let t = self.heads.t;
+        self.mask.as_ref().map(|m| {
+            let s0 = r0 % t;
+            (0..n)
+                .flat_map(|i| m.rows[(r0 + i) * t + s0..][..n].iter().copied())
+                .collect()
+        })
+    }
+
+    fn mask_rows(&self) -> Option<&[f32]> {
+        self.mask.as_ref().map(|m| m.rows.as_slice())
+    }
+
+    /// `mask`: `(b, t, tk)` additive rows, when the op has one.
+    fn probabilities(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+    ) -> Result<Forward> {
         let g = self.heads;
         let (t, tk, rep) = (g.t, g.tk, g.q / g.kv);
         let rope = self.rope.as_ref();
@@ -220,9 +322,9 @@ impl Attention {
                 let row = first + j;
                 let (bi, i) = (row / (g.q * t), row % t);
                 // The same arithmetic as the unfused path's masked softmax.
-                match &self.mask {
+                match mask {
                     Some(m) => {
-                        let m = &m.rows[(bi * t + i) * tk..][..tk];
+                        let m = &m[(bi * t + i) * tk..][..tk];
                         for (s, &mv) in s.iter_mut().zip(m) {
                             *s = *s * self.scale + mv;
                         }
@@ -239,43 +341,36 @@ impl Attention {
             p: CpuStorage::F32(p),
         })
     }
-}
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "attention"
-    }
-
-    fn cpu_fwd(
+    /// The output rows `(b·t, q·dim)`.
+    fn forward_rows(
         &self,
-        qs: &CpuStorage,
-        lq: &Layout,
-        ks: &CpuStorage,
-        lk: &Layout,
-        vs: &CpuStorage,
-        lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         let g = self.heads;
         let (t, rep) = (g.t, g.q / g.kv);
-        let f = self.probabilities(rows_of(qs, lq)?, rows_of(ks, lk)?, rows_of(vs, lv)?)?;
+        let f = self.probabilities(q, k, v, mask)?;
         let o = bmm(&f.p, false, &f.v, false, (g.b * g.kv, rep * t, g.dim, g.tk))?;
-        let out = merge_heads(&o, g, g.q, t, None);
-        Ok((CpuStorage::F32(out), Shape::from((g.b * t, g.q * g.dim))))
+        Ok(merge_heads(&o, g, g.q, t, None))
     }
 
-    fn bwd(
+    /// The gradients of q, k and v rows from the output rows' gradient `grad`, the
+    /// probabilities recomputed.
+    fn backward_rows(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        grad: &[f32],
+        mask: Option<&[f32]>,
+    ) -> Result<[Vec<f32>; 3]> {
         let g = self.heads;
         let (t, tk, rep, bsz) = (g.t, g.tk, g.q / g.kv, g.b * g.kv);
-        let host = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
-        let f = self.probabilities(&host(q)?, &host(k)?, &host(v)?)?;
-        let dout = CpuStorage::F32(split_heads(&host(grad)?, g, g.q, t, None));
+        let f = self.probabilities(q, k, v, mask)?;
+        let dout = CpuStorage::F32(split_heads(grad, g, g.q, t, None));
         // dV = Pᵀ·dO: the sum over the `rep` query heads of a key head falls out of the
         // product, since they are stacked along its inner dimension.
         let dv = bmm(&f.p, true, &dout, false, (bsz, tk, g.dim, rep * t))?;
@@ -294,15 +389,91 @@ impl CustomOp3 for Attention {
         let ds = CpuStorage::F32(ds);
         let dq = bmm(&ds, false, &f.k, false, (bsz, rep * t, g.dim, tk))?;
         let dk = bmm(&ds, true, &f.q, false, (bsz, tk, g.dim, rep * t))?;
-        let dev = q.device();
         let rope = self.rope.as_ref();
-        let dq = merge_heads(&dq, g, g.q, t, rope);
-        let dk = merge_heads(&dk, g, g.kv, tk, rope);
-        let dv = merge_heads(&dv, g, g.kv, tk, None);
+        Ok([
+            merge_heads(&dq, g, g.q, t, rope),
+            merge_heads(&dk, g, g.kv, tk, rope),
+            merge_heads(&dv, g, g.kv, tk, None),
+        ])
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        lq: &Layout,
+        ks: &CpuStorage,
+        lk: &Layout,
+        vs: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.heads;
+        let (q, k, v) = (rows_of(qs, lq)?, rows_of(ks, lk)?, rows_of(vs, lv)?);
+        let out = match &self.segments {
+            None => self.forward_rows(q, k, v, self.mask_rows())?,
+            Some(segs) => {
+                let (qw, kw) = (g.q * g.dim, g.kv * g.dim);
+                let mut out = vec![0f32; g.b * g.t * qw];
+                for &(r0, n) in segs.iter() {
+                    let o = self.segment(n).forward_rows(
+                        &q[r0 * qw..][..n * qw],
+                        &k[r0 * kw..][..n * kw],
+                        &v[r0 * kw..][..n * kw],
+                        self.segment_mask(r0, n).as_deref(),
+                    )?;
+                    out[r0 * qw..][..n * qw].copy_from_slice(&o);
+                }
+                out
+            }
+        };
+        Ok((CpuStorage::F32(out), Shape::from((g.b * g.t, g.q * g.dim))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.heads;
+        let dev = q.device();
+        let host = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
+        let (q, k, v, grad) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+        let [dq, dk, dv] = match &self.segments {
+            None => self.backward_rows(&q, &k, &v, &grad, self.mask_rows())?,
+            Some(segs) => {
+                let (qw, kw) = (g.q * g.dim, g.kv * g.dim);
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; q.len()],
+                    vec![0f32; k.len()],
+                    vec![0f32; v.len()],
+                );
+                for &(r0, n) in segs.iter() {
+                    let [sq, sk, sv] = self.segment(n).backward_rows(
+                        &q[r0 * qw..][..n * qw],
+                        &k[r0 * kw..][..n * kw],
+                        &v[r0 * kw..][..n * kw],
+                        &grad[r0 * qw..][..n * qw],
+                        self.segment_mask(r0, n).as_deref(),
+                    )?;
+                    dq[r0 * qw..][..n * qw].copy_from_slice(&sq);
+                    dk[r0 * kw..][..n * kw].copy_from_slice(&sk);
+                    dv[r0 * kw..][..n * kw].copy_from_slice(&sv);
+                }
+                [dq, dk, dv]
+            }
+        };
         Ok((
-            Some(Tensor::from_vec(dq, (g.b * t, g.q * g.dim), dev)?),
-            Some(Tensor::from_vec(dk, (g.b * tk, g.kv * g.dim), dev)?),
-            Some(Tensor::from_vec(dv, (g.b * tk, g.kv * g.dim), dev)?),
+            Some(Tensor::from_vec(dq, (g.b * g.t, g.q * g.dim), dev)?),
+            Some(Tensor::from_vec(dk, (g.b * g.tk, g.kv * g.dim), dev)?),
+            Some(Tensor::from_vec(dv, (g.b * g.tk, g.kv * g.dim), dev)?),
         ))
     }
 }
@@ -457,6 +628,97 @@ mod tests {
             ("k", &fk, &sk, rand_vec(nk * kd, 52), [nk, kd]),
             ("v", &fv, &sv, rand_vec(nk * kd, 53), [nk, kd]),
         ])
+    }
+
+    /// Packed rows: sequences computed one at a time from position 0 equal the whole-row
+    /// op under the block-diagonal causal mask with per-token positions, in the output and
+    /// in each input's gradient; and the packed op passes finite differences.
+    #[test]
+    fn packed_sequences_match_the_block_diagonal_whole_row_op() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Heads {
+            b: 2,
+            t: 5,
+            tk: 5,
+            q: 4,
+            kv: 2,
+            dim: 4,
+        };
+        // Row 0: sequences of 2 and 3; row 1: 4 and 1.
+        let segments = Arc::new(vec![(0, 2), (2, 3), (5, 4), (9, 1)]);
+        let (mut pos, mut id) = (vec![0u32; 10], vec![0usize; 10]);
+        for (k, &(r0, n)) in segments.iter().enumerate() {
+            for i in 0..n {
+                pos[r0 + i] = i as u32;
+                id[r0 + i] = k;
+            }
+        }
+        let inv = Tensor::new(&[[1.0f32, 0.3]], &dev)?;
+        let angles = |p: &[u32], shape: (usize, usize, usize, usize)| -> Result<(Tensor, Tensor)> {
+            let a = Tensor::new(p, &dev)?
+                .to_dtype(candle_core::DType::F32)?
+                .reshape((p.len(), 1))?
+                .broadcast_mul(&inv)?
+                .reshape(shape)?;
+            Ok((a.cos()?, a.sin()?))
+        };
+        let (c, s) = angles(&pos, (2, 1, 5, 2))?;
+        let per_token = RopeTables::new(&c, &s)?;
+        let (c, s) = angles(&[0, 1, 2, 3, 4], (1, 1, 5, 2))?;
+        let shared = RopeTables::new(&c.squeeze(0)?.squeeze(0)?, &s.squeeze(0)?.squeeze(0)?)?;
+        let mut m = vec![-1e30f32; 2 * 5 * 5];
+        for bi in 0..2 {
+            for i in 0..5 {
+                for j in 0..=i {
+                    if id[bi * 5 + i] == id[bi * 5 + j] {
+                        m[(bi * 5 + i) * 5 + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = AttnMask::new(m, 2, 5, 5, &dev)?;
+        let (q0, k0, v0) = (
+            Tensor::from_vec(rand_vec(10 * 16, 1), (10, 16), &dev)?,
+            Tensor::from_vec(rand_vec(10 * 8, 2), (10, 8), &dev)?,
+            Tensor::from_vec(rand_vec(10 * 8, 3), (10, 8), &dev)?,
+        );
+        let packed = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            packed_attention(q, k, v, g, 0.5, Some(&shared), &mask, segments.clone())
+        };
+        let whole = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            multi_head_attention(q, k, v, g, 0.5, Some(&per_token), Some(&mask))
+        };
+        check_each_input([
+            (
+                "q",
+                &|x| packed(x, &k0, &v0),
+                &|x| whole(x, &k0, &v0),
+                q0.flatten_all()?.to_vec1()?,
+                [10, 16],
+            ),
+            (
+                "k",
+                &|x| packed(&q0, x, &v0),
+                &|x| whole(&q0, x, &v0),
+                k0.flatten_all()?.to_vec1()?,
+                [10, 8],
+            ),
+            (
+                "v",
+                &|x| packed(&q0, &k0, x),
+                &|x| whole(&q0, &k0, x),
+                v0.flatten_all()?.to_vec1()?,
+                [10, 8],
+            ),
+        ])?;
+        // Overlapping sequences, or one that crosses into the next row, are refused.
+        for bad in [vec![(0, 3), (2, 2)], vec![(3, 4)]] {
+            assert!(
+                packed_attention(&q0, &k0, &v0, g, 0.5, Some(&shared), &mask, Arc::new(bad))
+                    .is_err()
+            );
+        }
+        Ok(())
     }
 
     #[test]

@@ -13,7 +13,8 @@ use super::generic::{hand_over_forwards, Handover};
 use super::{rope_primitive, Heads};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-/// Rotary tables `(t, dim/2)` as tensors on the inputs' device.
+/// Rotary tables `(t, dim/2)`, or `(b, 1, t, dim/2)` per token, as tensors on the inputs'
+/// device.
 #[derive(Clone)]
 pub struct RopeTensors {
     pub cos: Tensor,
@@ -53,7 +54,10 @@ pub(super) fn attention_in_blocks(
     let ok = heads.kv > 0
         && heads.q.is_multiple_of(heads.kv)
         && rope.is_none_or(|r| {
-            tk == t && r.cos.dims() == [t, dim / 2] && r.sin.dims() == [t, dim / 2]
+            let shared = r.cos.dims() == [t, dim / 2];
+            tk == t
+                && (shared || r.cos.dims() == [b, 1, t, dim / 2])
+                && r.sin.dims() == r.cos.dims()
         })
         && mask.is_none_or(|m| m.dims() == [b, 1, t, tk])
         && q.dims() == [b * t, heads.q * dim]

@@ -197,7 +197,7 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// The rotary embedding on any device (HF's half-split layout, `x` `(b, h, t, d)`,
-/// `cos`/`sin` `(t, d/2)`); its backward is the rotation by the opposite angle.
+/// `cos`/`sin` `(t, d/2)` or `(b, 1, t, d/2)`); its backward is the rotation by the opposite angle.
 pub fn rope_generic(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let out = rope_primitive(&x.detach(), cos, sin)?;
     x.apply_op1(Rope {

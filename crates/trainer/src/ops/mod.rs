@@ -21,7 +21,7 @@ mod blocked;
 mod frozen;
 mod generic;
 mod head_loss;
-pub use attention::{multi_head_attention, Heads, RopeTables};
+pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
@@ -326,7 +326,7 @@ fn rms_norm_primitive(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Rotary embedding, HF's half-split layout: `x·cos + rotate_half(x)·sin`.
-/// `x` is `(b, h, t, d)`; `cos`/`sin` are `(t, d/2)`.
+/// `x` is `(b, h, t, d)`; `cos`/`sin` are `(t, d/2)`, or `(b, 1, t, d/2)` per token.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_b, _h, t, d) = x.dims4()?;
     if fast_path(x) && d % 2 == 0 && cos.dims() == [t, d / 2] && sin.dims() == [t, d / 2] {
@@ -690,7 +690,7 @@ impl CustomOp1 for Rope {
             for (j, o) in chunk.chunks_mut(d).enumerate() {
                 let row = first + j;
                 let xr = &x[row * d..][..d];
-                self.tables.rotate(row % self.tables.t, self.sign, xr, o);
+                self.tables.rotate(row, self.sign, xr, o);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))

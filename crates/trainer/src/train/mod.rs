@@ -110,6 +110,11 @@ pub struct TrainSpec {
     /// 0 turns clipping off.
     pub max_grad_norm: f64,
     pub max_seq_len: usize,
+    /// Causal LM (supervised): pack examples into rows of `max_seq_len` tokens that keep
+    /// them apart (see `families::decoder::objective::pack`); the loop then shuffles and
+    /// batches rows, `batch_size` rows a micro-batch. Off here, as in PEFT/TRL; the CLI
+    /// and the API turn it on by default.
+    pub packing: bool,
     pub seed: u64,
     pub shuffle: bool,
     pub train_on_inputs: bool,
@@ -185,6 +190,7 @@ impl TrainSpec {
             adamw: AdamWConfig::default(),
             max_grad_norm: 1.0,
             max_seq_len: 1024,
+            packing: false,
             seed: 42,
             shuffle: true,
             train_on_inputs: false,
@@ -368,12 +374,17 @@ pub trait Objective {
     fn model_mut(&mut self) -> &mut dyn LoraModel;
     /// What goes into `base_model_name_or_path`.
     fn base_name(&self) -> &str;
-    /// Training examples.
+    /// Training items the loop shuffles and batches: examples, or rows of packed
+    /// examples.
     fn len(&self) -> usize;
+    /// Training examples (what `len` counts unless the objective packs them into rows).
+    fn examples(&self) -> usize {
+        self.len()
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// A micro-batch of training examples by index.
+    /// A micro-batch of training items by index.
     fn batch(&self, idx: &[usize]) -> Result<Self::Batch>;
     /// Units the batch's loss is summed over (scored tokens, examples, or outputs).
     fn units(b: &Self::Batch) -> usize;
@@ -478,7 +489,7 @@ pub fn run<O: Objective>(
     };
     on_event(&TrainEvent::Started {
         total_steps: total,
-        examples: n_examples,
+        examples: obj.examples(),
         resumed_from: resume_dir.as_ref().map(|_| start_step),
     });
     let ck = |obj: &O, opt: &AdamW, step: u64, tokens: u64| {

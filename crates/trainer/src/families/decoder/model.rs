@@ -6,14 +6,16 @@ use crate::io::Take;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
     blocked_attention, cross_entropy_rows, fast_path, frozen_linear, masked_softmax,
-    multi_head_attention, projected_nll, projected_nll_generic, projected_nll_vocab_blocks,
-    rms_norm, rope, swiglu, AttnMask, Frozen, Heads, RopeTables, RopeTensors, MASKED,
+    multi_head_attention, packed_attention, projected_nll, projected_nll_generic,
+    projected_nll_vocab_blocks, rms_norm, rope, swiglu, AttnMask, Frozen, Heads, RopeTables,
+    RopeTensors, MASKED,
 };
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The rotation as each attention op takes it.
 enum Rotary {
@@ -121,6 +123,9 @@ struct View {
     sin: Tensor,
     /// The rotation for the one-op attention; `None` on the cached (generation) path.
     tables: Option<Rotary>,
+    /// Packed rows: the sequences `(first token row, rows)`, which the fused op computes
+    /// one by one.
+    segments: Option<Arc<Vec<(usize, usize)>>>,
 }
 
 /// What the layers of one forward pass share.
@@ -153,6 +158,52 @@ pub(crate) const HEAD_BLOCK_ELEMS: usize = 16 << 20;
 fn head_in_blocks(w: &Frozen) -> bool {
     let (v, d) = w.dims2().unwrap_or((0, 0));
     matches!(w, Frozen::Packed(_)) && v * d * w.dtype().size_in_bytes() > HEAD_WHOLE_BYTES
+}
+
+/// Per-token positions `(b·t)` when some row of `attention_mask` packs several sequences
+/// (its sequence id changes between two real tokens): each sequence restarts at 0.
+/// `None` when every row holds one sequence, whose positions are `0..t` as ever.
+fn packed_positions(attention_mask: &[Vec<u32>], t: usize) -> Option<Vec<u32>> {
+    let id = |row: &Vec<u32>, i: usize| row.get(i).copied().unwrap_or(1);
+    let packs = attention_mask.iter().any(|row| {
+        (1..t).any(|i| {
+            let (a, b) = (id(row, i - 1), id(row, i));
+            a != b && a != 0 && b != 0
+        })
+    });
+    if !packs {
+        return None;
+    }
+    let mut pos = Vec::with_capacity(attention_mask.len() * t);
+    for row in attention_mask {
+        let mut start = 0;
+        for i in 0..t {
+            if i > 0 && id(row, i) != id(row, i - 1) {
+                start = i;
+            }
+            pos.push((i - start) as u32);
+        }
+    }
+    Some(pos)
+}
+
+/// The runs of equal non-zero sequence ids in each row of `attention_mask`, as
+/// `(first token row of the (b·t) rows, rows)`.
+fn sequences(attention_mask: &[Vec<u32>], t: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (bi, row) in attention_mask.iter().enumerate() {
+        let id = |i: usize| row.get(i).copied().unwrap_or(1);
+        let mut start = 0;
+        for i in 1..=t {
+            if i == t || id(i) != id(start) {
+                if id(start) != 0 {
+                    out.push((bi * t + start, i - start));
+                }
+                start = i;
+            }
+        }
+    }
+    out
 }
 
 /// Per-layer key/value cache for generation.
@@ -343,8 +394,10 @@ impl Decoder {
         self.embed.dtype()
     }
 
-    /// Additive mask `(b, 1, t, past + t)`: causal, padded keys hidden, and keys
-    /// `window` or more positions behind the query hidden.
+    /// Additive mask `(b, 1, t, past + t)`: causal, padded keys hidden, keys `window` or
+    /// more positions behind the query hidden, and (packed rows) keys of another sequence
+    /// hidden. `attention_mask` holds a sequence id per token, 0 for padding (a plain
+    /// padded batch has 1 for every real token).
     fn mask(
         &self,
         b: usize,
@@ -355,12 +408,17 @@ impl Decoder {
     ) -> Result<AttnMask> {
         let tk = past + t;
         let mut m = vec![0f32; b * t * tk];
+        let id = |bi: usize, j: usize| {
+            attention_mask.map_or(1, |am| am[bi].get(j).copied().unwrap_or(1))
+        };
         for bi in 0..b {
             for i in 0..t {
+                let query = id(bi, past + i);
                 for j in 0..tk {
                     let causal_ok = j <= past + i && window.is_none_or(|w| past + i - j < w);
-                    let key_ok =
-                        attention_mask.is_none_or(|am| am[bi].get(j).copied().unwrap_or(1) != 0);
+                    let key = id(bi, j);
+                    // A padding query attends as before; its output is never scored.
+                    let key_ok = key != 0 && (query == 0 || key == query);
                     if !(causal_ok && key_ok) {
                         m[(bi * t + i) * tk + j] = MASKED;
                     }
@@ -381,10 +439,16 @@ impl Decoder {
     ) -> Result<(Tensor, Pass)> {
         let (b, t) = input_ids.dims2()?;
         let d = self.cfg.hidden_size;
-        if past + t > self.cfg.max_position_embeddings {
+        let packed = (past == 0)
+            .then(|| attention_mask.and_then(|am| packed_positions(am, t)))
+            .flatten();
+        // A packed row's sequences each restart at position 0.
+        let positions = packed
+            .as_ref()
+            .map_or(past + t, |p| p.iter().max().map_or(0, |&m| m as usize + 1));
+        if positions > self.cfg.max_position_embeddings {
             return Err(Error::Data(format!(
-                "sequence of {} tokens exceeds the model's {} positions",
-                past + t,
+                "sequence of {positions} tokens exceeds the model's {} positions",
                 self.cfg.max_position_embeddings
             )));
         }
@@ -401,20 +465,51 @@ impl Decoder {
         // Without a cache (training, evaluation) attention is one op that keeps only its
         // inputs: fused on CPU in f32, in query blocks on other devices and dtypes.
         let fused = fast_path(&x) && self.dtype() == DType::F32;
-        let view = |inv: &Tensor, window: Option<usize>| -> Result<View> {
-            let pos = Tensor::arange(past as u32, (past + t) as u32, &self.device)?
+        // `(t, half)` angles for positions shared by every row, `(b, 1, t, half)` per token.
+        let angles = |pos: Tensor, shape: &[usize], inv: &Tensor| -> Result<(Tensor, Tensor)> {
+            let freqs = pos
                 .to_dtype(DType::F32)?
-                .reshape((t, 1))?;
-            let freqs = pos.broadcast_mul(inv)?;
-            let cos = freqs.cos()?.to_dtype(self.rope_dtype)?;
-            let sin = freqs.sin()?.to_dtype(self.rope_dtype)?;
+                .reshape((pos.elem_count(), 1))?
+                .broadcast_mul(inv)?;
+            let shape = [shape, &[freqs.dim(1)?]].concat();
+            Ok((
+                freqs
+                    .cos()?
+                    .to_dtype(self.rope_dtype)?
+                    .reshape(shape.as_slice())?,
+                freqs
+                    .sin()?
+                    .to_dtype(self.rope_dtype)?
+                    .reshape(shape.as_slice())?,
+            ))
+        };
+        let from = |start: usize| Tensor::arange(start as u32, (start + t) as u32, &self.device);
+        let segments = match (&packed, attention_mask) {
+            (Some(_), Some(am)) => Some(Arc::new(sequences(am, t))),
+            _ => None,
+        };
+        let view = |inv: &Tensor, window: Option<usize>| -> Result<View> {
+            let (cos, sin) = match &packed {
+                // Packed rows: each sequence restarts at position 0.
+                Some(p) => angles(Tensor::new(p.as_slice(), &self.device)?, &[b, 1, t], inv)?,
+                None => angles(from(past)?, &[t], inv)?,
+            };
+            let half = *cos.dims().last().unwrap_or(&0);
             // Soft-capped scores (gemma2) take the op-by-op path, which keeps them.
             let whole = !cached
-                && 2 * cos.dim(1)? == self.cfg.head_dim
+                && 2 * half == self.cfg.head_dim
                 && self.cfg.attn_logit_softcapping.is_none();
             let tables = match (whole, fused) {
                 (false, _) => None,
-                (true, true) => Some(Rotary::Fused(RopeTables::new(&cos, &sin)?)),
+                // The fused op runs packed sequences one at a time from position 0: the
+                // tables of positions `0..t` serve each of them.
+                (true, true) => Some(Rotary::Fused(match &packed {
+                    Some(_) => {
+                        let (c, s) = angles(from(0)?, &[t], inv)?;
+                        RopeTables::new(&c, &s)?
+                    }
+                    None => RopeTables::new(&cos, &sin)?,
+                })),
                 (true, false) => Some(Rotary::Tensors(RopeTensors {
                     cos: cos.clone(),
                     sin: sin.clone(),
@@ -425,6 +520,7 @@ impl Decoder {
                 cos,
                 sin,
                 tables,
+                segments: segments.clone(),
             })
         };
         let (global, local) = if self.cfg.sliding_layers.is_some() {
@@ -465,7 +561,7 @@ impl Decoder {
         let view = pass.view(layer);
         let h = layer.input_norm.forward(x, eps)?.to_dtype(cd)?;
         let a = match &view.tables {
-            Some(r) => self.fused_attention(layer, &h, b, t, &view.mask, r, ctx)?,
+            Some(r) => self.fused_attention(layer, &h, b, t, view, r, ctx)?,
             None => self.attention(layer, &h, b, t, &view.mask, &view.cos, &view.sin, slot, ctx)?,
         };
         let mut a = a.to_dtype(DType::F32)?;
@@ -636,10 +732,11 @@ impl Decoder {
         h: &Tensor,
         b: usize,
         t: usize,
-        mask: &AttnMask,
+        view: &View,
         rope: &Rotary,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
+        let mask = &view.mask;
         let heads = Heads {
             b,
             t,
@@ -653,7 +750,10 @@ impl Decoder {
         let out = match rope {
             Rotary::Fused(r) => {
                 let r = l.rotate.then_some(r);
-                multi_head_attention(&q, &k, &v, heads, scale, r, Some(mask))?
+                match &view.segments {
+                    Some(s) => packed_attention(&q, &k, &v, heads, scale, r, mask, s.clone())?,
+                    None => multi_head_attention(&q, &k, &v, heads, scale, r, Some(mask))?,
+                }
             }
             Rotary::Tensors(r) => {
                 let r = l.rotate.then_some(r);

@@ -15,6 +15,8 @@ use std::path::Path;
 /// A padded batch.
 pub struct Batch {
     pub input_ids: Tensor,
+    /// Per row and token: the id of the sequence the token belongs to (1, 2, ... when a
+    /// row packs several examples, 1 otherwise), 0 for padding.
     pub attention_mask: Vec<Vec<u32>>,
     pub labels: Vec<Vec<i64>>,
     /// Scored positions (labels shifted by one that are not ignored).
@@ -22,32 +24,48 @@ pub struct Batch {
     pub tokens: usize,
 }
 
-/// Right-pads `examples` into one batch.
+/// Right-pads `examples` into one batch, a row each.
 pub fn make_batch(examples: &[&Encoded], pad_id: u32, device: &Device) -> Result<Batch> {
-    let t = examples
-        .iter()
-        .map(|e| e.input_ids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut ids = Vec::with_capacity(examples.len() * t);
-    let mut mask = Vec::new();
-    let mut labels = Vec::new();
+    let rows: Vec<Vec<&Encoded>> = examples.iter().map(|e| vec![*e]).collect();
+    make_rows(&rows, pad_id, device)
+}
+
+/// Right-pads rows of examples into one batch, each row's examples back to back. The
+/// first token of every example after a row's first is not scored: the token before it
+/// belongs to another example, and unpacked it is never a target either. So the summed
+/// loss is the unpacked batches' to rounding, given the model keeps the examples apart
+/// (`attention_mask`'s sequence ids: block-diagonal causal attention, positions restarting).
+pub fn make_rows(rows: &[Vec<&Encoded>], pad_id: u32, device: &Device) -> Result<Batch> {
+    let len = |r: &Vec<&Encoded>| r.iter().map(|e| e.input_ids.len()).sum::<usize>();
+    let t = rows.iter().map(len).max().unwrap_or(1).max(1);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    let mut mask = Vec::with_capacity(rows.len());
+    let mut labels = Vec::with_capacity(rows.len());
     let mut scored = 0;
     let mut tokens = 0;
-    for e in examples {
-        let n = e.input_ids.len();
+    for row in rows {
+        let mut m = Vec::with_capacity(t);
+        let mut l = Vec::with_capacity(t);
+        for (k, e) in row.iter().enumerate() {
+            ids.extend(&e.input_ids);
+            m.extend(std::iter::repeat_n(k as u32 + 1, e.input_ids.len()));
+            let first = l.len();
+            l.extend(&e.labels);
+            if k > 0 && first < l.len() {
+                l[first] = IGNORE;
+            }
+        }
+        let n = m.len();
         tokens += n;
-        ids.extend(&e.input_ids);
         ids.extend(std::iter::repeat_n(pad_id, t - n));
-        mask.push((0..t).map(|i| u32::from(i < n)).collect());
-        let mut l = e.labels.clone();
+        m.resize(t, 0);
         l.resize(t, IGNORE);
         scored += l.iter().skip(1).filter(|&&x| x != IGNORE).count();
+        mask.push(m);
         labels.push(l);
     }
     Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (examples.len(), t), device)?,
+        input_ids: Tensor::from_vec(ids, (rows.len(), t), device)?,
         attention_mask: mask,
         labels,
         scored,
@@ -55,13 +73,49 @@ pub fn make_batch(examples: &[&Encoded], pad_id: u32, device: &Device) -> Result
     })
 }
 
+/// Groups examples of the given lengths into rows of at most `capacity` tokens, best fit
+/// decreasing (TRL's `bfd`): longest first, each into the fullest row it still fits, a new
+/// row when none has room. Deterministic; every example lands in exactly one row, and
+/// none is split (each is at most `capacity` long after truncation).
+pub fn pack(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    // (room left, row): the first entry with room >= len is the best fit.
+    let mut room = std::collections::BTreeSet::new();
+    for i in order {
+        let n = lengths[i].min(capacity);
+        match room.range((n, 0)..).next().copied() {
+            Some((left, r)) => {
+                room.remove(&(left, r));
+                rows[r].push(i);
+                room.insert((left - n, r));
+            }
+            None => {
+                rows.push(vec![i]);
+                room.insert((capacity - n, rows.len() - 1));
+            }
+        }
+    }
+    rows
+}
+
 /// Causal language modelling on a decoder.
 pub struct CausalLm {
     pub base: BaseModel,
     train: Vec<Encoded>,
+    /// With packing, the rows of examples ([`pack`]) that the loop batches and shuffles;
+    /// without, every example is a row of its own.
+    rows: Option<Packing>,
     valid: Option<Vec<Encoded>>,
     device: Device,
     checkpointing: bool,
+}
+
+/// How a packed run groups its examples.
+struct Packing {
+    capacity: usize,
+    rows: Vec<Vec<usize>>,
 }
 
 /// The run's base model, in its compute dtype.
@@ -81,9 +135,20 @@ impl CausalLm {
             .as_deref()
             .map(|p| encode_file(&base, p, spec))
             .transpose()?;
+        let rows = spec.packing.then(|| {
+            // Positions restart per example: a row may hold more tokens than the model
+            // has positions, as long as no example does.
+            let capacity = spec.max_seq_len;
+            let lengths: Vec<usize> = train.iter().map(|e| e.input_ids.len()).collect();
+            Packing {
+                capacity,
+                rows: pack(&lengths, capacity),
+            }
+        });
         Ok(Self {
             base,
             train,
+            rows,
             valid,
             device: spec.device.clone(),
             checkpointing: spec.gradient_checkpointing,
@@ -103,11 +168,34 @@ impl Objective for CausalLm {
         &self.base.name
     }
     fn len(&self) -> usize {
+        self.rows
+            .as_ref()
+            .map_or(self.train.len(), |p| p.rows.len())
+    }
+    fn examples(&self) -> usize {
         self.train.len()
     }
     fn batch(&self, idx: &[usize]) -> Result<Batch> {
-        let ex: Vec<&Encoded> = idx.iter().map(|&i| &self.train[i]).collect();
-        make_batch(&ex, self.base.tokenizer.pad_id, &self.device)
+        let pad = self.base.tokenizer.pad_id;
+        match &self.rows {
+            Some(p) => {
+                let rows: Vec<Vec<&Encoded>> = idx
+                    .iter()
+                    .map(|&r| p.rows[r].iter().map(|&i| &self.train[i]).collect())
+                    .collect();
+                make_rows(&rows, pad, &self.device)
+            }
+            None => {
+                let ex: Vec<&Encoded> = idx.iter().map(|&i| &self.train[i]).collect();
+                make_batch(&ex, pad, &self.device)
+            }
+        }
+    }
+    fn fingerprint(&self) -> Option<String> {
+        Some(match &self.rows {
+            Some(p) => format!("packing into rows of {} tokens", p.capacity),
+            None => "no packing".into(),
+        })
     }
     fn units(b: &Batch) -> usize {
         b.scored

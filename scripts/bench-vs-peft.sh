@@ -3,17 +3,18 @@
 # (../shared/bench/peft_causal_lm.py) dumps its token batches and initial adapter, then the
 # two engines train alternately (PEFT, loraforge, PEFT, loraforge, ...) on those batches from
 # that adapter with the same recipe (file order, constant lr 2e-4, no weight decay, no
-# clipping, dropout 0). Alternating spreads the VM's drift over both engines; the ratios
-# compare medians from the same run. Prints tokens/s, peak RSS, their ratios and both loss
-# curves; exits 1 if any step's loss differs by 1% or more.
+# clipping, dropout 0, PEFT's fixed-length rows as they are: --no-packing). Alternating
+# spreads the VM's drift over both engines; the ratios compare medians from the same run.
+# Prints tokens/s, peak RSS, their ratios and both loss curves; exits 1 if any step's loss
+# differs by 1% or more.
 #
-#   scripts/bench-vs-peft.sh path/to/loraforge-bench [OUTDIR]
+#   scripts/bench-vs-peft.sh path/to/loraforge [OUTDIR]
 #   env: STEPS (20) SEQ (256) BATCH (4) TARGETS (all | qv) ROUNDS (2) THREADS (2)
-# Build the binary with `cargo build -p loraforge-trainer --bin loraforge-bench` (the dev
-# profile builds candle and the trainer at opt-level 3) or with --release. Run nothing else
+# The binary is what users run: `cargo build --release -p loraforge` and pass
+# target/release/loraforge (`loraforge train` is what is timed). Run nothing else
 # meanwhile: wait until `pgrep -x rustc` is empty and nothing else trains.
 set -euo pipefail
-BIN=${1:?usage: $0 path/to/loraforge-bench [OUTDIR]}
+BIN=${1:?usage: $0 path/to/loraforge [OUTDIR]}
 OUT=${2:-$(mktemp -d)}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BENCH=${BENCH:-$HERE/../../shared/bench}
@@ -34,9 +35,10 @@ peft() { # $1 = round
 }
 
 ours() {
-  /usr/bin/time -v -o "$OUT/loraforge-$1.time" "$BIN" --model "$HF" --data "$OUT/batches.jsonl" \
-    --init-adapter "$OUT/peft-init" --out "$OUT/loraforge-$1" --batch "$BATCH" --seq "$SEQ" \
-    --steps "$STEPS" --lr 2e-4 --threads "$THREADS" --metrics-jsonl "$OUT/loraforge-$1.jsonl" \
+  /usr/bin/time -v -o "$OUT/loraforge-$1.time" "$BIN" train --model "$HF" --data "$OUT/batches.jsonl" \
+    --init-adapter "$OUT/peft-init" --out "$OUT/loraforge-$1" --batch-size "$BATCH" --max-seq-len "$SEQ" \
+    --max-steps "$STEPS" --lr 2e-4 --scheduler constant --weight-decay 0 --max-grad-norm 0 --dropout 0 \
+    --no-shuffle --no-packing --threads "$THREADS" --metrics-jsonl "$OUT/loraforge-$1.jsonl" \
     >"$OUT/loraforge-$1.log" 2>&1 || { tail "$OUT/loraforge-$1.log"; exit 1; }
   grep -E "Maximum resident" "$OUT/loraforge-$1.time" | sed "s/^\s*/  loraforge $1: /"
 }

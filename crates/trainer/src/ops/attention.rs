@@ -10,7 +10,7 @@
 //! projections' outputs, which exist anyway) and recomputes `Q·Kᵀ` on the way back, as
 //! flash attention does: one more `t × t × d` product per head, a few per cent of a layer.
 
-use super::{par_rows, rows_of, softmax_in_place, AttnMask};
+use super::{par_rows, rows_of, softmax_in_place, AttnMask, MASKED};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
@@ -124,11 +124,12 @@ pub fn multi_head_attention(
 }
 
 /// [`multi_head_attention`] over packed rows: each of `segments`, `(first row, rows)` of
-/// the `b·t` token rows, is a sequence that attends only within itself, from position 0 of
-/// `rope` (tables over positions `0..t`), under its own block of `mask` (causal, and any
-/// window). Rows in no segment (padding) come out zero, with zero gradients. The products
-/// cover each sequence's `n × n` block, not the row's `t × t`: a row of ten short examples
-/// costs a tenth of the attention of one long one.
+/// the `b·t` token rows, is a sequence that attends only within itself, causally (and to
+/// the last `window` positions when given), from position 0 of `rope` (tables over
+/// positions `0..t`). Rows in no segment (padding) come out zero, with zero gradients. The
+/// products cover each sequence's `n × n` block, not the row's `t × t`, and no `t × t`
+/// mask is built: a row of ten short examples costs a tenth of the attention of one long
+/// one.
 #[allow(clippy::too_many_arguments)]
 pub fn packed_attention(
     q: &Tensor,
@@ -137,7 +138,7 @@ pub fn packed_attention(
     heads: Heads,
     scale: f64,
     rope: Option<&RopeTables>,
-    mask: &AttnMask,
+    window: Option<usize>,
     segments: Arc<Vec<(usize, usize)>>,
 ) -> Result<Tensor> {
     let Heads { b, t, tk, dim, .. } = heads;
@@ -146,8 +147,6 @@ pub fn packed_attention(
         && heads.q.is_multiple_of(heads.kv)
         && tk == t
         && rope.is_none_or(|r| dim == 2 * r.half && r.t == t)
-        && mask.t == t
-        && mask.rows.len() == b * t * t
         && q.dims() == [b * t, heads.q * dim]
         && k.dims() == [b * t, heads.kv * dim]
         && v.dims() == [b * t, heads.kv * dim]
@@ -173,10 +172,16 @@ pub fn packed_attention(
             heads,
             scale: scale as f32,
             rope: rope.cloned(),
-            mask: Some(mask.clone()),
-            segments: Some(segments),
+            mask: None,
+            segments: Some(Packed { segments, window }),
         },
     )
+}
+
+/// Packed rows' sequences and the window they attend over.
+struct Packed {
+    segments: Arc<Vec<(usize, usize)>>,
+    window: Option<usize>,
 }
 
 struct Attention {
@@ -185,7 +190,7 @@ struct Attention {
     rope: Option<RopeTables>,
     mask: Option<AttnMask>,
     /// Packed rows ([`packed_attention`]): the sequences, each computed on its own.
-    segments: Option<Arc<Vec<(usize, usize)>>>,
+    segments: Option<Packed>,
 }
 
 /// Row `(bi, head, i)` of a `(b, heads, t, dim)` buffer, from row `bi·t + i` of a
@@ -285,15 +290,14 @@ impl Attention {
         }
     }
 
-    /// The `n × n` block of the mask that the sequence at token row `r0` attends under.
-    fn segment_mask(&self, r0: usize, n: usize) -> Option<Vec<f32>> {
-        let t = self.heads.t;
-        self.mask.as_ref().map(|m| {
-            let s0 = r0 % t;
-            (0..n)
-                .flat_map(|i| m.rows[(r0 + i) * t + s0..][..n].iter().copied())
-                .collect()
-        })
+    /// The causal (windowed) mask of a packed sequence of `n` rows.
+    fn segment_mask(window: Option<usize>, n: usize) -> Vec<f32> {
+        let mut m = vec![MASKED; n * n];
+        for (i, row) in m.chunks_mut(n).enumerate() {
+            let first = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            row[first..=i].fill(0.0);
+        }
+        m
     }
 
     fn mask_rows(&self) -> Option<&[f32]> {
@@ -416,15 +420,15 @@ impl CustomOp3 for Attention {
         let (q, k, v) = (rows_of(qs, lq)?, rows_of(ks, lk)?, rows_of(vs, lv)?);
         let out = match &self.segments {
             None => self.forward_rows(q, k, v, self.mask_rows())?,
-            Some(segs) => {
+            Some(p) => {
                 let (qw, kw) = (g.q * g.dim, g.kv * g.dim);
                 let mut out = vec![0f32; g.b * g.t * qw];
-                for &(r0, n) in segs.iter() {
+                for &(r0, n) in p.segments.iter() {
                     let o = self.segment(n).forward_rows(
                         &q[r0 * qw..][..n * qw],
                         &k[r0 * kw..][..n * kw],
                         &v[r0 * kw..][..n * kw],
-                        self.segment_mask(r0, n).as_deref(),
+                        Some(&Self::segment_mask(p.window, n)),
                     )?;
                     out[r0 * qw..][..n * qw].copy_from_slice(&o);
                 }
@@ -448,20 +452,20 @@ impl CustomOp3 for Attention {
         let (q, k, v, grad) = (host(q)?, host(k)?, host(v)?, host(grad)?);
         let [dq, dk, dv] = match &self.segments {
             None => self.backward_rows(&q, &k, &v, &grad, self.mask_rows())?,
-            Some(segs) => {
+            Some(p) => {
                 let (qw, kw) = (g.q * g.dim, g.kv * g.dim);
                 let (mut dq, mut dk, mut dv) = (
                     vec![0f32; q.len()],
                     vec![0f32; k.len()],
                     vec![0f32; v.len()],
                 );
-                for &(r0, n) in segs.iter() {
+                for &(r0, n) in p.segments.iter() {
                     let [sq, sk, sv] = self.segment(n).backward_rows(
                         &q[r0 * qw..][..n * qw],
                         &k[r0 * kw..][..n * kw],
                         &v[r0 * kw..][..n * kw],
                         &grad[r0 * qw..][..n * qw],
-                        self.segment_mask(r0, n).as_deref(),
+                        Some(&Self::segment_mask(p.window, n)),
                     )?;
                     dq[r0 * qw..][..n * qw].copy_from_slice(&sq);
                     dk[r0 * kw..][..n * kw].copy_from_slice(&sk);
@@ -631,8 +635,9 @@ mod tests {
     }
 
     /// Packed rows: sequences computed one at a time from position 0 equal the whole-row
-    /// op under the block-diagonal causal mask with per-token positions, in the output and
-    /// in each input's gradient; and the packed op passes finite differences.
+    /// op under the block-diagonal causal mask (windowed or not) with per-token positions,
+    /// in the output and in each input's gradient; and the packed op passes finite
+    /// differences.
     #[test]
     fn packed_sequences_match_the_block_diagonal_whole_row_op() -> Result<()> {
         let dev = Device::Cpu;
@@ -666,55 +671,57 @@ mod tests {
         let per_token = RopeTables::new(&c, &s)?;
         let (c, s) = angles(&[0, 1, 2, 3, 4], (1, 1, 5, 2))?;
         let shared = RopeTables::new(&c.squeeze(0)?.squeeze(0)?, &s.squeeze(0)?.squeeze(0)?)?;
-        let mut m = vec![-1e30f32; 2 * 5 * 5];
-        for bi in 0..2 {
-            for i in 0..5 {
-                for j in 0..=i {
-                    if id[bi * 5 + i] == id[bi * 5 + j] {
-                        m[(bi * 5 + i) * 5 + j] = 0.0;
-                    }
-                }
-            }
-        }
-        let mask = AttnMask::new(m, 2, 5, 5, &dev)?;
         let (q0, k0, v0) = (
             Tensor::from_vec(rand_vec(10 * 16, 1), (10, 16), &dev)?,
             Tensor::from_vec(rand_vec(10 * 8, 2), (10, 8), &dev)?,
             Tensor::from_vec(rand_vec(10 * 8, 3), (10, 8), &dev)?,
         );
-        let packed = |q: &Tensor, k: &Tensor, v: &Tensor| {
-            packed_attention(q, k, v, g, 0.5, Some(&shared), &mask, segments.clone())
-        };
-        let whole = |q: &Tensor, k: &Tensor, v: &Tensor| {
-            multi_head_attention(q, k, v, g, 0.5, Some(&per_token), Some(&mask))
-        };
-        check_each_input([
-            (
-                "q",
-                &|x| packed(x, &k0, &v0),
-                &|x| whole(x, &k0, &v0),
-                q0.flatten_all()?.to_vec1()?,
-                [10, 16],
-            ),
-            (
-                "k",
-                &|x| packed(&q0, x, &v0),
-                &|x| whole(&q0, x, &v0),
-                k0.flatten_all()?.to_vec1()?,
-                [10, 8],
-            ),
-            (
-                "v",
-                &|x| packed(&q0, &k0, x),
-                &|x| whole(&q0, &k0, x),
-                v0.flatten_all()?.to_vec1()?,
-                [10, 8],
-            ),
-        ])?;
+        for window in [None, Some(2)] {
+            let mut m = vec![MASKED; 2 * 5 * 5];
+            for bi in 0..2 {
+                for i in 0..5 {
+                    for j in 0..=i {
+                        if id[bi * 5 + i] == id[bi * 5 + j] && window.is_none_or(|w| i - j < w) {
+                            m[(bi * 5 + i) * 5 + j] = 0.0;
+                        }
+                    }
+                }
+            }
+            let mask = AttnMask::new(m, 2, 5, 5, &dev)?;
+            let packed = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                packed_attention(q, k, v, g, 0.5, Some(&shared), window, segments.clone())
+            };
+            let whole = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                multi_head_attention(q, k, v, g, 0.5, Some(&per_token), Some(&mask))
+            };
+            check_each_input([
+                (
+                    "q",
+                    &|x| packed(x, &k0, &v0),
+                    &|x| whole(x, &k0, &v0),
+                    q0.flatten_all()?.to_vec1()?,
+                    [10, 16],
+                ),
+                (
+                    "k",
+                    &|x| packed(&q0, x, &v0),
+                    &|x| whole(&q0, x, &v0),
+                    k0.flatten_all()?.to_vec1()?,
+                    [10, 8],
+                ),
+                (
+                    "v",
+                    &|x| packed(&q0, &k0, x),
+                    &|x| whole(&q0, &k0, x),
+                    v0.flatten_all()?.to_vec1()?,
+                    [10, 8],
+                ),
+            ])?;
+        }
         // Overlapping sequences, or one that crosses into the next row, are refused.
         for bad in [vec![(0, 3), (2, 2)], vec![(3, 4)]] {
             assert!(
-                packed_attention(&q0, &k0, &v0, g, 0.5, Some(&shared), &mask, Arc::new(bad))
+                packed_attention(&q0, &k0, &v0, g, 0.5, Some(&shared), None, Arc::new(bad))
                     .is_err()
             );
         }

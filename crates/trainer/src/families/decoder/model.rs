@@ -118,7 +118,11 @@ fn columns(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
 
 /// The mask and rotation one kind of layer attends with in a pass.
 struct View {
-    mask: AttnMask,
+    /// The `(b, t, past + t)` mask; `None` where only the packed fused op attends, which
+    /// masks each sequence itself.
+    mask: Option<AttnMask>,
+    /// The sliding layers' window.
+    window: Option<usize>,
     cos: Tensor,
     sin: Tensor,
     /// The rotation for the one-op attention; `None` on the cached (generation) path.
@@ -136,6 +140,14 @@ struct Pass {
     global: View,
     /// For the sliding layers, where only some layers slide.
     local: Option<View>,
+}
+
+impl View {
+    fn full_mask(&self) -> Result<&AttnMask> {
+        self.mask
+            .as_ref()
+            .ok_or_else(|| Error::Model("attention: this pass built no mask".into()))
+    }
 }
 
 impl Pass {
@@ -515,8 +527,12 @@ impl Decoder {
                     sin: sin.clone(),
                 })),
             };
+            let packed_fused = segments.is_some() && matches!(tables, Some(Rotary::Fused(_)));
             Ok(View {
-                mask: self.mask(b, t, past, attention_mask, window)?,
+                mask: (!packed_fused)
+                    .then(|| self.mask(b, t, past, attention_mask, window))
+                    .transpose()?,
+                window,
                 cos,
                 sin,
                 tables,
@@ -562,7 +578,17 @@ impl Decoder {
         let h = layer.input_norm.forward(x, eps)?.to_dtype(cd)?;
         let a = match &view.tables {
             Some(r) => self.fused_attention(layer, &h, b, t, view, r, ctx)?,
-            None => self.attention(layer, &h, b, t, &view.mask, &view.cos, &view.sin, slot, ctx)?,
+            None => self.attention(
+                layer,
+                &h,
+                b,
+                t,
+                view.full_mask()?,
+                &view.cos,
+                &view.sin,
+                slot,
+                ctx,
+            )?,
         };
         let mut a = a.to_dtype(DType::F32)?;
         if let Some((after_attention, _)) = &layer.out_norms {
@@ -736,7 +762,6 @@ impl Decoder {
         rope: &Rotary,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let mask = &view.mask;
         let heads = Heads {
             b,
             t,
@@ -751,13 +776,17 @@ impl Decoder {
             Rotary::Fused(r) => {
                 let r = l.rotate.then_some(r);
                 match &view.segments {
-                    Some(s) => packed_attention(&q, &k, &v, heads, scale, r, mask, s.clone())?,
-                    None => multi_head_attention(&q, &k, &v, heads, scale, r, Some(mask))?,
+                    Some(s) => {
+                        packed_attention(&q, &k, &v, heads, scale, r, view.window, s.clone())?
+                    }
+                    None => {
+                        multi_head_attention(&q, &k, &v, heads, scale, r, Some(view.full_mask()?))?
+                    }
                 }
             }
             Rotary::Tensors(r) => {
                 let r = l.rotate.then_some(r);
-                blocked_attention(&q, &k, &v, heads, scale, r, Some(&mask.tensor))?
+                blocked_attention(&q, &k, &v, heads, scale, r, Some(&view.full_mask()?.tensor))?
             }
         };
         l.o.forward(&out, ctx)

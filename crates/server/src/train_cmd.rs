@@ -254,6 +254,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         TrainEvent::Started {
             total_steps,
             examples,
+            packed,
             resumed_from,
         } => {
             if tty {
@@ -270,7 +271,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 bar = Some(b);
             }
             eprintln!(
-                "training on {examples} examples for {total_steps} steps{}",
+                "training on {examples} examples{} for {total_steps} steps{}",
+                crate::job::packed_note(*packed),
                 resumed_from
                     .map(|s| format!(" (resumed at step {s})"))
                     .unwrap_or_default()

@@ -375,11 +375,15 @@ impl Run<'_> {
             TrainEvent::Started {
                 total_steps,
                 examples,
+                packed,
                 resumed_from,
             } => {
                 let msg = match resumed_from {
                     Some(s) => format!("Resumed from the step-{s} checkpoint (attempt {}); {total_steps} steps in all", self.lease.attempt),
-                    None => format!("Training on {examples} examples for {total_steps} steps"),
+                    None => format!(
+                        "Training on {examples} examples{} for {total_steps} steps",
+                        crate::job::packed_note(*packed)
+                    ),
                 };
                 self.event("info", "message", msg, None).await
             }

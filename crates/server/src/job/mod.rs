@@ -19,6 +19,14 @@ pub fn shown_status(job: &JobRecord) -> &str {
     }
 }
 
+/// How a run's start names its packing: " (packed into 15 rows of 1024 tokens)", or
+/// nothing when it does not pack.
+pub fn packed_note(packed: Option<(usize, usize)>) -> String {
+    packed
+        .map(|(rows, len)| format!(" (packed into {rows} rows of {len} tokens)"))
+        .unwrap_or_default()
+}
+
 /// The first `max` characters of `s` (all of it when shorter): how much of a client's
 /// value a message may quote.
 pub fn prefix(s: &str, max: usize) -> &str {

@@ -630,35 +630,22 @@ mod tests {
 
     #[test]
     fn keys_we_do_not_honour_are_refused_by_name() {
-        let hp = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let spec = |v: serde_json::Value| {
+            parse_spec(
+                v.as_object().unwrap(),
+                None,
+                None,
+                Task::CausalLm,
+                Method::Supervised,
+            )
+        };
         // DPO's beta would be silently ignored by supervised training: refuse it.
-        let e = parse_spec(
-            &hp(json!({"beta": 0.1})),
-            None,
-            None,
-            Task::CausalLm,
-            Method::Supervised,
-        )
-        .unwrap_err();
+        let e = spec(json!({"beta": 0.1})).unwrap_err();
         assert_eq!(e.param, "hyperparameters.beta", "{e:?}");
         assert!(e.message.contains("method dpo"), "{e:?}");
-        let e = parse_spec(
-            &hp(json!({"lora_rank": 8})),
-            None,
-            None,
-            Task::CausalLm,
-            Method::Supervised,
-        )
-        .unwrap_err();
+        let e = spec(json!({"lora_rank": 8})).unwrap_err();
         assert_eq!(e.param, "hyperparameters.lora_rank", "{e:?}");
-        assert!(parse_spec(
-            &hp(json!({"lora_r": 8})),
-            None,
-            None,
-            Task::CausalLm,
-            Method::Supervised
-        )
-        .is_ok());
+        assert!(spec(json!({"lora_r": 8})).is_ok());
     }
 
     #[test]
@@ -667,23 +654,12 @@ mod tests {
         let dpo = Method::Dpo { beta: 0.1 };
         let spec = |v, task, method| parse_spec(&hp(v), None, None, task, method);
         let sft = Method::Supervised;
-        assert!(spec(json!({}), Task::CausalLm, sft).unwrap().packing);
-        assert!(
-            !spec(json!({"packing": false}), Task::CausalLm, sft)
-                .unwrap()
-                .packing
-        );
-        assert!(!spec(json!({}), Task::CausalLm, dpo).unwrap().packing);
-        assert!(
-            !spec(json!({}), Task::SequenceClassification, sft)
-                .unwrap()
-                .packing
-        );
-        assert!(
-            !spec(json!({"packing": false}), Task::TextToImage, sft)
-                .unwrap()
-                .packing
-        );
+        let packs = |v, task, method| spec(v, task, method).unwrap().packing;
+        assert!(packs(json!({}), Task::CausalLm, sft));
+        assert!(!packs(json!({"packing": false}), Task::CausalLm, sft));
+        assert!(!packs(json!({}), Task::CausalLm, dpo));
+        assert!(!packs(json!({}), Task::SequenceClassification, sft));
+        assert!(!packs(json!({"packing": false}), Task::TextToImage, sft));
         for (task, method) in [
             (Task::CausalLm, dpo),
             (Task::SequenceClassification, sft),

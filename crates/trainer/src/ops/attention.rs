@@ -94,33 +94,16 @@ pub fn multi_head_attention(
     mask: Option<&AttnMask>,
 ) -> Result<Tensor> {
     let Heads { b, t, tk, dim, .. } = heads;
-    let ok = heads.kv > 0
-        && heads.q.is_multiple_of(heads.kv)
-        && rope.is_none_or(|r| dim == 2 * r.half && (r.t == t || r.t == b * t) && tk == t)
-        && mask.is_none_or(|m| m.t == t && m.rows.len() == b * t * tk)
-        && q.dims() == [b * t, heads.q * dim]
-        && k.dims() == [b * tk, heads.kv * dim]
-        && v.dims() == [b * tk, heads.kv * dim];
-    if !ok {
-        candle_core::bail!(
-            "attention: {heads:?} with q {:?}, k {:?}, v {:?}, rope over {:?} positions",
-            q.dims(),
-            k.dims(),
-            v.dims(),
-            rope.map(|r| r.t)
-        );
+    let fits = rope.is_none_or(|r| dim == 2 * r.half && (r.t == t || r.t == b * t) && tk == t)
+        && mask.is_none_or(|m| m.t == t && m.rows.len() == b * t * tk);
+    Attention {
+        heads,
+        scale: scale as f32,
+        rope: rope.cloned(),
+        mask: mask.cloned(),
+        segments: None,
     }
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Attention {
-            heads,
-            scale: scale as f32,
-            rope: rope.cloned(),
-            mask: mask.cloned(),
-            segments: None,
-        },
-    )
+    .apply(q, k, v, fits)
 }
 
 /// [`multi_head_attention`] over packed rows: each of `segments`, `(first row, rows)` of
@@ -141,41 +124,24 @@ pub fn packed_attention(
     window: Option<usize>,
     segments: Arc<Vec<(usize, usize)>>,
 ) -> Result<Tensor> {
-    let Heads { b, t, tk, dim, .. } = heads;
+    let Heads { t, tk, dim, .. } = heads;
     let mut end = 0;
-    let ok = heads.kv > 0
-        && heads.q.is_multiple_of(heads.kv)
-        && tk == t
+    let fits = tk == t
         && rope.is_none_or(|r| dim == 2 * r.half && r.t == t)
-        && q.dims() == [b * t, heads.q * dim]
-        && k.dims() == [b * t, heads.kv * dim]
-        && v.dims() == [b * t, heads.kv * dim]
         && segments.iter().all(|&(r0, n)| {
             // Each inside one batch row, in order, none overlapping.
-            let fits = n > 0 && r0 >= end && r0 % t + n <= t;
+            let inside = n > 0 && r0 >= end && r0 % t + n <= t;
             end = r0 + n;
-            fits
+            inside
         });
-    if !ok {
-        candle_core::bail!(
-            "packed attention: {heads:?} with q {:?}, k {:?}, v {:?}, {} segments",
-            q.dims(),
-            k.dims(),
-            v.dims(),
-            segments.len()
-        );
+    Attention {
+        heads,
+        scale: scale as f32,
+        rope: rope.cloned(),
+        mask: None,
+        segments: Some(Packed { segments, window }),
     }
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Attention {
-            heads,
-            scale: scale as f32,
-            rope: rope.cloned(),
-            mask: None,
-            segments: Some(Packed { segments, window }),
-        },
-    )
+    .apply(q, k, v, fits)
 }
 
 /// Packed rows' sequences and the window they attend over.
@@ -274,6 +240,30 @@ struct Forward {
 }
 
 impl Attention {
+    /// Applies the op to `(b·t, q·dim)` queries and `(b·tk, kv·dim)` keys and values, if
+    /// their shapes fit its geometry and `fits` (what the caller checked of the rest).
+    fn apply(self, q: &Tensor, k: &Tensor, v: &Tensor, fits: bool) -> Result<Tensor> {
+        let g = self.heads;
+        let ok = fits
+            && g.kv > 0
+            && g.q.is_multiple_of(g.kv)
+            && q.dims() == [g.b * g.t, g.q * g.dim]
+            && k.dims() == [g.b * g.tk, g.kv * g.dim]
+            && v.dims() == [g.b * g.tk, g.kv * g.dim];
+        if !ok {
+            candle_core::bail!(
+                "attention: {g:?} with q {:?}, k {:?}, v {:?}, rope over {:?} positions, {} packed sequences",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                self.rope.as_ref().map(|r| r.t),
+                self.segments.as_ref().map_or(0, |p| p.segments.len())
+            );
+        }
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, self)
+    }
+
     /// The op for one packed sequence of `n` rows: a batch of one, at positions `0..n`.
     fn segment(&self, n: usize) -> Attention {
         Attention {
@@ -641,14 +631,8 @@ mod tests {
     #[test]
     fn packed_sequences_match_the_block_diagonal_whole_row_op() -> Result<()> {
         let dev = Device::Cpu;
-        let g = Heads {
-            b: 2,
-            t: 5,
-            tk: 5,
-            q: 4,
-            kv: 2,
-            dim: 4,
-        };
+        // setup()'s geometry: two rows of 5, 4 query heads over 2 key heads of 4.
+        let (g, ..) = setup()?;
         // Row 0: sequences of 2 and 3; row 1: 4 and 1.
         let segments = Arc::new(vec![(0, 2), (2, 3), (5, 4), (9, 1)]);
         let (mut pos, mut id) = (vec![0u32; 10], vec![0usize; 10]);
@@ -659,32 +643,26 @@ mod tests {
             }
         }
         let inv = Tensor::new(&[[1.0f32, 0.3]], &dev)?;
-        let angles = |p: &[u32], shape: (usize, usize, usize, usize)| -> Result<(Tensor, Tensor)> {
+        let tables = |p: &[u32], shape: &[usize]| -> Result<RopeTables> {
             let a = Tensor::new(p, &dev)?
                 .to_dtype(candle_core::DType::F32)?
                 .reshape((p.len(), 1))?
                 .broadcast_mul(&inv)?
                 .reshape(shape)?;
-            Ok((a.cos()?, a.sin()?))
+            RopeTables::new(&a.cos()?, &a.sin()?)
         };
-        let (c, s) = angles(&pos, (2, 1, 5, 2))?;
-        let per_token = RopeTables::new(&c, &s)?;
-        let (c, s) = angles(&[0, 1, 2, 3, 4], (1, 1, 5, 2))?;
-        let shared = RopeTables::new(&c.squeeze(0)?.squeeze(0)?, &s.squeeze(0)?.squeeze(0)?)?;
-        let (q0, k0, v0) = (
+        let per_token = tables(&pos, &[2, 1, 5, 2])?;
+        let shared = tables(&[0, 1, 2, 3, 4], &[5, 2])?;
+        let (q, k, v) = (
             Tensor::from_vec(rand_vec(10 * 16, 1), (10, 16), &dev)?,
             Tensor::from_vec(rand_vec(10 * 8, 2), (10, 8), &dev)?,
             Tensor::from_vec(rand_vec(10 * 8, 3), (10, 8), &dev)?,
         );
         for window in [None, Some(2)] {
             let mut m = vec![MASKED; 2 * 5 * 5];
-            for bi in 0..2 {
-                for i in 0..5 {
-                    for j in 0..=i {
-                        if id[bi * 5 + i] == id[bi * 5 + j] && window.is_none_or(|w| i - j < w) {
-                            m[(bi * 5 + i) * 5 + j] = 0.0;
-                        }
-                    }
+            for (row, i, j) in (0..10).flat_map(|r| (0..=r % 5).map(move |j| (r, r % 5, j))) {
+                if id[row] == id[row - i + j] && window.is_none_or(|w| i - j < w) {
+                    m[row * 5 + j] = 0.0;
                 }
             }
             let mask = AttnMask::new(m, 2, 5, 5, &dev)?;
@@ -694,35 +672,28 @@ mod tests {
             let whole = |q: &Tensor, k: &Tensor, v: &Tensor| {
                 multi_head_attention(q, k, v, g, 0.5, Some(&per_token), Some(&mask))
             };
+            let (pq, wq) = (
+                |x: &Tensor| packed(x, &k, &v),
+                |x: &Tensor| whole(x, &k, &v),
+            );
+            let (pk, wk) = (
+                |x: &Tensor| packed(&q, x, &v),
+                |x: &Tensor| whole(&q, x, &v),
+            );
+            let (pv, wv) = (
+                |x: &Tensor| packed(&q, &k, x),
+                |x: &Tensor| whole(&q, &k, x),
+            );
             check_each_input([
-                (
-                    "q",
-                    &|x| packed(x, &k0, &v0),
-                    &|x| whole(x, &k0, &v0),
-                    q0.flatten_all()?.to_vec1()?,
-                    [10, 16],
-                ),
-                (
-                    "k",
-                    &|x| packed(&q0, x, &v0),
-                    &|x| whole(&q0, x, &v0),
-                    k0.flatten_all()?.to_vec1()?,
-                    [10, 8],
-                ),
-                (
-                    "v",
-                    &|x| packed(&q0, &k0, x),
-                    &|x| whole(&q0, &k0, x),
-                    v0.flatten_all()?.to_vec1()?,
-                    [10, 8],
-                ),
+                ("q", &pq, &wq, rand_vec(10 * 16, 1), [10, 16]),
+                ("k", &pk, &wk, rand_vec(10 * 8, 2), [10, 8]),
+                ("v", &pv, &wv, rand_vec(10 * 8, 3), [10, 8]),
             ])?;
         }
         // Overlapping sequences, or one that crosses into the next row, are refused.
         for bad in [vec![(0, 3), (2, 2)], vec![(3, 4)]] {
             assert!(
-                packed_attention(&q0, &k0, &v0, g, 0.5, Some(&shared), None, Arc::new(bad))
-                    .is_err()
+                packed_attention(&q, &k, &v, g, 0.5, Some(&shared), None, Arc::new(bad)).is_err()
             );
         }
         Ok(())

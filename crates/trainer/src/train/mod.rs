@@ -296,6 +296,8 @@ pub enum TrainEvent {
     Started {
         total_steps: u64,
         examples: usize,
+        /// With packing: the rows the examples were packed into, and their length in tokens.
+        packed: Option<(usize, usize)>,
         resumed_from: Option<u64>,
     },
     Step(StepMetrics),
@@ -380,6 +382,10 @@ pub trait Objective {
     /// Training examples (what `len` counts unless the objective packs them into rows).
     fn examples(&self) -> usize {
         self.len()
+    }
+    /// The rows the examples were packed into, if the objective packs.
+    fn packed_rows(&self) -> Option<usize> {
+        None
     }
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -490,6 +496,7 @@ pub fn run<O: Objective>(
     on_event(&TrainEvent::Started {
         total_steps: total,
         examples: obj.examples(),
+        packed: obj.packed_rows().map(|r| (r, spec.max_seq_len)),
         resumed_from: resume_dir.as_ref().map(|_| start_step),
     });
     let ck = |obj: &O, opt: &AdamW, step: u64, tokens: u64| {

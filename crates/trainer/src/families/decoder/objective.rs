@@ -175,6 +175,9 @@ impl Objective for CausalLm {
     fn examples(&self) -> usize {
         self.train.len()
     }
+    fn packed_rows(&self) -> Option<usize> {
+        self.rows.as_ref().map(|p| p.rows.len())
+    }
     fn batch(&self, idx: &[usize]) -> Result<Batch> {
         let pad = self.base.tokenizer.pad_id;
         match &self.rows {

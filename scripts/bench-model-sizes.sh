@@ -43,7 +43,7 @@ train() {
   rm -rf "$work/out" "$work/m.jsonl"
   /usr/bin/time -f '%M' -o "$work/rss" "$lf" train "${extra[@]}" --model "$model" --data "$data" --out "$work/out" \
     --max-steps "$steps" --batch-size "$batch" --max-seq-len "$seq" --rank 16 --alpha 32 \
-    --target-modules all-linear --base-dtype "$base" --threads 2 --metrics-jsonl "$work/m.jsonl" \
+    --target-modules all-linear --base-dtype "$base" --no-packing --threads 2 --metrics-jsonl "$work/m.jsonl" \
     > "$work/log" 2>&1 || { tail -20 "$work/log" >&2; return 1; }
   python3 - "$work/m.jsonl" "$(cat "$work/rss")" <<'PY'
 import json, sys

@@ -146,7 +146,7 @@ PY
     peak_of "$OUT/train-$shape-$dtype.log" "$bin" train --model "$model" --data "$OUT/rows-$shape.jsonl" \
       --out "$OUT/adapter-$shape-$dtype" --device "$DEVICE" --dtype "$dtype" --batch-size "$BATCH" \
       --max-seq-len "$SEQ" --max-steps "$steps" --rank "$RANK" --alpha $((2 * RANK)) "${init_args[@]}" \
-      --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --no-shuffle \
+      --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --no-shuffle --no-packing \
       --lr 2e-4 --scheduler constant --weight-decay 0 --max-grad-norm 0 --dropout 0 \
       --metrics-jsonl "$OUT/train-$shape-$dtype.jsonl" \
       || { fail "loraforge $shape $dtype" "$OUT/train-$shape-$dtype.log"; continue; }

@@ -33,7 +33,7 @@ PY
 
 echo "== loraforge ($STEPS steps)"
 /usr/bin/time -v -o "$OUT/loraforge.time" "$BIN" train --model "$HF" --data "$OUT/batches.jsonl" \
-  --init-adapter "$OUT/peft-init" --out "$OUT/loraforge" --no-shuffle --batch-size 4 --max-seq-len 256 \
+  --init-adapter "$OUT/peft-init" --out "$OUT/loraforge" --no-shuffle --no-packing --batch-size 4 --max-seq-len 256 \
   --max-steps "$STEPS" --lr 2e-4 --scheduler constant --weight-decay 0 --max-grad-norm 0 --dropout 0 \
   --threads 2 --metrics-jsonl "$OUT/loraforge.jsonl" 2>&1 | grep -E "^step" || true
 

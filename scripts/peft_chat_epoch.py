@@ -10,8 +10,9 @@ batching.
 
   train --model HF_DIR --data DIR/tokenized.jsonl --out ADAPTER_DIR [--batch 4] ...
         one epoch of PEFT LoRA the way transformers' Trainer batches by default: a shuffled
-        order (RandomSampler), batches of --batch examples padded to their longest
-        (DataCollatorForSeq2Seq), the mean loss over the batch's scored tokens. Prints
+        order (RandomSampler), batches of --batch examples padded to their longest with
+        labels padded by -100 (as TRL's SFT collator and DataCollatorForSeq2Seq pad), the
+        mean loss over the batch's scored tokens. Prints
         'RESULT {json}' with the loop's seconds, trained (scored) tokens, real and padded
         tokens, and peak RSS.
 """

@@ -7,8 +7,8 @@ token rows of a JSONL file, on any torch device, as people run PEFT there.
       [--gradient-checkpointing] [--base-4bit]
 
 - Data: one `{"input_ids": [...]}` per line; batch k is lines k*B .. k*B+B-1 (file order),
-  labels = input_ids (the model's own shift), exactly what `loraforge train --no-shuffle`
-  reads from the same file.
+  labels = input_ids (the model's own shift), exactly what `loraforge train --no-shuffle
+  --no-packing` reads from the same file.
 - Adapter: LoRA r/alpha=2r on the seven projections, dropout 0. `--init` is read when it
   exists, else PEFT's own initialisation (seed 0, on the CPU) is written there first, so
   that loraforge and every dtype start from one adapter.

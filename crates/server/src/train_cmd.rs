@@ -122,7 +122,8 @@ pub struct TrainArgs {
     pub max_seq_len: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Keep file order: batch k is lines k·B .. k·B+B-1.
+    /// Keep the order: with --no-packing batch k is lines k·B .. k·B+B-1; packed, rows
+    /// in packing order.
     #[arg(long)]
     pub no_shuffle: bool,
     /// Train on prompt/user tokens too, not only on completions.

@@ -469,20 +469,29 @@ pub fn run<O: Objective>(
     if let Some(d) = &resume_dir {
         opt.load(&d.join("optimizer.safetensors"))?;
         let st: TrainerState = crate::io::read_json(&d.join("trainer_state.json"))?;
-        if st.examples != n_examples
-            || st.batch_size != spec.batch_size
-            || st.grad_accum != spec.grad_accum
-        {
-            return Err(Error::Checkpoint(
-                "the checkpoint was made with other data or batch settings".into(),
-            ));
-        }
+        // Settings first: they name what differs (packing changes the item count too).
         if let (Some(was), Some(now)) = (&st.settings, obj.fingerprint()) {
             if *was != now {
                 return Err(Error::Checkpoint(format!(
                     "the checkpoint was trained with {was}; this run asks for {now}"
                 )));
             }
+        }
+        if st.examples != n_examples
+            || st.batch_size != spec.batch_size
+            || st.grad_accum != spec.grad_accum
+        {
+            // A checkpoint from before packing existed records no settings.
+            let hint = match (&st.settings, obj.packed_rows()) {
+                (None, Some(_)) => {
+                    " (this run packs its examples into rows; runs made before packing \
+                     existed did not: resume them with packing off)"
+                }
+                _ => "",
+            };
+            return Err(Error::Checkpoint(format!(
+                "the checkpoint was made with other data or batch settings{hint}"
+            )));
         }
         start_step = st.step;
         tokens_total = st.tokens;

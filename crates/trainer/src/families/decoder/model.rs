@@ -173,8 +173,10 @@ fn head_in_blocks(w: &Frozen) -> bool {
 }
 
 /// Per-token positions `(b·t)` when some row of `attention_mask` packs several sequences
-/// (its sequence id changes between two real tokens): each sequence restarts at 0.
-/// `None` when every row holds one sequence, whose positions are `0..t` as ever.
+/// (its sequence id changes between two real tokens): each sequence restarts at 0, and
+/// padding sits at 0 (it is never attended to, and must not count against the model's
+/// positions). `None` when every row holds one sequence, whose positions are `0..t` as
+/// ever.
 fn packed_positions(attention_mask: &[Vec<u32>], t: usize) -> Option<Vec<u32>> {
     let id = |row: &Vec<u32>, i: usize| row.get(i).copied().unwrap_or(1);
     let packs = attention_mask.iter().any(|row| {
@@ -193,7 +195,11 @@ fn packed_positions(attention_mask: &[Vec<u32>], t: usize) -> Option<Vec<u32>> {
             if i > 0 && id(row, i) != id(row, i - 1) {
                 start = i;
             }
-            pos.push((i - start) as u32);
+            pos.push(if id(row, i) == 0 {
+                0
+            } else {
+                (i - start) as u32
+            });
         }
     }
     Some(pos)
@@ -1178,5 +1184,22 @@ mod tests {
                 && e.contains("model.layers.0.self_attn.k_norm.weight"),
             "{e}"
         );
+    }
+
+    /// Packed rows restart positions per sequence and keep padding at 0, so a long padded
+    /// tail never counts against the model's positions; rows of one sequence keep `0..t`.
+    #[test]
+    fn packed_rows_restart_positions_and_list_their_sequences() {
+        let rows = vec![vec![1, 1, 1, 2, 2, 0, 0, 0], vec![1, 2, 3, 3, 3, 3, 3, 0]];
+        assert_eq!(
+            super::packed_positions(&rows, 8).unwrap(),
+            [0, 1, 2, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 0]
+        );
+        assert_eq!(
+            super::sequences(&rows, 8),
+            [(0, 3), (3, 2), (8, 1), (9, 1), (10, 5)]
+        );
+        let plain = vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]];
+        assert_eq!(super::packed_positions(&plain, 4), None);
     }
 }

@@ -172,37 +172,26 @@ fn head_in_blocks(w: &Frozen) -> bool {
     matches!(w, Frozen::Packed(_)) && v * d * w.dtype().size_in_bytes() > HEAD_WHOLE_BYTES
 }
 
-/// Per-token positions `(b·t)` when some row of `attention_mask` packs several sequences
-/// (its sequence id changes between two real tokens): each sequence restarts at 0, and
-/// padding sits at 0 (it is never attended to, and must not count against the model's
-/// positions). `None` when every row holds one sequence, whose positions are `0..t` as
-/// ever.
-fn packed_positions(attention_mask: &[Vec<u32>], t: usize) -> Option<Vec<u32>> {
-    let id = |row: &Vec<u32>, i: usize| row.get(i).copied().unwrap_or(1);
-    let packs = attention_mask.iter().any(|row| {
-        (1..t).any(|i| {
-            let (a, b) = (id(row, i - 1), id(row, i));
-            a != b && a != 0 && b != 0
-        })
-    });
-    if !packs {
-        return None;
-    }
-    let mut pos = Vec::with_capacity(attention_mask.len() * t);
-    for row in attention_mask {
-        let mut start = 0;
-        for i in 0..t {
-            if i > 0 && id(row, i) != id(row, i - 1) {
-                start = i;
-            }
-            pos.push(if id(row, i) == 0 {
-                0
-            } else {
-                (i - start) as u32
-            });
+/// The sequences `(first token row of the (b·t) rows, rows)` of a batch some of whose
+/// rows pack several ([`sequences`]); `None` when every row holds one, whose positions are
+/// `0..t` as ever.
+fn packed_sequences(attention_mask: &[Vec<u32>], t: usize) -> Option<Vec<(usize, usize)>> {
+    let seqs = sequences(attention_mask, t);
+    seqs.windows(2)
+        .any(|w| w[0].0 / t == w[1].0 / t)
+        .then_some(seqs)
+}
+
+/// Per-token positions `(b·t)` of packed sequences: each restarts at 0, and padding sits
+/// at 0 (it is never attended to, and must not count against the model's positions).
+fn positions(seqs: &[(usize, usize)], b: usize, t: usize) -> Vec<u32> {
+    let mut pos = vec![0u32; b * t];
+    for &(r0, n) in seqs {
+        for (i, p) in pos[r0..r0 + n].iter_mut().enumerate() {
+            *p = i as u32;
         }
     }
-    Some(pos)
+    pos
 }
 
 /// The runs of equal non-zero sequence ids in each row of `attention_mask`, as
@@ -457,9 +446,11 @@ impl Decoder {
     ) -> Result<(Tensor, Pass)> {
         let (b, t) = input_ids.dims2()?;
         let d = self.cfg.hidden_size;
-        let packed = (past == 0)
-            .then(|| attention_mask.and_then(|am| packed_positions(am, t)))
-            .flatten();
+        let segments = (past == 0)
+            .then(|| attention_mask.and_then(|am| packed_sequences(am, t)))
+            .flatten()
+            .map(Arc::new);
+        let packed = segments.as_deref().map(|s| positions(s, b, t));
         // A packed row's sequences each restart at position 0.
         let positions = packed
             .as_ref()
@@ -502,10 +493,6 @@ impl Decoder {
             ))
         };
         let from = |start: usize| Tensor::arange(start as u32, (start + t) as u32, &self.device);
-        let segments = match (&packed, attention_mask) {
-            (Some(_), Some(am)) => Some(Arc::new(sequences(am, t))),
-            _ => None,
-        };
         let view = |inv: &Tensor, window: Option<usize>| -> Result<View> {
             let (cos, sin) = match &packed {
                 // Packed rows: each sequence restarts at position 0.
@@ -1191,15 +1178,13 @@ mod tests {
     #[test]
     fn packed_rows_restart_positions_and_list_their_sequences() {
         let rows = vec![vec![1, 1, 1, 2, 2, 0, 0, 0], vec![1, 2, 3, 3, 3, 3, 3, 0]];
+        let seqs = super::packed_sequences(&rows, 8).unwrap();
+        assert_eq!(seqs, [(0, 3), (3, 2), (8, 1), (9, 1), (10, 5)]);
         assert_eq!(
-            super::packed_positions(&rows, 8).unwrap(),
+            super::positions(&seqs, 2, 8),
             [0, 1, 2, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 0]
         );
-        assert_eq!(
-            super::sequences(&rows, 8),
-            [(0, 3), (3, 2), (8, 1), (9, 1), (10, 5)]
-        );
         let plain = vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]];
-        assert_eq!(super::packed_positions(&plain, 4), None);
+        assert_eq!(super::packed_sequences(&plain, 4), None);
     }
 }

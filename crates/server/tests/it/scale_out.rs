@@ -464,11 +464,14 @@ async fn a_worker_frozen_inside_or_between_transactions_knows_its_lease_is_lost(
     let c = reqwest::Client::new();
     for inside in [true, false] {
         // Long enough never to end by itself; it is cancelled once the test has seen
-        // what it came for.
+        // what it came for. Unpacked, so that its short steps write an event (a
+        // fence-and-insert transaction) far more often than a heartbeat: packed, one step
+        // is a whole row of examples and the catch mostly meets heartbeats.
         let job: Value = c
             .post(s.url("/v1/fine_tuning/jobs"))
             .json(&json!({"model": "tiny-llama", "training_file": file,
                           "hyperparameters": {"max_steps": 1_000_000, "batch_size": 1,
+                                              "packing": false,
                                               "checkpoint_interval": 1_000_000}}))
             .send()
             .await

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# candle's f32 matmul (through gemm, what loraforge trains with) against torch.matmul (what
-# PEFT trains with) at the shapes of a SmolLM2-135M training step, alternately, 2 threads
-# each: `x·Wᵀ` for the forward pass and `g·W` for the input gradient, 1,024 rows. Prints
-# GFLOP/s per shape and engine, and each shape's ratio. Timing only; no test runs this.
+# The f32 matrix products of a SmolLM2-135M training step (`x·Wᵀ` for the forward pass and
+# `g·W` for the input gradient, 1,024 rows, 2 threads each), by every candidate, in turns:
+# torch.matmul (what PEFT trains with), candle's gemm 0.19, and each BLAS library found
+# (through the function loraforge's ops call: single-threaded BLAS calls split over
+# rayon's pool). Prints GFLOP/s per shape and engine, each engine's ratio to torch, and
+# its largest relative error against gemm. Timing only; no test runs this.
 #
 #   scripts/bench-gemm.sh path/to/loraforge-bench
 #   env: ROUNDS (2) REPS (10) ROWS (1024) THREADS (2) PY (the baseline's venv python)
+#        BLAS_LIBS (comma-separated; default: the scipy-openblas32 OpenBLAS of
+#        scripts/setup-blas.sh, Debian's OpenBLAS and BLIS where installed)
 set -euo pipefail
 BIN=${1:?usage: $0 path/to/loraforge-bench}
 PY=${PY:-$HOME/.cache/loraforge-bench/venv/bin/python}
 ROUNDS=${ROUNDS:-2} REPS=${REPS:-10} ROWS=${ROWS:-1024} THREADS=${THREADS:-2}
 SHAPES=576x576,576x192,576x1536,1536x576,576x49152
+if [ -z "${BLAS_LIBS:-}" ]; then
+  libs=("$(bash "$(dirname "$0")/setup-blas.sh" | tail -n1)")
+  for l in /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+           /usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4; do
+    [ -f "$l" ] && libs+=("$l")
+  done
+  BLAS_LIBS=$(IFS=,; echo "${libs[*]}")
+fi
+echo "BLAS libraries: $BLAS_LIBS"
 OUT=$(mktemp)
 for r in $(seq 1 "$ROUNDS"); do
   "$PY" - "$ROWS" "$SHAPES" "$REPS" "$THREADS" >>"$OUT" <<'PY'
@@ -30,16 +43,33 @@ for shape in shapes.split(","):
         print(json.dumps({"engine": "torch", "op": name, "rows": rows, "in": i, "out": o,
                           "seconds": med, "gflops": 2 * rows * i * o / med / 1e9}))
 PY
-  "$BIN" gemm --rows "$ROWS" --shapes "$SHAPES" --reps "$REPS" --threads "$THREADS" >>"$OUT"
+  # A library that refuses this CPU (old kernels) is reported, and the rest still run.
+  # Each process alternates candle's gemm with one library.
+  for lib in ${BLAS_LIBS//,/ }; do
+    if ! "$BIN" gemm --rows "$ROWS" --shapes "$SHAPES" --reps "$REPS" --threads "$THREADS" \
+         --blas "$lib" >>"$OUT"; then
+      echo "skipped: $lib" >&2
+    fi
+  done
 done
 "$PY" - "$OUT" <<'PY'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 key = lambda r: (r["op"], r["in"], r["out"])
-print(f"{'op':<5} {'in x out':>11} {'torch GFLOP/s':>14} {'candle GFLOP/s':>15} {'candle/torch':>13}")
+engines = list(dict.fromkeys(r["engine"] for r in runs if r["engine"] != "torch"))
+for e in engines:
+    about = next(r.get("about", e) for r in runs if r["engine"] == e)
+    print(f"{e}: {about}")
+print(f"{'op':<5} {'in x out':>11} {'torch':>8} " + " ".join(f"{e[-24:]:>26}" for e in engines))
 for k in dict.fromkeys(key(r) for r in runs):
-    t = statistics.median(r["gflops"] for r in runs if key(r) == k and r["engine"] == "torch")
-    c = statistics.median(r["gflops"] for r in runs if key(r) == k and r["engine"] == "candle")
-    print(f"{k[0]:<5} {f'{k[1]}x{k[2]}':>11} {t:>14.1f} {c:>15.1f} {c / t:>13.2f}")
+    med = lambda e: statistics.median(r["gflops"] for r in runs if key(r) == k and r["engine"] == e)
+    t = med("torch")
+    cells = []
+    for e in engines:
+        g = med(e)
+        err = max((r.get("rel_err_vs_gemm", 0) for r in runs if key(r) == k and r["engine"] == e), default=0)
+        cells.append(f"{g:6.1f} ({g / t:4.2f}x, {err:7.1e})")
+    print(f"{k[0]:<5} {f'{k[1]}x{k[2]}':>11} {t:>8.1f} " + " ".join(f"{c:>26}" for c in cells))
+print("GFLOP/s (ratio to torch, relative error against candle's gemm)")
 PY
 rm -f "$OUT"

@@ -10,6 +10,9 @@
 #
 #   scripts/bench-vs-peft.sh path/to/loraforge [OUTDIR]
 #   env: STEPS (20) SEQ (256) BATCH (4) TARGETS (all | qv) ROUNDS (2) THREADS (2)
+#        LORAFORGE_BLAS (the BLAS loraforge multiplies with; scripts/setup-blas.sh)
+#        GEMM_TOO=1: each round also trains loraforge on candle's gemm (LORAFORGE_BLAS=off),
+#        the engine without a BLAS, third in turn
 # The binary is what users run: `cargo build --release -p loraforge` and pass
 # target/release/loraforge (`loraforge train` is what is timed). Run nothing else
 # meanwhile: wait until `pgrep -x rustc` is empty and nothing else trains.
@@ -41,6 +44,7 @@ ours() {
     --no-shuffle --no-packing --threads "$THREADS" --metrics-jsonl "$OUT/loraforge-$1.jsonl" \
     >"$OUT/loraforge-$1.log" 2>&1 || { tail "$OUT/loraforge-$1.log"; exit 1; }
   grep -E "Maximum resident" "$OUT/loraforge-$1.time" | sed "s/^\s*/  loraforge $1: /"
+  grep -E "^matrix products" "$OUT/loraforge-$1.log" | sed "s/^/  loraforge $1: /"
 }
 
 for r in $(seq 1 "$ROUNDS"); do
@@ -58,6 +62,10 @@ PY
   fi
   echo "== round $r: loraforge"
   ours "$r"
+  if [ "${GEMM_TOO:-0}" = 1 ]; then
+    echo "== round $r: loraforge on candle's gemm"
+    LORAFORGE_BLAS=off ours "gemm-$r"
+  fi
 done
 
 "$PY" - "$OUT" "$ROUNDS" "$BATCH" "$SEQ" <<'PY'
@@ -65,23 +73,28 @@ import json, re, statistics, sys
 out, rounds, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def rss_mib(path):
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(path).read()).group(1)) / 1024
-peft, ours = [], []
-for r in range(1, rounds + 1):
-    p = json.loads([l for l in open(f"{out}/peft-{r}.log") if l.startswith("RESULT ")][0][7:])
-    o = [json.loads(l) for l in open(f"{out}/loraforge-{r}.jsonl")]
+import os
+def run(tag):
+    o = [json.loads(l) for l in open(f"{out}/loraforge-{tag}.jsonl")]
     el = [0.0] + [m["elapsed_seconds"] for m in o]
     # The first 2 steps are warm-up, as in the baseline's own median.
     steps = [el[i + 1] - el[i] for i in range(len(o))][2:]
+    return {"tps": batch * seq / statistics.median(steps), "rss": rss_mib(f"{out}/loraforge-{tag}.time"),
+            "losses": [m["loss"] for m in o]}
+peft, ours, gemm = [], [], []
+for r in range(1, rounds + 1):
+    p = json.loads([l for l in open(f"{out}/peft-{r}.log") if l.startswith("RESULT ")][0][7:])
     peft.append({"tps": p["train_tokens_per_s"], "rss": rss_mib(f"{out}/peft-{r}.time"),
                  "rss_self": p["peak_rss_process_mib"], "losses": p["losses"]})
-    ours.append({"tps": batch * seq / statistics.median(steps), "rss": rss_mib(f"{out}/loraforge-{r}.time"),
-                 "losses": [m["loss"] for m in o]})
+    ours.append(run(r))
+    if os.path.exists(f"{out}/loraforge-gemm-{r}.jsonl"):
+        gemm.append(run(f"gemm-{r}"))
 worst = 0.0
 print(f"{'step':>4} {'PEFT':>8} {'loraforge':>10} {'rel diff':>9}")
 for i, (p, o) in enumerate(zip(peft[0]["losses"], ours[0]["losses"])):
     d = abs(o - p) / p
     print(f"{i + 1:>4} {p:>8.4f} {o:>10.4f} {d:>9.3%}")
-for pr, orr in zip(peft, ours):
+for pr, orr in zip(peft + peft, ours + gemm):
     if len(pr["losses"]) != len(orr["losses"]):
         worst = float("inf")
     for p, o in zip(pr["losses"], orr["losses"]):
@@ -93,6 +106,10 @@ pt, ot = statistics.median(x["tps"] for x in peft), statistics.median(x["tps"] f
 prs, ors = max(x["rss"] for x in peft), max(x["rss"] for x in ours)
 print(f"worst per-step loss difference over {rounds} round(s): {worst:.3%} (bar: 1%)")
 print(f"tokens/s  PEFT {pt:.1f}  loraforge {ot:.1f}  ratio {ot / pt:.2f}")
+if gemm:
+    gt = statistics.median(x["tps"] for x in gemm)
+    print(f"tokens/s  loraforge on candle's gemm {gt:.1f}  ratio to PEFT {gt / pt:.2f}  "
+          f"(the BLAS: {ot / gt:.2f}x gemm)  peak RSS {max(x['rss'] for x in gemm):.0f} MiB")
 print(f"peak RSS  PEFT {prs:.0f} MiB  loraforge {ors:.0f} MiB  ratio {ors / prs:.2f}")
 print("SUMMARY " + json.dumps({"peft_tps": pt, "loraforge_tps": ot, "tps_ratio": ot / pt,
       "peft_rss_mib": prs, "loraforge_rss_mib": ors, "rss_ratio": ors / prs, "worst_loss_diff": worst}))

@@ -59,11 +59,13 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => {
             app::init_tracing(&cli.log)?;
             set_train_threads(a.workers.train_threads);
+            open_blas()?;
             runtime()?.block_on(app::serve(a))
         }
         Command::Worker(a) => {
             app::init_tracing(&cli.log)?;
             set_train_threads(a.workers.train_threads);
+            open_blas()?;
             runtime()?.block_on(app::worker(a))
         }
         Command::Migrate(a) => {
@@ -103,4 +105,15 @@ fn set_train_threads(threads: Option<usize>) {
         .unwrap_or(cores.saturating_sub(1))
         .max(1);
     loraforge_trainer::device::set_cpu_threads(n);
+}
+
+/// Opens the BLAS the CPU workers will multiply with, and logs which it is: a library
+/// named by `LORAFORGE_BLAS` that cannot be used stops the process here, with its reason.
+fn open_blas() -> anyhow::Result<()> {
+    loraforge_trainer::ops::matmul::check()?;
+    tracing::info!(
+        matmul = %loraforge_trainer::ops::matmul::describe(),
+        "CPU matrix products"
+    );
+    Ok(())
 }

@@ -31,7 +31,11 @@ impl DeviceArgs {
             }
             loraforge_trainer::device::set_cpu_threads(n);
         }
-        Ok(loraforge_trainer::device::parse(&self.device)?)
+        let dev = loraforge_trainer::device::parse(&self.device)?;
+        if dev.is_cpu() {
+            loraforge_trainer::ops::matmul::check()?;
+        }
+        Ok(dev)
     }
 }
 
@@ -278,6 +282,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     .map(|s| format!(" (resumed at step {s})"))
                     .unwrap_or_default()
             );
+            if spec.device.is_cpu() {
+                eprintln!(
+                    "matrix products: {}",
+                    loraforge_trainer::ops::matmul::describe()
+                );
+            }
         }
         TrainEvent::Step(m) => {
             let rewards = match (m.reward_margin, m.reward_accuracy) {

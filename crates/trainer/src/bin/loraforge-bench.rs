@@ -15,12 +15,13 @@
 //!   loraforge-bench sd --unet DIR [--res 256] [--steps 3] [--threads 2] [--seed 0]
 //!       [--max-rss-mib 18432] [--device cpu|cuda:N]
 //!
-//! Matrix products (`gemm`): candle's f32 matmul `x · Wᵀ` and `g · W` at the shapes of a
-//! decoder step, GFLOP/s per shape as JSON lines. `scripts/bench-gemm.sh` runs it beside
-//! `torch.matmul` at the same shapes.
+//! Matrix products (`gemm`): f32 `x · Wᵀ` and `g · W` at the shapes of a decoder step,
+//! through the function the ops call, by candle's gemm and by each BLAS library named
+//! (alternating), GFLOP/s per shape and engine as JSON lines, with each result's relative
+//! error against gemm's. `scripts/bench-gemm.sh` runs it beside `torch.matmul`.
 //!
 //!   loraforge-bench gemm [--rows 1024] [--shapes 576x576,576x192,576x1536,1536x576,576x49152]
-//!       [--reps 10] [--threads 2]
+//!       [--reps 10] [--threads 2] [--blas libopenblas.so.0,/path/libscipy_openblas.so,...]
 //!
 //! Attention (`attention`): one forward and backward pass of causal, rotated attention at
 //! SmolLM2's geometry through the fused CPU op (`--impl fused`) or the device-generic
@@ -364,6 +365,7 @@ fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run_gemm(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
+    use loraforge_trainer::ops::matmul::{matmul_with, Blas};
     let threads = opt_num(opt, "threads", "2")? as usize;
     loraforge_trainer::device::set_cpu_threads(threads);
     let rows = opt_num(opt, "rows", "1024")? as usize;
@@ -372,33 +374,72 @@ fn run_gemm(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         .get("shapes")
         .cloned()
         .unwrap_or("576x576,576x192,576x1536,1536x576,576x49152".into());
+    // candle's gemm, then each BLAS named, through the function the ops call.
+    let mut engines: Vec<(String, String, Option<Blas>)> =
+        vec![("gemm".into(), "candle's gemm 0.19".into(), None)];
+    for name in opt.get("blas").map(String::as_str).unwrap_or("").split(',') {
+        if !name.is_empty() {
+            let b = Blas::open(name)?;
+            engines.push((name.to_string(), b.about().to_string(), Some(b)));
+        }
+    }
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    for shape in shapes.split(',') {
-        let (i, o) = shape
-            .split_once('x')
-            .and_then(|(i, o)| Some((i.parse::<usize>().ok()?, o.parse::<usize>().ok()?)))
-            .ok_or(format!("--shapes: {shape:?} is not INxOUT"))?;
-        let x = randn(&mut rng, (rows, i), &dev)?;
-        let g = randn(&mut rng, (rows, o), &dev)?;
-        let w = randn(&mut rng, (o, i), &dev)?;
-        let wt = w.t()?;
-        let flops = 2.0 * (rows * i * o) as f64;
-        for (name, a, b) in [("x.Wt", &x, &wt), ("g.W", &g, &w)] {
-            a.matmul(b)?;
-            let mut secs: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    a.matmul(b).map(|_| t.elapsed().as_secs_f64())
-                })
-                .collect::<candle_core::Result<_>>()?;
-            secs.sort_by(f64::total_cmp);
-            let med = secs[secs.len() / 2];
-            println!(
-                "{}",
-                serde_json::json!({"engine": "candle", "op": name, "rows": rows, "in": i,
-                    "out": o, "seconds": med, "gflops": flops / med / 1e9})
-            );
+    // One pass over every shape first: the first products of a process run slower (the
+    // CPU's clock, page faults), and would otherwise count against the first shape.
+    for pass in ["warm-up", "measure"] {
+        for shape in shapes.split(',') {
+            let (i, o) = shape
+                .split_once('x')
+                .and_then(|(i, o)| Some((i.parse::<usize>().ok()?, o.parse::<usize>().ok()?)))
+                .ok_or(format!("--shapes: {shape:?} is not INxOUT"))?;
+            let x = randn(&mut rng, (rows, i), &dev)?;
+            let g = randn(&mut rng, (rows, o), &dev)?;
+            let w = randn(&mut rng, (o, i), &dev)?;
+            let wt = w.t()?;
+            let flops = 2.0 * (rows * i * o) as f64;
+            for (op, a, b, n, k) in [("x.Wt", &x, &wt, o, i), ("g.W", &g, &w, i, o)] {
+                let (sa, la) = a.storage_and_layout();
+                let (sb, lb) = b.storage_and_layout();
+                let (candle_core::Storage::Cpu(sa), candle_core::Storage::Cpu(sb)) = (&*sa, &*sb)
+                else {
+                    return Err("gemm bench: CPU tensors expected".into());
+                };
+                let mut secs = vec![Vec::new(); engines.len()];
+                let mut results = Vec::new();
+                // Alternating, one product each in turn, after one warm-up each.
+                for rep in 0..=reps {
+                    for (e, (_, _, blas)) in engines.iter().enumerate() {
+                        let t = Instant::now();
+                        let c = matmul_with(blas.as_ref(), sa, sb, (1, rows, n, k), la, lb)?;
+                        if rep > 0 {
+                            secs[e].push(t.elapsed().as_secs_f64());
+                        } else {
+                            results.push(c.as_slice::<f32>()?.to_vec());
+                        }
+                    }
+                }
+                if pass == "warm-up" {
+                    continue;
+                }
+                let norm = results[0].iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+                for (e, (engine, about, _)) in engines.iter().enumerate() {
+                    let err = results[e]
+                        .iter()
+                        .zip(&results[0])
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum::<f64>();
+                    secs[e].sort_by(f64::total_cmp);
+                    let med = secs[e][secs[e].len() / 2];
+                    println!(
+                        "{}",
+                        serde_json::json!({"engine": engine, "about": about, "op": op,
+                        "rows": rows, "in": i, "out": o, "seconds": med,
+                        "gflops": flops / med / 1e9,
+                        "rel_err_vs_gemm": (err / norm).sqrt()})
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -11,7 +11,6 @@
 //! flash attention does: one more `t × t × d` product per head, a few per cent of a layer.
 
 use super::{par_rows, rows_of, softmax_in_place, AttnMask, MASKED};
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
@@ -205,7 +204,7 @@ fn merge_heads(x: &[f32], g: Heads, n: usize, len: usize, unrope: Option<&RopeTa
     out
 }
 
-/// `a · b` over `bsz` batches with candle's gemm: `a` is `(bsz, m, k)`, or stored as
+/// `a · b` over `bsz` batches (by the BLAS when there is one): `a` is `(bsz, m, k)`, or stored as
 /// `(bsz, k, m)` when `ta`; `b` is `(bsz, k, n)`, or stored as `(bsz, n, k)` when `tb`.
 fn bmm(
     a: &CpuStorage,
@@ -224,7 +223,7 @@ fn bmm(
     } else {
         Layout::contiguous((bsz, k, n))
     };
-    match a.matmul(b, (bsz, m, n, k), &la, &lb)? {
+    match super::matmul::matmul(a, b, (bsz, m, n, k), &la, &lb)? {
         CpuStorage::F32(v) => Ok(v),
         _ => candle_core::bail!("attention: expected f32"),
     }

@@ -10,7 +10,6 @@
 //! only scales it: the same two GEMMs as before, none recomputed.
 
 use super::{matmul_wt, rows_of};
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -109,7 +108,8 @@ impl CustomOp1 for ProjectedNll {
             });
             if self.train {
                 let dl = CpuStorage::F32(logits);
-                let dh = dl.matmul(ws, (1, c, d, v), &Layout::contiguous((c, v)), wl)?;
+                let dh =
+                    super::matmul::matmul(&dl, ws, (1, c, d, v), &Layout::contiguous((c, v)), wl)?;
                 grad[start * d..(start + c) * d].copy_from_slice(dh.as_slice::<f32>()?);
             }
         }

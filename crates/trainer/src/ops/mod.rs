@@ -8,7 +8,6 @@
 //! `frozen_linear` skips the weight gradient that candle would otherwise compute, and
 //! keep, for every frozen matmul.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
     Tensor, D,
@@ -21,6 +20,7 @@ mod blocked;
 mod frozen;
 mod generic;
 mod head_loss;
+pub mod matmul;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use frozen::Frozen;
@@ -38,7 +38,7 @@ struct FrozenLinear {
     bias: Option<Tensor>,
 }
 
-/// `x · Wᵀ` into a fresh `(n, out)` buffer, by candle's own gemm.
+/// `x · Wᵀ` into a fresh `(n, out)` buffer (by the BLAS when there is one).
 fn matmul_wt(xs: &CpuStorage, lx: &Layout, w: &Tensor) -> Result<Vec<f32>> {
     let (n, k) = lx.shape().dims2()?;
     let (m, wk) = w.dims2()?;
@@ -49,7 +49,7 @@ fn matmul_wt(xs: &CpuStorage, lx: &Layout, w: &Tensor) -> Result<Vec<f32>> {
     let Storage::Cpu(ws) = &*ws else {
         candle_core::bail!("frozen linear: weight is not on the CPU")
     };
-    match xs.matmul(ws, (1, n, m, k), lx, &wl.transpose(0, 1)?)? {
+    match matmul::matmul(xs, ws, (1, n, m, k), lx, &wl.transpose(0, 1)?)? {
         CpuStorage::F32(v) => Ok(v),
         _ => candle_core::bail!("frozen linear: expected f32"),
     }
@@ -78,7 +78,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.w.dense()?)?))
+        Ok(Some(matmul::mm(g, &self.w.dense()?)?))
     }
 }
 
@@ -150,14 +150,14 @@ impl CustomOp3 for LoraLinear {
         let gs = (g * self.scale)?;
         // The first layer's input is constant: skip its (n, in) GEMM entirely.
         let dx = if x.track_op() {
-            Some(g.matmul(&self.w.dense()?)?)
+            Some(matmul::mm(g, &self.w.dense()?)?)
         } else {
             None
         };
         // Detached: B and xa carry graphs, and a gradient built on them would keep this
         // step's whole graph alive through B's gradient and the optimizer state.
-        let dxa = gs.matmul(&b.detach())?;
-        let db = gs.t()?.matmul(&xa.detach())?;
+        let dxa = matmul::mm(&gs, &b.detach())?;
+        let db = matmul::mm(&gs.t()?, &xa.detach())?;
         Ok((dx, Some(dxa), Some(db)))
     }
 }
@@ -256,7 +256,7 @@ impl CustomOp1 for FrozenConv2d {
         for (bi, planes) in dx.chunks_mut(cin * h * w).enumerate() {
             let gb =
                 Layout::contiguous_with_offset((1, cout, hw), gl.start_offset() + bi * cout * hw);
-            let cols = match ws.matmul(gs, (1, ckk, hw, cout), &wt, &gb)? {
+            let cols = match matmul::matmul(ws, gs, (1, ckk, hw, cout), &wt, &gb)? {
                 CpuStorage::F32(v) => v,
                 _ => candle_core::bail!("frozen conv2d: expected f32"),
             };

@@ -1,10 +1,11 @@
 //! Layers that more than one family builds its models from, on top of `ops`.
 
 use crate::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
-/// LayerNorm over the last dimension, composed from candle primitives (whose backward
-/// candle derives), as transformers and diffusers compute it.
+/// LayerNorm over the last dimension, as transformers and diffusers compute it: one fused
+/// op on the CPU in f32 when its weights are frozen (a base model's), candle primitives
+/// (whose backward candle derives) otherwise.
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
@@ -13,10 +14,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        Ok(crate::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }

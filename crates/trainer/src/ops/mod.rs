@@ -21,11 +21,13 @@ mod frozen;
 mod generic;
 mod head_loss;
 pub mod matmul;
+mod norm_act;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
+pub use norm_act::{gelu_erf, layer_norm};
 
 /// Masked attention scores get this; large but finite so a sum never turns into NaN.
 pub const MASKED: f32 = -1e30;

@@ -277,7 +277,7 @@ impl ClipTextEncoder {
             let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
             let h = match self.act {
                 Act::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-                Act::Gelu => h.gelu_erf()?,
+                Act::Gelu => crate::ops::gelu_erf(&h)?,
             };
             x = (x + l.fc2.forward(&h)?)?;
         }

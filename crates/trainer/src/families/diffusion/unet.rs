@@ -273,7 +273,8 @@ impl TransformerBlock {
         let h = linear_nd(&self.ff_in, &self.norm3.forward(&x)?, ctx)?;
         let half = h.dim(D::Minus1)? / 2;
         // GEGLU with the exact (erf) GELU, as diffusers computes it.
-        let h = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let h = (h.narrow(D::Minus1, 0, half)?
+            * crate::ops::gelu_erf(&h.narrow(D::Minus1, half, half)?)?)?;
         Ok((linear_nd(&self.ff_out, &h, ctx)? + x)?)
     }
 }

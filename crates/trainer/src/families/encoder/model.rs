@@ -487,7 +487,7 @@ impl Encoder {
             x = l.attn_norm.forward(&(a + &x)?)?;
             let h = l.intermediate.forward(&x, ctx)?;
             let h = match self.cfg.activation {
-                Activation::GeluErf => h.gelu_erf()?,
+                Activation::GeluErf => crate::ops::gelu_erf(&h)?,
                 Activation::GeluTanh => h.gelu()?,
                 Activation::Relu => h.relu()?,
             };

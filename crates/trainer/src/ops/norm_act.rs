@@ -1,0 +1,265 @@
+//! LayerNorm over frozen weights, and the exact (erf) GELU, each one pass forward and one
+//! pass back on the CPU in f32.
+//!
+//! Composed from candle's tensor ops, a LayerNorm is nine element-wise passes forward and
+//! about twenty back, and candle's GELU backward twelve, each a full-size buffer and a
+//! round through candle's element-wise thread pool: in an encoder step they took more
+//! time than the matrix products (BENCHMARKS.md). The values are the composed ones: the
+//! same formulas in the same order per element (the GELU's forward is candle's own, bit for
+//! bit), sums over a row in a different order.
+
+use super::{fast_path, par_rows, rows_of};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+
+/// `(x − mean) / √(var + eps) · w + b` over the last dim, with `w` and `b` frozen (a base
+/// model's norm: no gradient reaches them). Weights that train take the composed path.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let frozen = !w.track_op() && !b.track_op();
+    let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if fast_path(x) && frozen && f32s && w.dims() == [d] && b.dims() == [d] {
+        let op = LayerNorm {
+            w: w.to_vec1()?,
+            b: b.to_vec1()?,
+            eps: eps as f32,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    layer_norm_composed(x, w, b, eps)
+}
+
+/// The same LayerNorm from candle's tensor ops (every device and dtype).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.broadcast_mul(w)?.broadcast_add(b)
+}
+
+struct LayerNorm {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    eps: f32,
+}
+
+/// A row's mean and `√(var + eps)`, as the composed op computes them.
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, (var + eps).sqrt())
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-frozen"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(xs, lx)?;
+        let d = self.w.len();
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                let xr = &x[(first + j) * d..][..d];
+                let (mean, s) = moments(xr, self.eps);
+                for (((o, &xv), &wv), &bv) in o.iter_mut().zip(xr).zip(&self.w).zip(&self.b) {
+                    *o = (xv - mean) / s * wv + bv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let back = LayerNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &back)?))
+    }
+}
+
+/// `dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / √(var + eps)` with `ĝ = g·w`, `x̂` the normalised row.
+struct LayerNormBwd {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-frozen-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (rows_of(xs, lx)?, rows_of(gs, lg)?);
+        let d = self.w.len();
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                let xr = &x[(first + j) * d..][..d];
+                let gr = &g[(first + j) * d..][..d];
+                let (mean, s) = moments(xr, self.eps);
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for ((&gv, &wv), &xv) in gr.iter().zip(&self.w).zip(xr) {
+                    let gh = gv * wv;
+                    sum_g += gh;
+                    sum_gx += gh * ((xv - mean) / s);
+                }
+                let n = d as f32;
+                let (mg, mgx) = (sum_g / n, sum_gx / n);
+                for (((o, &gv), &wv), &xv) in o.iter_mut().zip(gr).zip(&self.w).zip(xr) {
+                    *o = (gv * wv - mg - (xv - mean) / s * mgx) / s;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+/// transformers' `gelu`: `x · Φ(x)` with the exact normal CDF, `Φ(x) = (1 + erf(x/√2))/2`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fast_path(x) && x.rank() >= 1 {
+        return x.contiguous()?.apply_op1(GeluErf);
+    }
+    x.gelu_erf()
+}
+
+struct GeluErf;
+
+fn erf(v: f32) -> f32 {
+    candle_core::cpu::erf::erf_f32(v)
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(xs, lx)?;
+        let d = lx.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            let xr = &x[first * d..][..chunk.len()];
+            for (o, &v) in chunk.iter_mut().zip(xr) {
+                // candle's own formula, so the forward is bit-identical to `gelu_erf()`.
+                *o = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v;
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(
+            res,
+            &g.contiguous()?,
+            &GeluErfBwd,
+        )?))
+    }
+}
+
+/// `g · (Φ(x) + x·φ(x))`, `φ(x) = e^(−x²/2)/√(2π)`, with `Φ(x)` read back from the
+/// forward's output `y = x·Φ(x)` (within an ulp of the forward's own `Φ`): `erf` is most of
+/// the op's cost, and this way it runs once per element, not twice.
+struct GeluErfBwd;
+
+impl CustomOp3 for GeluErfBwd {
+    fn name(&self) -> &'static str {
+        "gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        ys: &CpuStorage,
+        ly: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, y, g) = (rows_of(xs, lx)?, rows_of(ys, ly)?, rows_of(gs, lg)?);
+        let d = lx.dims().last().copied().unwrap_or(1).max(1);
+        // 1/√(2π)
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            let at = first * d..first * d + chunk.len();
+            let rows = x[at.clone()].iter().zip(&y[at.clone()]).zip(&g[at]);
+            for (o, ((&v, &yv), &gv)) in chunk.iter_mut().zip(rows) {
+                // Near 0, y/x loses its digits to y's rounding: compute Φ there.
+                let cdf = if v.abs() > 1e-3 {
+                    yv / v
+                } else {
+                    0.5 + 0.5 * erf(v * std::f32::consts::FRAC_1_SQRT_2)
+                };
+                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                *o = gv * (cdf + v * pdf);
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn worst_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let m = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |w, (x, y)| w.max((x - y).abs()))
+            / m
+    }
+
+    /// Values and input gradients of the fused ops against the composed ones candle
+    /// differentiates itself, on rows with a large mean (where a careless variance loses
+    /// digits) and a weighted loss (so the gradient is not uniform).
+    #[test]
+    fn fused_layer_norm_and_gelu_match_the_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2.0, (3, 5, 48), &dev).unwrap() + 3.0).unwrap();
+        let w = Tensor::randn(1f32, 0.3, 48, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, 48, &dev).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (3, 5, 48), &dev).unwrap();
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let (n, a) = if fused {
+                let n = layer_norm(xv.as_tensor(), &w, &b, 1e-12).unwrap();
+                (n.clone(), gelu_erf(&n).unwrap())
+            } else {
+                let n = layer_norm_composed(xv.as_tensor(), &w, &b, 1e-12).unwrap();
+                (n.clone(), n.gelu_erf().unwrap())
+            };
+            let loss = (&a * &weights).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            (n, a, grads.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (n1, a1, g1) = run(true);
+        let (n0, a0, g0) = run(false);
+        let (dn, da, dg) = (
+            worst_rel(&n1, &n0),
+            worst_rel(&a1, &a0),
+            worst_rel(&g1, &g0),
+        );
+        println!("layer norm {dn:.2e}, gelu {da:.2e}, input gradient {dg:.2e}");
+        assert!(dn < 1e-6 && da < 1e-6, "values: {dn:e}, {da:e}");
+        assert!(dg < 1e-5, "input gradient: {dg:e}");
+        // The fused GELU alone is candle's to the bit.
+        let plain = x.gelu_erf().unwrap();
+        assert_eq!(worst_rel(&gelu_erf(&x).unwrap(), &plain), 0.0);
+    }
+}

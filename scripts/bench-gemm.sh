@@ -16,10 +16,10 @@ PY=${PY:-$HOME/.cache/loraforge-bench/venv/bin/python}
 ROUNDS=${ROUNDS:-2} REPS=${REPS:-10} ROWS=${ROWS:-1024} THREADS=${THREADS:-2}
 SHAPES=576x576,576x192,576x1536,1536x576,576x49152
 if [ -z "${BLAS_LIBS:-}" ]; then
-  libs=("$(bash "$(dirname "$0")/setup-blas.sh" | tail -n1)")
+  libs=("$(bash "$(dirname "$0")/setup-blas.sh" | tail -n1 || true)")
   for l in /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
            /usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4; do
-    [ -f "$l" ] && libs+=("$l")
+    if [ -f "$l" ]; then libs+=("$l"); fi
   done
   BLAS_LIBS=$(IFS=,; echo "${libs[*]}")
 fi
@@ -44,7 +44,8 @@ for shape in shapes.split(","):
                           "seconds": med, "gflops": 2 * rows * i * o / med / 1e9}))
 PY
   # A library that refuses this CPU (old kernels) is reported, and the rest still run.
-  # Each process alternates candle's gemm with one library.
+  # Each process alternates candle's gemm with one library (gemm alone first).
+  "$BIN" gemm --rows "$ROWS" --shapes "$SHAPES" --reps "$REPS" --threads "$THREADS" >>"$OUT"
   for lib in ${BLAS_LIBS//,/ }; do
     if ! "$BIN" gemm --rows "$ROWS" --shapes "$SHAPES" --reps "$REPS" --threads "$THREADS" \
          --blas "$lib" >>"$OUT"; then

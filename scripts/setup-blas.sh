@@ -10,7 +10,7 @@ DIR=${LORAFORGE_BLAS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/loraforge/blas}
 LIB=$DIR/scipy_openblas32/lib/libscipy_openblas.so
 if [ ! -f "$LIB" ]; then
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target "$DIR" \
-    "scipy-openblas32>=0.3.28" >&2
+    "scipy-openblas32==0.3.34.481.3" >&2
 fi
 [ -f "$LIB" ] || { echo "setup-blas: $LIB is missing after the install" >&2; exit 1; }
 echo "$LIB"

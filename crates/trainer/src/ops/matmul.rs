@@ -10,7 +10,7 @@
 //!
 //! OpenBLAS picks its kernels by the CPU's features at load (`DYNAMIC_ARCH`); on a CPU
 //! newer than the library (Debian 12's OpenBLAS 0.3.21 on that Xeon picked its SSE3
-//! "Prescott" kernels, 5× slower than gemm) the library is refused unless
+//! "Prescott" kernels, about 10× slower than gemm) the library is refused unless
 //! `OPENBLAS_CORETYPE` names the kernels to use.
 //!
 //! The library runs single-threaded and each product is split over rayon's pool, the one
@@ -25,7 +25,14 @@ use std::ffi::{c_char, CStr};
 use std::sync::OnceLock;
 
 /// OpenBLAS's names for kernel sets built on AVX2 and FMA (or AVX-512).
-const FMA_CORES: &[&str] = &["haswell", "zen", "skylakex", "cooperlake", "sapphirerapids"];
+const FMA_CORES: &[&str] = &[
+    "haswell",
+    "zen",
+    "skylakex",
+    "cooperlake",
+    "sapphirerapids",
+    "excavator",
+];
 
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
@@ -65,6 +72,12 @@ pub enum BlasError {
          set OPENBLAS_CORETYPE (e.g. SkylakeX, Haswell)"
     )]
     WrongKernels { name: String, core: String },
+    #[error(
+        "BLAS library {0} is built with 64-bit integers (USE64BITINT), whose cblas_sgemm \
+         takes other arguments than the 32-bit one loraforge calls: use a 32-bit-integer \
+         build (libopenblas.so.0, scipy-openblas32)"
+    )]
+    Ilp64(String),
 }
 
 /// An opened CBLAS library.
@@ -136,7 +149,11 @@ impl Blas {
                 });
             }
         }
-        let about = match (text(format!("{prefix}openblas_get_config\0")), core) {
+        let config = text(format!("{prefix}openblas_get_config\0"));
+        if config.as_deref().is_some_and(|c| c.contains("USE64BITINT")) {
+            return Err(BlasError::Ilp64(name.to_string()));
+        }
+        let about = match (config, core) {
             (Some(config), Some(core)) => format!("{config}, {core} kernels ({name})"),
             _ => match text("bli_info_get_version_str\0".into()) {
                 Some(v) => format!("BLIS {v} ({name})"),
@@ -481,6 +498,12 @@ mod tests {
             (r(&[300, 96]), r(&[70, 96]).t().unwrap()),
             (r(&[96, 300]).t().unwrap(), r(&[96, 70])),
             (r(&[5, 40]), r(&[40, 900])),
+            // Large enough to be split, and split by columns (few rows).
+            (r(&[5, 96]), r(&[96, 900])),
+            (r(&[5, 96]), r(&[900, 96]).t().unwrap()),
+            (r(&[96, 5]).t().unwrap(), r(&[96, 900])),
+            // Split by rows, with a transposed left operand.
+            (r(&[96, 700]).t().unwrap(), r(&[96, 64])),
             (r(&[3, 2, 33, 17]), r(&[3, 2, 17, 65])),
             (
                 r(&[3, 2, 33, 17]),

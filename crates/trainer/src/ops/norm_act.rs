@@ -19,7 +19,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let d = x.dim(D::Minus1)?;
     let frozen = !w.track_op() && !b.track_op();
     let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if fast_path(x) && frozen && f32s && w.dims() == [d] && b.dims() == [d] {
+    if fast_path(x) && frozen && f32s && d > 0 && w.dims() == [d] && b.dims() == [d] {
         let op = LayerNorm {
             w: w.to_vec1()?,
             b: b.to_vec1()?,

@@ -58,7 +58,7 @@ type Sgemm = unsafe extern "C" fn(
 /// Why a library named by `LORAFORGE_BLAS` (or given to [`Blas::open`]) cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BlasError {
-    #[error("BLAS library {name}: {source}")]
+    #[error("BLAS library {name} cannot be opened")]
     Load {
         name: String,
         #[source]

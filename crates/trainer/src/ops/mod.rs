@@ -223,18 +223,70 @@ impl CustomOp1 for FrozenConv2d {
         "frozen-conv2d"
     }
 
+    /// `Y = W · cols(X)` per image: the im2col matrix `(in·k·k, out_h·out_w)` built one
+    /// shifted input row at a time, then one GEMM against the kernel as its `(out, in·k·k)`
+    /// matrix, whose result is already the image's `(out, out_h, out_w)` output (a 1×1
+    /// kernel at stride 1 multiplies the input itself). candle's tiled convolution gathers
+    /// its patches pixel by pixel and scatters each tile's result.
     fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        // candle's conv parameters are crate-private, so the convolution runs on a
-        // detached tensor over (a copy of) the input; the copies are activation-sized
-        // and short-lived, the convolution dominates.
-        let x = Tensor::from_slice(rows_of(xs, lx)?, lx.shape(), &Device::Cpu)?;
-        let y = x.conv2d(&self.w, self.padding, self.stride, 1, 1)?;
-        let shape = y.shape().clone();
-        let (st, _) = y.storage_and_layout();
-        match &*st {
-            Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("frozen conv2d: expected CPU storage"),
+        let x = rows_of(xs, lx)?;
+        let (b, cin, h, w) = lx.shape().dims4()?;
+        let (cout, wcin, k, _) = self.w.dims4()?;
+        if wcin != cin {
+            candle_core::bail!("frozen conv2d: input has {cin} channels, the kernel {wcin}");
         }
+        let (p, st) = (self.padding, self.stride);
+        if h + 2 * p < k || w + 2 * p < k {
+            candle_core::bail!("frozen conv2d: a {k}x{k} kernel does not fit a {h}x{w} input");
+        }
+        let (ho, wo) = ((h + 2 * p - k) / st + 1, (w + 2 * p - k) / st + 1);
+        let (ckk, hw) = (cin * k * k, ho * wo);
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen conv2d: expected CPU storage")
+        };
+        let wm = Layout::contiguous_with_offset((1, cout, ckk), wl.start_offset());
+        let direct = k == 1 && st == 1 && p == 0;
+        let mut y = Vec::with_capacity(b * cout * hw);
+        for image in x.chunks(cin * h * w) {
+            let cols = if direct {
+                image.to_vec()
+            } else {
+                let mut cols = vec![0f32; ckk * hw];
+                par_rows(&mut cols, hw, |first, chunk| {
+                    for (j, row) in chunk.chunks_mut(hw).enumerate() {
+                        let r = first + j;
+                        let (c, ki, kj) = (r / (k * k), (r / k) % k, r % k);
+                        let plane = &image[c * h * w..][..h * w];
+                        for oy in 0..ho {
+                            let iy = (oy * st + ki) as isize - p as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let src = &plane[iy as usize * w..][..w];
+                            let dst = &mut row[oy * wo..][..wo];
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                let ix = (ox * st + kj) as isize - p as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    *d = src[ix as usize];
+                                }
+                            }
+                        }
+                    }
+                });
+                cols
+            };
+            let cols = CpuStorage::F32(cols);
+            let out = matmul::matmul(
+                ws,
+                &cols,
+                (1, cout, hw, ckk),
+                &wm,
+                &Layout::contiguous((1, ckk, hw)),
+            )?;
+            y.extend_from_slice(out.as_slice::<f32>()?);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b, cout, ho, wo))))
     }
 
     /// `dX` as col2im of `Wᵀ · g`: one GEMM per image over the kernel's `(out, in·k·k)`

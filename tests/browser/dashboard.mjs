@@ -230,7 +230,14 @@ try {
   const [ckpt] = await Promise.all([page.waitForEvent('download'), page.locator('a.ckpt-zip').first().click()]);
   const ckptBytes = fs.readFileSync(await ckpt.path());
   assert.equal(ckptBytes.subarray(0, 2).toString(), 'PK', 'a checkpoint downloads as a zip');
-  log(`adapter download: ${viaPage.length} bytes, equal to GET /adapter; checkpoint zip ${ckptBytes.length} bytes`);
+  // The LoRA GGUF llama.cpp loads: offered for this decoder job, the API's bytes.
+  const [gguf] = await Promise.all([page.waitForEvent('download'), page.click('#adapter-gguf')]);
+  const ggufPage = fs.readFileSync(await gguf.path());
+  const ggufApi = Buffer.from(await (await fetch(`${base}/v1/fine_tuning/jobs/${jobId}/adapter?format=gguf`)).arrayBuffer());
+  assert.equal(ggufPage.subarray(0, 4).toString(), 'GGUF', 'the GGUF download is a GGUF file');
+  assert.ok(ggufPage.equals(ggufApi), `GGUF: downloaded ${ggufPage.length} bytes, the API serves ${ggufApi.length}`);
+  assert.equal(gguf.suggestedFilename(), `${jobId}-adapter_model.gguf`);
+  log(`adapter download: ${viaPage.length} bytes, equal to GET /adapter; checkpoint zip ${ckptBytes.length} bytes; LoRA GGUF ${ggufPage.length} bytes`);
 
   // Jobs list with its filter.
   await page.locator('nav [data-nav="jobs"]').click();

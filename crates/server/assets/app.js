@@ -750,15 +750,20 @@ async function jobView(id) {
     downloads.replaceChildren(job.status === 'succeeded'
       ? h('p', {}, 'Adapter: ',
         downloadLink(`${base}/adapter`, `${id}-adapter.zip`, 'PEFT folder (.zip)', { id: 'adapter-zip', class: 'button primary' }), ' ',
-        downloadLink(`${base}/adapter?format=safetensors`, 'adapter_model.safetensors', 'adapter_model.safetensors', { id: 'adapter-safetensors', class: 'button' }))
+        downloadLink(`${base}/adapter?format=safetensors`, 'adapter_model.safetensors', 'adapter_model.safetensors', { id: 'adapter-safetensors', class: 'button' }),
+        ...((job.adapter_formats || []).includes('gguf')
+          ? [' ', downloadLink(`${base}/adapter?format=gguf`, `${id}-adapter_model.gguf`, 'LoRA GGUF (llama.cpp, Ollama)', { id: 'adapter-gguf', class: 'button' })]
+          : []))
       : '');
   }
 
   async function loadCheckpoints() {
     const list = await api(`${base}/checkpoints`);
     const shown = [...ckptBody.querySelectorAll('tr[data-checkpoint]')].map((tr) => tr.dataset.checkpoint);
+    const gguf = String(!!job && (job.adapter_formats || []).includes('gguf'));
     // Unchanged lists keep their rows (and any link being clicked).
-    if (shown.join() === list.data.map((c) => c.id).join() && shown.length) return;
+    if (shown.join() === list.data.map((c) => c.id).join() && shown.length && ckptBody.dataset.gguf === gguf) return;
+    ckptBody.dataset.gguf = gguf;
     ckptBody.replaceChildren(...list.data.map((c) => {
       const url = `${base}/checkpoints/${encodeURIComponent(c.id)}/adapter`;
       const vl = c.metrics && c.metrics.valid_loss;
@@ -768,7 +773,11 @@ async function jobView(id) {
         h('td', {}, vl === null || vl === undefined ? '–' : vl.toFixed(4)),
         h('td', {},
           downloadLink(url, `${id}-step-${c.step_number}-adapter.zip`, '.zip', { class: 'ckpt-zip' }), ' ',
-          downloadLink(`${url}?format=safetensors`, `${id}-step-${c.step_number}-adapter_model.safetensors`, '.safetensors')));
+          downloadLink(`${url}?format=safetensors`, `${id}-step-${c.step_number}-adapter_model.safetensors`, '.safetensors'),
+          // Known once the job has published its own (checkpoints are written alike).
+          ...(gguf === 'true'
+            ? [' ', downloadLink(`${url}?format=gguf`, `${id}-step-${c.step_number}-adapter_model.gguf`, '.gguf')]
+            : [])));
     }));
     if (!list.data.length) ckptBody.append(h('tr', {}, h('td', { colspan: 4, class: 'muted' }, 'None yet.')));
   }

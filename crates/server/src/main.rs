@@ -47,6 +47,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Merge an adapter into its base model.
     Merge(train_cmd::MergeArgs),
+    /// Write an adapter in another format (the LoRA GGUF llama.cpp loads).
+    Export(train_cmd::ExportArgs),
     /// Generate text with a base model, optionally with an adapter.
     Generate(train_cmd::GenerateArgs),
     /// Classify texts with a sequence-classification adapter (prints label probabilities).
@@ -79,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Models(a) => app::list_models(a),
         Command::Train(a) => train_cmd::train(a),
         Command::Merge(a) => train_cmd::merge(a),
+        Command::Export(a) => train_cmd::export(a),
         Command::Generate(a) => train_cmd::generate(a),
         Command::Classify(a) => train_cmd::classify(a),
     }

@@ -1,4 +1,4 @@
-//! `loraforge train | merge | generate | classify`: the engine from the command line.
+//! `loraforge train | merge | export | generate | classify`: the engine from the command line.
 
 use crate::job::spec::train_spec;
 use crate::job::JobSpec;
@@ -393,6 +393,102 @@ pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// The LoRA GGUF llama.cpp loads over its base (`--lora`, llama-cpp-python's
+    /// `lora_path`, Ollama's `ADAPTER`).
+    LoraGguf,
+    /// The base's GGUF with the adapter merged in, a model of its own (with an Ollama
+    /// Modelfile beside it).
+    MergedGguf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    #[arg(long, value_enum, default_value = "lora-gguf")]
+    pub format: ExportFormat,
+    /// Base model: an HF folder or a .gguf file (a merged GGUF needs the base's GGUF). For
+    /// a LoRA GGUF only its config is read, and the default is the adapter's
+    /// `base_model_name_or_path` where that is a path here.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Output file. Default for a LoRA GGUF: `adapter_model.gguf` in the adapter folder.
+    #[arg(long, required_if_eq("format", "merged-gguf"))]
+    pub out: Option<PathBuf>,
+    /// Tensor type. LoRA GGUF: `f32` (default, as trained) or `f16`. Merged GGUF: `f16`
+    /// (default), `bf16`, `f32`, `q8_0` or `q4_k` (norms stay f32).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    use loraforge_trainer::families::decoder::{export, merge};
+    let model = match args.model {
+        Some(m) => m,
+        None => {
+            let p = args.adapter.join("adapter_config.json");
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{}", p.display()))?;
+            let named = cfg
+                .get("base_model_name_or_path")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            let path = PathBuf::from(named);
+            if named.is_empty() || !path.exists() {
+                bail!(
+                    "the base model is needed (--model): {} names {named:?}, which is not a \
+                     file or folder here",
+                    p.display()
+                );
+            }
+            path
+        }
+    };
+    match args.format {
+        ExportFormat::LoraGguf => {
+            let float = export::GgufFloat::parse(args.dtype.as_deref().unwrap_or("f32"))
+                .context("--dtype")?;
+            let base = export::read_base_config(&model)?;
+            let out = args
+                .out
+                .unwrap_or_else(|| args.adapter.join(export::LORA_GGUF_FILE));
+            let done = export::write_lora_gguf(&args.adapter, &base, float, &out)?;
+            eprintln!(
+                "LoRA GGUF written to {} ({} modules, architecture {}, alpha {})",
+                out.display(),
+                done.modules,
+                done.arch,
+                done.alpha
+            );
+        }
+        ExportFormat::MergedGguf => {
+            let ty = export::MergedType::parse(args.dtype.as_deref().unwrap_or("f16"))
+                .context("--dtype")?;
+            let out = args.out.context("--out is required")?;
+            let base = merge::load_with_adapter(&model, Some(&args.adapter), &Device::Cpu)?;
+            let n = export::write_merged_gguf(
+                &model,
+                &base.model.cfg,
+                base.model.merged_weights()?,
+                ty,
+                &out,
+            )?;
+            let modelfile = export::write_modelfile(&out, &base.tokenizer)?;
+            eprintln!(
+                "merged GGUF written to {} ({n} tensors); Ollama: ollama create NAME -f {}",
+                out.display(),
+                modelfile.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// Base model: a HuggingFace folder or a .gguf file.
@@ -415,6 +511,12 @@ pub struct GenerateArgs {
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Print a JSON object with the prompt's and the generated token ids beside the text.
+    #[arg(long)]
+    pub json: bool,
+    /// Go on past end-of-sequence tokens: exactly --max-new-tokens tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -436,9 +538,20 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             seed: args.seed,
             chat: !args.raw,
             stop: Vec::new(),
+            ignore_eos: args.ignore_eos,
         },
     )?;
-    println!("{}", g.text);
+    if args.json {
+        let v = serde_json::json!({
+            "text": g.text,
+            "prompt_ids": g.prompt_ids,
+            "ids": g.ids,
+            "finish_reason": g.finish_reason,
+        });
+        println!("{v}");
+    } else {
+        println!("{}", g.text);
+    }
     Ok(())
 }
 

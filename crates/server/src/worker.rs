@@ -9,7 +9,7 @@
 use crate::app::AppState;
 use crate::job::artifacts::{
     adapter_key, adapter_zip, checkpoint_adapter_key, checkpoint_key, extra_files, fine_tuned_name,
-    model_card, sha256_hex, ADAPTER_TENSORS, CHECKPOINT_FILES,
+    model_card, sha256_hex, ADAPTER_TENSORS, CHECKPOINT_FILES, LORA_GGUF_FILE,
 };
 use crate::job::spec::train_spec;
 use crate::job::workdir::{job_dir, job_ids, remove_job_dir};
@@ -816,6 +816,18 @@ async fn publish(
     } else {
         None
     };
+    // Decoder runs write the LoRA GGUF llama.cpp loads, where its architecture has one.
+    let gguf = match tokio::fs::read(dir.join(LORA_GGUF_FILE)).await {
+        Ok(bytes) => {
+            state
+                .blobs
+                .put(&adapter_key(&job.id, "gguf"), &bytes)
+                .await?;
+            Some(sha256_hex(&bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context("reading the LoRA GGUF"),
+    };
 
     // Metrics CSV from the stored metrics events (they survive a worker change); DPO jobs
     // add their rewards.
@@ -881,12 +893,15 @@ async fn publish(
         };
         ids.push(state.store.insert_file(&rec).await?.id);
     }
+    let mut sums = json!({"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st)});
+    for (format, sum) in [("kohya", kohya), ("gguf", gguf)] {
+        if let Some(sum) = sum {
+            sums[format] = json!(sum);
+        }
+    }
     Ok(json!({
         "result_files": ids,
-        "adapter_sha256": match kohya {
-            Some(k) => json!({"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st), "kohya": k}),
-            None => json!({"zip": sha256_hex(&zip), "safetensors": sha256_hex(&st)}),
-        },
+        "adapter_sha256": sums,
     }))
 }
 

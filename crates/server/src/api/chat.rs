@@ -239,6 +239,7 @@ async fn complete(
         seed: req.seed.unwrap_or(0),
         chat,
         stop,
+        ignore_eos: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     tokio::task::spawn_blocking(move || {

@@ -6,7 +6,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::job::artifacts::{
     adapter_key, adapter_zip, checkpoint_adapter_key, extra_files, fine_tuned_name, model_card,
-    sha256_hex, ADAPTER_CONFIG, ADAPTER_TENSORS,
+    sha256_hex, ADAPTER_CONFIG, ADAPTER_TENSORS, LORA_GGUF_FILE,
 };
 use crate::job::spec::{parse_method, parse_spec, resolve_auto};
 use crate::job::{is_text_to_image, shown_status, JobSpec};
@@ -662,7 +662,16 @@ pub fn job_object(j: &JobRecord) -> Value {
         "user_provided_suffix": j.suffix,
         "device_kind": j.device_kind,
         "progress": if progress.is_null() { Value::Null } else { progress },
+        "adapter_formats": adapter_formats(&result),
     })
+}
+
+/// The download formats a job's adapter has: those whose hash its result records.
+fn adapter_formats(result: &Value) -> Vec<&str> {
+    ["zip", "safetensors", "kohya", "gguf"]
+        .into_iter()
+        .filter(|f| result.pointer(&format!("/adapter_sha256/{f}")).is_some())
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -1083,14 +1092,15 @@ pub struct AdapterParams {
     format: Option<String>,
 }
 
-/// The adapter format a download asks for: `zip`, `safetensors`, or `kohya`, which only
-/// text-to-image jobs have and which is their default (the file SD UIs load).
+/// The adapter format a download asks for: `zip`, `safetensors`, `kohya`, which only
+/// text-to-image jobs have and which is their default (the file SD UIs load), or `gguf`,
+/// the LoRA GGUF llama.cpp loads, which decoder jobs have.
 fn adapter_format<'a>(asked: Option<&'a str>, job: &JobRecord) -> ApiResult<&'a str> {
     let image = is_text_to_image(job);
     let format = asked.unwrap_or(if image { "kohya" } else { "zip" });
-    if !["zip", "safetensors", "kohya"].contains(&format) {
+    if !["zip", "safetensors", "kohya", "gguf"].contains(&format) {
         return Err(
-            ApiError::bad_request("format must be zip, safetensors or kohya").param("format"),
+            ApiError::bad_request("format must be zip, safetensors, kohya or gguf").param("format"),
         );
     }
     if format == "kohya" && !image {
@@ -1101,6 +1111,19 @@ fn adapter_format<'a>(asked: Option<&'a str>, job: &JobRecord) -> ApiResult<&'a 
         .param("format"));
     }
     Ok(format)
+}
+
+/// A job's adapter without a LoRA GGUF: not a decoder's, or one llama.cpp cannot take.
+fn no_gguf(id: &str) -> ApiError {
+    ApiError::conflict(format!(
+        "Job {id}'s adapter has no LoRA GGUF: loraforge writes one for decoder adapters \
+         that llama.cpp can load (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 and \
+         smollm3 models; LoRA pairs only, no whole trained modules, no adapter on a tied \
+         output head). `loraforge export --adapter DIR --format lora-gguf` says why for \
+         a downloaded adapter."
+    ))
+    .param("format")
+    .code("gguf_not_available")
 }
 
 /// A file name from a fine-tuned model name (`ft:model:suffix:id`), for the UIs' LoRA
@@ -1142,6 +1165,10 @@ pub async fn adapter(
         .and_then(|v| v.get(format))
         .and_then(|v| v.as_str())
         .map(|s| format!("\"{s}\""));
+    // Every stored format but the LoRA GGUF is there for every job of its kind.
+    if format == "gguf" && etag.is_none() {
+        return Err(no_gguf(&id));
+    }
     let filename = match format {
         "safetensors" => ADAPTER_TENSORS.to_string(),
         "kohya" => format!(
@@ -1150,6 +1177,7 @@ pub async fn adapter(
                 .as_deref()
                 .map_or(id.clone(), kohya_file_stem)
         ),
+        "gguf" => format!("{id}-{LORA_GGUF_FILE}"),
         _ => format!("{id}-adapter.zip"),
     };
     let download = Download {
@@ -1314,10 +1342,14 @@ pub async fn checkpoint_adapter(
     if format == "zip" && !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
         zip_stored_checkpoint(&state, &job, &ckpt).await?;
     }
+    if format == "gguf" && !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
+        return Err(no_gguf(&p.fine_tuning_job_id));
+    }
     let base = format!("{}-step-{}", ckpt.job_id, ckpt.step);
     let filename = match format {
         "kohya" => format!("{base}.safetensors"),
         "safetensors" => format!("{base}-adapter_model.safetensors"),
+        "gguf" => format!("{base}-{LORA_GGUF_FILE}"),
         _ => format!("{base}-adapter.zip"),
     };
     // A checkpoint's blobs are written once, before its row, under a key of their own

@@ -2,6 +2,7 @@
 //! final adapter and every checkpoint are downloaded as.
 
 use loraforge_store::JobRecord;
+pub use loraforge_trainer::families::decoder::export::LORA_GGUF_FILE;
 use loraforge_trainer::FAMILIES;
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -95,6 +96,7 @@ pub fn adapter_key(job_id: &str, format: &str) -> String {
         "safetensors" => format!("jobs/{job_id}/{ADAPTER_TENSORS}"),
         // Named apart from the checkpoints' `kohya.safetensors`; kept as first stored.
         "kohya" => format!("jobs/{job_id}/lora_kohya.safetensors"),
+        "gguf" => format!("jobs/{job_id}/{LORA_GGUF_FILE}"),
         _ => format!("jobs/{job_id}/adapter.zip"),
     }
 }
@@ -111,6 +113,8 @@ pub fn checkpoint_adapter_key(prefix: &str, format: &str) -> String {
     match format {
         "safetensors" => format!("{prefix}/{ADAPTER_TENSORS}"),
         "kohya" => format!("{prefix}/kohya.safetensors"),
+        // Stored with the checkpoint's files (a decoder family's adapter file).
+        "gguf" => format!("{prefix}/{LORA_GGUF_FILE}"),
         _ => format!("{prefix}/adapter.zip"),
     }
 }

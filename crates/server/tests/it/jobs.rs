@@ -243,6 +243,16 @@ async fn job_trains_streams_and_serves_its_adapter() {
             r.bytes().await.unwrap().to_vec(),
             stored("adapter_model.safetensors")
         );
+        // And as the LoRA GGUF llama.cpp loads, which training wrote beside it.
+        let r = reqwest::get(format!("{url}?format=gguf")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .ends_with("-step-40-adapter_model.gguf\""));
+        let gguf = r.bytes().await.unwrap().to_vec();
+        assert_eq!(gguf, stored("adapter_model.gguf"));
+        assert_eq!(&gguf[..4], b"GGUF");
         let r = reqwest::get(s.url(&format!(
             "/v1/fine_tuning/jobs/{id}/checkpoints/ftckpt-nope/adapter"
         )))
@@ -337,6 +347,15 @@ async fn job_trains_streams_and_serves_its_adapter() {
         .await
         .unwrap();
         assert_eq!(st.bytes().await.unwrap().to_vec(), written);
+        // The LoRA GGUF, stored as published and carried in the zip.
+        let r = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter?format=gguf")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["etag"].to_str().unwrap().len() > 60);
+        let gguf = r.bytes().await.unwrap().to_vec();
+        assert_eq!(gguf, zip_entry(&zip, "adapter_model.gguf"));
+        assert_eq!(&gguf[..4], b"GGUF");
 
         // result_files: the metrics CSV and the same zip, through the files API.
         let files = job["result_files"].as_array().unwrap();

@@ -162,6 +162,126 @@ fn smollm2_thirty_steps_learn_and_peft_loads_the_adapter() {
     assert_ne!(plain, tuned, "the adapter did not change the answer");
 
     peft_check(&model, &out);
+
+    // Training wrote the LoRA GGUF llama.cpp loads beside the PEFT files; `loraforge
+    // export` writes the same bytes, and llama.cpp generates what loraforge does with it.
+    let gguf = out.join("adapter_model.gguf");
+    assert!(gguf.is_file(), "training wrote no adapter_model.gguf");
+    let exported = dir.path().join("exported.gguf");
+    run(loraforge()
+        .args(["export", "--format", "lora-gguf", "--adapter"])
+        .arg(&out)
+        .arg("--out")
+        .arg(&exported));
+    assert!(
+        std::fs::read(&gguf).unwrap() == std::fs::read(&exported).unwrap(),
+        "`loraforge export` and training wrote different LoRA GGUFs"
+    );
+    // The adapter merged into the base's GGUF, a model of its own, with an Ollama Modelfile.
+    let merged = dir.path().join("merged.gguf");
+    run(loraforge()
+        .args([
+            "export",
+            "--format",
+            "merged-gguf",
+            "--dtype",
+            "f16",
+            "--adapter",
+        ])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&merged));
+    let modelfile = std::fs::read_to_string(dir.path().join("merged.Modelfile")).unwrap();
+    assert!(modelfile.starts_with("FROM ./merged.gguf\n"), "{modelfile}");
+    assert!(
+        modelfile.contains("PARAMETER stop \"<|im_end|>\""),
+        "{modelfile}"
+    );
+    llama_cpp_check(&model, &out, &gguf, &merged);
+}
+
+/// llama.cpp (llama-cpp-python, `scripts/setup-llama-cpp.sh`) loads `gguf` over the base
+/// GGUF, and the merged GGUF `merged` alone, and generates with each, greedily from the
+/// same prompt ids, the tokens `loraforge generate` does with the PEFT adapter `adapter`
+/// (`scripts/llama-cpp-check.py`). Skipped when the
+/// venv has no llama_cpp, unless `LORAFORGE_REQUIRE_LLAMA_CPP=1` (CI).
+fn llama_cpp_check(model: &Path, adapter: &Path, gguf: &Path, merged: &Path) {
+    let required = std::env::var("LORAFORGE_REQUIRE_LLAMA_CPP").as_deref() == Ok("1");
+    let python = match std::env::var("LORAFORGE_VENV") {
+        Ok(v) => Path::new(&v).join("bin/python"),
+        Err(_) => PathBuf::from("python3"),
+    };
+    let has = Command::new(&python)
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        assert!(
+            !required,
+            "{} cannot import llama_cpp (scripts/setup-llama-cpp.sh)",
+            python.display()
+        );
+        eprintln!(
+            "llama.cpp check skipped: no llama_cpp in {}",
+            python.display()
+        );
+        return;
+    }
+    // A training prompt and two the data set does not hold.
+    let prompts = [
+        "What is the capital of France?",
+        "What is the capital of Spain?",
+        "Name the capital of Canada.",
+    ];
+    let generate = |prompt: &str, adapter: Option<&Path>| -> serde_json::Value {
+        let mut c = loraforge();
+        c.args([
+            "generate",
+            "--json",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "24",
+            "--model",
+        ])
+        .arg(model)
+        .args(["--prompt", prompt]);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        serde_json::from_str(run(&mut c).trim()).unwrap()
+    };
+    let cases: Vec<serde_json::Value> = prompts
+        .iter()
+        .map(|p| {
+            let base = generate(p, None);
+            let tuned = generate(p, Some(adapter));
+            assert_eq!(base["prompt_ids"], tuned["prompt_ids"]);
+            serde_json::json!({"prompt_ids": base["prompt_ids"], "base": base["ids"], "adapter": tuned["ids"]})
+        })
+        .collect();
+    let expect = adapter.with_file_name("llama-cpp-cases.json");
+    std::fs::write(&expect, serde_json::to_string(&cases).unwrap()).unwrap();
+    let out = Command::new(&python)
+        .arg(root().join("scripts/llama-cpp-check.py"))
+        .arg("--model")
+        .arg(model)
+        .arg("--lora")
+        .arg(gguf)
+        .arg("--merged")
+        .arg(merged)
+        .arg("--expect")
+        .arg(&expect)
+        .output()
+        .expect("spawn python");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{report}");
+    assert!(out.status.success(), "llama-cpp-check.py failed:\n{report}");
 }
 
 /// The real model trains through the HTTP API (upload, job, poll) and the downloaded

@@ -206,6 +206,14 @@ async fn an_image_zip_trains_a_kohya_lora_through_the_api() {
     std::io::Read::read_to_end(&mut z.by_name("kohya.safetensors").unwrap(), &mut inner).unwrap();
     assert_eq!(inner, bytes.to_vec());
     assert!(z.by_name("adapter_model.safetensors").is_ok());
+    // An SD adapter has no LoRA GGUF (llama.cpp's LoRA is a decoder's): a 409 that says so.
+    let r = reqwest::get(s.url(&format!("/v1/fine_tuning/jobs/{id}/adapter?format=gguf")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "gguf_not_available", "{e}");
+    assert_eq!(e["error"]["param"], "format", "{e}");
 
     // Its checkpoints download as kohya files too.
     let ckpts = get_json(&s, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;

@@ -21,6 +21,9 @@ pub struct GenerateOptions {
     pub chat: bool,
     /// Generation ends before any of these strings (OpenAI's `stop`).
     pub stop: Vec<String>,
+    /// Go on past end-of-sequence tokens (llama.cpp's `--ignore-eos`): a fixed number of
+    /// tokens, to compare with another engine or to time.
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -32,6 +35,7 @@ impl Default for GenerateOptions {
             seed: 0,
             chat: true,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -39,6 +43,10 @@ impl Default for GenerateOptions {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub text: String,
+    /// The prompt as token ids, and the tokens generated (an end-of-sequence token not
+    /// included).
+    pub prompt_ids: Vec<u32>,
+    pub ids: Vec<u32>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// `stop` (an end-of-sequence token or a stop string), `length`, or `cancelled`
@@ -107,6 +115,7 @@ pub fn generate_ids(
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let prompt_tokens = ids.len();
     let mut out: Vec<u32> = Vec::new();
+    let prompt_ids = ids.clone();
     let mut input = ids;
     let mut finish = "length";
     let mut sent = 0usize; // bytes of `text` already handed to `on_text`
@@ -132,7 +141,7 @@ pub fn generate_ids(
         } else {
             sample(&logits, opts.temperature, opts.top_p, &mut rng)?
         };
-        if base.tokenizer.eos_ids.contains(&next) {
+        if !opts.ignore_eos && base.tokenizer.eos_ids.contains(&next) {
             finish = "stop";
             break;
         }
@@ -166,8 +175,10 @@ pub fn generate_ids(
     }
     Ok(Generation {
         text,
-        prompt_tokens,
+        prompt_ids,
         completion_tokens: out.len(),
+        ids: out,
+        prompt_tokens,
         finish_reason: finish,
     })
 }

@@ -288,31 +288,70 @@ fn gguf_weights(
     Ok((w, freq_factors))
 }
 
-fn gguf_to_hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// llama.cpp's names of the model-wide tensors and HF's.
+const TOP_NAMES: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// llama.cpp's names of a block's modules and HF's (under `blk.N.` and `model.layers.N.`).
+const LAYER_NAMES: [(&str, &str); 11] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+pub(crate) fn gguf_to_hf_name(name: &str) -> Option<String> {
+    let (module, kind) = name.rsplit_once('.')?;
+    if let Some((_, hf)) = TOP_NAMES.iter().find(|(g, _)| *g == module) {
+        return Some(format!("{hf}.{kind}"));
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let (layer, part) = module.strip_prefix("blk.")?.split_once('.')?;
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The llama.cpp name of an HF module (`model.layers.3.self_attn.q_proj` ->
+/// `blk.3.attn_q`), for the modules [`gguf_to_hf_name`] knows and phi3's fused ones.
+pub(crate) fn hf_to_gguf_module(module: &str) -> Option<String> {
+    if let Some((g, _)) = TOP_NAMES.iter().find(|(_, hf)| *hf == module) {
+        return Some(g.to_string());
+    }
+    let (layer, part) = module.strip_prefix("model.layers.")?.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    // phi3's fused projections are llama.cpp's attn_qkv and its double-width ffn_up.
+    const FUSED: [(&str, &str); 2] = [
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("ffn_up", "mlp.gate_up_proj"),
+    ];
+    let (g, _) = LAYER_NAMES
+        .iter()
+        .chain(FUSED.iter())
+        .find(|(_, hf)| *hf == part)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// The inverse of [`unpermute_order`]: row `i` of llama.cpp's interleaved Q/K layout is
+/// row `order[i]` of HF's.
+pub(crate) fn permute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, within) = (r / hd, r % hd);
+            let (i, j) = (within / 2, within % 2);
+            h * hd + j * half + i
+        })
+        .collect()
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -548,9 +587,53 @@ mod tests {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((nh * hd, inp))?;
-        let back = Frozen::Dense(permuted).permute_rows(&unpermute_order(nh * hd, nh))?;
+        let back = Frozen::Dense(permuted.clone()).permute_rows(&unpermute_order(nh * hd, nh))?;
         assert_eq!(back.dense()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        // And the export's way there: llama.cpp's layout from HF's.
+        let order = Tensor::new(
+            permute_order(nh * hd, nh)
+                .into_iter()
+                .map(|i| i as u32)
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
+        assert_eq!(
+            w.index_select(&order, 0)?.to_vec2::<f32>()?,
+            permuted.to_vec2::<f32>()?
+        );
         Ok(())
+    }
+
+    #[test]
+    fn hf_and_llama_cpp_names_map_both_ways() {
+        for (gguf, hf) in [
+            (
+                "blk.0.attn_q.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "blk.17.ffn_down.weight",
+                "model.layers.17.mlp.down_proj.weight",
+            ),
+            (
+                "blk.2.attn_k_norm.weight",
+                "model.layers.2.self_attn.k_norm.weight",
+            ),
+            ("output.weight", "lm_head.weight"),
+            ("token_embd.weight", "model.embed_tokens.weight"),
+        ] {
+            assert_eq!(gguf_to_hf_name(gguf).as_deref(), Some(hf));
+            let (g, _) = gguf.rsplit_once('.').unwrap();
+            let (h, _) = hf.rsplit_once('.').unwrap();
+            assert_eq!(hf_to_gguf_module(h).as_deref(), Some(g));
+        }
+        assert_eq!(
+            hf_to_gguf_module("model.layers.1.self_attn.qkv_proj").as_deref(),
+            Some("blk.1.attn_qkv")
+        );
+        assert_eq!(hf_to_gguf_module("model.layers.x.mlp.up_proj"), None);
+        assert_eq!(hf_to_gguf_module("model.vision.proj"), None);
+        assert_eq!(gguf_to_hf_name("blk.0.attn_qkv.weight"), None);
     }
 
     #[test]

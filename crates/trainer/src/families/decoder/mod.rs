@@ -1,8 +1,9 @@
 //! Llama-family decoders (llama, mistral, qwen2, qwen3, phi3): config, model, loading (HF
-//! folders and GGUF), tokenizer and chat template, generation, and merging an adapter into
-//! the base.
+//! folders and GGUF), tokenizer and chat template, generation, merging an adapter into
+//! the base, and adapters as llama.cpp's LoRA GGUF.
 
 pub mod config;
+pub mod export;
 pub mod generate;
 pub mod loader;
 pub mod merge;
@@ -55,6 +56,10 @@ impl Family for DecoderFamily {
     }
     fn dtypes(&self) -> &'static [DType] {
         &[DType::F32, DType::BF16, DType::F16]
+    }
+    /// The LoRA GGUF llama.cpp loads, where the architecture has one.
+    fn adapter_files(&self) -> &'static [&'static str] {
+        &[export::LORA_GGUF_FILE]
     }
     /// Weights from the config's shapes and `base_dtype` (a GGUF file's own bytes under
     /// `auto`); per layer and token a step keeps about

@@ -167,6 +167,9 @@ impl Objective for CausalLm {
     fn base_name(&self) -> &str {
         &self.base.name
     }
+    fn save_extra(&self, dir: &Path) -> Result<()> {
+        super::export::save_lora_gguf(&self.base.model.cfg, dir)
+    }
     fn len(&self) -> usize {
         self.rows
             .as_ref()
@@ -428,6 +431,9 @@ impl Objective for Dpo {
     }
     fn base_name(&self) -> &str {
         &self.base.name
+    }
+    fn save_extra(&self, dir: &Path) -> Result<()> {
+        super::export::save_lora_gguf(&self.base.model.cfg, dir)
     }
     fn len(&self) -> usize {
         self.train.len()

@@ -10,8 +10,8 @@ generated from the same prompt ids without and with the adapter. llama.cpp runs 
 prompt ids greedily with the LoRA GGUF applied (and with --merged, the merged GGUF of
 `loraforge export --format merged-gguf` alone), and each of its token sequences must
 equal loraforge's with the adapter for the first --min-same tokens; the rest is
-reported. The adapter must change at least one answer, so that a LoRA llama.cpp ignored
-cannot pass. The base alone is compared too, for the record only: on a 4-bit base,
+reported. With the LoRA, llama.cpp must answer at least one prompt otherwise than with
+the base alone within those tokens, so that a LoRA llama.cpp ignored cannot pass. The base alone is compared too, for the record only: on a 4-bit base,
 llama.cpp's products (activations quantized to 8 bits) and loraforge's (f32 over the
 dequantized weights) differ by enough to flip near-ties of the untrained model, while a
 trained adapter's answers are decided by wide margins. Prints what matched; exits 1 on a mismatch.
@@ -66,9 +66,11 @@ def main():
     failed = False
     changed = False
     for i, case in enumerate(cases):
+        got_by = {}
         for which, llm in runs.items():
             want = case["adapter" if which == "merged" else which]
             got = greedy(llm, case["prompt_ids"], len(want))
+            got_by[which] = got
             same = same_prefix(got, want)
             need = 0 if which == "base" else min(args.min_same, len(want))
             ok = same >= need
@@ -83,9 +85,11 @@ def main():
             )
             if not ok:
                 print(f"  loraforge: {want}\n  llama.cpp: {got}")
-        changed |= case["base"] != case["adapter"]
+        # In llama.cpp itself, within the tokens compared: the LoRA changed the answer.
+        n = min(args.min_same, len(case["adapter"]))
+        changed |= got_by["base"][:n] != got_by["adapter"][:n]
     if not changed:
-        print("the adapter changed no answer: nothing shows that llama.cpp applied it")
+        print("the LoRA changed no answer in llama.cpp: nothing shows that it applied it")
         failed = True
     print("llama.cpp check: " + ("FAILED" if failed else "passed"))
     sys.exit(1 if failed else 0)

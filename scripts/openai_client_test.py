@@ -169,7 +169,9 @@ def fine_tuning(client):
     check([c.step_number for c in ckpts.data] == [3], "checkpoints.list")
     check(len(job.result_files) == 2, "result_files: metrics CSV and adapter zip")
     z = zipfile.ZipFile(io.BytesIO(client.files.content(job.result_files[1]).read()))
-    check(sorted(z.namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"],
+    # The PEFT folder, and the LoRA GGUF llama.cpp loads (a llama model's adapter has one).
+    check(sorted(z.namelist()) == ["README.md", "adapter_config.json", "adapter_model.gguf",
+                                   "adapter_model.safetensors"],
           "files.content of the adapter zip")
     check(json_load(z.read("adapter_config.json"))["peft_type"] == "LORA", "the zip holds a PEFT adapter")
     reply = client.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8,

@@ -239,6 +239,24 @@ try {
   assert.equal(gguf.suggestedFilename(), `${jobId}-adapter_model.gguf`);
   log(`adapter download: ${viaPage.length} bytes, equal to GET /adapter; checkpoint zip ${ckptBytes.length} bytes; LoRA GGUF ${ggufPage.length} bytes`);
 
+  // An export: the merged HF folder, asked for on the page, built by the worker, listed
+  // with its status, and downloaded as the API serves it.
+  await page.selectOption('#export-format', 'merged_safetensors');
+  await page.selectOption('#export-dtype', 'bf16');
+  await page.click('#export-create');
+  await page.locator('#export-rows .export-status[data-status="succeeded"]').waitFor({ timeout: 60_000 });
+  const exports = (await apiJson(`${base}/v1/fine_tuning/jobs/${jobId}/exports`)).data;
+  assert.equal(exports.length, 1);
+  assert.equal(exports[0].format, 'merged_safetensors');
+  assert.equal(exports[0].dtype, 'bf16');
+  const [exp] = await Promise.all([page.waitForEvent('download'), page.click('#export-rows a.export-download')]);
+  const expPage = fs.readFileSync(await exp.path());
+  const expApi = Buffer.from(await (await fetch(`${base}/v1/fine_tuning/jobs/${jobId}/exports/${exports[0].id}/content`)).arrayBuffer());
+  assert.equal(expPage.subarray(0, 2).toString(), 'PK', 'the export downloads as a zip');
+  assert.ok(expPage.equals(expApi), `export: downloaded ${expPage.length} bytes, the API serves ${expApi.length}`);
+  assert.equal(exp.suggestedFilename(), exports[0].filename);
+  log(`export: merged_safetensors bf16 built and downloaded, ${expPage.length} bytes`);
+
   // Jobs list with its filter.
   await page.locator('nav [data-nav="jobs"]').click();
   await page.locator(`tr[data-job="${jobId}"] .status-succeeded`).waitFor();

@@ -651,6 +651,7 @@ async function jobView(id) {
   const errorArea = h('div');
   const chartBox = h('figure', { id: 'loss-chart', class: 'chart', role: 'img', 'data-points': '0' });
   const ckptBody = h('tbody');
+  const exportsBox = h('div', { id: 'exports' });
   const log = h('ol', { id: 'event-log', class: 'log' });
   const curls = h('div', { id: 'curl-commands' });
   const chart = lossChart(chartBox);
@@ -670,10 +671,66 @@ async function jobView(id) {
         h('table', { class: 'list', id: 'checkpoints' },
           h('thead', {}, h('tr', {}, ['Step', 'Checkpoint', 'Validation loss', 'Download'].map((t) => h('th', { scope: 'col' }, t)))),
           ckptBody))),
+    h('section', { 'aria-labelledby': 'h-exports' }, h('h2', { id: 'h-exports' }, 'Exports'), exportsBox),
     h('section', { 'aria-labelledby': 'h-curl' }, h('h2', { id: 'h-curl' }, 'With curl'), curls),
   );
 
   const base = `/v1/fine_tuning/jobs/${encodeURIComponent(id)}`;
+
+  // Merged models of a succeeded language-model job: made by a worker on request, listed
+  // with their status (polled while one is being built) and downloaded when ready.
+  const EXPORT_DTYPES = {
+    merged_gguf: ['f16', 'bf16', 'f32', 'q8_0', 'q4_k'],
+    merged_safetensors: ['bf16', 'f16', 'f32'],
+  };
+  const exportForm = (() => {
+    const format = h('select', { id: 'export-format', 'aria-label': 'Export format' },
+      h('option', { value: 'merged_gguf' }, 'Merged GGUF + Ollama Modelfile'),
+      h('option', { value: 'merged_safetensors' }, 'Merged HF folder (safetensors)'));
+    const dtype = h('select', { id: 'export-dtype', 'aria-label': 'Tensor type' });
+    const fillDtypes = () => dtype.replaceChildren(...EXPORT_DTYPES[format.value].map((d) => h('option', { value: d }, d)));
+    format.onchange = fillDtypes;
+    fillDtypes();
+    const exportMsg = h('div', { 'aria-live': 'polite' });
+    const go = h('button', { type: 'submit', id: 'export-create', class: 'button' }, 'Export');
+    return h('form', {
+      class: 'toolbar',
+      onsubmit: async (e) => {
+        e.preventDefault();
+        exportMsg.replaceChildren();
+        try {
+          await api(`${base}/exports`, { method: 'POST', body: { format: format.value, dtype: dtype.value } });
+          loadExports();
+        } catch (err) { exportMsg.replaceChildren(errorBox(err)); }
+      },
+    }, format, ' ', dtype, ' ', go, exportMsg);
+  })();
+  const exportRows = h('tbody', { id: 'export-rows' });
+  let exportPoll = null;
+  async function loadExports() {
+    if (job.status !== 'succeeded' || job.task !== 'causal_lm') {
+      exportsBox.replaceChildren(h('p', { class: 'muted' }, job.task === 'causal_lm'
+        ? 'A succeeded job can be merged into its base here.'
+        : 'Exports merge a language model\'s adapter.'));
+      return;
+    }
+    if (!exportsBox.contains(exportForm)) {
+      exportsBox.replaceChildren(exportForm, h('table', { class: 'list' },
+        h('thead', {}, h('tr', {}, ['Format', 'Type', 'Status', 'Download'].map((t) => h('th', { scope: 'col' }, t)))),
+        exportRows));
+    }
+    const list = await api(`${base}/exports`);
+    exportRows.replaceChildren(...list.data.map((x) => h('tr', { 'data-export': x.id },
+      h('td', {}, x.format), h('td', {}, x.dtype),
+      h('td', { class: 'export-status', 'data-status': x.status }, statusBadge(x.status), x.error ? ` ${x.error.message}` : ''),
+      h('td', {}, x.status === 'succeeded'
+        ? downloadLink(`${base}/exports/${encodeURIComponent(x.id)}/content`, x.filename, `.zip (${(x.bytes / 1e6).toFixed(1)} MB)`, { class: 'export-download' })
+        : '–'))));
+    if (!list.data.length) exportRows.append(h('tr', {}, h('td', { colspan: 4, class: 'muted' }, 'None yet.')));
+    const building = list.data.some((x) => x.status === 'queued' || x.status === 'running');
+    clearTimeout(exportPoll);
+    if (building) exportPoll = setTimeout(() => loadExports().catch(() => {}), 1000);
+  }
 
   // Once steps stream in they are the newest progress; a job object fetched meanwhile
   // may be a step behind and must not move the bar back.
@@ -865,14 +922,15 @@ async function jobView(id) {
       }[state];
       streamState.dataset.state = state;
       if (state === 'done') {
-        refresh();
+        refresh().then(() => loadExports()).catch(() => {});
         loadCheckpoints().catch(() => {});
       }
     },
   });
   // Pauses and resumes need not leave an event at once; a slow poll catches them.
   const poll = setInterval(() => { if (!TERMINAL.includes(job.status)) refresh(); }, 3000);
-  onLeave(() => { stream.close(); clearInterval(poll); clearTimeout(refreshTimer); });
+  loadExports().catch(() => {});
+  onLeave(() => { stream.close(); clearInterval(poll); clearTimeout(refreshTimer); clearTimeout(exportPoll); });
 }
 
 // ---- start -----------------------------------------------------------------------

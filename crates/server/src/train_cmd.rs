@@ -379,6 +379,9 @@ pub struct MergeArgs {
     /// Output folder for the merged HF model.
     #[arg(long)]
     pub out: PathBuf,
+    /// How the merged weights are stored: f32, bf16 or f16 (the merge is in f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
@@ -388,7 +391,13 @@ pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
         Some(&args.adapter),
         &dev,
     )?;
-    loraforge_trainer::families::decoder::merge::write_merged(&base, &args.model, &args.out)?;
+    let dtype = loraforge_trainer::device::parse_dtype(&args.dtype).context("--dtype")?;
+    loraforge_trainer::families::decoder::merge::write_merged(
+        &base,
+        &args.model,
+        &args.out,
+        dtype,
+    )?;
     eprintln!("merged model written to {}", args.out.display());
     Ok(())
 }
@@ -453,7 +462,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         ExportFormat::LoraGguf => {
             let float = export::GgufFloat::parse(args.dtype.as_deref().unwrap_or("f32"))
                 .context("--dtype")?;
-            let base = export::read_base_config(&model)?;
+            let base = export::read_base_shape(&model)?;
             let out = args
                 .out
                 .unwrap_or_else(|| args.adapter.join(export::LORA_GGUF_FILE));
@@ -470,6 +479,14 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
             let ty = export::MergedType::parse(args.dtype.as_deref().unwrap_or("f16"))
                 .context("--dtype")?;
             let out = args.out.context("--out is required")?;
+            if model.is_dir() {
+                bail!(
+                    "{}: a merged GGUF is made from the base's GGUF (its tokenizer and \
+                     hyperparameters are carried over); for an HF folder, `loraforge merge` \
+                     and llama.cpp's convert_hf_to_gguf.py",
+                    model.display()
+                );
+            }
             let base = merge::load_with_adapter(&model, Some(&args.adapter), &Device::Cpu)?;
             let n = export::write_merged_gguf(
                 &model,

@@ -16,7 +16,9 @@ use crate::job::workdir::{job_dir, job_ids, remove_job_dir};
 use crate::job::{is_text_to_image, JobSpec};
 use anyhow::Context;
 use futures::StreamExt;
-use loraforge_store::{CheckpointRecord, ClaimedJob, FileRecord, JobOutcome, Lease};
+use loraforge_store::{
+    CheckpointRecord, ClaimedJob, ExportOutcome, FileRecord, JobOutcome, Lease, NewEvent,
+};
 use loraforge_trainer::families::diffusion::objective::KOHYA_FILE;
 use loraforge_trainer::train::{TrainEvent, TrainSpec};
 use serde_json::json;
@@ -201,13 +203,33 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
                     remove_job_dir(&cfg.data_dir, &id).await;
                 }
             }
-            Ok(None) => {
-                tokio::select! {
-                    _ = state.jobs_notify.notified() => {}
-                    _ = state.shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            // No job waiting: an export, if one is.
+            Ok(None) => match state.store.claim_export(&worker_id, cfg.lease).await {
+                Ok(Some(ex)) => {
+                    tracing::info!(export = %ex.id, job = %ex.job_id, "claimed export");
+                    if let Err(e) = run_export(&state, &cfg, &ex).await {
+                        tracing::error!(export = %ex.id, error = format!("{e:#}"), "export failed");
+                        // Ended here rather than taken up again when its lease lapses:
+                        // what failed before the build (its job gone, the store down)
+                        // would fail the same way for the next worker.
+                        let failed = ExportOutcome::Failed {
+                            error: format!("{e:#}"),
+                        };
+                        let _ = state.store.finish_export(&ex.id, &worker_id, &failed).await;
+                    }
                 }
-            }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = state.jobs_notify.notified() => {}
+                        _ = state.shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming an export failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a job failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -216,6 +238,136 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
     }
     let _ = reporter.await;
     tracing::info!(worker = %worker_id, "worker stopped");
+}
+
+/// Builds a claimed export: the job's adapter zip fetched, merged into the base on a
+/// blocking thread while the lease is renewed, the zip stored, the row finished. Each
+/// step is an event on the job's stream. A worker that loses the export (its lease
+/// taken over, or the export deleted) drops what it built.
+async fn run_export(
+    state: &AppState,
+    cfg: &WorkerConfig,
+    ex: &loraforge_store::ExportRecord,
+) -> anyhow::Result<()> {
+    let worker = ex
+        .worker_id
+        .clone()
+        .context("a claimed export has a holder")?;
+    let job = state
+        .store
+        .get_job(&ex.job_id)
+        .await?
+        .context("the export's job is gone")?;
+    let event = |level: &'static str, message: String, status: &'static str| {
+        let e = NewEvent {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            level: level.into(),
+            kind: "message".into(),
+            message,
+            data: Some(json!({"export_id": ex.id, "status": status}).to_string()),
+        };
+        async move {
+            if let Err(err) = state.store.append_event(&e).await {
+                tracing::warn!(error = %err, "could not record an export event");
+            }
+            state.feeds.wake(&e.job_id);
+        }
+    };
+    event(
+        "info",
+        format!("Export {} started ({}, {})", ex.id, ex.format, ex.dtype),
+        "running",
+    )
+    .await;
+    let work = cfg.data_dir.join("exports").join(&ex.id);
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    tokio::fs::create_dir_all(&work).await?;
+    let built: anyhow::Result<(loraforge_store::Upload, u64, String)> = async {
+        let model = base_model(state, &job.model).await?;
+        let zip = work.join("adapter.zip");
+        fetch_blob(state, &adapter_key(&job.id, "zip"), &zip).await?;
+        let upload = state.blobs.new_upload()?;
+        let (out, w, format, dtype) = (
+            upload.path().to_path_buf(),
+            work.clone(),
+            ex.format.clone(),
+            ex.dtype.clone(),
+        );
+        let mut task = tokio::task::spawn_blocking(move || {
+            crate::job::export::unzip_adapter(&zip, &w)?;
+            crate::job::export::build(&model.path, &w, &format, &dtype, &w, &out)
+        });
+        let mut beat = tokio::time::interval(cfg.lease / 3);
+        beat.tick().await;
+        let (bytes, sha) = loop {
+            tokio::select! {
+                r = &mut task => break r??,
+                _ = beat.tick() => {
+                    if !state.store.renew_export(&ex.id, &worker, cfg.lease).await? {
+                        anyhow::bail!("lost");
+                    }
+                }
+            }
+        };
+        Ok((upload, bytes, sha))
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    let key = format!("exports/{}/{}.zip", job.id, ex.id);
+    let outcome = match built {
+        Ok((upload, bytes, sha256)) => {
+            state.blobs.commit(upload, &key).await?;
+            ExportOutcome::Succeeded {
+                storage_key: key.clone(),
+                bytes: bytes as i64,
+                sha256,
+            }
+        }
+        Err(e) => ExportOutcome::Failed {
+            error: format!("{e:#}"),
+        },
+    };
+    if !state.store.finish_export(&ex.id, &worker, &outcome).await? {
+        // Deleted or taken over meanwhile: what was stored is nobody's.
+        if matches!(outcome, ExportOutcome::Succeeded { .. }) {
+            let _ = state.blobs.delete(&key).await;
+        }
+        tracing::warn!(export = %ex.id, "export lost to another worker or deleted; dropped");
+        return Ok(());
+    }
+    match outcome {
+        ExportOutcome::Succeeded { bytes, .. } => {
+            event(
+                "info",
+                format!("Export {} ready: {bytes} bytes", ex.id),
+                "succeeded",
+            )
+            .await
+        }
+        ExportOutcome::Failed { error } => {
+            event(
+                "error",
+                format!("Export {} failed: {error}", ex.id),
+                "failed",
+            )
+            .await
+        }
+    }
+    Ok(())
+}
+
+/// A base model in the models directory, by id (scanned on a blocking thread).
+async fn base_model(
+    state: &AppState,
+    id: &str,
+) -> anyhow::Result<loraforge_trainer::families::ModelInfo> {
+    let dir = state.settings.models_dir.clone();
+    tokio::task::spawn_blocking(move || loraforge_trainer::families::scan(&dir))
+        .await?
+        .into_iter()
+        .find(|m| m.id == id)
+        .with_context(|| format!("model {id} is no longer in the models directory"))
 }
 
 /// Copies a blob to a local file (the trainer reads files).
@@ -521,12 +673,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     let work = job_dir(&cfg.data_dir, &job.id);
     tokio::fs::create_dir_all(&work).await?;
     let prepared: anyhow::Result<TrainSpec> = async {
-        let dir = state.settings.models_dir.clone();
-        let model = tokio::task::spawn_blocking(move || loraforge_trainer::families::scan(&dir))
-            .await?
-            .into_iter()
-            .find(|m| m.id == job.model)
-            .with_context(|| format!("model {} is no longer in the models directory", job.model))?;
+        let model = base_model(state, &job.model).await?;
         let file_path = |id: &str| work.join(format!("{id}.jsonl"));
         let f = state
             .store

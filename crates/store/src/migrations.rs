@@ -43,6 +43,11 @@ const SQLITE: Embedded = &[
         "model deleted",
         include_str!("../../../migrations/sqlite/0007_model_deleted.sql"),
     ),
+    (
+        8,
+        "exports",
+        include_str!("../../../migrations/sqlite/0008_exports.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -80,6 +85,11 @@ const POSTGRES: Embedded = &[
         7,
         "model deleted",
         include_str!("../../../migrations/postgres/0007_model_deleted.sql"),
+    ),
+    (
+        8,
+        "exports",
+        include_str!("../../../migrations/postgres/0008_exports.sql"),
     ),
 ];
 

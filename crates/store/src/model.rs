@@ -287,3 +287,37 @@ pub struct WorkerRecord {
     pub free_bytes: i64,
     pub seen_at_ms: i64,
 }
+
+/// A model made from a finished job's adapter (`exports`): queued, built by a worker,
+/// then downloadable from `storage_key`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ExportRecord {
+    pub id: String,
+    pub job_id: String,
+    /// `merged_safetensors` or `merged_gguf`.
+    pub format: String,
+    pub dtype: String,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    pub error: Option<String>,
+    pub storage_key: Option<String>,
+    pub bytes: Option<i64>,
+    pub sha256: Option<String>,
+    pub worker_id: Option<String>,
+    pub lease_expires_at_ms: Option<i64>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// How a worker's export ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportOutcome {
+    Succeeded {
+        storage_key: String,
+        bytes: i64,
+        sha256: String,
+    },
+    Failed {
+        error: String,
+    },
+}

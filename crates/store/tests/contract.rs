@@ -1222,3 +1222,87 @@ async fn a_fine_tuned_model_is_deleted_once_by_its_owner() {
         assert_eq!(kept.model_deleted_at, gone.model_deleted_at);
     }
 }
+
+fn export(id: &str, created_at: i64) -> ExportRecord {
+    ExportRecord {
+        id: id.into(),
+        job_id: "ftjob-x".into(),
+        format: "merged_gguf".into(),
+        dtype: "q8_0".into(),
+        status: "queued".into(),
+        error: None,
+        storage_key: None,
+        bytes: None,
+        sha256: None,
+        worker_id: None,
+        lease_expires_at_ms: None,
+        created_at,
+        finished_at: None,
+    }
+}
+
+/// Exports are claimed oldest first, once; a holder renews and finishes its own and
+/// nobody else's; an expired lease hands the export to another worker, after which the
+/// first can neither renew nor finish it.
+#[tokio::test]
+async fn exports_are_claimed_once_and_fenced_by_their_holder() {
+    for db in backends().await {
+        let s = &db.store;
+        s.insert_export(&export("ftexp-b", 20)).await.unwrap();
+        s.insert_export(&export("ftexp-a", 10)).await.unwrap();
+        let long = std::time::Duration::from_secs(60);
+        let a = s.claim_export("w1", long).await.unwrap().unwrap();
+        assert_eq!((a.id.as_str(), a.status.as_str()), ("ftexp-a", "running"));
+        assert_eq!(a.worker_id.as_deref(), Some("w1"));
+        let b = s.claim_export("w2", long).await.unwrap().unwrap();
+        assert_eq!(b.id, "ftexp-b");
+        assert!(s.claim_export("w3", long).await.unwrap().is_none());
+        assert!(s.renew_export("ftexp-a", "w1", long).await.unwrap());
+        assert!(!s.renew_export("ftexp-a", "w2", long).await.unwrap());
+        let done = ExportOutcome::Succeeded {
+            storage_key: "exports/ftexp-a".into(),
+            bytes: 42,
+            sha256: "ab".into(),
+        };
+        assert!(!s.finish_export("ftexp-a", "w2", &done).await.unwrap());
+        assert!(s.finish_export("ftexp-a", "w1", &done).await.unwrap());
+        let a = s.get_export("ftexp-a").await.unwrap().unwrap();
+        assert_eq!(a.status, "succeeded");
+        assert_eq!((a.bytes, a.sha256.as_deref()), (Some(42), Some("ab")));
+        assert!(a.finished_at.is_some() && a.lease_expires_at_ms.is_none());
+        // w2's lease runs out: w3 takes the export over, and w2 is fenced off.
+        assert!(s
+            .renew_export("ftexp-b", "w2", std::time::Duration::from_millis(1))
+            .await
+            .unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let again = s.claim_export("w3", long).await.unwrap().unwrap();
+        assert_eq!(
+            (again.id.as_str(), again.worker_id.as_deref()),
+            ("ftexp-b", Some("w3"))
+        );
+        let failed = ExportOutcome::Failed {
+            error: "boom".into(),
+        };
+        assert!(!s.finish_export("ftexp-b", "w2", &failed).await.unwrap());
+        assert!(s.finish_export("ftexp-b", "w3", &failed).await.unwrap());
+        let ids: Vec<String> = s
+            .list_exports("ftjob-x")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["ftexp-b", "ftexp-a"]);
+        assert_eq!(
+            s.delete_export("ftexp-a")
+                .await
+                .unwrap()
+                .map(|e| e.id)
+                .as_deref(),
+            Some("ftexp-a")
+        );
+        assert!(s.delete_export("ftexp-a").await.unwrap().is_none());
+        assert_eq!(s.list_exports("ftjob-x").await.unwrap().len(), 1);
+    }
+}

@@ -761,7 +761,7 @@ pub async fn list(
 }
 
 /// The job if the caller may see it; another owner's job is the same 404 as none.
-async fn get_job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRecord> {
+pub(super) async fn get_job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRecord> {
     state
         .store
         .get_job_of(id, who.owner_filter())
@@ -1190,17 +1190,21 @@ pub async fn adapter(
 }
 
 /// A stored artifact as a download.
-struct Download {
-    key: String,
+pub(super) struct Download {
+    pub key: String,
     /// A strong validator of the blob's bytes, quoted.
-    etag: Option<String>,
-    filename: String,
-    zip: bool,
+    pub etag: Option<String>,
+    pub filename: String,
+    pub zip: bool,
 }
 
 /// The one download path of adapters, final and checkpoint alike: the blob streamed
 /// (never read whole), `If-None-Match` answered with 304, one `bytes=` range with 206.
-async fn send_blob(state: &AppState, headers: &HeaderMap, d: Download) -> ApiResult<Response> {
+pub(super) async fn send_blob(
+    state: &AppState,
+    headers: &HeaderMap,
+    d: Download,
+) -> ApiResult<Response> {
     if let (Some(tag), Some(inm)) = (
         &d.etag,
         headers

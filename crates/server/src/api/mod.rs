@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod exports;
 pub mod files;
 pub mod jobs;
 pub mod models;
@@ -116,6 +117,31 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
         Method::GET,
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/adapter",
         jobs::adapter,
+    )
+    .add(
+        Method::POST,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports",
+        exports::create,
+    )
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports",
+        exports::list,
+    )
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports/{export_id}",
+        exports::retrieve,
+    )
+    .add(
+        Method::DELETE,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports/{export_id}",
+        exports::delete,
+    )
+    .add(
+        Method::GET,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports/{export_id}/content",
+        exports::content,
     );
     let router = r
         .router

@@ -2,6 +2,7 @@
 //! worker, inference and the API handlers all use it; it uses no axum.
 
 pub mod artifacts;
+pub mod export;
 pub mod spec;
 pub mod workdir;
 

@@ -11,6 +11,7 @@ mod classification;
 mod cli_train;
 mod dashboard;
 mod db_outage;
+mod exports;
 mod jobs;
 mod layout;
 mod limits;

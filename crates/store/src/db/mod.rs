@@ -124,6 +124,7 @@ pub const PG_IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
 mod api_keys;
 mod checkpoints;
 mod events;
+mod exports;
 mod files;
 mod jobs;
 mod workers;

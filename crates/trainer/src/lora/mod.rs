@@ -625,6 +625,29 @@ pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Res
 mod file_mode_tests {
     use super::*;
 
+    /// A writer that fails partway leaves neither the file nor its temp file; one that
+    /// succeeds replaces the old file whole.
+    #[test]
+    fn write_atomically_leaves_nothing_half_written() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.bin");
+        let e = write_atomically(&path, |w| {
+            w.write_all(b"half")
+                .map_err(|e| Error::io(Path::new("x"), e))?;
+            Err(Error::Adapter("failed partway".into()))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("failed partway"));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        write_atomically(&path, |w| {
+            w.write_all(b"whole").map_err(|e| Error::io(&path, e))
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole");
+    }
+
     /// safetensors writes through a 0600 temp file; an adapter gets what any created file
     /// gets here (0644 under the usual umask) so that other users can read it.
     #[cfg(unix)]

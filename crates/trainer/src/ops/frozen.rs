@@ -43,34 +43,26 @@ impl From<Tensor> for Frozen {
     }
 }
 
-/// The type rows of `cols` values are packed as when `kind` is asked for: `kind`, or for
-/// a K-quant (256-value blocks) on narrower rows the 32-value type of the same width
-/// (`q4_k` → `q4_0`, ...), as llama.cpp's quantizer falls back; `None` when the rows are
-/// not even a whole block of that.
-pub fn row_kind(kind: GgmlDType, cols: usize) -> Option<GgmlDType> {
-    let kind = if cols.is_multiple_of(kind.block_size()) {
-        kind
-    } else {
-        match kind {
-            GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => GgmlDType::Q4_0,
-            GgmlDType::Q5K => GgmlDType::Q5_0,
-            GgmlDType::Q6K | GgmlDType::Q8K => GgmlDType::Q8_0,
-            k => k,
-        }
-    };
-    cols.is_multiple_of(kind.block_size()).then_some(kind)
-}
-
 impl Frozen {
     /// Packs a dense `(rows, cols)` matrix as `kind`. A K-quant needs rows of a multiple
     /// of 256 values; narrower rows fall back to the 32-value type of the same width
-    /// (`q4_k` → `q4_0`, ...), as llama.cpp's quantizer does.
+    /// (`q4_k` → `q4_0`, ...).
     pub fn pack(t: &Tensor, kind: GgmlDType) -> Result<Frozen> {
         let (_, cols) = t.dims2()?;
-        let Some(kind) = row_kind(kind, cols) else {
+        let kind = if cols % kind.block_size() == 0 {
+            kind
+        } else {
+            match kind {
+                GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => GgmlDType::Q4_0,
+                GgmlDType::Q5K => GgmlDType::Q5_0,
+                GgmlDType::Q6K | GgmlDType::Q8K => GgmlDType::Q8_0,
+                k => k,
+            }
+        };
+        if cols % kind.block_size() != 0 {
             // Not even 32 wide: keep it dense; it is small.
             return Ok(Frozen::Dense(t.to_dtype(DType::F32)?));
-        };
+        }
         let q = QTensor::quantize(&t.to_dtype(DType::F32)?, kind)?;
         Self::from_qtensor(q, &t.device().clone())
     }

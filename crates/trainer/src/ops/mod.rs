@@ -24,7 +24,7 @@ pub mod matmul;
 mod norm_act;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
-pub use frozen::{row_kind, Frozen};
+pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
 pub use norm_act::{gelu_erf, layer_norm};

@@ -62,10 +62,10 @@ pub struct LlamaCppArch {
 
 /// llama.cpp's architecture for a decoder config (an HF `model_type`, or a GGUF file's
 /// own `general.architecture`), or why llama.cpp cannot take its adapters.
-pub fn llama_cpp_arch(cfg: &DecoderConfig) -> Result<LlamaCppArch> {
+pub fn llama_cpp_arch(model_type: &str) -> Result<LlamaCppArch> {
     // convert_hf_to_gguf.py converts Mistral (and SmolLM3) through its llama class, whose
     // Q/K permutation they share; the others keep HF's row order.
-    let (name, permute_qk) = match cfg.model_type.as_str() {
+    let (name, permute_qk) = match model_type {
         "llama" | "mistral" => ("llama", true),
         "smollm3" => ("smollm3", true),
         "qwen2" => ("qwen2", false),
@@ -82,27 +82,69 @@ pub fn llama_cpp_arch(cfg: &DecoderConfig) -> Result<LlamaCppArch> {
     Ok(LlamaCppArch { name, permute_qk })
 }
 
-/// A base model's decoder config, from an HF folder's `config.json` or a GGUF file's
-/// metadata, without reading its weights.
-pub fn read_base_config(model: &Path) -> Result<DecoderConfig> {
+/// What a LoRA GGUF needs to know of its base: llama.cpp's architecture and how its Q/K
+/// rows are laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseShape {
+    /// An HF `model_type`, or a GGUF file's `general.architecture`.
+    pub model_type: String,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// The output head is the embedding table (no `lm_head` / `output.weight`).
+    pub tie_word_embeddings: bool,
+}
+
+impl From<&DecoderConfig> for BaseShape {
+    fn from(c: &DecoderConfig) -> Self {
+        BaseShape {
+            model_type: c.model_type.clone(),
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            tie_word_embeddings: c.tie_word_embeddings,
+        }
+    }
+}
+
+/// A base model's shape, from an HF folder's `config.json` or a GGUF file's metadata
+/// alone: also for the GGUF architectures loraforge does not train from (phi3, gemma,
+/// smollm3 files), whose adapters llama.cpp users still apply.
+pub fn read_base_shape(model: &Path) -> Result<BaseShape> {
     if model.is_dir() {
-        return DecoderConfig::from_hf_json(&crate::io::read_json(&model.join("config.json"))?);
+        let cfg = DecoderConfig::from_hf_json(&crate::io::read_json(&model.join("config.json"))?)?;
+        return Ok(BaseShape::from(&cfg));
     }
     let mut f = std::fs::File::open(model).map_err(|e| Error::io(model, e))?;
     let ct = gguf_file::Content::read(&mut f)
         .map_err(|e| Error::Model(format!("{}: {e}", model.display())))?;
-    loader::gguf_config(&ct)
+    let meta = |k: &str| {
+        ct.metadata
+            .get(k)
+            .ok_or_else(|| Error::Model(format!("{}: no {k}", model.display())))
+    };
+    let arch = meta("general.architecture")?
+        .to_string()
+        .map_err(|e| Error::Model(format!("{}: {e}", model.display())))?
+        .clone();
+    let count = |k: &str| -> Result<usize> {
+        let v = meta(&format!("{arch}.{k}"))?;
+        v.to_u32()
+            .map(|x| x as usize)
+            .or_else(|_| v.to_u64().map(|x| x as usize))
+            .map_err(|e| Error::Model(format!("{}: {arch}.{k}: {e}", model.display())))
+    };
+    let heads = count("attention.head_count")?;
+    Ok(BaseShape {
+        num_key_value_heads: count("attention.head_count_kv").unwrap_or(heads),
+        num_attention_heads: heads,
+        tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        model_type: arch,
+    })
 }
 
 /// The rows of a matrix whose output is llama.cpp's `module` (`blk.0.attn_q`) in the
 /// order llama.cpp's converter gives them: Q's and K's interleaved per head for
 /// llama-arch models, as is.
-fn to_file_rows(
-    t: Tensor,
-    module: &str,
-    cfg: &DecoderConfig,
-    arch: &LlamaCppArch,
-) -> Result<Tensor> {
+fn to_file_rows(t: Tensor, module: &str, cfg: &BaseShape, arch: &LlamaCppArch) -> Result<Tensor> {
     let heads = match module.rsplit('.').next() {
         Some("attn_q") => cfg.num_attention_heads,
         Some("attn_k") => cfg.num_key_value_heads,
@@ -132,11 +174,11 @@ pub struct LoraGguf {
 /// base with config `base`: atomically, with the mode any created file gets.
 pub fn write_lora_gguf(
     adapter: &Path,
-    base: &DecoderConfig,
+    base: &BaseShape,
     float: GgufFloat,
     out: &Path,
 ) -> Result<LoraGguf> {
-    let arch = llama_cpp_arch(base)?;
+    let arch = llama_cpp_arch(&base.model_type)?;
     let cfg = lora::read_adapter_config(adapter)?;
     let config_path = adapter.join("adapter_config.json");
     let raw: serde_json::Value = crate::io::read_json(&config_path)?;
@@ -260,13 +302,20 @@ fn alpha_for(cfg: &lora::LoraConfig) -> f32 {
 /// Writes [`LORA_GGUF_FILE`] into the adapter folder `dir` when llama.cpp can take the
 /// adapter, as training does beside every adapter and checkpoint; an adapter it cannot
 /// take (an architecture not mapped, whole trained modules) gets none, and `loraforge
-/// export` says why.
-pub fn save_lora_gguf(base: &DecoderConfig, dir: &Path) -> Result<()> {
+/// export` says why. Never fails the caller: a write that fails is logged.
+pub fn save_lora_gguf(base: &DecoderConfig, dir: &Path) {
     let out = dir.join(LORA_GGUF_FILE);
-    match write_lora_gguf(dir, base, GgufFloat::F32, &out) {
-        Ok(_) => Ok(()),
-        Err(Error::Unsupported(_)) => Ok(()),
-        Err(e) => Err(e),
+    match write_lora_gguf(dir, &BaseShape::from(base), GgufFloat::F32, &out) {
+        Ok(_) => {}
+        Err(e) => {
+            // An older run's file in a reused folder would belong to another adapter.
+            let _ = std::fs::remove_file(&out);
+            // The PEFT adapter is written: a copy llama.cpp cannot have is no reason
+            // to fail the run that trained it.
+            if !matches!(e, Error::Unsupported(_)) {
+                tracing::warn!(dir = %dir.display(), error = %e, "no LoRA GGUF written");
+            }
+        }
     }
 }
 
@@ -278,7 +327,7 @@ pub enum MergedType {
     F16,
     Bf16,
     Q8_0,
-    /// 4-bit K-quant; matrices whose rows are not a multiple of 256 wide take q4_0, as
+    /// 4-bit K-quant; matrices whose rows are not a multiple of 256 wide take q5_0, as
     /// llama.cpp's quantizer falls back.
     Q4K,
 }
@@ -310,6 +359,22 @@ impl MergedType {
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4K => GgmlDType::Q4K,
         }
+    }
+
+    /// The type a matrix with rows of `cols` values is stored as: this one, or where
+    /// its blocks do not divide the rows what llama.cpp's quantizer falls back to
+    /// (`llama_tensor_get_type`: q4_k → q5_0), and f16 where that does not divide them
+    /// either.
+    fn kind_for_rows(self, cols: usize) -> GgmlDType {
+        let want = self.ggml();
+        let fallback = match want {
+            GgmlDType::Q4K => GgmlDType::Q5_0,
+            other => other,
+        };
+        [want, fallback]
+            .into_iter()
+            .find(|k| cols.is_multiple_of(k.block_size()))
+            .unwrap_or(GgmlDType::F16)
     }
 
     /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`): the file's main type.
@@ -344,7 +409,8 @@ pub fn write_merged_gguf(
                 .into(),
         ));
     }
-    let arch = llama_cpp_arch(cfg)?;
+    let arch = llama_cpp_arch(&cfg.model_type)?;
+    let shape = BaseShape::from(cfg);
     let mut f = std::fs::File::open(source).map_err(|e| Error::io(source, e))?;
     let ct = gguf_file::Content::read(&mut f)
         .map_err(|e| Error::Model(format!("{}: {e}", source.display())))?;
@@ -370,13 +436,11 @@ pub fn write_merged_gguf(
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?;
         let t = match name.strip_suffix(".weight") {
-            Some(module) => to_file_rows(t, module, cfg, &arch)?,
+            Some(module) => to_file_rows(t, module, &shape, &arch)?,
             None => t,
         };
         let kind = match t.dims() {
-            [rows, cols] if *rows > 1 && *cols > 1 => {
-                crate::ops::row_kind(ty.ggml(), *cols).unwrap_or(GgmlDType::F32)
-            }
+            [rows, cols] if *rows > 1 && *cols > 1 => ty.kind_for_rows(*cols),
             _ => GgmlDType::F32,
         };
         tensors.push((name.clone(), QTensor::quantize(&t.contiguous()?, kind)?));
@@ -390,7 +454,13 @@ pub fn write_merged_gguf(
     let mut metadata: Vec<(&str, &Value)> = ct
         .metadata
         .iter()
-        .filter(|(k, _)| k.as_str() != "general.file_type")
+        // What no longer describes the file: its type, its alignment (candle's writer
+        // aligns to 32, the default), and the importance matrix of a quantization
+        // this one did not use.
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "general.file_type" | "general.alignment")
+                && !k.starts_with("quantize.imatrix.")
+        })
         .map(|(k, v)| (k.as_str(), v))
         .collect();
     let file_type = Value::U32(ty.file_type());
@@ -507,82 +577,116 @@ mod tests {
             .unwrap()
     }
 
-    /// What llama.cpp computes from our LoRA GGUF over the base GGUF, `W + (alpha / r)·B·A`
-    /// per module in the file's own layout, is the base GGUF's weight with PEFT's
-    /// adapter merged as loraforge (and PEFT) merge it, in every module: names, shapes,
-    /// the Q/K row interleaving and the scale all have to be right for that.
+    /// What llama.cpp computes from our LoRA GGUF over the base, `W + (alpha / r)·B·A` per
+    /// module in the file's own layout, is the base's weight with PEFT's adapter merged
+    /// as loraforge (and PEFT) merge it, in every module: names, shapes, the Q/K row
+    /// interleaving and the scale all have to be right for that. On the tiny llama's GGUF
+    /// (interleaved Q/K rows), and on qwen2 and phi3 (fused `attn_qkv` and `ffn_up`),
+    /// whose converted files keep HF's rows: their file weights are the HF folder's
+    /// under llama.cpp's names.
     #[test]
     fn lora_gguf_applied_as_llama_cpp_does_is_the_merged_model() {
-        let base_path = fixtures().join("tiny-llama-gguf/tiny-llama.gguf");
-        let adapter = fixtures().join("tiny-llama-ref/adapter_nonzero");
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("lora.gguf");
-        let cfg = read_base_config(&base_path).unwrap();
-        let done = write_lora_gguf(&adapter, &cfg, GgufFloat::F32, &out).unwrap();
-        // r 4, alpha 8: llama.cpp's alpha / r is PEFT's scale.
-        assert_eq!((done.arch, done.alpha), ("llama", 8.0));
-        let (ct, lora) = read_gguf(&out);
-        let text = |k: &str| ct.metadata[k].to_string().unwrap().clone();
-        assert_eq!(text("general.architecture"), "llama");
-        assert_eq!(text("general.type"), "adapter");
-        assert_eq!(text("adapter.type"), "lora");
-        assert_eq!(ct.metadata["adapter.lora.alpha"].to_f32().unwrap(), 8.0);
-        // 2 layers × 7 projections, A and B each.
-        assert_eq!(lora.len(), 28);
-        assert_eq!(done.modules, 14);
+        for (name, base_path, modules) in [
+            (
+                "llama",
+                fixtures().join("tiny-llama-gguf/tiny-llama.gguf"),
+                14,
+            ),
+            ("qwen2", fixtures().join("tiny-qwen2"), 14),
+            ("phi3", fixtures().join("tiny-phi3"), 8),
+        ] {
+            let adapter = fixtures().join(format!("tiny-{name}-ref/adapter_nonzero"));
+            let out = dir.path().join(format!("{name}.gguf"));
+            let shape = read_base_shape(&base_path).unwrap();
+            let arch = llama_cpp_arch(&shape.model_type).unwrap();
+            let done = write_lora_gguf(&adapter, &shape, GgufFloat::F32, &out).unwrap();
+            // r 4, alpha 8: llama.cpp's alpha / r is PEFT's scale.
+            assert_eq!((done.arch, done.alpha, done.modules), (name, 8.0, modules));
+            let (ct, lora) = read_gguf(&out);
+            let text = |k: &str| ct.metadata[k].to_string().unwrap().clone();
+            assert_eq!(text("general.architecture"), name);
+            assert_eq!(text("general.type"), "adapter");
+            assert_eq!(text("adapter.type"), "lora");
+            assert_eq!(ct.metadata["adapter.lora.alpha"].to_f32().unwrap(), 8.0);
+            assert_eq!(lora.len(), 2 * modules);
 
-        let (_, base) = read_gguf(&base_path);
-        let merged: HashMap<String, Tensor> =
-            load_with_adapter(&base_path, Some(&adapter), &Device::Cpu)
-                .unwrap()
-                .model
-                .merged_weights()
-                .unwrap()
-                .into_iter()
-                .collect();
-        let mut checked = 0;
-        for (name, w) in &base {
-            let (Some(a), Some(b)) = (
-                lora.get(&format!("{name}.lora_a")),
-                lora.get(&format!("{name}.lora_b")),
-            ) else {
-                continue;
+            let file_weights: HashMap<String, Tensor> = if base_path.is_dir() {
+                assert!(!arch.permute_qk);
+                crate::io::read_safetensors_f32(&base_path, &Device::Cpu)
+                    .unwrap()
+                    .into_iter()
+                    .filter_map(|(k, w)| {
+                        let m = loader::hf_to_gguf_module(k.strip_suffix(".weight")?)?;
+                        Some((format!("{m}.weight"), w))
+                    })
+                    .collect()
+            } else {
+                read_gguf(&base_path).1
             };
-            let applied = (w + (b.matmul(a).unwrap() * (8.0 / 4.0)).unwrap()).unwrap();
-            // Back to HF's row order the way the loader reads the base (the inverse of
-            // llama.cpp's interleaving), then against the merged model.
-            let hf = loader::gguf_to_hf_name(name).unwrap();
-            let heads = match name.as_str() {
-                n if n.ends_with("attn_q.weight") => Some(cfg.num_attention_heads),
-                n if n.ends_with("attn_k.weight") => Some(cfg.num_key_value_heads),
-                _ => None,
+            let merged: HashMap<String, Tensor> =
+                load_with_adapter(&base_path, Some(&adapter), &Device::Cpu)
+                    .unwrap()
+                    .model
+                    .merged_weights()
+                    .unwrap()
+                    .into_iter()
+                    .collect();
+            // HF's name of a llama.cpp module, fused ones included.
+            let hf_name = |g: &str| -> String {
+                merged
+                    .keys()
+                    .find(|k| {
+                        k.strip_suffix(".weight")
+                            .and_then(loader::hf_to_gguf_module)
+                            .is_some_and(|m| format!("{m}.weight") == g)
+                    })
+                    .unwrap_or_else(|| panic!("{name}: no HF weight for {g}"))
+                    .clone()
             };
-            let applied = match heads {
-                Some(n) => {
-                    let order = loader::permute_order(applied.dim(0).unwrap(), n);
-                    let mut inverse = vec![0u32; order.len()];
-                    for (file_row, &hf_row) in order.iter().enumerate() {
-                        inverse[hf_row] = file_row as u32;
+            let mut checked = 0;
+            for (g, w) in &file_weights {
+                let (Some(a), Some(b)) = (
+                    lora.get(&format!("{g}.lora_a")),
+                    lora.get(&format!("{g}.lora_b")),
+                ) else {
+                    continue;
+                };
+                let applied = (w + (b.matmul(a).unwrap() * (8.0 / 4.0)).unwrap()).unwrap();
+                // Back to HF's row order the way the loader reads a GGUF base (the
+                // inverse of llama.cpp's interleaving), then against the merged model.
+                let heads = match g.as_str() {
+                    n if n.ends_with("attn_q.weight") => Some(shape.num_attention_heads),
+                    n if n.ends_with("attn_k.weight") => Some(shape.num_key_value_heads),
+                    _ => None,
+                };
+                let applied = match heads {
+                    Some(n) if arch.permute_qk => {
+                        let order = loader::permute_order(applied.dim(0).unwrap(), n);
+                        let mut inverse = vec![0u32; order.len()];
+                        for (file_row, &hf_row) in order.iter().enumerate() {
+                            inverse[hf_row] = file_row as u32;
+                        }
+                        applied
+                            .index_select(&Tensor::new(inverse, &Device::Cpu).unwrap(), 0)
+                            .unwrap()
                     }
-                    applied
-                        .index_select(&Tensor::new(inverse, &Device::Cpu).unwrap(), 0)
-                        .unwrap()
-                }
-                None => applied,
-            };
-            let d = max_abs_diff(&applied, &merged[&hf]);
-            assert!(d < 1e-5, "{name}: {d}");
-            checked += 1;
+                    _ => applied,
+                };
+                let d = max_abs_diff(&applied, &merged[&hf_name(g)]);
+                assert!(d < 1e-5, "{name} {g}: {d}");
+                checked += 1;
+            }
+            assert_eq!(checked, modules, "{name}");
         }
-        assert_eq!(checked, 14);
     }
 
     /// rsLoRA's scale `alpha / √r` is kept by the alpha written; whole trained modules,
-    /// an unknown architecture and a tied output head are refused by name.
+    /// an unknown architecture and LoRA on a tied output head are refused by name.
     #[test]
     fn lora_gguf_scale_and_refusals() {
         let src = fixtures().join("tiny-llama-ref/adapter_nonzero");
-        let cfg = read_base_config(&fixtures().join("tiny-llama")).unwrap();
+        let shape = read_base_shape(&fixtures().join("tiny-llama")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let adapter = dir.path().join("a");
         std::fs::create_dir(&adapter).unwrap();
@@ -600,26 +704,45 @@ mod tests {
         };
         let out = dir.path().join("x.gguf");
         write_config(&|c| c["use_rslora"] = true.into());
-        let done = write_lora_gguf(&adapter, &cfg, GgufFloat::F16, &out).unwrap();
+        let done = write_lora_gguf(&adapter, &shape, GgufFloat::F16, &out).unwrap();
         // 8 / √4 · 4
         assert_eq!(done.alpha, 16.0);
-        write_config(&|c| c["modules_to_save"] = serde_json::json!(["lm_head"]));
-        let e = write_lora_gguf(&adapter, &cfg, GgufFloat::F32, &out).unwrap_err();
-        assert!(
-            e.to_string().contains("modules_to_save") || e.to_string().contains("whole modules"),
-            "{e}"
-        );
+        std::fs::remove_file(&out).unwrap();
+        write_config(&|c| c["modules_to_save"] = serde_json::json!(["score"]));
+        let e = write_lora_gguf(&adapter, &shape, GgufFloat::F32, &out).unwrap_err();
+        assert!(e.to_string().contains("whole modules"), "{e}");
         write_config(&|_| {});
-        let mut other = cfg.clone();
-        other.model_type = "falcon".into();
+        let other = BaseShape {
+            model_type: "falcon".into(),
+            ..shape.clone()
+        };
         let e = write_lora_gguf(&adapter, &other, GgufFloat::F32, &out).unwrap_err();
         assert!(e.to_string().contains("\"falcon\""), "{e}");
-        // No half-written file is left by a refusal.
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        // An adapter on lm_head: fine where the head is its own tensor, refused where it
+        // is the embedding table.
+        let mut tensors =
+            candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap();
+        tensors.insert(
+            "base_model.model.lm_head.lora_A.weight".into(),
+            Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "base_model.model.lm_head.lora_B.weight".into(),
+            Tensor::zeros((400, 4), DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors"))
+            .unwrap();
+        let done = write_lora_gguf(&adapter, &shape, GgufFloat::F32, &out).unwrap();
+        assert_eq!(done.modules, 15);
+        let tied = BaseShape {
+            tie_word_embeddings: true,
+            ..shape.clone()
+        };
+        std::fs::remove_file(&out).unwrap();
+        let e = write_lora_gguf(&adapter, &tied, GgufFloat::F32, &out).unwrap_err();
+        assert!(e.to_string().contains("lm_head"), "{e}");
+        assert!(!out.exists());
     }
 
     /// A merged GGUF written in f32 computes as the base with its adapter; in q8_0 close

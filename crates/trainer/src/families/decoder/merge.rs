@@ -3,7 +3,7 @@
 use crate::families::decoder::loader::{self, BaseModel};
 use crate::lora;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,12 +23,28 @@ pub fn load_with_adapter(
     Ok(base)
 }
 
-/// Writes a full HF model folder with `W + scale·B·A` merged into every adapted weight.
-/// An HF source keeps its own `config.json` and tokenizer files; a GGUF source gets
-/// them written from what was loaded.
-pub fn write_merged(base: &BaseModel, source: &Path, out: &Path) -> Result<()> {
+/// Writes a full HF model folder with `W + scale·B·A` merged into every adapted weight,
+/// its tensors stored as `dtype` (f32, bf16 or f16; the merge itself is in f32). An HF
+/// source keeps its own `config.json` (its `torch_dtype` set to `dtype`) and tokenizer
+/// files; a GGUF source gets them written from what was loaded.
+pub fn write_merged(base: &BaseModel, source: &Path, out: &Path, dtype: DType) -> Result<()> {
+    let torch_dtype = match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => {
+            return Err(Error::Config(format!(
+                "merged weights as {other:?} (f32, bf16 or f16)"
+            )))
+        }
+    };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let tensors: BTreeMap<String, Tensor> = base.model.merged_weights()?.into_iter().collect();
+    let tensors: BTreeMap<String, Tensor> = base
+        .model
+        .merged_weights()?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
     lora::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let copy = |name: &str| -> Result<bool> {
         let src = source.join(name);
@@ -40,8 +56,11 @@ pub fn write_merged(base: &BaseModel, source: &Path, out: &Path) -> Result<()> {
         }
     };
     if source.is_dir() {
+        let mut config: serde_json::Value = crate::io::read_json(&source.join("config.json"))?;
+        config["torch_dtype"] = json!(torch_dtype);
+        let p = out.join("config.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&config)?).map_err(|e| Error::io(&p, e))?;
         for f in [
-            "config.json",
             "generation_config.json",
             "tokenizer.json",
             "tokenizer_config.json",
@@ -77,7 +96,7 @@ pub fn write_merged(base: &BaseModel, source: &Path, out: &Path) -> Result<()> {
         "hidden_act": "silu",
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_ids.first(),
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     });
     let w = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = out.join(name);

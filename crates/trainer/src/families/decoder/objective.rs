@@ -168,7 +168,8 @@ impl Objective for CausalLm {
         &self.base.name
     }
     fn save_extra(&self, dir: &Path) -> Result<()> {
-        super::export::save_lora_gguf(&self.base.model.cfg, dir)
+        super::export::save_lora_gguf(&self.base.model.cfg, dir);
+        Ok(())
     }
     fn len(&self) -> usize {
         self.rows
@@ -433,7 +434,8 @@ impl Objective for Dpo {
         &self.base.name
     }
     fn save_extra(&self, dir: &Path) -> Result<()> {
-        super::export::save_lora_gguf(&self.base.model.cfg, dir)
+        super::export::save_lora_gguf(&self.base.model.cfg, dir);
+        Ok(())
     }
     fn len(&self) -> usize {
         self.train.len()

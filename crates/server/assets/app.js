@@ -707,6 +707,8 @@ async function jobView(id) {
   })();
   const exportRows = h('tbody', { id: 'export-rows' });
   let exportPoll = null;
+  // A list that arrives after the page was left must not start polling again.
+  let left = false;
   async function loadExports() {
     if (job.status !== 'succeeded' || job.task !== 'causal_lm') {
       exportsBox.replaceChildren(h('p', { class: 'muted' }, job.task === 'causal_lm'
@@ -729,7 +731,7 @@ async function jobView(id) {
     if (!list.data.length) exportRows.append(h('tr', {}, h('td', { colspan: 4, class: 'muted' }, 'None yet.')));
     const building = list.data.some((x) => x.status === 'queued' || x.status === 'running');
     clearTimeout(exportPoll);
-    if (building) exportPoll = setTimeout(() => loadExports().catch(() => {}), 1000);
+    if (building && !left) exportPoll = setTimeout(() => loadExports().catch(() => {}), 1000);
   }
 
   // Once steps stream in they are the newest progress; a job object fetched meanwhile
@@ -930,7 +932,7 @@ async function jobView(id) {
   // Pauses and resumes need not leave an event at once; a slow poll catches them.
   const poll = setInterval(() => { if (!TERMINAL.includes(job.status)) refresh(); }, 3000);
   loadExports().catch(() => {});
-  onLeave(() => { stream.close(); clearInterval(poll); clearTimeout(refreshTimer); clearTimeout(exportPoll); });
+  onLeave(() => { stream.close(); clearInterval(poll); clearTimeout(refreshTimer); left = true; clearTimeout(exportPoll); });
 }
 
 // ---- start -----------------------------------------------------------------------

@@ -17,7 +17,8 @@ use crate::job::{is_text_to_image, JobSpec};
 use anyhow::Context;
 use futures::StreamExt;
 use loraforge_store::{
-    CheckpointRecord, ClaimedJob, ExportOutcome, FileRecord, JobOutcome, Lease, NewEvent,
+    CheckpointRecord, ClaimedJob, ExportOutcome, ExportRecord, FileRecord, JobOutcome, Lease,
+    NewEvent,
 };
 use loraforge_trainer::families::diffusion::objective::KOHYA_FILE;
 use loraforge_trainer::train::{TrainEvent, TrainSpec};
@@ -171,6 +172,7 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
         worker_id.clone(),
     ));
     sweep_ended_jobs(&state, &cfg.data_dir).await;
+    sweep_export_dirs(&state, &cfg.data_dir).await;
     while !state.shutdown.is_cancelled() {
         match state
             .store
@@ -215,7 +217,10 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
                         let failed = ExportOutcome::Failed {
                             error: format!("{e:#}"),
                         };
-                        let _ = state.store.finish_export(&ex.id, &worker_id, &failed).await;
+                        let _ = state
+                            .store
+                            .finish_export(&ex.id, ex.fencing_token, &failed)
+                            .await;
                     }
                 }
                 Ok(None) => {
@@ -240,19 +245,61 @@ async fn run_worker(state: AppState, cfg: WorkerConfig, worker_id: String) {
     tracing::info!(worker = %worker_id, "worker stopped");
 }
 
+/// Where a claim of an export builds it: by claim, so that a holder whose lease lapsed
+/// and the one that took the export over never share a folder.
+fn export_work_dir(data_dir: &Path, ex: &ExportRecord) -> PathBuf {
+    data_dir
+        .join("exports")
+        .join(format!("{}.{}", ex.id, ex.fencing_token))
+}
+
+/// The blob a claim of an export stores its zip under: by claim, so that a holder
+/// fenced off removes its own zip and never the one that finished the export.
+fn export_key(ex: &ExportRecord) -> String {
+    format!("exports/{}/{}.{}.zip", ex.job_id, ex.id, ex.fencing_token)
+}
+
+/// Removes the export folders no claim here is building: left by a crash, or by a
+/// claim that lost its export. A folder of a running export's current claim is kept
+/// (another worker of this process may be building it).
+async fn sweep_export_dirs(state: &AppState, data_dir: &Path) {
+    let root = data_dir.join("exports");
+    let Ok(mut dir) = tokio::fs::read_dir(&root).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = dir.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let held = match name.rsplit_once('.') {
+            Some((id, token)) => match state.store.get_export(id).await {
+                Ok(Some(e)) => e.status == "running" && e.fencing_token.to_string() == token,
+                Ok(None) => false,
+                // Unreadable: kept, to be looked at again by the next sweep.
+                Err(_) => true,
+            },
+            None => false,
+        };
+        if !held {
+            let _ = tokio::fs::remove_dir_all(entry.path()).await;
+        }
+    }
+}
+
+/// How a claim of an export ended before it could finish the row.
+enum Held {
+    /// The build ran to its end (well or not): the claim finishes the export.
+    Built(anyhow::Result<(loraforge_store::Upload, u64, String)>),
+    /// The export was taken over, handed back or deleted: nothing more is the claim's.
+    Lost,
+    /// The worker is shutting down: the export goes back to the queue.
+    Stopping,
+}
+
 /// Builds a claimed export: the job's adapter zip fetched, merged into the base on a
 /// blocking thread while the lease is renewed, the zip stored, the row finished. Each
-/// step is an event on the job's stream. A worker that loses the export (its lease
-/// taken over, or the export deleted) drops what it built.
-async fn run_export(
-    state: &AppState,
-    cfg: &WorkerConfig,
-    ex: &loraforge_store::ExportRecord,
-) -> anyhow::Result<()> {
-    let worker = ex
-        .worker_id
-        .clone()
-        .context("a claimed export has a holder")?;
+/// step is an event on the job's stream. A claim that loses the export (its lease
+/// taken over, or the export deleted) stops its build, waits for the thread to end and
+/// drops what it made; a shutdown does the same and hands the export back to the queue.
+async fn run_export(state: &AppState, cfg: &WorkerConfig, ex: &ExportRecord) -> anyhow::Result<()> {
     let job = state
         .store
         .get_job(&ex.job_id)
@@ -280,41 +327,81 @@ async fn run_export(
         "running",
     )
     .await;
-    let work = cfg.data_dir.join("exports").join(&ex.id);
+    let work = export_work_dir(&cfg.data_dir, ex);
     let _ = tokio::fs::remove_dir_all(&work).await;
     tokio::fs::create_dir_all(&work).await?;
-    let built: anyhow::Result<(loraforge_store::Upload, u64, String)> = async {
+    let stop = Arc::new(AtomicBool::new(false));
+    let held: anyhow::Result<Held> = async {
         let model = base_model(state, &job.model).await?;
         let zip = work.join("adapter.zip");
         fetch_blob(state, &adapter_key(&job.id, "zip"), &zip).await?;
         let upload = state.blobs.new_upload()?;
-        let (out, w, format, dtype) = (
+        let (out, w, format, dtype, flag) = (
             upload.path().to_path_buf(),
             work.clone(),
             ex.format.clone(),
             ex.dtype.clone(),
+            stop.clone(),
         );
         let mut task = tokio::task::spawn_blocking(move || {
             crate::job::export::unzip_adapter(&zip, &w)?;
-            crate::job::export::build(&model.path, &w, &format, &dtype, &w, &out)
+            crate::job::export::build(&model.path, &w, &format, &dtype, &w, &out, &flag)
         });
         let mut beat = tokio::time::interval(cfg.lease / 3);
         beat.tick().await;
-        let (bytes, sha) = loop {
+        let held = loop {
             tokio::select! {
-                r = &mut task => break r??,
+                r = &mut task => break Held::Built(r.map_err(anyhow::Error::from).and_then(|r| r)
+                    .map(|(bytes, sha)| (upload, bytes, sha))),
+                _ = state.shutdown.cancelled() => break Held::Stopping,
                 _ = beat.tick() => {
-                    if !state.store.renew_export(&ex.id, &worker, cfg.lease).await? {
-                        anyhow::bail!("lost");
+                    // An outage shorter than the lease costs the export nothing; a longer
+                    // one lets the lease lapse, and the next renewal says whether the
+                    // export is still this claim's.
+                    match patient(cfg.lease, || {
+                        state.store.renew_export(&ex.id, ex.fencing_token, cfg.lease)
+                    })
+                    .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => break Held::Lost,
+                        Err(e) => tracing::warn!(export = %ex.id, error = %e, "renewing an export failed"),
                     }
                 }
             }
         };
-        Ok((upload, bytes, sha))
+        if !matches!(held, Held::Built(_)) {
+            // The thread reads the flag between steps and while it copies: waited for,
+            // so that the next claim does not run beside it.
+            stop.store(true, Ordering::Relaxed);
+            let _ = task.await;
+        }
+        Ok(held)
     }
     .await;
     let _ = tokio::fs::remove_dir_all(&work).await;
-    let key = format!("exports/{}/{}.zip", job.id, ex.id);
+    let built = match held? {
+        Held::Built(built) => built,
+        Held::Lost => {
+            tracing::warn!(export = %ex.id, "export lost to another worker or deleted; dropped");
+            return Ok(());
+        }
+        Held::Stopping => {
+            tracing::info!(export = %ex.id, "worker shutting down; export handed back");
+            let _ = patient(cfg.lease, || {
+                state.store.release_export(&ex.id, ex.fencing_token)
+            })
+            .await;
+            event(
+                "info",
+                format!("Worker shutting down; export {} re-queued", ex.id),
+                "queued",
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    let key = export_key(ex);
     let outcome = match built {
         Ok((upload, bytes, sha256)) => {
             state.blobs.commit(upload, &key).await?;
@@ -328,8 +415,17 @@ async fn run_export(
             error: format!("{e:#}"),
         },
     };
-    if !state.store.finish_export(&ex.id, &worker, &outcome).await? {
-        // Deleted or taken over meanwhile: what was stored is nobody's.
+    // An error here leaves the zip in place: the row may have been written after all,
+    // and an orphan only costs space.
+    let finished = patient(cfg.lease, || {
+        state
+            .store
+            .finish_export(&ex.id, ex.fencing_token, &outcome)
+    })
+    .await?;
+    if !finished {
+        // Deleted or taken over meanwhile: what this claim stored is nobody's, and its
+        // key is its own.
         if matches!(outcome, ExportOutcome::Succeeded { .. }) {
             let _ = state.blobs.delete(&key).await;
         }

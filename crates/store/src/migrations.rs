@@ -48,6 +48,11 @@ const SQLITE: Embedded = &[
         "exports",
         include_str!("../../../migrations/sqlite/0008_exports.sql"),
     ),
+    (
+        9,
+        "export claims",
+        include_str!("../../../migrations/sqlite/0009_export_claims.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -90,6 +95,11 @@ const POSTGRES: Embedded = &[
         8,
         "exports",
         include_str!("../../../migrations/postgres/0008_exports.sql"),
+    ),
+    (
+        9,
+        "export claims",
+        include_str!("../../../migrations/postgres/0009_export_claims.sql"),
     ),
 ];
 

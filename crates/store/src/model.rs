@@ -307,6 +307,8 @@ pub struct ExportRecord {
     pub lease_expires_at_ms: Option<i64>,
     pub created_at: i64,
     pub finished_at: Option<i64>,
+    /// Moved on by every claim: a worker holds the export while the token is its claim's.
+    pub fencing_token: i64,
 }
 
 /// How a worker's export ended.

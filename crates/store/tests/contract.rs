@@ -1223,12 +1223,12 @@ async fn a_fine_tuned_model_is_deleted_once_by_its_owner() {
     }
 }
 
-fn export(id: &str, created_at: i64) -> ExportRecord {
+fn export(id: &str, dtype: &str, created_at: i64) -> ExportRecord {
     ExportRecord {
         id: id.into(),
         job_id: "ftjob-x".into(),
         format: "merged_gguf".into(),
-        dtype: "q8_0".into(),
+        dtype: dtype.into(),
         status: "queued".into(),
         error: None,
         storage_key: None,
@@ -1238,18 +1238,25 @@ fn export(id: &str, created_at: i64) -> ExportRecord {
         lease_expires_at_ms: None,
         created_at,
         finished_at: None,
+        fencing_token: 0,
     }
 }
 
-/// Exports are claimed oldest first, once; a holder renews and finishes its own and
-/// nobody else's; an expired lease hands the export to another worker, after which the
-/// first can neither renew nor finish it.
+/// Exports are claimed oldest first, once; a claim renews and finishes its own export
+/// and nobody else's; an expired lease hands the export to another claim, after which
+/// the first can neither renew, finish nor hand it back, even under the same worker name.
 #[tokio::test]
-async fn exports_are_claimed_once_and_fenced_by_their_holder() {
+async fn exports_are_claimed_once_and_fenced_by_their_claim() {
     for db in backends().await {
         let s = &db.store;
-        s.insert_export(&export("ftexp-b", 20)).await.unwrap();
-        s.insert_export(&export("ftexp-a", 10)).await.unwrap();
+        assert!(s
+            .insert_export(&export("ftexp-b", "f16", 20))
+            .await
+            .unwrap());
+        assert!(s
+            .insert_export(&export("ftexp-a", "q8_0", 10))
+            .await
+            .unwrap());
         let long = std::time::Duration::from_secs(60);
         let a = s.claim_export("w1", long).await.unwrap().unwrap();
         assert_eq!((a.id.as_str(), a.status.as_str()), ("ftexp-a", "running"));
@@ -1257,35 +1264,78 @@ async fn exports_are_claimed_once_and_fenced_by_their_holder() {
         let b = s.claim_export("w2", long).await.unwrap().unwrap();
         assert_eq!(b.id, "ftexp-b");
         assert!(s.claim_export("w3", long).await.unwrap().is_none());
-        assert!(s.renew_export("ftexp-a", "w1", long).await.unwrap());
-        assert!(!s.renew_export("ftexp-a", "w2", long).await.unwrap());
+        assert!(s
+            .renew_export("ftexp-a", a.fencing_token, long)
+            .await
+            .unwrap());
+        assert!(!s
+            .renew_export("ftexp-a", a.fencing_token + 1, long)
+            .await
+            .unwrap());
         let done = ExportOutcome::Succeeded {
             storage_key: "exports/ftexp-a".into(),
             bytes: 42,
             sha256: "ab".into(),
         };
-        assert!(!s.finish_export("ftexp-a", "w2", &done).await.unwrap());
-        assert!(s.finish_export("ftexp-a", "w1", &done).await.unwrap());
+        assert!(!s
+            .finish_export("ftexp-a", a.fencing_token - 1, &done)
+            .await
+            .unwrap());
+        assert!(s
+            .finish_export("ftexp-a", a.fencing_token, &done)
+            .await
+            .unwrap());
         let a = s.get_export("ftexp-a").await.unwrap().unwrap();
         assert_eq!(a.status, "succeeded");
         assert_eq!((a.bytes, a.sha256.as_deref()), (Some(42), Some("ab")));
         assert!(a.finished_at.is_some() && a.lease_expires_at_ms.is_none());
-        // w2's lease runs out: w3 takes the export over, and w2 is fenced off.
+        // w2's lease runs out: a worker of the same name (a restarted process) takes the
+        // export over with a new claim, and the old claim is fenced off.
         assert!(s
-            .renew_export("ftexp-b", "w2", std::time::Duration::from_millis(1))
+            .renew_export(
+                "ftexp-b",
+                b.fencing_token,
+                std::time::Duration::from_millis(1)
+            )
             .await
             .unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let again = s.claim_export("w3", long).await.unwrap().unwrap();
+        let again = s.claim_export("w2", long).await.unwrap().unwrap();
         assert_eq!(
             (again.id.as_str(), again.worker_id.as_deref()),
-            ("ftexp-b", Some("w3"))
+            ("ftexp-b", Some("w2"))
         );
+        assert_ne!(again.fencing_token, b.fencing_token);
         let failed = ExportOutcome::Failed {
             error: "boom".into(),
         };
-        assert!(!s.finish_export("ftexp-b", "w2", &failed).await.unwrap());
-        assert!(s.finish_export("ftexp-b", "w3", &failed).await.unwrap());
+        assert!(!s
+            .renew_export("ftexp-b", b.fencing_token, long)
+            .await
+            .unwrap());
+        assert!(!s.release_export("ftexp-b", b.fencing_token).await.unwrap());
+        assert!(!s
+            .finish_export("ftexp-b", b.fencing_token, &failed)
+            .await
+            .unwrap());
+        // Handed back (a shutdown), queued for the next claim, which the old one is not.
+        assert!(s
+            .release_export("ftexp-b", again.fencing_token)
+            .await
+            .unwrap());
+        let queued = s.get_export("ftexp-b").await.unwrap().unwrap();
+        assert_eq!(queued.status, "queued");
+        assert!(queued.worker_id.is_none() && queued.lease_expires_at_ms.is_none());
+        let third = s.claim_export("w3", long).await.unwrap().unwrap();
+        assert_eq!(third.id, "ftexp-b");
+        assert!(!s
+            .finish_export("ftexp-b", again.fencing_token, &failed)
+            .await
+            .unwrap());
+        assert!(s
+            .finish_export("ftexp-b", third.fencing_token, &failed)
+            .await
+            .unwrap());
         let ids: Vec<String> = s
             .list_exports("ftjob-x")
             .await
@@ -1304,5 +1354,65 @@ async fn exports_are_claimed_once_and_fenced_by_their_holder() {
         );
         assert!(s.delete_export("ftexp-a").await.unwrap().is_none());
         assert_eq!(s.list_exports("ftjob-x").await.unwrap().len(), 1);
+    }
+}
+
+/// A job has one export per format and dtype that has not failed: the same one again is
+/// refused (two POSTs at once queue one), another dtype or a retry of a failed one is not.
+#[tokio::test]
+async fn a_job_has_one_live_export_of_each_kind() {
+    for db in backends().await {
+        let s = &db.store;
+        assert!(s
+            .insert_export(&export("ftexp-1", "f16", 10))
+            .await
+            .unwrap());
+        assert!(!s
+            .insert_export(&export("ftexp-2", "f16", 11))
+            .await
+            .unwrap());
+        assert!(s.get_export("ftexp-2").await.unwrap().is_none());
+        assert!(s
+            .insert_export(&export("ftexp-3", "q8_0", 12))
+            .await
+            .unwrap());
+        // A clash of ids is an error, not a silent no-op.
+        assert!(s
+            .insert_export(&export("ftexp-1", "bf16", 13))
+            .await
+            .is_err());
+        let c = s
+            .claim_export("w1", std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.id, "ftexp-1");
+        let failed = ExportOutcome::Failed {
+            error: "boom".into(),
+        };
+        assert!(s
+            .finish_export("ftexp-1", c.fencing_token, &failed)
+            .await
+            .unwrap());
+        assert!(s
+            .insert_export(&export("ftexp-4", "f16", 14))
+            .await
+            .unwrap());
+        let mut kinds: Vec<(String, String)> = s
+            .list_exports("ftjob-x")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.status))
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                ("ftexp-1".to_string(), "failed".to_string()),
+                ("ftexp-3".into(), "queued".into()),
+                ("ftexp-4".into(), "queued".into()),
+            ]
+        );
     }
 }

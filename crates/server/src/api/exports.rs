@@ -97,13 +97,7 @@ pub async fn create(
         .param("dtype"));
     }
     check_exportable(&state, &job, format).await?;
-    if let Some(same) = state
-        .store
-        .list_exports(&job.id)
-        .await?
-        .into_iter()
-        .find(|e| e.format == *format && e.dtype == dtype && e.status != "failed")
-    {
+    if let Some(same) = live_export(&state, &job.id, format, dtype).await? {
         return Ok(Json(export_object(&same)).into_response());
     }
     let e = ExportRecord {
@@ -120,8 +114,17 @@ pub async fn create(
         lease_expires_at_ms: None,
         created_at: loraforge_store::now_secs(),
         finished_at: None,
+        fencing_token: 0,
     };
-    state.store.insert_export(&e).await?;
+    if !state.store.insert_export(&e).await? {
+        // The same request, a moment earlier, queued it: that one is the answer.
+        let same = live_export(&state, &job.id, format, dtype)
+            .await?
+            .ok_or_else(|| {
+                ApiError::internal("an equal export was queued and is gone again; retry")
+            })?;
+        return Ok(Json(export_object(&same)).into_response());
+    }
     let _ = state
         .store
         .append_event(&NewEvent {
@@ -137,6 +140,21 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(export_object(&e))).into_response())
 }
 
+/// The job's export of this format and dtype that has not failed, if it has one.
+async fn live_export(
+    state: &AppState,
+    job_id: &str,
+    format: &str,
+    dtype: &str,
+) -> ApiResult<Option<ExportRecord>> {
+    Ok(state
+        .store
+        .list_exports(job_id)
+        .await?
+        .into_iter()
+        .find(|e| e.format == format && e.dtype == dtype && e.status != "failed"))
+}
+
 /// Whether `job`'s adapter can be exported as `format`: a succeeded decoder job, and for
 /// a GGUF a base that is a GGUF file (its tokenizer and hyperparameters are carried over).
 async fn check_exportable(state: &AppState, job: &JobRecord, format: &str) -> ApiResult<()> {
@@ -146,6 +164,14 @@ async fn check_exportable(state: &AppState, job: &JobRecord, format: &str) -> Ap
             job.id, job.status
         ))
         .code("adapter_not_ready"));
+    }
+    if job.model_deleted_at.is_some() {
+        return Err(ApiError::not_found(format!(
+            "Job {}'s model {} was deleted: there is nothing to export.",
+            job.id,
+            job.fine_tuned_model.as_deref().unwrap_or_default()
+        ))
+        .code("model_not_found"));
     }
     let task = serde_json::from_str::<JobSpec>(&job.spec)
         .map(|s| s.task)
@@ -264,7 +290,11 @@ pub async fn delete(
         );
     };
     if let Some(key) = &e.storage_key {
-        state.blobs.delete(key).await.map_err(ApiError::internal)?;
+        if let Err(err) = state.blobs.delete(key).await {
+            // The row is gone, so the export is deleted as far as anyone can see; the
+            // orphan zip only costs space.
+            tracing::warn!(key = %key, error = %err, "could not remove a deleted export's zip");
+        }
     }
     Ok(Json(json!({
         "object": "fine_tuning.job.export.deleted",

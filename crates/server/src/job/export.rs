@@ -7,13 +7,61 @@
 //!   carried over) and an Ollama `Modelfile` beside it.
 //!
 //! Weights are stored, not deflated: they do not compress, and the zip can be large.
+//! A build looks at its stop flag between steps and while it copies, so that a worker
+//! that lost the export (or is shutting down) gets its thread and memory back soon.
 
 use anyhow::{bail, Context};
 use loraforge_trainer::device::{parse_dtype, Device};
 use loraforge_trainer::families::decoder::{export, merge};
 use sha2::{Digest, Sha256};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Why a build stopped before its end: its stop flag was raised.
+#[derive(Debug, thiserror::Error)]
+#[error("the export was stopped")]
+pub struct Stopped;
+
+fn check(stop: &AtomicBool) -> Result<(), Stopped> {
+    if stop.load(Ordering::Relaxed) {
+        Err(Stopped)
+    } else {
+        Ok(())
+    }
+}
+
+/// Copies `from` into `to` a MiB at a time, minding `stop`; returns the bytes copied.
+fn copy_minding(
+    from: &mut impl Read,
+    to: &mut impl Write,
+    stop: &AtomicBool,
+    buf: &mut [u8],
+) -> anyhow::Result<u64> {
+    let mut bytes = 0u64;
+    loop {
+        check(stop)?;
+        let n = from.read(buf)?;
+        if n == 0 {
+            return Ok(bytes);
+        }
+        to.write_all(&buf[..n])?;
+        bytes += n as u64;
+    }
+}
+
+/// A `Write` that hashes what goes through it.
+struct Hashing(Sha256);
+
+impl Write for Hashing {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// The adapter's PEFT files inside a job's adapter zip, extracted into `dir`.
 pub fn unzip_adapter(zip_path: &Path, dir: &Path) -> anyhow::Result<()> {
@@ -32,7 +80,8 @@ pub fn unzip_adapter(zip_path: &Path, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Merges the adapter in `adapter` into the base `model` and writes the export's zip to
-/// `out`, using `work` for the files it zips. Returns the zip's size and sha256.
+/// `out`, using `work` for the files it zips. Returns the zip's size and sha256, or
+/// [`Stopped`] once `stop` is raised.
 pub fn build(
     model: &Path,
     adapter: &Path,
@@ -40,8 +89,11 @@ pub fn build(
     dtype: &str,
     work: &Path,
     out: &Path,
+    stop: &AtomicBool,
 ) -> anyhow::Result<(u64, String)> {
+    check(stop)?;
     let base = merge::load_with_adapter(model, Some(adapter), &Device::Cpu)?;
+    check(stop)?;
     let files: Vec<(String, std::path::PathBuf)> = match format {
         "merged_safetensors" => {
             let dir = work.join("merged");
@@ -70,6 +122,8 @@ pub fn build(
         other => bail!("unknown export format {other}"),
     };
     drop(base);
+    check(stop)?;
+    let mut buf = vec![0u8; 1 << 20];
     let mut z = zip::ZipWriter::new(std::fs::File::create(out)?);
     for (name, path) in &files {
         let size = std::fs::metadata(path)?.len();
@@ -77,20 +131,10 @@ pub fn build(
             .compression_method(zip::CompressionMethod::Stored)
             .large_file(size >= u32::MAX as u64);
         z.start_file(name.as_str(), opts)?;
-        std::io::copy(&mut std::fs::File::open(path)?, &mut z)?;
+        copy_minding(&mut std::fs::File::open(path)?, &mut z, stop, &mut buf)?;
     }
     z.finish()?.sync_all()?;
-    let mut f = std::fs::File::open(out)?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    Ok((bytes, format!("{:x}", hash.finalize())))
+    let mut hash = Hashing(Sha256::new());
+    let bytes = copy_minding(&mut std::fs::File::open(out)?, &mut hash, stop, &mut buf)?;
+    Ok((bytes, format!("{:x}", hash.0.finalize())))
 }

@@ -255,10 +255,9 @@ async fn exports_merge_a_job_into_a_model_built_by_a_worker() {
         &list,
     ));
     assert_eq!(list["data"][0]["id"], gid.as_str());
-    let stored = s
-        .data_dir()
-        .join(format!("blobs/exports/{gguf_job}/{gid}.zip"));
-    assert!(stored.is_file(), "{}", stored.display());
+    let stored = stored_zips(&s, &gguf_job, &gid);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let stored = &stored[0];
     let r = reqwest::Client::new()
         .delete(s.url(&format!("{}/{gid}", exports(&gguf_job))))
         .send()
@@ -274,9 +273,98 @@ async fn exports_merge_a_job_into_a_model_built_by_a_worker() {
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "export_not_found");
+
+    // The same request four times at once queues one export; deleted while it is
+    // queued or built, it leaves no zip and no folder behind, and the worker goes on.
+    let ask = json!({"format": "merged_safetensors", "dtype": "bf16"});
+    let path = exports(&hf_job);
+    let answers = futures::future::join_all((0..4).map(|_| post(&s, &path, ask.clone()))).await;
+    let ids: std::collections::BTreeSet<&str> = answers
+        .iter()
+        .map(|(_, e)| e["id"].as_str().unwrap_or_else(|| panic!("{e}")))
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    let mut codes: Vec<u16> = answers.iter().map(|(c, _)| *c).collect();
+    codes.sort();
+    assert_eq!(codes, [200, 200, 200, 201], "{answers:?}");
+    let dropped = ids.into_iter().next().unwrap().to_string();
+    let r = reqwest::Client::new()
+        .delete(s.url(&format!("{}/{dropped}", exports(&hf_job))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (code, e) = post(
+        &s,
+        &exports(&hf_job),
+        json!({"format": "merged_safetensors", "dtype": "f16"}),
+    )
+    .await;
+    assert_eq!(code, 201, "{e}");
+    let after = wait_export(&s, &hf_job, e["id"].as_str().unwrap()).await;
+    assert_eq!(after["status"], "succeeded", "{after}\n{}", s.logs());
+    assert_eq!(
+        stored_zips(&s, &hf_job, &dropped),
+        Vec::<std::path::PathBuf>::new()
+    );
+    let work = s.data_dir().join("exports");
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "export folders left in {}: {left:?}",
+        work.display()
+    );
+
+    // A fine-tuned model its owner deleted is not exported.
+    let model = get(&s, &format!("/v1/fine_tuning/jobs/{hf_job}")).await["fine_tuned_model"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = reqwest::Client::new()
+        .delete(s.url(&format!("/v1/models/{model}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (code, e) = post(
+        &s,
+        &exports(&hf_job),
+        json!({"format": "merged_safetensors", "dtype": "f32"}),
+    )
+    .await;
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{e}"
+    );
+    errs.extend(check_response(
+        &spec,
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports",
+        "post",
+        404,
+        &e,
+    ));
     assert!(
         errs.is_empty(),
         "responses differ from openapi.yaml:\n{}",
         errs.join("\n")
     );
+}
+
+/// The zips stored for an export (one per claim that finished it), in the blob folder.
+fn stored_zips(s: &TestServer, job: &str, export: &str) -> Vec<std::path::PathBuf> {
+    let dir = s.data_dir().join(format!("blobs/exports/{job}"));
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{export}.")))
+        })
+        .collect()
 }

@@ -5,15 +5,20 @@
 use super::*;
 
 const EXPORT_COLS: &str = "id, job_id, format, dtype, status, error, storage_key, bytes, sha256, \
-                           worker_id, lease_expires_at_ms, created_at, finished_at";
+                           worker_id, lease_expires_at_ms, created_at, finished_at, fencing_token";
 
 impl Store {
-    pub async fn insert_export(&self, e: &ExportRecord) -> Result<()> {
+    /// Adds an export; `false` (and nothing written) when the job already has one of
+    /// the same format and dtype that has not failed.
+    pub async fn insert_export(&self, e: &ExportRecord) -> Result<bool> {
+        // The conflict is the partial unique index's: the target names it, so that a
+        // clash of ids is still an error.
         let sql = format!(
             "INSERT INTO exports ({EXPORT_COLS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (job_id, format, dtype) WHERE status <> 'failed' DO NOTHING"
         );
-        on_pool!(self, p => sqlx::query(&sql)
+        Ok(on_pool!(self, p => sqlx::query(&sql)
             .bind(&e.id)
             .bind(&e.job_id)
             .bind(&e.format)
@@ -27,10 +32,11 @@ impl Store {
             .bind(e.lease_expires_at_ms)
             .bind(e.created_at)
             .bind(e.finished_at)
+            .bind(e.fencing_token)
             .execute(p)
-            .await
-            .map(drop)?);
-        Ok(())
+            .await?
+            .rows_affected())
+            == 1)
     }
 
     pub async fn get_export(&self, id: &str) -> Result<Option<ExportRecord>> {
@@ -47,7 +53,8 @@ impl Store {
     }
 
     /// Takes the oldest queued export, or a running one whose lease expired (its worker
-    /// died), for `worker_id` with a lease of `lease` from now.
+    /// died), for `worker_id` with a lease of `lease` from now. The claim moves the
+    /// export's fencing token on: the returned record's token is this claim's.
     pub async fn claim_export(
         &self,
         worker_id: &str,
@@ -61,7 +68,10 @@ impl Store {
                 OR (status = 'running' AND COALESCE(lease_expires_at_ms, 0) <= {now}) \
              ORDER BY created_at, id LIMIT 1"
         );
-        let set = format!("status = 'running', worker_id = $1, lease_expires_at_ms = {now} + $2");
+        let set = format!(
+            "status = 'running', worker_id = $1, lease_expires_at_ms = {now} + $2, \
+             fencing_token = fencing_token + 1"
+        );
         let sql = match self.backend() {
             Backend::Sqlite => {
                 format!("UPDATE exports SET {set} WHERE id = ({pick}) RETURNING {EXPORT_COLS}")
@@ -84,17 +94,17 @@ impl Store {
             .await?))
     }
 
-    /// Extends `worker_id`'s lease on a running export; `false` when it no longer holds
-    /// it (taken over, or deleted).
-    pub async fn renew_export(&self, id: &str, worker_id: &str, lease: Duration) -> Result<bool> {
+    /// Extends the lease of the claim `token` on a running export; `false` when that
+    /// claim no longer holds it (taken over, handed back, or deleted).
+    pub async fn renew_export(&self, id: &str, token: i64, lease: Duration) -> Result<bool> {
         let sql = format!(
             "UPDATE exports SET lease_expires_at_ms = {} + $3 \
-             WHERE id = $1 AND worker_id = $2 AND status = 'running'",
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
             self.now_ms()
         );
         let n = on_pool!(self, p => sqlx::query(&sql)
             .bind(id)
-            .bind(worker_id)
+            .bind(token)
             .bind(lease_millis(lease)?)
             .execute(p)
             .await?
@@ -102,12 +112,12 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Ends `worker_id`'s running export; `false` (and nothing written) when it no
-    /// longer holds it.
+    /// Ends the claim `token`'s running export; `false` (and nothing written) when that
+    /// claim no longer holds it.
     pub async fn finish_export(
         &self,
         id: &str,
-        worker_id: &str,
+        token: i64,
         outcome: &ExportOutcome,
     ) -> Result<bool> {
         let (status, error, key, bytes, sha) = match outcome {
@@ -127,16 +137,31 @@ impl Store {
         let n = on_pool!(self, p => sqlx::query(
             "UPDATE exports SET status = $3, error = $4, storage_key = $5, bytes = $6, \
              sha256 = $7, finished_at = $8, lease_expires_at_ms = NULL \
-             WHERE id = $1 AND worker_id = $2 AND status = 'running'",
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
         )
         .bind(id)
-        .bind(worker_id)
+        .bind(token)
         .bind(status)
         .bind(error)
         .bind(key)
         .bind(bytes)
         .bind(sha)
         .bind(now_secs())
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(n == 1)
+    }
+
+    /// Puts the claim `token`'s running export back in the queue (its worker is shutting
+    /// down), for the next worker to build; `false` when that claim no longer holds it.
+    pub async fn release_export(&self, id: &str, token: i64) -> Result<bool> {
+        let n = on_pool!(self, p => sqlx::query(
+            "UPDATE exports SET status = 'queued', worker_id = NULL, lease_expires_at_ms = NULL \
+             WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(token)
         .execute(p)
         .await?
         .rows_affected());

@@ -260,18 +260,26 @@ fn export_key(ex: &ExportRecord) -> String {
 }
 
 /// Removes the export folders no claim here is building: left by a crash, or by a
-/// claim that lost its export. A folder of a running export's current claim is kept
-/// (another worker of this process may be building it).
+/// claim that lost its export. A folder of a running export's current claim under a
+/// live lease is kept (another worker of this process may be building it); a crashed
+/// claim's lease has lapsed, and the next claim builds in a folder of its own.
 async fn sweep_export_dirs(state: &AppState, data_dir: &Path) {
     let root = data_dir.join("exports");
     let Ok(mut dir) = tokio::fs::read_dir(&root).await else {
         return;
     };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     while let Ok(Some(entry)) = dir.next_entry().await {
         let name = entry.file_name().to_string_lossy().into_owned();
         let held = match name.rsplit_once('.') {
             Some((id, token)) => match state.store.get_export(id).await {
-                Ok(Some(e)) => e.status == "running" && e.fencing_token.to_string() == token,
+                Ok(Some(e)) => {
+                    e.status == "running"
+                        && e.fencing_token.to_string() == token
+                        && e.lease_expires_at_ms.is_some_and(|t| t > now_ms)
+                }
                 Ok(None) => false,
                 // Unreadable: kept, to be looked at again by the next sweep.
                 Err(_) => true,
@@ -351,6 +359,8 @@ async fn run_export(state: &AppState, cfg: &WorkerConfig, ex: &ExportRecord) -> 
         beat.tick().await;
         let held = loop {
             tokio::select! {
+                // A build that has ended is taken, whatever else is ready at once.
+                biased;
                 r = &mut task => break Held::Built(r.map_err(anyhow::Error::from).and_then(|r| r)
                     .map(|(bytes, sha)| (upload, bytes, sha))),
                 _ = state.shutdown.cancelled() => break Held::Stopping,
@@ -387,17 +397,19 @@ async fn run_export(state: &AppState, cfg: &WorkerConfig, ex: &ExportRecord) -> 
             return Ok(());
         }
         Held::Stopping => {
-            tracing::info!(export = %ex.id, "worker shutting down; export handed back");
-            let _ = patient(cfg.lease, || {
+            let released = patient(cfg.lease, || {
                 state.store.release_export(&ex.id, ex.fencing_token)
             })
             .await;
-            event(
-                "info",
-                format!("Worker shutting down; export {} re-queued", ex.id),
-                "queued",
-            )
-            .await;
+            if matches!(released, Ok(true)) {
+                tracing::info!(export = %ex.id, "worker shutting down; export handed back");
+                event(
+                    "info",
+                    format!("Worker shutting down; export {} re-queued", ex.id),
+                    "queued",
+                )
+                .await;
+            }
             return Ok(());
         }
     };
@@ -425,7 +437,15 @@ async fn run_export(state: &AppState, cfg: &WorkerConfig, ex: &ExportRecord) -> 
     .await?;
     if !finished {
         // Deleted or taken over meanwhile: what this claim stored is nobody's, and its
-        // key is its own.
+        // key is its own. Unless a retried write had landed the first time (its reply
+        // lost): then the row names this key, and the zip is the export's.
+        let ours = matches!(
+            state.store.get_export(&ex.id).await,
+            Ok(Some(ref e)) if e.storage_key.as_deref() == Some(key.as_str())
+        );
+        if ours {
+            return Ok(());
+        }
         if matches!(outcome, ExportOutcome::Succeeded { .. }) {
             let _ = state.blobs.delete(&key).await;
         }

@@ -116,14 +116,19 @@ pub async fn create(
         finished_at: None,
         fencing_token: 0,
     };
-    if !state.store.insert_export(&e).await? {
-        // The same request, a moment earlier, queued it: that one is the answer.
-        let same = live_export(&state, &job.id, format, dtype)
-            .await?
-            .ok_or_else(|| {
-                ApiError::internal("an equal export was queued and is gone again; retry")
-            })?;
-        return Ok(Json(export_object(&same)).into_response());
+    // The same request, a moment earlier, may have queued it: then that one is the
+    // answer. Should it fail or be deleted before it is read, this one is queued after all.
+    let mut tries = 0;
+    while !state.store.insert_export(&e).await? {
+        if let Some(same) = live_export(&state, &job.id, format, dtype).await? {
+            return Ok(Json(export_object(&same)).into_response());
+        }
+        tries += 1;
+        if tries == 3 {
+            return Err(ApiError::internal(
+                "an equal export kept appearing and going; retry",
+            ));
+        }
     }
     let _ = state
         .store

@@ -3,9 +3,13 @@
 //! `y = W x + b + s · B(A(dropout(x)))` with `s = alpha / r` (or `alpha / sqrt(r)` with
 //! rsLoRA). `A` starts as U(±1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5)), `B` as
 //! zeros. Nothing here knows which architecture the layer sits in: a model names each
-//! linear by its PEFT module path and the adapter follows the names.
+//! linear by its PEFT module path and the adapter follows the names. Convolutions carry
+//! PEFT's conv LoRA ([`conv`]) the same way, targeted by name.
 
+pub mod conv;
 pub mod hotswap;
+
+pub use conv::Conv2d;
 
 use crate::ops::{frozen_linear, lora_linear, Frozen};
 use crate::{Error, Result};
@@ -294,6 +298,14 @@ pub trait LoraModel {
     /// Every linear layer, in a fixed order, with whether it is the output head.
     fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)>;
     fn linears(&self) -> Vec<&Linear>;
+    /// Every convolution that can carry an adapter (PEFT's `Conv2d` LoRA), in a fixed
+    /// order; targeted by name only (`all-linear` takes none).
+    fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
+        Vec::new()
+    }
+    fn convs(&self) -> Vec<&Conv2d> {
+        Vec::new()
+    }
     /// PEFT's `task_type`.
     fn task_type(&self) -> &'static str;
     /// Layers trained in full next to the adapters (PEFT's `modules_to_save`), keyed
@@ -359,6 +371,14 @@ pub fn attach<M: LoraModel + ?Sized>(
             resolved.push(lin.path.clone());
         }
     }
+    if let Targets::Names(_) = cfg.targets {
+        for conv in model.convs_mut() {
+            if cfg.targets.matches(&conv.path, false) {
+                conv.attach_lora(cfg, &mut rng)?;
+                resolved.push(conv.path.clone());
+            }
+        }
+    }
     if resolved.is_empty() {
         return Err(Error::Config(format!(
             "target modules {:?} match no linear layer of this model",
@@ -376,6 +396,12 @@ pub fn params<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
         if let Some(l) = &lin.lora {
             out.push((peft_key(&lin.path, "A"), l.a.clone()));
             out.push((peft_key(&lin.path, "B"), l.b.clone()));
+        }
+    }
+    for conv in model.convs() {
+        if let Some(l) = &conv.lora {
+            out.push((peft_key(&conv.path, "A"), l.a.clone()));
+            out.push((peft_key(&conv.path, "B"), l.b.clone()));
         }
     }
     out.extend(model.full_params());
@@ -571,11 +597,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 /// same config. Every file key must match a module and every module must be filled.
 pub fn load_adapter_weights<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Result<()> {
     let p = dir.join("adapter_model.safetensors");
-    let dev = model
-        .linears()
-        .first()
-        .map(|l| l.weight.device())
-        .unwrap_or(Device::Cpu);
+    let dev = match (model.linears().first(), model.convs().first()) {
+        (Some(l), _) => l.weight.device(),
+        (None, Some(c)) => c.weight.device().clone(),
+        (None, None) => Device::Cpu,
+    };
     let file = candle_core::safetensors::load(&p, &dev)
         .map_err(|e| Error::Adapter(format!("{}: {e}", p.display())))?;
     // PEFT writes keys without the adapter name; tolerate `.default.` as older tools write it.

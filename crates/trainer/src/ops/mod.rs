@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 mod attention;
 mod blocked;
+mod conv;
 mod frozen;
 mod generic;
 mod head_loss;
@@ -24,6 +25,7 @@ pub mod matmul;
 mod norm_act;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
+pub use conv::{conv2d, frozen_conv2d};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
@@ -207,155 +209,6 @@ pub fn lora_linear(
             scale,
         },
     )
-}
-
-/// A frozen 2-D convolution: candle's forward, and on the way back only `dX` (candle's
-/// own conv backward also computes, and keeps until the step ends, a kernel gradient
-/// nobody reads: for an SD 1.5 UNet that is 2.2 GB per step and most of the backward).
-struct FrozenConv2d {
-    w: Tensor,
-    padding: usize,
-    stride: usize,
-}
-
-impl CustomOp1 for FrozenConv2d {
-    fn name(&self) -> &'static str {
-        "frozen-conv2d"
-    }
-
-    /// `Y = W · cols(X)` per image: the im2col matrix `(in·k·k, out_h·out_w)` built one
-    /// shifted input row at a time, then one GEMM against the kernel as its `(out, in·k·k)`
-    /// matrix, whose result is already the image's `(out, out_h, out_w)` output (a 1×1
-    /// kernel at stride 1 multiplies the input itself). candle's tiled convolution gathers
-    /// its patches pixel by pixel and scatters each tile's result.
-    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = rows_of(xs, lx)?;
-        let (b, cin, h, w) = lx.shape().dims4()?;
-        let (cout, wcin, k, _) = self.w.dims4()?;
-        if wcin != cin {
-            candle_core::bail!("frozen conv2d: input has {cin} channels, the kernel {wcin}");
-        }
-        let (p, st) = (self.padding, self.stride);
-        if h + 2 * p < k || w + 2 * p < k {
-            candle_core::bail!("frozen conv2d: a {k}x{k} kernel does not fit a {h}x{w} input");
-        }
-        let (ho, wo) = ((h + 2 * p - k) / st + 1, (w + 2 * p - k) / st + 1);
-        let (ckk, hw) = (cin * k * k, ho * wo);
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("frozen conv2d: expected CPU storage")
-        };
-        let wm = Layout::contiguous_with_offset((1, cout, ckk), wl.start_offset());
-        let direct = k == 1 && st == 1 && p == 0;
-        let mut y = Vec::with_capacity(b * cout * hw);
-        for image in x.chunks(cin * h * w) {
-            let cols = if direct {
-                image.to_vec()
-            } else {
-                let mut cols = vec![0f32; ckk * hw];
-                par_rows(&mut cols, hw, |first, chunk| {
-                    for (j, row) in chunk.chunks_mut(hw).enumerate() {
-                        let r = first + j;
-                        let (c, ki, kj) = (r / (k * k), (r / k) % k, r % k);
-                        let plane = &image[c * h * w..][..h * w];
-                        for oy in 0..ho {
-                            let iy = (oy * st + ki) as isize - p as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let src = &plane[iy as usize * w..][..w];
-                            let dst = &mut row[oy * wo..][..wo];
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                let ix = (ox * st + kj) as isize - p as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    *d = src[ix as usize];
-                                }
-                            }
-                        }
-                    }
-                });
-                cols
-            };
-            let cols = CpuStorage::F32(cols);
-            let out = matmul::matmul(
-                ws,
-                &cols,
-                (1, cout, hw, ckk),
-                &wm,
-                &Layout::contiguous((1, ckk, hw)),
-            )?;
-            y.extend_from_slice(out.as_slice::<f32>()?);
-        }
-        Ok((CpuStorage::F32(y), Shape::from((b, cout, ho, wo))))
-    }
-
-    /// `dX` as col2im of `Wᵀ · g`: one GEMM per image over the kernel's `(out, in·k·k)`
-    /// matrix read transposed in place, then each input channel gathers its `k·k` shifted
-    /// rows. candle's `conv_transpose2d`, which did this before, took most of an SD step.
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (b, cin, h, w) = arg.dims4()?;
-        let (cout, _, k, _) = self.w.dims4()?;
-        let (_, _, ho, wo) = grad.dims4()?;
-        let (ckk, hw) = (cin * k * k, ho * wo);
-        let g = grad.contiguous()?;
-        let (gs, gl) = g.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
-        let (Storage::Cpu(gs), Storage::Cpu(ws)) = (&*gs, &*ws) else {
-            candle_core::bail!("frozen conv2d: expected CPU storage")
-        };
-        let wt =
-            Layout::contiguous_with_offset((1, cout, ckk), wl.start_offset()).transpose(1, 2)?;
-        let (p, st) = (self.padding as isize, self.stride as isize);
-        let mut dx = vec![0f32; b * cin * h * w];
-        for (bi, planes) in dx.chunks_mut(cin * h * w).enumerate() {
-            let gb =
-                Layout::contiguous_with_offset((1, cout, hw), gl.start_offset() + bi * cout * hw);
-            let cols = match matmul::matmul(ws, gs, (1, ckk, hw, cout), &wt, &gb)? {
-                CpuStorage::F32(v) => v,
-                _ => candle_core::bail!("frozen conv2d: expected f32"),
-            };
-            par_rows(planes, h * w, |first, chunk| {
-                for (j, plane) in chunk.chunks_mut(h * w).enumerate() {
-                    let c = first + j;
-                    for ki in 0..k {
-                        for kj in 0..k {
-                            let row = &cols[((c * k + ki) * k + kj) * hw..][..hw];
-                            for oy in 0..ho {
-                                let y = oy as isize * st + ki as isize - p;
-                                if y < 0 || y >= h as isize {
-                                    continue;
-                                }
-                                let (dst, src) =
-                                    (&mut plane[y as usize * w..][..w], &row[oy * wo..][..wo]);
-                                for (ox, &v) in src.iter().enumerate() {
-                                    let x = ox as isize * st + kj as isize - p;
-                                    if x >= 0 && x < w as isize {
-                                        dst[x as usize] += v;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        }
-        Ok(Some(Tensor::from_vec(dx, (b, cin, h, w), arg.device())?))
-    }
-}
-
-/// `conv2d(x, W)` for a frozen `(out, in, k, k)` kernel, differentiable for `x` only.
-/// Other devices and dtypes take candle's conv2d (correct, with the wasted kernel
-/// gradient).
-pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (_, _, kh, kw) = w.dims4()?;
-    if !fast_path(x) || w.dtype() != DType::F32 || kh != kw {
-        return x.conv2d(w, padding, stride, 1, 1);
-    }
-    x.contiguous()?.apply_op1(FrozenConv2d {
-        w: w.contiguous()?,
-        padding,
-        stride,
-    })
 }
 
 /// RMSNorm as transformers computes it: in f32, `x · rsqrt(mean(x²) + eps) · w`.

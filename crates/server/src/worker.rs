@@ -393,7 +393,7 @@ async fn run_export(state: &AppState, cfg: &WorkerConfig, ex: &ExportRecord) -> 
     let built = match held? {
         Held::Built(built) => built,
         Held::Lost => {
-            tracing::warn!(export = %ex.id, "export lost to another worker or deleted; dropped");
+            tracing::warn!(export = %ex.id, "export lost while it was built; build stopped and dropped");
             return Ok(());
         }
         Held::Stopping => {

@@ -109,10 +109,12 @@ pub fn build(
         }
         "merged_gguf" => {
             let gguf = work.join("model.gguf");
+            let merged = base.model.merged_weights()?;
+            check(stop)?;
             export::write_merged_gguf(
                 model,
                 &base.model.cfg,
-                base.model.merged_weights()?,
+                merged,
                 export::MergedType::parse(dtype)?,
                 &gguf,
             )?;

@@ -632,3 +632,89 @@ async fn smollm2_dpo_job_through_the_api_learns_its_pairs() {
     let dir = common::download_adapter(&s, &id).await;
     peft_check(&model, dir.path());
 }
+
+/// An export deleted while a worker builds it (SmolLM2: seconds of merging and writing)
+/// stops that build, leaves no zip and no work folder, and the worker goes on; one
+/// being built when the server shuts down is handed back to the queue and built by the
+/// next process. A lease of 3 s has the worker renew (and learn of the delete) each second.
+#[tokio::test]
+async fn smollm2_exports_stop_when_deleted_and_go_back_to_the_queue_at_shutdown() {
+    let Some(model) = smollm2() else { return };
+    let args = ["--train-threads", "2", "--lease-seconds", "3"];
+    let mut s = common::TestServer::start(common::Backend::Sqlite, &args).await;
+    let name = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    std::os::unix::fs::symlink(&model, s.models_dir().join(name)).unwrap();
+    let file = common::upload_chat(&s).await;
+    let (code, job) = common::create_job(
+        &s,
+        serde_json::json!({"model": name, "training_file": file,
+            "hyperparameters": {"max_steps": 2, "batch_size": 2, "packing": false}}),
+    )
+    .await;
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let done =
+        common::wait_status(&s, &id, &["succeeded", "failed"], Duration::from_secs(600)).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", s.logs());
+    let exports = format!("/v1/fine_tuning/jobs/{id}/exports");
+    let ask = |dtype: &str| serde_json::json!({"format": "merged_gguf", "dtype": dtype});
+    // Deleted while it is built.
+    let (code, e) = common::post_json(&s, &exports, None, &ask("f16")).await;
+    assert_eq!(code, 201, "{e}");
+    let dropped = e["id"].as_str().unwrap().to_string();
+    export_reaches(&s, &format!("{exports}/{dropped}"), "running").await;
+    let r = reqwest::Client::new()
+        .delete(s.url(&format!("{exports}/{dropped}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (code, e) = common::post_json(&s, &exports, None, &ask("q8_0")).await;
+    assert_eq!(code, 201, "{e}");
+    let next = e["id"].as_str().unwrap().to_string();
+    export_reaches(&s, &format!("{exports}/{next}"), "succeeded").await;
+    let logs = s.logs();
+    assert!(
+        logs.contains("export lost while it was built"),
+        "the build was not stopped:\n{logs}"
+    );
+    let blobs = s.data_dir().join(format!("blobs/exports/{id}"));
+    let zips: Vec<String> = common::files_under(&blobs);
+    assert_eq!(zips.len(), 1, "{zips:?}");
+    assert!(zips[0].contains(&next), "{zips:?}");
+    let work = s.data_dir().join("exports");
+    assert_eq!(common::files_under(&work), Vec::<String>::new());
+
+    // Shut down while it is built: handed back, then built by the next process.
+    let (code, e) = common::post_json(&s, &exports, None, &ask("f16")).await;
+    assert_eq!(code, 201, "{e}");
+    let back = e["id"].as_str().unwrap().to_string();
+    export_reaches(&s, &format!("{exports}/{back}"), "running").await;
+    assert!(s.terminate().success(), "{}", s.logs());
+    let row = s.store().await.get_export(&back).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.worker_id.as_deref()),
+        ("queued", None),
+        "{}",
+        s.logs()
+    );
+    s.crash_and_restart(&args).await;
+    export_reaches(&s, &format!("{exports}/{back}"), "succeeded").await;
+}
+
+/// Polls an export until its status is `want` (failing on `failed`, or after 5 minutes).
+async fn export_reaches(s: &common::TestServer, path: &str, want: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = common::get_json(s, path).await;
+        if v["status"] == want {
+            return;
+        }
+        assert!(
+            v["status"] != "failed" && t0.elapsed() < Duration::from_secs(300),
+            "waiting for {want}: {v}\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

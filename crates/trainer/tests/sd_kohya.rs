@@ -305,6 +305,49 @@ fn kohya_peft_kohya_is_lossless_and_peft_runs_the_same() {
     assert!(d <= 1e-6, "{d}");
 }
 
+/// A kohya LoCon file (linears and 1x1 convolutions at network_dim 4 / alpha 2, 3x3
+/// convolutions at conv_dim 2 / alpha 1) computes what diffusers computes after
+/// `load_lora_weights` of it, and written back it is the same file: every tensor
+/// bit-identical, 4-D where kohya's are, and `conv_dim`/`conv_alpha` in
+/// `ss_network_args` beside the linear rank in `ss_network_dim`.
+#[test]
+fn locon_file_reproduces_diffusers_output_and_writes_back_the_same() {
+    let path = fixtures().join("sd-tiny-ref/locon.safetensors");
+    let mut m = unet();
+    let file = kohya::load_kohya(&mut m, &path, NAMING).unwrap();
+    assert_eq!(file.modules.len(), 79);
+    let convs = file.modules.values().filter(|k| k.down.rank() == 4).count();
+    assert_eq!(convs, 18 + 5, "3x3 and 1x1 convolutions");
+    let want = load(&fixtures().join("sd-tiny-ref/locon_out.safetensors"))["out"].clone();
+    let got = forward(&m);
+    let d = max_abs_diff(&got, &want);
+    println!("LoCon kohya file vs diffusers' load_lora_weights: max diff {d:.3e}");
+    assert!(d <= 1e-4, "{d}");
+    assert!(max_abs_diff(&got, &forward(&unet())) > 1e-2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("locon.safetensors");
+    kohya::write_kohya(&m, NAMING, &KohyaMeta::default(), DType::F32, &out).unwrap();
+    let (a, b) = (load(&path), load(&out));
+    let mut keys: Vec<&String> = a.keys().collect();
+    keys.sort();
+    let mut back: Vec<&String> = b.keys().collect();
+    back.sort();
+    assert_eq!(keys, back);
+    for k in keys {
+        assert_eq!(a[k].dims(), b[k].dims(), "{k}");
+        assert_eq!(bits(&a[k]), bits(&b[k]), "{k}");
+    }
+    let meta = metadata(&out);
+    assert_eq!(meta["ss_network_dim"], "4");
+    assert_eq!(meta["ss_network_alpha"], "2.0");
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!(
+        args,
+        serde_json::json!({"conv_dim": "2", "conv_alpha": "1.0"})
+    );
+}
+
 fn expect_err(tensors: &HashMap<String, Tensor>, key: &str) -> Error {
     let m = unet();
     let e = kohya::modules_from_tensors(tensors, &m, NAMING).unwrap_err();
@@ -342,6 +385,21 @@ fn bad_files_are_errors_naming_the_key() {
     let mut f = golden.clone();
     let k = format!("{n}.lora_up.weight");
     f.insert(k.clone(), t(&[32, 3]));
+    expect_err(&f, &k);
+
+    // LoCon pairs must fit their convolution; a 3x3 pair for a linear layer is refused.
+    let c = "lora_unet_down_blocks_0_resnets_0_conv1";
+    let mut f = golden.clone();
+    f.insert(format!("{c}.lora_down.weight"), t(&[2, 32, 1, 1]));
+    f.insert(format!("{c}.lora_up.weight"), t(&[32, 2, 1, 1]));
+    expect_err(&f, &format!("{c}.lora_down.weight"));
+    let mut f = golden.clone();
+    f.insert(format!("{c}.lora_down.weight"), t(&[2, 32, 3, 3]));
+    f.insert(format!("{c}.lora_up.weight"), t(&[32, 3, 1, 1]));
+    expect_err(&f, &format!("{c}.lora_up.weight"));
+    let mut f = golden.clone();
+    let k = format!("{n}.lora_down.weight");
+    f.insert(k.clone(), t(&[4, 32, 3, 3]));
     expect_err(&f, &k);
 
     // A file without alpha tensors means alpha = r (kohya's rule): scale 1.

@@ -136,3 +136,36 @@ fn a_checkpoint_resumes_only_with_its_image_settings() {
     .unwrap();
     assert!(resumed.is_some_and(|s| s >= 1), "{resumed:?}");
 }
+
+/// LoCon through the trainer: naming the UNet's resnet and sampler convolutions trains
+/// conv LoRA on them (every conv B leaves zero), and the run's kohya file carries them
+/// 4-D with kohya's names and `conv_dim` in `ss_network_args`.
+#[test]
+fn locon_targets_train_the_convolutions_and_reach_the_kohya_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("locon");
+    let mut s = spec(7, 3, &out);
+    s.lora.targets =
+        Targets::parse("to_q,to_k,to_v,to_out.0,conv1,conv2,downsamplers.0.conv").unwrap();
+    loraforge_trainer::train(&s, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let peft = candle_core::safetensors::load(
+        out.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let b = &peft["base_model.model.down_blocks.0.resnets.0.conv1.lora_B.weight"];
+    assert_eq!(b.dims(), [32, 4, 1, 1]);
+    assert!(common::max_abs(b) > 0.0, "conv1's B did not train");
+    let kohya = out.join(loraforge_trainer::families::diffusion::objective::KOHYA_FILE);
+    let k = candle_core::safetensors::load(&kohya, &candle_core::Device::Cpu).unwrap();
+    let down = &k["lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight"];
+    assert_eq!(down.dims(), [4, 32, 3, 3]);
+    let bytes = std::fs::read(&kohya).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap_or_default();
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!(
+        args,
+        serde_json::json!({"conv_dim": "4", "conv_alpha": "4.0"})
+    );
+}

@@ -41,18 +41,14 @@ impl AdapterWeights {
 /// Makes `model` compute with `adapter` (or with no adapter at all). Every tensor of the
 /// adapter must find its module and every adapted module its tensors.
 pub fn apply<M: LoraModel + ?Sized>(model: &mut M, adapter: Option<&AdapterWeights>) -> Result<()> {
-    for (lin, _) in model.linears_mut() {
-        lin.lora = None;
-    }
+    clear(model);
     let Some(a) = adapter else {
         return Ok(());
     };
     lora::attach(model, &a.config, 0)?;
     let params = lora::params(model);
     if params.len() != a.tensors.len() {
-        for (lin, _) in model.linears_mut() {
-            lin.lora = None;
-        }
+        clear(model);
         return Err(Error::Adapter(format!(
             "the adapter has {} tensors, the model's targeted modules need {}",
             a.tensors.len(),
@@ -74,4 +70,14 @@ pub fn apply<M: LoraModel + ?Sized>(model: &mut M, adapter: Option<&AdapterWeigh
         var.set(&t)?;
     }
     Ok(())
+}
+
+/// Takes every adapter off the model.
+fn clear<M: LoraModel + ?Sized>(model: &mut M) {
+    for (lin, _) in model.linears_mut() {
+        lin.lora = None;
+    }
+    for conv in model.convs_mut() {
+        conv.lora = None;
+    }
 }

@@ -16,9 +16,10 @@
 //! anything that resolves to nothing is an error naming the key rather than an adapter
 //! that is silently half-applied.
 //!
-//! Only linear layers of the SD 1.x/2.x UNet are covered. SDXL (kohya names its UNet
-//! modules after SGM's `input_blocks`/`output_blocks`) and LoCon (3x3 convs, 4-D
-//! tensors) would be further [`KohyaNaming`] variants and tensor ranks; the text
+//! The SD 1.x/2.x UNet's linear layers and its convolutions (LoCon: `lora_down`
+//! `[r, in, k, k]`, `lora_up` `[out, r, 1, 1]`, the layout kohya's `conv_dim` writes)
+//! are covered. SDXL (kohya names its UNet modules after SGM's
+//! `input_blocks`/`output_blocks`) would be a further [`KohyaNaming`] variant; the text
 //! encoders (`lora_te_`, `lora_te1_`, `lora_te2_`) are refused as unsupported.
 
 use crate::lora::hotswap::{self as adapters, AdapterWeights};
@@ -76,9 +77,11 @@ impl KohyaNaming {
 /// One module's adapter as a kohya file stores it, in the file's dtype.
 #[derive(Debug, Clone)]
 pub struct KohyaModule {
-    /// `lora_down.weight` = PEFT's `lora_A`, `[r, in]`.
+    /// `lora_down.weight` = PEFT's `lora_A`: `[r, in]` for a linear layer (and a 1×1
+    /// convolution held as one), `[r, in, k, k]` for a convolution.
     pub down: Tensor,
-    /// `lora_up.weight` = PEFT's `lora_B`, `[out, r]`.
+    /// `lora_up.weight` = PEFT's `lora_B`: `[out, r]`, or `[out, r, 1, 1]` for a
+    /// convolution.
     pub up: Tensor,
     /// `alpha`; the effective scale is `alpha / r`.
     pub alpha: f64,
@@ -210,10 +213,23 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
     naming: KohyaNaming,
 ) -> Result<BTreeMap<String, KohyaModule>> {
     let linears = model.linears();
-    let names = naming.resolver(linears.iter().map(|l| l.path.as_str()))?;
+    let convs = model.convs();
+    let names = naming.resolver(
+        linears
+            .iter()
+            .map(|l| l.path.as_str())
+            .chain(convs.iter().map(|c| c.path.as_str())),
+    )?;
     let dims: HashMap<&str, (usize, usize)> = linears
         .iter()
         .map(|l| (l.path.as_str(), (l.out_features(), l.in_features())))
+        .collect();
+    let kernels: HashMap<&str, (usize, usize, usize)> = convs
+        .iter()
+        .map(|c| {
+            let shape = (c.out_channels(), c.in_channels(), c.kernel_size());
+            (c.path.as_str(), shape)
+        })
         .collect();
     // Sorted so that, of several bad keys, the same one is always reported.
     let mut keys: Vec<&String> = tensors.keys().collect();
@@ -255,10 +271,35 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
         let down =
             down.ok_or_else(|| Error::Adapter(format!("{name}.{DOWN}: missing from the file")))?;
         let up = up.ok_or_else(|| Error::Adapter(format!("{name}.{UP}: missing from the file")))?;
+        let r = down.dims().first().copied().unwrap_or(0);
+        if let Some(&(o, i, k)) = kernels.get(path) {
+            // A convolution's pair stays 4-D, as the layer and PEFT hold it.
+            if r == 0 || down.dims() != [r, i, k, k] {
+                return Err(Error::Adapter(format!(
+                    "{name}.{DOWN}: shape {:?}, [r, {i}, {k}, {k}] expected for {path}",
+                    down.dims()
+                )));
+            }
+            if up.dims() != [o, r, 1, 1] {
+                return Err(Error::Adapter(format!(
+                    "{name}.{UP}: shape {:?}, [{o}, {r}, 1, 1] expected for {path}",
+                    up.dims()
+                )));
+            }
+            let alpha = module_alpha(name, alpha, r)?;
+            out.insert(
+                path.to_string(),
+                KohyaModule {
+                    down: down.clone(),
+                    up: up.clone(),
+                    alpha,
+                },
+            );
+            continue;
+        }
         let &(o, i) = dims
             .get(path)
             .ok_or_else(|| Error::Adapter(format!("{name}: no module {path}")))?;
-        let r = down.dims().first().copied().unwrap_or(0);
         // A 1×1 convolution's pair (SD 1.x proj_in/proj_out) is a linear one in 4-D.
         let flat = |t: &Tensor| -> Result<Tensor> {
             let d = t.dims();
@@ -269,8 +310,8 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
             })
         };
         if down.rank() == 4 && !(down.dims()[2] == 1 && down.dims()[3] == 1) {
-            return Err(Error::Unsupported(format!(
-                "{name}.{DOWN}: conv LoRA with a {}x{} kernel (LoCon, shape {:?})",
+            return Err(Error::Adapter(format!(
+                "{name}.{DOWN}: a {}x{} conv LoRA (shape {:?}) for {path}, a linear layer",
                 down.dims()[2],
                 down.dims()[3],
                 down.dims()
@@ -289,26 +330,7 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
                 up.dims()
             )));
         }
-        let alpha = match alpha {
-            None => r as f64,
-            Some(t) => {
-                if t.elem_count() != 1 {
-                    return Err(Error::Adapter(format!(
-                        "{name}.{ALPHA}: shape {:?}, a scalar expected",
-                        t.dims()
-                    )));
-                }
-                let a = scalar(t)?;
-                if !a.is_finite() || a < 0.0 {
-                    return Err(Error::Adapter(format!("{name}.{ALPHA}: {a}")));
-                }
-                if a == 0.0 {
-                    r as f64
-                } else {
-                    a
-                }
-            }
-        };
+        let alpha = module_alpha(name, alpha, r)?;
         out.insert(
             path.to_string(),
             KohyaModule {
@@ -322,6 +344,24 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
         return Err(Error::Adapter("the file holds no LoRA tensors".into()));
     }
     Ok(out)
+}
+
+/// A module's `alpha` tensor as a number: missing or zero means `r`, kohya's rule.
+fn module_alpha(name: &str, alpha: Option<&Tensor>, r: usize) -> Result<f64> {
+    let Some(t) = alpha else {
+        return Ok(r as f64);
+    };
+    if t.elem_count() != 1 {
+        return Err(Error::Adapter(format!(
+            "{name}.{ALPHA}: shape {:?}, a scalar expected",
+            t.dims()
+        )));
+    }
+    let a = scalar(t)?;
+    if !a.is_finite() || a < 0.0 {
+        return Err(Error::Adapter(format!("{name}.{ALPHA}: {a}")));
+    }
+    Ok(if a == 0.0 { r as f64 } else { a })
 }
 
 /// Reads a kohya `.safetensors` file and resolves it against `model` (see
@@ -351,8 +391,38 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
     let mut pairs = HashMap::new();
     {
         let linears = model.linears();
+        let convs = model.convs();
         let by_path: HashMap<&str, _> = linears.iter().map(|l| (l.path.as_str(), *l)).collect();
+        let conv_by_path: HashMap<&str, _> = convs.iter().map(|c| (c.path.as_str(), *c)).collect();
+        // Trainable state is f32 whatever the file's dtype, like every other adapter.
+        let var = |t: &Tensor, dev: &Device| -> Result<Var> {
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
+        };
         for (path, m) in modules {
+            if let Some(conv) = conv_by_path.get(path.as_str()) {
+                let (r, k) = (m.rank(), conv.kernel_size());
+                if m.down.dims() != [r, conv.in_channels(), k, k]
+                    || m.up.dims() != [conv.out_channels(), r, 1, 1]
+                {
+                    return Err(Error::Adapter(format!(
+                        "{path}: adapter shapes {:?} / {:?} do not fit a {:?} convolution",
+                        m.down.dims(),
+                        m.up.dims(),
+                        conv.weight.dims()
+                    )));
+                }
+                let dev = conv.weight.device();
+                pairs.insert(
+                    path.clone(),
+                    LoraPair {
+                        a: var(&m.down, dev)?,
+                        b: var(&m.up, dev)?,
+                        scale: m.scale(),
+                        dropout: 0.0,
+                    },
+                );
+                continue;
+            }
             let lin = by_path.get(path.as_str()).ok_or_else(|| {
                 Error::Adapter(format!("{path}: no LoRA-capable module of that path"))
             })?;
@@ -367,15 +437,11 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
                 )));
             }
             let dev = &lin.weight.device();
-            // Trainable state is f32 whatever the file's dtype, like every other adapter.
-            let var = |t: &Tensor| -> Result<Var> {
-                Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
-            };
             pairs.insert(
                 path.clone(),
                 LoraPair {
-                    a: var(&m.down)?,
-                    b: var(&m.up)?,
+                    a: var(&m.down, dev)?,
+                    b: var(&m.up, dev)?,
                     scale: m.scale(),
                     dropout: 0.0,
                 },
@@ -384,6 +450,9 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
     }
     for (lin, _) in model.linears_mut() {
         lin.lora = pairs.remove(&lin.path);
+    }
+    for conv in model.convs_mut() {
+        conv.lora = pairs.remove(&conv.path);
     }
     Ok(())
 }
@@ -423,6 +492,20 @@ pub fn kohya_tensors<M: LoraModel + ?Sized>(
             format!("{name}.{UP}"),
             cpu(&crate::lora::to_file_shape(l.b.as_tensor(), lin.conv1x1)?)?,
         );
+        out.insert(
+            format!("{name}.{ALPHA}"),
+            Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
+        );
+    }
+    // LoCon: a convolution's pair as the layer holds it, `[r, in, k, k]` / `[out, r, 1, 1]`.
+    for conv in model.convs() {
+        let Some(l) = &conv.lora else { continue };
+        let name = naming.name(&conv.path);
+        let alpha = l.scale * l.a.dim(0)? as f64;
+        let cpu =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
+        out.insert(format!("{name}.{DOWN}"), cpu(l.a.as_tensor())?);
+        out.insert(format!("{name}.{UP}"), cpu(l.b.as_tensor())?);
         out.insert(
             format!("{name}.{ALPHA}"),
             Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
@@ -580,14 +663,31 @@ pub fn kohya_metadata(
     meta: &KohyaMeta,
     default_title: &str,
 ) -> Result<HashMap<String, String>> {
+    // kohya records the linear layers' (and 1×1 convolutions') rank and alpha as the
+    // network's, and LoCon's 3×3 ones as `conv_dim` / `conv_alpha` among its arguments.
     let mut ranks = BTreeSet::new();
     let mut alphas: BTreeMap<u64, f64> = BTreeMap::new();
+    let mut conv_ranks = BTreeSet::new();
+    let mut conv_alphas: BTreeMap<u64, f64> = BTreeMap::new();
+    let is_conv = |name: &str| {
+        tensors
+            .get(&format!("{name}.{DOWN}"))
+            .is_some_and(|d| d.rank() == 4 && d.dims()[2] * d.dims()[3] > 1)
+    };
     for (k, t) in tensors {
-        if k.ends_with(&format!(".{DOWN}")) {
-            ranks.insert(t.dim(0)?);
-        } else if k.ends_with(&format!(".{ALPHA}")) {
+        if let Some(name) = k.strip_suffix(&format!(".{DOWN}")) {
+            if is_conv(name) {
+                conv_ranks.insert(t.dim(0)?);
+            } else {
+                ranks.insert(t.dim(0)?);
+            }
+        } else if let Some(name) = k.strip_suffix(&format!(".{ALPHA}")) {
             let a = scalar(t)?;
-            alphas.insert(a.to_bits(), a);
+            if is_conv(name) {
+                conv_alphas.insert(a.to_bits(), a);
+            } else {
+                alphas.insert(a.to_bits(), a);
+            }
         }
     }
     let mut m: HashMap<String, String> = meta.extra.clone().into_iter().collect();
@@ -609,6 +709,18 @@ pub fn kohya_metadata(
             _ => "Dynamic".into(),
         },
     );
+    if !conv_ranks.is_empty() {
+        // The command line's strings, as kohya records them: `--network_args conv_dim=2`.
+        let one = |v: Vec<String>| match v.len() {
+            1 => v.into_iter().next().unwrap_or_default(),
+            _ => "Dynamic".to_string(),
+        };
+        let args = serde_json::json!({
+            "conv_dim": one(conv_ranks.iter().map(|r| r.to_string()).collect()),
+            "conv_alpha": one(conv_alphas.values().map(|a| py_float(*a)).collect()),
+        });
+        set("ss_network_args", py_json(&args));
+    }
     let py_bool = |b: bool| if b { "True" } else { "False" }.to_string();
     set("ss_v2", py_bool(meta.base != BaseModel::Sd1));
     set("ss_base_model_version", meta.base.ss_version().into());
@@ -739,8 +851,9 @@ fn peft_targets<M: LoraModel + ?Sized>(model: &M, paths: &BTreeSet<&str>) -> Vec
     let selected: BTreeSet<&str> = model
         .linears()
         .into_iter()
-        .filter(|l| targets.matches(&l.path, false))
         .map(|l| l.path.as_str())
+        .chain(model.convs().into_iter().map(|c| c.path.as_str()))
+        .filter(|p| targets.matches(p, false))
         .collect();
     if &selected == paths {
         leaves.into_iter().collect()

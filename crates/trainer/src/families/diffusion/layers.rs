@@ -3,9 +3,12 @@
 //! a gradient has to pass through them.
 
 use crate::io::Take;
+/// A frozen convolution, differentiated for its input only, which may carry a conv
+/// LoRA (the UNet's; the VAE's never do).
+pub(crate) use crate::lora::Conv2d as Conv;
 use crate::lora::{ForwardCtx, Linear};
 pub(crate) use crate::nn::LayerNorm;
-use crate::ops::{fast_path, frozen_conv2d, multi_head_attention, softmax_last, Heads};
+use crate::ops::{fast_path, multi_head_attention, softmax_last, Heads};
 use crate::Result;
 use candle_core::{Tensor, D};
 
@@ -43,12 +46,8 @@ impl Take<'_> {
         stride: usize,
         padding: usize,
     ) -> Result<Conv> {
-        Ok(Conv {
-            b: self.get(&format!("{path}.bias"))?.reshape((1, (), 1, 1))?,
-            w,
-            stride,
-            padding,
-        })
+        let b = self.get(&format!("{path}.bias"))?;
+        Ok(Conv::new(path.to_string(), w, Some(b), stride, padding))
     }
 
     pub(crate) fn group_norm(&mut self, path: &str, groups: usize, eps: f64) -> Result<GroupNorm> {
@@ -67,20 +66,6 @@ impl Take<'_> {
             bias: self.get(&format!("{path}.bias"))?,
             eps,
         })
-    }
-}
-
-/// A frozen convolution, differentiated for its input only.
-pub(crate) struct Conv {
-    w: Tensor,
-    b: Tensor,
-    stride: usize,
-    padding: usize,
-}
-
-impl Conv {
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(frozen_conv2d(x, &self.w, self.padding, self.stride)?.broadcast_add(&self.b)?)
     }
 }
 
@@ -215,6 +200,26 @@ impl ResnetBlock {
         })
     }
 
+    /// The timestep embedding's projection (kohya's LoCon adapts it with the block).
+    pub(crate) fn time_emb_proj(&self) -> Option<&Linear> {
+        self.time_emb_proj.as_ref()
+    }
+    pub(crate) fn time_emb_proj_mut(&mut self) -> Option<&mut Linear> {
+        self.time_emb_proj.as_mut()
+    }
+
+    /// The convolutions, in diffusers' module order (`conv1`, `conv2`, `conv_shortcut`).
+    pub(crate) fn convs(&self) -> Vec<&Conv> {
+        let mut out = vec![&self.conv1, &self.conv2];
+        out.extend(&self.conv_shortcut);
+        out
+    }
+    pub(crate) fn convs_mut(&mut self) -> Vec<&mut Conv> {
+        let mut out = vec![&mut self.conv1, &mut self.conv2];
+        out.extend(&mut self.conv_shortcut);
+        out
+    }
+
     /// `temb_act` is `silu(temb)`, shared by every block; `None` in the VAE.
     pub(crate) fn forward(
         &self,
@@ -222,14 +227,14 @@ impl ResnetBlock {
         temb_act: Option<&Tensor>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, ctx)?;
         if let (Some(p), Some(temb)) = (&self.time_emb_proj, temb_act) {
             let t = p.forward(temb, ctx)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, ctx)?;
         let x = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
+            Some(c) => c.forward(x, ctx)?,
             None => x.clone(),
         };
         Ok((x + h)?)

@@ -558,7 +558,7 @@ impl UNet {
         let temb = self.time_linear_2.forward(&temb, ctx)?;
         let temb_act = temb.silu()?;
 
-        let mut x = self.conv_in.forward(sample)?;
+        let mut x = self.conv_in.forward(sample, ctx)?;
         let mut skips = vec![x.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -569,7 +569,7 @@ impl UNet {
                 skips.push(x.clone());
             }
             if let Some(d) = &blk.downsample {
-                x = d.forward(&x)?;
+                x = d.forward(&x, ctx)?;
                 skips.push(x.clone());
             }
         }
@@ -585,11 +585,41 @@ impl UNet {
                 }
             }
             if let Some(u) = &blk.upsample {
-                x = u.forward(&upsample2x(&x)?)?;
+                x = u.forward(&upsample2x(&x)?, ctx)?;
             }
         }
         let x = self.norm_out.forward(&x)?.silu()?;
-        self.conv_out.forward(&x)
+        self.conv_out.forward(&x, ctx)
+    }
+
+    /// Every resnet, in diffusers' module order (down, mid, up).
+    fn resnets(&self) -> Vec<&ResnetBlock> {
+        let mut out: Vec<&ResnetBlock> = Vec::new();
+        for b in &self.down {
+            out.extend(&b.resnets);
+        }
+        out.extend(&self.mid_resnets);
+        for b in &self.up {
+            out.extend(&b.resnets);
+        }
+        out
+    }
+
+    /// The attention blocks and the resnets, each in diffusers' module order, borrowed
+    /// together.
+    fn blocks_mut(&mut self) -> (Vec<&mut Transformer2D>, Vec<&mut ResnetBlock>) {
+        let (mut trs, mut res) = (Vec::new(), Vec::new());
+        for b in &mut self.down {
+            trs.extend(&mut b.attentions);
+            res.extend(&mut b.resnets);
+        }
+        trs.push(&mut self.mid_attention);
+        res.extend(&mut self.mid_resnets);
+        for b in &mut self.up {
+            trs.extend(&mut b.attentions);
+            res.extend(&mut b.resnets);
+        }
+        (trs, res)
     }
 
     fn transformers(&self) -> Vec<&Transformer2D> {
@@ -603,27 +633,16 @@ impl UNet {
         }
         out
     }
-
-    fn transformers_mut(&mut self) -> Vec<&mut Transformer2D> {
-        let mut out: Vec<&mut Transformer2D> = Vec::new();
-        for b in &mut self.down {
-            out.extend(&mut b.attentions);
-        }
-        out.push(&mut self.mid_attention);
-        for b in &mut self.up {
-            out.extend(&mut b.attentions);
-        }
-        out
-    }
 }
 
 impl LoraModel for UNet {
     /// The linear layers of the attention blocks, in diffusers' module order (down, mid,
     /// up): the ones SD LoRA recipes target (`to_q`, `to_k`, `to_v`, `to_out.0`, the
-    /// feed-forward, and `proj_in`/`proj_out`).
+    /// feed-forward, and `proj_in`/`proj_out`); then the resnets' `time_emb_proj`.
     fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)> {
         let mut out: Vec<(&mut Linear, bool)> = Vec::new();
-        for tr in self.transformers_mut() {
+        let (transformers, resnets) = self.blocks_mut();
+        for tr in transformers {
             out.push((&mut tr.proj_in, false));
             for b in &mut tr.blocks {
                 for a in [&mut b.attn1, &mut b.attn2] {
@@ -638,6 +657,11 @@ impl LoraModel for UNet {
                 out.push((&mut b.ff_out, false));
             }
             out.push((&mut tr.proj_out, false));
+        }
+        // Then the resnets' timestep projections (kohya's LoCon set), after the attention
+        // blocks' so that the order of everything before them stays as it was.
+        for r in resnets {
+            out.extend(r.time_emb_proj_mut().map(|l| (l, false)));
         }
         out
     }
@@ -654,6 +678,54 @@ impl LoraModel for UNet {
             }
             out.push(&tr.proj_out);
         }
+        for r in self.resnets() {
+            out.extend(r.time_emb_proj());
+        }
+        out
+    }
+
+    /// Every convolution, in diffusers' module order: `conv_in`, each down block's
+    /// resnets then its downsampler, the mid block's resnets, each up block's resnets then
+    /// its upsampler, `conv_out`. LoCon targets the resnets' and samplers' by name.
+    fn convs_mut(&mut self) -> Vec<&mut Conv> {
+        let mut out: Vec<&mut Conv> = vec![&mut self.conv_in];
+        for b in &mut self.down {
+            for r in &mut b.resnets {
+                out.extend(r.convs_mut());
+            }
+            out.extend(&mut b.downsample);
+        }
+        for r in &mut self.mid_resnets {
+            out.extend(r.convs_mut());
+        }
+        for b in &mut self.up {
+            for r in &mut b.resnets {
+                out.extend(r.convs_mut());
+            }
+            out.extend(&mut b.upsample);
+        }
+        out.push(&mut self.conv_out);
+        out
+    }
+
+    fn convs(&self) -> Vec<&Conv> {
+        let mut out: Vec<&Conv> = vec![&self.conv_in];
+        for b in &self.down {
+            for r in &b.resnets {
+                out.extend(r.convs());
+            }
+            out.extend(&b.downsample);
+        }
+        for r in &self.mid_resnets {
+            out.extend(r.convs());
+        }
+        for b in &self.up {
+            for r in &b.resnets {
+                out.extend(r.convs());
+            }
+            out.extend(&b.upsample);
+        }
+        out.push(&self.conv_out);
         out
     }
 

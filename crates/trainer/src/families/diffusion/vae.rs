@@ -171,13 +171,13 @@ impl VaeEncoder {
     /// in [-1, 1]; logvar is clamped to [-30, 20] as diffusers does.
     pub fn moments(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let ctx = ForwardCtx::eval();
-        let mut x = self.conv_in.forward(images)?;
+        let mut x = self.conv_in.forward(images, &ctx)?;
         for blk in &self.down {
             for r in &blk.resnets {
                 x = r.forward(&x, None, &ctx)?;
             }
             if let Some(d) = &blk.downsample {
-                x = d.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
+                x = d.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?, &ctx)?;
             }
         }
         x = self.mid_resnets[0].forward(&x, None, &ctx)?;
@@ -185,9 +185,11 @@ impl VaeEncoder {
             x = a.forward(&x)?;
         }
         x = self.mid_resnets[1].forward(&x, None, &ctx)?;
-        x = self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)?;
+        x = self
+            .conv_out
+            .forward(&self.norm_out.forward(&x)?.silu()?, &ctx)?;
         if let Some(q) = &self.quant_conv {
-            x = q.forward(&x)?;
+            x = q.forward(&x, &ctx)?;
         }
         let c = x.dim(1)? / 2;
         let mean = x.narrow(1, 0, c)?.contiguous()?;

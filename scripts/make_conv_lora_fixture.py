@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PEFT's Conv2d LoRA on a tiny random CNN: the reference loraforge's conv LoRA layer is
-checked against (crates/trainer/tests/conv_lora.rs).
+checked against (crates/trainer/tests/fidelity.rs,
+conv_lora_outputs_gradients_and_merges_match_peft).
 
 Writes tests/fixtures/conv-lora/ (deleted and rewritten):
 

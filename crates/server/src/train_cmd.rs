@@ -73,6 +73,13 @@ pub struct TrainArgs {
     /// Text-to-image: epsilon, v_prediction or sample (default: the scheduler's).
     #[arg(long)]
     pub prediction_type: Option<String>,
+    /// Text-to-image LoCon (kohya's conv_dim): also adapt the UNet's resnet and sampler
+    /// convolutions and timestep projections, the 3x3 convolutions at this rank.
+    #[arg(long)]
+    pub conv_rank: Option<usize>,
+    /// Text-to-image LoCon (kohya's conv_alpha; default: --conv-rank).
+    #[arg(long, requires = "conv_rank")]
+    pub conv_alpha: Option<f64>,
     /// Sequence classification: single_label_classification, multi_label_classification
     /// or regression (default: inferred from the labels).
     #[arg(long)]
@@ -183,6 +190,9 @@ impl TrainArgs {
             (_, Some(_)) => bail!("--beta applies to --method dpo only"),
             _ => Method::Supervised,
         };
+        if self.conv_rank.is_some() && task != Task::TextToImage {
+            bail!("--conv-rank applies to --task text_to_image only");
+        }
         let job = JobSpec {
             task,
             method,
@@ -194,9 +204,16 @@ impl TrainArgs {
             lora_r: self.rank,
             lora_alpha: self.alpha,
             lora_dropout: self.dropout,
-            lora_target_modules: match &self.target_modules {
-                Some(t) => t.clone(),
-                None => for_task(task).default_targets_for(&self.model).to_list(),
+            lora_target_modules: {
+                let t = match &self.target_modules {
+                    Some(t) => t.clone(),
+                    None => for_task(task).default_targets_for(&self.model).to_list(),
+                };
+                match self.conv_rank {
+                    None => t,
+                    Some(_) => loraforge_trainer::families::diffusion::with_locon_targets(&t)
+                        .context("--conv-rank needs named --target-modules (all-linear names no convolution)")?,
+                }
             },
             use_rslora: self.use_rslora,
             lr_scheduler: self.scheduler.clone(),
@@ -217,6 +234,8 @@ impl TrainArgs {
             snr_gamma: self.snr_gamma,
             noise_offset: self.noise_offset,
             prediction_type: self.prediction_type.clone(),
+            conv_rank: self.conv_rank,
+            conv_alpha: self.conv_alpha,
             keep_checkpoints: crate::job::spec::DEFAULT_KEEP_CHECKPOINTS,
             dtype: self.dtype.clone(),
             base_dtype: self.base_dtype.clone(),

@@ -348,6 +348,34 @@ fn locon_file_reproduces_diffusers_output_and_writes_back_the_same() {
     );
 }
 
+/// The LoCon file as a PEFT folder: the network's rank and alpha as PEFT's `r` and
+/// `lora_alpha`, the 3x3 convolutions' own in `rank_pattern` / `alpha_pattern` by whole
+/// path; read back, it computes diffusers' output.
+#[test]
+fn a_locon_file_converts_to_peft_with_patterns() {
+    let path = fixtures().join("sd-tiny-ref/locon.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = kohya::kohya_to_peft(&unet(), &path, NAMING, "sd-tiny", dir.path()).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (4, 2.0));
+    assert_eq!(cfg.rank_pattern.len(), 18);
+    assert_eq!(cfg.rank_pattern["down_blocks.0.downsamplers.0.conv"], 2);
+    assert_eq!(cfg.alpha_pattern["mid_block.resnets.1.conv2"], 1.0);
+    assert!(!cfg
+        .rank_pattern
+        .contains_key("down_blocks.1.resnets.0.conv_shortcut"));
+    let back = loraforge_trainer::lora::read_adapter_config(dir.path()).unwrap();
+    assert_eq!(
+        (back.rank_pattern.clone(), back.alpha_pattern.clone()),
+        (cfg.rank_pattern, cfg.alpha_pattern)
+    );
+    let mut m = unet();
+    let w = AdapterWeights::load(dir.path(), &Device::Cpu).unwrap();
+    adapters::apply(&mut m, Some(&w)).unwrap();
+    let want = load(&fixtures().join("sd-tiny-ref/locon_out.safetensors"))["out"].clone();
+    let d = max_abs_diff(&forward(&m), &want);
+    assert!(d <= 1e-4, "{d}");
+}
+
 fn expect_err(tensors: &HashMap<String, Tensor>, key: &str) -> Error {
     let m = unet();
     let e = kohya::modules_from_tensors(tensors, &m, NAMING).unwrap_err();

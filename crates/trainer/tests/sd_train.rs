@@ -30,6 +30,7 @@ fn spec(seed: u64, steps: u64, out: &std::path::Path) -> TrainSpec {
         dropout: 0.0,
         targets: Targets::parse("to_q,to_k,to_v,to_out.0").unwrap(),
         use_rslora: false,
+        ..LoraConfig::default()
     };
     spec.max_steps = Some(steps);
     spec.batch_size = 4;
@@ -137,35 +138,93 @@ fn a_checkpoint_resumes_only_with_its_image_settings() {
     assert!(resumed.is_some_and(|s| s >= 1), "{resumed:?}");
 }
 
-/// LoCon through the trainer: naming the UNet's resnet and sampler convolutions trains
-/// conv LoRA on them (every conv B leaves zero), and the run's kohya file carries them
-/// 4-D with kohya's names and `conv_dim` in `ss_network_args`.
+/// LoCon through the trainer, as kohya's `conv_dim 2 / conv_alpha 1` runs it: the
+/// resnets' and samplers' convolutions train (every conv B leaves zero), the 3x3 ones at
+/// rank 2 and the rest at the run's 4; the kohya file carries them 4-D with kohya's names
+/// and `conv_dim`/`conv_alpha` in `ss_network_args`; the PEFT folder names the 3x3 ones
+/// in `rank_pattern`/`alpha_pattern` and loads back into a fresh UNet as trained.
 #[test]
-fn locon_targets_train_the_convolutions_and_reach_the_kohya_file() {
+fn locon_trains_the_convolutions_at_their_rank_and_exports_them() {
+    use loraforge_trainer::families::diffusion::unet::UNet;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("locon");
     let mut s = spec(7, 3, &out);
-    s.lora.targets =
-        Targets::parse("to_q,to_k,to_v,to_out.0,conv1,conv2,downsamplers.0.conv").unwrap();
-    loraforge_trainer::train(&s, &AtomicBool::new(false), &mut |_| {}).unwrap();
-    let peft = candle_core::safetensors::load(
-        out.join("adapter_model.safetensors"),
-        &candle_core::Device::Cpu,
+    s.lora.targets = Targets::parse(
+        &loraforge_trainer::families::diffusion::with_locon_targets("to_q,to_k,to_v,to_out.0")
+            .unwrap(),
     )
     .unwrap();
-    let b = &peft["base_model.model.down_blocks.0.resnets.0.conv1.lora_B.weight"];
-    assert_eq!(b.dims(), [32, 4, 1, 1]);
+    s.lora.conv_r = Some(2);
+    s.lora.conv_alpha = Some(1.0);
+    loraforge_trainer::train(&s, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let cpu = candle_core::Device::Cpu;
+    let peft = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &cpu).unwrap();
+    let key = |p: &str, w: &str| format!("base_model.model.{p}.lora_{w}.weight");
+    let b = &peft[&key("down_blocks.0.resnets.0.conv1", "B")];
+    assert_eq!(b.dims(), [32, 2, 1, 1]);
     assert!(common::max_abs(b) > 0.0, "conv1's B did not train");
+    let shortcut = &peft[&key("down_blocks.1.resnets.0.conv_shortcut", "A")];
+    assert_eq!(
+        shortcut.dims(),
+        [4, 32, 1, 1],
+        "a 1x1 convolution takes the run's rank"
+    );
+    assert_eq!(
+        peft[&key("down_blocks.0.resnets.0.time_emb_proj", "A")].dims()[0],
+        4
+    );
+
     let kohya = out.join(loraforge_trainer::families::diffusion::objective::KOHYA_FILE);
-    let k = candle_core::safetensors::load(&kohya, &candle_core::Device::Cpu).unwrap();
+    let k = candle_core::safetensors::load(&kohya, &cpu).unwrap();
     let down = &k["lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight"];
-    assert_eq!(down.dims(), [4, 32, 3, 3]);
+    assert_eq!(down.dims(), [2, 32, 3, 3]);
+    let alpha = &k["lora_unet_down_blocks_0_downsamplers_0_conv.alpha"];
+    assert_eq!(alpha.to_scalar::<f32>().unwrap(), 1.0);
     let bytes = std::fs::read(&kohya).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().clone().unwrap_or_default();
     let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
     assert_eq!(
         args,
-        serde_json::json!({"conv_dim": "4", "conv_alpha": "4.0"})
+        serde_json::json!({"conv_dim": "2", "conv_alpha": "1.0"})
+    );
+    assert_eq!(meta["ss_network_dim"], "4");
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["rank_pattern"]["down_blocks.0.resnets.0.conv1"], 2);
+    assert_eq!(cfg["alpha_pattern"]["up_blocks.0.upsamplers.0.conv"], 1.0);
+    assert!(cfg["rank_pattern"]
+        .get("down_blocks.1.resnets.0.conv_shortcut")
+        .is_none());
+    let back_cfg = lora::read_adapter_config(&out).unwrap();
+    let mut back = UNet::load(&fixtures().join("sd-tiny/unet"), &cpu).unwrap();
+    lora::attach(&mut back, &back_cfg, 0).unwrap();
+    lora::load_adapter_weights(&back, &out).unwrap();
+    let mut via_kohya = UNet::load(&fixtures().join("sd-tiny/unet"), &cpu).unwrap();
+    loraforge_trainer::families::diffusion::kohya::load_kohya(
+        &mut via_kohya,
+        &kohya,
+        loraforge_trainer::families::diffusion::kohya::KohyaNaming::SdUnet,
+    )
+    .unwrap();
+    let x = candle_core::safetensors::load(fixtures().join("sd-tiny-ref/unet.safetensors"), &cpu)
+        .unwrap();
+    let ts: Vec<f32> = x["timesteps"].to_vec1().unwrap();
+    let run = |m: &UNet| {
+        m.forward(
+            &x["sample"],
+            &ts,
+            &x["encoder_hidden_states"],
+            &ForwardCtx::eval(),
+        )
+        .unwrap()
+    };
+    let d = common::max_abs_diff(&run(&back), &run(&via_kohya));
+    assert!(
+        d <= 1e-5,
+        "the PEFT folder and the kohya file compute {d} apart"
     );
 }

@@ -71,6 +71,7 @@ fn lora_config(targets: &str) -> LoraConfig {
         dropout: 0.0,
         targets: Targets::parse(targets).unwrap(),
         use_rslora: false,
+        ..LoraConfig::default()
     }
 }
 

@@ -76,6 +76,12 @@ pub struct JobSpec {
     /// Text-to-image: overrides the scheduler's prediction type.
     #[serde(default)]
     pub prediction_type: Option<String>,
+    /// Text-to-image LoCon: kohya's `conv_dim` / `conv_alpha`, the rank and alpha of the
+    /// UNet's 3×3 convolutions, which `lora_target_modules` then includes.
+    #[serde(default)]
+    pub conv_rank: Option<usize>,
+    #[serde(default)]
+    pub conv_alpha: Option<f64>,
     /// The compute precision (`f32`, `bf16`, `f16`); none: the family's default for the
     /// worker's device (bf16 on CUDA for decoders, f32 otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,10 +150,19 @@ fn hp_bool(hp: &serde_json::Map<String, Value>, name: &str) -> Result<bool, Spec
 }
 
 /// Hyperparameters of text-to-image jobs only.
-const IMAGE_HP: [&str; 4] = ["resolution", "snr_gamma", "noise_offset", "prediction_type"];
-
-const KNOWN_HP: [&str; 28] = [
+const IMAGE_HP: [&str; 6] = [
     "resolution",
+    "snr_gamma",
+    "noise_offset",
+    "prediction_type",
+    "conv_rank",
+    "conv_alpha",
+];
+
+const KNOWN_HP: [&str; 30] = [
+    "resolution",
+    "conv_rank",
+    "conv_alpha",
     "snr_gamma",
     "noise_offset",
     "prediction_type",
@@ -409,6 +424,30 @@ pub fn parse_spec(
             ))
         }
     };
+    let conv_rank = match hp.get("conv_rank") {
+        None | Some(Value::Null) => None,
+        _ => Some(hp_num(hp, "conv_rank", 4usize, 1, 1024)?),
+    };
+    let conv_alpha = match hp.get("conv_alpha") {
+        None | Some(Value::Null) => None,
+        _ if conv_rank.is_none() => {
+            return Err(hp_err(
+                "conv_alpha",
+                "needs conv_rank (the convolutions' rank)",
+            ))
+        }
+        _ => Some(hp_num(hp, "conv_alpha", 1.0, 1e-6, 1e6)?),
+    };
+    let targets = match conv_rank {
+        None => targets,
+        Some(_) => loraforge_trainer::families::diffusion::with_locon_targets(&targets)
+            .ok_or_else(|| {
+                hp_err(
+                    "lora_target_modules",
+                    "must name modules when conv_rank is set (all-linear names no convolution)",
+                )
+            })?,
+    };
     let scheduler = match hp.get("lr_scheduler") {
         None | Some(Value::Null) => "linear".to_string(),
         Some(Value::String(s)) if ["constant", "linear", "cosine"].contains(&s.as_str()) => {
@@ -465,6 +504,8 @@ pub fn parse_spec(
         },
         noise_offset: hp_num(hp, "noise_offset", 0.0, 0.0, 1.0)?,
         prediction_type,
+        conv_rank,
+        conv_alpha,
         keep_checkpoints: hp_num(hp, "keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS, 1, 1000)?,
         dtype: match hp.get("dtype") {
             None | Some(Value::Null) => None,
@@ -516,6 +557,9 @@ pub fn train_spec(
         dropout: spec.lora_dropout,
         targets: Targets::parse(&spec.lora_target_modules)?,
         use_rslora: spec.use_rslora,
+        conv_r: spec.conv_rank,
+        conv_alpha: spec.conv_alpha,
+        ..LoraConfig::default()
     };
     t.epochs = spec.n_epochs;
     t.max_steps = spec.max_steps;
@@ -625,6 +669,40 @@ mod tests {
             json!({"type": "dpo", "dpo": {"hyperparams": {}}}),
             None,
             "method.dpo.hyperparams",
+        );
+    }
+
+    #[test]
+    fn conv_rank_adds_the_locon_modules_and_is_refused_where_it_cannot_apply() {
+        let spec = |v: serde_json::Value, task| {
+            parse_spec(v.as_object().unwrap(), None, None, task, Method::Supervised)
+        };
+        let s = spec(
+            json!({"conv_rank": 8, "conv_alpha": 4, "lora_target_modules": ["to_q", "conv1"]}),
+            Task::TextToImage,
+        )
+        .unwrap();
+        assert_eq!((s.conv_rank, s.conv_alpha), (Some(8), Some(4.0)));
+        assert_eq!(
+            s.lora_target_modules,
+            "to_q,conv1,conv2,conv_shortcut,time_emb_proj,downsamplers.0.conv,upsamplers.0.conv"
+        );
+        let s = spec(json!({}), Task::TextToImage).unwrap();
+        assert_eq!(
+            (s.conv_rank, s.lora_target_modules.as_str()),
+            (None, "to_q,to_k,to_v,to_out.0")
+        );
+        let refused = |v: serde_json::Value, task, param: &str| {
+            let e = spec(v.clone(), task).unwrap_err();
+            assert_eq!(e.param, format!("hyperparameters.{param}"), "{v}: {e:?}");
+        };
+        refused(json!({"conv_rank": 4}), Task::CausalLm, "conv_rank");
+        refused(json!({"conv_alpha": 4}), Task::TextToImage, "conv_alpha");
+        refused(json!({"conv_rank": 0}), Task::TextToImage, "conv_rank");
+        refused(
+            json!({"conv_rank": 4, "lora_target_modules": "all-linear"}),
+            Task::TextToImage,
+            "lora_target_modules",
         );
     }
 

@@ -658,8 +658,9 @@ async fn smollm2_exports_stop_when_deleted_and_go_back_to_the_queue_at_shutdown(
     assert_eq!(done["status"], "succeeded", "{done}\n{}", s.logs());
     let exports = format!("/v1/fine_tuning/jobs/{id}/exports");
     let ask = |dtype: &str| serde_json::json!({"format": "merged_gguf", "dtype": dtype});
-    // Deleted while it is built.
-    let (code, e) = common::post_json(&s, &exports, None, &ask("f16")).await;
+    // Deleted while it is built (f32: the largest file, the longest build, so that the
+    // next renewal, a second later, finds it gone before the build ends).
+    let (code, e) = common::post_json(&s, &exports, None, &ask("f32")).await;
     assert_eq!(code, 201, "{e}");
     let dropped = e["id"].as_str().unwrap().to_string();
     export_reaches(&s, &format!("{exports}/{dropped}"), "running").await;

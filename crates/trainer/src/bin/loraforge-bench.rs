@@ -184,6 +184,7 @@ fn run_sd(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         dropout: 0.0,
         targets: Targets::parse("to_q,to_k,to_v,to_out.0")?,
         use_rslora: false,
+        ..LoraConfig::default()
     };
     let adapted = lora::attach(&mut unet, &cfg, seed)?;
     let params = lora::params(&unet);

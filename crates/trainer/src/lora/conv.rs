@@ -96,6 +96,13 @@ impl Conv2d {
     /// Attaches a fresh adapter: A ~ U(±1/√(in·k·k)), B = 0.
     pub fn attach_lora(&mut self, cfg: &LoraConfig, rng: &mut ChaCha8Rng) -> Result<()> {
         let (out, inp, k) = (self.out_channels(), self.in_channels(), self.kernel_size());
+        if self.weight.dim(3)? != k {
+            return Err(crate::Error::Unsupported(format!(
+                "{}: conv LoRA on a non-square {:?} kernel",
+                self.path,
+                self.weight.dims()
+            )));
+        }
         let fan_in = inp * k * k;
         let bound = 1.0 / (fan_in as f32).sqrt();
         let a: Vec<f32> = (0..cfg.r * fan_in)
@@ -108,6 +115,7 @@ impl Conv2d {
             a,
             b,
             scale: cfg.scale(),
+            alpha: cfg.alpha,
             dropout: cfg.dropout,
         });
         Ok(())

@@ -89,6 +89,21 @@ pub struct LoraConfig {
     pub dropout: f32,
     pub targets: Targets,
     pub use_rslora: bool,
+    /// kohya's `conv_dim` / `conv_alpha` (LoCon): the rank and alpha of adapted
+    /// convolutions whose kernel is wider than 1×1; unset, they take `r` / `alpha`. An
+    /// unset `conv_alpha` is `conv_r` (a scale of 1).
+    #[serde(default)]
+    pub conv_r: Option<usize>,
+    #[serde(default)]
+    pub conv_alpha: Option<f64>,
+    /// PEFT's `rank_pattern` / `alpha_pattern`: a module whose path is a key, or ends with
+    /// `.` and the key (PEFT's `(.*\.)?key$`; a leading `^` asks for the whole path),
+    /// takes that rank / alpha; of several keys that match, the longest. Keys are names,
+    /// not regular expressions.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
 }
 
 impl Default for LoraConfig {
@@ -101,11 +116,50 @@ impl Default for LoraConfig {
             // (PEFT's usual sets) comes from `Family::default_targets`.
             targets: Targets::AllLinear,
             use_rslora: false,
+            conv_r: None,
+            conv_alpha: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
         }
     }
 }
 
+/// The value of the longest key in `pattern` that names `path` (see
+/// [`LoraConfig::rank_pattern`]).
+fn pattern_value<T: Copy>(pattern: &BTreeMap<String, T>, path: &str) -> Option<T> {
+    pattern
+        .iter()
+        .filter(|(k, _)| match k.strip_prefix('^') {
+            Some(whole) => path == whole,
+            None => path == k.as_str() || path.ends_with(&format!(".{k}")),
+        })
+        .max_by_key(|(k, _)| k.len())
+        .map(|(_, v)| *v)
+}
+
 impl LoraConfig {
+    /// The rank and alpha of the module at `path` (a convolution with a `kernel`-wide
+    /// kernel, or a linear layer for `None`): the patterns', else LoCon's for a kernel
+    /// wider than 1, else `r` and `alpha`. Returned as a config of its own.
+    pub fn for_module(&self, path: &str, kernel: Option<usize>) -> LoraConfig {
+        let mut c = self.clone();
+        if kernel.is_some_and(|k| k > 1) {
+            if let Some(r) = self.conv_r {
+                c.r = r;
+                c.alpha = self.conv_alpha.unwrap_or(r as f64);
+            } else if let Some(a) = self.conv_alpha {
+                c.alpha = a;
+            }
+        }
+        if let Some(r) = pattern_value(&self.rank_pattern, path) {
+            c.r = r;
+        }
+        if let Some(a) = pattern_value(&self.alpha_pattern, path) {
+            c.alpha = a;
+        }
+        c
+    }
+
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.r as f64).sqrt()
@@ -122,6 +176,17 @@ impl LoraConfig {
             return Err(Error::Config("dropout must be in [0, 1)".into()));
         }
         if self.alpha <= 0.0 || !self.alpha.is_finite() {
+            return Err(Error::Config("alpha must be positive".into()));
+        }
+        if self.conv_r == Some(0) || self.rank_pattern.values().any(|&r| r == 0) {
+            return Err(Error::Config("rank must be at least 1".into()));
+        }
+        if self
+            .conv_alpha
+            .iter()
+            .chain(self.alpha_pattern.values())
+            .any(|a| *a <= 0.0 || !a.is_finite())
+        {
             return Err(Error::Config("alpha must be positive".into()));
         }
         Ok(())
@@ -167,6 +232,8 @@ pub struct LoraPair {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
+    /// The alpha `scale` came from (what adapter configs record).
+    pub alpha: f64,
     pub dropout: f32,
 }
 
@@ -265,6 +332,7 @@ impl Linear {
             a,
             b,
             scale: cfg.scale(),
+            alpha: cfg.alpha,
             dropout: cfg.dropout,
         });
         Ok(())
@@ -367,14 +435,15 @@ pub fn attach<M: LoraModel + ?Sized>(
     let mut resolved = Vec::new();
     for (lin, is_head) in model.linears_mut() {
         if cfg.targets.matches(&lin.path, is_head) {
-            lin.attach_lora(cfg, &mut rng)?;
+            lin.attach_lora(&cfg.for_module(&lin.path, None), &mut rng)?;
             resolved.push(lin.path.clone());
         }
     }
     if let Targets::Names(_) = cfg.targets {
         for conv in model.convs_mut() {
             if cfg.targets.matches(&conv.path, false) {
-                conv.attach_lora(cfg, &mut rng)?;
+                let k = conv.kernel_size();
+                conv.attach_lora(&cfg.for_module(&conv.path, Some(k)), &mut rng)?;
                 resolved.push(conv.path.clone());
             }
         }
@@ -420,7 +489,7 @@ pub struct AdapterMeta {
 
 fn peft_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> serde_json::Value {
     serde_json::json!({
-        "alpha_pattern": {},
+        "alpha_pattern": cfg.alpha_pattern,
         "auto_mapping": null,
         "base_model_name_or_path": meta.base_model_name_or_path,
         "bias": "none",
@@ -438,7 +507,7 @@ fn peft_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> serde_json::Value {
         },
         "peft_type": "LORA",
         "r": cfg.r,
-        "rank_pattern": {},
+        "rank_pattern": cfg.rank_pattern,
         "revision": null,
         "target_modules": meta.target_modules,
         // PEFT records null for models without a task type (diffusers UNets) and refuses "".
@@ -532,7 +601,38 @@ pub fn save_adapter<M: LoraModel + ?Sized>(
         })
         .collect::<Result<_>>()?;
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-    write_adapter_config(cfg, meta, dir)
+    write_adapter_config(&with_patterns(model, cfg), meta, dir)
+}
+
+/// `cfg` with PEFT's patterns naming every adapted module whose rank or alpha is not
+/// `r` / `alpha` (LoCon's convolutions, a kohya file's own ranks), by its whole path, so
+/// that PEFT (and [`read_adapter_config`]) rebuilds each module as it is.
+pub fn with_patterns<M: LoraModel + ?Sized>(model: &M, cfg: &LoraConfig) -> LoraConfig {
+    let mut out = cfg.clone();
+    out.conv_r = None;
+    out.conv_alpha = None;
+    out.rank_pattern.clear();
+    out.alpha_pattern.clear();
+    let pairs = model
+        .linears()
+        .into_iter()
+        .filter_map(|l| l.lora.as_ref().map(|p| (l.path.as_str(), p)))
+        .chain(
+            model
+                .convs()
+                .into_iter()
+                .filter_map(|c| c.lora.as_ref().map(|p| (c.path.as_str(), p))),
+        );
+    for (path, p) in pairs {
+        let r = p.a.dim(0).unwrap_or(cfg.r);
+        if r != cfg.r {
+            out.rank_pattern.insert(path.to_string(), r);
+        }
+        if p.alpha != cfg.alpha {
+            out.alpha_pattern.insert(path.to_string(), p.alpha);
+        }
+    }
+    out
 }
 
 /// Writes `adapter_config.json` into `dir` atomically: shared by [`save_adapter`] and the
@@ -590,7 +690,39 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
             .get("use_rslora")
             .and_then(|x| x.as_bool())
             .unwrap_or(false),
+        conv_r: None,
+        conv_alpha: None,
+        rank_pattern: pattern(&v, "rank_pattern", &p, |x| {
+            x.as_u64().filter(|&r| r > 0).map(|r| r as usize)
+        })?,
+        alpha_pattern: pattern(&v, "alpha_pattern", &p, |x| {
+            x.as_f64().filter(|a| *a > 0.0 && a.is_finite())
+        })?,
     })
+}
+
+/// `adapter_config.json`'s `rank_pattern` or `alpha_pattern` (absent or null: empty).
+fn pattern<T>(
+    v: &serde_json::Value,
+    key: &str,
+    p: &Path,
+    value: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<BTreeMap<String, T>> {
+    match v.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(BTreeMap::new()),
+        Some(serde_json::Value::Object(m)) => m
+            .iter()
+            .map(|(k, x)| {
+                value(x)
+                    .map(|x| (k.clone(), x))
+                    .ok_or_else(|| Error::Adapter(format!("{}: {key}[{k:?}] is {x}", p.display())))
+            })
+            .collect(),
+        Some(other) => Err(Error::Adapter(format!(
+            "{}: {key} is {other}, an object expected",
+            p.display()
+        ))),
+    }
 }
 
 /// Loads a PEFT adapter's weights into a model that has adapters attached with the
@@ -688,5 +820,63 @@ mod file_mode_tests {
         std::fs::File::create(&plain).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), mode(&plain));
+    }
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::*;
+
+    /// PEFT's rule: a key names a path that is it or ends with `.key`, `^key` the whole
+    /// path only; the longest matching key wins. LoCon's rank and alpha go to kernels
+    /// wider than 1×1, and a pattern overrides them.
+    #[test]
+    fn module_ranks_follow_peft_patterns_and_locon() {
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            conv_r: Some(2),
+            rank_pattern: [
+                ("conv1".to_string(), 3),
+                ("resnets.0.conv1".to_string(), 5),
+                ("^up.conv".to_string(), 6),
+            ]
+            .into(),
+            alpha_pattern: [("to_q".to_string(), 1.5)].into(),
+            ..LoraConfig::default()
+        };
+        let ra = |p: &str, k: Option<usize>| {
+            let c = cfg.for_module(p, k);
+            (c.r, c.alpha)
+        };
+        assert_eq!(ra("a.to_q", None), (4, 1.5));
+        assert_eq!(ra("a.xto_q", None), (4, 8.0));
+        assert_eq!(
+            ra("down.conv2", Some(3)),
+            (2, 2.0),
+            "LoCon: conv_alpha defaults to conv_r"
+        );
+        assert_eq!(
+            ra("down.conv_shortcut", Some(1)),
+            (4, 8.0),
+            "a 1x1 kernel keeps r"
+        );
+        assert_eq!(ra("b.resnets.1.conv1", Some(3)), (3, 2.0));
+        assert_eq!(
+            ra("b.resnets.0.conv1", Some(3)),
+            (5, 2.0),
+            "the longest key wins"
+        );
+        assert_eq!(ra("up.conv", Some(3)), (6, 2.0));
+        assert_eq!(
+            ra("x.up.conv", Some(3)),
+            (2, 2.0),
+            "^ asks for the whole path"
+        );
+        let bad = LoraConfig {
+            rank_pattern: [("c".to_string(), 0)].into(),
+            ..LoraConfig::default()
+        };
+        assert!(bad.validate().is_err());
     }
 }

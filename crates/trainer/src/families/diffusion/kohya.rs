@@ -418,6 +418,7 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
                         a: var(&m.down, dev)?,
                         b: var(&m.up, dev)?,
                         scale: m.scale(),
+                        alpha: m.alpha,
                         dropout: 0.0,
                     },
                 );
@@ -443,6 +444,7 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
                     a: var(&m.down, dev)?,
                     b: var(&m.up, dev)?,
                     scale: m.scale(),
+                    alpha: m.alpha,
                     dropout: 0.0,
                 },
             );
@@ -690,6 +692,11 @@ pub fn kohya_metadata(
             }
         }
     }
+    // Convolutions alone: their rank and alpha are the network's too.
+    if ranks.is_empty() {
+        ranks.clone_from(&conv_ranks);
+        alphas.clone_from(&conv_alphas);
+    }
     let mut m: HashMap<String, String> = meta.extra.clone().into_iter().collect();
     let mut set = |k: &str, v: String| {
         m.insert(k.to_string(), v);
@@ -864,8 +871,8 @@ fn peft_targets<M: LoraModel + ?Sized>(model: &M, paths: &BTreeSet<&str>) -> Vec
 
 /// Converts a kohya file into a PEFT adapter folder (`adapter_model.safetensors` with
 /// `base_model.model.<path>.lora_A/B.weight`, and `adapter_config.json`), tensors
-/// unchanged. `model` only resolves the names. PEFT has one `r` and `lora_alpha` unless
-/// patterns are written, which we do not, so per-module ranks or alphas are refused.
+/// unchanged. `model` only resolves the names. Per-module ranks and alphas (LoCon's) go
+/// into PEFT's `rank_pattern` / `alpha_pattern` by whole path.
 pub fn kohya_to_peft<M: LoraModel + ?Sized>(
     model: &M,
     kohya: &Path,
@@ -874,29 +881,42 @@ pub fn kohya_to_peft<M: LoraModel + ?Sized>(
     dir: &Path,
 ) -> Result<LoraConfig> {
     let file = read_kohya(kohya, model, naming)?;
-    let mut ranks = BTreeSet::new();
-    let mut alphas = BTreeSet::new();
-    for m in file.modules.values() {
-        ranks.insert(m.rank());
-        alphas.insert(m.alpha.to_bits());
-    }
-    let (Some(&r), Some(&alpha), 1, 1) = (ranks.first(), alphas.first(), ranks.len(), alphas.len())
-    else {
-        return Err(Error::Unsupported(format!(
-            "{}: ranks {ranks:?} / {} alphas differ between modules (PEFT rank_pattern/alpha_pattern)",
-            kohya.display(),
-            alphas.len()
-        )));
+    // PEFT's one `r` and `lora_alpha` are the most common ones (the network's); a module
+    // with its own (LoCon's conv_dim, a resized file) is named in the patterns.
+    let most = |counts: BTreeMap<u64, usize>| {
+        counts
+            .into_iter()
+            .max_by_key(|&(v, n)| (n, std::cmp::Reverse(v)))
+            .map(|(v, _)| v)
     };
+    let mut ranks: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut alphas: BTreeMap<u64, usize> = BTreeMap::new();
+    for m in file.modules.values() {
+        *ranks.entry(m.rank() as u64).or_default() += 1;
+        *alphas.entry(m.alpha.to_bits()).or_default() += 1;
+    }
+    let (Some(r), Some(alpha)) = (most(ranks), most(alphas)) else {
+        return Err(Error::Adapter(format!("{}: no modules", kohya.display())));
+    };
+    let (r, alpha) = (r as usize, f64::from_bits(alpha));
     let paths: BTreeSet<&str> = file.modules.keys().map(|s| s.as_str()).collect();
     let targets = peft_targets(model, &paths);
-    let cfg = LoraConfig {
+    let mut cfg = LoraConfig {
         r,
-        alpha: f64::from_bits(alpha),
+        alpha,
         dropout: 0.0,
         targets: Targets::Names(targets.clone()),
         use_rslora: false,
+        ..LoraConfig::default()
     };
+    for (path, m) in &file.modules {
+        if m.rank() != r {
+            cfg.rank_pattern.insert(path.clone(), m.rank());
+        }
+        if m.alpha != alpha {
+            cfg.alpha_pattern.insert(path.clone(), m.alpha);
+        }
+    }
     let conv: BTreeSet<&str> = model
         .linears()
         .into_iter()

@@ -34,6 +34,37 @@ use objective::ImageSettings;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+/// kohya's LoCon modules beyond the attention blocks: every ResnetBlock2D's convolutions
+/// and timestep projection, and the down- and upsamplers' convolution. A run with a conv
+/// rank (kohya's `conv_dim`) adapts them; the 3×3 ones take that rank, the rest the run's.
+pub const LOCON_TARGETS: [&str; 6] = [
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+];
+
+/// `targets` (comma-separated names) with [`LOCON_TARGETS`] added where missing; `None`
+/// for `all-linear`, which names no convolution.
+pub fn with_locon_targets(targets: &str) -> Option<String> {
+    if matches!(targets.trim(), "all-linear" | "all_linear") {
+        return None;
+    }
+    let mut names: Vec<&str> = targets
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    for t in LOCON_TARGETS {
+        if !names.contains(&t) {
+            names.push(t);
+        }
+    }
+    Some(names.join(","))
+}
+
 /// LoRA on a Stable Diffusion UNet from captioned images.
 pub struct DiffusionFamily;
 

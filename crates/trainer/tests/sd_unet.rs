@@ -86,19 +86,6 @@ fn eval_out(m: &UNet) -> Tensor {
     .unwrap()
 }
 
-/// Every adapted module's path and pair, linear layers then convolutions.
-fn adapted(m: &UNet) -> Vec<(String, &lora::LoraPair)> {
-    let lin = m
-        .linears()
-        .into_iter()
-        .filter_map(|l| l.lora.as_ref().map(|p| (l.path.clone(), p)));
-    let conv = m
-        .convs()
-        .into_iter()
-        .filter_map(|c| c.lora.as_ref().map(|p| (c.path.clone(), p)));
-    lin.chain(conv).collect()
-}
-
 /// Attaches LoRA (r 4, alpha 8) on `targets` with PEFT's initial A and B from `file`
 /// (1x1-convolution pairs there are 4-D, as PEFT keeps them), and checks the output, the
 /// loss and every A and B gradient against PEFT's. Returns the adapted model.
@@ -115,9 +102,9 @@ fn lora_matches_peft(file: &str, targets: &str) -> UNet {
         .count();
     assert_eq!(resolved.len(), expected, "adapted modules: {resolved:?}");
     let flat = |t: &Tensor, want: &[usize]| lora::from_file_shape(t, want).unwrap().unwrap();
-    for (path, l) in adapted(&m) {
-        for (which, var) in [("A", &l.a), ("B", &l.b)] {
-            let t = &g[&format!("init.{path}.lora_{which}.weight")];
+    for a in lora::adapted(&m) {
+        for (which, var) in [("A", &a.pair.a), ("B", &a.pair.b)] {
+            let t = &g[&format!("init.{}.lora_{which}.weight", a.path)];
             var.set(&flat(t, var.dims())).unwrap();
         }
     }
@@ -151,9 +138,9 @@ fn lora_matches_peft(file: &str, targets: &str) -> UNet {
             .fold(0.0, f64::max);
     let mut worst = (0.0f64, String::new());
     let mut n = 0;
-    for (path, l) in adapted(&m) {
-        for (which, var) in [("A", &l.a), ("B", &l.b)] {
-            let name = format!("{path}.lora_{which}.weight");
+    for a in lora::adapted(&m) {
+        for (which, var) in [("A", &a.pair.a), ("B", &a.pair.b)] {
+            let name = format!("{}.lora_{which}.weight", a.path);
             let ours = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name} got no gradient"));

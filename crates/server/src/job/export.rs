@@ -50,19 +50,6 @@ fn copy_minding(
     }
 }
 
-/// A `Write` that hashes what goes through it.
-struct Hashing(Sha256);
-
-impl Write for Hashing {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.update(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The adapter's PEFT files inside a job's adapter zip, extracted into `dir`.
 pub fn unzip_adapter(zip_path: &Path, dir: &Path) -> anyhow::Result<()> {
     let mut z = zip::ZipArchive::new(std::fs::File::open(zip_path)?)?;
@@ -136,7 +123,8 @@ pub fn build(
         copy_minding(&mut std::fs::File::open(path)?, &mut z, stop, &mut buf)?;
     }
     z.finish()?.sync_all()?;
-    let mut hash = Hashing(Sha256::new());
+    // sha2's hasher is itself a `Write`.
+    let mut hash = Sha256::new();
     let bytes = copy_minding(&mut std::fs::File::open(out)?, &mut hash, stop, &mut buf)?;
-    Ok((bytes, format!("{:x}", hash.0.finalize())))
+    Ok((bytes, format!("{:x}", hash.finalize())))
 }

@@ -6,11 +6,10 @@
 //! `[r, in, k, k]` and `[out, r, 1, 1]`. A starts as PEFT's kaiming-uniform (a = √5),
 //! U(±1/√(in·k·k)), B as zeros.
 
-use super::{dropout, ForwardCtx, LoraConfig, LoraPair};
+use super::{dropout, fresh_pair, ForwardCtx, LoraConfig, LoraPair};
 use crate::ops::{conv2d, frozen_conv2d};
 use crate::Result;
-use candle_core::{DType, Tensor, Var};
-use rand::Rng;
+use candle_core::{DType, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 /// A frozen 2-D convolution (groups 1, square kernel) that may carry a LoRA adapter.
@@ -103,21 +102,9 @@ impl Conv2d {
                 self.weight.dims()
             )));
         }
-        let fan_in = inp * k * k;
-        let bound = 1.0 / (fan_in as f32).sqrt();
-        let a: Vec<f32> = (0..cfg.r * fan_in)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
         let dev = self.weight.device();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp, k, k), dev)?)?;
-        let b = Var::from_tensor(&Tensor::zeros((out, cfg.r, 1, 1), DType::F32, dev)?)?;
-        self.lora = Some(LoraPair {
-            a,
-            b,
-            scale: cfg.scale(),
-            alpha: cfg.alpha,
-            dropout: cfg.dropout,
-        });
+        let (a, b) = ((cfg.r, inp, k, k), (out, cfg.r, 1, 1));
+        self.lora = Some(fresh_pair(cfg, inp * k * k, a, b, dev, rng)?);
         Ok(())
     }
 

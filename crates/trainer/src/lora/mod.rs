@@ -321,20 +321,8 @@ impl Linear {
     /// Attaches a fresh adapter: A ~ U(±1/sqrt(in)), B = 0.
     pub fn attach_lora(&mut self, cfg: &LoraConfig, rng: &mut ChaCha8Rng) -> Result<()> {
         let (out, inp) = (self.out_features(), self.in_features());
-        let bound = 1.0 / (inp as f32).sqrt();
-        let a: Vec<f32> = (0..cfg.r * inp)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
         let dev = &self.weight.device();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), dev)?)?;
-        let b = Var::from_tensor(&Tensor::zeros((out, cfg.r), DType::F32, dev)?)?;
-        self.lora = Some(LoraPair {
-            a,
-            b,
-            scale: cfg.scale(),
-            alpha: cfg.alpha,
-            dropout: cfg.dropout,
-        });
+        self.lora = Some(fresh_pair(cfg, inp, (cfg.r, inp), (out, cfg.r), dev, rng)?);
         Ok(())
     }
 
@@ -411,11 +399,10 @@ pub fn from_file_shape(t: &Tensor, want: &[usize]) -> Result<Option<Tensor>> {
 
 /// Module paths of the adapted 1×1 convolutions, whose A and B files hold 4-D.
 fn conv1x1_keys<M: LoraModel + ?Sized>(model: &M) -> std::collections::HashSet<String> {
-    model
-        .linears()
+    adapted(model)
         .iter()
-        .filter(|l| l.conv1x1 && l.lora.is_some())
-        .flat_map(|l| [peft_key(&l.path, "A"), peft_key(&l.path, "B")])
+        .filter(|m| m.conv1x1)
+        .flat_map(|m| [peft_key(m.path, "A"), peft_key(m.path, "B")])
         .collect()
 }
 
@@ -461,20 +448,62 @@ pub fn attach<M: LoraModel + ?Sized>(
 /// layers trained in full.
 pub fn params<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
     let mut out = Vec::new();
-    for lin in model.linears() {
-        if let Some(l) = &lin.lora {
-            out.push((peft_key(&lin.path, "A"), l.a.clone()));
-            out.push((peft_key(&lin.path, "B"), l.b.clone()));
-        }
-    }
-    for conv in model.convs() {
-        if let Some(l) = &conv.lora {
-            out.push((peft_key(&conv.path, "A"), l.a.clone()));
-            out.push((peft_key(&conv.path, "B"), l.b.clone()));
-        }
+    for m in adapted(model) {
+        out.push((peft_key(m.path, "A"), m.pair.a.clone()));
+        out.push((peft_key(m.path, "B"), m.pair.b.clone()));
     }
     out.extend(model.full_params());
     out
+}
+
+/// One adapted module: its path, its pair, and whether its pair is a 1×1 convolution's
+/// held 2-D (files store it 4-D; a [`Conv2d`]'s pair is held 4-D already).
+pub struct Adapted<'a> {
+    pub path: &'a str,
+    pub pair: &'a LoraPair,
+    pub conv1x1: bool,
+}
+
+/// The adapted modules in model order, linear layers then convolutions.
+pub fn adapted<M: LoraModel + ?Sized>(model: &M) -> Vec<Adapted<'_>> {
+    let linears = model.linears().into_iter().filter_map(|l| {
+        l.lora.as_ref().map(|pair| Adapted {
+            path: &l.path,
+            pair,
+            conv1x1: l.conv1x1,
+        })
+    });
+    let convs = model.convs().into_iter().filter_map(|c| {
+        c.lora.as_ref().map(|pair| Adapted {
+            path: &c.path,
+            pair,
+            conv1x1: false,
+        })
+    });
+    linears.chain(convs).collect()
+}
+
+/// A fresh pair for `cfg`: A `a_shape` (its rows the rank) ~ U(±1/√fan_in), PEFT's
+/// kaiming-uniform with a = √5; B `b_shape` zeros.
+pub(crate) fn fresh_pair(
+    cfg: &LoraConfig,
+    fan_in: usize,
+    a_shape: impl Into<candle_core::Shape>,
+    b_shape: impl Into<candle_core::Shape>,
+    dev: &Device,
+    rng: &mut ChaCha8Rng,
+) -> Result<LoraPair> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let a: Vec<f32> = (0..cfg.r * fan_in)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    Ok(LoraPair {
+        a: Var::from_tensor(&Tensor::from_vec(a, a_shape, dev)?)?,
+        b: Var::from_tensor(&Tensor::zeros(b_shape, DType::F32, dev)?)?,
+        scale: cfg.scale(),
+        alpha: cfg.alpha,
+        dropout: cfg.dropout,
+    })
 }
 
 /// What `adapter_config.json` records (PEFT's keys).
@@ -613,23 +642,13 @@ pub fn with_patterns<M: LoraModel + ?Sized>(model: &M, cfg: &LoraConfig) -> Lora
     out.conv_alpha = None;
     out.rank_pattern.clear();
     out.alpha_pattern.clear();
-    let pairs = model
-        .linears()
-        .into_iter()
-        .filter_map(|l| l.lora.as_ref().map(|p| (l.path.as_str(), p)))
-        .chain(
-            model
-                .convs()
-                .into_iter()
-                .filter_map(|c| c.lora.as_ref().map(|p| (c.path.as_str(), p))),
-        );
-    for (path, p) in pairs {
-        let r = p.a.dim(0).unwrap_or(cfg.r);
+    for m in adapted(model) {
+        let r = m.pair.a.dim(0).unwrap_or(cfg.r);
         if r != cfg.r {
-            out.rank_pattern.insert(path.to_string(), r);
+            out.rank_pattern.insert(m.path.to_string(), r);
         }
-        if p.alpha != cfg.alpha {
-            out.alpha_pattern.insert(path.to_string(), p.alpha);
+        if m.pair.alpha != cfg.alpha {
+            out.alpha_pattern.insert(m.path.to_string(), m.pair.alpha);
         }
     }
     out

@@ -272,7 +272,7 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
             down.ok_or_else(|| Error::Adapter(format!("{name}.{DOWN}: missing from the file")))?;
         let up = up.ok_or_else(|| Error::Adapter(format!("{name}.{UP}: missing from the file")))?;
         let r = down.dims().first().copied().unwrap_or(0);
-        if let Some(&(o, i, k)) = kernels.get(path) {
+        let (down, up) = if let Some(&(o, i, k)) = kernels.get(path) {
             // A convolution's pair stays 4-D, as the layer and PEFT hold it.
             if r == 0 || down.dims() != [r, i, k, k] {
                 return Err(Error::Adapter(format!(
@@ -286,59 +286,45 @@ pub fn modules_from_tensors<M: LoraModel + ?Sized>(
                     up.dims()
                 )));
             }
-            let alpha = module_alpha(name, alpha, r)?;
-            out.insert(
-                path.to_string(),
-                KohyaModule {
-                    down: down.clone(),
-                    up: up.clone(),
-                    alpha,
-                },
-            );
-            continue;
-        }
-        let &(o, i) = dims
-            .get(path)
-            .ok_or_else(|| Error::Adapter(format!("{name}: no module {path}")))?;
-        // A 1×1 convolution's pair (SD 1.x proj_in/proj_out) is a linear one in 4-D.
-        let flat = |t: &Tensor| -> Result<Tensor> {
-            let d = t.dims();
-            Ok(if d.len() == 4 && d[2] == 1 && d[3] == 1 {
-                t.reshape((d[0], d[1]))?
-            } else {
-                t.clone()
-            })
+            (down.clone(), up.clone())
+        } else {
+            let &(o, i) = dims
+                .get(path)
+                .ok_or_else(|| Error::Adapter(format!("{name}: no module {path}")))?;
+            // A 1×1 convolution's pair (SD 1.x proj_in/proj_out) is a linear one in 4-D.
+            let flat = |t: &Tensor| -> Result<Tensor> {
+                let d = t.dims();
+                Ok(if d.len() == 4 && d[2] == 1 && d[3] == 1 {
+                    t.reshape((d[0], d[1]))?
+                } else {
+                    t.clone()
+                })
+            };
+            if down.rank() == 4 && !(down.dims()[2] == 1 && down.dims()[3] == 1) {
+                return Err(Error::Adapter(format!(
+                    "{name}.{DOWN}: a {}x{} conv LoRA (shape {:?}) for {path}, a linear layer",
+                    down.dims()[2],
+                    down.dims()[3],
+                    down.dims()
+                )));
+            }
+            let (down, up) = (flat(down)?, flat(up)?);
+            if down.rank() != 2 || r == 0 || down.dims()[1] != i {
+                return Err(Error::Adapter(format!(
+                    "{name}.{DOWN}: shape {:?}, [r, {i}] expected for {path}",
+                    down.dims()
+                )));
+            }
+            if up.dims() != [o, r] {
+                return Err(Error::Adapter(format!(
+                    "{name}.{UP}: shape {:?}, [{o}, {r}] expected for {path}",
+                    up.dims()
+                )));
+            }
+            (down, up)
         };
-        if down.rank() == 4 && !(down.dims()[2] == 1 && down.dims()[3] == 1) {
-            return Err(Error::Adapter(format!(
-                "{name}.{DOWN}: a {}x{} conv LoRA (shape {:?}) for {path}, a linear layer",
-                down.dims()[2],
-                down.dims()[3],
-                down.dims()
-            )));
-        }
-        let (down, up) = (&flat(down)?, &flat(up)?);
-        if down.rank() != 2 || r == 0 || down.dims()[1] != i {
-            return Err(Error::Adapter(format!(
-                "{name}.{DOWN}: shape {:?}, [r, {i}] expected for {path}",
-                down.dims()
-            )));
-        }
-        if up.dims() != [o, r] {
-            return Err(Error::Adapter(format!(
-                "{name}.{UP}: shape {:?}, [{o}, {r}] expected for {path}",
-                up.dims()
-            )));
-        }
         let alpha = module_alpha(name, alpha, r)?;
-        out.insert(
-            path.to_string(),
-            KohyaModule {
-                down: down.clone(),
-                up: up.clone(),
-                alpha,
-            },
-        );
+        out.insert(path.to_string(), KohyaModule { down, up, alpha });
     }
     if out.is_empty() {
         return Err(Error::Adapter("the file holds no LoRA tensors".into()));
@@ -390,59 +376,48 @@ pub fn attach_kohya<M: LoraModel + ?Sized>(
 ) -> Result<()> {
     let mut pairs = HashMap::new();
     {
-        let linears = model.linears();
-        let convs = model.convs();
-        let by_path: HashMap<&str, _> = linears.iter().map(|l| (l.path.as_str(), *l)).collect();
-        let conv_by_path: HashMap<&str, _> = convs.iter().map(|c| (c.path.as_str(), *c)).collect();
-        // Trainable state is f32 whatever the file's dtype, like every other adapter.
-        let var = |t: &Tensor, dev: &Device| -> Result<Var> {
-            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
-        };
+        // Each module's A and B shapes for rank r, and what to call it in an error.
+        type Fit = (
+            Box<dyn Fn(usize) -> (Vec<usize>, Vec<usize>)>,
+            String,
+            Device,
+        );
+        let mut fits: HashMap<&str, Fit> = HashMap::new();
+        for lin in model.linears() {
+            let (o, i) = (lin.out_features(), lin.in_features());
+            let shapes = Box::new(move |r| (vec![r, i], vec![o, r]));
+            fits.insert(
+                &lin.path,
+                (shapes, format!("a {o}x{i} linear"), lin.weight.device()),
+            );
+        }
+        for conv in model.convs() {
+            let (o, i, k) = (conv.out_channels(), conv.in_channels(), conv.kernel_size());
+            let shapes = Box::new(move |r| (vec![r, i, k, k], vec![o, r, 1, 1]));
+            let what = format!("a {:?} convolution", conv.weight.dims());
+            fits.insert(&conv.path, (shapes, what, conv.weight.device().clone()));
+        }
         for (path, m) in modules {
-            if let Some(conv) = conv_by_path.get(path.as_str()) {
-                let (r, k) = (m.rank(), conv.kernel_size());
-                if m.down.dims() != [r, conv.in_channels(), k, k]
-                    || m.up.dims() != [conv.out_channels(), r, 1, 1]
-                {
-                    return Err(Error::Adapter(format!(
-                        "{path}: adapter shapes {:?} / {:?} do not fit a {:?} convolution",
-                        m.down.dims(),
-                        m.up.dims(),
-                        conv.weight.dims()
-                    )));
-                }
-                let dev = conv.weight.device();
-                pairs.insert(
-                    path.clone(),
-                    LoraPair {
-                        a: var(&m.down, dev)?,
-                        b: var(&m.up, dev)?,
-                        scale: m.scale(),
-                        alpha: m.alpha,
-                        dropout: 0.0,
-                    },
-                );
-                continue;
-            }
-            let lin = by_path.get(path.as_str()).ok_or_else(|| {
+            let (shapes, what, dev) = fits.get(path.as_str()).ok_or_else(|| {
                 Error::Adapter(format!("{path}: no LoRA-capable module of that path"))
             })?;
-            let r = m.rank();
-            if m.down.dims() != [r, lin.in_features()] || m.up.dims() != [lin.out_features(), r] {
+            let (down, up) = shapes(m.rank());
+            if m.down.dims() != down || m.up.dims() != up {
                 return Err(Error::Adapter(format!(
-                    "{path}: adapter shapes {:?} / {:?} do not fit a {}x{} linear",
+                    "{path}: adapter shapes {:?} / {:?} do not fit {what}",
                     m.down.dims(),
                     m.up.dims(),
-                    lin.out_features(),
-                    lin.in_features()
                 )));
             }
-            let dev = &lin.weight.device();
+            // Trainable state is f32 whatever the file's dtype, like every other adapter.
+            let var = |t: &Tensor| -> Result<Var> {
+                Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
+            };
             pairs.insert(
                 path.clone(),
                 LoraPair {
-                    a: var(&m.down, dev)?,
-                    b: var(&m.up, dev)?,
+                    a: var(&m.down)?,
+                    b: var(&m.up)?,
                     scale: m.scale(),
                     alpha: m.alpha,
                     dropout: 0.0,
@@ -479,35 +454,21 @@ pub fn kohya_tensors<M: LoraModel + ?Sized>(
     dtype: DType,
 ) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
-    for lin in model.linears() {
-        let Some(l) = &lin.lora else { continue };
-        let name = naming.name(&lin.path);
-        let a = l.a.as_tensor();
-        let alpha = l.scale * a.dim(0)? as f64;
-        let cpu =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
+    let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
+    // Each pair in the shape the file holds: 2-D for a linear layer, 4-D for a
+    // convolution (LoCon's `[r, in, k, k]` / `[out, r, 1, 1]`, or a 1×1 one held 2-D).
+    for m in lora::adapted(model) {
+        let name = naming.name(m.path);
+        let a = m.pair.a.as_tensor();
+        let alpha = m.pair.scale * a.dim(0)? as f64;
         out.insert(
             format!("{name}.{DOWN}"),
-            cpu(&crate::lora::to_file_shape(a, lin.conv1x1)?)?,
+            cpu(&lora::to_file_shape(a, m.conv1x1)?)?,
         );
         out.insert(
             format!("{name}.{UP}"),
-            cpu(&crate::lora::to_file_shape(l.b.as_tensor(), lin.conv1x1)?)?,
+            cpu(&lora::to_file_shape(m.pair.b.as_tensor(), m.conv1x1)?)?,
         );
-        out.insert(
-            format!("{name}.{ALPHA}"),
-            Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
-        );
-    }
-    // LoCon: a convolution's pair as the layer holds it, `[r, in, k, k]` / `[out, r, 1, 1]`.
-    for conv in model.convs() {
-        let Some(l) = &conv.lora else { continue };
-        let name = naming.name(&conv.path);
-        let alpha = l.scale * l.a.dim(0)? as f64;
-        let cpu =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&Device::Cpu)?) };
-        out.insert(format!("{name}.{DOWN}"), cpu(l.a.as_tensor())?);
-        out.insert(format!("{name}.{UP}"), cpu(l.b.as_tensor())?);
         out.insert(
             format!("{name}.{ALPHA}"),
             Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,

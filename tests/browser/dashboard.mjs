@@ -132,6 +132,12 @@ try {
   await page.locator('nav [data-nav="new"]').click();
   const modelOption = await page.locator('#model option[value="tiny-llama"]').innerText();
   assert.match(modelOption, /parameters, context \d+/);
+  // The task picker follows the model: a ResNet trains image_classification only.
+  const taskValues = () => page.locator('#task option').evaluateAll((o) => o.map((x) => x.value));
+  await page.selectOption('#model', 'tiny-resnet');
+  assert.deepEqual(await taskValues(), ['image_classification']);
+  await page.selectOption('#model', 'tiny-llama');
+  assert.deepEqual(await taskValues(), ['causal_lm']);
   await page.selectOption('#training_file', fileId);
   await page.selectOption('#validation_file', fileId);
   await page.fill('#f-lora_r', '4');

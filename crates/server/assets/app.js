@@ -310,6 +310,22 @@ async function newJobView() {
       + `${m.trainable ? '' : ` (not trainable: ${m.note || 'unsupported'})`}`)));
   const firstTrainable = bases.find((m) => m.trainable);
   if (firstTrainable) model.value = firstTrainable.id;
+  // The tasks the chosen model trains for (GET /v1/models `tasks`): the job names the
+  // task, and the server's default targets for it replace the decoder presets.
+  const TASK_LABELS = {
+    causal_lm: 'causal_lm — chat and text (decoders)',
+    sequence_classification: 'sequence_classification — a label per text (bert, roberta)',
+    text_to_image: 'text_to_image — Stable Diffusion LoRA from captioned images',
+    image_classification: 'image_classification — a label per image (resnet; a zip of one folder per class)',
+  };
+  const task = h('select', { id: 'task', name: 'task', 'aria-describedby': 'task-help' });
+  const fillTasks = () => {
+    const chosen = bases.find((m) => m.id === model.value);
+    const tasks = chosen && chosen.tasks && chosen.tasks.length ? chosen.tasks : ['causal_lm'];
+    task.replaceChildren(...tasks.map((t) => h('option', { value: t }, TASK_LABELS[t] || t)));
+  };
+  fillTasks();
+  model.addEventListener('change', fillTasks);
   const fileOption = (f) => h('option', { value: f.id },
     `${f.filename} — ${f.examples} examples, ${f.format}, ${fmtBytes(f.bytes)} (${f.id})`);
   const training = h('select', { id: 'training_file', name: 'training_file', required: true },
@@ -332,12 +348,8 @@ async function newJobView() {
 
   function request() {
     const req = { model: model.value, training_file: training.value };
-    // Encoders (bert, roberta) train classifiers: the job names the task, and the
-    // server's default targets for it (query, value) replace the decoder presets.
-    const chosen = bases.find((m) => m.id === model.value);
-    const classifier = !!chosen && (chosen.tasks || []).includes('sequence_classification')
-      && !(chosen.tasks || []).includes('causal_lm');
-    if (classifier) req.task = 'sequence_classification';
+    const ownTargets = !!task.value && task.value !== 'causal_lm';
+    if (ownTargets) req.task = task.value;
     if (validation.value) req.validation_file = validation.value;
     if (suffix.value.trim()) req.suffix = suffix.value.trim();
     if (seed.value !== '') req.seed = Number(seed.value);
@@ -349,7 +361,7 @@ async function newJobView() {
       hp[f.name] = f.options ? v : Number(v);
     }
     const t = TARGETS.find((x) => x.value === targets.value);
-    if (classifier && t.value !== 'all-linear' && t.value !== 'custom') {
+    if (ownTargets && t.value !== 'all-linear' && t.value !== 'custom') {
       // leave lora_target_modules to the server's default for the task
     } else if (t.value === 'all-linear') hp.lora_target_modules = 'all-linear';
     else if (t.value === 'custom') {
@@ -393,6 +405,8 @@ async function newJobView() {
   h('fieldset', {}, h('legend', {}, 'Model and data'),
     h('div', { class: 'field' }, h('label', { for: 'model' }, 'Base model'), model,
       h('small', { id: 'model-help' }, bases.length ? 'From the server\u2019s models directory (GET /v1/models).' : 'No models: put a HuggingFace folder or .gguf file in the models directory.')),
+    h('div', { class: 'field' }, h('label', { for: 'task' }, 'Task'), task,
+      h('small', { id: 'task-help' }, 'What the model learns; the training file\u2019s format must fit it.')),
     h('div', { class: 'field' }, h('label', { for: 'training_file' }, 'Training file'), training,
       datasets.length ? null : h('small', {}, 'No processed datasets yet: ', h('a', { href: '#/datasets' }, 'upload one'), '.')),
     h('div', { class: 'field' }, h('label', { for: 'validation_file' }, 'Validation file (optional)'), validation),

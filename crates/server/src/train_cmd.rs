@@ -47,11 +47,11 @@ pub struct TrainArgs {
     pub model: PathBuf,
     /// Training data (JSONL: chat, prompt/completion, text or input_ids; for
     /// sequence_classification text/text_pair/label; for text_to_image a zip of
-    /// captioned images).
+    /// captioned images; for image_classification a zip of one folder per class).
     #[arg(long)]
     pub data: PathBuf,
-    /// causal_lm (decoder LLMs), sequence_classification (bert, roberta) or
-    /// text_to_image (Stable Diffusion 1.x/2.x).
+    /// causal_lm (decoder LLMs), sequence_classification (bert, roberta),
+    /// text_to_image (Stable Diffusion 1.x/2.x) or image_classification (resnet).
     #[arg(long, default_value = "causal_lm")]
     pub task: String,
     /// causal_lm: supervised (the next-token loss) or dpo (preference pairs in
@@ -593,15 +593,19 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct ClassifyArgs {
-    /// Base encoder: a HuggingFace folder (bert, roberta).
+    /// Base model: a HuggingFace folder (bert, roberta for texts; resnet for images).
     #[arg(long)]
     pub model: PathBuf,
-    /// Sequence-classification adapter folder (with labels.json).
+    /// Classification adapter folder (with labels.json).
     #[arg(long)]
     pub adapter: PathBuf,
     /// Text to classify; repeat for several.
-    #[arg(long, required_unless_present = "input")]
+    #[arg(long, required_unless_present_any = ["input", "image"])]
     pub text: Vec<String>,
+    /// Image (PNG or JPEG) to classify with an image-classification adapter; repeat for
+    /// several.
+    #[arg(long, conflicts_with_all = ["text", "input", "text_pair"])]
+    pub image: Vec<PathBuf>,
     /// Second text of a pair (with exactly one --text).
     #[arg(long)]
     pub text_pair: Option<String>,
@@ -617,6 +621,9 @@ pub struct ClassifyArgs {
 /// Prints one JSON object per input: the predicted label(s) and every label's score.
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
     let dev = args.device.resolve()?;
+    if !args.image.is_empty() {
+        return classify_images(&args, &dev);
+    }
     let inputs: Vec<ClassInput> = match &args.input {
         Some(p) => {
             let text =
@@ -662,13 +669,43 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     for chunk in inputs.chunks(32) {
         for p in c.predict(chunk)? {
-            let scores: serde_json::Map<String, serde_json::Value> = p
-                .scores
-                .iter()
-                .map(|(n, s)| (n.clone(), serde_json::json!(s)))
-                .collect();
-            let line = serde_json::json!({"labels": p.labels, "scores": scores});
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", prediction_json(&p, None))?;
+        }
+    }
+    Ok(())
+}
+
+fn prediction_json(
+    p: &loraforge_trainer::families::encoder::classify::Prediction,
+    image: Option<&std::path::Path>,
+) -> serde_json::Value {
+    let scores: serde_json::Map<String, serde_json::Value> = p
+        .scores
+        .iter()
+        .map(|(n, s)| (n.clone(), serde_json::json!(s)))
+        .collect();
+    let mut line = serde_json::json!({"labels": p.labels, "scores": scores});
+    if let Some(i) = image {
+        line["image"] = serde_json::json!(i.display().to_string());
+    }
+    line
+}
+
+/// `classify --image`: each image decoded as uploads are (EXIF-upright, alpha on white),
+/// then the model's own preprocessing.
+fn classify_images(args: &ClassifyArgs, dev: &Device) -> anyhow::Result<()> {
+    use loraforge_trainer::archive::{decode_image, ZipLimits};
+    let c = loraforge_trainer::families::vision::classify::ImageClassifier::load(
+        &args.model,
+        &args.adapter,
+        dev,
+    )?;
+    let mut out = std::io::stdout().lock();
+    for path in &args.image {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let img = decode_image(&bytes, &path.display().to_string(), &ZipLimits::default())?;
+        for p in c.predict(&[img])? {
+            writeln!(out, "{}", prediction_json(&p, Some(path)))?;
         }
     }
     Ok(())

@@ -34,12 +34,18 @@ fn is_zip(first: &[u8]) -> bool {
     first.starts_with(b"PK\x03\x04") || first.starts_with(b"PK\x05\x06")
 }
 
-/// Checks a received image zip; its problems become the report's errors.
+/// Checks a received image zip, as one folder per class (image classification) when
+/// its names say so, else as captioned images (text to image); its problems become the
+/// report's errors.
 fn check_image_zip(
     path: &std::path::Path,
     min_examples: u64,
 ) -> (ValidationReport, Option<String>) {
     use loraforge_trainer::families::diffusion::dataset::{read_zip, ZipLimits};
+    use loraforge_trainer::families::vision::dataset::looks_labelled;
+    if looks_labelled(path, &ZipLimits::default()) {
+        return check_class_zip(path, min_examples);
+    }
     let mut report = ValidationReport {
         format: Some(data::DataFormat::ImageZip),
         ..Default::default()
@@ -79,7 +85,9 @@ fn check_image_zip(
             let problem = if r.with_caption == 0 {
                 Some(
                     "no image has a caption: put one in a .txt or .caption file next to it, \
-                     in a kohya folder name (10_sks dog/), or in metadata.jsonl's text"
+                     in a kohya folder name (10_sks dog/), or in metadata.jsonl's text; for \
+                     image classification, put every image in a folder named for its class \
+                     (cat/001.png), with at least two classes"
                         .to_string(),
                 )
             } else if (r.images as u64) < min_examples {
@@ -98,20 +106,84 @@ fn check_image_zip(
             (report, Some(d))
         }
         Err(e) => {
-            // The dataset module's messages name the archive by its temp file; the
-            // entry and the problem are what the client needs.
-            let msg = e.to_string();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            let msg = match name {
-                Some(n) => msg.replace(&format!("{n}: "), ""),
-                None => msg,
-            };
-            report
-                .errors
-                .push(msg.trim_start_matches("data: ").to_string());
+            report.errors.push(without_temp_name(path, e.to_string()));
             report.error_count = 1;
             (report, None)
         }
+    }
+}
+
+/// The temp file's name stripped from a trainer message: the entry and the problem are
+/// what the client needs.
+fn without_temp_name(path: &std::path::Path, msg: String) -> String {
+    let msg = match path.file_name() {
+        Some(n) => msg.replace(&format!("{}: ", n.to_string_lossy()), ""),
+        None => msg,
+    };
+    msg.trim_start_matches("data: ").to_string()
+}
+
+/// Checks an ImageFolder zip (`label/name.png`): every image decodes or is listed, at
+/// least two classes.
+fn check_class_zip(
+    path: &std::path::Path,
+    min_examples: u64,
+) -> (ValidationReport, Option<String>) {
+    use loraforge_trainer::families::diffusion::dataset::ZipLimits;
+    use loraforge_trainer::families::vision::dataset::read_labelled_zip;
+    let mut report = ValidationReport {
+        format: Some(data::DataFormat::ImageClasses),
+        ..Default::default()
+    };
+    let limits = ZipLimits {
+        shrink_to: Some(8),
+        ..ZipLimits::default()
+    };
+    let fail = |mut report: ValidationReport, m: String| {
+        report.errors.push(m);
+        report.error_count = 1;
+        (report, None)
+    };
+    match read_labelled_zip(path, &limits) {
+        Ok(ds) => {
+            let r = &ds.report;
+            report.examples = r.images as u64;
+            if r.per_label.len() < 2 {
+                return fail(
+                    report,
+                    "the archive has one class folder; image classification needs at least two"
+                        .into(),
+                );
+            }
+            if (r.images as u64) < min_examples {
+                let m = format!(
+                    "the archive has {} image(s); at least {min_examples} are required",
+                    r.images
+                );
+                return fail(report, m);
+            }
+            let classes: Vec<String> = r
+                .per_label
+                .iter()
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect();
+            let mut d = format!(
+                "image_classes: {} image(s) in {} classes: {}",
+                r.images,
+                r.per_label.len(),
+                classes.join(", ")
+            );
+            if !r.undecodable.is_empty() {
+                let u: Vec<String> = r
+                    .undecodable
+                    .iter()
+                    .map(|(n, e)| format!("{n} ({e})"))
+                    .collect();
+                d.push_str(&format!("; skipped, not decodable: {}", u.join(", ")));
+            }
+            (report, Some(d))
+        }
+        Err(e) => fail(report, without_temp_name(path, e.to_string())),
     }
 }
 

@@ -790,13 +790,19 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
     tokio::fs::create_dir_all(&work).await?;
     let prepared: anyhow::Result<TrainSpec> = async {
         let model = base_model(state, &job.model).await?;
-        let file_path = |id: &str| work.join(format!("{id}.jsonl"));
+        // Named by file id, so that the trainer's messages name the file as the API does;
+        // zips keep their extension.
+        let file_path = |f: &loraforge_store::FileRecord| {
+            let zip = matches!(f.format.as_deref(), Some("image_zip" | "image_classes"));
+            work.join(format!("{}.{}", f.id, if zip { "zip" } else { "jsonl" }))
+        };
         let f = state
             .store
             .get_file(&job.training_file)
             .await?
             .context("training file is gone")?;
-        fetch_blob(state, &f.storage_key, &file_path(&f.id)).await?;
+        let training = file_path(&f);
+        fetch_blob(state, &f.storage_key, &training).await?;
         let validation = match &job.validation_file {
             Some(v) => {
                 let f = state
@@ -804,15 +810,15 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
                     .get_file(v)
                     .await?
                     .context("validation file is gone")?;
-                fetch_blob(state, &f.storage_key, &file_path(&f.id)).await?;
-                Some(file_path(&f.id))
+                fetch_blob(state, &f.storage_key, &file_path(&f)).await?;
+                Some(file_path(&f))
             }
             None => None,
         };
         let mut t = train_spec(
             &spec,
             model.path,
-            file_path(&job.training_file),
+            training,
             validation,
             work.join("out"),
             &cfg.device,

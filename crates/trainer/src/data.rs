@@ -25,6 +25,9 @@ pub enum DataFormat {
     Classification,
     /// A zip of captioned images for text-to-image training (`sd::dataset`).
     ImageZip,
+    /// A zip of images in one folder per class, for image classification
+    /// (`vision::dataset`).
+    ImageClasses,
     /// OpenAI's preference pairs (DPO): `{"input": {"messages": [...]},
     /// "preferred_output": [assistant message], "non_preferred_output": [assistant message]}`.
     Preference,
@@ -39,6 +42,7 @@ impl DataFormat {
             DataFormat::Tokenized => "tokenized",
             DataFormat::Classification => "classification",
             DataFormat::ImageZip => "image_zip",
+            DataFormat::ImageClasses => "image_classes",
             DataFormat::Preference => "preference",
         }
     }

@@ -4,11 +4,12 @@
 //! This crate knows tensors, tokenizers and files; it knows nothing of HTTP or SQL.
 //! The model code is our own (candle-transformers' models use fused ops without a
 //! backward pass and give LoRA no hook). The house: `io` reads weights, `ops` are the
-//! custom ops with their backward, `nn` the shared layers, `lora` the adapter layer and
+//! custom ops with their backward, `nn` the shared layers, `archive` the uploaded zips, `lora` the adapter layer and
 //! PEFT files, `train` the one loop (it knows no family), and `families/` one folder per
 //! model family behind `trait Family`, found through the registry [`families::ALL`].
 //! [`train()`] runs a job with the family that trains its task.
 
+pub mod archive;
 pub mod data;
 pub mod device;
 pub mod families;

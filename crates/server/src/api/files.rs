@@ -307,7 +307,10 @@ async fn store(
 ) -> ApiResult<Json<FileObject>> {
     let id = new_id("file-");
     let report = &received.report;
-    let ext = if report.format == Some(DataFormat::ImageZip) {
+    let ext = if matches!(
+        report.format,
+        Some(DataFormat::ImageZip | DataFormat::ImageClasses)
+    ) {
         "zip"
     } else {
         "jsonl"

@@ -389,7 +389,7 @@ pub async fn create(
         None => Task::CausalLm,
         Some(t) => Task::parse(t).map_err(|_| {
             ApiError::bad_request(format!(
-                "task {} is not one of causal_lm, sequence_classification, text_to_image",
+                "task {} is not one of causal_lm, sequence_classification, text_to_image, image_classification",
                 clip(t)
             ))
             .param("task")

@@ -20,11 +20,19 @@ fn zip_files() -> impl Iterator<Item = (&'static str, bool)> {
         .chain(extra_files().map(|f| (f, false)))
 }
 
-/// The files families keep beside an adapter's weights.
+/// The files families keep beside an adapter's weights, each once (two classifier
+/// families share `labels.json`).
 pub fn extra_files() -> impl Iterator<Item = &'static str> {
-    FAMILIES
+    let mut files: Vec<&'static str> = Vec::new();
+    for f in FAMILIES
         .iter()
         .flat_map(|f| f.adapter_files().iter().copied())
+    {
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    files.into_iter()
 }
 
 /// The files of a checkpoint folder that resuming needs.

@@ -129,6 +129,10 @@ async fn the_dashboard_trains_a_job_in_chromium() {
         &root().join("tests/fixtures/tiny-llama"),
         &s.models_dir().join("tiny-llama"),
     );
+    copy_dir(
+        &root().join("tests/fixtures/tiny-resnet"),
+        &s.models_dir().join("tiny-resnet"),
+    );
     let key = "dashboard-test-key";
     let keyed = TestServer::start(Backend::Sqlite, &["--api-key", key, "--devices", "none"]).await;
     let shots = screenshot_dir();

@@ -12,6 +12,7 @@ mod cli_train;
 mod dashboard;
 mod db_outage;
 mod exports;
+mod image_classification;
 mod jobs;
 mod layout;
 mod limits;

@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod diffusion;
 pub mod encoder;
 mod family;
+pub mod vision;
 
 pub use family::{Family, Field, JobCheck, MemoryEstimate, Named, Refusal};
 
@@ -16,6 +17,7 @@ pub static ALL: &[&dyn Family] = &[
     &decoder::DecoderFamily,
     &encoder::EncoderFamily,
     &diffusion::DiffusionFamily,
+    &vision::VisionFamily,
 ];
 
 /// The family that trains `task`.

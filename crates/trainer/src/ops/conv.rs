@@ -355,6 +355,49 @@ fn conv2d_generic(x: &Tensor, k: &Tensor, padding: usize, stride: usize) -> Resu
     x.conv2d(k, padding, stride, 1, 1)
 }
 
+/// Max pooling over `k`×`k` windows at stride `s`, padded by `p` on every side, as
+/// PyTorch's `MaxPool2d(k, s, p)`. candle's own pooling has no backward unless the
+/// window equals the stride, so this one is composed of ops that differentiate on every
+/// device: the `k·k` strided views of the padded input, taken by reshaping, folded with
+/// `maximum`. The padding repeats the edge (PyTorch pads with -inf): every window holds
+/// its edge pixel already, so the maximum is the same, and a repeated pixel's gradient
+/// flows back to it.
+pub fn max_pool2d(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if k == 0 || s == 0 || h + 2 * p < k || w + 2 * p < k || p > k / 2 {
+        candle_core::bail!("max_pool2d: a {k}x{k} window at stride {s}, padding {p} on {h}x{w}")
+    }
+    let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+    // Window (i, j) starts at row i·s + di of the padded input; reading `s·ho` rows from
+    // `di` needs `k - 1 + s·ho` rows, which the far side's padding supplies.
+    let (hp, wp) = (k - 1 + s * ho, k - 1 + s * wo);
+    let xp = x
+        .pad_with_same(2, p, hp - h - p)?
+        .pad_with_same(3, p, wp - w - p)?;
+    let mut out: Option<Tensor> = None;
+    for di in 0..k {
+        let rows = xp
+            .narrow(2, di, s * ho)?
+            .contiguous()?
+            .reshape((n, c, ho, s, wp))?
+            .narrow(3, 0, 1)?
+            .squeeze(3)?;
+        for dj in 0..k {
+            let v = rows
+                .narrow(3, dj, s * wo)?
+                .contiguous()?
+                .reshape((n, c, ho, wo, s))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
+            out = Some(match out {
+                None => v,
+                Some(m) => m.maximum(&v)?,
+            });
+        }
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("max_pool2d: empty window".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{agree, fd_error, rand_vec};
@@ -416,5 +459,50 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn max_pool_matches_a_direct_loop_with_its_gradient() {
+        let (h, w) = (5, 8);
+        let data: Vec<f32> = (0..2 * h * w)
+            .map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.0)
+            .collect();
+        let x = candle_core::Var::from_vec(data.clone(), (1, 2, h, w), &Device::Cpu).unwrap();
+        let y = max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
+        let (ho, wo) = (3, 4);
+        assert_eq!(y.dims(), [1, 2, ho, wo]);
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let mut grad = vec![0f32; data.len()];
+        for c in 0..2 {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    // PyTorch's rule: the first maximum in the window takes the gradient.
+                    let mut best = (f32::NEG_INFINITY, 0);
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            let at = (c * h + iy as usize) * w + ix as usize;
+                            if data[at] > best.0 {
+                                best = (data[at], at);
+                            }
+                        }
+                    }
+                    assert_eq!(got[(c * ho + oy) * wo + ox], best.0);
+                    grad[best.1] += 1.0;
+                }
+            }
+        }
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx: Vec<f32> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(dx, grad);
     }
 }

@@ -25,7 +25,7 @@ pub mod matmul;
 mod norm_act;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
-pub use conv::{conv2d, frozen_conv2d};
+pub use conv::{conv2d, frozen_conv2d, max_pool2d};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;

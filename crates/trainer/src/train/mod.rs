@@ -29,6 +29,8 @@ pub enum Task {
     SequenceClassification,
     /// LoRA on a Stable Diffusion UNet from captioned images.
     TextToImage,
+    /// A label per image on CNN classifiers (ResNet).
+    ImageClassification,
 }
 
 impl Task {
@@ -37,8 +39,9 @@ impl Task {
             "causal_lm" => Ok(Task::CausalLm),
             "sequence_classification" => Ok(Task::SequenceClassification),
             "text_to_image" => Ok(Task::TextToImage),
+            "image_classification" => Ok(Task::ImageClassification),
             _ => Err(Error::Config(format!(
-                "task \"{s}\": expected causal_lm, sequence_classification or text_to_image"
+                "task \"{s}\": expected causal_lm, sequence_classification, text_to_image or image_classification"
             ))),
         }
     }
@@ -47,6 +50,7 @@ impl Task {
             Task::CausalLm => "causal_lm",
             Task::SequenceClassification => "sequence_classification",
             Task::TextToImage => "text_to_image",
+            Task::ImageClassification => "image_classification",
         }
     }
 }

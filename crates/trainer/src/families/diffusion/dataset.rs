@@ -1,14 +1,9 @@
 //! Image datasets for Stable Diffusion LoRA: a captioned image zip, read safely, decoded
 //! upright into RGB, and turned into the `[-1, 1]` CHW pixels the VAE encoder takes.
 //!
-//! An upload is an untrusted archive, so [`read_zip`] treats it as hostile: every entry
-//! name and every size the central directory declares is checked *before* anything is
-//! decompressed (no `..`, no absolute paths or drive letters, no NUL; entry count, total
-//! and per-entry size, compression ratio), and while decompressing, each entry is read
-//! through a reader that stops one byte past its declared size, because the declared
-//! sizes are only claims: an entry that inflates past them is rejected as soon as it
-//! does, so a zip bomb costs at most the (already capped) declared sizes in memory.
-//! Nothing is ever written to disk.
+//! An upload is an untrusted archive: [`read_zip`] reads it through
+//! [`crate::archive::Archive`], which checks every entry before and while it is
+//! decompressed and never writes anything to disk.
 //!
 //! Three layouts are recognised, in this order (doc section 6.2):
 //!
@@ -32,34 +27,16 @@
 //! [`to_bucket_pixels`] (doc section 6.3).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Cursor, Read};
 use std::path::Path;
 
-use image::{DynamicImage, ImageDecoder, RgbImage};
+use image::RgbImage;
 use serde::Serialize;
 
+pub use crate::archive::{decode_image, ZipLimits, RATIO_CHECK_MIN_BYTES};
+use crate::archive::{
+    ext, is_image, parent, short_side_dims, stem_path, unsafe_name, Archive, Entry,
+};
 use crate::{Error, Result};
-
-/// Caps on what an uploaded zip may declare and produce.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZipLimits {
-    /// Entries in the central directory, directories included.
-    pub max_entries: usize,
-    /// Sum of all entries' uncompressed sizes.
-    pub max_total_uncompressed_bytes: u64,
-    /// Uncompressed size of any one entry.
-    pub max_entry_uncompressed_bytes: u64,
-    /// Decoded width x height of any one image.
-    pub max_image_pixels: u64,
-    /// Uncompressed / compressed size of an entry; only checked for entries over
-    /// [`RATIO_CHECK_MIN_BYTES`], since tiny files (an empty caption, a flat-colour PNG
-    /// stored deflated) legitimately reach high ratios and cannot be bombs.
-    pub max_compression_ratio: u64,
-    /// Shrinks every decoded image right away so that its short side is at most this,
-    /// as [`to_pixels`] would: a dataset of large photos (or of small files that decode
-    /// to huge flat images) then holds only training-sized pictures. `None` keeps them.
-    pub shrink_to: Option<u32>,
-}
 
 /// The most repeats a kohya folder may ask for. kohya's own examples use 1-100; a folder
 /// named `4294967295_x` would make an epoch of four billion rows out of one image.
@@ -67,22 +44,6 @@ pub const MAX_REPEATS: u32 = 10_000;
 
 /// The most rows (images times their repeats) one epoch of a zip may have.
 pub const MAX_EPOCH_ROWS: u64 = 1_000_000;
-
-/// Entries smaller than this are exempt from the compression-ratio check.
-pub const RATIO_CHECK_MIN_BYTES: u64 = 1 << 20;
-
-impl Default for ZipLimits {
-    fn default() -> Self {
-        Self {
-            max_entries: 100_000,
-            max_total_uncompressed_bytes: 4 << 30,
-            max_entry_uncompressed_bytes: 64 << 20,
-            max_image_pixels: 64_000_000,
-            max_compression_ratio: 200,
-            shrink_to: None,
-        }
-    }
-}
 
 /// Which convention the archive follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -140,49 +101,6 @@ fn data(msg: String) -> Error {
     Error::Data(msg)
 }
 
-/// Why an entry name is unsafe, if it is.
-fn unsafe_name(raw: &[u8], name: &str) -> Option<&'static str> {
-    if raw.contains(&0) || name.contains('\0') {
-        return Some("name contains NUL");
-    }
-    if name.starts_with('/') || name.starts_with('\\') {
-        return Some("absolute path");
-    }
-    let b = name.as_bytes();
-    if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':' {
-        return Some("absolute path (drive letter)");
-    }
-    // Both separators: a zip written on Windows may use `\`, and an extractor there would
-    // honour it.
-    if name.split(['/', '\\']).any(|c| c == "..") {
-        return Some("path escapes the archive");
-    }
-    None
-}
-
-fn is_image(name: &str) -> bool {
-    matches!(ext(name).as_deref(), Some("png" | "jpg" | "jpeg"))
-}
-
-fn ext(name: &str) -> Option<String> {
-    let file = name.rsplit('/').next().unwrap_or(name);
-    file.rsplit_once('.')
-        .filter(|(stem, _)| !stem.is_empty())
-        .map(|(_, e)| e.to_ascii_lowercase())
-}
-
-/// `dir/stem` of `dir/stem.ext`.
-fn stem_path(name: &str) -> &str {
-    match name.rfind('.') {
-        Some(i) if i > name.rfind('/').map_or(0, |s| s + 1) => &name[..i],
-        _ => name,
-    }
-}
-
-fn parent(name: &str) -> &str {
-    name.rfind('/').map_or("", |i| &name[..i])
-}
-
 /// `(repeats, class tokens)` of a kohya folder name like `10_sks dog`.
 fn kohya_folder(dir: &str) -> Option<(u32, String)> {
     let last = dir.rsplit('/').next()?;
@@ -206,114 +124,12 @@ fn caption_text(zip_name: &str, entry: &str, bytes: &[u8]) -> Result<String> {
     Ok(s.trim_start_matches('\u{feff}').trim().to_string())
 }
 
-/// Reads an entry, failing once it produces more than `declared` bytes or pushes the
-/// archive's running total past the limit; memory is bounded by the declared size,
-/// which was checked against the limits before any decompression.
-fn read_bounded<R: Read>(
-    mut entry: R,
-    zip_name: &str,
-    name: &str,
-    declared: u64,
-    total: &mut u64,
-    limits: &ZipLimits,
-) -> Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(usize::try_from(declared).unwrap_or(0).min(1 << 20));
-    let cap = declared.saturating_add(1);
-    (&mut entry)
-        .take(cap)
-        .read_to_end(&mut buf)
-        .map_err(|e| data(format!("{zip_name}: entry \"{name}\": {e}")))?;
-    let got = buf.len() as u64;
-    if got > declared {
-        return Err(data(format!(
-            "{zip_name}: entry \"{name}\": inflates past its declared size of {declared} bytes \
-             (corrupt or a zip bomb)"
-        )));
-    }
-    *total += got;
-    if *total > limits.max_total_uncompressed_bytes {
-        return Err(data(format!(
-            "{zip_name}: entry \"{name}\": archive exceeds max_total_uncompressed_bytes ({})",
-            limits.max_total_uncompressed_bytes
-        )));
-    }
-    Ok(buf)
-}
-
-struct Entry {
-    name: String,
-    index: usize,
-    size: u64,
-}
-
 /// Reads a captioned image zip (see the module docs for the layouts and the checks).
 pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
-    let zip_name = path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| data(format!("{zip_name}: not a readable zip: {e}")))?;
-    if archive.len() > limits.max_entries {
-        return Err(data(format!(
-            "{zip_name}: {} entries exceed max_entries ({})",
-            archive.len(),
-            limits.max_entries
-        )));
-    }
-
-    // Pass 1: names and declared sizes only (by_index_raw decompresses nothing).
-    let mut files: Vec<Entry> = Vec::new();
-    let mut ignored = Vec::new();
-    let mut declared_total: u64 = 0;
-    for index in 0..archive.len() {
-        let e = archive
-            .by_index_raw(index)
-            .map_err(|e| data(format!("{zip_name}: entry #{index}: {e}")))?;
-        let name = e.name().to_string();
-        if let Some(why) = unsafe_name(e.name_raw(), &name) {
-            return Err(data(format!("{zip_name}: entry \"{name}\": {why}")));
-        }
-        let (size, packed) = (e.size(), e.compressed_size());
-        if size > limits.max_entry_uncompressed_bytes {
-            return Err(data(format!(
-                "{zip_name}: entry \"{name}\": declared size {size} exceeds \
-                 max_entry_uncompressed_bytes ({})",
-                limits.max_entry_uncompressed_bytes
-            )));
-        }
-        if size >= RATIO_CHECK_MIN_BYTES && size / packed.max(1) > limits.max_compression_ratio {
-            return Err(data(format!(
-                "{zip_name}: entry \"{name}\": compression ratio {} exceeds \
-                 max_compression_ratio ({})",
-                size / packed.max(1),
-                limits.max_compression_ratio
-            )));
-        }
-        declared_total = declared_total.saturating_add(size);
-        if declared_total > limits.max_total_uncompressed_bytes {
-            return Err(data(format!(
-                "{zip_name}: entry \"{name}\": declared sizes exceed \
-                 max_total_uncompressed_bytes ({})",
-                limits.max_total_uncompressed_bytes
-            )));
-        }
-        if e.is_dir() || name.ends_with('/') || name.ends_with('\\') {
-            continue;
-        }
-        let hidden = name
-            .split('/')
-            .any(|c| c == "__MACOSX" || c.starts_with('.'));
-        if hidden {
-            ignored.push(name);
-            continue;
-        }
-        files.push(Entry { name, index, size });
-    }
+    let mut archive = Archive::open(path, limits)?;
+    let zip_name = archive.zip_name.clone();
+    let files = std::mem::take(&mut archive.files);
+    let mut ignored = std::mem::take(&mut archive.hidden);
     let by_name: BTreeMap<&str, &Entry> = files.iter().map(|e| (e.name.as_str(), e)).collect();
 
     // Pass 2: decide the layout and which entries to read, still without decompressing.
@@ -333,21 +149,13 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
         Layout::Flat
     };
 
-    let mut total_read: u64 = 0;
-    let read = |archive: &mut zip::ZipArchive<_>, e: &Entry, total: &mut u64| {
-        let entry = archive
-            .by_index(e.index)
-            .map_err(|err| data(format!("{zip_name}: entry \"{}\": {err}", e.name)))?;
-        read_bounded(entry, &zip_name, &e.name, e.size, total, limits)
-    };
-
     // (image entry, caption or None, repeats)
     let mut plan: Vec<(&Entry, Option<String>, u32)> = Vec::new();
     match layout {
         Layout::ImageFolder => {
             let mut listed: BTreeMap<String, Option<String>> = BTreeMap::new();
             for m in &metadata {
-                let bytes = read(&mut archive, m, &mut total_read)?;
+                let bytes = archive.read(m)?;
                 let text = std::str::from_utf8(&bytes)
                     .map_err(|_| data(format!("{zip_name}: entry \"{}\": not UTF-8", m.name)))?;
                 let dir = parent(&m.name);
@@ -412,7 +220,7 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
                     .find_map(|x| by_name.get(format!("{stem}{x}").as_str()).copied());
                 let mut caption = match cap_entry {
                     Some(c) => {
-                        let bytes = read(&mut archive, c, &mut total_read)?;
+                        let bytes = archive.read(c)?;
                         Some(caption_text(&zip_name, &c.name, &bytes)?).filter(|t| !t.is_empty())
                     }
                     None => None,
@@ -439,7 +247,7 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
     for e in &files {
         let is_caption = matches!(ext(&e.name).as_deref(), Some("txt" | "caption"))
             && used.contains(stem_path(&e.name));
-        let is_meta = layout == Layout::ImageFolder && metadata.iter().any(|m| m.index == e.index);
+        let is_meta = layout == Layout::ImageFolder && metadata.iter().any(|m| m.name == e.name);
         if !is_image(&e.name) && !is_caption && !is_meta {
             ignored.push(e.name.clone());
         }
@@ -448,21 +256,8 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
     let mut report = DatasetReport::default();
     let mut examples = Vec::new();
     for (e, caption, repeats) in plan {
-        let bytes = read(&mut archive, e, &mut total_read)?;
-        match decode_image(&bytes, &e.name, limits) {
+        match archive.image(e)? {
             Ok(image) => {
-                let image = match limits.shrink_to {
-                    Some(s) if image.width().min(image.height()) > s => {
-                        let (nw, nh) = short_side_dims(image.width(), image.height(), s);
-                        image::imageops::resize(
-                            &image,
-                            nw,
-                            nh,
-                            image::imageops::FilterType::Triangle,
-                        )
-                    }
-                    _ => image,
-                };
                 match &caption {
                     Some(_) => report.with_caption += 1,
                     None => report.missing_captions.push(e.name.clone()),
@@ -481,10 +276,7 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
                     image,
                 });
             }
-            // decode_image's messages already name the entry; keep them without the
-            // variant's "data: " prefix.
-            Err(Error::Data(msg)) => report.undecodable.push((e.name.clone(), msg)),
-            Err(err) => report.undecodable.push((e.name.clone(), err.to_string())),
+            Err(msg) => report.undecodable.push((e.name.clone(), msg)),
         }
     }
     if examples.is_empty() {
@@ -505,65 +297,6 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
         examples,
         report,
     })
-}
-
-/// Decodes a PNG or JPEG (format sniffed from the bytes, not the name), applies its EXIF
-/// orientation and converts it to RGB8 with any alpha composited onto white, which is
-/// what a transparent background looks like in every viewer (kohya drops alpha instead,
-/// turning transparent areas into whatever colour the encoder left there, often black).
-/// The size of a `w`×`h` image resized so that its short side is `res` (the long side
-/// truncated, as torchvision's `Resize(int)` does).
-fn short_side_dims(w: u32, h: u32, res: u32) -> (u32, u32) {
-    let (nw, nh) = if w <= h {
-        (
-            res,
-            ((u64::from(res) * u64::from(h)) / u64::from(w.max(1))) as u32,
-        )
-    } else {
-        (
-            ((u64::from(res) * u64::from(w)) / u64::from(h.max(1))) as u32,
-            res,
-        )
-    };
-    (nw.max(res), nh.max(res))
-}
-
-pub fn decode_image(bytes: &[u8], name: &str, limits: &ZipLimits) -> Result<RgbImage> {
-    let fail = |why: String| data(format!("{name}: {why}"));
-    let side = u32::try_from(limits.max_image_pixels).unwrap_or(u32::MAX);
-    let mut lim = image::Limits::default();
-    lim.max_image_width = Some(side);
-    lim.max_image_height = Some(side);
-    // 8 bytes a pixel covers 16-bit RGBA output; never below image's own 512 MiB default.
-    lim.max_alloc = Some(limits.max_image_pixels.saturating_mul(8).max(512 << 20));
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?;
-    reader.limits(lim);
-    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
-    let (w, h) = decoder.dimensions();
-    if u64::from(w) * u64::from(h) > limits.max_image_pixels {
-        return Err(fail(format!(
-            "{w}x{h} exceeds max_image_pixels ({})",
-            limits.max_image_pixels
-        )));
-    }
-    let orientation = decoder.orientation().map_err(|e| fail(e.to_string()))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
-    img.apply_orientation(orientation);
-    if !img.color().has_alpha() {
-        return Ok(img.to_rgb8());
-    }
-    let rgba = img.to_rgba8();
-    let mut out = RgbImage::new(rgba.width(), rgba.height());
-    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
-        let a = u32::from(p[3]);
-        for c in 0..3 {
-            let v = (u32::from(p[c]) * a + 255 * (255 - a) + 127) / 255;
-            o[c] = v as u8;
-        }
-    }
-    Ok(out)
 }
 
 /// The VAE input for one image, as diffusers' `train_text_to_image.py` builds it:

@@ -91,8 +91,8 @@ pub async fn resolve(
             )
         } else {
             format!(
-                "The model `{model}` ({id}) is a sequence-classification model and does not generate text; \
-                 use `loraforge classify` with its adapter."
+                "The model `{model}` ({id}) is a classification model and does not generate text; \
+                 use `loraforge classify` with its adapter (`--text` or `--image`)."
             )
         })
     };

@@ -73,14 +73,7 @@ fn check_image_zip(
             if !r.missing_captions.is_empty() {
                 d.push_str(&format!("; no caption: {}", r.missing_captions.join(", ")));
             }
-            if !r.undecodable.is_empty() {
-                let u: Vec<String> = r
-                    .undecodable
-                    .iter()
-                    .map(|(n, e)| format!("{n} ({e})"))
-                    .collect();
-                d.push_str(&format!("; skipped, not decodable: {}", u.join(", ")));
-            }
+            d.push_str(&undecodable_note(&r.undecodable));
             // Without any caption the LoRA learns nothing it could be prompted with.
             let problem = if r.with_caption == 0 {
                 Some(
@@ -111,6 +104,18 @@ fn check_image_zip(
             (report, None)
         }
     }
+}
+
+/// "; skipped, not decodable: a.png (why), ..." for a summary, or nothing.
+fn undecodable_note(undecodable: &[(String, String)]) -> String {
+    if undecodable.is_empty() {
+        return String::new();
+    }
+    let u: Vec<String> = undecodable
+        .iter()
+        .map(|(n, e)| format!("{n} ({e})"))
+        .collect();
+    format!("; skipped, not decodable: {}", u.join(", "))
 }
 
 /// The temp file's name stripped from a trainer message: the entry and the problem are
@@ -144,7 +149,8 @@ fn check_class_zip(
         report.error_count = 1;
         (report, None)
     };
-    match read_labelled_zip(path, &limits) {
+    // The report needs no pixels beyond the shrunk ones the limits keep.
+    match read_labelled_zip(path, &limits, &|img| Ok(img.clone())) {
         Ok(ds) => {
             let r = &ds.report;
             report.examples = r.images as u64;
@@ -173,14 +179,7 @@ fn check_class_zip(
                 r.per_label.len(),
                 classes.join(", ")
             );
-            if !r.undecodable.is_empty() {
-                let u: Vec<String> = r
-                    .undecodable
-                    .iter()
-                    .map(|(n, e)| format!("{n} ({e})"))
-                    .collect();
-                d.push_str(&format!("; skipped, not decodable: {}", u.join(", ")));
-            }
+            d.push_str(&undecodable_note(&r.undecodable));
             (report, Some(d))
         }
         Err(e) => fail(report, without_temp_name(path, e.to_string())),

@@ -134,6 +134,30 @@ fn read_bounded<R: Read>(
     Ok(buf)
 }
 
+/// `(repeats, class tokens)` of a kohya folder name like `10_sks dog`: captioned SD
+/// images to the text-to-image reader, and so never class folders to the classifier's.
+pub fn kohya_folder(dir: &str) -> Option<(u32, String)> {
+    let last = dir.rsplit('/').next()?;
+    let (n, tokens) = last.split_once('_')?;
+    if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let repeats: u32 = n.parse().ok()?;
+    // kohya treats `0_x` as an error; a zero-repeat folder would silently contribute
+    // nothing, so it is not a kohya folder here either.
+    (repeats > 0).then(|| (repeats, tokens.trim().to_string()))
+}
+
+/// The error of an archive in which no image could be used: the first decoding failure,
+/// or that there were no images at all.
+pub fn no_images(zip_name: &str, undecodable: &[(String, String)]) -> Error {
+    let why = match undecodable.first() {
+        Some((_, err)) => format!("no image decodes (first failure: {err})"),
+        None => "no png/jpg images found".to_string(),
+    };
+    data(format!("{zip_name}: {why}"))
+}
+
 /// A file entry of a vetted archive.
 #[derive(Debug, Clone)]
 pub struct Entry {

@@ -10,6 +10,7 @@
 //! [`train()`] runs a job with the family that trains its task.
 
 pub mod archive;
+pub mod classes;
 pub mod data;
 pub mod device;
 pub mod families;

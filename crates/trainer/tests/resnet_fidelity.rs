@@ -166,13 +166,13 @@ fn image_folder_zips_are_read_by_their_folders() {
     let dir = tempfile::tempdir().unwrap();
     let z = dir.path().join("train.zip");
     class_zip(&z, &["dog", "cat", "bird"], 2);
-    let d = read_labelled_zip(&z, &Default::default()).unwrap();
+    let d = read_labelled_zip(&z, &Default::default(), &|i| Ok(i.clone())).unwrap();
     assert_eq!(d.labels(), ["bird", "cat", "dog"]);
     assert_eq!(d.report.images, 6);
     assert_eq!(d.report.ignored, ["pets/README.txt"]);
     // Integer folders keep their values as ids.
     class_zip(&z, &["10", "2", "1"], 1);
-    let d = read_labelled_zip(&z, &Default::default()).unwrap();
+    let d = read_labelled_zip(&z, &Default::default(), &|i| Ok(i.clone())).unwrap();
     assert_eq!(d.labels(), ["1", "2", "10"]);
     // An image with no folder has no label.
     write_zip(
@@ -182,13 +182,13 @@ fn image_folder_zips_are_read_by_their_folders() {
             ("b.png".into(), png(1, 0, 8, 8)),
         ],
     );
-    let e = read_labelled_zip(&z, &Default::default())
+    let e = read_labelled_zip(&z, &Default::default(), &|i| Ok(i.clone()))
         .unwrap_err()
         .to_string();
     assert!(e.contains("\"b.png\" is in no folder"), "{e}");
     // Entries that escape the archive are refused before anything is read.
     write_zip(&z, &[("../cat/a.png".into(), png(0, 0, 8, 8))]);
-    let e = read_labelled_zip(&z, &Default::default())
+    let e = read_labelled_zip(&z, &Default::default(), &|i| Ok(i.clone()))
         .unwrap_err()
         .to_string();
     assert!(e.contains("escapes the archive"), "{e}");

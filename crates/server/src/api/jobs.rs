@@ -84,10 +84,17 @@ async fn check_file(
         .find(|fam| fam.data_formats().iter().any(|d| d.as_str() == format))
         .map_or(Task::CausalLm, |fam| fam.task());
     if file_task != task {
+        // A class folder named like kohya's `10_name` makes a zip read as captioned images.
+        let hint = if format == DataFormat::ImageZip.as_str() && task == Task::ImageClassification {
+            " An image-classification zip has one folder per class and no captions; folders \
+             named like kohya's 10_name (a number, _, words) read as a text-to-image dataset."
+        } else {
+            ""
+        };
         return Err(bad_file(
             param,
             format!(
-                "File {id} has format {} and cannot train task {} (it fits task {}).",
+                "File {id} has format {} and cannot train task {} (it fits task {}).{hint}",
                 f.format.as_deref().unwrap_or("unknown"),
                 task.as_str(),
                 file_task.as_str()

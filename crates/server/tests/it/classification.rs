@@ -8,11 +8,11 @@
 //! `LORAFORGE_REQUIRE_REAL_MODELS=1` (CI sets it).
 
 use crate::common;
+use common::{run, unzip};
 
 use common::{copy_dir, create_job, get_json, root, wait_status, Backend, TestServer};
 use serde_json::{json, Value};
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -32,20 +32,6 @@ fn lines(rows: &[Value]) -> Vec<u8> {
         .map(|r| r.to_string() + "\n")
         .collect::<String>()
         .into_bytes()
-}
-
-fn unzip(bytes: &[u8], to: &Path) -> Vec<String> {
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
-    std::fs::create_dir_all(to).unwrap();
-    let mut names = Vec::new();
-    for i in 0..z.len() {
-        let mut f = z.by_index(i).unwrap();
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).unwrap();
-        std::fs::write(to.join(f.name()), buf).unwrap();
-        names.push(f.name().to_string());
-    }
-    names
 }
 
 async fn download_adapter(s: &TestServer, job: &str) -> Vec<u8> {
@@ -296,17 +282,6 @@ fn minilm() -> Option<(PathBuf, PathBuf)> {
             None
         }
     }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! loading it back.
 
 use crate::common;
+use common::unzip;
 
 use common::{
     check_response, copy_dir, download_adapter, get_json as get, peft_check_merged, root, spec,
@@ -10,7 +11,6 @@ use common::{
 };
 use serde_json::{json, Value};
 use std::io::Read;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
@@ -43,13 +43,6 @@ async fn wait_export(s: &TestServer, job: &str, id: &str) -> Value {
         assert!(t0.elapsed() < Duration::from_secs(120), "{e}\n{}", s.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn unzip(bytes: &[u8], dir: &Path) -> Vec<String> {
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
-    let names: Vec<String> = z.file_names().map(String::from).collect();
-    z.extract(dir).unwrap();
-    names
 }
 
 #[tokio::test]

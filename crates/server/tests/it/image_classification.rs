@@ -6,11 +6,12 @@
 //! `LORAFORGE_REQUIRE_REAL_MODELS=1`, as CI sets).
 
 use crate::common;
+use common::{run, unzip};
 
 use common::{copy_dir, create_job, get_json, read_sse, root, wait_status, Backend, TestServer};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -59,20 +60,6 @@ async fn upload_zip(s: &TestServer, name: &str, body: Vec<u8>) -> Value {
     f
 }
 
-fn unzip(bytes: &[u8], to: &Path) -> Vec<String> {
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
-    std::fs::create_dir_all(to).unwrap();
-    let mut names = Vec::new();
-    for i in 0..z.len() {
-        let mut f = z.by_index(i).unwrap();
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).unwrap();
-        std::fs::write(to.join(f.name()), buf).unwrap();
-        names.push(f.name().to_string());
-    }
-    names
-}
-
 fn venv() -> Option<PathBuf> {
     match std::env::var("LORAFORGE_VENV").map(PathBuf::from) {
         Ok(v) if v.join("bin/python").is_file() => Some(v),
@@ -84,17 +71,6 @@ fn venv() -> Option<PathBuf> {
             None
         }
     }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]
@@ -143,6 +119,28 @@ async fn a_tiny_resnet_trains_through_the_api_and_classifies_as_peft_does() {
             .unwrap_or_default()
             .contains("escapes the archive"),
         "{f}"
+    );
+
+    // Folders named like kohya's `10_name` read as captioned SD images (class words as
+    // captions): such a zip cannot train a classifier, and the refusal says why.
+    let kohya = zip_of(&[
+        ("1_cat/a.png".into(), png(1, 0)),
+        ("2_dog/b.png".into(), png(2, 0)),
+    ]);
+    let kohya = upload_zip(&s, "numbered.zip", kohya).await;
+    assert_eq!(kohya["format"], "image_zip", "{kohya}");
+    let (st, e) = create_job(
+        &s,
+        json!({"model": "tiny-resnet", "training_file": kohya["id"], "task": "image_classification"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("kohya's 10_name"),
+        "{e}"
     );
 
     let train = upload_zip(&s, "pets.zip", class_zip(8, 0)).await;
@@ -263,6 +261,13 @@ async fn a_tiny_resnet_trains_through_the_api_and_classifies_as_peft_does() {
     assert_eq!(cfg["modules_to_save"], json!(["classifier"]), "{cfg}");
     assert_eq!(cfg["task_type"], Value::Null, "{cfg}");
 
+    // Classifiers do not chat: a clear 400 naming the model, for the base and the adapter.
+    for m in [json!("tiny-resnet"), done["fine_tuned_model"].clone()] {
+        let e = common::chat_refused(&s, &m).await;
+        let msg = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("--image"), "{e}");
+    }
+
     // The CLI and PEFT classify the same held-out images alike.
     let images: Vec<PathBuf> = (0..3)
         .map(|c| {
@@ -318,4 +323,30 @@ async fn a_tiny_resnet_trains_through_the_api_and_classifies_as_peft_does() {
         }
     }
     println!("loraforge and PEFT: {ours:?} / {peft:?}");
+}
+
+/// The README's demonstration (`scripts/digits_demo.py`): scikit-learn's 8×8 digits
+/// through the API on a seeded random small ResNet, LoRA on its convolutions and a new
+/// head; validation accuracy must clearly beat chance (0.10).
+#[test]
+fn the_digits_demonstration_beats_chance_by_far() {
+    let Some(venv) = venv() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let out = run(Command::new(venv.join("bin/python"))
+        .arg(root().join("scripts/digits_demo.py"))
+        .arg("--bin")
+        .arg(env!("CARGO_BIN_EXE_loraforge"))
+        .arg("--work")
+        .arg(work.path()));
+    println!("{out}");
+    let acc: f64 = out
+        .lines()
+        .find_map(|l| l.split("final validation accuracy ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no final accuracy in:\n{out}"));
+    assert!(
+        acc > 0.5,
+        "validation accuracy {acc} is not clearly above chance (0.10)"
+    );
 }

@@ -5,6 +5,7 @@
 //! (a venv with transformers + peft + gguf, `scripts/setup-python.sh`).
 
 use crate::common;
+use common::run;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,13 +30,6 @@ fn smollm2() -> Option<PathBuf> {
 
 fn loraforge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_loraforge"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{cmd:?} failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The tokenizer rebuilt from the GGUF's metadata tokenizes like HF's tokenizer.json

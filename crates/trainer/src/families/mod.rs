@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod diffusion;
 pub mod encoder;
 mod family;
+pub mod speech;
 pub mod vision;
 
 pub use family::{Family, Field, JobCheck, MemoryEstimate, Named, Refusal};

@@ -665,3 +665,23 @@ pub fn peft_check_merged(model: &Path, adapter: &Path, merged: Option<&Path>) {
         _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
     }
 }
+
+/// Unpacks a zip's bytes into `dir`; its entry names.
+pub fn unzip(bytes: &[u8], dir: &Path) -> Vec<String> {
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let names: Vec<String> = z.file_names().map(String::from).collect();
+    z.extract(dir).unwrap();
+    names
+}
+
+/// Runs `cmd` to success (the failure shows its stdout and stderr); its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -34,7 +34,8 @@ use serde::Serialize;
 
 pub use crate::archive::{decode_image, ZipLimits, RATIO_CHECK_MIN_BYTES};
 use crate::archive::{
-    ext, is_image, parent, short_side_dims, stem_path, unsafe_name, Archive, Entry,
+    ext, is_image, kohya_folder, no_images, parent, short_side_dims, stem_path, unsafe_name,
+    Archive, Entry,
 };
 use crate::{Error, Result};
 
@@ -99,19 +100,6 @@ pub struct ImageDataset {
 
 fn data(msg: String) -> Error {
     Error::Data(msg)
-}
-
-/// `(repeats, class tokens)` of a kohya folder name like `10_sks dog`.
-fn kohya_folder(dir: &str) -> Option<(u32, String)> {
-    let last = dir.rsplit('/').next()?;
-    let (n, tokens) = last.split_once('_')?;
-    if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let repeats: u32 = n.parse().ok()?;
-    // kohya treats `0_x` as an error; a zero-repeat folder would silently contribute
-    // nothing, so it is not a kohya folder here either.
-    (repeats > 0).then(|| (repeats, tokens.trim().to_string()))
 }
 
 /// Caption text: UTF-8 required, BOM stripped, trimmed (the fixtures end in newlines).
@@ -280,11 +268,7 @@ pub fn read_zip(path: &Path, limits: &ZipLimits) -> Result<ImageDataset> {
         }
     }
     if examples.is_empty() {
-        let why = match report.undecodable.first() {
-            Some((_, err)) => format!("no image decodes (first failure: {err})"),
-            None => "no png/jpg images found".to_string(),
-        };
-        return Err(data(format!("{zip_name}: {why}")));
+        return Err(no_images(&zip_name, &report.undecodable));
     }
     examples.sort_by(|a, b| a.name.cmp(&b.name));
     report.images = examples.len();

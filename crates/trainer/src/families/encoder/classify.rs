@@ -1,5 +1,6 @@
 //! Inference with a sequence-classification adapter: label probabilities for texts.
 
+pub use crate::classes::Prediction;
 use crate::data::ClassInput;
 use crate::families::encoder::labels::LabelSet;
 use crate::families::encoder::model::{Encoder, ProblemType};
@@ -14,15 +15,6 @@ pub struct Classifier {
     pub model: Encoder,
     pub labels: LabelSet,
     tokenizer: PairTokenizer,
-}
-
-/// One prediction: a score per label, in id order.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Prediction {
-    /// The arg-max label (single-label), the labels above 0.5 (multi-label), or none.
-    pub labels: Vec<String>,
-    /// Probabilities (softmax or sigmoid) per label, or the regression value.
-    pub scores: Vec<(String, f32)>,
 }
 
 impl Classifier {

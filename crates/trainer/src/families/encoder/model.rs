@@ -6,13 +6,12 @@
 //! first token), RoBERTa's `classifier.dense` / `classifier.out_proj` on the first
 //! token directly. Losses follow transformers' `problem_type`s.
 
+pub use crate::classes::{accuracy_macro_f1, classification_loss, ProblemType, Targets};
 use crate::io::get_usize;
 use crate::io::{Take, Weights};
 use crate::lora::{dropout, ForwardCtx, Linear, LoraModel};
 use crate::nn::LayerNorm;
-use crate::ops::{
-    cross_entropy_rows, fast_path, masked_softmax, multi_head_attention, AttnMask, Heads, MASKED,
-};
+use crate::ops::{fast_path, masked_softmax, multi_head_attention, AttnMask, Heads, MASKED};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -50,38 +49,6 @@ pub enum Activation {
     /// `gelu_new` / `gelu_pytorch_tanh`.
     GeluTanh,
     Relu,
-}
-
-/// transformers' `problem_type` for sequence classification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProblemType {
-    /// One class per example; cross entropy.
-    SingleLabelClassification,
-    /// Any subset of classes; binary cross entropy on each logit.
-    MultiLabelClassification,
-    /// Real-valued targets; mean squared error.
-    Regression,
-}
-
-impl ProblemType {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "single_label_classification" => Ok(Self::SingleLabelClassification),
-            "multi_label_classification" => Ok(Self::MultiLabelClassification),
-            "regression" => Ok(Self::Regression),
-            _ => Err(Error::Config(format!(
-                "problem_type \"{s}\": expected single_label_classification, multi_label_classification or regression"
-            ))),
-        }
-    }
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::SingleLabelClassification => "single_label_classification",
-            Self::MultiLabelClassification => "multi_label_classification",
-            Self::Regression => "regression",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -629,103 +596,9 @@ impl LoraModel for Encoder {
     }
 }
 
-/// The loss of a batch, summed over its scored units, and the number of units
-/// (examples for single-label, examples × labels for multi-label and regression),
-/// so that dividing by the step's units gives transformers' mean.
-pub fn classification_loss(
-    logits: &Tensor,
-    problem: ProblemType,
-    targets: &Targets,
-) -> Result<(Tensor, usize)> {
-    let (b, k) = logits.dims2()?;
-    match (problem, targets) {
-        (ProblemType::SingleLabelClassification, Targets::Classes(c)) => {
-            Ok((cross_entropy_rows(logits, c)?.sum_all()?, b))
-        }
-        (ProblemType::MultiLabelClassification, Targets::Values(y))
-        | (ProblemType::Regression, Targets::Values(y)) => {
-            let y = Tensor::from_slice(y, (b, k), logits.device())?;
-            let sum = if problem == ProblemType::Regression {
-                (logits - y)?.sqr()?.sum_all()?
-            } else {
-                // max(x, 0) - x·y + log(1 + exp(-|x|)): BCE with logits, stable for any x.
-                let x = logits;
-                let softplus = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-                ((x.relu()? - (x * y)?)? + softplus)?.sum_all()?
-            };
-            Ok((sum, b * k))
-        }
-        _ => Err(Error::Data(format!(
-            "targets do not fit problem_type {}",
-            problem.as_str()
-        ))),
-    }
-}
-
-/// Per-batch targets.
-#[derive(Debug, Clone)]
-pub enum Targets {
-    /// Class index per example.
-    Classes(Vec<u32>),
-    /// `(b, num_labels)` row-major: multi-hot (multi-label) or values (regression).
-    Values(Vec<f32>),
-}
-
-/// Accuracy and macro-F1 over predictions and gold labels of `k` classes.
-pub fn accuracy_macro_f1(pred: &[u32], gold: &[u32], k: usize) -> (f64, f64) {
-    if pred.is_empty() {
-        return (0.0, 0.0);
-    }
-    let correct = pred.iter().zip(gold).filter(|(p, g)| p == g).count();
-    let mut f1 = 0.0;
-    let mut classes = 0;
-    for c in 0..k as u32 {
-        let tp = pred
-            .iter()
-            .zip(gold)
-            .filter(|(p, g)| **p == c && **g == c)
-            .count() as f64;
-        let fp = pred
-            .iter()
-            .zip(gold)
-            .filter(|(p, g)| **p == c && **g != c)
-            .count() as f64;
-        let fn_ = pred
-            .iter()
-            .zip(gold)
-            .filter(|(p, g)| **p != c && **g == c)
-            .count() as f64;
-        if tp + fp + fn_ == 0.0 {
-            // A class absent from both gold and predictions says nothing (sklearn warns too).
-            continue;
-        }
-        classes += 1;
-        f1 += 2.0 * tp / (2.0 * tp + fp + fn_);
-    }
-    (
-        correct as f64 / pred.len() as f64,
-        if classes > 0 {
-            f1 / classes as f64
-        } else {
-            0.0
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn macro_f1_matches_hand_computation() {
-        // class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: tp 1 fp 1 fn 0 -> 2/3
-        let (acc, f1) = accuracy_macro_f1(&[0, 0, 1, 2, 2], &[0, 1, 1, 2, 0], 3);
-        assert!((acc - 0.6).abs() < 1e-12);
-        assert!(
-            (f1 - (0.5 + 2.0 / 3.0 + 2.0 / 3.0) / 3.0).abs() < 1e-12,
-            "{f1}"
-        );
-    }
 
     #[test]
     fn unsupported_options_are_named() {

@@ -3,8 +3,7 @@
 use super::objective::pixel_batch;
 use super::preprocess::Preprocessor;
 use super::resnet::ResNet;
-use crate::families::encoder::classify::Prediction;
-use crate::families::encoder::labels::LabelSet;
+use crate::classes::{LabelSet, Prediction};
 use crate::lora::{self, ForwardCtx};
 use crate::Result;
 use candle_core::Device;

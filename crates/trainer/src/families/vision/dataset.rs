@@ -4,11 +4,13 @@
 //! wrapped in one top folder (`pets/cat/001.png`) reads the same. Images outside any
 //! folder are an error (they have no label); other files are ignored and listed.
 
-use crate::archive::{ext, is_image, parent, stem_path, Archive, ZipLimits};
+use crate::archive::{
+    ext, is_image, kohya_folder, no_images, parent, stem_path, Archive, ZipLimits,
+};
 use crate::{Error, Result};
 use image::RgbImage;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 /// One decoded, labelled image.
@@ -69,31 +71,38 @@ pub fn looks_labelled(path: &Path, limits: &ZipLimits) -> bool {
     let Ok(a) = Archive::open(path, limits) else {
         return false;
     };
-    let names: Vec<&str> = a.files.iter().map(|e| e.name.as_str()).collect();
-    let images: Vec<&str> = names.iter().copied().filter(|n| is_image(n)).collect();
-    let captioned = names.iter().any(|n| {
+    let images: Vec<&str> = a
+        .files
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|n| is_image(n))
+        .collect();
+    let stems: HashSet<&str> = images.iter().map(|n| stem_path(n)).collect();
+    let captioned = a.files.iter().any(|e| {
+        let n = e.name.as_str();
         n.rsplit('/').next() == Some("metadata.jsonl")
-            || matches!(ext(n).as_deref(), Some("txt" | "caption"))
-                && images.iter().any(|i| stem_path(i) == stem_path(n))
+            || matches!(ext(n).as_deref(), Some("txt" | "caption")) && stems.contains(stem_path(n))
     });
-    let kohya = images.iter().any(|n| {
-        folder_label(n)
-            .split_once('_')
-            .is_some_and(|(r, _)| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
-    });
-    let mut labels: Vec<&str> = images.iter().map(|n| folder_label(n)).collect();
-    labels.sort();
-    labels.dedup();
-    !captioned && !kohya && !labels.contains(&"") && labels.len() >= 2
+    // The SD reader's own rule for kohya folders, so that the two never disagree.
+    let kohya = images.iter().any(|n| kohya_folder(parent(n)).is_some());
+    let labels: HashSet<&str> = images.iter().map(|n| folder_label(n)).collect();
+    !captioned && !kohya && !labels.contains("") && labels.len() >= 2
 }
 
-/// The last folder of an entry's path ("" at the archive's root).
+/// The last folder of an entry's path, trimmed ("" at the archive's root).
 fn folder_label(name: &str) -> &str {
-    parent(name).rsplit('/').next().unwrap_or("")
+    parent(name).rsplit('/').next().unwrap_or("").trim()
 }
 
-/// Reads a labelled image zip (see the module docs).
-pub fn read_labelled_zip(path: &Path, limits: &ZipLimits) -> Result<LabelledImages> {
+/// Reads a labelled image zip (see the module docs). `prepare` turns each image into
+/// what is kept of it (the model's input size) as soon as it is decoded, so that a zip
+/// of large photos never holds more than one at full size; its error, which names
+/// nothing, is reported with the entry.
+pub fn read_labelled_zip(
+    path: &Path,
+    limits: &ZipLimits,
+    prepare: &dyn Fn(&RgbImage) -> Result<RgbImage>,
+) -> Result<LabelledImages> {
     let mut archive = Archive::open(path, limits)?;
     let zip_name = archive.zip_name.clone();
     let files = std::mem::take(&mut archive.files);
@@ -108,7 +117,7 @@ pub fn read_labelled_zip(path: &Path, limits: &ZipLimits) -> Result<LabelledImag
             report.ignored.push(e.name.clone());
             continue;
         }
-        let label = folder_label(&e.name).trim();
+        let label = folder_label(&e.name);
         if label.is_empty() {
             return Err(Error::Data(format!(
                 "{zip_name}: entry \"{}\" is in no folder: an image-classification zip has one \
@@ -119,6 +128,13 @@ pub fn read_labelled_zip(path: &Path, limits: &ZipLimits) -> Result<LabelledImag
         let label = label.to_string();
         match archive.image(e)? {
             Ok(image) => {
+                let image = prepare(&image).map_err(|err| {
+                    let m = match err {
+                        Error::Data(m) => m,
+                        e => e.to_string(),
+                    };
+                    Error::Data(format!("{zip_name}: {}: {m}", e.name))
+                })?;
                 *counts.entry(label.clone()).or_default() += 1;
                 examples.push(LabelledImage {
                     name: e.name.clone(),
@@ -130,11 +146,7 @@ pub fn read_labelled_zip(path: &Path, limits: &ZipLimits) -> Result<LabelledImag
         }
     }
     if examples.is_empty() {
-        let why = match report.undecodable.first() {
-            Some((_, err)) => format!("no image decodes (first failure: {err})"),
-            None => "no png/jpg images found".to_string(),
-        };
-        return Err(Error::Data(format!("{zip_name}: {why}")));
+        return Err(no_images(&zip_name, &report.undecodable));
     }
     let mut labels: Vec<String> = counts.keys().cloned().collect();
     order_labels(&mut labels);

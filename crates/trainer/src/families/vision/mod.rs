@@ -41,7 +41,7 @@ impl Family for VisionFamily {
         &[DataFormat::ImageClasses]
     }
     fn adapter_files(&self) -> &'static [&'static str] {
-        &[super::encoder::labels::LABELS_FILE]
+        &[crate::classes::LABELS_FILE]
     }
     /// The targets must name convolutions of the model, and the model must say how to
     /// turn an image into its input.

@@ -3,17 +3,17 @@
 
 use super::dataset::{read_labelled_zip, LabelledImages};
 use super::preprocess::Preprocessor;
-use super::resnet::ResNet;
+use super::resnet::{ResNet, ResNetConfig};
 use crate::archive::ZipLimits;
-use crate::families::encoder::labels::LabelSet;
-use crate::families::encoder::model::{
-    accuracy_macro_f1, classification_loss, ProblemType, Targets,
+use crate::classes::{
+    accuracy_macro_f1, classification_loss, LabelSet, ProblemType, Targets, LABELS_FILE,
 };
 use crate::lora::{ForwardCtx, LoraModel};
 use crate::train::{EvalMetrics, Objective, TrainSpec};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
 use image::RgbImage;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Image classification on a ResNet.
@@ -40,56 +40,56 @@ pub fn label_set(names: Vec<String>) -> LabelSet {
     }
 }
 
-/// Reads a zip's images and prepares each at the model's input size; every label must
-/// be in `set`.
+/// A zip's prepared images with their label ids; every label must be in `set`, every
+/// image the same size.
 fn examples(
-    data: &LabelledImages,
+    data: LabelledImages,
     set: &LabelSet,
-    pre: &Preprocessor,
     what: &str,
     train_name: &str,
 ) -> Result<Vec<(RgbImage, u32)>> {
+    let ids: HashMap<&str, u32> = set
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as u32))
+        .collect();
     let mut size = None;
     data.examples
-        .iter()
+        .into_iter()
         .map(|e| {
-            let id = set
-                .names
-                .iter()
-                .position(|n| *n == e.label)
-                .ok_or_else(|| {
-                    Error::Data(format!(
-                        "{what}: {}: label \"{}\" is not one of the {} labels of {train_name} ({})",
-                        e.name,
-                        e.label,
-                        set.names.len(),
-                        set.names.join(", ")
-                    ))
-                })?;
-            let img = pre
-                .prepare(&e.image)
-                .map_err(|err| Error::Data(format!("{what}: {}: {err}", e.name)))?;
-            let dims = img.dimensions();
-            if *size.get_or_insert(dims) != dims {
+            let id = *ids.get(e.label.as_str()).ok_or_else(|| {
+                Error::Data(format!(
+                    "{what}: {}: label \"{}\" is not one of the {} labels of {train_name} ({})",
+                    e.name,
+                    e.label,
+                    set.names.len(),
+                    set.names.join(", ")
+                ))
+            })?;
+            let dims = e.image.dimensions();
+            let first = *size.get_or_insert(dims);
+            if first != dims {
                 return Err(Error::Data(format!(
                     "{what}: {} is {}x{} and other images {}x{}: the model's {} does not resize, \
                      so every image must have one size",
                     e.name,
                     dims.0,
                     dims.1,
-                    size.map_or(0, |s| s.0),
-                    size.map_or(0, |s| s.1),
+                    first.0,
+                    first.1,
                     super::preprocess::PREPROCESSOR_FILE
                 )));
             }
-            Ok((img, id as u32))
+            Ok((e.image, id))
         })
         .collect()
 }
 
 impl ImageCls {
     /// Reads the data first: the training zip's folders are the label set, unless an
-    /// adapter to start from or resume brings its own, which the data must fit.
+    /// adapter to start from or resume brings its own, which the data must fit. Each
+    /// image is resized to the model's input as it is decoded.
     pub fn load(spec: &TrainSpec, adapter: Option<&Path>) -> Result<Self> {
         let limits = ZipLimits::default();
         let file_name = |p: &Path| {
@@ -99,11 +99,12 @@ impl ImageCls {
             )
         };
         let data_name = file_name(&spec.data);
-        let train = read_labelled_zip(&spec.data, &limits)?;
-        let set = match adapter.filter(|d| {
-            d.join(crate::families::encoder::labels::LABELS_FILE)
-                .is_file()
-        }) {
+        let cfg =
+            ResNetConfig::from_hf_json(&crate::io::read_json(&spec.model.join("config.json"))?)?;
+        let pre = Preprocessor::load(&spec.model, cfg.num_channels)?;
+        let prepare = |img: &RgbImage| pre.prepare(img);
+        let train = read_labelled_zip(&spec.data, &limits, &prepare)?;
+        let set = match adapter.filter(|d| d.join(LABELS_FILE).is_file()) {
             Some(d) => LabelSet::load(d)?,
             None => {
                 let names = train.labels();
@@ -116,16 +117,15 @@ impl ImageCls {
                 label_set(names)
             }
         };
-        let model = ResNet::load(&spec.model, &set.names, spec.seed, &spec.device)?;
-        let pre = Preprocessor::load(&spec.model, model.cfg.num_channels)?;
-        let train = examples(&train, &set, &pre, &data_name, &data_name)?;
+        let train = examples(train, &set, &data_name, &data_name)?;
         let valid = match &spec.validation {
             Some(p) => {
-                let v = read_labelled_zip(p, &limits)?;
-                Some(examples(&v, &set, &pre, &file_name(p), &data_name)?)
+                let v = read_labelled_zip(p, &limits, &prepare)?;
+                Some(examples(v, &set, &file_name(p), &data_name)?)
             }
             None => None,
         };
+        let model = ResNet::load(&spec.model, &set.names, spec.seed, &spec.device)?;
         Ok(Self {
             name: crate::io::base_reference(&spec.model, None),
             model,

@@ -1,14 +1,16 @@
 //! An image processor from the model folder's `preprocessor_config.json`: resize (and
 //! crop), rescale, normalise, laid out CHW as `pixel_values`.
 //!
-//! Sizes follow transformers: `{"height", "width"}` resizes to exactly that;
-//! `{"shortest_edge"}` with `crop_pct` (ConvNext's processor, which ResNet checkpoints
-//! use) resizes the short side to `shortest_edge / crop_pct` and centre-crops
-//! `shortest_edge` square (from 384 up it resizes to the square directly); with
-//! `crop_size` and `do_center_crop` it resizes the short side and crops `crop_size`.
-//! Resampling is the `image` crate's filter for PIL's `resample` code (nearest,
-//! lanczos, bilinear, bicubic): close to PIL's, not bit-exact; an image already at the
-//! target size is not resampled at all.
+//! Sizes follow transformers: `{"height", "width"}` resizes to exactly that (then
+//! centre-crops `crop_size` when `do_center_crop`); `{"shortest_edge"}` (or a plain
+//! number) with ConvNext's processor, which ResNet checkpoints name, resizes the short
+//! side to `shortest_edge / crop_pct` and centre-crops `shortest_edge` square (from 384
+//! up it resizes to the square directly); with another processor, `shortest_edge` needs
+//! `do_center_crop` and a `crop_size`. Missing keys take the processor type's defaults.
+//! Resampling is the `image` crate's filter for PIL's `resample` code (nearest, lanczos,
+//! bilinear, bicubic): close to PIL's, not bit-exact; an image already at the target
+//! size is not resampled at all. Sizes are capped at [`MAX_SIDE`], so that no file can
+//! make a resize allocate without bound.
 
 use crate::archive::short_side_dims;
 use crate::{Error, Result};
@@ -25,6 +27,13 @@ enum Size {
     Exact {
         h: u32,
         w: u32,
+    },
+    /// Resize to `h`×`w`, then centre-crop `crop_h`×`crop_w`.
+    ExactThenCrop {
+        h: u32,
+        w: u32,
+        crop_h: u32,
+        crop_w: u32,
     },
     /// Resize the short side to `resize`, then centre-crop `crop_h`×`crop_w`.
     ShortThenCrop {
@@ -60,8 +69,24 @@ fn floats(v: &Value, key: &str, default: &[f32]) -> Result<Vec<f32>> {
     }
 }
 
-fn side(v: &Value, key: &str) -> Option<u32> {
-    v.get(key).and_then(|x| x.as_u64()).map(|x| x as u32)
+/// The largest side a processor may resize or crop to.
+pub const MAX_SIDE: u32 = 4096;
+
+/// `{"height", "width"}` of a size that is one, or a plain number (a square).
+fn hw(v: Option<&Value>) -> Option<(u64, u64)> {
+    match v? {
+        Value::Number(n) => n.as_u64().map(|n| (n, n)),
+        o => Some((o.get("height")?.as_u64()?, o.get("width")?.as_u64()?)),
+    }
+}
+
+fn side_ok(n: u64, what: &str) -> Result<u32> {
+    if n == 0 || n > u64::from(MAX_SIDE) {
+        return Err(Error::Config(format!(
+            "{PREPROCESSOR_FILE}: {what} {n} is outside 1..={MAX_SIDE}"
+        )));
+    }
+    Ok(n as u32)
 }
 
 impl Preprocessor {
@@ -77,6 +102,10 @@ impl Preprocessor {
         Self::from_json(&crate::io::read_json(&p)?, channels)
     }
 
+    /// A processor from the file's JSON. Keys it leaves out take the defaults of its
+    /// `image_processor_type`: ConvNext's (what ResNet checkpoints name: bicubic,
+    /// `shortest_edge` 384, `crop_pct` 224/256) or ViT's (bilinear, 224×224), mean and
+    /// standard deviation 0.5 for both.
     pub fn from_json(v: &Value, channels: usize) -> Result<Self> {
         let bad = |m: String| Error::Config(format!("{PREPROCESSOR_FILE}: {m}"));
         if channels != 1 && channels != 3 {
@@ -84,76 +113,136 @@ impl Preprocessor {
                 "a model of {channels} channels (images are read as RGB or grey)"
             )));
         }
-        let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(true);
-        let size = if flag("do_resize") {
-            let s = v.get("size").unwrap_or(&Value::Null);
-            let size =
-                match (
-                    side(s, "height"),
-                    side(s, "width"),
-                    side(s, "shortest_edge"),
-                ) {
-                    (Some(h), Some(w), _) => Size::Exact { h, w },
-                    (_, _, Some(edge)) => {
-                        let crop_pct = v.get("crop_pct").and_then(|x| x.as_f64());
-                        let crop = v.get("crop_size").unwrap_or(&Value::Null);
-                        let center = v
-                            .get("do_center_crop")
-                            .and_then(|x| x.as_bool())
-                            .unwrap_or(false);
-                        match (crop_pct, side(crop, "height"), side(crop, "width")) {
-                            (Some(pct), _, _) if edge < 384 && pct > 0.0 => Size::ShortThenCrop {
-                                resize: (f64::from(edge) / pct) as u32,
-                                crop_h: edge,
-                                crop_w: edge,
-                            },
-                            (Some(_), _, _) => Size::Exact { h: edge, w: edge },
-                            (None, Some(h), Some(w)) if center => Size::ShortThenCrop {
-                                resize: edge,
-                                crop_h: h,
-                                crop_w: w,
-                            },
-                            _ => return Err(bad(
-                                "size {\"shortest_edge\"} without crop_pct or a centre crop gives \
-                                 images of different shapes, which do not batch"
-                                    .into(),
-                            )),
+        let kind = v
+            .get("image_processor_type")
+            .or_else(|| v.get("feature_extractor_type"))
+            .and_then(|x| x.as_str())
+            .unwrap_or("");
+        let convnext = kind.starts_with("ConvNext");
+        let flag = |k: &str, default: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(default);
+        let size = if flag("do_resize", true) {
+            let default_size = if convnext {
+                serde_json::json!({"shortest_edge": 384})
+            } else {
+                serde_json::json!({"height": 224, "width": 224})
+            };
+            let s = v
+                .get("size")
+                .filter(|s| !s.is_null())
+                .unwrap_or(&default_size);
+            // A plain number is the short side for ConvNext's processor, a square otherwise.
+            let edge = s
+                .get("shortest_edge")
+                .or_else(|| s.as_u64().filter(|_| convnext).map(|_| s))
+                .and_then(|x| x.as_u64());
+            let crop = if flag("do_center_crop", false) {
+                match hw(v.get("crop_size")) {
+                    Some((h, w)) => Some((side_ok(h, "crop_size")?, side_ok(w, "crop_size")?)),
+                    None => return Err(bad("do_center_crop without a crop_size".into())),
+                }
+            } else {
+                None
+            };
+            let size = match (edge, hw(Some(s)), crop) {
+                (Some(edge), _, _) if convnext => {
+                    let edge = side_ok(edge, "shortest_edge")?;
+                    let pct = v
+                        .get("crop_pct")
+                        .and_then(|x| x.as_f64())
+                        .unwrap_or(224.0 / 256.0);
+                    if !(pct > 0.0 && pct <= 1.0) {
+                        return Err(bad(format!("crop_pct {pct} is outside (0, 1]")));
+                    }
+                    if edge < 384 {
+                        Size::ShortThenCrop {
+                            resize: side_ok(
+                                (f64::from(edge) / pct) as u64,
+                                "shortest_edge / crop_pct",
+                            )?,
+                            crop_h: edge,
+                            crop_w: edge,
                         }
+                    } else {
+                        Size::Exact { h: edge, w: edge }
                     }
-                    _ => {
-                        return Err(bad(format!(
-                            "size {s} has neither height/width nor shortest_edge"
-                        )))
+                }
+                (Some(edge), _, Some((crop_h, crop_w))) => Size::ShortThenCrop {
+                    resize: side_ok(edge, "shortest_edge")?,
+                    crop_h,
+                    crop_w,
+                },
+                (Some(_), _, None) => {
+                    return Err(bad(
+                        "size {\"shortest_edge\"} without crop_pct or a centre crop gives \
+                         images of different shapes, which do not batch"
+                            .into(),
+                    ))
+                }
+                (None, Some((h, w)), crop) => {
+                    let (h, w) = (side_ok(h, "size height")?, side_ok(w, "size width")?);
+                    match crop {
+                        Some((crop_h, crop_w)) => Size::ExactThenCrop {
+                            h,
+                            w,
+                            crop_h,
+                            crop_w,
+                        },
+                        None => Size::Exact { h, w },
                     }
-                };
-            if matches!(size, Size::Exact { h: 0, .. } | Size::Exact { w: 0, .. })
-                || matches!(
-                    size,
-                    Size::ShortThenCrop { crop_h: 0, .. } | Size::ShortThenCrop { crop_w: 0, .. }
-                )
-            {
-                return Err(bad("a size of 0".into()));
+                }
+                (None, None, _) => {
+                    return Err(bad(format!(
+                        "size {s} has neither height/width nor shortest_edge"
+                    )))
+                }
+            };
+            match size {
+                Size::ShortThenCrop {
+                    resize,
+                    crop_h,
+                    crop_w,
+                } if resize < crop_h.min(crop_w) => {
+                    return Err(bad(format!(
+                        "a short side of {resize} is smaller than the {crop_w}x{crop_h} crop"
+                    )))
+                }
+                Size::ExactThenCrop {
+                    h,
+                    w,
+                    crop_h,
+                    crop_w,
+                } if h < crop_h || w < crop_w => {
+                    return Err(bad(format!(
+                        "a {w}x{h} resize is smaller than the {crop_w}x{crop_h} crop"
+                    )))
+                }
+                _ => {}
             }
             Some(size)
         } else {
             None
         };
-        let filter = match v.get("resample").and_then(|x| x.as_u64()).unwrap_or(2) {
+        let default_resample = if convnext { 3 } else { 2 };
+        let filter = match v
+            .get("resample")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(default_resample)
+        {
             0 => FilterType::Nearest,
             1 => FilterType::Lanczos3,
             2 => FilterType::Triangle,
             3 => FilterType::CatmullRom,
             other => return Err(bad(format!("resample {other} (0, 1, 2 or 3)"))),
         };
-        let rescale = flag("do_rescale").then(|| {
+        let rescale = flag("do_rescale", true).then(|| {
             v.get("rescale_factor")
                 .and_then(|x| x.as_f64())
                 .unwrap_or(1.0 / 255.0) as f32
         });
-        let (mut mean, mut std) = if flag("do_normalize") {
+        let (mut mean, mut std) = if flag("do_normalize", true) {
             (
-                floats(v, "image_mean", &[0.485, 0.456, 0.406])?,
-                floats(v, "image_std", &[0.229, 0.224, 0.225])?,
+                floats(v, "image_mean", &[0.5, 0.5, 0.5])?,
+                floats(v, "image_std", &[0.5, 0.5, 0.5])?,
             )
         } else {
             (vec![0.0], vec![1.0])
@@ -191,7 +280,8 @@ impl Preprocessor {
         match &self.size {
             None => (h, w),
             Some(Size::Exact { h, w }) => (*h, *w),
-            Some(Size::ShortThenCrop { crop_h, crop_w, .. }) => (*crop_h, *crop_w),
+            Some(Size::ExactThenCrop { crop_h, crop_w, .. })
+            | Some(Size::ShortThenCrop { crop_h, crop_w, .. }) => (*crop_h, *crop_w),
         }
     }
 
@@ -201,52 +291,77 @@ impl Preprocessor {
     }
 
     /// The image resized and cropped to the model's input size, still 8-bit: what a
-    /// dataset keeps per example (a quarter of its pixels' size as floats).
+    /// dataset keeps per example (a quarter of its pixels' size as floats). A grey
+    /// model's image turns grey first, with PIL's `convert("L")` arithmetic, as
+    /// transformers' users open them.
     pub fn prepare(&self, img: &RgbImage) -> Result<RgbImage> {
-        let (w, h) = img.dimensions();
-        let resized;
-        let (src, x0, y0, ow, oh) = match &self.size {
-            None => (img, 0, 0, w, h),
-            Some(Size::Exact { h: th, w: tw }) => {
-                let src = if (w, h) == (*tw, *th) {
-                    img
-                } else {
-                    resized = image::imageops::resize(img, *tw, *th, self.filter);
-                    &resized
-                };
-                (src, 0, 0, *tw, *th)
+        let grey;
+        let img = if self.channels == 1 {
+            let mut g = img.clone();
+            for p in g.pixels_mut() {
+                let l = (u32::from(p[0]) * 19595
+                    + u32::from(p[1]) * 38470
+                    + u32::from(p[2]) * 7471
+                    + 0x8000)
+                    >> 16;
+                *p = image::Rgb([l as u8; 3]);
             }
+            grey = g;
+            &grey
+        } else {
+            img
+        };
+        let (w, h) = img.dimensions();
+        let resize = |tw: u32, th: u32| -> Result<Option<RgbImage>> {
+            if (w, h) == (tw, th) {
+                return Ok(None);
+            }
+            if tw > 16 * MAX_SIDE || th > 16 * MAX_SIDE {
+                return Err(Error::Data(format!(
+                    "a {w}x{h} image would resize to {tw}x{th}: its sides are too unequal"
+                )));
+            }
+            Ok(Some(image::imageops::resize(img, tw, th, self.filter)))
+        };
+        let (resized, crop) = match &self.size {
+            None => (None, None),
+            Some(Size::Exact { h: th, w: tw }) => (resize(*tw, *th)?, None),
+            Some(Size::ExactThenCrop {
+                h: th,
+                w: tw,
+                crop_h,
+                crop_w,
+            }) => (resize(*tw, *th)?, Some((*crop_w, *crop_h))),
             Some(Size::ShortThenCrop {
-                resize,
+                resize: edge,
                 crop_h,
                 crop_w,
             }) => {
-                let (nw, nh) = short_side_dims(w, h, *resize);
-                let src = if (nw, nh) == (w, h) {
-                    img
-                } else {
-                    resized = image::imageops::resize(img, nw, nh, self.filter);
-                    &resized
-                };
-                if nw < *crop_w || nh < *crop_h {
-                    return Err(Error::Data(format!(
-                        "a {w}x{h} image resized to {nw}x{nh} is smaller than the {crop_w}x{crop_h} crop"
-                    )));
-                }
-                // transformers' centre crop: the offset rounds down.
-                (src, (nw - crop_w) / 2, (nh - crop_h) / 2, *crop_w, *crop_h)
+                let (nw, nh) = short_side_dims(w, h, *edge);
+                (resize(nw, nh)?, Some((*crop_w, *crop_h)))
             }
         };
-        if (x0, y0, ow, oh) == (0, 0, src.width(), src.height()) {
+        let src = resized.as_ref().unwrap_or(img);
+        let Some((cw, ch)) = crop else {
+            return Ok(src.clone());
+        };
+        let (sw, sh) = src.dimensions();
+        if sw < cw || sh < ch {
+            return Err(Error::Data(format!(
+                "a {w}x{h} image resized to {sw}x{sh} is smaller than the {cw}x{ch} crop"
+            )));
+        }
+        if (sw, sh) == (cw, ch) {
             return Ok(src.clone());
         }
-        Ok(image::imageops::crop_imm(src, x0, y0, ow, oh).to_image())
+        // transformers' centre crop: the offset rounds down.
+        Ok(image::imageops::crop_imm(src, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image())
     }
 
     /// Rescales and normalises a prepared image into CHW floats.
     pub fn normalize(&self, src: &RgbImage) -> Vec<f32> {
         let (ow, oh) = src.dimensions();
-        let plane = (ow * oh) as usize;
+        let plane = ow as usize * oh as usize;
         let mut out = vec![0f32; self.channels * plane];
         let scale = self.rescale.unwrap_or(1.0);
         for y in 0..oh {
@@ -254,12 +369,8 @@ impl Preprocessor {
                 let p = src.get_pixel(x, y);
                 let i = (y * ow + x) as usize;
                 if self.channels == 1 {
-                    // PIL's convert("L"): ITU-R 601-2 luma.
-                    let l = (f32::from(p[0]) * 299.0
-                        + f32::from(p[1]) * 587.0
-                        + f32::from(p[2]) * 114.0)
-                        / 1000.0;
-                    out[i] = (l * scale - self.mean[0]) / self.std[0];
+                    // Prepared grey: the three channels are the luma.
+                    out[i] = (f32::from(p[0]) * scale - self.mean[0]) / self.std[0];
                 } else {
                     for c in 0..3 {
                         out[c * plane + i] = (f32::from(p[c]) * scale - self.mean[c]) / self.std[c];
@@ -277,7 +388,9 @@ mod tests {
 
     #[test]
     fn sizes_follow_transformers_processors() {
-        let convnext = serde_json::json!({"size": {"shortest_edge": 224}, "crop_pct": 0.875});
+        // microsoft/resnet-50's file: ConvNext's processor, its size a plain number.
+        let convnext = serde_json::json!({"image_processor_type": "ConvNextImageProcessor",
+            "size": 224, "crop_pct": 0.875, "resample": 3});
         let p = Preprocessor::from_json(&convnext, 3).unwrap();
         assert_eq!(
             p.size,
@@ -297,6 +410,26 @@ mod tests {
         let bare = serde_json::json!({"size": {"shortest_edge": 224}});
         let e = Preprocessor::from_json(&bare, 3).unwrap_err().to_string();
         assert!(e.contains("shortest_edge"), "{e}");
+        // ConvNext's defaults: 384 and up is a square resize.
+        let p = Preprocessor::from_json(
+            &serde_json::json!({"image_processor_type": "ConvNextImageProcessor"}),
+            3,
+        )
+        .unwrap();
+        assert_eq!(p.out_size(640, 480), (384, 384));
+        let cropped = serde_json::json!({"size": {"height": 40, "width": 40}, "do_center_crop": true, "crop_size": 32});
+        let p = Preprocessor::from_json(&cropped, 3).unwrap();
+        let img = RgbImage::from_pixel(50, 60, image::Rgb([10, 20, 30]));
+        assert_eq!(p.prepare(&img).unwrap().dimensions(), (32, 32));
+        for hostile in [
+            serde_json::json!({"size": {"height": 100000, "width": 8}}),
+            serde_json::json!({"image_processor_type": "ConvNextImageProcessor", "size": 224, "crop_pct": 1e-9}),
+            serde_json::json!({"image_processor_type": "ConvNextImageProcessor", "size": 224, "crop_pct": 0.0}),
+            serde_json::json!({"size": {"height": 0, "width": 8}}),
+            serde_json::json!({"size": {"height": 16, "width": 16}, "do_center_crop": true, "crop_size": 32}),
+        ] {
+            assert!(Preprocessor::from_json(&hostile, 3).is_err(), "{hostile}");
+        }
         let wrong =
             serde_json::json!({"size": {"height": 8, "width": 8}, "image_mean": [0.1, 0.2]});
         let e = Preprocessor::from_json(&wrong, 3).unwrap_err().to_string();

@@ -20,6 +20,10 @@ use std::path::Path;
 /// Architectures with a port here (`model_type` in `config.json`).
 pub const ARCHITECTURES: [&str; 1] = ["resnet"];
 
+/// The most channels a layer may have, and residual layers a model, by its config.
+const MAX_CHANNELS: usize = 65_536;
+const MAX_LAYERS: usize = 1_000;
+
 /// transformers' `BatchNorm2d` default.
 const BN_EPS: f64 = 1e-5;
 
@@ -92,6 +96,24 @@ impl ResNetConfig {
         };
         let hidden_sizes = usizes(v, "hidden_sizes")?;
         let depths = usizes(v, "depths")?;
+        // Bounds before anything is sized from them: a config is read when a job is
+        // created, in the server's process.
+        let num_channels = get_usize(v, "num_channels")?;
+        let embedding_size = get_usize(v, "embedding_size")?;
+        let sizes_ok = |n: usize| (1..=MAX_CHANNELS).contains(&n);
+        if !sizes_ok(num_channels)
+            || !sizes_ok(embedding_size)
+            || !hidden_sizes.iter().all(|&h| sizes_ok(h))
+        {
+            return Err(Error::Config(format!(
+                "config.json: num_channels, embedding_size and hidden_sizes must be within 1..={MAX_CHANNELS}"
+            )));
+        }
+        if depths.iter().fold(0usize, |a, &d| a.saturating_add(d)) > MAX_LAYERS {
+            return Err(Error::Config(format!(
+                "config.json: depths {depths:?} add up to more than {MAX_LAYERS} layers"
+            )));
+        }
         if hidden_sizes.len() != depths.len() || depths.contains(&0) {
             return Err(Error::Config(format!(
                 "config.json: hidden_sizes {hidden_sizes:?} and depths {depths:?} must pair up, \
@@ -115,8 +137,8 @@ impl ResNetConfig {
         id2label.sort();
         let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
         Ok(Self {
-            num_channels: get_usize(v, "num_channels")?,
-            embedding_size: get_usize(v, "embedding_size")?,
+            num_channels,
+            embedding_size,
             hidden_sizes,
             depths,
             layer_type,
@@ -494,5 +516,34 @@ impl LoraModel for ResNet {
     }
     fn modules_to_save(&self) -> Vec<String> {
         vec!["classifier".into()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_configs_are_refused_before_anything_is_sized() {
+        let base = serde_json::json!({"model_type": "resnet", "num_channels": 3, "embedding_size": 8,
+            "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"});
+        let cfg = ResNetConfig::from_hf_json(&base).unwrap();
+        assert_eq!(cfg.conv_paths().len(), 1 + 2 + 3);
+        for (key, value, says) in [
+            (
+                "depths",
+                serde_json::json!([1_000_000_000_000u64, 1]),
+                "layers",
+            ),
+            ("hidden_sizes", serde_json::json!([0, 16]), "within"),
+            ("embedding_size", serde_json::json!(10_000_000), "within"),
+            ("depths", serde_json::json!([1]), "pair up"),
+            ("hidden_act", serde_json::json!("gelu"), "gelu"),
+        ] {
+            let mut v = base.clone();
+            v[key] = value;
+            let e = ResNetConfig::from_hf_json(&v).unwrap_err().to_string();
+            assert!(e.contains(says), "{key}: {e}");
+        }
     }
 }

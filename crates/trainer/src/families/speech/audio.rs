@@ -1,0 +1,118 @@
+//! Audio clips: WAV (PCM 8/16/24/32-bit or 32-bit float, any channel count) decoded by
+//! `hound`, averaged to mono (as librosa and the `datasets` audio loader do), and
+//! resampled to Whisper's 16 kHz by `rubato`'s FFT resampler. Integer samples scale as
+//! soundfile reads them (`x / 2^(bits-1)`), so a 16 kHz 16-bit clip gives the exact
+//! floats transformers' recipe feeds its feature extractor.
+
+use crate::{Error, Result};
+use rubato::audioadapter_buffers::direct::InterleavedSlice;
+use rubato::{
+    Async, FixedAsync, Resampler, SincInterpolationParameters, SincInterpolationType,
+    WindowFunction,
+};
+use std::io::Cursor;
+
+/// Whisper's sampling rate.
+pub const SAMPLE_RATE: u32 = 16_000;
+
+/// The longest clip Whisper reads in one window, in seconds.
+pub const MAX_SECONDS: f64 = 30.0;
+
+/// A decoded clip, before resampling.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    /// Mono samples in `[-1, 1]`.
+    pub samples: Vec<f32>,
+    pub rate: u32,
+    /// Channels in the file (averaged into `samples`).
+    pub channels: u16,
+}
+
+impl Clip {
+    pub fn seconds(&self) -> f64 {
+        self.samples.len() as f64 / f64::from(self.rate.max(1))
+    }
+}
+
+/// Decodes a WAV file's bytes; `name` is for messages. A clip longer than
+/// `max_seconds` is refused from its header, before its samples are read.
+pub fn decode_wav(bytes: &[u8], name: &str, max_seconds: f64) -> Result<Clip> {
+    let fail = |why: String| Error::Data(format!("{name}: {why}"));
+    let mut r = hound::WavReader::new(Cursor::new(bytes)).map_err(|e| fail(e.to_string()))?;
+    let spec = r.spec();
+    if spec.channels == 0 || spec.sample_rate == 0 {
+        return Err(fail(
+            "a WAV header with no channels or no sample rate".into(),
+        ));
+    }
+    let frames = u64::from(r.duration());
+    let seconds = frames as f64 / f64::from(spec.sample_rate);
+    if seconds > max_seconds {
+        return Err(fail(format!(
+            "{seconds:.1} s long; clips may be at most {max_seconds} s (Whisper's window)"
+        )));
+    }
+    let ch = usize::from(spec.channels);
+    let interleaved: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float if spec.bits_per_sample == 32 => r
+            .samples::<f32>()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| fail(e.to_string()))?,
+        hound::SampleFormat::Int if (8..=32).contains(&spec.bits_per_sample) => {
+            let scale = 1.0 / f64::from(1u32 << (spec.bits_per_sample - 1));
+            r.samples::<i32>()
+                .map(|s| s.map(|v| (f64::from(v) * scale) as f32))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| fail(e.to_string()))?
+        }
+        f => {
+            return Err(fail(format!(
+                "{f:?} samples of {} bits are not supported (PCM 8-32 bit or 32-bit float)",
+                spec.bits_per_sample
+            )))
+        }
+    };
+    let samples = if ch == 1 {
+        interleaved
+    } else {
+        interleaved
+            .chunks(ch)
+            .map(|f| f.iter().sum::<f32>() / ch as f32)
+            .collect()
+    };
+    Ok(Clip {
+        samples,
+        rate: spec.sample_rate,
+        channels: spec.channels,
+    })
+}
+
+/// `clip`'s samples at 16 kHz.
+pub fn to_16k(clip: &Clip) -> Result<Vec<f32>> {
+    if clip.rate == SAMPLE_RATE || clip.samples.is_empty() {
+        return Ok(clip.samples.clone());
+    }
+    let n = clip.samples.len();
+    let input = InterleavedSlice::new(&clip.samples, 1, n)
+        .map_err(|e| Error::Data(format!("resampling: {e}")))?;
+    let params = SincInterpolationParameters {
+        sinc_len: 256,
+        f_cutoff: Some(0.95),
+        oversampling_factor: 256,
+        interpolation: SincInterpolationType::Cubic,
+        window: WindowFunction::BlackmanHarris2,
+    };
+    let mut r = Async::<f32>::new_sinc(
+        f64::from(SAMPLE_RATE) / f64::from(clip.rate),
+        1.0,
+        &params,
+        1024,
+        1,
+        FixedAsync::Input,
+    )
+    .map_err(|e| Error::Data(format!("resampling from {} Hz: {e}", clip.rate)))?;
+    let out = r
+        .process_all(&input, n, None)
+        .map_err(|e| Error::Data(format!("resampling from {} Hz: {e}", clip.rate)))?;
+    Ok(out.take_data())
+}

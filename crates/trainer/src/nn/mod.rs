@@ -1,7 +1,7 @@
 //! Layers that more than one family builds its models from, on top of `ops`.
 
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 /// LayerNorm over the last dimension, as transformers and diffusers compute it: one fused
 /// op on the CPU in f32 when its weights are frozen (a base model's), candle primitives
@@ -20,5 +20,34 @@ impl LayerNorm {
             &self.bias,
             self.eps,
         )?)
+    }
+}
+
+/// A head layer trained in full (PEFT's `modules_to_save`): a classifier's linear layers.
+pub struct FullLinear {
+    /// Module path, e.g. `classifier`, `classifier.out_proj` or `classifier.1`.
+    pub path: String,
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl FullLinear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+
+    /// Its weight and bias under the names PEFT stores them by.
+    pub fn params(&self) -> [(String, Var); 2] {
+        [
+            (
+                format!("base_model.model.{}.weight", self.path),
+                self.weight.clone(),
+            ),
+            (
+                format!("base_model.model.{}.bias", self.path),
+                self.bias.clone(),
+            ),
+        ]
     }
 }

@@ -10,7 +10,7 @@ pub use crate::classes::{accuracy_macro_f1, classification_loss, ProblemType, Ta
 use crate::io::get_usize;
 use crate::io::{Take, Weights};
 use crate::lora::{dropout, ForwardCtx, Linear, LoraModel};
-use crate::nn::LayerNorm;
+use crate::nn::{FullLinear, LayerNorm};
 use crate::ops::{fast_path, masked_softmax, multi_head_attention, AttnMask, Heads, MASKED};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -161,21 +161,6 @@ impl EncoderConfig {
                 .max_position_embeddings
                 .saturating_sub(self.pad_token_id as usize + 1),
         }
-    }
-}
-
-/// A head layer trained in full (PEFT's `modules_to_save`).
-pub struct FullLinear {
-    /// Module path, e.g. `classifier` or `classifier.out_proj`.
-    pub path: String,
-    pub weight: Var,
-    pub bias: Var,
-}
-
-impl FullLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())?)
     }
 }
 
@@ -580,15 +565,7 @@ impl LoraModel for Encoder {
         "SEQ_CLS"
     }
     fn full_params(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
-        for h in self.head_layers() {
-            out.push((
-                format!("base_model.model.{}.weight", h.path),
-                h.weight.clone(),
-            ));
-            out.push((format!("base_model.model.{}.bias", h.path), h.bias.clone()));
-        }
-        out
+        self.head_layers().iter().flat_map(|h| h.params()).collect()
     }
     fn modules_to_save(&self) -> Vec<String> {
         // What PEFT records for SEQ_CLS: the names it looks for, whichever exists.

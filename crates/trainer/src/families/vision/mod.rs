@@ -46,12 +46,10 @@ impl Family for VisionFamily {
     /// The targets must name convolutions of the model, and the model must say how to
     /// turn an image into its input.
     fn check_job(&self, job: &JobCheck) -> std::result::Result<(), Refusal> {
-        let cfg = crate::io::read_json::<serde_json::Value>(&job.model.join("config.json"))
-            .and_then(|v| resnet::ResNetConfig::from_hf_json(&v))
-            .map_err(|e| Refusal {
-                field: Field::Model,
-                message: format!("Model {}: {e}", job.model_id),
-            })?;
+        let cfg = resnet::ResNetConfig::load(job.model).map_err(|e| Refusal {
+            field: Field::Model,
+            message: format!("Model {}: {e}", job.model_id),
+        })?;
         preprocess::Preprocessor::load(job.model, cfg.num_channels).map_err(|e| Refusal {
             field: Field::Model,
             message: format!("Model {}: {e}", job.model_id),

@@ -99,8 +99,7 @@ impl ImageCls {
             )
         };
         let data_name = file_name(&spec.data);
-        let cfg =
-            ResNetConfig::from_hf_json(&crate::io::read_json(&spec.model.join("config.json"))?)?;
+        let cfg = ResNetConfig::load(&spec.model)?;
         let pre = Preprocessor::load(&spec.model, cfg.num_channels)?;
         let prepare = |img: &RgbImage| pre.prepare(img);
         let train = read_labelled_zip(&spec.data, &limits, &prepare)?;
@@ -125,7 +124,7 @@ impl ImageCls {
             }
             None => None,
         };
-        let model = ResNet::load(&spec.model, &set.names, spec.seed, &spec.device)?;
+        let model = ResNet::load_with(cfg, &spec.model, &set.names, spec.seed, &spec.device)?;
         Ok(Self {
             name: crate::io::base_reference(&spec.model, None),
             model,

@@ -10,6 +10,7 @@
 
 use crate::io::{get_usize, Take, Weights};
 use crate::lora::{Conv2d, ForwardCtx, Linear, LoraModel};
+use crate::nn::FullLinear;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -146,6 +147,11 @@ impl ResNetConfig {
             downsample_in_bottleneck: flag("downsample_in_bottleneck"),
             id2label: id2label.into_iter().map(|(_, n)| n).collect(),
         })
+    }
+
+    /// Reads a model folder's `config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::from_hf_json(&crate::io::read_json(&dir.join("config.json"))?)
     }
 
     /// The stem's convolution and each residual layer's, in forward order.
@@ -316,18 +322,13 @@ struct Block {
     layers: Vec<ConvLayer>,
 }
 
-/// The trained head, `classifier.1`.
-pub struct Head {
-    pub weight: Var,
-    pub bias: Var,
-}
-
 pub struct ResNet {
     pub cfg: ResNetConfig,
     pub num_labels: usize,
     stem: ConvLayer,
     blocks: Vec<Block>,
-    pub head: Head,
+    /// The trained head, `classifier.1`.
+    pub head: FullLinear,
     device: Device,
 }
 
@@ -421,7 +422,8 @@ impl ResNet {
             num_labels,
             stem,
             blocks,
-            head: Head {
+            head: FullLinear {
+                path: "classifier.1".into(),
                 weight: Var::from_tensor(&weight)?,
                 bias: Var::from_tensor(&bias)?,
             },
@@ -431,7 +433,17 @@ impl ResNet {
 
     /// Loads `config.json` + safetensors from an HF folder, with a head for `labels`.
     pub fn load(dir: &Path, labels: &[String], seed: u64, device: &Device) -> Result<Self> {
-        let cfg = ResNetConfig::from_hf_json(&crate::io::read_json(&dir.join("config.json"))?)?;
+        Self::load_with(ResNetConfig::load(dir)?, dir, labels, seed, device)
+    }
+
+    /// [`Self::load`] with the folder's config already read.
+    pub fn load_with(
+        cfg: ResNetConfig,
+        dir: &Path,
+        labels: &[String],
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let weights = crate::io::read_safetensors_f32(dir, device)?;
         Self::new(cfg, weights, labels, seed, device)
     }
@@ -464,9 +476,7 @@ impl ResNet {
         }
         // AdaptiveAvgPool2d((1, 1)) and Flatten.
         let pooled = x.flatten_from(2)?.mean(2)?;
-        Ok(pooled
-            .matmul(&self.head.weight.as_tensor().t()?)?
-            .broadcast_add(self.head.bias.as_tensor())?)
+        self.head.forward(&pooled)
     }
 
     fn layers(&self) -> impl Iterator<Item = &ConvLayer> {
@@ -503,16 +513,7 @@ impl LoraModel for ResNet {
         ""
     }
     fn full_params(&self) -> Vec<(String, Var)> {
-        vec![
-            (
-                "base_model.model.classifier.1.weight".into(),
-                self.head.weight.clone(),
-            ),
-            (
-                "base_model.model.classifier.1.bias".into(),
-                self.head.bias.clone(),
-            ),
-        ]
+        self.head.params().into()
     }
     fn modules_to_save(&self) -> Vec<String> {
         vec!["classifier".into()]

@@ -32,9 +32,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The tiny fixture model, for the fine-tuning part.
+# The tiny fixture models, for the fine-tuning and transcription parts.
 mkdir -p "$WORK/models"
 cp -r "$HERE/../tests/fixtures/tiny-llama" "$WORK/models/"
+cp -r "$HERE/../tests/fixtures/tiny-whisper-asr" "$WORK/models/"
 # The real SmolLM2 too when scripts/fetch-models.sh has put it in models/ (CI requires it).
 SMOL="$HERE/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ -f "$SMOL" ]; then

@@ -111,6 +111,7 @@ def main():
     check(client.files.list().data == [], "everything deleted")
 
     fine_tuning(client)
+    speech(client)
     if os.environ.get("LORAFORGE_SMOLLM2"):
         smollm2(client, os.environ["LORAFORGE_SMOLLM2"])
     print("openai client test: all passed")
@@ -130,6 +131,47 @@ def smollm2(client, model):
     tuned = client.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, max_tokens=24)
     b, t = base.choices[0].message.content, tuned.choices[0].message.content
     check(b != t, f"SmolLM2 base {b!r} vs fine-tuned {t!r}")
+
+
+def speech(client):
+    """Whisper: an audio zip trained through `client.fine_tuning`, then
+    `client.audio.transcriptions.create` on the base model and on the fine-tune."""
+    import io
+    import zipfile
+    from pathlib import Path
+
+    ref = Path(__file__).resolve().parent.parent / "tests/fixtures/tiny-whisper-asr-ref"
+    zipped = (ref / "train.zip").read_bytes()
+    train = client.files.create(file=("speech.zip", zipped), purpose="fine-tune")
+    check(train.status == "processed" and getattr(train, "format", None) == "audio_transcripts",
+          f"an audio zip is processed as audio_transcripts ({train.status}, {train.status_details})")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-whisper-asr", training_file=train.id, suffix="asr",
+        extra_body={"task": "speech_recognition", "language": "en",
+                    "hyperparameters": {"n_epochs": 2, "batch_size": 2, "learning_rate": 1e-2}})
+    job = finished(client, job.id, 300)
+    check(job.status == "succeeded", f"a speech_recognition job succeeds ({job.status}, {job.error})")
+    wav = zipfile.ZipFile(io.BytesIO(zipped)).read("clip0.wav")
+    for model in ["tiny-whisper-asr", job.fine_tuned_model]:
+        t = client.audio.transcriptions.create(model=model, file=("clip0.wav", wav), language="en")
+        check(isinstance(t.text, str), f"audio.transcriptions.create on {model} -> {t.text[:40]!r}")
+        text = client.audio.transcriptions.create(model=model, file=("clip0.wav", wav),
+                                                  response_format="text")
+        check(isinstance(text, str) and text == t.text, "response_format text is the same text")
+        v = client.audio.transcriptions.create(model=model, file=("clip0.wav", wav),
+                                               response_format="verbose_json")
+        check(v.text == t.text and v.language == "english" and 0.5 < v.duration < 2.0
+              and len(v.segments) == 1, f"verbose_json: language, duration {v.duration}, one segment")
+    try:
+        client.audio.transcriptions.create(model="tiny-llama", file=("clip0.wav", wav))
+        check(False, "a text model refuses transcriptions")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "model", "a text model refuses transcriptions (400 on model)")
+    try:
+        client.audio.transcriptions.create(model="tiny-whisper-asr", file=("x.wav", b"not audio"))
+        check(False, "undecodable audio is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "file", "undecodable audio is a 400 on file")
 
 
 def fine_tuning(client):

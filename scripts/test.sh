@@ -17,7 +17,7 @@ cargo test --workspace -- --test-threads 1
 # chunked head loss, norms and rotation with their own backward), forced on the CPU
 # against the same PEFT fixtures. (`--workspace`, not `-p`: the features of the run above,
 # so no dependency is built a second time.)
-LORAFORGE_GENERIC_OPS=1 cargo test --workspace --test fidelity --test resnet_fidelity --test whisper_fidelity -- --test-threads 1
+LORAFORGE_GENERIC_OPS=1 cargo test --workspace --test fidelity --test resnet_fidelity --test whisper_fidelity --test whisper_asr -- --test-threads 1
 # The CPU ops' matrix products by a BLAS instead of candle's gemm (README "CPU speed").
 if [ -n "${LORAFORGE_TEST_BLAS:-}" ]; then
   LORAFORGE_BLAS=$LORAFORGE_TEST_BLAS LORAFORGE_REQUIRE_BLAS=1 \

@@ -132,10 +132,13 @@ try {
   await page.locator('nav [data-nav="new"]').click();
   const modelOption = await page.locator('#model option[value="tiny-llama"]').innerText();
   assert.match(modelOption, /parameters, context \d+/);
-  // The task picker follows the model: a ResNet trains image_classification only.
+  // The task picker follows the model: a ResNet trains image_classification only, a
+  // Whisper speech_recognition.
   const taskValues = () => page.locator('#task option').evaluateAll((o) => o.map((x) => x.value));
   await page.selectOption('#model', 'tiny-resnet');
   assert.deepEqual(await taskValues(), ['image_classification']);
+  await page.selectOption('#model', 'tiny-whisper-asr');
+  assert.deepEqual(await taskValues(), ['speech_recognition']);
   await page.selectOption('#model', 'tiny-llama');
   assert.deepEqual(await taskValues(), ['causal_lm']);
   await page.selectOption('#training_file', fileId);

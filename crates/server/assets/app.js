@@ -317,6 +317,7 @@ async function newJobView() {
     sequence_classification: 'sequence_classification — a label per text (bert, roberta)',
     text_to_image: 'text_to_image — Stable Diffusion LoRA from captioned images',
     image_classification: 'image_classification — a label per image (resnet; a zip of one folder per class)',
+    speech_recognition: 'speech_recognition — transcripts of audio clips (whisper; a zip of WAV clips and transcripts)',
   };
   const task = h('select', { id: 'task', name: 'task', 'aria-describedby': 'task-help' });
   const fillTasks = () => {

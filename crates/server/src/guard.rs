@@ -114,8 +114,11 @@ impl Guard {
                 .to_ascii_lowercase();
             t == "application/json" || t.ends_with("+json")
         });
-        // Uploads have their own content types (JSONL, multipart, octet-stream).
-        if writes && has_body && !json && path != "/v1/files" {
+        // Uploads have their own content types (JSONL, multipart, octet-stream), and
+        // audio for transcription comes as OpenAI's multipart form; browsers from other
+        // origins were refused above.
+        let upload = path == "/v1/files" || path == "/v1/audio/transcriptions";
+        if writes && has_body && !json && !upload {
             return Some(
                 ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,

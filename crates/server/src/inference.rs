@@ -14,7 +14,9 @@ use loraforge_trainer::device::Device;
 use loraforge_trainer::families::decoder::generate::{chat_prompt_ids, text_prompt_ids};
 use loraforge_trainer::families::decoder::loader::{self, BaseModel};
 use loraforge_trainer::families::decoder::tokenize::TokenizerBundle;
+use loraforge_trainer::families::speech::transcribe::Transcriber;
 use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
+use loraforge_trainer::train::Task;
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -57,11 +59,24 @@ impl From<loraforge_store::Error> for ResolveError {
 
 /// Maps a model name to weights: a base id, `ft:<base>:<suffix>:<job>`, or
 /// `ft:<base>:<suffix>:<job>:ckpt-step-N`. A fine-tuned model is found only when
-/// `owner` (`None`: anyone) owns its job; another owner's reads as absent.
+/// `owner` (`None`: anyone) owns its job; another owner's reads as absent. The model
+/// must generate text (a causal LM).
 pub async fn resolve(
     state: &AppState,
     model: &str,
     owner: Option<&str>,
+) -> Result<Resolved, ResolveError> {
+    resolve_for(state, model, owner, Task::CausalLm).await
+}
+
+/// [`resolve`] for an endpoint that serves `task` (`CausalLm` for completions,
+/// `SpeechRecognition` for transcriptions): a model trained for another task is
+/// `NotGenerative`, with a message saying what it is for.
+pub async fn resolve_for(
+    state: &AppState,
+    model: &str,
+    owner: Option<&str>,
+    task: Task,
 ) -> Result<Resolved, ResolveError> {
     let dir = state.settings.models_dir.clone();
     let bases = tokio::task::spawn_blocking(move || loraforge_trainer::families::scan(&dir))
@@ -73,18 +88,30 @@ pub async fn resolve(
             .find(|b| b.id == id && b.trainable)
             .map(|b| b.path.clone())
     };
-    // Encoders are classifiers and SD pipelines make images: completions need a causal LM.
-    let generative = |id: &str| {
-        bases
-            .iter()
-            .find(|b| b.id == id)
-            .is_none_or(|b| b.tasks.iter().any(|t| t == "causal_lm"))
+    let tasks_of = |id: &str| -> Option<Vec<String>> {
+        bases.iter().find(|b| b.id == id).map(|b| b.tasks.clone())
     };
+    // An unknown base reads as missing later, not as the wrong kind.
+    let generative = |id: &str| tasks_of(id).is_none_or(|t| t.iter().any(|t| t == task.as_str()));
     let not_generative = |id: &str| {
-        let image = bases
-            .iter()
-            .any(|b| b.id == id && b.tasks.iter().any(|t| t == "text_to_image"));
-        ResolveError::NotGenerative(if image {
+        let tasks = tasks_of(id).unwrap_or_default();
+        let has = |t: Task| tasks.iter().any(|x| x == t.as_str());
+        ResolveError::NotGenerative(if task == Task::SpeechRecognition {
+            format!(
+                "The model `{model}` ({id}) does not transcribe speech (it trains {}); \
+                 transcriptions need a Whisper model or one of its fine-tunes.",
+                if tasks.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    tasks.join(", ")
+                }
+            )
+        } else if has(Task::SpeechRecognition) {
+            format!(
+                "The model `{model}` ({id}) is a speech-recognition model and does not \
+                 generate text from text; use POST /v1/audio/transcriptions."
+            )
+        } else if has(Task::TextToImage) {
             format!(
                 "The model `{model}` ({id}) is a Stable Diffusion pipeline and does not generate text; \
                  its adapters are for image UIs (GET /v1/fine_tuning/jobs/{{id}}/adapter gives the kohya file)."
@@ -201,6 +228,8 @@ impl<T> Lru<T> {
 /// The base models and adapters in memory.
 pub struct Engine {
     bases: Mutex<Lru<Base>>,
+    /// Whisper models: requests on one take turns on its lock.
+    speech: Mutex<Lru<Mutex<Transcriber>>>,
     adapters: Mutex<Lru<AdapterWeights>>,
     cache_dir: PathBuf,
 }
@@ -210,6 +239,7 @@ impl Engine {
         Self {
             // One base in memory by default: base weights are the large part (f32).
             bases: Mutex::new(Lru::new(1)),
+            speech: Mutex::new(Lru::new(1)),
             adapters: Mutex::new(Lru::new(16)),
             cache_dir: data_dir.join("adapters"),
         }
@@ -262,7 +292,16 @@ pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow
             b
         }
     };
-    let adapter = match (&r.adapter, adapter_dir) {
+    Ok((base, load_adapter(engine, r, adapter_dir)?))
+}
+
+/// The adapter `r` names, from the cache when it is there.
+fn load_adapter(
+    engine: &Engine,
+    r: &Resolved,
+    adapter_dir: Option<&Path>,
+) -> anyhow::Result<Option<Arc<AdapterWeights>>> {
+    Ok(match (&r.adapter, adapter_dir) {
         (Some((key, _)), Some(dir)) => {
             let cached = engine.adapters.lock().expect("cache lock").get(key);
             Some(match cached {
@@ -279,8 +318,32 @@ pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow
             })
         }
         _ => None,
+    })
+}
+
+/// A Whisper model behind its lock, and the adapter a request switches in.
+pub type LoadedSpeech = (Arc<Mutex<Transcriber>>, Option<Arc<AdapterWeights>>);
+
+/// Loads the Whisper model and adapter `r` names (from cache when it can). Blocking.
+pub fn load_speech(
+    engine: &Engine,
+    r: &Resolved,
+    adapter_dir: Option<&Path>,
+) -> anyhow::Result<LoadedSpeech> {
+    let cached = engine.speech.lock().expect("cache lock").get(&r.base);
+    let model = match cached {
+        Some(m) => m,
+        None => {
+            let m = Arc::new(Mutex::new(Transcriber::load(&r.base_path, &Device::Cpu)?));
+            engine
+                .speech
+                .lock()
+                .expect("cache lock")
+                .put(r.base.clone(), m.clone());
+            m
+        }
     };
-    Ok((base, adapter))
+    Ok((model, load_adapter(engine, r, adapter_dir)?))
 }
 
 /// The local folder of a resolved adapter: a checkpoint folder as is, a job's adapter

@@ -53,6 +53,8 @@ enum Command {
     Generate(train_cmd::GenerateArgs),
     /// Classify texts with a sequence-classification adapter (prints label probabilities).
     Classify(train_cmd::ClassifyArgs),
+    /// Transcribe speech with a Whisper model, optionally with an adapter.
+    Transcribe(train_cmd::TranscribeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Command::Export(a) => train_cmd::export(a),
         Command::Generate(a) => train_cmd::generate(a),
         Command::Classify(a) => train_cmd::classify(a),
+        Command::Transcribe(a) => train_cmd::transcribe(a),
     }
 }
 

@@ -1,4 +1,4 @@
-//! `loraforge train | merge | export | generate | classify`: the engine from the command line.
+//! `loraforge train | merge | export | generate | classify | transcribe`: the engine from the command line.
 
 use crate::job::spec::train_spec;
 use crate::job::JobSpec;
@@ -47,11 +47,13 @@ pub struct TrainArgs {
     pub model: PathBuf,
     /// Training data (JSONL: chat, prompt/completion, text or input_ids; for
     /// sequence_classification text/text_pair/label; for text_to_image a zip of
-    /// captioned images; for image_classification a zip of one folder per class).
+    /// captioned images; for image_classification a zip of one folder per class; for
+    /// speech_recognition a zip of WAV clips with metadata.jsonl or .txt transcripts).
     #[arg(long)]
     pub data: PathBuf,
     /// causal_lm (decoder LLMs), sequence_classification (bert, roberta),
-    /// text_to_image (Stable Diffusion 1.x/2.x) or image_classification (resnet).
+    /// text_to_image (Stable Diffusion 1.x/2.x), image_classification (resnet) or
+    /// speech_recognition (whisper).
     #[arg(long, default_value = "causal_lm")]
     pub task: String,
     /// causal_lm: supervised (the next-token loss) or dpo (preference pairs in
@@ -84,6 +86,10 @@ pub struct TrainArgs {
     /// or regression (default: inferred from the labels).
     #[arg(long)]
     pub problem_type: Option<String>,
+    /// Speech recognition: the language code of clips whose data names none (default
+    /// en).
+    #[arg(long)]
+    pub language: Option<String>,
     /// Turn the base model's own dropout off (encoders; for exact comparisons).
     #[arg(long)]
     pub no_model_dropout: bool,
@@ -197,6 +203,7 @@ impl TrainArgs {
             task,
             method,
             problem_type: self.problem_type.clone(),
+            language: self.language.clone(),
             n_epochs: self.epochs,
             batch_size: self.batch_size,
             learning_rate: self.lr,
@@ -352,9 +359,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     e.step,
                     e.loss,
                     e.mean_token_accuracy,
-                    match (e.reward_margin, e.reward_accuracy) {
-                        (Some(m), Some(a)) =>
+                    match (e.reward_margin, e.reward_accuracy, e.wer) {
+                        (Some(m), Some(a), _) =>
                             format!(" reward_margin {m:.4} reward_accuracy {a:.3}"),
+                        (_, _, Some(w)) => format!(" wer {w:.4}"),
                         _ => String::new(),
                     }
                 ),
@@ -689,6 +697,57 @@ fn prediction_json(
         line["image"] = serde_json::json!(i.display().to_string());
     }
     line
+}
+
+#[derive(Debug, Args)]
+pub struct TranscribeArgs {
+    /// Base model: a HuggingFace Whisper folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A speech-recognition adapter folder (PEFT's), switched in over the base.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// WAV file to transcribe (any rate and channel count; longer than 30 s is
+    /// transcribed 30 s at a time); repeat for several.
+    #[arg(long, required = true)]
+    pub audio: Vec<PathBuf>,
+    /// The speech's language code (multilingual models).
+    #[arg(long, default_value = loraforge_trainer::families::speech::DEFAULT_LANGUAGE)]
+    pub language: String,
+    /// Print one JSON object per file ({"audio", "text"}) instead of the text alone.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The longest file `transcribe` and the API read: two hours.
+pub const MAX_AUDIO_SECONDS: f64 = 7200.0;
+
+/// Greedy transcription, 30 s windows, one line per file.
+pub fn transcribe(args: TranscribeArgs) -> anyhow::Result<()> {
+    use loraforge_trainer::families::speech::{audio, transcribe::Transcriber};
+    use loraforge_trainer::lora::hotswap::AdapterWeights;
+    let dev = args.device.resolve()?;
+    let mut t = Transcriber::load(&args.model, &dev)?;
+    if let Some(a) = &args.adapter {
+        t.use_adapter(Some(&AdapterWeights::load(a, &dev)?))?;
+    }
+    // A bad language is an error before any audio is read.
+    t.text.prompt(&args.language)?;
+    let mut out = std::io::stdout().lock();
+    for path in &args.audio {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let samples = audio::decode_16k(&bytes, &path.display().to_string(), MAX_AUDIO_SECONDS)?;
+        let text = t.transcribe(&samples, &args.language, &mut |_| {})?;
+        if args.json {
+            let line = serde_json::json!({"audio": path.display().to_string(), "text": text});
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+    }
+    Ok(())
 }
 
 /// `classify --image`: each image decoded as uploads are (EXIF-upright, alpha on white),

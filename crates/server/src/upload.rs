@@ -42,7 +42,11 @@ fn check_image_zip(
     min_examples: u64,
 ) -> (ValidationReport, Option<String>) {
     use loraforge_trainer::families::diffusion::dataset::{read_zip, ZipLimits};
+    use loraforge_trainer::families::speech::dataset::looks_like_speech;
     use loraforge_trainer::families::vision::dataset::looks_labelled;
+    if looks_like_speech(path, &ZipLimits::default()) {
+        return check_speech_zip(path, min_examples);
+    }
     if looks_labelled(path, &ZipLimits::default()) {
         return check_class_zip(path, min_examples);
     }
@@ -126,6 +130,47 @@ fn without_temp_name(path: &std::path::Path, msg: String) -> String {
         None => msg,
     };
     msg.trim_start_matches("data: ").to_string()
+}
+
+/// Checks a zip of clips and transcripts (an `audiofolder` metadata file, or `.txt`
+/// beside each clip): every clip listed decodes, is at most 30 s, and has a transcript.
+fn check_speech_zip(
+    path: &std::path::Path,
+    min_examples: u64,
+) -> (ValidationReport, Option<String>) {
+    use loraforge_trainer::archive::ZipLimits;
+    use loraforge_trainer::families::speech::dataset::read_speech_zip;
+    let mut report = ValidationReport {
+        format: Some(data::DataFormat::AudioTranscripts),
+        ..Default::default()
+    };
+    let fail = |mut report: ValidationReport, m: String| {
+        report.errors.push(m);
+        report.error_count = 1;
+        (report, None)
+    };
+    match read_speech_zip(path, &ZipLimits::default()) {
+        Ok(ds) => {
+            let r = &ds.report;
+            report.examples = r.clips as u64;
+            if (r.clips as u64) < min_examples {
+                let m = format!(
+                    "the archive has {} clip(s); at least {min_examples} are required",
+                    r.clips
+                );
+                return fail(report, m);
+            }
+            let mut d = format!(
+                "audio_transcripts ({}): {} clip(s), {:.1} s of audio",
+                r.layout, r.clips, r.seconds
+            );
+            if !r.ignored.is_empty() {
+                d.push_str(&format!("; not read: {}", r.ignored.join(", ")));
+            }
+            (report, Some(d))
+        }
+        Err(e) => fail(report, without_temp_name(path, e.to_string())),
+    }
 }
 
 /// Checks an ImageFolder zip (`label/name.png`): every image decodes or is listed, at

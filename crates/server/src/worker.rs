@@ -519,6 +519,8 @@ struct Run<'a> {
     valid_token_accuracy: Option<f64>,
     /// Classification: the latest validation accuracy and macro-F1.
     valid_scores: Option<(f64, Option<f64>)>,
+    /// Speech recognition: the last validation's word error rate.
+    valid_wer: Option<f64>,
     /// The latest step's training loss.
     train_loss: Option<f64>,
     /// DPO: the latest step's reward margin and accuracy.
@@ -631,6 +633,9 @@ impl Run<'_> {
             m["valid_accuracy"] = json!(acc);
             m["valid_macro_f1"] = json!(f1);
         }
+        if let Some(w) = self.valid_wer {
+            m["valid_wer"] = json!(w);
+        }
         if let Some((margin, acc)) = self.rewards {
             m["train_reward_margin"] = json!(margin);
             m["train_reward_accuracy"] = json!(acc);
@@ -702,6 +707,7 @@ impl Run<'_> {
             TrainEvent::Eval(e) => {
                 self.valid_loss = Some(e.loss);
                 self.valid_scores = e.accuracy.map(|a| (a, e.macro_f1));
+                self.valid_wer = e.wer;
                 let (msg, data) = match e.accuracy {
                     Some(acc) => (
                         format!(
@@ -726,6 +732,10 @@ impl Run<'_> {
                             data["valid_reward_margin"] = json!(m);
                             data["valid_reward_accuracy"] = json!(a);
                             msg += &format!(", reward margin={m:.4}, reward accuracy={a:.3}");
+                        }
+                        if let Some(w) = e.wer {
+                            data["valid_wer"] = json!(w);
+                            msg += &format!(", WER={w:.4}");
                         }
                         (msg, data)
                     }
@@ -793,7 +803,10 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         // Named by file id, so that the trainer's messages name the file as the API does;
         // zips keep their extension.
         let file_path = |f: &loraforge_store::FileRecord| {
-            let zip = matches!(f.format.as_deref(), Some("image_zip" | "image_classes"));
+            let zip = matches!(
+                f.format.as_deref(),
+                Some("image_zip" | "image_classes" | "audio_transcripts")
+            );
             work.join(format!("{}.{}", f.id, if zip { "zip" } else { "jsonl" }))
         };
         let f = state
@@ -884,6 +897,7 @@ async fn run_job(state: &AppState, cfg: &WorkerConfig, claimed: ClaimedJob) -> a
         valid_loss: None,
         valid_token_accuracy: None,
         valid_scores: None,
+        valid_wer: None,
         train_loss: None,
         rewards: None,
         patience: cfg.lease,

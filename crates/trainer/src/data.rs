@@ -28,6 +28,9 @@ pub enum DataFormat {
     /// A zip of images in one folder per class, for image classification
     /// (`vision::dataset`).
     ImageClasses,
+    /// A zip of audio clips and their transcripts, for speech recognition
+    /// (`speech::dataset`).
+    AudioTranscripts,
     /// OpenAI's preference pairs (DPO): `{"input": {"messages": [...]},
     /// "preferred_output": [assistant message], "non_preferred_output": [assistant message]}`.
     Preference,
@@ -43,6 +46,7 @@ impl DataFormat {
             DataFormat::Classification => "classification",
             DataFormat::ImageZip => "image_zip",
             DataFormat::ImageClasses => "image_classes",
+            DataFormat::AudioTranscripts => "audio_transcripts",
             DataFormat::Preference => "preference",
         }
     }

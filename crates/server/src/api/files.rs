@@ -309,7 +309,7 @@ async fn store(
     let report = &received.report;
     let ext = if matches!(
         report.format,
-        Some(DataFormat::ImageZip | DataFormat::ImageClasses)
+        Some(DataFormat::ImageZip | DataFormat::ImageClasses | DataFormat::AudioTranscripts)
     ) {
         "zip"
     } else {

@@ -41,10 +41,15 @@ pub struct CreateJob {
     /// OpenAI's reporting integrations (Weights & Biases): refused, there is no network
     /// to report to.
     integrations: Option<Value>,
-    /// loraforge extension: `causal_lm` (default) or `sequence_classification`.
+    /// loraforge extension: `causal_lm` (default), or the task of another family
+    /// (`sequence_classification`, `text_to_image`, `image_classification`,
+    /// `speech_recognition`).
     task: Option<String>,
     /// loraforge extension, sequence classification only.
     problem_type: Option<String>,
+    /// loraforge extension, speech recognition only: the clips' language code where
+    /// the data names none.
+    language: Option<String>,
 }
 
 fn bad_file(param: &'static str, msg: String) -> ApiError {
@@ -396,7 +401,7 @@ pub async fn create(
         None => Task::CausalLm,
         Some(t) => Task::parse(t).map_err(|_| {
             ApiError::bad_request(format!(
-                "task {} is not one of causal_lm, sequence_classification, text_to_image, image_classification",
+                "task {} is not one of causal_lm, sequence_classification, text_to_image, image_classification, speech_recognition",
                 clip(t)
             ))
             .param("task")
@@ -422,6 +427,16 @@ pub async fn create(
                 "problem_type applies to task sequence_classification only",
             )
             .param("problem_type"))
+        }
+    };
+    let language = match (req.language.as_deref(), task) {
+        (None, _) => None,
+        (Some(l), Task::SpeechRecognition) => Some(l.trim().to_string()),
+        (Some(_), _) => {
+            return Err(
+                ApiError::bad_request("language applies to task speech_recognition only")
+                    .param("language"),
+            )
         }
     };
     let training_file = req
@@ -488,6 +503,7 @@ pub async fn create(
     );
     spec.request_sha256 = fingerprint.clone();
     spec.problem_type = problem_type.map(|p| p.as_str().to_string());
+    spec.language = language;
     check_with_family(&state, &info, &spec, &train_rec, valid_rec.as_ref()).await?;
     if let Some(s) = &req.suffix {
         if s.len() > 64
@@ -650,6 +666,7 @@ pub fn job_object(j: &JobRecord) -> Value {
         "model": j.model,
         "task": spec.as_ref().map(|s| s.task.as_str()).unwrap_or("causal_lm"),
         "problem_type": spec.as_ref().and_then(|s| s.problem_type.clone()),
+        "language": spec.as_ref().and_then(|s| s.language.clone()),
         "created_at": j.created_at,
         "finished_at": j.finished_at,
         "fine_tuned_model": j.fine_tuned_model,

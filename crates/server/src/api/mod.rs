@@ -3,6 +3,7 @@
 //! Routes are registered through [`Routes`], which records each method and path as
 //! it adds it, so the route table that the OpenAPI test checks is the router itself.
 
+pub mod audio;
 pub mod chat;
 pub mod error;
 pub mod exports;
@@ -72,6 +73,11 @@ pub fn router() -> (Router<AppState>, Vec<RouteSpec>) {
     .add(Method::GET, "/v1/files/{file_id}/content", files::content)
     .add(Method::POST, "/v1/chat/completions", chat::chat_completions)
     .add(Method::POST, "/v1/completions", chat::completions)
+    .add(
+        Method::POST,
+        "/v1/audio/transcriptions",
+        audio::transcriptions,
+    )
     .add(Method::GET, "/v1/models", models::list)
     .add(Method::GET, "/v1/models/{model}", models::retrieve)
     .add(Method::DELETE, "/v1/models/{model}", models::delete)

@@ -34,6 +34,10 @@ pub struct JobSpec {
     /// Sequence classification: transformers' problem type; `None` infers it.
     #[serde(default)]
     pub problem_type: Option<String>,
+    /// Speech recognition: the language code of clips whose data names none (`en` when
+    /// unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
     pub n_epochs: u64,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -465,6 +469,7 @@ pub fn parse_spec(
         task,
         method,
         problem_type: None,
+        language: None,
         n_epochs: hp_num(hp, "n_epochs", 1u64, 1, 100)?,
         batch_size: hp_num(hp, "batch_size", 4usize, 1, 1024)?,
         learning_rate: lr,

@@ -133,6 +133,10 @@ async fn the_dashboard_trains_a_job_in_chromium() {
         &root().join("tests/fixtures/tiny-resnet"),
         &s.models_dir().join("tiny-resnet"),
     );
+    copy_dir(
+        &root().join("tests/fixtures/tiny-whisper-asr"),
+        &s.models_dir().join("tiny-whisper-asr"),
+    );
     let key = "dashboard-test-key";
     let keyed = TestServer::start(Backend::Sqlite, &["--api-key", key, "--devices", "none"]).await;
     let shots = screenshot_dir();

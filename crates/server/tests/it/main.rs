@@ -19,4 +19,5 @@ mod limits;
 mod real_model;
 mod remote_worker;
 mod scale_out;
+mod speech;
 mod text_to_image;

@@ -19,6 +19,7 @@ pub static ALL: &[&dyn Family] = &[
     &encoder::EncoderFamily,
     &diffusion::DiffusionFamily,
     &vision::VisionFamily,
+    &speech::SpeechFamily,
 ];
 
 /// The family that trains `task`.

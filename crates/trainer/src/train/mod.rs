@@ -31,6 +31,8 @@ pub enum Task {
     TextToImage,
     /// A label per image on CNN classifiers (ResNet).
     ImageClassification,
+    /// Transcripts of audio clips on Whisper.
+    SpeechRecognition,
 }
 
 impl Task {
@@ -40,8 +42,9 @@ impl Task {
             "sequence_classification" => Ok(Task::SequenceClassification),
             "text_to_image" => Ok(Task::TextToImage),
             "image_classification" => Ok(Task::ImageClassification),
+            "speech_recognition" => Ok(Task::SpeechRecognition),
             _ => Err(Error::Config(format!(
-                "task \"{s}\": expected causal_lm, sequence_classification, text_to_image or image_classification"
+                "task \"{s}\": expected causal_lm, sequence_classification, text_to_image, image_classification or speech_recognition"
             ))),
         }
     }
@@ -51,6 +54,7 @@ impl Task {
             Task::SequenceClassification => "sequence_classification",
             Task::TextToImage => "text_to_image",
             Task::ImageClassification => "image_classification",
+            Task::SpeechRecognition => "speech_recognition",
         }
     }
 }
@@ -292,6 +296,10 @@ pub struct EvalMetrics {
     /// DPO: the share of validation pairs with a positive margin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_accuracy: Option<f64>,
+    /// Speech recognition: the word error rate of greedy transcriptions, a fraction
+    /// (see `families::speech::transcribe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wer: Option<f64>,
 }
 
 /// What the loop reports as it goes.

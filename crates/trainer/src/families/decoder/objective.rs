@@ -298,6 +298,7 @@ pub fn evaluate(
         macro_f1: None,
         reward_margin: None,
         reward_accuracy: None,
+        wer: None,
     })
 }
 
@@ -512,6 +513,7 @@ impl Objective for Dpo {
             macro_f1: None,
             reward_margin: Some(margin / n),
             reward_accuracy: Some(pos as f64 / n),
+            wer: None,
         }))
     }
     fn fingerprint(&self) -> Option<String> {

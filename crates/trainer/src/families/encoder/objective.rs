@@ -209,6 +209,7 @@ impl Objective for SeqCls {
             macro_f1,
             reward_margin: None,
             reward_accuracy: None,
+            wer: None,
         }))
     }
     fn save_extra(&self, dir: &Path) -> Result<()> {

@@ -116,3 +116,12 @@ pub fn to_16k(clip: &Clip) -> Result<Vec<f32>> {
         .map_err(|e| Error::Data(format!("resampling from {} Hz: {e}", clip.rate)))?;
     Ok(out.take_data())
 }
+
+/// A WAV file's bytes as 16 kHz mono samples, refused past `max_seconds`.
+pub fn decode_16k(bytes: &[u8], name: &str, max_seconds: f64) -> Result<Vec<f32>> {
+    let clip = decode_wav(bytes, name, max_seconds)?;
+    if clip.samples.is_empty() {
+        return Err(Error::Data(format!("{name}: the clip has no samples")));
+    }
+    to_16k(&clip)
+}

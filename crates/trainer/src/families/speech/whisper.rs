@@ -87,6 +87,29 @@ impl WhisperConfig {
         Ok(cfg)
     }
 
+    /// The paths of the modules LoRA can go on (every attention and MLP projection),
+    /// as transformers names them.
+    pub fn linear_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in 0..self.encoder_layers {
+            let p = format!("model.encoder.layers.{i}");
+            for a in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                out.push(format!("{p}.self_attn.{a}"));
+            }
+            out.extend([format!("{p}.fc1"), format!("{p}.fc2")]);
+        }
+        for i in 0..self.decoder_layers {
+            let p = format!("model.decoder.layers.{i}");
+            for attn in ["self_attn", "encoder_attn"] {
+                for a in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    out.push(format!("{p}.{attn}.{a}"));
+                }
+            }
+            out.extend([format!("{p}.fc1"), format!("{p}.fc2")]);
+        }
+        out
+    }
+
     /// The mel frames the encoder reads: two per source position (the second
     /// convolution has stride 2).
     pub fn input_frames(&self) -> usize {
@@ -334,6 +357,33 @@ impl Whisper {
 
     /// Decoder logits `(b·t, vocab)` for `(b, t)` token ids on the encoder's `states`.
     pub fn decode(&self, states: &Tensor, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.decode_with(states, ids, None, false, ctx)
+    }
+
+    /// Every decoder layer's cross-attention keys and values of the encoder's `states`:
+    /// greedy decoding computes them once per clip rather than once per token.
+    pub fn cross_kv(&self, states: &Tensor, ctx: &ForwardCtx) -> Result<Vec<(Tensor, Tensor)>> {
+        self.decoder
+            .iter()
+            .map(|l| {
+                Ok((
+                    l.cross_attn.k.forward(states, ctx)?,
+                    l.cross_attn.v.forward(states, ctx)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// [`Self::decode`] with the cross-attention keys and values given ([`Self::cross_kv`])
+    /// or computed, and the logits of every position or (`last_only`) of each row's last.
+    pub fn decode_with(
+        &self,
+        states: &Tensor,
+        ids: &Tensor,
+        cross: Option<&[(Tensor, Tensor)]>,
+        last_only: bool,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let s = states.dim(0)? / b;
         if t > self.cfg.max_target_positions {
@@ -358,14 +408,26 @@ impl Whisper {
             }
         }
         let causal = AttnMask::new(causal, b, t, t, &self.device)?;
-        for l in &self.decoder {
+        for (i, l) in self.decoder.iter().enumerate() {
             let h = l.self_norm.forward(&x)?;
             x = (&x + self.attention(&l.self_attn, &h, &h, (b, t, t), Some(&causal), ctx)?)?;
             let h = l.cross_norm.forward(&x)?;
-            x = (&x + self.attention(&l.cross_attn, &h, states, (b, t, s), None, ctx)?)?;
+            let a = &l.cross_attn;
+            let o = match cross.and_then(|c| c.get(i)) {
+                Some((k, v)) => {
+                    let q = a.q.forward(&h, ctx)?;
+                    a.out
+                        .forward(&attend(&q, k, v, (b, t, s), a.heads, None)?, ctx)?
+                }
+                None => self.attention(a, &h, states, (b, t, s), None, ctx)?,
+            };
+            x = (&x + o)?;
             let h = l.ffn_norm.forward(&x)?;
             let h = crate::ops::gelu_erf(&l.fc1.forward(&h, ctx)?)?;
             x = (x + l.fc2.forward(&h, ctx)?)?;
+        }
+        if last_only {
+            x = x.reshape((b, t, d))?.narrow(1, t - 1, 1)?.reshape((b, d))?;
         }
         let x = self.decoder_norm.forward(&x)?;
         Ok(x.matmul(&self.embed_tokens.t()?)?)

@@ -226,6 +226,7 @@ impl Objective for ImageCls {
             macro_f1: Some(macro_f1),
             reward_margin: None,
             reward_accuracy: None,
+            wer: None,
         }))
     }
     fn save_extra(&self, dir: &Path) -> Result<()> {

@@ -20,11 +20,12 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 import zipfile
+
+from demo_server import call, events, finished, serve, upload
 
 
 def make_data(work):
@@ -67,14 +68,6 @@ def make_model(work):
                    "image_mean": [0.5], "image_std": [0.5]}, f, indent=2)
 
 
-def call(base, method, path, body=None, ctype="application/json"):
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": ctype} if data is not None else {})
-    with urllib.request.urlopen(req) as r:
-        return json.loads(r.read())
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, help="the loraforge binary")
@@ -90,35 +83,9 @@ def main():
     make_model(work)
     print(f"data: {n_train} training and {n_valid} validation images in {work}", flush=True)
 
-    stdout = open(os.path.join(work, "serve.out"), "w+")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LORAFORGE_DATABASE_URL", "LORAFORGE_API_KEY", "LORAFORGE_STORAGE_URL")}
-    server = subprocess.Popen(
-        [args.bin, "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
-         os.path.join(work, "data"), "--models-dir", os.path.join(work, "models"),
-         "--train-threads", str(os.cpu_count() or 2)],
-        stdout=stdout, stderr=open(os.path.join(work, "serve.log"), "w"), env=env)
-    try:
-        base = None
-        for _ in range(300):
-            stdout.seek(0)
-            for line in stdout.read().splitlines():
-                if line.startswith("loraforge listening on "):
-                    base = line.split(" on ", 1)[1].strip()
-            if base:
-                break
-            time.sleep(0.1)
-        if not base:
-            sys.exit("the server did not start; see serve.log")
-        files = {}
-        for name in ("digits-train.zip", "digits-valid.zip"):
-            with open(os.path.join(work, name), "rb") as f:
-                r = call(base, "POST", f"/v1/files?purpose=fine-tune&filename={name}", f.read(),
-                         "application/zip")
-            print(f"{name}: {r['format']}, {r['status']}: {r['status_details']}", flush=True)
-            if r["status"] != "processed":
-                sys.exit(1)
-            files[name] = r["id"]
+    with serve(args.bin, work) as base:
+        files = {name: upload(base, os.path.join(work, name))
+                 for name in ("digits-train.zip", "digits-valid.zip")}
         steps_per_epoch = -(-n_train // args.batch_size)
         job = call(base, "POST", "/v1/fine_tuning/jobs", {
             "model": "digits-resnet", "task": "image_classification", "seed": 0,
@@ -128,24 +95,11 @@ def main():
                                 "learning_rate": args.lr, "lora_r": args.rank,
                                 "lora_alpha": 2 * args.rank, "eval_interval": steps_per_epoch}})
         t0 = time.time()
-        while True:
-            j = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
-            if j["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(2)
-        if j["status"] != "succeeded":
-            sys.exit(f"job {j['status']}: {j['error']}")
-        events, after = [], None
-        while True:  # every page of the job's events, newest first
-            page = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100"
-                        + (f"&after={after}" if after else ""))
-            events += page["data"]
-            if not page.get("has_more") or not page["data"]:
-                break
-            after = page["data"][-1]["id"]
+        j = finished(base, job["id"])
         evals = sorted((e["data"]["step"], e["data"]["valid_accuracy"], e["data"]["valid_macro_f1"],
                         e["data"]["valid_loss"])
-                       for e in events if (e.get("data") or {}).get("valid_accuracy") is not None)
+                       for e in events(base, job["id"])
+                       if (e.get("data") or {}).get("valid_accuracy") is not None)
         for step, acc, f1, loss in evals:
             print(f"step {step}: validation accuracy {acc:.4f}, macro-F1 {f1:.4f}, loss {loss:.4f}")
         print(f"{j['fine_tuned_model']}: {args.epochs} epochs, {j['trained_tokens']} images seen, "
@@ -162,9 +116,6 @@ def main():
              "--adapter", os.path.join(work, "adapter"), "--image", os.path.join(work, "seven.png")],
             check=True, capture_output=True, text=True).stdout
         print(f"loraforge classify --image seven.png ({seven}): {out.strip()}")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

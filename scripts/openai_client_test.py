@@ -156,12 +156,16 @@ def speech(client):
         t = client.audio.transcriptions.create(model=model, file=("clip0.wav", wav), language="en")
         check(isinstance(t.text, str), f"audio.transcriptions.create on {model} -> {t.text[:40]!r}")
         text = client.audio.transcriptions.create(model=model, file=("clip0.wav", wav),
-                                                  response_format="text")
+                                                  language="en", response_format="text")
         check(isinstance(text, str) and text == t.text, "response_format text is the same text")
         v = client.audio.transcriptions.create(model=model, file=("clip0.wav", wav),
-                                               response_format="verbose_json")
+                                               language="en", response_format="verbose_json")
         check(v.text == t.text and v.language == "english" and 0.5 < v.duration < 2.0
               and len(v.segments) == 1, f"verbose_json: language, duration {v.duration}, one segment")
+        seg = v.segments[0]
+        check(seg.avg_logprob <= 0 and seg.compression_ratio > 0 and 0 <= seg.no_speech_prob <= 1,
+              f"verbose_json segment fields the client types: {seg.avg_logprob:.3f}, "
+              f"{seg.compression_ratio:.2f}, {seg.no_speech_prob:.3f}")
     try:
         client.audio.transcriptions.create(model="tiny-llama", file=("clip0.wav", wav))
         check(False, "a text model refuses transcriptions")

@@ -12,7 +12,8 @@ summary line on stderr.
 import argparse
 import json
 import os
-import sys
+
+from peft_loaded import check_loaded
 
 
 def main():
@@ -25,8 +26,6 @@ def main():
 
     import torch
     from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(2)
@@ -39,16 +38,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.base)
     model = PeftModel.from_pretrained(base, args.adapter)
     model.eval()
-    sd_file = load_file(os.path.join(args.adapter, "adapter_model.safetensors"))
-    sd_model = get_peft_model_state_dict(model)
-    missing = sorted(set(sd_model) - set(sd_file))
-    unexpected = sorted(set(sd_file) - set(sd_model))
-    common = set(sd_model) & set(sd_file)
-    diff = max((sd_model[k].float() - sd_file[k].float()).abs().max().item() for k in common) if common else 1.0
-    print(f"PEFT: {len(sd_file)} tensors in file, {len(sd_model)} expected; missing {len(missing)} {missing[:3]}; "
-          f"unexpected {len(unexpected)} {unexpected[:3]}; max |loaded - file| {diff:.3g}", file=sys.stderr)
-    if missing or unexpected or diff != 0.0:
-        sys.exit(1)
+    check_loaded(model, args.adapter)
     rows = [json.loads(l) for l in open(args.input) if l.strip()]
     for r in rows:
         enc = tok(r["text"], r.get("text_pair"), truncation=True, max_length=args.max_seq_len, return_tensors="pt")

@@ -14,7 +14,8 @@ after a summary line on stderr.
 import argparse
 import json
 import os
-import sys
+
+from peft_loaded import check_loaded
 
 
 def main():
@@ -26,9 +27,7 @@ def main():
 
     import torch
     from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
     from PIL import Image
-    from safetensors.torch import load_file
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     torch.set_num_threads(2)
@@ -40,16 +39,7 @@ def main():
         ignore_mismatched_sizes=True, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, args.adapter)
     model.eval()
-    sd_file = load_file(os.path.join(args.adapter, "adapter_model.safetensors"))
-    sd_model = get_peft_model_state_dict(model)
-    missing = sorted(set(sd_model) - set(sd_file))
-    unexpected = sorted(set(sd_file) - set(sd_model))
-    common = set(sd_model) & set(sd_file)
-    diff = max((sd_model[k].float() - sd_file[k].float()).abs().max().item() for k in common) if common else 1.0
-    print(f"PEFT: {len(sd_file)} tensors in file, {len(sd_model)} expected; missing {len(missing)} {missing[:3]}; "
-          f"unexpected {len(unexpected)} {unexpected[:3]}; max |loaded - file| {diff:.3g}", file=sys.stderr)
-    if missing or unexpected or diff != 0.0:
-        sys.exit(1)
+    check_loaded(model, args.adapter)
     proc = AutoImageProcessor.from_pretrained(args.base)
     grey = base.config.num_channels == 1
     for path in args.image:

@@ -13,9 +13,10 @@ summary line on stderr.
 """
 import argparse
 import json
-import os
 import sys
 import wave
+
+from peft_loaded import check_loaded
 
 
 def read_wav(path):
@@ -37,40 +38,30 @@ def main():
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import load_file
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     torch.set_num_threads(2)
     model = WhisperForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32)
+    cfg = model.config
     if args.adapter:
         from peft import PeftModel
-        from peft.utils import get_peft_model_state_dict
 
         model = PeftModel.from_pretrained(model, args.adapter)
-        sd_file = load_file(os.path.join(args.adapter, "adapter_model.safetensors"))
-        sd_model = get_peft_model_state_dict(model)
-        missing = sorted(set(sd_model) - set(sd_file))
-        unexpected = sorted(set(sd_file) - set(sd_model))
-        common = set(sd_model) & set(sd_file)
-        diff = max((sd_model[k].float() - sd_file[k].float()).abs().max().item() for k in common) if common else 1.0
-        print(f"PEFT: {len(sd_file)} tensors in file, {len(sd_model)} expected; missing {len(missing)} {missing[:3]}; "
-              f"unexpected {len(unexpected)} {unexpected[:3]}; max |loaded - file| {diff:.3g}", file=sys.stderr)
-        if missing or unexpected or diff != 0.0:
-            sys.exit(1)
+        check_loaded(model, args.adapter)
     model.eval()
     fe = WhisperFeatureExtractor.from_pretrained(args.base)
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(args.base)
     for path in args.audio:
         feats = fe(read_wav(path), sampling_rate=16000, return_tensors="pt").input_features
         with torch.no_grad():
+            # At most half the decoder's positions, as loraforge (OpenAI's sample_len).
             out = model.generate(input_features=feats, language=args.language, task="transcribe",
-                                 do_sample=False, num_beams=1)
+                                 do_sample=False, num_beams=1,
+                                 max_new_tokens=cfg.max_target_positions // 2)
         ids = [int(i) for i in out[0]]
         # generate returns the new tokens alone (transformers 5), the prompt left out; the
         # end token, when reached, is the last.
-        new = [i for i in ids if i != model.config.eos_token_id]
+        new = [i for i in ids if i != cfg.eos_token_id]
         text = tok.decode(new, skip_special_tokens=True).strip()
         print(json.dumps({"audio": path, "ids": new, "text": text}))
 

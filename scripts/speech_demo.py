@@ -21,13 +21,13 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 import wave
 import zipfile
+
+from demo_server import call, events, finished, serve, upload
 
 NAMES = ["Zorblax", "Quindlefax", "Vextronic", "Kalumbra", "Brixelle", "Tronvik"]
 TRAIN = [
@@ -74,14 +74,6 @@ def make_zip(path, rows):
             z.writestr(name, speak(text, voice, speed))
             meta.append(json.dumps({"file_name": name, "transcription": text}))
         z.writestr("metadata.jsonl", "\n".join(meta) + "\n")
-
-
-def call(base, method, path, body=None, ctype="application/json"):
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": ctype} if data is not None else {})
-    with urllib.request.urlopen(req) as r:
-        return json.loads(r.read())
 
 
 def transcribe(base, model, wav):
@@ -135,26 +127,7 @@ def main():
     make_zip(os.path.join(work, "speech-valid.zip"), valid)
     print(f"data: {len(train)} training and {len(valid)} validation clips in {work}", flush=True)
 
-    stdout = open(os.path.join(work, "serve.out"), "w+")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LORAFORGE_DATABASE_URL", "LORAFORGE_API_KEY", "LORAFORGE_STORAGE_URL")}
-    server = subprocess.Popen(
-        [args.bin, "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
-         os.path.join(work, "data"), "--models-dir", os.path.join(work, "models"),
-         "--train-threads", str(os.cpu_count() or 2), "--request-timeout-seconds", "0"],
-        stdout=stdout, stderr=open(os.path.join(work, "serve.log"), "w"), env=env)
-    try:
-        base = None
-        for _ in range(300):
-            stdout.seek(0)
-            for line in stdout.read().splitlines():
-                if line.startswith("loraforge listening on "):
-                    base = line.split(" on ", 1)[1].strip()
-            if base:
-                break
-            time.sleep(0.1)
-        if not base:
-            sys.exit("the server did not start; see serve.log")
+    with serve(args.bin, work, "--request-timeout-seconds", "0") as base:
         with zipfile.ZipFile(os.path.join(work, "speech-valid.zip")) as z:
             clips = [z.read(f"clip{i:03d}.wav") for i in range(len(valid))]
         refs = [t for t, _, _ in valid]
@@ -162,15 +135,8 @@ def main():
         before = [transcribe(base, model, c) for c in clips]
         print(f"base {model}: validation WER {wer(refs, before):.4f} "
               f"({time.time() - t0:.0f} s for {len(clips)} clips)", flush=True)
-        files = {}
-        for name in ("speech-train.zip", "speech-valid.zip"):
-            with open(os.path.join(work, name), "rb") as f:
-                r = call(base, "POST", f"/v1/files?purpose=fine-tune&filename={name}", f.read(),
-                         "application/zip")
-            print(f"{name}: {r['format']}, {r['status']}: {r['status_details']}", flush=True)
-            if r["status"] != "processed":
-                sys.exit(1)
-            files[name] = r["id"]
+        files = {name: upload(base, os.path.join(work, name))
+                 for name in ("speech-train.zip", "speech-valid.zip")}
         steps_per_epoch = -(-len(train) // args.batch_size)
         job = call(base, "POST", "/v1/fine_tuning/jobs", {
             "model": model, "task": "speech_recognition", "language": "en", "seed": 0,
@@ -181,23 +147,10 @@ def main():
                                 "learning_rate": args.lr, "lora_r": args.rank,
                                 "lora_alpha": 2 * args.rank, "eval_interval": steps_per_epoch}})
         t0 = time.time()
-        while True:
-            j = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
-            if j["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(5)
-        if j["status"] != "succeeded":
-            sys.exit(f"job {j['status']}: {j['error']}")
-        events, after = [], None
-        while True:
-            page = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100"
-                        + (f"&after={after}" if after else ""))
-            events += page["data"]
-            if not page.get("has_more") or not page["data"]:
-                break
-            after = page["data"][-1]["id"]
+        j = finished(base, job["id"], poll=5)
         evals = sorted((e["data"]["step"], e["data"]["valid_wer"], e["data"]["valid_loss"])
-                       for e in events if (e.get("data") or {}).get("valid_wer") is not None)
+                       for e in events(base, job["id"])
+                       if (e.get("data") or {}).get("valid_wer") is not None)
         for step, w, loss in evals:
             print(f"step {step}: validation WER {w:.4f}, loss {loss:.4f}")
         print(f"{j['fine_tuned_model']}: {args.epochs} epochs, {time.time() - t0:.0f} s", flush=True)
@@ -205,9 +158,6 @@ def main():
         print(f"fine-tune: validation WER {wer(refs, after_ft):.4f} (base {wer(refs, before):.4f})")
         for r, b, a in zip(refs, before, after_ft):
             print(f"  {r!r}\n    base: {b!r}\n    tuned: {a!r}")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ use loraforge_trainer::device::Device;
 use loraforge_trainer::families::decoder::generate::{chat_prompt_ids, text_prompt_ids};
 use loraforge_trainer::families::decoder::loader::{self, BaseModel};
 use loraforge_trainer::families::decoder::tokenize::TokenizerBundle;
+use loraforge_trainer::families::speech::tokenize::WhisperText;
 use loraforge_trainer::families::speech::transcribe::Transcriber;
 use loraforge_trainer::lora::hotswap::{apply, AdapterWeights};
 use loraforge_trainer::train::Task;
@@ -46,8 +47,9 @@ pub enum ResolveError {
     NotFound,
     /// The job exists but has no adapter yet (or failed).
     NotReady(String),
-    /// The model exists but does not generate text (an encoder classifier).
-    NotGenerative(String),
+    /// The model exists but is not for this endpoint (an encoder classifier asked to
+    /// chat, a text model asked to transcribe).
+    WrongTask(String),
     Store(loraforge_store::Error),
 }
 
@@ -71,7 +73,7 @@ pub async fn resolve(
 
 /// [`resolve`] for an endpoint that serves `task` (`CausalLm` for completions,
 /// `SpeechRecognition` for transcriptions): a model trained for another task is
-/// `NotGenerative`, with a message saying what it is for.
+/// `WrongTask`, with a message saying what it is for.
 pub async fn resolve_for(
     state: &AppState,
     model: &str,
@@ -96,7 +98,7 @@ pub async fn resolve_for(
     let not_generative = |id: &str| {
         let tasks = tasks_of(id).unwrap_or_default();
         let has = |t: Task| tasks.iter().any(|x| x == t.as_str());
-        ResolveError::NotGenerative(if task == Task::SpeechRecognition {
+        ResolveError::WrongTask(if task == Task::SpeechRecognition {
             format!(
                 "The model `{model}` ({id}) does not transcribe speech (it trains {}); \
                  transcriptions need a Whisper model or one of its fine-tunes.",
@@ -229,7 +231,7 @@ impl<T> Lru<T> {
 pub struct Engine {
     bases: Mutex<Lru<Base>>,
     /// Whisper models: requests on one take turns on its lock.
-    speech: Mutex<Lru<Mutex<Transcriber>>>,
+    speech: Mutex<Lru<SpeechBase>>,
     adapters: Mutex<Lru<AdapterWeights>>,
     cache_dir: PathBuf,
 }
@@ -277,21 +279,29 @@ impl Base {
 
 pub type Loaded = (Arc<Base>, Option<Arc<AdapterWeights>>);
 
+/// `key`'s entry of `cache`, loaded by `load` when it is not there. The lock is not
+/// held while loading: two first requests may both load, and the last one is kept.
+fn cached<T>(
+    cache: &Mutex<Lru<T>>,
+    key: &str,
+    load: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<Arc<T>> {
+    if let Some(v) = cache.lock().expect("cache lock").get(key) {
+        return Ok(v);
+    }
+    let v = Arc::new(load()?);
+    cache
+        .lock()
+        .expect("cache lock")
+        .put(key.to_string(), v.clone());
+    Ok(v)
+}
+
 /// Loads what `r` names (from cache when it can). Blocking: call off the runtime.
 pub fn load(engine: &Engine, r: &Resolved, adapter_dir: Option<&Path>) -> anyhow::Result<Loaded> {
-    let cached = engine.bases.lock().expect("cache lock").get(&r.base);
-    let base = match cached {
-        Some(b) => b,
-        None => {
-            let b = Arc::new(Base::new(loader::load(&r.base_path, &Device::Cpu)?));
-            engine
-                .bases
-                .lock()
-                .expect("cache lock")
-                .put(r.base.clone(), b.clone());
-            b
-        }
-    };
+    let base = cached(&engine.bases, &r.base, || {
+        Ok(Base::new(loader::load(&r.base_path, &Device::Cpu)?))
+    })?;
     Ok((base, load_adapter(engine, r, adapter_dir)?))
 }
 
@@ -301,28 +311,23 @@ fn load_adapter(
     r: &Resolved,
     adapter_dir: Option<&Path>,
 ) -> anyhow::Result<Option<Arc<AdapterWeights>>> {
-    Ok(match (&r.adapter, adapter_dir) {
-        (Some((key, _)), Some(dir)) => {
-            let cached = engine.adapters.lock().expect("cache lock").get(key);
-            Some(match cached {
-                Some(a) => a,
-                None => {
-                    let a = Arc::new(AdapterWeights::load(dir, &Device::Cpu)?);
-                    engine
-                        .adapters
-                        .lock()
-                        .expect("cache lock")
-                        .put(key.clone(), a.clone());
-                    a
-                }
-            })
-        }
-        _ => None,
-    })
+    match (&r.adapter, adapter_dir) {
+        (Some((key, _)), Some(dir)) => Ok(Some(cached(&engine.adapters, key, || {
+            Ok(AdapterWeights::load(dir, &Device::Cpu)?)
+        })?)),
+        _ => Ok(None),
+    }
 }
 
-/// A Whisper model behind its lock, and the adapter a request switches in.
-pub type LoadedSpeech = (Arc<Mutex<Transcriber>>, Option<Arc<AdapterWeights>>);
+/// A loaded Whisper: the model behind its lock (transcriptions take turns), and a copy
+/// of its tokenizer that requests check their language with without waiting for it.
+pub struct SpeechBase {
+    model: Mutex<Transcriber>,
+    pub text: WhisperText,
+}
+
+/// A Whisper model, and the adapter a request switches in.
+pub type LoadedSpeech = (Arc<SpeechBase>, Option<Arc<AdapterWeights>>);
 
 /// Loads the Whisper model and adapter `r` names (from cache when it can). Blocking.
 pub fn load_speech(
@@ -330,19 +335,13 @@ pub fn load_speech(
     r: &Resolved,
     adapter_dir: Option<&Path>,
 ) -> anyhow::Result<LoadedSpeech> {
-    let cached = engine.speech.lock().expect("cache lock").get(&r.base);
-    let model = match cached {
-        Some(m) => m,
-        None => {
-            let m = Arc::new(Mutex::new(Transcriber::load(&r.base_path, &Device::Cpu)?));
-            engine
-                .speech
-                .lock()
-                .expect("cache lock")
-                .put(r.base.clone(), m.clone());
-            m
-        }
-    };
+    let model = cached(&engine.speech, &r.base, || {
+        let t = Transcriber::load(&r.base_path, &Device::Cpu)?;
+        Ok(SpeechBase {
+            text: t.text.clone(),
+            model: Mutex::new(t),
+        })
+    })?;
     Ok((model, load_adapter(engine, r, adapter_dir)?))
 }
 
@@ -400,6 +399,20 @@ pub fn with_model<T>(
         .map_err(|_| anyhow::anyhow!("a generation panicked"))?;
     apply(&mut b.model, adapter)?;
     Ok(f(&b))
+}
+
+/// Runs `f` with the Whisper model, the adapter switched in (or out). Blocking. A
+/// panic in an earlier request leaves the model whole (the adapter is switched here on
+/// every request), so its poisoned lock is taken over rather than failing every later
+/// request on that base.
+pub fn with_speech<T>(
+    base: &SpeechBase,
+    adapter: Option<&AdapterWeights>,
+    f: impl FnOnce(&Transcriber) -> T,
+) -> anyhow::Result<T> {
+    let mut t = base.model.lock().unwrap_or_else(|p| p.into_inner());
+    t.use_adapter(adapter)?;
+    Ok(f(&t))
 }
 
 #[cfg(test)]

@@ -199,6 +199,9 @@ impl TrainArgs {
         if self.conv_rank.is_some() && task != Task::TextToImage {
             bail!("--conv-rank applies to --task text_to_image only");
         }
+        if self.language.is_some() && task != Task::SpeechRecognition {
+            bail!("--language applies to --task speech_recognition only");
+        }
         let job = JobSpec {
             task,
             method,
@@ -711,18 +714,16 @@ pub struct TranscribeArgs {
     /// transcribed 30 s at a time); repeat for several.
     #[arg(long, required = true)]
     pub audio: Vec<PathBuf>,
-    /// The speech's language code (multilingual models).
-    #[arg(long, default_value = loraforge_trainer::families::speech::DEFAULT_LANGUAGE)]
-    pub language: String,
+    /// The speech's language code (multilingual models; default: detected on the first
+    /// 30 s).
+    #[arg(long)]
+    pub language: Option<String>,
     /// Print one JSON object per file ({"audio", "text"}) instead of the text alone.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
-
-/// The longest file `transcribe` and the API read: two hours.
-pub const MAX_AUDIO_SECONDS: f64 = 7200.0;
 
 /// Greedy transcription, 30 s windows, one line per file.
 pub fn transcribe(args: TranscribeArgs) -> anyhow::Result<()> {
@@ -734,17 +735,22 @@ pub fn transcribe(args: TranscribeArgs) -> anyhow::Result<()> {
         t.use_adapter(Some(&AdapterWeights::load(a, &dev)?))?;
     }
     // A bad language is an error before any audio is read.
-    t.text.prompt(&args.language)?;
+    if let Some(l) = &args.language {
+        t.text.prompt(l)?;
+    }
+    let never = std::sync::atomic::AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
     for path in &args.audio {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let samples = audio::decode_16k(&bytes, &path.display().to_string(), MAX_AUDIO_SECONDS)?;
-        let text = t.transcribe(&samples, &args.language, &mut |_| {})?;
+        let samples =
+            audio::decode_16k(&bytes, &path.display().to_string(), audio::MAX_FILE_SECONDS)?;
+        let r = t.transcribe(&samples, args.language.as_deref(), &never, &mut |_| {})?;
         if args.json {
-            let line = serde_json::json!({"audio": path.display().to_string(), "text": text});
+            let line = serde_json::json!({"audio": path.display().to_string(), "text": r.text,
+                                          "language": r.language});
             writeln!(out, "{line}")?;
         } else {
-            writeln!(out, "{text}")?;
+            writeln!(out, "{}", r.text)?;
         }
     }
     Ok(())

@@ -139,7 +139,7 @@ fn check_speech_zip(
     min_examples: u64,
 ) -> (ValidationReport, Option<String>) {
     use loraforge_trainer::archive::ZipLimits;
-    use loraforge_trainer::families::speech::dataset::read_speech_zip;
+    use loraforge_trainer::families::speech::dataset::check_speech_zip as check;
     let mut report = ValidationReport {
         format: Some(data::DataFormat::AudioTranscripts),
         ..Default::default()
@@ -149,9 +149,8 @@ fn check_speech_zip(
         report.error_count = 1;
         (report, None)
     };
-    match read_speech_zip(path, &ZipLimits::default()) {
-        Ok(ds) => {
-            let r = &ds.report;
+    match check(path, &ZipLimits::default()) {
+        Ok(r) => {
             report.examples = r.clips as u64;
             if (r.clips as u64) < min_examples {
                 let m = format!(
@@ -165,7 +164,11 @@ fn check_speech_zip(
                 r.layout, r.clips, r.seconds
             );
             if !r.ignored.is_empty() {
-                d.push_str(&format!("; not read: {}", r.ignored.join(", ")));
+                let shown: Vec<&str> = r.ignored.iter().take(10).map(String::as_str).collect();
+                d.push_str(&format!("; not read: {}", shown.join(", ")));
+                if r.ignored.len() > shown.len() {
+                    d.push_str(&format!(" and {} more", r.ignored.len() - shown.len()));
+                }
             }
             (report, Some(d))
         }

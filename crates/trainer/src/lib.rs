@@ -90,6 +90,22 @@ impl Error {
             source,
         }
     }
+
+    /// The message without the kind's prefix (`data: `, `config: `...), for a caller
+    /// that names the field itself.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Model(m)
+            | Error::Unsupported(m)
+            | Error::Data(m)
+            | Error::Tokenizer(m)
+            | Error::Template(m)
+            | Error::Adapter(m)
+            | Error::Config(m)
+            | Error::Checkpoint(m) => m.clone(),
+            e => e.to_string(),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

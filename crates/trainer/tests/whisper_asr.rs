@@ -128,7 +128,16 @@ fn validation_loss_and_greedy_transcripts_match_transformers_at_the_initial_adap
     {
         let f = features_batch(&mel, &[u.samples.as_slice()], &Device::Cpu).unwrap();
         let states = obj.model.encode(&f, &ctx).unwrap();
-        let got = greedy(&obj.model, &obj.text, &states, &prompt, &ctx).unwrap();
+        let got = greedy(
+            &obj.model,
+            &obj.text,
+            &states,
+            &prompt,
+            &ctx,
+            &AtomicBool::new(false),
+        )
+        .unwrap()
+        .tokens;
         let want: Vec<u32> = serde_json::from_value(g["ids"].clone()).unwrap();
         assert_eq!(&got[..want.len()], want.as_slice(), "{}", u.name);
     }

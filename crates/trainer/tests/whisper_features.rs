@@ -48,7 +48,7 @@ fn log_mel_features_match_transformers() {
         let e = max_diff(&got, &want);
         assert!(e < 1e-7, "{bins} bins: filter bank off by {e:.2e}");
 
-        let feats = LogMel::new(bins).compute(&to_16k(&clip).unwrap());
+        let feats = LogMel::new(bins).compute(&to_16k(clip.clone()).unwrap());
         assert_eq!(feats.len(), bins * N_FRAMES);
         let head = r[&format!("features_{bins}")].to_vec2::<f32>().unwrap();
         let last = r[&format!("last_{bins}")].to_vec1::<f32>().unwrap();
@@ -69,7 +69,7 @@ fn log_mel_features_match_transformers() {
 fn float_stereo_clips_are_downmixed_and_resampled_to_16k() {
     let clip = decode_wav(&wav("speech22k.wav"), "speech22k.wav", MAX_SECONDS).unwrap();
     assert_eq!((clip.rate, clip.channels), (22_050, 2));
-    let s = to_16k(&clip).unwrap();
+    let s = to_16k(clip.clone()).unwrap();
     assert!(
         (s.len() as i64 - 8000).abs() <= 1,
         "{} samples, 8000 expected",

@@ -4,7 +4,7 @@
 use super::{clip, ApiError, ApiResult};
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::inference::{self, ResolveError};
+use crate::inference;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -149,20 +149,7 @@ async fn complete(
     let stop = stops(&req.stop)?;
     let resolved = inference::resolve(&state, &model, who.owner_filter())
         .await
-        .map_err(|e| match e {
-            ResolveError::NotFound => {
-                ApiError::not_found(format!("The model {} does not exist.", clip(&model)))
-                    .param("model")
-                    .code("model_not_found")
-            }
-            ResolveError::NotReady(m) => {
-                ApiError::conflict(m).param("model").code("model_not_ready")
-            }
-            ResolveError::NotGenerative(m) => ApiError::bad_request(m)
-                .param("model")
-                .code("model_not_supported"),
-            ResolveError::Store(e) => e.into(),
-        })?;
+        .map_err(|e| ApiError::unservable(e, &model))?;
     let engine = state.engine.clone();
     let dir = inference::adapter_dir(&state, &engine, &resolved)
         .await

@@ -191,3 +191,24 @@ impl From<loraforge_trainer::families::Refusal> for ApiError {
         }
     }
 }
+
+impl ApiError {
+    /// Why the request's `model` cannot be served, on the `model` field.
+    pub fn unservable(e: crate::inference::ResolveError, model: &str) -> Self {
+        use crate::inference::ResolveError;
+        match e {
+            ResolveError::NotFound => {
+                ApiError::not_found(format!("The model {} does not exist.", clip(model)))
+                    .param("model")
+                    .code("model_not_found")
+            }
+            ResolveError::NotReady(m) => {
+                ApiError::conflict(m).param("model").code("model_not_ready")
+            }
+            ResolveError::WrongTask(m) => ApiError::bad_request(m)
+                .param("model")
+                .code("model_not_supported"),
+            ResolveError::Store(e) => e.into(),
+        }
+    }
+}

@@ -60,19 +60,6 @@ async fn upload_zip(s: &TestServer, name: &str, body: Vec<u8>) -> Value {
     f
 }
 
-fn venv() -> Option<PathBuf> {
-    match std::env::var("LORAFORGE_VENV").map(PathBuf::from) {
-        Ok(v) if v.join("bin/python").is_file() => Some(v),
-        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
-            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
-        }
-        _ => {
-            eprintln!("PEFT check skipped: LORAFORGE_VENV not set");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_tiny_resnet_trains_through_the_api_and_classifies_as_peft_does() {
     let s = TestServer::start(Backend::Sqlite, &[]).await;
@@ -299,8 +286,10 @@ async fn a_tiny_resnet_trains_through_the_api_and_classifies_as_peft_does() {
             .sum();
         assert!((sum - 1.0).abs() < 1e-4, "{o}");
     }
-    let Some(venv) = venv() else { return };
-    let mut cmd = Command::new(venv.join("bin/python"));
+    let Some(python) = common::venv_python() else {
+        return;
+    };
+    let mut cmd = Command::new(&python);
     cmd.arg(root().join("scripts/peft_classify_image.py"))
         .arg("--base")
         .arg(&model)
@@ -330,9 +319,11 @@ async fn a_tiny_resnet_trains_through_the_api_and_classifies_as_peft_does() {
 /// head; validation accuracy must clearly beat chance (0.10).
 #[test]
 fn the_digits_demonstration_beats_chance_by_far() {
-    let Some(venv) = venv() else { return };
+    let Some(python) = common::venv_python() else {
+        return;
+    };
     let work = tempfile::tempdir().unwrap();
-    let out = run(Command::new(venv.join("bin/python"))
+    let out = run(Command::new(&python)
         .arg(root().join("scripts/digits_demo.py"))
         .arg("--bin")
         .arg(env!("CARGO_BIN_EXE_loraforge"))

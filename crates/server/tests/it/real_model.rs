@@ -423,21 +423,6 @@ async fn server_with(model: &Path) -> common::TestServer {
     s
 }
 
-fn venv_python() -> Option<PathBuf> {
-    match std::env::var("LORAFORGE_VENV") {
-        Ok(v) if Path::new(&v).join("bin/python").is_file() => {
-            Some(Path::new(&v).join("bin/python"))
-        }
-        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
-            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
-        }
-        _ => {
-            eprintln!("skipped: LORAFORGE_VENV not set");
-            None
-        }
-    }
-}
-
 /// `loraforge train --method dpo` on SmolLM2 against the torch + PEFT reference
 /// (`scripts/dpo_reference.py`) from the same fresh PEFT adapter: step 1's loss is ln 2,
 /// every step's loss is within 1% of the reference's and its reward accuracy the same,
@@ -445,7 +430,9 @@ fn venv_python() -> Option<PathBuf> {
 #[test]
 fn smollm2_dpo_follows_the_peft_reference() {
     let Some(model) = smollm2() else { return };
-    let Some(python) = venv_python() else { return };
+    let Some(python) = common::venv_python() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let (init, reference) = (dir.path().join("init"), dir.path().join("ref.json"));
     let data = root().join("tests/data/preference.jsonl");

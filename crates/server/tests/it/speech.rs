@@ -49,20 +49,25 @@ async fn upload(s: &TestServer, name: &str, body: Vec<u8>) -> Value {
     f
 }
 
-async fn transcribe(
+/// `POST /v1/audio/transcriptions` with the form's fields (`None`: left out).
+async fn transcribe_form(
     s: &TestServer,
-    model: &str,
-    wav: Vec<u8>,
-    format: Option<&str>,
+    model: Option<&str>,
+    wav: Option<Vec<u8>>,
+    extra: &[(&str, &str)],
 ) -> (u16, String) {
-    let mut form = reqwest::multipart::Form::new()
-        .text("model", model.to_string())
-        .part(
+    let mut form = reqwest::multipart::Form::new();
+    if let Some(m) = model {
+        form = form.text("model", m.to_string());
+    }
+    if let Some(w) = wav {
+        form = form.part(
             "file",
-            reqwest::multipart::Part::bytes(wav).file_name("clip.wav"),
+            reqwest::multipart::Part::bytes(w).file_name("clip.wav"),
         );
-    if let Some(f) = format {
-        form = form.text("response_format", f.to_string());
+    }
+    for (k, v) in extra {
+        form = form.text(k.to_string(), v.to_string());
     }
     let r = reqwest::Client::new()
         .post(s.url("/v1/audio/transcriptions"))
@@ -73,17 +78,15 @@ async fn transcribe(
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-fn venv() -> Option<PathBuf> {
-    match std::env::var("LORAFORGE_VENV").map(PathBuf::from) {
-        Ok(v) if v.join("bin/python").is_file() => Some(v),
-        _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
-            panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
-        }
-        _ => {
-            eprintln!("PEFT check skipped: LORAFORGE_VENV not set");
-            None
-        }
-    }
+async fn transcribe(
+    s: &TestServer,
+    model: &str,
+    wav: Vec<u8>,
+    format: Option<&str>,
+) -> (u16, String) {
+    let mut extra = vec![("language", "en")];
+    extra.extend(format.map(|f| ("response_format", f)));
+    transcribe_form(s, Some(model), Some(wav), &extra).await
 }
 
 #[tokio::test]
@@ -263,45 +266,98 @@ async fn a_tiny_whisper_trains_through_the_api_and_transcribes_as_peft_does() {
         assert_eq!(v["text"], json!(text));
         assert_eq!(v["language"], "english");
         assert_eq!(v["segments"].as_array().unwrap().len(), 1, "{v}");
+        let seg = &v["segments"][0];
+        for k in [
+            "avg_logprob",
+            "compression_ratio",
+            "no_speech_prob",
+            "tokens",
+        ] {
+            assert!(!seg[k].is_null(), "{k}: {seg}");
+        }
+        assert!(seg["avg_logprob"].as_f64().unwrap() <= 0.0, "{seg}");
         let d = v["duration"].as_f64().unwrap();
         assert!((0.5..2.0).contains(&d), "{v}");
         texts.push(text);
         tokens = v["segments"][0]["tokens"].clone();
     }
-    let refused = [
+    type Refused<'a> = (
+        Option<&'a str>,
+        Option<Vec<u8>>,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let refused: Vec<Refused> = vec![
         (
-            "tiny-llama",
-            wav.clone(),
-            None,
+            Some("tiny-llama"),
+            Some(wav.clone()),
+            vec![],
             400,
             "model",
             "does not transcribe speech",
         ),
-        ("no-such", wav.clone(), None, 404, "model", "does not exist"),
         (
-            "tiny-whisper-asr",
-            b"not a wav".to_vec(),
+            Some("no-such"),
+            Some(wav.clone()),
+            vec![],
+            404,
+            "model",
+            "does not exist",
+        ),
+        (
             None,
+            Some(wav.clone()),
+            vec![],
+            400,
+            "model",
+            "model is required",
+        ),
+        (
+            Some("tiny-whisper-asr"),
+            None,
+            vec![],
+            400,
+            "file",
+            "file is required",
+        ),
+        (
+            Some("tiny-whisper-asr"),
+            Some(b"not a wav".to_vec()),
+            vec![],
             400,
             "file",
             "could not be read",
         ),
         (
-            "tiny-whisper-asr",
-            wav.clone(),
-            Some("srt"),
+            Some("tiny-whisper-asr"),
+            Some(wav.clone()),
+            vec![("response_format", "srt")],
             400,
             "response_format",
             "srt",
         ),
+        (
+            Some("tiny-whisper-asr"),
+            Some(wav.clone()),
+            vec![("language", "xx")],
+            400,
+            "language",
+            "\"xx\" is not one of the model's (de, en, fr)",
+        ),
     ];
-    for (model, body, format, code, param, msg) in refused {
-        let (st, e) = transcribe(&s, model, body, format).await;
-        assert_eq!(st, code, "{model}: {e}");
+    for (model, body, extra, code, param, msg) in refused {
+        let (st, e) = transcribe_form(&s, model, body, &extra).await;
+        assert_eq!(st, code, "{model:?} {extra:?}: {e}");
         let e: Value = serde_json::from_str(&e).unwrap();
         assert_eq!(e["error"]["param"], param, "{e}");
         assert!(e["error"]["message"].as_str().unwrap().contains(msg), "{e}");
     }
+    // JSON is not the form OpenAI's endpoint takes.
+    let (st, e) =
+        common::post_json(&s, "/v1/audio/transcriptions", None, &json!({"model": ft})).await;
+    assert_eq!(st, 415, "{e}");
     // Whisper does not chat.
     let e = common::chat_refused(&s, &json!(ft)).await;
     assert!(
@@ -317,7 +373,7 @@ async fn a_tiny_whisper_trains_through_the_api_and_transcribes_as_peft_does() {
     std::fs::write(&wav_path, &wav).unwrap();
     let model = s.models_dir().join("tiny-whisper-asr");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
-    cmd.args(["transcribe", "--json", "--model"])
+    cmd.args(["transcribe", "--json", "--language", "en", "--model"])
         .arg(&model)
         .arg("--adapter")
         .arg(dir.path())
@@ -330,8 +386,10 @@ async fn a_tiny_whisper_trains_through_the_api_and_transcribes_as_peft_does() {
         "CLI {ours} vs API {}",
         texts[1]
     );
-    let Some(venv) = venv() else { return };
-    let mut cmd = Command::new(venv.join("bin/python"));
+    let Some(python) = common::venv_python() else {
+        return;
+    };
+    let mut cmd = Command::new(&python);
     cmd.arg(root().join("scripts/peft_transcribe.py"))
         .arg("--base")
         .arg(&model)
@@ -357,9 +415,15 @@ fn whisper_base_transcribes_speech_as_transformers_does() {
     let model = root().join("models/whisper-base");
     if !model.join("model.safetensors").is_file() {
         if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") {
-            panic!("{} is missing: run scripts/fetch-models.sh", model.display());
+            panic!(
+                "{} is missing: run scripts/fetch-models.sh",
+                model.display()
+            );
         }
-        eprintln!("skipped: {} is missing (scripts/fetch-models.sh)", model.display());
+        eprintln!(
+            "skipped: {} is missing (scripts/fetch-models.sh)",
+            model.display()
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -382,8 +446,10 @@ fn whisper_base_transcribes_speech_as_transformers_does() {
     assert_eq!(ours.len(), 4);
     // "Hello world." is no test of vocabulary: any working Whisper hears it.
     assert_eq!(ours[0]["text"], "Hello world.", "{ours:?}");
-    let Some(venv) = venv() else { return };
-    let mut cmd = Command::new(venv.join("bin/python"));
+    let Some(python) = common::venv_python() else {
+        return;
+    };
+    let mut cmd = Command::new(&python);
     cmd.arg(root().join("scripts/peft_transcribe.py"))
         .arg("--base")
         .arg(&model);

@@ -636,34 +636,43 @@ pub fn peft_check(model: &Path, adapter: &Path) {
     peft_check_merged(model, adapter, None)
 }
 
-/// [`peft_check`], and with `merged` (a `loraforge merge` folder) also that transformers
-/// computes the merged model as PEFT computes base + adapter.
-pub fn peft_check_merged(model: &Path, adapter: &Path, merged: Option<&Path>) {
-    match std::env::var("LORAFORGE_VENV") {
-        Ok(venv) if Path::new(&venv).join("bin/python").is_file() => {
-            let mut cmd = Command::new(Path::new(&venv).join("bin/python"));
-            cmd.arg(root().join("scripts/peft_check.py"))
-                .arg("--base")
-                .arg(model)
-                .arg("--adapter")
-                .arg(adapter);
-            if let Some(m) = merged {
-                cmd.arg("--merged").arg(m);
-            }
-            let out = cmd.output().expect("spawn python");
-            assert!(
-                out.status.success(),
-                "peft_check.py failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            println!("{}", String::from_utf8_lossy(&out.stdout));
-        }
+/// The Python of `LORAFORGE_VENV` (transformers, peft: `scripts/setup-python.sh`); `None`
+/// (the caller skips its check) when it is not set, unless
+/// `LORAFORGE_REQUIRE_REAL_MODELS=1`, which makes that a failure.
+pub fn venv_python() -> Option<PathBuf> {
+    match std::env::var("LORAFORGE_VENV").map(PathBuf::from) {
+        Ok(v) if v.join("bin/python").is_file() => Some(v.join("bin/python")),
         _ if std::env::var("LORAFORGE_REQUIRE_REAL_MODELS").as_deref() == Ok("1") => {
             panic!("LORAFORGE_VENV is not set to a venv with peft (scripts/setup-python.sh)")
         }
-        _ => eprintln!("PEFT load check skipped: LORAFORGE_VENV not set"),
+        _ => {
+            eprintln!("Python check skipped: LORAFORGE_VENV not set");
+            None
+        }
     }
+}
+
+/// [`peft_check`], and with `merged` (a `loraforge merge` folder) also that transformers
+/// computes the merged model as PEFT computes base + adapter.
+pub fn peft_check_merged(model: &Path, adapter: &Path, merged: Option<&Path>) {
+    let Some(python) = venv_python() else { return };
+    let mut cmd = Command::new(python);
+    cmd.arg(root().join("scripts/peft_check.py"))
+        .arg("--base")
+        .arg(model)
+        .arg("--adapter")
+        .arg(adapter);
+    if let Some(m) = merged {
+        cmd.arg("--merged").arg(m);
+    }
+    let out = cmd.output().expect("spawn python");
+    assert!(
+        out.status.success(),
+        "peft_check.py failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// Unpacks a zip's bytes into `dir`; its entry names.

@@ -18,6 +18,14 @@ pub const SAMPLE_RATE: u32 = 16_000;
 /// The longest clip Whisper reads in one window, in seconds.
 pub const MAX_SECONDS: f64 = 30.0;
 
+/// The longest file `loraforge transcribe` and the API read, in seconds: 30 minutes
+/// (at most 29 M samples at 16 kHz, 115 MB).
+pub const MAX_FILE_SECONDS: f64 = 1800.0;
+
+/// The sample rates read: from narrow-band telephony to studio audio. A lower one would
+/// let a few header bytes claim hours that resampling then makes real.
+pub const RATES: std::ops::RangeInclusive<u32> = 4_000..=384_000;
+
 /// A decoded clip, before resampling.
 #[derive(Debug, Clone)]
 pub struct Clip {
@@ -40,16 +48,27 @@ pub fn decode_wav(bytes: &[u8], name: &str, max_seconds: f64) -> Result<Clip> {
     let fail = |why: String| Error::Data(format!("{name}: {why}"));
     let mut r = hound::WavReader::new(Cursor::new(bytes)).map_err(|e| fail(e.to_string()))?;
     let spec = r.spec();
-    if spec.channels == 0 || spec.sample_rate == 0 {
-        return Err(fail(
-            "a WAV header with no channels or no sample rate".into(),
-        ));
+    if spec.channels == 0 {
+        return Err(fail("a WAV header with no channels".into()));
+    }
+    if !RATES.contains(&spec.sample_rate) {
+        return Err(fail(format!(
+            "a sample rate of {} Hz (read: {} to {} Hz)",
+            spec.sample_rate,
+            RATES.start(),
+            RATES.end()
+        )));
     }
     let frames = u64::from(r.duration());
     let seconds = frames as f64 / f64::from(spec.sample_rate);
     if seconds > max_seconds {
+        let why = if max_seconds == MAX_SECONDS {
+            " (Whisper's window)"
+        } else {
+            ""
+        };
         return Err(fail(format!(
-            "{seconds:.1} s long; clips may be at most {max_seconds} s (Whisper's window)"
+            "{seconds:.1} s long; at most {max_seconds} s is read{why}"
         )));
     }
     let ch = usize::from(spec.channels);
@@ -88,9 +107,9 @@ pub fn decode_wav(bytes: &[u8], name: &str, max_seconds: f64) -> Result<Clip> {
 }
 
 /// `clip`'s samples at 16 kHz.
-pub fn to_16k(clip: &Clip) -> Result<Vec<f32>> {
+pub fn to_16k(clip: Clip) -> Result<Vec<f32>> {
     if clip.rate == SAMPLE_RATE || clip.samples.is_empty() {
-        return Ok(clip.samples.clone());
+        return Ok(clip.samples);
     }
     let n = clip.samples.len();
     let input = InterleavedSlice::new(&clip.samples, 1, n)
@@ -123,5 +142,5 @@ pub fn decode_16k(bytes: &[u8], name: &str, max_seconds: f64) -> Result<Vec<f32>
     if clip.samples.is_empty() {
         return Err(Error::Data(format!("{name}: the clip has no samples")));
     }
-    to_16k(&clip)
+    to_16k(clip)
 }

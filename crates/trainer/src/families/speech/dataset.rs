@@ -15,7 +15,7 @@ use super::audio::{decode_wav, to_16k, MAX_SECONDS};
 use crate::archive::{ext, parent, stem_path, Archive, Entry, ZipLimits};
 use crate::{Error, Result};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// The columns that may hold a transcript, in the order they are looked for.
@@ -26,7 +26,7 @@ pub const TEXT_COLUMNS: [&str; 3] = ["transcription", "text", "sentence"];
 pub struct Utterance {
     /// The clip's path inside the zip.
     pub name: String,
-    /// Mono samples at 16 kHz.
+    /// Mono samples at 16 kHz (none when only checked).
     pub samples: Vec<f32>,
     pub text: String,
     /// The metadata's `language`, when it gives one (a code such as `en`).
@@ -74,7 +74,7 @@ pub fn looks_like_speech(path: &Path, limits: &ZipLimits) -> bool {
     if !names.iter().any(|n| is_audio(n)) || names.iter().any(|n| crate::archive::is_image(n)) {
         return false;
     }
-    let texts: Vec<&str> = names
+    let texts: HashSet<&str> = names
         .iter()
         .filter(|n| ext(n).as_deref() == Some("txt"))
         .map(|n| stem_path(n))
@@ -93,7 +93,7 @@ struct Row {
 
 fn jsonl_rows(text: &str, what: &str) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (i, l) in text.lines().enumerate() {
+    for (i, l) in text.trim_start_matches('\u{feff}').lines().enumerate() {
         if l.trim().is_empty() {
             continue;
         }
@@ -182,19 +182,30 @@ fn csv_rows(text: &str, what: &str) -> Result<Vec<Row>> {
         .collect()
 }
 
-/// Decodes one clip entry to 16 kHz mono.
-fn clip(archive: &mut Archive, e: &Entry) -> Result<Vec<f32>> {
+/// Decodes one clip entry: its seconds, and (when kept) its samples at 16 kHz mono.
+fn clip(archive: &mut Archive, e: &Entry, keep: bool) -> Result<(f64, Vec<f32>)> {
     let bytes = archive.read(e)?;
     let what = format!("{}: {}", archive.zip_name, e.name);
     let c = decode_wav(&bytes, &what, MAX_SECONDS)?;
     if c.samples.is_empty() {
         return Err(Error::Data(format!("{what}: the clip has no samples")));
     }
-    to_16k(&c)
+    let seconds = c.seconds();
+    Ok((seconds, if keep { to_16k(c)? } else { Vec::new() }))
 }
 
 /// Reads a speech zip (see the module docs).
 pub fn read_speech_zip(path: &Path, limits: &ZipLimits) -> Result<Utterances> {
+    read(path, limits, true)
+}
+
+/// Checks a speech zip as [`read_speech_zip`] reads it (every clip decoded), keeping
+/// no samples: what an upload's check needs, in one clip's memory.
+pub fn check_speech_zip(path: &Path, limits: &ZipLimits) -> Result<AudioReport> {
+    read(path, limits, false).map(|u| u.report)
+}
+
+fn read(path: &Path, limits: &ZipLimits, keep: bool) -> Result<Utterances> {
     let mut archive = Archive::open(path, limits)?;
     let zip_name = archive.zip_name.clone();
     let files = std::mem::take(&mut archive.files);
@@ -202,6 +213,7 @@ pub fn read_speech_zip(path: &Path, limits: &ZipLimits) -> Result<Utterances> {
     let by_name: HashMap<&str, &Entry> = files.iter().map(|e| (e.name.as_str(), e)).collect();
     let metadata: Vec<&Entry> = files.iter().filter(|e| is_metadata(&e.name)).collect();
     let mut examples = Vec::new();
+    let mut seconds = 0f64;
     let layout;
     if let Some(meta) = metadata.first() {
         if metadata.len() > 1 {
@@ -227,7 +239,7 @@ pub fn read_speech_zip(path: &Path, limits: &ZipLimits) -> Result<Utterances> {
             jsonl_rows(&text, &what)?
         };
         let dir = parent(&meta.name);
-        let mut used = std::collections::HashSet::new();
+        let mut used = HashSet::new();
         for row in rows {
             let at = format!("{what} line {}", row.line);
             let file = row.fields.get("file_name").ok_or_else(|| {
@@ -261,7 +273,8 @@ pub fn read_speech_zip(path: &Path, limits: &ZipLimits) -> Result<Utterances> {
                     "{at}: \"{file}\" is named a second time"
                 )));
             }
-            let samples = clip(&mut archive, entry)?;
+            let (secs, samples) = clip(&mut archive, entry, keep)?;
+            seconds += secs;
             examples.push(Utterance {
                 name: entry.name.clone(),
                 samples,
@@ -309,7 +322,8 @@ pub fn read_speech_zip(path: &Path, limits: &ZipLimits) -> Result<Utterances> {
             let bytes = archive.read(t)?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::Data(format!("{zip_name}: {}: not UTF-8 text", t.name)))?;
-            let samples = clip(&mut archive, c)?;
+            let (secs, samples) = clip(&mut archive, c, keep)?;
+            seconds += secs;
             examples.push(Utterance {
                 name: c.name.clone(),
                 samples,
@@ -331,10 +345,6 @@ pub fn read_speech_zip(path: &Path, limits: &ZipLimits) -> Result<Utterances> {
         )));
     }
     ignored.sort();
-    let seconds = examples
-        .iter()
-        .map(|u| u.samples.len() as f64 / f64::from(super::audio::SAMPLE_RATE))
-        .sum();
     Ok(Utterances {
         report: AudioReport {
             layout,
@@ -409,6 +419,11 @@ mod tests {
         assert_eq!(u.report.layout, "metadata.jsonl");
         assert_eq!(u.report.ignored, ["data/c.wav"]);
         assert!((u.report.seconds - 0.3).abs() < 1e-9);
+        // The upload's check reads the same and keeps no samples.
+        assert_eq!(
+            check_speech_zip(&p, &ZipLimits::default()).unwrap(),
+            u.report
+        );
     }
 
     #[test]
@@ -501,7 +516,7 @@ mod tests {
                         b"{\"file_name\": \"a.wav\", \"text\": \"t\"}\n".to_vec(),
                     ),
                 ],
-                "a.wav: 31.0 s long",
+                "a.wav: 31.0 s long; at most 30 s is read (Whisper's window)",
             ),
             (
                 "broken",
@@ -518,6 +533,11 @@ mod tests {
                 "empty",
                 vec![("a.wav", wav(10, 16000)), ("a.txt", b"  ".to_vec())],
                 "a.wav: the transcript is empty",
+            ),
+            (
+                "lowrate",
+                vec![("a.wav", wav(10, 1)), ("a.txt", b"hi".to_vec())],
+                "a.wav: a sample rate of 1 Hz (read: 4000 to 384000 Hz)",
             ),
             (
                 "csvwidth",

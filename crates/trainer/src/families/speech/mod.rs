@@ -116,7 +116,7 @@ impl Family for SpeechFamily {
         if let Some(l) = job.spec.get("language").and_then(|l| l.as_str()) {
             text.language(l).map_err(|e| Refusal {
                 field: Field::Setting("language"),
-                message: format!("language: {}", e.to_string().trim_start_matches("data: ")),
+                message: e.detail(),
             })?;
         }
         check_targets(job, &cfg.linear_paths())

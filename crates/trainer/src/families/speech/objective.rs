@@ -15,6 +15,7 @@ use crate::train::{EvalMetrics, Objective, TrainSpec};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 /// A clip ready to batch: its samples, and `prompt + transcript + <|endoftext|>`.
 struct Example {
@@ -196,6 +197,8 @@ impl Objective for Asr {
             return Ok(None);
         };
         let ctx = ForwardCtx::eval();
+        // The loop checks its own stop flag between steps; an evaluation runs whole.
+        let never = AtomicBool::new(false);
         let (mut sum, mut right, mut scored) = (0f64, 0usize, 0usize);
         let mut pairs: Vec<(String, String)> = Vec::new();
         for chunk in valid.chunks(batch_size.max(1)) {
@@ -219,8 +222,8 @@ impl Objective for Asr {
             for (i, e) in chunk.iter().enumerate() {
                 let one = states.narrow(0, i * s, s)?;
                 let prompt = self.text.prompt(&e.language)?;
-                let ids = greedy(&self.model, &self.text, &one, &prompt, &ctx)?;
-                pairs.push((e.text.clone(), self.text.decode(&ids)?));
+                let d = greedy(&self.model, &self.text, &one, &prompt, &ctx, &never)?;
+                pairs.push((e.text.clone(), self.text.decode(&d.tokens)?));
             }
         }
         let accuracy = right as f64 / scored.max(1) as f64;

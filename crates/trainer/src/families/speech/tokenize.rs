@@ -34,6 +34,9 @@ pub struct WhisperText {
     pub suppress: Vec<u32>,
     /// Tokens it does not emit first (`begin_suppress_tokens`).
     pub begin_suppress: Vec<u32>,
+    /// `<|nospeech|>` (`<|nocaptions|>` in older vocabularies), when there is one: its
+    /// probability after `<|startoftranscript|>` is OpenAI's `no_speech_prob`.
+    pub no_speech: Option<u32>,
     /// The first special token: Whisper's vocabularies put `<|endoftext|>` and every
     /// `<|...|>` after the text tokens, and decoded text leaves them out.
     special_from: u32,
@@ -88,10 +91,12 @@ impl WhisperText {
                 }
             }
         }
+        // transformers' rule where the generation config does not say: English-only
+        // vocabularies are one token shorter than the multilingual 51,865.
         let multilingual = gen
             .get("is_multilingual")
             .and_then(|m| m.as_bool())
-            .unwrap_or(!languages.is_empty());
+            .unwrap_or(tok.get_vocab_size(true) >= 51_865);
         if !multilingual {
             languages.clear();
         }
@@ -100,7 +105,11 @@ impl WhisperText {
         } else {
             None
         };
+        let no_speech = tok
+            .token_to_id("<|nospeech|>")
+            .or_else(|| tok.token_to_id("<|nocaptions|>"));
         Ok(Self {
+            no_speech,
             special_from: eot,
             suppress: ids(&gen, "suppress_tokens"),
             begin_suppress: ids(&gen, "begin_suppress_tokens"),
@@ -185,8 +194,8 @@ impl WhisperText {
             .to_string())
     }
 
-    /// The vocabulary's size, special tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.tok.get_vocab_size(true)
+    /// The language tokens, by code (empty on English-only models).
+    pub fn languages(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.languages.iter().map(|(c, i)| (c.as_str(), *i))
     }
 }

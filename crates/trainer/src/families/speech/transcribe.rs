@@ -16,8 +16,9 @@ use super::whisper::Whisper;
 use crate::lora::hotswap::{apply, AdapterWeights};
 use crate::lora::ForwardCtx;
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use unicode_categories::UnicodeCategories;
 use unicode_normalization::UnicodeNormalization;
 
@@ -97,47 +98,118 @@ pub fn wer<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<f6
     (words > 0).then(|| errors as f64 / words as f64)
 }
 
+/// What greedy decoding produced for one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The generated tokens, `<|endoftext|>` left out.
+    pub tokens: Vec<u32>,
+    /// The mean log-probability of the chosen tokens, the end included (OpenAI's
+    /// `avg_logprob`), after suppression.
+    pub avg_logprob: f64,
+}
+
+/// `log Σ exp(x)`, stably.
+fn log_sum_exp(x: &[f32]) -> f64 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if !max.is_finite() {
+        return max;
+    }
+    max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// The index of the largest value (the first of equals, as torch's argmax).
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 /// Greedy decoding of one clip from `prompt` on its encoder `states` `(positions, d)`:
 /// the checkpoint's `suppress_tokens` never, its `begin_suppress_tokens` not first,
-/// until `<|endoftext|>` or the model's last position. Returns the generated tokens.
+/// until `<|endoftext|>` or half the model's positions (224 new tokens on Whisper's 448,
+/// OpenAI's `sample_len`); stops with [`Error::Cancelled`] when `cancel` is set.
 pub fn greedy(
     model: &Whisper,
     text: &WhisperText,
     states: &Tensor,
     prompt: &[u32],
     ctx: &ForwardCtx,
-) -> Result<Vec<u32>> {
+    cancel: &AtomicBool,
+) -> Result<Decoded> {
     let device = model.device();
-    let vocab = model.cfg.vocab_size;
+    let max_new = (model.cfg.max_target_positions / 2)
+        .min(model.cfg.max_target_positions.saturating_sub(prompt.len()));
+    let cross = model.cross_kv(states, ctx)?;
     let mut ids = prompt.to_vec();
-    let room = model.cfg.max_target_positions.saturating_sub(prompt.len());
-    let mask = |list: &[u32]| -> Result<Tensor> {
-        let mut m = vec![0f32; vocab];
-        for &t in list {
-            if let Some(x) = m.get_mut(t as usize) {
-                *x = f32::NEG_INFINITY;
+    let (mut tokens, mut logprob) = (Vec::new(), 0f64);
+    for k in 0..max_new {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), device)?;
+        let mut last: Vec<f32> = model
+            .decode_with(states, &input, Some(&cross), true, ctx)?
+            .get(0)?
+            .to_vec1()?;
+        let lists: [&[u32]; 2] = [&text.suppress, &text.begin_suppress];
+        for list in &lists[..if k == 0 { 2 } else { 1 }] {
+            for &t in *list {
+                if let Some(x) = last.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
             }
         }
-        Ok(Tensor::from_vec(m, vocab, device)?)
-    };
-    let always = mask(&text.suppress)?;
-    let first = mask(&[text.suppress.as_slice(), text.begin_suppress.as_slice()].concat())?;
-    let cross = model.cross_kv(states, ctx)?;
-    let mut out = Vec::new();
-    for k in 0..room {
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), device)?;
-        let last = model
-            .decode_with(states, &input, Some(&cross), true, ctx)?
-            .get(0)?;
-        let last = (last + if k == 0 { &first } else { &always })?;
-        let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
-        if next == text.eot {
-            break;
+        let next = argmax(&last);
+        logprob += last[next] as f64 - log_sum_exp(&last);
+        if next as u32 == text.eot {
+            return Ok(Decoded {
+                avg_logprob: logprob / (tokens.len() + 1) as f64,
+                tokens,
+            });
         }
-        out.push(next);
-        ids.push(next);
+        tokens.push(next as u32);
+        ids.push(next as u32);
     }
-    Ok(out)
+    Ok(Decoded {
+        avg_logprob: logprob / tokens.len().max(1) as f64,
+        tokens,
+    })
+}
+
+/// What the decoder says after `<|startoftranscript|>` alone: the most likely language
+/// (multilingual models) and the probability of `<|nospeech|>`.
+pub fn first_step(
+    model: &Whisper,
+    text: &WhisperText,
+    states: &Tensor,
+    ctx: &ForwardCtx,
+) -> Result<(Option<String>, Option<f64>)> {
+    let input = Tensor::from_vec(vec![text.sot], (1, 1), model.device())?;
+    let logits: Vec<f32> = model
+        .decode_with(
+            states,
+            &input,
+            Some(&model.cross_kv(states, ctx)?),
+            true,
+            ctx,
+        )?
+        .get(0)?
+        .to_vec1()?;
+    let language = text
+        .languages()
+        .filter(|(_, i)| (*i as usize) < logits.len())
+        .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
+        .map(|(c, _)| c.to_string());
+    let lse = log_sum_exp(&logits);
+    let no_speech = text
+        .no_speech
+        .and_then(|t| logits.get(t as usize))
+        .map(|&v| (v as f64 - lse).exp());
+    Ok((language, no_speech))
 }
 
 /// One 30 s window's transcription.
@@ -146,9 +218,22 @@ pub struct Window<'a> {
     pub start: f64,
     pub end: f64,
     pub text: &'a str,
-    /// The generated tokens.
-    pub tokens: &'a [u32],
+    pub decoded: &'a Decoded,
+    /// OpenAI's `no_speech_prob`, when the vocabulary has the token.
+    pub no_speech_prob: Option<f64>,
 }
+
+/// A transcription: its text and the language it was decoded in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transcript {
+    pub text: String,
+    /// The code asked for, the detected one, or `en` on English-only models.
+    pub language: String,
+}
+
+/// A tail shorter than this (0.1 s) after a full window is not decoded: no word fits,
+/// and Whisper invents text for silence.
+const MIN_TAIL_SAMPLES: usize = 1_600;
 
 /// A Whisper model ready to transcribe: its weights, tokenizer and feature extractor.
 pub struct Transcriber {
@@ -178,36 +263,55 @@ impl Transcriber {
         self.model.encode(&t, ctx)
     }
 
-    /// The text of 16 kHz mono `samples` in language `code`, 30 s at a time, joined
-    /// with spaces; `on_window` hears each window as it is done.
+    /// The text of 16 kHz mono `samples`, 30 s at a time, joined with spaces, in
+    /// language `code`, or (`None`) the one detected on the first window; `on_window`
+    /// hears each window as it is done. Transcripts of up to 30 s are token for token
+    /// transformers' `generate(language=..., task="transcribe")`; longer audio is cut
+    /// into windows that do not overlap (transformers seeks by timestamps instead).
     pub fn transcribe(
         &self,
         samples: &[f32],
-        code: &str,
+        code: Option<&str>,
+        cancel: &AtomicBool,
         on_window: &mut dyn FnMut(&Window),
-    ) -> Result<String> {
-        let prompt = self.text.prompt(code)?;
-        let ctx = ForwardCtx::eval();
-        let mut parts = Vec::new();
+    ) -> Result<Transcript> {
         if samples.is_empty() {
             return Err(Error::Data("the audio has no samples".into()));
         }
+        let ctx = ForwardCtx::eval();
+        let mut language = code.map(str::to_string);
+        if let Some(c) = &language {
+            self.text.prompt(c)?;
+        }
+        let mut parts = Vec::new();
         for (w, window) in samples.chunks(N_SAMPLES).enumerate() {
+            if w > 0 && window.len() < MIN_TAIL_SAMPLES {
+                break;
+            }
             let states = self.encode(window, &ctx)?;
-            let ids = greedy(&self.model, &self.text, &states, &prompt, &ctx)?;
-            let t = self.text.decode(&ids)?;
+            let (detected, no_speech_prob) = first_step(&self.model, &self.text, &states, &ctx)?;
+            let code = language
+                .get_or_insert_with(|| detected.unwrap_or_else(|| "en".to_string()))
+                .clone();
+            let prompt = self.text.prompt(&code)?;
+            let decoded = greedy(&self.model, &self.text, &states, &prompt, &ctx, cancel)?;
+            let t = self.text.decode(&decoded.tokens)?;
             let start = (w * N_SAMPLES) as f64 / f64::from(SAMPLE_RATE);
             on_window(&Window {
                 start,
                 end: start + window.len() as f64 / f64::from(SAMPLE_RATE),
                 text: &t,
-                tokens: &ids,
+                decoded: &decoded,
+                no_speech_prob,
             });
             if !t.is_empty() {
                 parts.push(t);
             }
         }
-        Ok(parts.join(" "))
+        Ok(Transcript {
+            text: parts.join(" "),
+            language: language.unwrap_or_else(|| "en".to_string()),
+        })
     }
 }
 

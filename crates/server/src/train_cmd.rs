@@ -48,7 +48,8 @@ pub struct TrainArgs {
     /// Training data (JSONL: chat, prompt/completion, text or input_ids; for
     /// sequence_classification text/text_pair/label; for text_to_image a zip of
     /// captioned images; for image_classification a zip of one folder per class; for
-    /// speech_recognition a zip of WAV clips with metadata.jsonl or .txt transcripts).
+    /// speech_recognition a zip of WAV or FLAC clips with metadata.jsonl or .txt
+    /// transcripts).
     #[arg(long)]
     pub data: PathBuf,
     /// causal_lm (decoder LLMs), sequence_classification (bert, roberta),
@@ -710,7 +711,7 @@ pub struct TranscribeArgs {
     /// A speech-recognition adapter folder (PEFT's), switched in over the base.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// WAV file to transcribe (any rate and channel count; longer than 30 s is
+    /// WAV or FLAC file to transcribe (any rate and channel count; longer than 30 s is
     /// transcribed 30 s at a time); repeat for several.
     #[arg(long, required = true)]
     pub audio: Vec<PathBuf>,

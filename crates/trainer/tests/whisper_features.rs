@@ -1,7 +1,8 @@
 //! Whisper's audio front end against transformers' `WhisperFeatureExtractor` (fixtures
 //! from `scripts/make_whisper_features_fixture.py`): the Slaney filter banks, the
-//! log-mel features of a 16-bit 16 kHz clip at 80 and 128 bins (within 1e-4), and a
-//! 22.05 kHz float stereo clip downmixed and resampled to 16 kHz.
+//! log-mel features of a 16-bit 16 kHz clip at 80 and 128 bins (within 1e-4), a
+//! 22.05 kHz float stereo clip downmixed and resampled to 16 kHz, and FLAC files decoding
+//! to their WAV twins' samples.
 
 mod common;
 
@@ -125,4 +126,38 @@ fn float_stereo_clips_are_downmixed_and_resampled_to_16k() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("data: b.wav: "), "{e}");
+}
+
+/// FLAC (made from WAV twins by the `flac` CLI, lossless) decodes to exactly the WAV's
+/// samples: a 16-bit mono espeak-ng clip, and 24-bit stereo tones at 22.05 kHz.
+#[test]
+fn flac_decodes_to_its_wav_twins_samples() {
+    use loraforge_trainer::families::speech::audio::{decode, decode_flac};
+    let zipped = std::fs::File::open(fixtures().join("tiny-whisper-asr-ref/train.zip")).unwrap();
+    let mut z = zip::ZipArchive::new(zipped).unwrap();
+    let mut clip1 = Vec::new();
+    std::io::Read::read_to_end(&mut z.by_name("clip1.wav").unwrap(), &mut clip1).unwrap();
+    for (flac, wav_bytes, rate, channels) in [
+        ("clip1.flac", clip1, 16_000, 1),
+        ("tone24.flac", wav("tone24.wav"), 22_050, 2),
+    ] {
+        let f = decode_flac(&wav(flac), flac, MAX_SECONDS).unwrap();
+        let w = decode_wav(&wav_bytes, "twin", MAX_SECONDS).unwrap();
+        assert_eq!((f.rate, f.channels), (rate, channels), "{flac}");
+        assert!(!f.samples.is_empty());
+        assert_eq!(f.samples, w.samples, "{flac}");
+        // The dispatcher tells them apart by their first bytes.
+        assert_eq!(
+            decode(&wav(flac), flac, MAX_SECONDS).unwrap().samples,
+            w.samples
+        );
+    }
+    let e = decode_flac(&wav("tone24.flac"), "tone24.flac", 0.1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("0.2 s long; at most 0.1 s is read"), "{e}");
+    let e = decode(b"ID3\x04junk", "a.mp3", MAX_SECONDS)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("neither WAV nor FLAC"), "{e}");
 }

@@ -148,7 +148,7 @@ fn compression_ratio(text: &str) -> f64 {
     text.len() as f64 / packed.max(1) as f64
 }
 
-/// `POST /v1/audio/transcriptions`: multipart `file` (WAV), `model`, `language`,
+/// `POST /v1/audio/transcriptions`: multipart `file` (WAV or FLAC), `model`, `language`,
 /// `response_format` (`json`, `text` or `verbose_json`).
 pub async fn transcriptions(
     State(state): State<AppState>,
@@ -209,7 +209,7 @@ pub async fn transcriptions(
         .map_err(ApiError::internal)?
         .map_err(|e| {
             ApiError::bad_request(format!(
-                "The audio file could not be read: {} (WAV files are supported).",
+                "The audio file could not be read: {} (WAV and FLAC are read).",
                 e.detail()
             ))
             .param("file")

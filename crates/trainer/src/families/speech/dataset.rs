@@ -7,11 +7,11 @@
 //!   the metadata file's folder. Clips the metadata does not name are listed, not read.
 //! - flat pairs: `a.wav` beside `a.txt`, the text file holding the transcript.
 //!
-//! Clips are WAV (see [`super::audio`]), at most 30 s (Whisper's window); each is
+//! Clips are WAV or FLAC (see [`super::audio`]), at most 30 s (Whisper's window); each is
 //! resampled to 16 kHz mono as it is decoded. Errors name the entry, or the metadata
 //! line.
 
-use super::audio::{decode_wav, to_16k, MAX_SECONDS};
+use super::audio::{decode, to_16k, MAX_SECONDS};
 use crate::archive::{ext, parent, stem_path, Archive, Entry, ZipLimits};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -53,7 +53,7 @@ pub struct Utterances {
 }
 
 pub(crate) fn is_audio(name: &str) -> bool {
-    matches!(ext(name).as_deref(), Some("wav"))
+    ext(name).is_some_and(|e| super::audio::EXTENSIONS.contains(&e.as_str()))
 }
 
 fn file_name(name: &str) -> &str {
@@ -64,7 +64,7 @@ fn is_metadata(name: &str) -> bool {
     matches!(file_name(name), "metadata.jsonl" | "metadata.csv")
 }
 
-/// Whether a zip holds speech by its names alone: WAV clips, and a metadata file or a
+/// Whether a zip holds speech by its names alone: WAV or FLAC clips, and a metadata file or a
 /// `.txt` beside a clip; no images.
 pub fn looks_like_speech(path: &Path, limits: &ZipLimits) -> bool {
     let Ok(a) = Archive::open(path, limits) else {
@@ -186,7 +186,7 @@ fn csv_rows(text: &str, what: &str) -> Result<Vec<Row>> {
 fn clip(archive: &mut Archive, e: &Entry, keep: bool) -> Result<(f64, Vec<f32>)> {
     let bytes = archive.read(e)?;
     let what = format!("{}: {}", archive.zip_name, e.name);
-    let c = decode_wav(&bytes, &what, MAX_SECONDS)?;
+    let c = decode(&bytes, &what, MAX_SECONDS)?;
     if c.samples.is_empty() {
         return Err(Error::Data(format!("{what}: the clip has no samples")));
     }
@@ -265,7 +265,7 @@ fn read(path: &Path, limits: &ZipLimits, keep: bool) -> Result<Utterances> {
             })?;
             if !is_audio(&entry.name) {
                 return Err(Error::Data(format!(
-                    "{at}: \"{file}\" is not a WAV clip (.wav)"
+                    "{at}: \"{file}\" is not a WAV or FLAC clip (.wav, .flac)"
                 )));
             }
             if !used.insert(entry.name.clone()) {
@@ -334,7 +334,7 @@ fn read(path: &Path, limits: &ZipLimits, keep: bool) -> Result<Utterances> {
     }
     if examples.is_empty() {
         return Err(Error::Data(format!(
-            "{zip_name}: no clips: a speech zip holds WAV clips with a metadata.jsonl \
+            "{zip_name}: no clips: a speech zip holds WAV or FLAC clips with a metadata.jsonl \
              (file_name, transcription) or a .txt transcript beside each clip"
         )));
     }
@@ -447,6 +447,8 @@ mod tests {
 
     #[test]
     fn flat_pairs_read_by_name_and_a_clip_without_text_is_named() {
+        let flac = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/whisper-features/tone24.flac");
         let p = zip(
             "pairs",
             &[
@@ -454,13 +456,21 @@ mod tests {
                 ("b.txt", b"bee\n".to_vec()),
                 ("a.wav", wav(1600, 16000)),
                 ("a.txt", b"ay".to_vec()),
+                ("c.flac", std::fs::read(flac).unwrap()),
+                ("c.txt", b"sea".to_vec()),
                 ("notes.md", b"x".to_vec()),
             ],
         );
         assert!(looks_like_speech(&p, &ZipLimits::default()));
         let u = read(&p).unwrap();
         let texts: Vec<&str> = u.examples.iter().map(|e| e.text.as_str()).collect();
-        assert_eq!(texts, ["ay", "bee"]);
+        assert_eq!(texts, ["ay", "bee", "sea"]);
+        // 0.25 s of 22.05 kHz stereo FLAC, mono at 16 kHz.
+        assert!(
+            (3_990..=4_010).contains(&u.examples[2].samples.len()),
+            "{}",
+            u.examples[2].samples.len()
+        );
         assert_eq!(u.report.layout, "pairs");
         assert_eq!(u.report.ignored, ["notes.md"]);
         let p = zip(

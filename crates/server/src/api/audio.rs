@@ -45,13 +45,8 @@ async fn read_form(state: &AppState, req: Request) -> ApiResult<Form> {
     if super::files::content_length(req.headers()).is_some_and(|n| n > cap) {
         return Err(ApiError::too_large(cap));
     }
-    let ctype = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if !ctype.starts_with("multipart/form-data") {
+    let (ctype, essence) = super::files::content_type(req.headers());
+    if essence != "multipart/form-data" {
         return Err(ApiError::unsupported_media_type(format!(
             "Unsupported Content-Type {}: send multipart/form-data with `file` and `model`.",
             clip(&ctype)

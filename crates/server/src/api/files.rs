@@ -123,6 +123,18 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// The request's Content-Type, lower-cased: the whole header (for messages) and its
+/// essence, the media type without parameters.
+pub(crate) fn content_type(headers: &HeaderMap) -> (String, String) {
+    let whole = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = whole.split(';').next().unwrap_or("").trim().to_string();
+    (whole, essence)
+}
+
 fn receive_error(e: ReceiveError) -> ApiError {
     match e {
         ReceiveError::TooLarge(cap) => ApiError::too_large(cap),
@@ -144,13 +156,7 @@ pub async fn create(
     if content_length(req.headers()).is_some_and(|n| n > cap) {
         return Err(ApiError::too_large(cap));
     }
-    let ctype = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let essence = ctype.split(';').next().unwrap_or("").trim().to_string();
+    let (ctype, essence) = content_type(req.headers());
     match essence.as_str() {
         "multipart/form-data" => create_multipart(state, &who, req).await,
         "application/jsonl"

@@ -16,6 +16,15 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// The last part of `path` as error messages name a data file (the whole path when it
+/// has none, as `..`).
+pub fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// What an adapter's `base_model_name_or_path` records for the base at `path`: the hub id
 /// the base comes from when that is known for sure (`source`, a GGUF's source repository;
 /// or a folder in the Hugging Face cache, `models--owner--name/snapshots/<rev>`), else

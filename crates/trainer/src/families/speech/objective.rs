@@ -10,11 +10,11 @@ use super::transcribe::{greedy, wer};
 use super::whisper::Whisper;
 use super::SpeechOptions;
 use crate::archive::ZipLimits;
+use crate::io::file_name;
 use crate::lora::{ForwardCtx, LoraModel};
 use crate::train::{EvalMetrics, Objective, TrainSpec};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, D};
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 /// A clip ready to batch: its samples, and `prompt + transcript + <|endoftext|>`.
@@ -92,19 +92,19 @@ impl Asr {
         let text = WhisperText::load(&spec.model)?;
         let mel = super::check_preprocessor(&spec.model, &model.cfg)?;
         let limits = ZipLimits::default();
-        let name = |p: &Path| {
-            p.file_name().map_or_else(
-                || p.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        };
         let max = model.cfg.max_target_positions;
         let train = read_speech_zip(&spec.data, &limits)?;
-        let train = examples(train.examples, &text, &language, max, &name(&spec.data))?;
+        let train = examples(
+            train.examples,
+            &text,
+            &language,
+            max,
+            &file_name(&spec.data),
+        )?;
         let valid = match &spec.validation {
             Some(p) => {
                 let v = read_speech_zip(p, &limits)?;
-                Some(examples(v.examples, &text, &language, max, &name(p))?)
+                Some(examples(v.examples, &text, &language, max, &file_name(p))?)
             }
             None => None,
         };
@@ -205,12 +205,9 @@ impl Objective for Asr {
             let rows: Vec<&Example> = chunk.iter().collect();
             let b = self.make(&rows)?;
             let states = self.model.encode(&b.features, &ctx)?;
-            let logits = self.model.decode(&states, &b.decoder_ids, &ctx)?;
-            let keep: Vec<u32> = (0..b.labels.len() as u32)
-                .filter(|&i| b.labels[i as usize] >= 0)
-                .collect();
-            let gold: Vec<u32> = keep.iter().map(|&i| b.labels[i as usize] as u32).collect();
-            let kept = logits.index_select(&Tensor::new(keep.as_slice(), logits.device())?, 0)?;
+            let (kept, gold) =
+                self.model
+                    .scored_logits(&states, &b.decoder_ids, &b.labels, &ctx)?;
             sum += crate::ops::cross_entropy_rows(&kept, &gold)?
                 .sum_all()?
                 .to_scalar::<f32>()? as f64;

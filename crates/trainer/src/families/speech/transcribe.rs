@@ -140,10 +140,24 @@ pub fn greedy(
     ctx: &ForwardCtx,
     cancel: &AtomicBool,
 ) -> Result<Decoded> {
+    let cross = model.cross_kv(states, ctx)?;
+    greedy_with(model, text, states, &cross, prompt, ctx, cancel)
+}
+
+/// [`greedy`] on cross-attention keys and values already computed ([`Whisper::cross_kv`]
+/// of `states`), so that a window's language detection and decoding share them.
+pub fn greedy_with(
+    model: &Whisper,
+    text: &WhisperText,
+    states: &Tensor,
+    cross: &[(Tensor, Tensor)],
+    prompt: &[u32],
+    ctx: &ForwardCtx,
+    cancel: &AtomicBool,
+) -> Result<Decoded> {
     let device = model.device();
     let max_new = (model.cfg.max_target_positions / 2)
         .min(model.cfg.max_target_positions.saturating_sub(prompt.len()));
-    let cross = model.cross_kv(states, ctx)?;
     let mut ids = prompt.to_vec();
     let (mut tokens, mut logprob) = (Vec::new(), 0f64);
     for k in 0..max_new {
@@ -152,7 +166,7 @@ pub fn greedy(
         }
         let input = Tensor::from_vec(ids.clone(), (1, ids.len()), device)?;
         let mut last: Vec<f32> = model
-            .decode_with(states, &input, Some(&cross), true, ctx)?
+            .decode_with(states, &input, Some(cross), true, ctx)?
             .get(0)?
             .to_vec1()?;
         let lists: [&[u32]; 2] = [&text.suppress, &text.begin_suppress];
@@ -181,22 +195,18 @@ pub fn greedy(
 }
 
 /// What the decoder says after `<|startoftranscript|>` alone: the most likely language
-/// (multilingual models) and the probability of `<|nospeech|>`.
+/// (multilingual models) and the probability of `<|nospeech|>`; `cross` is
+/// [`Whisper::cross_kv`] of `states`.
 pub fn first_step(
     model: &Whisper,
     text: &WhisperText,
     states: &Tensor,
+    cross: &[(Tensor, Tensor)],
     ctx: &ForwardCtx,
 ) -> Result<(Option<String>, Option<f64>)> {
     let input = Tensor::from_vec(vec![text.sot], (1, 1), model.device())?;
     let logits: Vec<f32> = model
-        .decode_with(
-            states,
-            &input,
-            Some(&model.cross_kv(states, ctx)?),
-            true,
-            ctx,
-        )?
+        .decode_with(states, &input, Some(cross), true, ctx)?
         .get(0)?
         .to_vec1()?;
     let language = text
@@ -289,12 +299,22 @@ impl Transcriber {
                 break;
             }
             let states = self.encode(window, &ctx)?;
-            let (detected, no_speech_prob) = first_step(&self.model, &self.text, &states, &ctx)?;
+            let cross = self.model.cross_kv(&states, &ctx)?;
+            let (detected, no_speech_prob) =
+                first_step(&self.model, &self.text, &states, &cross, &ctx)?;
             let code = language
                 .get_or_insert_with(|| detected.unwrap_or_else(|| "en".to_string()))
                 .clone();
             let prompt = self.text.prompt(&code)?;
-            let decoded = greedy(&self.model, &self.text, &states, &prompt, &ctx, cancel)?;
+            let decoded = greedy_with(
+                &self.model,
+                &self.text,
+                &states,
+                &cross,
+                &prompt,
+                &ctx,
+                cancel,
+            )?;
             let t = self.text.decode(&decoded.tokens)?;
             let start = (w * N_SAMPLES) as f64 / f64::from(SAMPLE_RATE);
             on_window(&Window {

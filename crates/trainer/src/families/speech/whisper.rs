@@ -442,14 +442,30 @@ impl Whisper {
         ctx: &ForwardCtx,
     ) -> Result<(Tensor, usize)> {
         let states = self.encode(features, ctx)?;
-        let logits = self.decode(&states, decoder_ids, ctx)?;
+        let (kept, targets) = self.scored_logits(&states, decoder_ids, labels, ctx)?;
+        Ok((
+            cross_entropy_rows(&kept, &targets)?.sum_all()?,
+            targets.len(),
+        ))
+    }
+
+    /// The decoder's logits of the rows a label scores (`labels` of -100 are not), and
+    /// those labels: what the loss and the token accuracy are taken over.
+    pub fn scored_logits(
+        &self,
+        states: &Tensor,
+        decoder_ids: &Tensor,
+        labels: &[i64],
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Vec<u32>)> {
+        let logits = self.decode(states, decoder_ids, ctx)?;
         let rows: Vec<u32> = (0..labels.len() as u32)
             .filter(|&i| labels[i as usize] >= 0)
             .collect();
         let targets: Vec<u32> = rows.iter().map(|&i| labels[i as usize] as u32).collect();
         let n = rows.len();
         let kept = logits.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
-        Ok((cross_entropy_rows(&kept, &targets)?.sum_all()?, n))
+        Ok((kept, targets))
     }
 }
 

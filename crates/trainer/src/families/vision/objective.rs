@@ -8,6 +8,7 @@ use crate::archive::ZipLimits;
 use crate::classes::{
     accuracy_macro_f1, classification_loss, LabelSet, ProblemType, Targets, LABELS_FILE,
 };
+use crate::io::file_name;
 use crate::lora::{ForwardCtx, LoraModel};
 use crate::train::{EvalMetrics, Objective, TrainSpec};
 use crate::{Error, Result};
@@ -92,12 +93,6 @@ impl ImageCls {
     /// image is resized to the model's input as it is decoded.
     pub fn load(spec: &TrainSpec, adapter: Option<&Path>) -> Result<Self> {
         let limits = ZipLimits::default();
-        let file_name = |p: &Path| {
-            p.file_name().map_or_else(
-                || p.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        };
         let data_name = file_name(&spec.data);
         let cfg = ResNetConfig::load(&spec.model)?;
         let pre = Preprocessor::load(&spec.model, cfg.num_channels)?;

@@ -13,6 +13,9 @@
 #        LORAFORGE_BLAS (the BLAS loraforge multiplies with; scripts/setup-blas.sh)
 #        GEMM_TOO=1: each round also trains loraforge on candle's gemm (LORAFORGE_BLAS=off),
 #        the engine without a BLAS, third in turn
+#        BEFORE=path/to/another/loraforge: each round also trains that build (the one
+#        before a change), last in turn, so a change is measured against PEFT and its
+#        predecessor in one run
 # The binary is what users run: `cargo build --release -p loraforge` and pass
 # target/release/loraforge (`loraforge train` is what is timed). Run nothing else
 # meanwhile: wait until `pgrep -x rustc` is empty and nothing else trains.
@@ -37,8 +40,8 @@ peft() { # $1 = round
   grep -E "tokens/s|RSS" "$OUT/peft-$1.log" | sed "s/^/  PEFT $1: /"
 }
 
-ours() {
-  /usr/bin/time -v -o "$OUT/loraforge-$1.time" "$BIN" train --model "$HF" --data "$OUT/batches.jsonl" \
+ours() { # $1 = tag; env RUN_BIN: the binary, $BIN unless set
+  /usr/bin/time -v -o "$OUT/loraforge-$1.time" "${RUN_BIN:-$BIN}" train --model "$HF" --data "$OUT/batches.jsonl" \
     --init-adapter "$OUT/peft-init" --out "$OUT/loraforge-$1" --batch-size "$BATCH" --max-seq-len "$SEQ" \
     --max-steps "$STEPS" --lr 2e-4 --scheduler constant --weight-decay 0 --max-grad-norm 0 --dropout 0 \
     --no-shuffle --no-packing --threads "$THREADS" --metrics-jsonl "$OUT/loraforge-$1.jsonl" \
@@ -66,6 +69,10 @@ PY
     echo "== round $r: loraforge on candle's gemm"
     LORAFORGE_BLAS=off ours "gemm-$r"
   fi
+  if [ -n "${BEFORE:-}" ]; then
+    echo "== round $r: loraforge, the build before ($BEFORE)"
+    RUN_BIN="$BEFORE" ours "before-$r"
+  fi
 done
 
 "$PY" - "$OUT" "$ROUNDS" "$BATCH" "$SEQ" <<'PY'
@@ -81,7 +88,7 @@ def run(tag):
     steps = [el[i + 1] - el[i] for i in range(len(o))][2:]
     return {"tps": batch * seq / statistics.median(steps), "rss": rss_mib(f"{out}/loraforge-{tag}.time"),
             "losses": [m["loss"] for m in o]}
-peft, ours, gemm = [], [], []
+peft, ours, gemm, before = [], [], [], []
 for r in range(1, rounds + 1):
     p = json.loads([l for l in open(f"{out}/peft-{r}.log") if l.startswith("RESULT ")][0][7:])
     peft.append({"tps": p["train_tokens_per_s"], "rss": rss_mib(f"{out}/peft-{r}.time"),
@@ -89,12 +96,14 @@ for r in range(1, rounds + 1):
     ours.append(run(r))
     if os.path.exists(f"{out}/loraforge-gemm-{r}.jsonl"):
         gemm.append(run(f"gemm-{r}"))
+    if os.path.exists(f"{out}/loraforge-before-{r}.jsonl"):
+        before.append(run(f"before-{r}"))
 worst = 0.0
 print(f"{'step':>4} {'PEFT':>8} {'loraforge':>10} {'rel diff':>9}")
 for i, (p, o) in enumerate(zip(peft[0]["losses"], ours[0]["losses"])):
     d = abs(o - p) / p
     print(f"{i + 1:>4} {p:>8.4f} {o:>10.4f} {d:>9.3%}")
-for pr, orr in zip(peft + peft, ours + gemm):
+for pr, orr in zip(peft * 3, ours + gemm + before):
     if len(pr["losses"]) != len(orr["losses"]):
         worst = float("inf")
     for p, o in zip(pr["losses"], orr["losses"]):
@@ -110,6 +119,12 @@ if gemm:
     gt = statistics.median(x["tps"] for x in gemm)
     print(f"tokens/s  loraforge on candle's gemm {gt:.1f}  ratio to PEFT {gt / pt:.2f}  "
           f"(loraforge as configured: {ot / gt:.2f}x gemm)  peak RSS {max(x['rss'] for x in gemm):.0f} MiB")
+if before:
+    bt = statistics.median(x["tps"] for x in before)
+    for r, b in enumerate(before):
+        print(f"round {r + 1}: tokens/s the build before {b['tps']:.1f}, peak RSS {b['rss']:.0f} MiB")
+    print(f"tokens/s  the build before {bt:.1f}  ratio to PEFT {bt / pt:.2f}  "
+          f"(this build: {ot / bt:.2f}x the one before)  peak RSS {max(x['rss'] for x in before):.0f} MiB")
 print(f"peak RSS  PEFT {prs:.0f} MiB  loraforge {ors:.0f} MiB  ratio {ors / prs:.2f}")
 print("SUMMARY " + json.dumps({"peft_tps": pt, "loraforge_tps": ot, "tps_ratio": ot / pt,
       "peft_rss_mib": prs, "loraforge_rss_mib": ors, "rss_ratio": ors / prs, "worst_loss_diff": worst}))

@@ -11,7 +11,7 @@ pub mod hotswap;
 
 pub use conv::Conv2d;
 
-use crate::ops::{frozen_linear, lora_linear, Frozen};
+use crate::ops::{frozen_linear, lora_linear, lora_linear_a, Frozen};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -288,7 +288,18 @@ impl Linear {
                 None => y,
             });
         };
-        let xd = if ctx.train && l.dropout > 0.0 {
+        let dropped = ctx.train && l.dropout > 0.0;
+        if !dropped && x.dtype() == DType::F32 {
+            return Ok(lora_linear_a(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+            )?);
+        }
+        let xd = if dropped {
             dropout(x, l.dropout, &mut ctx.rng.borrow_mut())?
         } else {
             x.clone()

@@ -9,7 +9,7 @@
 //! pass computes the `(n, d)` part while the block's logits are at hand, and the backward
 //! only scales it: the same two GEMMs as before, none recomputed.
 
-use super::{matmul_wt, rows_of};
+use super::{matmul_wt, rows_of, vmath};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -92,17 +92,15 @@ impl CustomOp1 for ProjectedNll {
                 let t = targets[row] as usize;
                 let xt = x[t];
                 // One pass of exponentials, kept for the softmax: 50 million a step.
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in x.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
+                let (max, sum) = if self.train {
+                    vmath::softmax_in_place(x)
+                } else {
+                    let max = vmath::max(x);
+                    (max, vmath::exp_shifted_sum(x, max))
+                };
                 // As log_softmax does it: -((x_t − max) − ln Σ).
                 *out = -((xt - max) - sum.ln());
                 if self.train {
-                    let inv = 1.0 / sum;
-                    x.iter_mut().for_each(|x| *x *= inv);
                     x[t] -= 1.0;
                 }
             });

@@ -1,5 +1,6 @@
-//! The CPU's f32 matrix products: by candle's gemm, or by a BLAS library that
-//! `LORAFORGE_BLAS` names.
+//! The CPU's f32 matrix products: by gemm (the crate candle's matmul runs on, called as
+//! candle calls it but into memory that is not zero-filled first), or by a BLAS library
+//! that `LORAFORGE_BLAS` names.
 //!
 //! Most of a CPU training step is matrix products. Measured side by side at a step's
 //! shapes (`scripts/bench-gemm.sh`, BENCHMARKS.md), candle's gemm 0.19 with its AVX-512
@@ -404,16 +405,129 @@ pub fn matmul_with(
     lb: &Layout,
 ) -> Result<CpuStorage> {
     let (bsz, m, n, k) = dims;
-    if let (Some(blas), CpuStorage::F32(av), CpuStorage::F32(bv)) = (blas, a, b) {
+    if let (CpuStorage::F32(av), CpuStorage::F32(bv)) = (a, b) {
         let views = (
             View::of(la, m, k, bsz, av.len()),
             View::of(lb, k, n, bsz, bv.len()),
         );
         if let (Some(va), Some(vb), true) = (views.0, views.1, k > 0) {
-            return Ok(CpuStorage::F32(blas.gemm(av, va, bv, vb, dims)));
+            return Ok(CpuStorage::F32(match blas {
+                Some(blas) => blas.gemm(av, va, bv, vb, dims),
+                None => gemm_uninit(av, va, bv, vb, dims),
+            }));
         }
     }
     a.matmul(b, dims, la, lb)
+}
+
+/// `c = a·b` by gemm, as candle's matmul calls it (same kernels, same split over rayon's
+/// pool, so the same bits), but into memory nothing has written: candle zero-fills its
+/// output first, a pass over every product's result that gemm, told not to read its
+/// destination, never needs.
+fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -> Vec<f32> {
+    let len = bsz * m * n;
+    let mut c: Vec<f32> = Vec::with_capacity(len);
+    // A right operand shared by every batch, and a left one whose batches lie row after
+    // row: one product of `bsz·m` rows, as candle folds them.
+    let (bsz, m) = if bsz > 1 && vb.batch == 0 && !va.transposed && va.batch == m * va.ld {
+        (1, bsz * m)
+    } else {
+        (bsz, m)
+    };
+    for bi in 0..bsz {
+        // SAFETY: `View::of` checked that every element the product reads lies inside
+        // `a` and `b`; `c` has room for the batch's `m·n` values, which gemm writes
+        // without reading them (`read_dst` false).
+        unsafe {
+            gemm_call(
+                c.as_mut_ptr().add(bi * m * n),
+                false,
+                a,
+                va,
+                b,
+                vb,
+                bi,
+                (m, n, k),
+            )
+        };
+    }
+    // SAFETY: every one of the `len` values was written above.
+    unsafe { c.set_len(len) };
+    c
+}
+
+/// `c += a·b` for `(m, k)` and `(k, n)` operands as their layouts say (no batches) and a
+/// row-major `(m, n)` `c`, by gemm whatever the BLAS setting: an op's backward adds a
+/// thin product (LoRA's `dxa·A`) to a gradient in one pass, with no temporary.
+pub fn matmul_acc(
+    c: &mut [f32],
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let (Some(va), Some(vb)) = (
+        View::of(la, m, k, 1, a.len()),
+        View::of(lb, k, n, 1, b.len()),
+    ) else {
+        candle_core::bail!("matmul_acc: layouts {:?} and {:?} do not fit", la, lb)
+    };
+    if c.len() != m * n {
+        candle_core::bail!("matmul_acc: {} values for a ({m}, {n}) product", c.len());
+    }
+    if k > 0 {
+        // SAFETY: the views were checked against `a` and `b`, and `c` holds `m·n` values.
+        unsafe { gemm_call(c.as_mut_ptr(), true, a, va, b, vb, 0, (m, n, k)) };
+    }
+    Ok(())
+}
+
+/// One gemm call for batch `bi`: `c = a·b`, or `c += a·b` with `accumulate`, `c` row-major
+/// `(m, n)`, on rayon's pool when candle uses more than one thread.
+///
+/// # Safety
+/// `va` and `vb` must have been made by `View::of` for `a` and `b` (and the batch exist);
+/// `c` must point at `m·n` writable values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_call(
+    c: *mut f32,
+    accumulate: bool,
+    a: &[f32],
+    va: View,
+    b: &[f32],
+    vb: View,
+    bi: usize,
+    (m, n, k): (usize, usize, usize),
+) {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // gemm computes dst = alpha·dst + beta·(lhs·rhs), reading dst only when asked to.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        n as isize,
+        accumulate,
+        a.as_ptr().add(va.offset + bi * va.batch),
+        va.col_step() as isize,
+        va.row_step() as isize,
+        b.as_ptr().add(vb.offset + bi * vb.batch),
+        vb.col_step() as isize,
+        vb.row_step() as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// [`matmul_with`] by this process's BLAS, if any.
@@ -431,7 +545,7 @@ pub fn matmul(
 /// [`matmul`] on the CPU; candle's matmul elsewhere. No gradient flows through it: it is
 /// for the products inside the backward passes of our own ops.
 pub fn mm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !a.device().is_cpu() || a.dtype() != DType::F32 || blas().is_none() {
+    if !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return a.matmul(b);
     }
     a.apply_op2_no_bwd(b, &Matmul)
@@ -478,22 +592,11 @@ mod tests {
     }
 
     /// Every layout the ops hand over (plain, transposed on either side, batched with a
-    /// broadcast operand, offset views), against candle's gemm: 1e-6 of the result's
-    /// norm (the two sum in different orders), or skipped when no BLAS is found here.
-    #[test]
-    fn blas_products_match_candles_gemm_on_every_layout_the_ops_use() {
-        let Some(blas) = blas() else {
-            eprintln!("skipped: no BLAS library ({})", describe());
-            assert!(
-                std::env::var("LORAFORGE_REQUIRE_BLAS").as_deref() != Ok("1"),
-                "LORAFORGE_REQUIRE_BLAS=1 but {}",
-                describe()
-            );
-            return;
-        };
+    /// broadcast operand, offset views).
+    fn cases() -> Vec<(Tensor, Tensor)> {
         let dev = Device::Cpu;
         let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, &dev).unwrap();
-        let cases: Vec<(Tensor, Tensor)> = vec![
+        vec![
             (r(&[300, 96]), r(&[96, 70])),
             (r(&[300, 96]), r(&[70, 96]).t().unwrap()),
             (r(&[96, 300]).t().unwrap(), r(&[96, 70])),
@@ -512,18 +615,81 @@ mod tests {
             (r(&[1, 1, 8]), r(&[1, 8, 1])),
             (r(&[4, 50]).narrow(1, 10, 30).unwrap(), r(&[30, 20])),
             (r(&[64, 1]), r(&[1, 64])),
-        ];
-        for (a, b) in cases {
+            // A broadcast right operand, batches of the left row after row.
+            (
+                r(&[3, 20, 17]),
+                r(&[17, 9])
+                    .unsqueeze(0)
+                    .unwrap()
+                    .broadcast_as((3, 17, 9))
+                    .unwrap(),
+            ),
+        ]
+    }
+
+    fn dims_of(a: &Tensor, b: &Tensor) -> (usize, usize, usize, usize) {
+        let (da, db) = (a.dims(), b.dims());
+        let rk = da.len();
+        (
+            da[..rk - 2].iter().product(),
+            da[rk - 2],
+            db[rk - 1],
+            da[rk - 1],
+        )
+    }
+
+    /// Without a BLAS the products are gemm's, as candle's matmul computes them, to the
+    /// bit: only the zero-filling of the output is gone.
+    #[test]
+    fn gemm_into_fresh_memory_is_candles_matmul_to_the_bit() {
+        for (a, b) in cases() {
+            let want = a.matmul(&b).unwrap();
+            let got = matmul_with(
+                None,
+                &storage(&a),
+                &storage(&b),
+                dims_of(&a, &b),
+                a.layout(),
+                b.layout(),
+            )
+            .unwrap();
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(
+                got.as_slice::<f32>().unwrap(),
+                want.as_slice(),
+                "{:?}·{:?}",
+                a.dims(),
+                b.dims()
+            );
+            let via_mm = mm(&a, &b)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(via_mm, want);
+        }
+    }
+
+    /// Every layout the ops hand over (plain, transposed on either side, batched with a
+    /// broadcast operand, offset views), against candle's gemm: 1e-6 of the result's
+    /// norm (the two sum in different orders), or skipped when no BLAS is found here.
+    #[test]
+    fn blas_products_match_candles_gemm_on_every_layout_the_ops_use() {
+        let Some(blas) = blas() else {
+            eprintln!("skipped: no BLAS library ({})", describe());
+            assert!(
+                std::env::var("LORAFORGE_REQUIRE_BLAS").as_deref() != Ok("1"),
+                "LORAFORGE_REQUIRE_BLAS=1 but {}",
+                describe()
+            );
+            return;
+        };
+        for (a, b) in cases() {
             let want = a.matmul(&b).unwrap();
             let (la, lb) = (a.layout().clone(), b.layout().clone());
             let (da, db) = (a.dims(), b.dims());
-            let rk = da.len();
-            let dims = (
-                da[..rk - 2].iter().product(),
-                da[rk - 2],
-                db[rk - 1],
-                da[rk - 1],
-            );
+            let dims = dims_of(&a, &b);
             assert!(
                 View::of(
                     &la,
@@ -537,8 +703,12 @@ mod tests {
                 la.stride()
             );
             let got = matmul_with(Some(blas), &storage(&a), &storage(&b), dims, &la, &lb).unwrap();
-            let got = Tensor::from_vec(got.as_slice::<f32>().unwrap().to_vec(), want.shape(), &dev)
-                .unwrap();
+            let got = Tensor::from_vec(
+                got.as_slice::<f32>().unwrap().to_vec(),
+                want.shape(),
+                want.device(),
+            )
+            .unwrap();
             // Relative to |a|·|b|, the scale rounding works at: the product itself can be
             // near zero (a single dot product of random numbers often is), and then two
             // summation orders differ by far more than 1e-6 of it.

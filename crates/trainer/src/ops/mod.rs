@@ -23,6 +23,7 @@ mod generic;
 mod head_loss;
 pub mod matmul;
 mod norm_act;
+mod vmath;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use conv::{conv2d, frozen_conv2d, max_pool2d};
@@ -116,29 +117,7 @@ impl CustomOp3 for LoraLinear {
             candle_core::bail!("lora linear: shapes {:?}, {:?}", lxa.dims(), lb.dims());
         }
         let (xa, b) = (rows_of(xas, lxa)?, rows_of(bs, lb)?);
-        // Bᵀ as (r, out) rows, so the update streams along output features.
-        let mut bt = vec![0f32; r * m];
-        for (j, brow) in b.chunks(r).enumerate() {
-            for (k, &v) in brow.iter().enumerate() {
-                bt[k * m + j] = v;
-            }
-        }
-        // Added in place with a per-row scratch: an (n, out) temporary here would be
-        // allocated and freed per layer per step, and fragments the heap.
-        let s = self.scale as f32;
-        par_rows(&mut y, m, |first, chunk| {
-            let mut delta = vec![0f32; m];
-            for (i, yr) in chunk.chunks_mut(m).enumerate() {
-                let xr = &xa[(first + i) * r..][..r];
-                delta.iter_mut().for_each(|d| *d = 0.0);
-                for (k, &xv) in xr.iter().enumerate() {
-                    let bk = &bt[k * m..][..m];
-                    delta.iter_mut().zip(bk).for_each(|(d, &bv)| *d += xv * bv);
-                }
-                // PEFT's order: base + (B(A x) · s).
-                yr.iter_mut().zip(&delta).for_each(|(y, d)| *y += d * s);
-            }
-        });
+        add_update(&mut y, xa, b, (m, r), self.scale as f32);
         add_bias(&mut y, &self.bias)?;
         Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
@@ -163,6 +142,165 @@ impl CustomOp3 for LoraLinear {
         let dxa = matmul::mm(&gs, &b.detach())?;
         let db = matmul::mm(&gs.t()?, &xa.detach())?;
         Ok((dx, Some(dxa), Some(db)))
+    }
+}
+
+/// `y += s·(xa·Bᵀ)` for `(n, out)` rows `y`, `(n, r)` rows `xa` and LoRA's `(out, r)` B.
+fn add_update(y: &mut [f32], xa: &[f32], b: &[f32], (m, r): (usize, usize), s: f32) {
+    // Bᵀ as (r, out) rows, so the update streams along output features.
+    let mut bt = vec![0f32; r * m];
+    for (j, brow) in b.chunks(r).enumerate() {
+        for (k, &v) in brow.iter().enumerate() {
+            bt[k * m + j] = v;
+        }
+    }
+    // Added in place with a per-row scratch: an (n, out) temporary here would be
+    // allocated and freed per layer per step, and fragments the heap.
+    par_rows(y, m, |first, chunk| {
+        let mut delta = vec![0f32; m];
+        for (i, yr) in chunk.chunks_mut(m).enumerate() {
+            let xr = &xa[(first + i) * r..][..r];
+            delta.iter_mut().for_each(|d| *d = 0.0);
+            for (k, &xv) in xr.iter().enumerate() {
+                let bk = &bt[k * m..][..m];
+                delta.iter_mut().zip(bk).for_each(|(d, &bv)| *d += xv * bv);
+            }
+            // PEFT's order: base + (B(A x) · s).
+            yr.iter_mut().zip(&delta).for_each(|(y, d)| *y += d * s);
+        }
+    });
+}
+
+/// A frozen linear layer and its LoRA update without dropout, `x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ`,
+/// as one op over `(x, A, B)`. Where [`LoraLinear`] leaves `x·Aᵀ` to candle's graph, whose
+/// backward builds `x`'s share `dxa·A` as a second `(n, in)` gradient and adds the two,
+/// this backward adds `dxa·A` into `g·W` inside the same buffer, and scales the thin
+/// `(n, r)` and `(out, r)` products rather than the `(n, out)` output gradient.
+struct LoraLinearA {
+    w: Frozen,
+    bias: Option<Tensor>,
+    scale: f64,
+    /// `x·Aᵀ` from the forward pass, for the backward one.
+    xa: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for LoraLinearA {
+    fn name(&self) -> &'static str {
+        "lora-linear-a"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        as_: &CpuStorage,
+        la: &Layout,
+        bs: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = lx.shape().dims2()?;
+        let ((r, ak), (m, br)) = (la.shape().dims2()?, lb.shape().dims2()?);
+        if ak != k || br != r {
+            candle_core::bail!(
+                "lora linear: shapes {:?}, {:?}, {:?}",
+                lx.dims(),
+                la.dims(),
+                lb.dims()
+            );
+        }
+        let mut y = matmul_wt(xs, lx, &self.w.dense()?)?;
+        let xa = match matmul::matmul(xs, as_, (1, n, r, k), lx, &la.transpose(0, 1)?)? {
+            CpuStorage::F32(v) => v,
+            _ => candle_core::bail!("lora linear: expected f32"),
+        };
+        add_update(&mut y, &xa, rows_of(bs, lb)?, (m, r), self.scale as f32);
+        add_bias(&mut y, &self.bias)?;
+        *self.xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(xa);
+        Ok((CpuStorage::F32(y), Shape::from((n, m))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(xa) = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("lora linear: a backward pass without its forward")
+        };
+        let ((n, k), (r, _), (m, _)) = (x.dims2()?, a.dims2()?, b.dims2()?);
+        let s = self.scale as f32;
+        let g = g.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (Storage::Cpu(gs), Storage::Cpu(bs)) = (&*gs, &*bs) else {
+            candle_core::bail!("lora linear: gradients off the CPU")
+        };
+        let f32s = |v: CpuStorage| -> Result<Vec<f32>> {
+            match v {
+                CpuStorage::F32(v) => Ok(v),
+                _ => candle_core::bail!("lora linear: expected f32"),
+            }
+        };
+        // dxa = s·(g·B), (n, r).
+        let mut dxa = f32s(matmul::matmul(gs, bs, (1, n, r, m), gl, bl)?)?;
+        dxa.iter_mut().for_each(|v| *v *= s);
+        // dB = s·(gᵀ·xa), (out, r).
+        let xa_s = CpuStorage::F32(xa);
+        let mut db = f32s(matmul::matmul(
+            gs,
+            &xa_s,
+            (1, m, r, n),
+            &gl.transpose(0, 1)?,
+            &Layout::contiguous((n, r)),
+        )?)?;
+        db.iter_mut().for_each(|v| *v *= s);
+        let dxa_s = CpuStorage::F32(dxa);
+        // dA = dxaᵀ·x, (r, in).
+        let x = x.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let Storage::Cpu(xs) = &*xs else {
+            candle_core::bail!("lora linear: input off the CPU")
+        };
+        let da = f32s(matmul::matmul(
+            &dxa_s,
+            xs,
+            (1, r, k, n),
+            &Layout::contiguous((n, r)).transpose(0, 1)?,
+            xl,
+        )?)?;
+        // The first layer's input is constant: no (n, in) gradient at all.
+        let dx = if x.track_op() {
+            let w = self.w.dense()?;
+            let (ws, wl) = w.storage_and_layout();
+            let Storage::Cpu(ws) = &*ws else {
+                candle_core::bail!("lora linear: weight off the CPU")
+            };
+            let mut dx = f32s(matmul::matmul(gs, ws, (1, n, k, m), gl, wl)?)?;
+            let (as_, al) = a.storage_and_layout();
+            let Storage::Cpu(as_) = &*as_ else {
+                candle_core::bail!("lora linear: A off the CPU")
+            };
+            matmul::matmul_acc(
+                &mut dx,
+                dxa_s.as_slice::<f32>()?,
+                &Layout::contiguous((n, r)),
+                as_.as_slice::<f32>()?,
+                al,
+                (n, k, r),
+            )?;
+            Some(Tensor::from_vec(dx, (n, k), x.device())?)
+        } else {
+            None
+        };
+        let dev = x.device();
+        Ok((
+            dx,
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (m, r), dev)?),
+        ))
     }
 }
 
@@ -207,6 +345,36 @@ pub fn lora_linear(
             w: w.clone(),
             bias: bias.cloned(),
             scale,
+        },
+    )
+}
+
+/// `x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ` for LoRA's `(r, in)` A and `(out, r)` B, with no
+/// dropout between `x` and A. Gradients reach `x`, `a` and `b`.
+pub fn lora_linear_a(
+    x: &Tensor,
+    w: &Frozen,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let f32s = [w.dtype(), a.dtype(), b.dtype()]
+        .iter()
+        .all(|&t| t == DType::F32)
+        && bias.is_none_or(|t| t.dtype() == DType::F32);
+    if !fast_path(x) || !f32s || x.rank() != 2 {
+        let xa = x.matmul(&a.t()?)?;
+        return lora_linear(x, w, bias, &xa, b, scale);
+    }
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinearA {
+            w: w.clone(),
+            bias: bias.cloned(),
+            scale,
+            xa: std::sync::Mutex::new(None),
         },
     )
 }
@@ -337,11 +505,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-/// candle's SiLU: `x / (1 + exp(-x))`.
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu-train"
@@ -359,9 +522,7 @@ impl CustomOp2 for SwiGlu {
         let mut out = vec![0f32; g.len()];
         par_rows(&mut out, k, |first, chunk| {
             let (g, u) = (&g[first * k..], &u[first * k..]);
-            for ((o, &gv), &uv) in chunk.iter_mut().zip(g).zip(u) {
-                *o = silu(gv) * uv;
-            }
+            vmath::silu_mul(chunk, g, u);
         });
         Ok((CpuStorage::F32(out), lg.shape().clone()))
     }
@@ -402,19 +563,18 @@ impl CustomOp3 for SwiGluBwd {
         let k = *lg.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; 2 * n];
         let (dgate, dup) = out.split_at_mut(n);
-        par_rows(dgate, k, |first, chunk| {
-            let o = first * k;
-            for (((dg, &xv), &uv), &dv) in chunk.iter_mut().zip(&x[o..]).zip(&u[o..]).zip(&d[o..]) {
-                let s = 1.0 / (1.0 + (-xv).exp());
-                *dg = dv * uv * s * (1.0 + xv * (1.0 - s));
-            }
-        });
-        par_rows(dup, k, |first, chunk| {
-            let o = first * k;
-            for ((du, &xv), &dv) in chunk.iter_mut().zip(&x[o..]).zip(&d[o..]) {
-                *du = dv * silu(xv);
-            }
-        });
+        // One pass writes both halves: σ(x) once per element serves dgate and dup.
+        let rows = n / k.max(1);
+        let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+        let per = rows.div_ceil(threads).max(1) * k.max(1);
+        dgate
+            .par_chunks_mut(per)
+            .zip(dup.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let o = c * per;
+                vmath::silu_mul_bwd(dg, du, &x[o..], &u[o..], &d[o..]);
+            });
         let mut dims = vec![2];
         dims.extend_from_slice(lg.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -699,35 +859,12 @@ struct CrossEntropy {
     targets: Arc<Vec<u32>>,
 }
 
-/// `exp(d)` for `d = x − max ≤ 0`. glibc's `expf` takes a slow, errno-setting path for
-/// results that underflow, and every masked attention score (−1e30) does; below −104 the
-/// result is +0 either way, so the branch changes no value.
-fn exp_shifted(d: f32) -> f32 {
-    if d < -104.0 {
-        0.0
-    } else {
-        d.exp()
-    }
-}
-
 /// A row of (scaled, masked) scores into its max-subtracted softmax.
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = exp_shifted(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
+    vmath::softmax_in_place(row);
 }
 
-/// `(max, ln Σ exp(x − max))` of one row.
-fn log_sum_exp(x: &[f32]) -> (f32, f32) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = x.iter().map(|v| (v - max).exp()).sum();
-    (max, sum.ln())
-}
+use vmath::log_sum_exp;
 
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
@@ -788,9 +925,8 @@ impl CustomOp2 for CrossEntropyBwd {
                 let xr = &x[row * v..][..v];
                 let (max, lse) = log_sum_exp(xr);
                 let gv = g[row];
-                for (o, &xv) in o.iter_mut().zip(xr) {
-                    *o = ((xv - max) - lse).exp() * gv;
-                }
+                // (softmax − onehot) · g: e^(x − max − lse) · g, the target's entry less g.
+                vmath::exp_shifted_scaled(o, xr, max + lse, gv);
                 o[self.targets[row] as usize] -= gv;
             }
         });
@@ -956,6 +1092,64 @@ mod tests {
         let y = lora_linear(&xt, &wf, None, &xa, b.as_tensor(), 1.5)?;
         let grads = y.sum_all()?.backward()?;
         assert!(!grads.get(b.as_tensor()).unwrap().track_op());
+        Ok(())
+    }
+
+    /// The op over `(x, A, B)` against the graph formulation, through every gradient it
+    /// returns (x, A, B), with a weighted loss; and x's gradient left out when x is a
+    /// constant (a first layer's input), A's and B's still there.
+    #[test]
+    fn lora_linear_over_a_matches_the_graph_formulation_and_all_three_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, inp, out, r) = (37usize, 29usize, 41usize, 4usize);
+        let t = |v: Vec<f32>, s: (usize, usize)| Tensor::from_vec(v, s, &dev);
+        let w = t(rand_vec(out * inp, 31), (out, inp))?;
+        let wf = Frozen::from(w.clone());
+        let bias = Tensor::from_vec(rand_vec(out, 32), out, &dev)?;
+        let weights = t(rand_vec(n * out, 33), (n, out))?;
+        let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
+            let x = Var::from_tensor(&t(rand_vec(n * inp, 34), (n, inp))?)?;
+            let a = Var::from_tensor(&t(rand_vec(r * inp, 35), (r, inp))?)?;
+            let b = Var::from_tensor(&t(rand_vec(out * r, 36), (out, r))?)?;
+            let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+            let y = if fused {
+                lora_linear_a(xt, &wf, Some(&bias), at, bt, 1.7)?
+            } else {
+                let base = xt.matmul(&w.t()?)?.broadcast_add(&bias)?;
+                (base + (xt.matmul(&at.t()?)?.matmul(&bt.t()?)? * 1.7)?)?
+            };
+            let g = (&y * &weights)?.sum_all()?.backward()?;
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            Ok(vec![
+                flat(&y)?,
+                flat(g.get(xt).expect("dx"))?,
+                flat(g.get(at).expect("dA"))?,
+                flat(g.get(bt).expect("dB"))?,
+            ])
+        };
+        let rel = |p: &[f32], q: &[f32]| {
+            let m = q.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            p.iter().zip(q).fold(0f32, |e, (a, b)| e.max((a - b).abs())) / m
+        };
+        let (got, want) = (run(true)?, run(false)?);
+        for (what, (p, q)) in ["y", "dx", "dA", "dB"].iter().zip(got.iter().zip(&want)) {
+            let err = rel(p, q);
+            assert!(err < 1e-5, "{what}: {err:e}");
+        }
+        // A constant input: no gradient for it, A's and B's as before.
+        let x = t(rand_vec(n * inp, 34), (n, inp))?;
+        let a = Var::from_tensor(&t(rand_vec(r * inp, 35), (r, inp))?)?;
+        let b = Var::from_tensor(&t(rand_vec(out * r, 36), (out, r))?)?;
+        let y = lora_linear_a(&x, &wf, None, a.as_tensor(), b.as_tensor(), 1.7)?;
+        let g = (&y * &weights)?.sum_all()?.backward()?;
+        assert!(g.get(&x).is_none());
+        let da = g
+            .get(a.as_tensor())
+            .expect("dA")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(rel(&da, &want[2]) < 1e-5);
+        assert!(!g.get(b.as_tensor()).expect("dB").track_op());
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! same formulas in the same order per element (the GELU's forward is candle's own, bit for
 //! bit), sums over a row in a different order.
 
-use super::{fast_path, par_rows, rows_of};
+use super::{fast_path, par_rows, rows_of, vmath};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -189,11 +189,12 @@ impl CustomOp3 for GeluErfBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, y, g) = (rows_of(xs, lx)?, rows_of(ys, ly)?, rows_of(gs, lg)?);
         let d = lx.dims().last().copied().unwrap_or(1).max(1);
-        // 1/√(2π)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |first, chunk| {
             let at = first * d..first * d + chunk.len();
+            // The density first, in a loop that vectorises; then the rest, whose
+            // branch to `erf` keeps it one element at a time.
+            vmath::normal_density(chunk, &x[at.clone()]);
             let rows = x[at.clone()].iter().zip(&y[at.clone()]).zip(&g[at]);
             for (o, ((&v, &yv), &gv)) in chunk.iter_mut().zip(rows) {
                 // Near 0, y/x loses its digits to y's rounding: compute Φ there.
@@ -202,8 +203,7 @@ impl CustomOp3 for GeluErfBwd {
                 } else {
                     0.5 + 0.5 * erf(v * std::f32::consts::FRAC_1_SQRT_2)
                 };
-                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                *o = gv * (cdf + v * pdf);
+                *o = gv * (cdf + v * *o);
             }
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))

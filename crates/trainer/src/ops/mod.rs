@@ -113,7 +113,7 @@ impl CustomOp3 for LoraLinear {
         let mut y = matmul_wt(xs, lx, &self.w.dense()?)?;
         let (n, r) = lxa.shape().dims2()?;
         let (m, br) = lb.shape().dims2()?;
-        if br != r || n != lx.dims()[0] {
+        if br != r || n != lx.dims()[0] || self.w.dim(0)? != m {
             candle_core::bail!("lora linear: shapes {:?}, {:?}", lxa.dims(), lb.dims());
         }
         let (xa, b) = (rows_of(xas, lxa)?, rows_of(bs, lb)?);
@@ -200,12 +200,13 @@ impl CustomOp3 for LoraLinearA {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k) = lx.shape().dims2()?;
         let ((r, ak), (m, br)) = (la.shape().dims2()?, lb.shape().dims2()?);
-        if ak != k || br != r {
+        if ak != k || br != r || self.w.dims2()? != (m, k) {
             candle_core::bail!(
-                "lora linear: shapes {:?}, {:?}, {:?}",
+                "lora linear: x {:?}, A {:?}, B {:?} against a weight of {:?}",
                 lx.dims(),
                 la.dims(),
-                lb.dims()
+                lb.dims(),
+                self.w.dims()
             );
         }
         let mut y = matmul_wt(xs, lx, &self.w.dense()?)?;
@@ -227,7 +228,8 @@ impl CustomOp3 for LoraLinearA {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(xa) = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        // Cloned, not taken: a graph may be differentiated twice. It is (n, r), small.
+        let Some(xa) = self.xa.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             candle_core::bail!("lora linear: a backward pass without its forward")
         };
         let ((n, k), (r, _), (m, _)) = (x.dims2()?, a.dims2()?, b.dims2()?);
@@ -317,6 +319,14 @@ pub fn frozen_linear(x: &Tensor, w: &Frozen) -> Result<Tensor> {
     })
 }
 
+/// Whether a LoRA layer's weights are all f32, as the fused CPU ops want them.
+fn lora_f32(w: &Frozen, a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> bool {
+    [w.dtype(), a.dtype(), b.dtype()]
+        .iter()
+        .all(|&t| t == DType::F32)
+        && bias.is_none_or(|t| t.dtype() == DType::F32)
+}
+
 /// `x·Wᵀ + bias + scale·(xa·Bᵀ)`, where `xa` is `(n, r)` (the input already through
 /// dropout and `A`) and `b` is LoRA's `(out, r)` B. Gradients reach `x`, `xa` and `b`.
 pub fn lora_linear(
@@ -327,11 +337,7 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let f32s = [w.dtype(), xa.dtype(), b.dtype()]
-        .iter()
-        .all(|&t| t == DType::F32)
-        && bias.is_none_or(|t| t.dtype() == DType::F32);
-    if !fast_path(x) || !f32s {
+    if !fast_path(x) || !lora_f32(w, xa, b, bias) {
         let y = (frozen_linear(x, w)? + (xa.matmul(&b.t()?)? * scale)?)?;
         return match bias {
             Some(bias) => y.broadcast_add(bias),
@@ -359,11 +365,7 @@ pub fn lora_linear_a(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let f32s = [w.dtype(), a.dtype(), b.dtype()]
-        .iter()
-        .all(|&t| t == DType::F32)
-        && bias.is_none_or(|t| t.dtype() == DType::F32);
-    if !fast_path(x) || !f32s || x.rank() != 2 {
+    if !fast_path(x) || !lora_f32(w, a, b, bias) || x.rank() != 2 {
         let xa = x.matmul(&a.t()?)?;
         return lora_linear(x, w, bias, &xa, b, scale);
     }
@@ -925,8 +927,9 @@ impl CustomOp2 for CrossEntropyBwd {
                 let xr = &x[row * v..][..v];
                 let (max, lse) = log_sum_exp(xr);
                 let gv = g[row];
-                // (softmax − onehot) · g: e^(x − max − lse) · g, the target's entry less g.
-                vmath::exp_shifted_scaled(o, xr, max + lse, gv);
+                // (softmax − onehot) · g: e^(x − max) · (g / Σ), the target's entry less g
+                // (max + lse rounded as one shift would scale a whole row by its error).
+                vmath::exp_shifted_scaled(o, xr, max, gv * (-lse).exp());
                 o[self.targets[row] as usize] -= gv;
             }
         });

@@ -4,8 +4,8 @@
 //! loss's softmax over 49,152 words a token, SiLU forward and back, the attention's
 //! probabilities). glibc's `expf` is one call per element, and a sum written as a fold is
 //! one addition after another: the compiler may reorder neither. Here `exp` is plain
-//! arithmetic the compiler can widen (Cody–Waite reduction and Cephes' degree-6
-//! polynomial, within 2 ulp of the true value), and sums and maxima keep 16 partial
+//! arithmetic the compiler can widen (Cody–Waite reduction and Cephes' polynomial,
+//! within 2 ulp of the true value), and sums and maxima keep 16 partial
 //! results. Each loop is compiled for AVX-512, for AVX2 and for the baseline, and the
 //! widest the CPU has runs, chosen at run time. There is no fused multiply-add in the
 //! arithmetic (Rust never contracts `a * b + c`), so every path computes the same bits.

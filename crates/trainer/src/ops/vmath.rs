@@ -45,6 +45,50 @@ pub(crate) fn exp(x: f32) -> f32 {
     y * pow2(h) * pow2(ni.wrapping_sub(h))
 }
 
+/// `erf(x)`, within 1.5 ulp of the true value (libm's `erff` is one call per element with
+/// branches; this is arithmetic the loops below widen). Below |x| = 1, `x + x·P(x²)`; from
+/// there, `1 − e^(−x²)·Q(t)` with `t = 1/(1 + |x|/2)` and |x| clamped at 4, where erf
+/// rounds to 1. P and Q are least-squares fits (`scripts/fit_erf.py`), evaluated in f32.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    const P: [f32; 7] = [
+        0.128_379_17,
+        -0.376_126_26,
+        0.112_835_824,
+        -0.026_853_692,
+        0.005_188_099_6,
+        -0.000_800_819_3,
+        0.000_078_472_62,
+    ];
+    const Q: [f32; 8] = [
+        -0.000_154_543_09,
+        0.284_917,
+        0.259_666_74,
+        0.347_843_53,
+        -0.103_617_57,
+        0.563_166_7,
+        -0.471_049_7,
+        0.119_280_584,
+    ];
+    let a = x.abs();
+    let u = a * a;
+    let mut p = P[6];
+    for &c in P[..6].iter().rev() {
+        p = p * u + c;
+    }
+    let small = a + a * p;
+    // NaN passes the clamp (and the comparison below) as NaN.
+    let c = if a > 4.0 { 4.0 } else { a };
+    let t = 1.0 / (1.0 + c * 0.5);
+    let mut q = Q[7];
+    for &k in Q[..7].iter().rev() {
+        q = q * t + k;
+    }
+    let large = 1.0 - exp(-(c * c)) * q;
+    let r = if a < 1.0 { small } else { large };
+    r.copysign(x)
+}
+
 /// Defines `fn $name(args) -> ret` whose body is compiled three times, for AVX-512, for
 /// AVX2 and for the baseline, the widest the CPU has being picked at each call (the
 /// check is one load of a flag std caches). The body and everything it calls must be
@@ -208,11 +252,22 @@ multiversion! {
 }
 
 multiversion! {
-    /// The standard normal density `e^(−x²/2) / √(2π)` of each element.
-    pub(crate) fn normal_density(out: &mut [f32], x: &[f32]) {
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
+    /// The exact GELU, `x·Φ(x)` as candle writes it: `(erf(x/√2) + 1) · 0.5 · x`.
+    pub(crate) fn gelu_erf(out: &mut [f32], x: &[f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = INV_SQRT_2PI * exp(-0.5 * v * v);
+            *o = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
+        }
+    }
+}
+
+multiversion! {
+    /// The exact GELU's backward: `g · (Φ(x) + x·φ(x))`, `φ(x) = e^(−x²/2)/√(2π)`.
+    pub(crate) fn gelu_erf_bwd(out: &mut [f32], x: &[f32], g: &[f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 + 0.5 * erf(v * std::f32::consts::FRAC_1_SQRT_2);
+            let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
+            *o = gv * (cdf + v * pdf);
         }
     }
 }
@@ -289,16 +344,62 @@ mod tests {
     }
 
     #[test]
-    fn silu_and_the_normal_density_agree_with_f64() {
+    fn erf_is_within_one_and_a_half_ulp_and_gelu_follows() {
+        use candle_core::cpu::erf::erf_f64;
+        let mut worst = (0f64, 0f32);
+        let mut x = -5.0f32;
+        while x < 5.0 {
+            let e = ulps(erf(x), erf_f64(x as f64));
+            if e > worst.0 {
+                worst = (e, x);
+            }
+            x += 0.000_377;
+        }
+        for x in [1e-38f32, 1e-20, 1e-8, 3e-4, 0.999_999, 1.0, 3.92, 4.0] {
+            let e = ulps(erf(x), erf_f64(x as f64));
+            if e > worst.0 {
+                worst = (e, x);
+            }
+        }
+        assert!(worst.0 <= 1.5, "{} ulp at {}", worst.0, worst.1);
+        assert_eq!(erf(0.0), 0.0);
+        assert!(erf(-0.0).is_sign_negative());
+        assert_eq!(erf(f32::INFINITY), 1.0);
+        assert_eq!(erf(f32::NEG_INFINITY), -1.0);
+        assert_eq!(erf(1e30), 1.0);
+        assert!(erf(f32::NAN).is_nan());
+        // GELU and its derivative against f64.
+        let x: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) * 0.006).collect();
+        let g: Vec<f32> = x.iter().map(|v| 1.0 - v * 0.05).collect();
+        let (mut y, mut dy) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        gelu_erf(&mut y, &x);
+        gelu_erf_bwd(&mut dy, &x, &g);
+        for i in 0..x.len() {
+            let (v, gv) = (x[i] as f64, g[i] as f64);
+            let cdf = 0.5 * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            // f32's 1 + erf near erf = −1 keeps about 1e-7 absolute of Φ.
+            assert!(
+                (y[i] as f64 - v * cdf).abs() <= 2e-7 * v.abs().max(1.0),
+                "gelu at {v}"
+            );
+            let want = gv * (cdf + v * pdf);
+            assert!(
+                (dy[i] as f64 - want).abs() <= 3e-7 * gv.abs().max(1.0),
+                "gelu' at {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn silu_agrees_with_f64() {
         let x: Vec<f32> = (0..1001).map(|i| (i as f32 - 500.0) * 0.023).collect();
         let up: Vec<f32> = x.iter().map(|v| 0.5 - v * 0.3).collect();
         let d: Vec<f32> = x.iter().map(|v| 1.0 + v * 0.1).collect();
         let n = x.len();
-        let (mut y, mut dg, mut du, mut pdf) =
-            (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (mut y, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         silu_mul(&mut y, &x, &up);
         silu_mul_bwd(&mut dg, &mut du, &x, &up, &d);
-        normal_density(&mut pdf, &x);
         let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-6 * b.abs().max(1e-3);
         for i in 0..n {
             let (xv, uv, dv) = (x[i] as f64, up[i] as f64, d[i] as f64);
@@ -319,8 +420,6 @@ mod tests {
                 dg[i]
             );
             assert!(close(du[i], dv * xv * s), "dup at {xv}");
-            let want = (-0.5 * xv * xv).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            assert!(close(pdf[i], want), "density at {xv}");
         }
         let mut out = vec![0f32; 3];
         exp_shifted_scaled(&mut out, &[1.0, 2.0, 3.0], 3.0, 2.0);

@@ -191,15 +191,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// `out[i] = e^(x[i] − shift) · scale`.
-    pub(crate) fn exp_shifted_scaled(out: &mut [f32], x: &[f32], shift: f32, scale: f32) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = exp(v - shift) * scale;
-        }
-    }
-}
-
-multiversion! {
     /// `x[i] *= s`.
     pub(crate) fn scale(x: &mut [f32], s: f32) {
         x.iter_mut().for_each(|v| *v *= s);
@@ -421,9 +412,5 @@ mod tests {
             );
             assert!(close(du[i], dv * xv * s), "dup at {xv}");
         }
-        let mut out = vec![0f32; 3];
-        exp_shifted_scaled(&mut out, &[1.0, 2.0, 3.0], 3.0, 2.0);
-        assert_eq!(out[2], 2.0);
-        assert!((out[0] as f64 - 2.0 * (-2f64).exp()).abs() < 1e-6);
     }
 }

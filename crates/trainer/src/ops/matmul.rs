@@ -434,28 +434,14 @@ fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -
     } else {
         (bsz, m)
     };
-    if m == 1 || n == 1 {
-        // gemm's matrix-vector path takes its destination as a slice, which must not
-        // cover unwritten memory: zero-filling one row or column costs nothing.
-        let mut c = vec![0f32; len];
-        for bi in 0..bsz {
-            // SAFETY: as below; gemm overwrites the zeros without adding to them.
-            unsafe {
-                gemm_call(
-                    c.as_mut_ptr().add(bi * m * n),
-                    false,
-                    a,
-                    va,
-                    b,
-                    vb,
-                    bi,
-                    (m, n, k),
-                )
-            };
-        }
-        return c;
-    }
-    let mut c: Vec<f32> = Vec::with_capacity(len);
+    // gemm's matrix-vector path (one row or one column) takes its destination as a slice,
+    // which must not cover unwritten memory: zero-filling one row or column costs nothing.
+    let zeroed = m == 1 || n == 1;
+    let mut c: Vec<f32> = if zeroed {
+        vec![0f32; len]
+    } else {
+        Vec::with_capacity(len)
+    };
     for bi in 0..bsz {
         // SAFETY: `View::of` checked that every element the product reads lies inside
         // `a` and `b`; `c` has room for the batch's `m·n` values, which gemm writes
@@ -473,8 +459,10 @@ fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -
             )
         };
     }
-    // SAFETY: every one of the `len` values was written above.
-    unsafe { c.set_len(len) };
+    if !zeroed {
+        // SAFETY: every one of the `len` values was written above.
+        unsafe { c.set_len(len) };
+    }
     c
 }
 

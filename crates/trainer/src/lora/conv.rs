@@ -65,7 +65,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut y = frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
+            y = crate::ops::add_frozen(&y, &b.reshape((1, b.elem_count(), 1, 1))?)?;
         }
         let Some(l) = self.lora.as_ref().filter(|_| ctx.adapters) else {
             return Ok(y);

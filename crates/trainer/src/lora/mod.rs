@@ -284,7 +284,7 @@ impl Linear {
         let Some(l) = self.lora.as_ref().filter(|_| ctx.adapters) else {
             let y = frozen_linear(x, &self.weight)?;
             return Ok(match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
+                Some(b) => crate::ops::add_frozen(&y, b)?,
                 None => y,
             });
         };

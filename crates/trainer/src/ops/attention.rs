@@ -229,6 +229,39 @@ fn bmm(
     }
 }
 
+/// Past this many bytes of probabilities, the op goes through its queries in blocks
+/// (an SD 1.5 UNet's self-attention at 512 px has 512 MiB of them, a layer): a block's
+/// scores stay in cache, and no buffer that large is mapped, cleared by the kernel and
+/// unmapped again, forward and back, for every layer.
+const BLOCKED_BYTES: usize = 64 << 20;
+
+/// Scores per block (1 MiB of them): the block's rows are this over `tk`.
+const BLOCK_SCORES: usize = 1 << 18;
+
+/// `c = a·b`, or `c += a·b` with `acc`, for row-major slices: `a` is `(m, k)`, or stored
+/// `(k, m)` when `ta`; `b` is `(k, n)`, or stored `(n, k)` when `tb`; `c` is `(m, n)`.
+fn product(
+    c: &mut [f32],
+    acc: bool,
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let la = if ta {
+        Layout::contiguous((k, m)).transpose(0, 1)?
+    } else {
+        Layout::contiguous((m, k))
+    };
+    let lb = if tb {
+        Layout::contiguous((n, k)).transpose(0, 1)?
+    } else {
+        Layout::contiguous((k, n))
+    };
+    super::matmul::matmul_into(c, acc, a, &la, b, &lb, (m, n, k))
+}
+
 /// The recomputable middle of the op: rotated, head-split `Q` and `K`, head-split `V`, and
 /// the probabilities `P` as `(b, q, t, tk)`.
 struct Forward {
@@ -310,9 +343,23 @@ impl Attention {
         // The `rep` query heads that share a key head are adjacent in `(b, q, t, dim)`, so
         // `(b·kv, rep·t, dim) · (b·kv, tk, dim)ᵀ` scores them all without repeating keys.
         let mut p = bmm(&q, false, &k, true, (g.b * g.kv, rep * t, tk, g.dim))?;
-        par_rows(&mut p, tk, |first, chunk| {
+        self.softmax_rows(&mut p, 0, mask);
+        Ok(Forward {
+            q,
+            k,
+            v,
+            p: CpuStorage::F32(p),
+        })
+    }
+
+    /// Scores into probabilities in place: `p` holds rows `first..` of the `(b, q, t, tk)`
+    /// scores, each scaled, masked and put through the softmax.
+    fn softmax_rows(&self, p: &mut [f32], first: usize, mask: Option<&[f32]>) {
+        let g = self.heads;
+        let (t, tk) = (g.t, g.tk);
+        par_rows(p, tk, |at, chunk| {
             for (j, s) in chunk.chunks_mut(tk).enumerate() {
-                let row = first + j;
+                let row = first + at + j;
                 let (bi, i) = (row / (g.q * t), row % t);
                 // The same arithmetic as the unfused path's masked softmax.
                 match mask {
@@ -327,12 +374,14 @@ impl Attention {
                 softmax_in_place(s);
             }
         });
-        Ok(Forward {
-            q,
-            k,
-            v,
-            p: CpuStorage::F32(p),
-        })
+    }
+
+    /// Query rows per block when the op goes through its queries in blocks, which it does
+    /// when the whole `(b, q, t, tk)` probability tensor would pass [`BLOCKED_BYTES`].
+    fn block_rows(&self) -> Option<usize> {
+        let g = self.heads;
+        let whole = g.b * g.q * g.t * g.tk * std::mem::size_of::<f32>();
+        (whole > BLOCKED_BYTES).then(|| (BLOCK_SCORES / g.tk.max(1)).max(16))
     }
 
     /// The output rows `(b·t, q·dim)`.
@@ -345,9 +394,53 @@ impl Attention {
     ) -> Result<Vec<f32>> {
         let g = self.heads;
         let (t, rep) = (g.t, g.q / g.kv);
+        if let Some(r) = self.block_rows() {
+            return self.forward_blocked(q, k, v, mask, r);
+        }
         let f = self.probabilities(q, k, v, mask)?;
         let o = bmm(&f.p, false, &f.v, false, (g.b * g.kv, rep * t, g.dim, g.tk))?;
         Ok(merge_heads(&o, g, g.q, t, None))
+    }
+
+    /// [`Self::forward_rows`] a block of `r` query rows at a time: per key head and
+    /// block, `S = Q·Kᵀ`, the softmax, `O = P·V`, through one reused `(r, tk)` buffer.
+    fn forward_blocked(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+        r: usize,
+    ) -> Result<Vec<f32>> {
+        let g = self.heads;
+        let (tk, d, rows) = (g.tk, g.dim, g.t * (g.q / g.kv));
+        let rope = self.rope.as_ref();
+        let q = split_heads(q, g, g.q, g.t, rope);
+        let k = split_heads(k, g, g.kv, tk, rope);
+        let v = split_heads(v, g, g.kv, tk, None);
+        let mut o = vec![0f32; q.len()];
+        let mut p = vec![0f32; r.min(rows) * tk];
+        for bh in 0..g.b * g.kv {
+            let (kh, vh) = (&k[bh * tk * d..][..tk * d], &v[bh * tk * d..][..tk * d]);
+            for r0 in (0..rows).step_by(r) {
+                let n = r.min(rows - r0);
+                let first = bh * rows + r0;
+                let p = &mut p[..n * tk];
+                let qb = &q[first * d..][..n * d];
+                product(p, false, qb, false, kh, true, (n, tk, d))?;
+                self.softmax_rows(p, first, mask);
+                product(
+                    &mut o[first * d..][..n * d],
+                    false,
+                    p,
+                    false,
+                    vh,
+                    false,
+                    (n, d, tk),
+                )?;
+            }
+        }
+        Ok(merge_heads(&o, g, g.q, g.t, None))
     }
 
     /// The gradients of q, k and v rows from the output rows' gradient `grad`, the
@@ -362,6 +455,9 @@ impl Attention {
     ) -> Result<[Vec<f32>; 3]> {
         let g = self.heads;
         let (t, tk, rep, bsz) = (g.t, g.tk, g.q / g.kv, g.b * g.kv);
+        if let Some(r) = self.block_rows() {
+            return self.backward_blocked(q, k, v, grad, mask, r);
+        }
         let f = self.probabilities(q, k, v, mask)?;
         let dout = CpuStorage::F32(split_heads(grad, g, g.q, t, None));
         // dV = Pᵀ·dO: the sum over the `rep` query heads of a key head falls out of the
@@ -385,6 +481,74 @@ impl Attention {
         let rope = self.rope.as_ref();
         Ok([
             merge_heads(&dq, g, g.q, t, rope),
+            merge_heads(&dk, g, g.kv, tk, rope),
+            merge_heads(&dv, g, g.kv, tk, None),
+        ])
+    }
+
+    /// [`Self::backward_rows`] a block of `r` query rows at a time, the probabilities
+    /// recomputed per block: `dQ` per block, `dK` and `dV` summed over the blocks.
+    fn backward_blocked(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        grad: &[f32],
+        mask: Option<&[f32]>,
+        r: usize,
+    ) -> Result<[Vec<f32>; 3]> {
+        let g = self.heads;
+        let (tk, d, rows) = (g.tk, g.dim, g.t * (g.q / g.kv));
+        let rope = self.rope.as_ref();
+        let q = split_heads(q, g, g.q, g.t, rope);
+        let k = split_heads(k, g, g.kv, tk, rope);
+        let v = split_heads(v, g, g.kv, tk, None);
+        let dout = split_heads(grad, g, g.q, g.t, None);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        let mut p = vec![0f32; r.min(rows) * tk];
+        let mut ds = vec![0f32; r.min(rows) * tk];
+        for bh in 0..g.b * g.kv {
+            let at = bh * tk * d..(bh + 1) * tk * d;
+            let (kh, vh) = (&k[at.clone()], &v[at.clone()]);
+            let (dkh, dvh) = (&mut dk[at.clone()], &mut dv[at]);
+            for r0 in (0..rows).step_by(r) {
+                let n = r.min(rows - r0);
+                let first = bh * rows + r0;
+                let (p, ds) = (&mut p[..n * tk], &mut ds[..n * tk]);
+                let (qb, db) = (&q[first * d..][..n * d], &dout[first * d..][..n * d]);
+                product(p, false, qb, false, kh, true, (n, tk, d))?;
+                self.softmax_rows(p, first, mask);
+                // dV += Pᵀ·dO; dS = P ⊙ (dP − Σ dP⊙P) · scale with dP = dO·Vᵀ.
+                product(dvh, true, p, true, db, false, (tk, d, n))?;
+                product(ds, false, db, false, vh, true, (n, tk, d))?;
+                let pr: &[f32] = p;
+                par_rows(ds, tk, |at, chunk| {
+                    for (j, dsr) in chunk.chunks_mut(tk).enumerate() {
+                        let prow = &pr[(at + j) * tk..][..tk];
+                        let dot: f32 = prow.iter().zip(dsr.iter()).map(|(p, d)| p * d).sum();
+                        for (dv, &pv) in dsr.iter_mut().zip(prow) {
+                            *dv = self.scale * pv * (*dv - dot);
+                        }
+                    }
+                });
+                product(
+                    &mut dq[first * d..][..n * d],
+                    false,
+                    ds,
+                    false,
+                    kh,
+                    false,
+                    (n, d, tk),
+                )?;
+                product(dkh, true, ds, true, qb, false, (tk, d, n))?;
+            }
+        }
+        Ok([
+            merge_heads(&dq, g, g.q, g.t, rope),
             merge_heads(&dk, g, g.kv, tk, rope),
             merge_heads(&dv, g, g.kv, tk, None),
         ])
@@ -577,6 +741,66 @@ mod tests {
             ("k", &fk, &sk, rand_vec(n * kd, 33), [n, kd]),
             ("v", &fv, &sv, rand_vec(n * kd, 34), [n, kd]),
         ])
+    }
+
+    /// Going through the queries in blocks (as the op does past `BLOCKED_BYTES`, an SD UNet
+    /// at 512 px) gives the whole-tensor values and gradients: rotated, masked, grouped
+    /// heads (blocks that split a head's rows) and cross-attention with more queries than
+    /// keys, blocks of 1, 3 and more rows than there are.
+    #[test]
+    fn blocked_queries_match_the_whole_tensor_forward_and_backward() -> Result<()> {
+        let (g, tables, _, _, mask) = setup()?;
+        let causal = Attention {
+            heads: g,
+            scale: 0.5,
+            rope: Some(tables),
+            mask: Some(mask),
+            segments: None,
+        };
+        let cross = Attention {
+            heads: Heads {
+                b: 2,
+                t: 7,
+                tk: 3,
+                q: 2,
+                kv: 2,
+                dim: 4,
+            },
+            scale: 0.7,
+            rope: None,
+            mask: None,
+            segments: None,
+        };
+        for (case, op) in [("causal", &causal), ("cross", &cross)] {
+            let g = op.heads;
+            assert!(op.block_rows().is_none(), "small enough to go whole");
+            let q = rand_vec(g.b * g.t * g.q * g.dim, 61);
+            let k = rand_vec(g.b * g.tk * g.kv * g.dim, 62);
+            let v = rand_vec(g.b * g.tk * g.kv * g.dim, 63);
+            let dout = rand_vec(q.len(), 64);
+            let mask = op.mask_rows();
+            let whole = op.forward_rows(&q, &k, &v, mask)?;
+            let whole_grads = op.backward_rows(&q, &k, &v, &dout, mask)?;
+            for r in [1, 3, 100] {
+                let worst = |a: &[f32], b: &[f32]| {
+                    a.iter().zip(b).fold(0f32, |w, (x, y)| w.max((x - y).abs()))
+                };
+                let o = op.forward_blocked(&q, &k, &v, mask, r)?;
+                assert!(worst(&o, &whole) < 1e-6, "{case}, {r} rows: output");
+                let grads = op.backward_blocked(&q, &k, &v, &dout, mask, r)?;
+                for (name, (a, b)) in ["dq", "dk", "dv"]
+                    .iter()
+                    .zip(grads.iter().zip(&whole_grads))
+                {
+                    assert!(
+                        worst(a, b) < 1e-5,
+                        "{case}, {r} rows: {name} off by {}",
+                        worst(a, b)
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

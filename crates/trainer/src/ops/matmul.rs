@@ -475,22 +475,48 @@ pub fn matmul_acc(
     la: &Layout,
     b: &[f32],
     lb: &Layout,
+    dims: (usize, usize, usize),
+) -> Result<()> {
+    matmul_into(c, true, a, la, b, lb, dims)
+}
+
+/// `c = a·b`, or `c += a·b` with `accumulate`, as [`matmul_acc`] takes its operands: the
+/// products of an op that works through its operands a block at a time, into buffers it
+/// reuses.
+pub fn matmul_into(
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
     (m, n, k): (usize, usize, usize),
 ) -> Result<()> {
     if c.len() != m * n {
-        candle_core::bail!("matmul_acc: {} values for a ({m}, {n}) product", c.len());
+        candle_core::bail!("matmul_into: {} values for a ({m}, {n}) product", c.len());
     }
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
         return Ok(());
     }
     let (Some(va), Some(vb)) = (
         View::of(la, m, k, 1, a.len()),
         View::of(lb, k, n, 1, b.len()),
     ) else {
-        candle_core::bail!("matmul_acc: layouts {:?} and {:?} do not fit", la, lb)
+        candle_core::bail!("matmul_into: layouts {:?} and {:?} do not fit", la, lb)
     };
+    if !accumulate && (m == 1 || n == 1) {
+        // gemm's vector path scales what `c` holds by zero rather than ignoring it: a
+        // reused buffer's NaN or infinity would survive.
+        c.fill(0.0);
+    }
     // SAFETY: the views were checked against `a` and `b`, and `c` holds `m·n` values.
-    unsafe { gemm_call(c.as_mut_ptr(), true, a, va, b, vb, 0, (m, n, k)) };
+    unsafe { gemm_call(c.as_mut_ptr(), accumulate, a, va, b, vb, 0, (m, n, k)) };
     Ok(())
 }
 

@@ -30,7 +30,7 @@ pub use conv::{conv2d, frozen_conv2d, max_pool2d};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
-pub use norm_act::{gelu_erf, layer_norm};
+pub use norm_act::{gelu_erf, group_norm, group_norm_composed, layer_norm};
 
 /// Masked attention scores get this; large but finite so a sum never turns into NaN.
 pub const MASKED: f32 = -1e30;
@@ -84,6 +84,84 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(matmul::mm(g, &self.w.dense()?)?))
+    }
+}
+
+/// `x + c` for a constant `c` (nothing it is computed from trains: a frozen bias, an
+/// untrained embedding) broadcast over `x`. On the CPU in f32 one op whose backward hands
+/// `x` its gradient and computes none for `c`: candle's `broadcast_add` computes a
+/// gradient for the broadcast `c` as large as `x` and keeps it until the step ends, nobody
+/// reading it. A `c` that trains, or a broadcast of another shape, takes `broadcast_add`.
+pub fn add_frozen(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if fast_path(x) && !c.track_op() && c.dtype() == DType::F32 {
+        if let Some(inner) = periodic_broadcast(x.dims(), c.dims()) {
+            let op = AddFrozen {
+                c: c.flatten_all()?.to_vec1()?,
+                inner,
+            };
+            return x.contiguous()?.apply_op1(op);
+        }
+    }
+    x.broadcast_add(c)
+}
+
+/// Whether `c` broadcast to `x` repeats its values in order, each over `inner` consecutive
+/// elements of `x`: with `c`'s dims aligned to the right of `x`'s, they are 1 outside
+/// one run of dims that equals `x`'s there. Returns `inner`, the product of `x`'s dims
+/// after the run.
+fn periodic_broadcast(x: &[usize], c: &[usize]) -> Option<usize> {
+    let pad = x.len().checked_sub(c.len())?;
+    let full: Vec<usize> = std::iter::repeat_n(1, pad)
+        .chain(c.iter().copied())
+        .collect();
+    let Some(first) = full.iter().position(|&d| d != 1) else {
+        return Some(1);
+    };
+    let last = full.iter().rposition(|&d| d != 1)?;
+    (full[first..=last] == x[first..=last]).then(|| x[last + 1..].iter().product())
+}
+
+/// `out[i] = x[i] + c[(i / inner) mod c.len()]`.
+struct AddFrozen {
+    c: Vec<f32>,
+    inner: usize,
+}
+
+impl CustomOp1 for AddFrozen {
+    fn name(&self) -> &'static str {
+        "add-frozen"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(xs, lx)?;
+        let (n, inner) = (self.c.len(), self.inner.max(1));
+        let mut out = vec![0f32; x.len()];
+        if inner == 1 {
+            // A bias over the last dim: one row of `c` per row of `x`.
+            par_rows(&mut out, n, |first, chunk| {
+                let xs = &x[first * n..][..chunk.len()];
+                for (o, xr) in chunk.chunks_mut(n).zip(xs.chunks(n)) {
+                    for ((o, &xv), &cv) in o.iter_mut().zip(xr).zip(&self.c) {
+                        *o = xv + cv;
+                    }
+                }
+            });
+        } else {
+            par_rows(&mut out, inner, |first, chunk| {
+                let xs = &x[first * inner..][..chunk.len()];
+                for (j, (o, xr)) in chunk.chunks_mut(inner).zip(xs.chunks(inner)).enumerate() {
+                    let cv = self.c[(first + j) % n];
+                    for (o, &xv) in o.iter_mut().zip(xr) {
+                        *o = xv + cv;
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.clone()))
     }
 }
 
@@ -964,6 +1042,58 @@ mod tests {
         assert!(d < 1e-5);
         // The frozen weight gets no gradient entry.
         assert!(g1.get(&w).is_none());
+        Ok(())
+    }
+
+    /// `add_frozen` is `broadcast_add` for every broadcast it takes (a bias over rows, a
+    /// per-channel and a per-(image, channel) constant over images), the same values and
+    /// input gradient, and leaves no gradient for the constant; a constant that trains, or
+    /// a broadcast it does not take, goes to `broadcast_add`.
+    #[test]
+    fn add_frozen_is_broadcast_add_without_the_constants_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases: [(&[usize], &[usize], bool); 6] = [
+            (&[6, 5], &[5], true),
+            (&[2, 3, 4, 4], &[1, 3, 1, 1], true),
+            (&[2, 3, 4, 4], &[2, 3, 1, 1], true),
+            (&[2, 3, 4, 4], &[1], true),
+            (&[2, 3, 4], &[3, 1], true),
+            (&[2, 3, 4, 4], &[3, 1, 4], false),
+        ];
+        for (xs, cs, takes) in cases {
+            assert_eq!(
+                periodic_broadcast(xs, cs).is_some(),
+                takes,
+                "{xs:?} + {cs:?}"
+            );
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., xs, &dev)?)?;
+            let c = Tensor::randn(0f32, 1., cs, &dev)?;
+            let y1 = add_frozen(x.as_tensor(), &c)?;
+            let y2 = x.as_tensor().broadcast_add(&c)?;
+            let d = (&y1 - &y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{xs:?} + {cs:?}");
+            // A loss with no other constant in it (a weighting would hold a gradient too).
+            let g1 = y1.sqr()?.sum_all()?.backward()?;
+            let g2 = y2.sqr()?.sum_all()?.backward()?;
+            let (a, b) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert_eq!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            // Only x (and, through broadcast_add, c's broadcast) hold gradients.
+            assert_eq!(
+                g1.get_ids().count(),
+                if takes { 1 } else { 2 },
+                "{xs:?} + {cs:?}"
+            );
+        }
+        let x = Tensor::randn(0f32, 1., (4, 5), &dev)?;
+        let c = Var::from_tensor(&Tensor::randn(0f32, 1., 5, &dev)?)?;
+        let g = add_frozen(&x, c.as_tensor())?.sum_all()?.backward()?;
+        let dc = g
+            .get(c.as_tensor())
+            .expect("a trained constant gets its gradient");
+        assert_eq!(dc.to_vec1::<f32>()?, vec![4.0; 5]);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
-//! LayerNorm over frozen weights, and the exact (erf) GELU, each one pass forward and one
-//! pass back on the CPU in f32.
+//! LayerNorm and GroupNorm (with the SiLU that follows it in a ResNet block) over frozen
+//! weights, and the exact (erf) GELU, each one pass forward and one pass back on the CPU
+//! in f32.
 //!
 //! Composed from candle's tensor ops, a LayerNorm is nine element-wise passes forward and
 //! about twenty back, and candle's GELU backward twelve, each a full-size buffer and a
@@ -7,7 +8,10 @@
 //! time than the matrix products (BENCHMARKS.md). The values are the composed ones: the
 //! same formulas in the same order per element, sums over a row in a different order, and
 //! the GELU's `erf` a vectorised one within 1.5 ulp of libm's (`vmath::erf`; libm's was a
-//! tenth of an encoder step).
+//! tenth of an encoder step). A frozen norm's weights are captured by the op, not passed
+//! to it: candle's backward of `y · w` computes a gradient for the broadcast `w` as large
+//! as `y` whether or not anything reads it, and keeps it until the step ends (in an SD
+//! 1.5 UNet step at 512 px, GroupNorm's and the biases' made up most of 983 MiB held).
 
 use super::{fast_path, par_rows, rows_of, vmath};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
@@ -125,6 +129,188 @@ impl CustomOp2 for LayerNormBwd {
     }
 }
 
+/// `GroupNorm(x) · w + b` over `(b, c, …)` with frozen per-channel `w` and `b` (`c`
+/// values each, any shape), then SiLU when `silu` (a ResNet block's `norm → silu`), as
+/// diffusers computes it: each group's mean and `√(var + eps)` over its channels and
+/// positions. Weights that train take the composed path.
+pub fn group_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let c = if x.rank() >= 2 { x.dim(1)? } else { 0 };
+    let fits = c > 0 && groups > 0 && c.is_multiple_of(groups);
+    let frozen = !w.track_op() && !b.track_op();
+    let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if fast_path(x) && fits && frozen && f32s && w.elem_count() == c && b.elem_count() == c {
+        let op = GroupNorm {
+            w: w.flatten_all()?.to_vec1()?,
+            b: b.flatten_all()?.to_vec1()?,
+            groups,
+            eps: eps as f32,
+            silu,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    group_norm_composed(x, w, b, groups, eps, silu)
+}
+
+/// The same GroupNorm (and SiLU) from candle's tensor ops (every device and dtype).
+pub fn group_norm_composed(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+        candle_core::bail!("group norm: {groups} groups over an input of shape {dims:?}");
+    }
+    let mut per_channel = vec![1usize; dims.len()];
+    per_channel[1] = dims[1];
+    let xg = x.reshape((dims[0], groups, ()))?;
+    let mean = xg.mean_keepdim(2)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(2)?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims)?
+        .broadcast_mul(&w.reshape(per_channel.as_slice())?)?
+        .broadcast_add(&b.reshape(per_channel.as_slice())?)?;
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
+    }
+}
+
+struct GroupNorm {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl GroupNorm {
+    /// Runs `f(row, channel, norm)` over the `(batch, group)` rows of `out`: a row is the
+    /// group's channels one after another, `positions` values each.
+    fn rows(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        positions: usize,
+        f: impl Fn(&mut [f32], &[f32], usize, &mut dyn FnMut(usize) -> vmath::ChannelNorm) + Sync,
+    ) {
+        let c = self.w.len();
+        let per_group = c / self.groups;
+        let len = per_group * positions;
+        par_rows(out, len, |first, chunk| {
+            for (j, o) in chunk.chunks_mut(len).enumerate() {
+                let row = first + j;
+                let xr = &x[row * len..][..len];
+                // The group's moments, as the composed op takes them: the mean, then
+                // the mean square of the centred values.
+                let n = len as f32;
+                let mean = vmath::sum_and_sq_dev(xr, 0.0).0 / n;
+                let var = vmath::sum_and_sq_dev(xr, mean).1 / n;
+                let s = (var + self.eps).sqrt();
+                let first_channel = (row % self.groups) * per_group;
+                let mut norm = |k: usize| vmath::ChannelNorm {
+                    mean,
+                    s,
+                    w: self.w[first_channel + k],
+                    b: self.b[first_channel + k],
+                };
+                f(o, xr, row, &mut norm);
+            }
+        });
+    }
+}
+
+impl CustomOp1 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "group-norm-frozen"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = rows_of(xs, lx)?;
+        let positions: usize = lx.dims()[2..].iter().product();
+        let mut out = vec![0f32; x.len()];
+        self.rows(&mut out, x, positions, |o, xr, _, norm| {
+            for (k, (oc, xc)) in o
+                .chunks_mut(positions)
+                .zip(xr.chunks(positions))
+                .enumerate()
+            {
+                vmath::norm_affine(oc, xc, norm(k), self.silu);
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let back = GroupNormBwd(GroupNorm {
+            w: self.w.clone(),
+            b: self.b.clone(),
+            ..*self
+        });
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &back)?))
+    }
+}
+
+/// Per group, `dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / √(var + eps)` with `ĝ = g'·w`, `g'`
+/// the output gradient taken back through the SiLU (recomputed) when there is one.
+struct GroupNormBwd(GroupNorm);
+
+impl CustomOp2 for GroupNormBwd {
+    fn name(&self) -> &'static str {
+        "group-norm-frozen-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (rows_of(xs, lx)?, rows_of(gs, lg)?);
+        let positions: usize = lx.dims()[2..].iter().product();
+        let mut out = vec![0f32; x.len()];
+        let silu = self.0.silu;
+        self.0.rows(&mut out, x, positions, |o, xr, row, norm| {
+            let gr = &g[row * o.len()..][..o.len()];
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for (k, ((oc, xc), gc)) in o
+                .chunks_mut(positions)
+                .zip(xr.chunks(positions))
+                .zip(gr.chunks(positions))
+                .enumerate()
+            {
+                let (a, b) = vmath::norm_affine_bwd(oc, xc, gc, norm(k), silu);
+                sg += a;
+                sgx += b;
+            }
+            let n = o.len() as f32;
+            let (mg, mgx) = (sg / n, sgx / n);
+            for (k, (oc, xc)) in o
+                .chunks_mut(positions)
+                .zip(xr.chunks(positions))
+                .enumerate()
+            {
+                vmath::norm_bwd_finish(oc, xc, norm(k), mg, mgx);
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
 /// transformers' `gelu`: `x · Φ(x)` with the exact normal CDF, `Φ(x) = (1 + erf(x/√2))/2`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if fast_path(x) && x.rank() >= 1 {
@@ -234,5 +420,41 @@ mod tests {
         let plain = x.gelu_erf().unwrap();
         let d = worst_rel(&gelu_erf(&x).unwrap(), &plain);
         assert!(d < 3e-7, "{d:e}");
+    }
+
+    /// GroupNorm with and without the SiLU after it against the composed ops, values and
+    /// input gradient, on groups with a large mean and channels of different scales.
+    #[test]
+    fn fused_group_norm_matches_the_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2.0, (2, 12, 5, 7), &dev).unwrap() + 3.0).unwrap();
+        let w = Tensor::randn(1f32, 0.3, 12, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, 12, &dev).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (2, 12, 5, 7), &dev).unwrap();
+        for silu in [false, true] {
+            let run = |fused: bool| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let y = if fused {
+                    group_norm(xv.as_tensor(), &w, &b, 4, 1e-5, silu).unwrap()
+                } else {
+                    group_norm_composed(xv.as_tensor(), &w, &b, 4, 1e-5, silu).unwrap()
+                };
+                let loss = (&y * &weights).unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                (y, grads.get(xv.as_tensor()).unwrap().clone())
+            };
+            let (y1, g1) = run(true);
+            let (y0, g0) = run(false);
+            let (dy, dg) = (worst_rel(&y1, &y0), worst_rel(&g1, &g0));
+            println!("group norm (silu {silu}) {dy:.2e}, input gradient {dg:.2e}");
+            assert!(dy < 1e-6, "values: {dy:e}");
+            assert!(dg < 1e-5, "input gradient: {dg:e}");
+        }
+        // Trained weights, or a shape it does not fit, take the composed path.
+        let wv = Var::from_tensor(&w).unwrap();
+        let y = group_norm(&x, wv.as_tensor(), &b, 4, 1e-5, false).unwrap();
+        let y0 = group_norm_composed(&x, &w, &b, 4, 1e-5, false).unwrap();
+        assert!(worst_rel(&y, &y0) < 1e-6);
+        assert!(group_norm(&x, &w, &b, 5, 1e-5, false).is_err());
     }
 }

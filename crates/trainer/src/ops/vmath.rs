@@ -263,6 +263,101 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `(Σ x, Σ (x − c)²)` for a shift `c` (the second sum is what a variance needs once the
+    /// mean is known; `c = 0` makes it a sum of squares).
+    pub(crate) fn sum_and_sq_dev(x: &[f32], c: f32) -> (f32, f32) {
+        let (mut s, mut q) = ([0f32; LANES], [0f32; LANES]);
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for ch in chunks {
+            for i in 0..LANES {
+                s[i] += ch[i];
+                q[i] += (ch[i] - c) * (ch[i] - c);
+            }
+        }
+        let (s, q) = (fold_lanes(s, |a, b| a + b), fold_lanes(q, |a, b| a + b));
+        tail.iter()
+            .fold((s, q), |(s, q), &v| (s + v, q + (v - c) * (v - c)))
+    }
+}
+
+/// One channel of a norm: its group's mean and `s = √(var + eps)`, and the channel's
+/// frozen scale `w` and shift `b`.
+#[derive(Clone, Copy)]
+pub(crate) struct ChannelNorm {
+    pub mean: f32,
+    pub s: f32,
+    pub w: f32,
+    pub b: f32,
+}
+
+multiversion! {
+    /// One channel of a GroupNorm: `a = (x − mean)/s · w + b`, then `silu(a)` when `silu`.
+    pub(crate) fn norm_affine(out: &mut [f32], x: &[f32], cn: ChannelNorm, silu_after: bool) {
+        let ChannelNorm { mean, s, w, b } = cn;
+        if silu_after {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = silu((v - mean) / s * w + b);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = (v - mean) / s * w + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The first half of a GroupNorm channel's backward: `out = ĝ = g' · w`, with `g'` the
+    /// output gradient `g` taken back through the SiLU when `silu_after`; returns
+    /// `(Σ ĝ, Σ ĝ · x̂)` for the group's means.
+    pub(crate) fn norm_affine_bwd(out: &mut [f32], x: &[f32], g: &[f32], cn: ChannelNorm, silu_after: bool) -> (f32, f32) {
+        let ChannelNorm { mean, s, w, b } = cn;
+        let (mut sg, mut sgx) = ([0f32; LANES], [0f32; LANES]);
+        let n = out.len().min(x.len()).min(g.len());
+        let (out, x, g) = (&mut out[..n], &x[..n], &g[..n]);
+        let one = |xv: f32, gv: f32| -> (f32, f32) {
+            let xh = (xv - mean) / s;
+            let d = if silu_after {
+                let a = xh * w + b;
+                let sig = 1.0 / (1.0 + exp(-a));
+                gv * sig * (1.0 + a * (1.0 - sig))
+            } else {
+                gv
+            };
+            (d * w, xh)
+        };
+        let full = n / LANES * LANES;
+        for c in (0..full).step_by(LANES) {
+            for i in 0..LANES {
+                let (gh, xh) = one(x[c + i], g[c + i]);
+                out[c + i] = gh;
+                sg[i] += gh;
+                sgx[i] += gh * xh;
+            }
+        }
+        let (mut a, mut bsum) = (fold_lanes(sg, |p, q| p + q), fold_lanes(sgx, |p, q| p + q));
+        for i in full..n {
+            let (gh, xh) = one(x[i], g[i]);
+            out[i] = gh;
+            a += gh;
+            bsum += gh * xh;
+        }
+        (a, bsum)
+    }
+}
+
+multiversion! {
+    /// The second half: `dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ·x̂)) / s`, over `out = ĝ`.
+    pub(crate) fn norm_bwd_finish(out: &mut [f32], x: &[f32], cn: ChannelNorm, mg: f32, mgx: f32) {
+        let ChannelNorm { mean, s, .. } = cn;
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (*o - mg - (v - mean) / s * mgx) / s;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

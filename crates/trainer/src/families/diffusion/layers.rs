@@ -8,7 +8,7 @@ use crate::io::Take;
 pub(crate) use crate::lora::Conv2d as Conv;
 use crate::lora::{ForwardCtx, Linear};
 pub(crate) use crate::nn::LayerNorm;
-use crate::ops::{fast_path, multi_head_attention, softmax_last, Heads};
+use crate::ops::{self, fast_path, multi_head_attention, softmax_last, Heads};
 use crate::Result;
 use candle_core::{Tensor, D};
 
@@ -52,10 +52,8 @@ impl Take<'_> {
 
     pub(crate) fn group_norm(&mut self, path: &str, groups: usize, eps: f64) -> Result<GroupNorm> {
         Ok(GroupNorm {
-            w: self
-                .get(&format!("{path}.weight"))?
-                .reshape((1, (), 1, 1))?,
-            b: self.get(&format!("{path}.bias"))?.reshape((1, (), 1, 1))?,
+            w: self.get(&format!("{path}.weight"))?,
+            b: self.get(&format!("{path}.bias"))?,
             groups,
             eps,
         })
@@ -69,8 +67,7 @@ impl Take<'_> {
     }
 }
 
-/// GroupNorm over `(b, c, h, w)`, composed from primitives so that candle derives its
-/// backward.
+/// GroupNorm over `(b, c, h, w)` with frozen weights ([`ops::group_norm`]).
 pub(crate) struct GroupNorm {
     w: Tensor,
     b: Tensor,
@@ -80,15 +77,26 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let xg = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
-        let mean = xg.mean_keepdim(2)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(2)?;
-        let y = xc
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        Ok(y.broadcast_mul(&self.w)?.broadcast_add(&self.b)?)
+        Ok(ops::group_norm(
+            x,
+            &self.w,
+            &self.b,
+            self.groups,
+            self.eps,
+            false,
+        )?)
+    }
+
+    /// `silu(forward(x))`, as one op.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::group_norm(
+            x,
+            &self.w,
+            &self.b,
+            self.groups,
+            self.eps,
+            true,
+        )?)
     }
 }
 
@@ -227,12 +235,13 @@ impl ResnetBlock {
         temb_act: Option<&Tensor>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, ctx)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?, ctx)?;
         if let (Some(p), Some(temb)) = (&self.time_emb_proj, temb_act) {
             let t = p.forward(temb, ctx)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            // Untrained, the timestep's projection is a constant here.
+            h = ops::add_frozen(&h, &t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, ctx)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?, ctx)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x, ctx)?,
             None => x.clone(),

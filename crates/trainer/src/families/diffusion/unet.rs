@@ -588,7 +588,7 @@ impl UNet {
                 x = u.forward(&upsample2x(&x)?, ctx)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x, ctx)
     }
 

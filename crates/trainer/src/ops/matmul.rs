@@ -456,6 +456,7 @@ fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -
                 vb,
                 bi,
                 (m, n, k),
+                candle_core::utils::get_num_threads(),
             )
         };
     }
@@ -490,6 +491,36 @@ pub fn matmul_into(
     la: &Layout,
     b: &[f32],
     lb: &Layout,
+    dims: (usize, usize, usize),
+) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    matmul_into_on(threads, c, accumulate, a, la, b, lb, dims)
+}
+
+/// [`matmul_into`] on the calling thread alone: for an op that spreads independent
+/// products over the pool itself (attention's heads), where splitting each small
+/// product again would only add a wait on every one.
+pub fn matmul_into_serial(
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+    dims: (usize, usize, usize),
+) -> Result<()> {
+    matmul_into_on(1, c, accumulate, a, la, b, lb, dims)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_into_on(
+    threads: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
     (m, n, k): (usize, usize, usize),
 ) -> Result<()> {
     if c.len() != m * n {
@@ -516,12 +547,24 @@ pub fn matmul_into(
         c.fill(0.0);
     }
     // SAFETY: the views were checked against `a` and `b`, and `c` holds `m·n` values.
-    unsafe { gemm_call(c.as_mut_ptr(), accumulate, a, va, b, vb, 0, (m, n, k)) };
+    unsafe {
+        gemm_call(
+            c.as_mut_ptr(),
+            accumulate,
+            a,
+            va,
+            b,
+            vb,
+            0,
+            (m, n, k),
+            threads,
+        )
+    };
     Ok(())
 }
 
 /// One gemm call for batch `bi`: `c = a·b`, or `c += a·b` with `accumulate`, `c` row-major
-/// `(m, n)`, on rayon's pool when candle uses more than one thread.
+/// `(m, n)`, on rayon's pool when `threads` is more than one.
 ///
 /// # Safety
 /// `va` and `vb` must have been made by `View::of` for `a` and `b` (and the batch exist);
@@ -536,8 +579,8 @@ unsafe fn gemm_call(
     vb: View,
     bi: usize,
     (m, n, k): (usize, usize, usize),
+    threads: usize,
 ) {
-    let threads = candle_core::utils::get_num_threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

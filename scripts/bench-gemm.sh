@@ -8,13 +8,15 @@
 #
 #   scripts/bench-gemm.sh path/to/loraforge-bench
 #   env: ROUNDS (2) REPS (10) ROWS (1024) THREADS (2) PY (the baseline's venv python)
+#        SHAPES (INxOUT,...; SmolLM2's by default; an SD 1.5 UNet's 3x3 convolutions at
+#        512 px as im2col products: ROWS=4096 SHAPES=2880x320, ROWS=1024 SHAPES=5760x640)
 #        BLAS_LIBS (comma-separated; default: the scipy-openblas32 OpenBLAS of
 #        scripts/setup-blas.sh, Debian's OpenBLAS and BLIS where installed)
 set -euo pipefail
 BIN=${1:?usage: $0 path/to/loraforge-bench}
 PY=${PY:-$HOME/.cache/loraforge-bench/venv/bin/python}
 ROUNDS=${ROUNDS:-2} REPS=${REPS:-10} ROWS=${ROWS:-1024} THREADS=${THREADS:-2}
-SHAPES=576x576,576x192,576x1536,1536x576,576x49152
+SHAPES=${SHAPES:-576x576,576x192,576x1536,1536x576,576x49152}
 if [ -z "${BLAS_LIBS:-}" ]; then
   libs=("$(bash "$(dirname "$0")/setup-blas.sh" | tail -n1 || true)")
   for l in /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \

@@ -29,8 +29,12 @@
 //! before the pass; `--impl both` runs the two and prints their largest gradient
 //! difference. `scripts/bench-attention-memory.sh` runs each in its own process.
 //!
-//!   loraforge-bench attention --impl fused|blocked|both [--seq 2048] [--batch 1]
-//!       [--heads 9] [--kv-heads 3] [--dim 64] [--threads 2]
+//!   loraforge-bench attention --impl fused|blocked|both|timed [--seq 2048] [--batch 1]
+//!       [--heads 9] [--kv-heads 3] [--dim 64] [--threads 2] [--plain 0|1] [--reps 3]
+//!
+//! `--impl timed` times the fused op's forward and backward apart (median of `--reps`);
+//! `--plain 1` drops the rotation and the mask, as an SD UNet's attention has neither
+//! (`--seq 4096 --heads 8 --kv-heads 8 --dim 40` is SD 1.5's at 512 px).
 //!
 //! Model sizes (`gguf`): writes a llama-shaped GGUF with random weights (Llama 3.2 1B,
 //! 3B or Llama 3.1 8B shapes) in one quant type, with a byte-level tokenizer of the same
@@ -299,6 +303,8 @@ fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mask = AttnMask::new(m, b, t, t, &dev)?;
     let scale = 1.0 / (g.dim as f64).sqrt();
+    // `--plain 1`: no rotation and no mask, as in an SD UNet's attention.
+    let plain = opt_num(opt, "plain", "0")? != 0.0;
     let pass = |fused: bool| -> candle_core::Result<Vec<Tensor>> {
         let out = if fused {
             multi_head_attention(
@@ -307,8 +313,8 @@ fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
                 v.as_tensor(),
                 g,
                 scale,
-                Some(&tables),
-                Some(&mask),
+                (!plain).then_some(&tables),
+                (!plain).then_some(&mask),
             )?
         } else {
             blocked_attention(
@@ -341,6 +347,38 @@ fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         );
     };
     match which.as_str() {
+        "timed" => {
+            // The fused op's forward and backward, timed apart: the median of `--reps`.
+            let reps = opt_num(opt, "reps", "3")? as usize;
+            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+            for _ in 0..reps.max(1) {
+                let t0 = Instant::now();
+                let out = multi_head_attention(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    g,
+                    scale,
+                    (!plain).then_some(&tables),
+                    (!plain).then_some(&mask),
+                )?;
+                let loss = (out * &r)?.sum_all()?;
+                let t1 = Instant::now();
+                let grads = loss.backward()?;
+                fwd.push((t1 - t0).as_secs_f64());
+                bwd.push(t1.elapsed().as_secs_f64());
+                drop(grads);
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "{}",
+                serde_json::json!({"impl": "fused", "seq": t, "batch": b, "heads": g.q,
+                    "dim": g.dim, "plain": plain, "forward_s": median(fwd), "backward_s": median(bwd)})
+            );
+        }
         "fused" | "blocked" => {
             let before = rss_mib();
             let t0 = Instant::now();

@@ -305,17 +305,20 @@ fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
     let scale = 1.0 / (g.dim as f64).sqrt();
     // `--plain 1`: no rotation and no mask, as in an SD UNet's attention.
     let plain = opt_num(opt, "plain", "0")? != 0.0;
+    let fused_out = || {
+        multi_head_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            g,
+            scale,
+            (!plain).then_some(&tables),
+            (!plain).then_some(&mask),
+        )
+    };
     let pass = |fused: bool| -> candle_core::Result<Vec<Tensor>> {
         let out = if fused {
-            multi_head_attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                g,
-                scale,
-                (!plain).then_some(&tables),
-                (!plain).then_some(&mask),
-            )?
+            fused_out()?
         } else {
             blocked_attention(
                 q.as_tensor(),
@@ -353,15 +356,7 @@ fn run_attention(opt: &Opts) -> Result<(), Box<dyn std::error::Error>> {
             let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
             for _ in 0..reps.max(1) {
                 let t0 = Instant::now();
-                let out = multi_head_attention(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    g,
-                    scale,
-                    (!plain).then_some(&tables),
-                    (!plain).then_some(&mask),
-                )?;
+                let out = fused_out()?;
                 let loss = (out * &r)?.sum_all()?;
                 let t1 = Instant::now();
                 let grads = loss.backward()?;

@@ -267,11 +267,12 @@ fn product(
     } else {
         Layout::contiguous((k, n))
     };
-    if serial {
-        super::matmul::matmul_into_serial(c, acc, a, &la, b, &lb, (m, n, k))
+    let threads = if serial {
+        1
     } else {
-        super::matmul::matmul_into(c, acc, a, &la, b, &lb, (m, n, k))
-    }
+        candle_core::utils::get_num_threads()
+    };
+    super::matmul::matmul_into_on(threads, c, acc, a, &la, b, &lb, (m, n, k))
 }
 
 /// The recomputable middle of the op: rotated, head-split `Q` and `K`, head-split `V`, and

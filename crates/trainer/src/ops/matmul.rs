@@ -497,23 +497,11 @@ pub fn matmul_into(
     matmul_into_on(threads, c, accumulate, a, la, b, lb, dims)
 }
 
-/// [`matmul_into`] on the calling thread alone: for an op that spreads independent
-/// products over the pool itself (attention's heads), where splitting each small
-/// product again would only add a wait on every one.
-pub fn matmul_into_serial(
-    c: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    la: &Layout,
-    b: &[f32],
-    lb: &Layout,
-    dims: (usize, usize, usize),
-) -> Result<()> {
-    matmul_into_on(1, c, accumulate, a, la, b, lb, dims)
-}
-
+/// [`matmul_into`] over `threads` of rayon's pool; 1 keeps it on the calling thread, for
+/// an op that spreads independent products over the pool itself (attention's heads),
+/// where splitting each small product again would only add a wait on every one.
 #[allow(clippy::too_many_arguments)]
-fn matmul_into_on(
+pub fn matmul_into_on(
     threads: usize,
     c: &mut [f32],
     accumulate: bool,

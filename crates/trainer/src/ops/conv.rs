@@ -1,12 +1,14 @@
 //! 2-D convolutions (groups 1, square kernels) as im2col plus one GEMM per image, on
 //! the CPU in f32: a frozen one, differentiated for its input only, and a trainable
-//! one (a conv LoRA's A), differentiated for its input and its kernel.
+//! one (a conv LoRA's A), differentiated for its input and its kernel. The frozen 3×3,
+//! stride-1 ones on planes of 16×16 and more go through Winograd's transforms instead
+//! (`winograd.rs`), forward and back.
 //!
 //! candle's tiled convolution gathers its patches pixel by pixel; its backward goes
 //! through `conv_transpose2d` (which took most of an SD step) and keeps a kernel
 //! gradient for every frozen convolution. Other devices and dtypes take candle's ops.
 
-use super::{fast_path, matmul, par_rows, rows_of};
+use super::{fast_path, matmul, par_rows, rows_of, winograd};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 /// The sizes one convolution works with.
@@ -53,6 +55,14 @@ impl Geom {
     fn hw(&self) -> usize {
         self.ho * self.wo
     }
+    /// Winograd's F(2×2, 3×3) takes 3×3 kernels at stride 1 with one pixel of padding
+    /// (the output the input's size) on planes of at least 16×16: below that its 16
+    /// products are too thin for gemm and the kernel's transform costs what it saves.
+    fn winograd(&self) -> Option<winograd::Tiles> {
+        (self.k == 3 && self.st == 1 && self.p == 1 && self.h * self.w >= 256)
+            .then(|| winograd::Tiles::new(self.h, self.w))
+    }
+
     /// A 1×1 kernel at stride 1 without padding multiplies the input itself.
     fn direct(&self) -> bool {
         self.k == 1 && self.st == 1 && self.p == 0
@@ -227,8 +237,16 @@ impl CustomOp1 for FrozenConv2d {
         let g = Geom::new(lx.shape(), self.w.dims(), self.padding, self.stride)?;
         let cout = self.w.dim(0)?;
         let (ws, wl) = cpu_f32(&self.w)?;
-        let y = forward(x, g, as_cpu(&ws), &wl, cout)?;
         let b = lx.shape().dims()[0];
+        if let Some(t) = g.winograd() {
+            let u = winograd::kernel_transform(rows_of(as_cpu(&ws), &wl)?, cout, g.cin);
+            let mut y = vec![0f32; b * cout * g.hw()];
+            for (image, out) in x.chunks(g.cin * g.h * g.w).zip(y.chunks_mut(cout * g.hw())) {
+                winograd::conv(image, &u, g.cin, cout, t, false, out)?;
+            }
+            return Ok((CpuStorage::F32(y), Shape::from((b, cout, g.ho, g.wo))));
+        }
+        let y = forward(x, g, as_cpu(&ws), &wl, cout)?;
         Ok((CpuStorage::F32(y), Shape::from((b, cout, g.ho, g.wo))))
     }
 
@@ -236,7 +254,24 @@ impl CustomOp1 for FrozenConv2d {
         let g = Geom::new(arg.shape(), self.w.dims(), self.padding, self.stride)?;
         let b = arg.dim(0)?;
         let (ws, wl) = cpu_f32(&self.w)?;
-        let dx = input_grad(g, b, as_cpu(&ws), &wl, self.w.dim(0)?, grad)?;
+        let cout = self.w.dim(0)?;
+        let dx = match g.winograd() {
+            Some(t) => {
+                let u = winograd::kernel_transform(rows_of(as_cpu(&ws), &wl)?, cout, g.cin);
+                let grad = grad.contiguous()?;
+                let (gs, gl) = cpu_f32(&grad)?;
+                let gy = rows_of(as_cpu(&gs), &gl)?;
+                let mut dx = vec![0f32; b * g.cin * g.h * g.w];
+                for (gi, di) in gy
+                    .chunks(cout * g.hw())
+                    .zip(dx.chunks_mut(g.cin * g.h * g.w))
+                {
+                    winograd::conv(gi, &u, cout, g.cin, t, true, di)?;
+                }
+                dx
+            }
+            None => input_grad(g, b, as_cpu(&ws), &wl, cout, grad)?,
+        };
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

@@ -24,6 +24,7 @@ mod head_loss;
 pub mod matmul;
 mod norm_act;
 mod vmath;
+mod winograd;
 pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use conv::{conv2d, frozen_conv2d, max_pool2d};
@@ -1100,8 +1101,16 @@ mod tests {
     #[test]
     fn frozen_conv2d_matches_candle_and_passes_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
-        // Stride 1 and 3x3 (resnets), stride 2 on odd and even sizes (downsamplers), 1x1.
-        for (k, padding, stride, hw) in [(3, 1, 1, 5), (3, 1, 2, 6), (3, 1, 2, 5), (1, 0, 1, 4)] {
+        // Stride 1 and 3x3 (resnets), stride 2 on odd and even sizes (downsamplers), 1x1;
+        // 3x3 at stride 1 from 16x16 takes Winograd's transforms (even and odd sizes).
+        for (k, padding, stride, hw) in [
+            (3, 1, 1, 5),
+            (3, 1, 2, 6),
+            (3, 1, 2, 5),
+            (1, 0, 1, 4),
+            (3, 1, 1, 16),
+            (3, 1, 1, 17),
+        ] {
             let w = Tensor::from_vec(rand_vec(4 * 3 * k * k, 21), (4, 3, k, k), &dev)?;
             let x = rand_vec(2 * 3 * hw * hw, 22);
             let shape = [2, 3, hw, hw];

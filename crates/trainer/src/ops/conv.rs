@@ -238,15 +238,17 @@ impl CustomOp1 for FrozenConv2d {
         let cout = self.w.dim(0)?;
         let (ws, wl) = cpu_f32(&self.w)?;
         let b = lx.shape().dims()[0];
-        if let Some(t) = g.winograd() {
-            let u = winograd::kernel_transform(rows_of(as_cpu(&ws), &wl)?, cout, g.cin);
-            let mut y = vec![0f32; b * cout * g.hw()];
-            for (image, out) in x.chunks(g.cin * g.h * g.w).zip(y.chunks_mut(cout * g.hw())) {
-                winograd::conv(image, &u, g.cin, cout, t, false, out)?;
+        let y = match g.winograd() {
+            Some(t) => {
+                let u = winograd::kernel_transform(rows_of(as_cpu(&ws), &wl)?, cout, g.cin);
+                let mut y = vec![0f32; b * cout * g.hw()];
+                for (image, out) in x.chunks(g.cin * g.h * g.w).zip(y.chunks_mut(cout * g.hw())) {
+                    winograd::conv(image, &u, g.cin, cout, t, false, out)?;
+                }
+                y
             }
-            return Ok((CpuStorage::F32(y), Shape::from((b, cout, g.ho, g.wo))));
-        }
-        let y = forward(x, g, as_cpu(&ws), &wl, cout)?;
+            None => forward(x, g, as_cpu(&ws), &wl, cout)?,
+        };
         Ok((CpuStorage::F32(y), Shape::from((b, cout, g.ho, g.wo))))
     }
 

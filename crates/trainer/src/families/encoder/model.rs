@@ -432,11 +432,28 @@ impl Encoder {
                 }
             }
         }
+        // The head reads each sequence's first row of the last layer, and every row of a
+        // layer is computed from its own row of the layer below but for attention's keys
+        // and values: the last layer needs queries, and everything after attention, on
+        // those `b` rows only (a sixth of MiniLM's products at 128 tokens). Dropout on the
+        // probabilities keeps the composed path, which takes every row.
+        let first: Vec<u32> = (0..b).map(|i| (i * t) as u32).collect();
+        let first = Tensor::from_vec(first, b, &self.device)?;
+        let probs_dropped = ctx.train && self.model_dropout && self.cfg.attention_dropout > 0.0;
+        let last_rows_only = !(self.layers.is_empty() || probs_dropped) && fast_path(&x);
+        let firsts: Vec<f32> = m.chunks(t * t).flat_map(|r| r[..t].to_vec()).collect();
         let mask = AttnMask::new(m, b, t, t, &self.device)?;
-        for l in &self.layers {
-            let a = self.attention(l, &x, b, t, &mask, ctx)?;
+        let mask_first = AttnMask::new(firsts, b, 1, t, &self.device)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (li, l) in self.layers.iter().enumerate() {
+            let (a, res) = if li == last && last_rows_only {
+                let xq = x.index_select(&first, 0)?;
+                (self.attention(l, &xq, &x, (b, 1, t), &mask_first, ctx)?, xq)
+            } else {
+                (self.attention(l, &x, &x, (b, t, t), &mask, ctx)?, x)
+            };
             let a = self.drop(&l.attn_out.forward(&a, ctx)?, self.cfg.hidden_dropout, ctx)?;
-            x = l.attn_norm.forward(&(a + &x)?)?;
+            x = l.attn_norm.forward(&(a + &res)?)?;
             let h = l.intermediate.forward(&x, ctx)?;
             let h = match self.cfg.activation {
                 Activation::GeluErf => crate::ops::gelu_erf(&h)?,
@@ -447,8 +464,11 @@ impl Encoder {
             x = l.out_norm.forward(&(h + &x)?)?;
         }
         // The first token of each sequence: [CLS] / <s>.
-        let first: Vec<u32> = (0..b).map(|i| (i * t) as u32).collect();
-        let cls = x.index_select(&Tensor::from_vec(first, b, &self.device)?, 0)?;
+        let cls = if last_rows_only {
+            x
+        } else {
+            x.index_select(&first, 0)?
+        };
         debug_assert_eq!(cls.dims(), [b, d]);
         let p = self.cfg.classifier_dropout;
         match &self.head {
@@ -464,12 +484,14 @@ impl Encoder {
         }
     }
 
+    /// Self-attention of the `(b·tq, d)` query rows `xq` over the `(b·t, d)` rows `x`
+    /// (`xq` is `x` itself, or each sequence's first row in the last layer).
     fn attention(
         &self,
         l: &Layer,
+        xq: &Tensor,
         x: &Tensor,
-        b: usize,
-        t: usize,
+        (b, tq, t): (usize, usize, usize),
         mask: &AttnMask,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
@@ -482,14 +504,14 @@ impl Encoder {
             // them kept, so that case stays composed.
             let g = Heads {
                 b,
-                t,
+                t: tq,
                 tk: t,
                 q: nh,
                 kv: nh,
                 dim: hd,
             };
             let (q, k, v) = (
-                l.query.forward(x, ctx)?,
+                l.query.forward(xq, ctx)?,
                 l.key.forward(x, ctx)?,
                 l.value.forward(x, ctx)?,
             );
@@ -503,19 +525,19 @@ impl Encoder {
                 Some(mask),
             )?);
         }
-        let heads = |y: Tensor| -> Result<Tensor> {
+        let heads = |y: Tensor, t: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(l.query.forward(x, ctx)?)?;
-        let k = heads(l.key.forward(x, ctx)?)?;
-        let v = heads(l.value.forward(x, ctx)?)?;
+        let q = heads(l.query.forward(xq, ctx)?, tq)?;
+        let k = heads(l.key.forward(x, ctx)?, t)?;
+        let v = heads(l.value.forward(x, ctx)?, t)?;
         let scores = q.matmul(&k.t()?)?;
         let p = masked_softmax(&scores, scale, mask)?;
         let p = self.drop(&p, self.cfg.attention_dropout, ctx)?;
         Ok(p.matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b * t, nh * hd))?)
+            .reshape((b * tq, nh * hd))?)
     }
 
     fn head_layers(&self) -> Vec<&FullLinear> {

@@ -420,10 +420,11 @@ pub fn matmul_with(
     a.matmul(b, dims, la, lb)
 }
 
-/// `c = a·b` by gemm, as candle's matmul calls it (same kernels, same split over rayon's
-/// pool: the same bits on the layouts the tests cover), but into memory nothing has
-/// written: candle zero-fills its output first, a pass over every product's result that
-/// gemm, told not to read its destination, never needs.
+/// `c = a·b` by gemm, as candle's matmul calls it (same kernels: the same bits on the
+/// layouts the tests cover), but into memory nothing has written: candle zero-fills its
+/// output first, a pass over every product's result that gemm, told not to read its
+/// destination, never needs. Where candle splits each of a batch's products over rayon's
+/// pool in turn, a batch of many goes to the threads a product at a time.
 fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -> Vec<f32> {
     let len = bsz * m * n;
     // A right operand shared by every batch, and a left one whose batches lie row after
@@ -442,6 +443,24 @@ fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -
     } else {
         Vec::with_capacity(len)
     };
+    let threads = candle_core::utils::get_num_threads();
+    // Many products (attention's, one per sequence and head: a MiniLM layer has 192 of
+    // 128×128×32) go to the threads whole, each on one: split over the pool, each small
+    // product waited on every thread in turn, and the layer's attention ran at a third of
+    // gemm's speed. gemm's result does not depend on how it is split.
+    if threads > 1 && (bsz % threads == 0 || bsz >= 4 * threads) {
+        let out = SendPtr(c.as_mut_ptr());
+        let out = &out;
+        (0..bsz).into_par_iter().for_each(|bi| {
+            // SAFETY: as below; each batch writes its own `m·n` values.
+            unsafe { gemm_call(out.0.add(bi * m * n), false, a, va, b, vb, bi, (m, n, k), 1) }
+        });
+        if !zeroed {
+            // SAFETY: every one of the `len` values was written above.
+            unsafe { c.set_len(len) };
+        }
+        return c;
+    }
     for bi in 0..bsz {
         // SAFETY: `View::of` checked that every element the product reads lies inside
         // `a` and `b`; `c` has room for the batch's `m·n` values, which gemm writes

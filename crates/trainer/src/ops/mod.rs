@@ -25,7 +25,7 @@ pub mod matmul;
 mod norm_act;
 mod vmath;
 mod winograd;
-pub use attention::{multi_head_attention, packed_attention, Heads, RopeTables};
+pub use attention::{causal_attention, multi_head_attention, packed_attention, Heads, RopeTables};
 pub use blocked::{blocked_attention, RopeTensors};
 pub use conv::{conv2d, frozen_conv2d, max_pool2d};
 pub use frozen::Frozen;

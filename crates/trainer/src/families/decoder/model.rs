@@ -5,8 +5,8 @@ use crate::families::decoder::config::{DecoderConfig, MlpActivation};
 use crate::io::Take;
 use crate::lora::{ForwardCtx, Linear, LoraModel};
 use crate::ops::{
-    blocked_attention, cross_entropy_rows, fast_path, frozen_linear, masked_softmax,
-    multi_head_attention, packed_attention, projected_nll, projected_nll_generic,
+    blocked_attention, causal_attention, cross_entropy_rows, fast_path, frozen_linear,
+    masked_softmax, packed_attention, projected_nll, projected_nll_generic,
     projected_nll_vocab_blocks, rms_norm, rope, swiglu, AttnMask, Frozen, Heads, RopeTables,
     RopeTensors, MASKED,
 };
@@ -742,7 +742,7 @@ impl Decoder {
         Ok((per_head(q, qn)?, per_head(k, kn)?, v))
     }
 
-    /// Attention through [`multi_head_attention`] or [`blocked_attention`], which keep only
+    /// Attention through [`causal_attention`] or [`blocked_attention`], which keep only
     /// the projections' outputs.
     #[allow(clippy::too_many_arguments)]
     fn fused_attention(
@@ -772,9 +772,7 @@ impl Decoder {
                     Some(s) => {
                         packed_attention(&q, &k, &v, heads, scale, r, view.window, s.clone())?
                     }
-                    None => {
-                        multi_head_attention(&q, &k, &v, heads, scale, r, Some(view.full_mask()?))?
-                    }
+                    None => causal_attention(&q, &k, &v, heads, scale, r, view.full_mask()?)?,
                 }
             }
             Rotary::Tensors(r) => {

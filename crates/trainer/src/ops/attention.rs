@@ -93,18 +93,7 @@ pub fn multi_head_attention(
     rope: Option<&RopeTables>,
     mask: Option<&AttnMask>,
 ) -> Result<Tensor> {
-    let Heads { b, t, tk, dim, .. } = heads;
-    let fits = rope.is_none_or(|r| dim == 2 * r.half && (r.t == t || r.t == b * t) && tk == t)
-        && mask.is_none_or(|m| m.t == t && m.rows.len() == b * t * tk);
-    Attention {
-        heads,
-        scale: scale as f32,
-        rope: rope.cloned(),
-        mask: mask.cloned(),
-        segments: None,
-        causal: false,
-    }
-    .apply(q, k, v, fits)
+    Attention::new(heads, scale, rope, mask, false).apply_checked(q, k, v)
 }
 
 /// [`multi_head_attention`] under a mask that hides every later key from each query (a
@@ -121,20 +110,7 @@ pub fn causal_attention(
     rope: Option<&RopeTables>,
     mask: &AttnMask,
 ) -> Result<Tensor> {
-    let Heads { b, t, tk, dim, .. } = heads;
-    let fits = rope.is_none_or(|r| dim == 2 * r.half && (r.t == t || r.t == b * t))
-        && tk == t
-        && mask.t == t
-        && mask.rows.len() == b * t * tk;
-    Attention {
-        heads,
-        scale: scale as f32,
-        rope: rope.cloned(),
-        mask: Some(mask.clone()),
-        segments: None,
-        causal: true,
-    }
-    .apply(q, k, v, fits)
+    Attention::new(heads, scale, rope, Some(mask), true).apply_checked(q, k, v)
 }
 
 /// [`multi_head_attention`] over packed rows: each of `segments`, `(first row, rows)` of
@@ -191,6 +167,43 @@ struct Attention {
     segments: Option<Packed>,
     /// The mask hides every key after its query: query blocks stop at their last row.
     causal: bool,
+}
+
+impl Attention {
+    /// Unpacked attention: a padded batch, causal or not.
+    fn new(
+        heads: Heads,
+        scale: f64,
+        rope: Option<&RopeTables>,
+        mask: Option<&AttnMask>,
+        causal: bool,
+    ) -> Self {
+        Attention {
+            heads,
+            scale: scale as f32,
+            rope: rope.cloned(),
+            mask: mask.cloned(),
+            segments: None,
+            causal,
+        }
+    }
+
+    /// [`Attention::apply`] after checking that the tables and the mask fit the heads (a
+    /// rotation needs `tk == t`, and so does a causal mask); what does not fit is an error
+    /// naming the shapes.
+    fn apply_checked(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let Heads { b, t, tk, dim, .. } = self.heads;
+        let fits = self
+            .rope
+            .as_ref()
+            .is_none_or(|r| dim == 2 * r.half && (r.t == t || r.t == b * t) && tk == t)
+            && self
+                .mask
+                .as_ref()
+                .is_none_or(|m| m.t == t && m.rows.len() == b * t * tk)
+            && (!self.causal || (tk == t && self.mask.is_some()));
+        self.apply(q, k, v, fits)
+    }
 }
 
 /// Row `(bi, head, i)` of a `(b, heads, t, dim)` buffer, from row `bi·t + i` of a

@@ -441,16 +441,23 @@ impl Encoder {
         let first = Tensor::from_vec(first, b, &self.device)?;
         let probs_dropped = ctx.train && self.model_dropout && self.cfg.attention_dropout > 0.0;
         let last_rows_only = !(self.layers.is_empty() || probs_dropped) && fast_path(&x);
-        let firsts: Vec<f32> = m.chunks(t * t).flat_map(|r| r[..t].to_vec()).collect();
+        // Each sequence's first query row of the mask, for the last layer's `b` queries.
+        let mask_first = match last_rows_only {
+            true => {
+                let firsts = m.chunks(t * t).flat_map(|r| r[..t].to_vec()).collect();
+                Some(AttnMask::new(firsts, b, 1, t, &self.device)?)
+            }
+            false => None,
+        };
         let mask = AttnMask::new(m, b, t, t, &self.device)?;
-        let mask_first = AttnMask::new(firsts, b, 1, t, &self.device)?;
         let last = self.layers.len().saturating_sub(1);
         for (li, l) in self.layers.iter().enumerate() {
-            let (a, res) = if li == last && last_rows_only {
-                let xq = x.index_select(&first, 0)?;
-                (self.attention(l, &xq, &x, (b, 1, t), &mask_first, ctx)?, xq)
-            } else {
-                (self.attention(l, &x, &x, (b, t, t), &mask, ctx)?, x)
+            let (a, res) = match &mask_first {
+                Some(mask_first) if li == last => {
+                    let xq = x.index_select(&first, 0)?;
+                    (self.attention(l, &xq, &x, (b, 1, t), mask_first, ctx)?, xq)
+                }
+                _ => (self.attention(l, &x, &x, (b, t, t), &mask, ctx)?, x),
             };
             let a = self.drop(&l.attn_out.forward(&a, ctx)?, self.cfg.hidden_dropout, ctx)?;
             x = l.attn_norm.forward(&(a + &res)?)?;

@@ -444,40 +444,32 @@ fn gemm_uninit(a: &[f32], va: View, b: &[f32], vb: View, (bsz, m, n, k): Dims) -
         Vec::with_capacity(len)
     };
     let threads = candle_core::utils::get_num_threads();
+    let out = SendPtr(c.as_mut_ptr());
+    let out = &out;
+    // SAFETY: `View::of` checked that every element the product reads lies inside `a` and
+    // `b`; `c` has room for each batch's `m·n` values, which gemm writes without reading
+    // them (`read_dst` false), each batch its own.
+    let product = |bi: usize, threads: usize| unsafe {
+        gemm_call(
+            out.0.add(bi * m * n),
+            false,
+            a,
+            va,
+            b,
+            vb,
+            bi,
+            (m, n, k),
+            threads,
+        )
+    };
     // Many products (attention's, one per sequence and head: a MiniLM layer has 192 of
     // 128×128×32) go to the threads whole, each on one: split over the pool, each small
     // product waited on every thread in turn, and the layer's attention ran at a third of
     // gemm's speed. gemm's result does not depend on how it is split.
     if threads > 1 && (bsz % threads == 0 || bsz >= 4 * threads) {
-        let out = SendPtr(c.as_mut_ptr());
-        let out = &out;
-        (0..bsz).into_par_iter().for_each(|bi| {
-            // SAFETY: as below; each batch writes its own `m·n` values.
-            unsafe { gemm_call(out.0.add(bi * m * n), false, a, va, b, vb, bi, (m, n, k), 1) }
-        });
-        if !zeroed {
-            // SAFETY: every one of the `len` values was written above.
-            unsafe { c.set_len(len) };
-        }
-        return c;
-    }
-    for bi in 0..bsz {
-        // SAFETY: `View::of` checked that every element the product reads lies inside
-        // `a` and `b`; `c` has room for the batch's `m·n` values, which gemm writes
-        // without reading them (`read_dst` false).
-        unsafe {
-            gemm_call(
-                c.as_mut_ptr().add(bi * m * n),
-                false,
-                a,
-                va,
-                b,
-                vb,
-                bi,
-                (m, n, k),
-                candle_core::utils::get_num_threads(),
-            )
-        };
+        (0..bsz).into_par_iter().for_each(|bi| product(bi, 1));
+    } else {
+        (0..bsz).for_each(|bi| product(bi, threads));
     }
     if !zeroed {
         // SAFETY: every one of the `len` values was written above.

@@ -11,7 +11,7 @@ pub mod hotswap;
 
 pub use conv::Conv2d;
 
-use crate::ops::{frozen_linear, lora_linear, lora_linear_a, Frozen};
+use crate::ops::{frozen_linear, frozen_linear_bias, lora_linear, lora_linear_a, Frozen};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -282,11 +282,7 @@ impl Linear {
     /// `x` is `(n, in)`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let Some(l) = self.lora.as_ref().filter(|_| ctx.adapters) else {
-            let y = frozen_linear(x, &self.weight)?;
-            return Ok(match &self.bias {
-                Some(b) => crate::ops::add_frozen(&y, b)?,
-                None => y,
-            });
+            return Ok(frozen_linear_bias(x, &self.weight, self.bias.as_ref())?);
         };
         let dropped = ctx.train && l.dropout > 0.0;
         if !dropped && x.dtype() == DType::F32 {

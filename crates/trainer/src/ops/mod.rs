@@ -64,9 +64,11 @@ fn matmul_wt(xs: &CpuStorage, lx: &Layout, w: &Tensor) -> Result<Vec<f32>> {
 fn add_bias(y: &mut [f32], bias: &Option<Tensor>) -> Result<()> {
     if let Some(b) = bias {
         let b: Vec<f32> = b.to_vec1()?;
-        for row in y.chunks_mut(b.len()) {
-            row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
-        }
+        par_rows(y, b.len(), |_, chunk| {
+            for row in chunk.chunks_mut(b.len()) {
+                row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
+            }
+        });
     }
     Ok(())
 }
@@ -395,6 +397,26 @@ pub fn frozen_linear(x: &Tensor, w: &Frozen) -> Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenLinear {
         w: w.clone(),
         bias: None,
+    })
+}
+
+/// [`frozen_linear`] plus a frozen `bias` (`(out,)`, nothing it comes from trains), added
+/// in the same op: one `(n, out)` buffer for the layer instead of two, and one gradient
+/// for candle's backward to zero-fill and add into instead of two (an encoder's key,
+/// output and feed-forward layers). A bias that trains takes [`add_frozen`]'s way.
+pub fn frozen_linear_bias(x: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Result<Tensor> {
+    let Some(b) = bias else {
+        return frozen_linear(x, w);
+    };
+    let fits = |b: &Tensor| -> Result<bool> {
+        Ok(!b.track_op() && b.dtype() == DType::F32 && b.dims() == [w.dim(0)?])
+    };
+    if !fast_path(x) || w.dtype() != DType::F32 || x.rank() != 2 || !fits(b)? {
+        return add_frozen(&frozen_linear(x, w)?, b);
+    }
+    x.contiguous()?.apply_op1(FrozenLinear {
+        w: w.clone(),
+        bias: Some(b.clone()),
     })
 }
 
@@ -1043,6 +1065,42 @@ mod tests {
         assert!(d < 1e-5);
         // The frozen weight gets no gradient entry.
         assert!(g1.get(&w).is_none());
+        Ok(())
+    }
+
+    /// `frozen_linear_bias` is `x·Wᵀ + b` in one op, to the bit, with `x`'s gradient; a
+    /// bias that trains keeps its gradient (the composed way), and large outputs go through
+    /// the threaded bias loop.
+    #[test]
+    fn frozen_linear_bias_is_the_product_plus_the_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, k, m) in [(4, 3, 5), (300, 16, 200)] {
+            let w = Tensor::randn(0f32, 1., (m, k), &dev)?;
+            let b = Tensor::randn(0f32, 1., m, &dev)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, k), &dev)?)?;
+            let wf = Frozen::from(w.clone());
+            let y1 = frozen_linear_bias(x.as_tensor(), &wf, Some(&b))?;
+            let y2 = frozen_linear(x.as_tensor(), &wf)?.broadcast_add(&b)?;
+            assert_eq!(y1.to_vec2::<f32>()?, y2.to_vec2::<f32>()?, "{n}x{k}x{m}");
+            let r = Tensor::randn(0f32, 1., (n, m), &dev)?;
+            let g1 = (&y1 * &r)?.sum_all()?.backward()?;
+            let g2 = (&y2 * &r)?.sum_all()?.backward()?;
+            let (g1, g2) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert_eq!(g1.to_vec2::<f32>()?, g2.to_vec2::<f32>()?);
+        }
+        let w = Frozen::from(Tensor::randn(0f32, 1., (5, 3), &dev)?);
+        let x = Tensor::randn(0f32, 1., (4, 3), &dev)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 5, &dev)?)?;
+        let g = frozen_linear_bias(&x, &w, Some(b.as_tensor()))?
+            .sum_all()?
+            .backward()?;
+        let gb = g
+            .get(b.as_tensor())
+            .expect("a bias that trains gets its gradient");
+        assert_eq!(gb.to_vec1::<f32>()?, vec![4f32; 5]);
         Ok(())
     }
 

@@ -11,7 +11,9 @@ pub mod hotswap;
 
 pub use conv::Conv2d;
 
-use crate::ops::{frozen_linear, frozen_linear_bias, lora_linear, lora_linear_a, Frozen};
+use crate::ops::{
+    frozen_linear, frozen_linear_bias, gelu_frozen_linear, lora_linear, lora_linear_a, Frozen,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -323,6 +325,17 @@ impl Linear {
             &b,
             l.scale,
         )?)
+    }
+
+    /// `forward(gelu(h))` with the exact GELU: a layer with no adapter at work takes the
+    /// pre-activation and makes the activation inside its product's op
+    /// ([`gelu_frozen_linear`]); an adapter needs the activation itself (its A and B
+    /// gradients read it), so with one it is made first.
+    pub fn forward_gelu_input(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if self.lora.is_none() || !ctx.adapters {
+            return Ok(gelu_frozen_linear(h, &self.weight, self.bias.as_ref())?);
+        }
+        self.forward(&crate::ops::gelu_erf(h)?, ctx)
     }
 
     /// Attaches a fresh adapter: A ~ U(±1/sqrt(in)), B = 0.

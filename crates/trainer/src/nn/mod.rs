@@ -21,6 +21,17 @@ impl LayerNorm {
             self.eps,
         )?)
     }
+
+    /// `forward(a + res)`, a post-norm residual block's, with the sum made inside the op.
+    pub fn forward_residual(&self, a: &Tensor, res: &Tensor) -> Result<Tensor> {
+        Ok(crate::ops::layer_norm_residual(
+            a,
+            res,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
 }
 
 /// A head layer trained in full (PEFT's `modules_to_save`): a classifier's linear layers.

@@ -31,7 +31,10 @@ pub use conv::{conv2d, frozen_conv2d, max_pool2d};
 pub use frozen::Frozen;
 pub use generic::{projected_nll_generic, projected_nll_vocab_blocks};
 pub use head_loss::projected_nll;
-pub use norm_act::{geglu, geglu_composed, gelu_erf, group_norm, group_norm_composed, layer_norm};
+pub use norm_act::{
+    geglu, geglu_composed, gelu_erf, group_norm, group_norm_composed, layer_norm,
+    layer_norm_residual,
+};
 
 /// Masked attention scores get this; large but finite so a sum never turns into NaN.
 pub const MASKED: f32 = -1e30;
@@ -418,6 +421,52 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Resu
         w: w.clone(),
         bias: Some(b.clone()),
     })
+}
+
+/// `gelu(h)·Wᵀ + bias` (the exact GELU) for a frozen `W` and bias, as one op over the
+/// pre-activation `h`: a feed-forward's second layer with its activation. The activation
+/// is made inside the op and dropped after the product (a frozen weight's backward needs
+/// only `dh = (g·W) · gelu'(h)`, from `h`), so the graph holds neither `gelu(h)` nor its
+/// gradient: for an encoder at 2048 tokens, two 12.6 MB buffers a layer and a zero-fill
+/// and add of one in candle's backward. The values are those of [`norm_act::gelu_erf`]
+/// then [`frozen_linear_bias`], bit for bit.
+pub fn gelu_frozen_linear(h: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Result<Tensor> {
+    let bias_fits = match bias {
+        Some(b) => !b.track_op() && b.dtype() == DType::F32 && b.dims() == [w.dim(0)?],
+        None => true,
+    };
+    if !fast_path(h) || w.dtype() != DType::F32 || h.rank() != 2 || !bias_fits {
+        return frozen_linear_bias(&gelu_erf(h)?, w, bias);
+    }
+    h.contiguous()?.apply_op1(GeluLinear {
+        w: w.clone(),
+        bias: bias.cloned(),
+    })
+}
+
+struct GeluLinear {
+    w: Frozen,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for GeluLinear {
+    fn name(&self) -> &'static str {
+        "gelu-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, hs: &CpuStorage, lh: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = lh.shape().dims2()?;
+        let u = CpuStorage::F32(norm_act::gelu_erf_rows(rows_of(hs, lh)?, k));
+        let mut y = matmul_wt(&u, &Layout::contiguous((n, k)), &self.w.dense()?)?;
+        drop(u);
+        add_bias(&mut y, &self.bias)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, self.w.dim(0)?))))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let du = matmul::mm(g, &self.w.dense()?)?;
+        Ok(Some(norm_act::gelu_erf_bwd(h, &du)?))
+    }
 }
 
 /// Whether a LoRA layer's weights are all f32, as the fused CPU ops want them.

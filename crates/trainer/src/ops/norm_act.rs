@@ -14,7 +14,9 @@
 //! 1.5 UNet step at 512 px, GroupNorm's and the biases' made up most of 983 MiB held).
 
 use super::{fast_path, par_rows, rows_of, vmath};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 use std::sync::Arc;
 
 /// `(x − mean) / √(var + eps) · w + b` over the last dim, with `w` and `b` frozen (a base
@@ -50,12 +52,22 @@ struct LayerNorm {
     eps: f32,
 }
 
-/// A row's mean and `√(var + eps)`, as the composed op computes them.
+/// A row's mean and `√(var + eps)`, as the composed op computes them but for the order of
+/// each sum (over 16 lanes, then pairwise: a row's sums no longer wait on one another's
+/// additions one at a time).
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / d;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let mean = vmath::sum_and_sq_dev(x, 0.0).0 / d;
+    let var = vmath::sum_and_sq_dev(x, mean).1 / d;
     (mean, (var + eps).sqrt())
+}
+
+impl LayerNorm {
+    /// One normalised row `xr` into `o`.
+    fn row(&self, o: &mut [f32], xr: &[f32]) {
+        let (mean, s) = moments(xr, self.eps);
+        vmath::layer_norm_row(o, xr, &self.w, &self.b, mean, s);
+    }
 }
 
 impl CustomOp1 for LayerNorm {
@@ -69,13 +81,7 @@ impl CustomOp1 for LayerNorm {
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |first, chunk| {
             for (j, o) in chunk.chunks_mut(d).enumerate() {
-                let xr = &x[(first + j) * d..][..d];
-                let (mean, s) = moments(xr, self.eps);
-                for (((o, &xv), &wv), &bv) in
-                    o.iter_mut().zip(xr).zip(self.w.iter()).zip(self.b.iter())
-                {
-                    *o = (xv - mean) / s * wv + bv;
-                }
+                self.row(o, &x[(first + j) * d..][..d]);
             }
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
@@ -113,23 +119,127 @@ impl CustomOp2 for LayerNormBwd {
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |first, chunk| {
             for (j, o) in chunk.chunks_mut(d).enumerate() {
-                let xr = &x[(first + j) * d..][..d];
-                let gr = &g[(first + j) * d..][..d];
-                let (mean, s) = moments(xr, self.eps);
-                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                for ((&gv, &wv), &xv) in gr.iter().zip(self.w.iter()).zip(xr) {
-                    let gh = gv * wv;
-                    sum_g += gh;
-                    sum_gx += gh * ((xv - mean) / s);
-                }
-                let n = d as f32;
-                let (mg, mgx) = (sum_g / n, sum_gx / n);
-                for (((o, &gv), &wv), &xv) in o.iter_mut().zip(gr).zip(self.w.iter()).zip(xr) {
-                    *o = (gv * wv - mg - (xv - mean) / s * mgx) / s;
-                }
+                let at = (first + j) * d..(first + j + 1) * d;
+                self.row(o, &x[at.clone()], &g[at]);
             }
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+impl LayerNormBwd {
+    /// One row's `dx` into `o`, from its input row `xr` and gradient row `gr`.
+    fn row(&self, o: &mut [f32], xr: &[f32], gr: &[f32]) {
+        let (mean, s) = moments(xr, self.eps);
+        vmath::layer_norm_row_bwd(o, xr, gr, &self.w, mean, s);
+    }
+}
+
+/// `layer_norm(a + res, w, b, eps)`, a post-norm residual block's `LayerNorm(h + input)`
+/// (BERT's), with the sum made row by row inside the op: the graph holds no `(n, d)` sum,
+/// and candle's backward zero-fills and adds one gradient fewer. Both inputs get the
+/// sum's gradient. The values are [`layer_norm`]'s of the composed sum, bit for bit.
+pub fn layer_norm_residual(
+    a: &Tensor,
+    res: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let d = a.dim(D::Minus1)?;
+    let frozen = !w.track_op() && !b.track_op();
+    let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32 && res.dtype() == DType::F32;
+    let shapes = a.dims() == res.dims() && d > 0 && w.dims() == [d] && b.dims() == [d];
+    if fast_path(a) && frozen && f32s && shapes {
+        let op = LayerNormResidual(LayerNorm {
+            w: w.to_vec1::<f32>()?.into(),
+            b: b.to_vec1::<f32>()?.into(),
+            eps: eps as f32,
+        });
+        return a.contiguous()?.apply_op2(&res.contiguous()?, op);
+    }
+    layer_norm(&(a + res)?, w, b, eps)
+}
+
+struct LayerNormResidual(LayerNorm);
+
+/// Row `i` of `a + r` into `s`, as candle's add makes it.
+fn sum_row(s: &mut [f32], a: &[f32], r: &[f32], i: usize) {
+    let d = s.len();
+    for ((s, &av), &rv) in s.iter_mut().zip(&a[i * d..][..d]).zip(&r[i * d..][..d]) {
+        *s = av + rv;
+    }
+}
+
+impl CustomOp2 for LayerNormResidual {
+    fn name(&self) -> &'static str {
+        "layer-norm-residual-frozen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        la: &Layout,
+        rs: &CpuStorage,
+        lr: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, r) = (rows_of(as_, la)?, rows_of(rs, lr)?);
+        let d = self.0.w.len();
+        let mut out = vec![0f32; a.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            let mut s = vec![0f32; d];
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                sum_row(&mut s, a, r, first + j);
+                self.0.row(o, &s);
+            }
+        });
+        Ok((CpuStorage::F32(out), la.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        res: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let back = LayerNormResidualBwd(LayerNormBwd {
+            w: self.0.w.clone(),
+            eps: self.0.eps,
+        });
+        let ds = a.apply_op3_no_bwd(res, &g.contiguous()?, &back)?;
+        Ok((Some(ds.clone()), Some(ds)))
+    }
+}
+
+/// [`LayerNormBwd`] of the row sums `a + r`, made again row by row.
+struct LayerNormResidualBwd(LayerNormBwd);
+
+impl CustomOp3 for LayerNormResidualBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-residual-frozen-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        la: &Layout,
+        rs: &CpuStorage,
+        lr: &Layout,
+        gs: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, r, g) = (rows_of(as_, la)?, rows_of(rs, lr)?, rows_of(gs, lg)?);
+        let d = self.0.w.len();
+        let mut out = vec![0f32; a.len()];
+        par_rows(&mut out, d, |first, chunk| {
+            let mut s = vec![0f32; d];
+            for (j, o) in chunk.chunks_mut(d).enumerate() {
+                sum_row(&mut s, a, r, first + j);
+                self.0.row(o, &s, &g[(first + j) * d..][..d]);
+            }
+        });
+        Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 }
 
@@ -334,17 +444,27 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = rows_of(xs, lx)?;
         let d = lx.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, d, |first, chunk| {
-            // candle's formula, with an `erf` that vectorises (within 1.5 ulp of libm's).
-            vmath::gelu_erf(chunk, &x[first * d..][..chunk.len()]);
-        });
-        Ok((CpuStorage::F32(out), lx.shape().clone()))
+        Ok((CpuStorage::F32(gelu_erf_rows(x, d)), lx.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfBwd)?))
+        Ok(Some(gelu_erf_bwd(x, g)?))
     }
+}
+
+/// The exact GELU's backward: `g · gelu'(x)` for same-shaped `x` and `g`.
+pub(super) fn gelu_erf_bwd(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfBwd)
+}
+
+/// `gelu(x)` of `(rows, d)` values into a fresh buffer (the forward of [`gelu_erf`]).
+pub(super) fn gelu_erf_rows(x: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    par_rows(&mut out, d, |first, chunk| {
+        // candle's formula, with an `erf` that vectorises (within 1.5 ulp of libm's).
+        vmath::gelu_erf(chunk, &x[first * d..][..chunk.len()]);
+    });
+    out
 }
 
 /// `g · (Φ(x) + x·φ(x))`, `φ(x) = e^(−x²/2)/√(2π)`.
@@ -517,6 +637,65 @@ mod tests {
         let plain = x.gelu_erf().unwrap();
         let d = worst_rel(&gelu_erf(&x).unwrap(), &plain);
         assert!(d < 3e-7, "{d:e}");
+    }
+
+    /// A post-norm block's fused ops, `layer_norm_residual` and `gelu_frozen_linear`,
+    /// against the composed ones candle differentiates itself: values, and the gradients
+    /// of both residual inputs, at a row width with a tail past the 16 lanes and at
+    /// MiniLM's (with rows enough to go to the threads).
+    #[test]
+    fn residual_layer_norm_and_gelu_linear_match_the_composed_ops() {
+        use crate::ops::{frozen_linear_bias, gelu_frozen_linear, Frozen};
+        let dev = Device::Cpu;
+        for (rows, d) in [(7, 50), (64, 384)] {
+            let randn = |s: f32, shape: (usize, usize)| Tensor::randn(0f32, s, shape, &dev);
+            let (a, res) = (
+                randn(2.0, (rows, d)).unwrap(),
+                randn(1.0, (rows, d)).unwrap(),
+            );
+            let a = (a + 3.0).unwrap();
+            let w = Tensor::randn(1f32, 0.3, d, &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, d, &dev).unwrap();
+            let w1 = randn(0.05, (4 * d, d)).unwrap();
+            let w2 = Frozen::from(randn(0.05, (d, 4 * d)).unwrap());
+            let b2 = Tensor::randn(0f32, 0.3, d, &dev).unwrap();
+            let weights = randn(1.0, (rows, d)).unwrap();
+            let run = |fused: bool| {
+                let (av, rv) = (
+                    Var::from_tensor(&a).unwrap(),
+                    Var::from_tensor(&res).unwrap(),
+                );
+                let (at, rt) = (av.as_tensor(), rv.as_tensor());
+                let (n, y) = if fused {
+                    let n = layer_norm_residual(at, rt, &w, &b, 1e-12).unwrap();
+                    let h = n.matmul(&w1.t().unwrap()).unwrap();
+                    (n, gelu_frozen_linear(&h, &w2, Some(&b2)).unwrap())
+                } else {
+                    let n = layer_norm_composed(&(at + rt).unwrap(), &w, &b, 1e-12).unwrap();
+                    let h = n.matmul(&w1.t().unwrap()).unwrap();
+                    let y = frozen_linear_bias(&h.gelu_erf().unwrap(), &w2, None).unwrap();
+                    (n, y.broadcast_add(&b2).unwrap())
+                };
+                let grads = (&y * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+                (n, y, g(&av), g(&rv))
+            };
+            let (n1, y1, ga1, gr1) = run(true);
+            let (n0, y0, ga0, gr0) = run(false);
+            let (dn, dy) = (worst_rel(&n1, &n0), worst_rel(&y1, &y0));
+            let (dga, dgr) = (worst_rel(&ga1, &ga0), worst_rel(&gr1, &gr0));
+            println!(
+                "{rows}x{d}: norm {dn:.2e}, gelu linear {dy:.2e}, gradients {dga:.2e} {dgr:.2e}"
+            );
+            assert!(dn < 1e-6 && dy < 1e-5, "values: {dn:e}, {dy:e}");
+            assert!(dga < 1e-5 && dgr < 1e-5, "gradients: {dga:e}, {dgr:e}");
+            assert_eq!(ga1.to_vec2::<f32>().unwrap(), gr1.to_vec2::<f32>().unwrap());
+        }
     }
 
     /// GroupNorm with and without the SiLU after it against the composed ops, values and

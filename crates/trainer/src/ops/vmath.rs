@@ -305,6 +305,43 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// One LayerNorm row with per-feature frozen `w` and `b`: `out = (x − mean)/s · w + b`.
+    pub(crate) fn layer_norm_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], mean: f32, s: f32) {
+        for (((o, &v), &wv), &bv) in out.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (v - mean) / s * wv + bv;
+        }
+    }
+}
+
+multiversion! {
+    /// A LayerNorm row's backward, `out = dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ·x̂)) / s` with
+    /// `ĝ = g · w` and `x̂ = (x − mean)/s`; the two means over lanes, then pairwise.
+    pub(crate) fn layer_norm_row_bwd(out: &mut [f32], x: &[f32], g: &[f32], w: &[f32], mean: f32, s: f32) {
+        let n = out.len().min(x.len()).min(g.len()).min(w.len());
+        let (out, x, g, w) = (&mut out[..n], &x[..n], &g[..n], &w[..n]);
+        let (mut sg, mut sgx) = ([0f32; LANES], [0f32; LANES]);
+        let full = n / LANES * LANES;
+        for c in (0..full).step_by(LANES) {
+            for i in 0..LANES {
+                let gh = g[c + i] * w[c + i];
+                sg[i] += gh;
+                sgx[i] += gh * ((x[c + i] - mean) / s);
+            }
+        }
+        let (mut a, mut bsum) = (fold_lanes(sg, |p, q| p + q), fold_lanes(sgx, |p, q| p + q));
+        for i in full..n {
+            let gh = g[i] * w[i];
+            a += gh;
+            bsum += gh * ((x[i] - mean) / s);
+        }
+        let (mg, mgx) = (a / n as f32, bsum / n as f32);
+        for (((o, &v), &gv), &wv) in out.iter_mut().zip(x).zip(g).zip(w) {
+            *o = (gv * wv - mg - (v - mean) / s * mgx) / s;
+        }
+    }
+}
+
 /// One channel of a norm: its group's mean and `s = √(var + eps)`, and the channel's
 /// frozen scale `w` and shift `b`.
 #[derive(Clone, Copy)]

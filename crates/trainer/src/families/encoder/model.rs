@@ -460,15 +460,15 @@ impl Encoder {
                 _ => (self.attention(l, &x, &x, (b, t, t), &mask, ctx)?, x),
             };
             let a = self.drop(&l.attn_out.forward(&a, ctx)?, self.cfg.hidden_dropout, ctx)?;
-            x = l.attn_norm.forward(&(a + &res)?)?;
+            x = l.attn_norm.forward_residual(&a, &res)?;
             let h = l.intermediate.forward(&x, ctx)?;
             let h = match self.cfg.activation {
-                Activation::GeluErf => crate::ops::gelu_erf(&h)?,
-                Activation::GeluTanh => h.gelu()?,
-                Activation::Relu => h.relu()?,
+                Activation::GeluErf => l.output.forward_gelu_input(&h, ctx)?,
+                Activation::GeluTanh => l.output.forward(&h.gelu()?, ctx)?,
+                Activation::Relu => l.output.forward(&h.relu()?, ctx)?,
             };
-            let h = self.drop(&l.output.forward(&h, ctx)?, self.cfg.hidden_dropout, ctx)?;
-            x = l.out_norm.forward(&(h + &x)?)?;
+            let h = self.drop(&h, self.cfg.hidden_dropout, ctx)?;
+            x = l.out_norm.forward_residual(&h, &x)?;
         }
         // The first token of each sequence: [CLS] / <s>.
         let cls = if last_rows_only {

@@ -217,38 +217,59 @@ fn source_row(row: usize, heads: usize, t: usize) -> (usize, usize) {
 /// `(b·len, n·dim)` projection rows into `(b, n, len, dim)` head rows, rotated when asked.
 fn split_heads(x: &[f32], g: Heads, n: usize, len: usize, rope: Option<&RopeTables>) -> Vec<f32> {
     let d = g.dim;
-    let mut out = vec![0f32; x.len()];
-    par_rows(&mut out, d, |first, chunk| {
+    fresh_rows(x.len(), d, |first, chunk| {
+        let mut rotated = vec![0f32; if rope.is_some() { d } else { 0 }];
         for (j, o) in chunk.chunks_mut(d).enumerate() {
             let (src, h) = source_row(first + j, n, len);
             let xr = &x[src * n * d + h * d..][..d];
-            match rope {
-                Some(r) => r.rotate(src, 1.0, xr, o),
-                None => o.copy_from_slice(xr),
-            }
+            let xr = match rope {
+                Some(r) => {
+                    r.rotate(src, 1.0, xr, &mut rotated);
+                    &rotated[..]
+                }
+                None => xr,
+            };
+            o.write_copy_of_slice(xr);
         }
-    });
-    out
+    })
 }
 
 /// The inverse of [`split_heads`]: `(b, n, len, dim)` back to `(b·len, n·dim)` rows,
 /// rotated back (the rotation's backward) when asked.
 fn merge_heads(x: &[f32], g: Heads, n: usize, len: usize, unrope: Option<&RopeTables>) -> Vec<f32> {
     let d = g.dim;
-    let mut out = vec![0f32; x.len()];
-    par_rows(&mut out, n * d, |first, chunk| {
+    fresh_rows(x.len(), n * d, |first, chunk| {
+        let mut rotated = vec![0f32; if unrope.is_some() { d } else { 0 }];
         for (j, o) in chunk.chunks_mut(n * d).enumerate() {
             let row = first + j;
             let (bi, i) = (row / len, row % len);
             for (h, oh) in o.chunks_mut(d).enumerate() {
                 let xr = &x[((bi * n + h) * len + i) * d..][..d];
-                match unrope {
-                    Some(r) => r.rotate(row, -1.0, xr, oh),
-                    None => oh.copy_from_slice(xr),
-                }
+                let xr = match unrope {
+                    Some(r) => {
+                        r.rotate(row, -1.0, xr, &mut rotated);
+                        &rotated[..]
+                    }
+                    None => xr,
+                };
+                oh.write_copy_of_slice(xr);
             }
         }
-    });
+    })
+}
+
+/// A fresh `len`-value buffer that `f(first_row, rows)` writes whole, over the threads as
+/// [`par_rows`] splits it, with no zero-fill first: head-split copies are a layer's
+/// activations each, and a zero-fill is one more pass over them.
+fn fresh_rows(
+    len: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    par_rows(&mut out.spare_capacity_mut()[..len], row_len, f);
+    // SAFETY: `f` wrote every one of the `len` values (each caller writes each row whole).
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -727,10 +748,22 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.heads;
         let dev = q.device();
-        let host = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
-        let (q, k, v, grad) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+        // Read where candle keeps them (q, k and v are this op's contiguous inputs): four
+        // copies of a layer's activations a step were a tenth of an encoder's attention.
+        let held = [
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            grad.contiguous()?,
+        ];
+        let guards = held.each_ref().map(|t| t.storage_and_layout());
+        let [q, k, v, grad] = guards.each_ref().map(|(s, l)| match &**s {
+            candle_core::Storage::Cpu(c) => rows_of(c, l),
+            _ => candle_core::bail!("attention: backward off the CPU"),
+        });
+        let (q, k, v, grad) = (q?, k?, v?, grad?);
         let [dq, dk, dv] = match &self.segments {
-            None => self.backward_rows(&q, &k, &v, &grad, self.mask_rows())?,
+            None => self.backward_rows(q, k, v, grad, self.mask_rows())?,
             Some(p) => {
                 let (qw, kw) = (g.q * g.dim, g.kv * g.dim);
                 let (mut dq, mut dk, mut dv) = (

@@ -759,7 +759,7 @@ fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 /// The blocks run on rayon's pool, the one gemm runs candle's matmuls on: threads of our
 /// own would be extra runnable threads beside rayon's idle-spinning ones, and on a
 /// machine whose cores all train, the scheduler would preempt one for the other.
-fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().min(rows).max(1);
     if threads == 1 || out.len() < 1 << 15 {

@@ -10,7 +10,7 @@
 //! projections' outputs, which exist anyway) and recomputes `Q·Kᵀ` on the way back, as
 //! flash attention does: one more `t × t × d` product per head, a few per cent of a layer.
 
-use super::{par_rows, rows_of, softmax_in_place, vmath, AttnMask, MASKED};
+use super::{fresh_rows, par_rows, rows_of, softmax_in_place, vmath, AttnMask, MASKED};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -256,21 +256,6 @@ fn merge_heads(x: &[f32], g: Heads, n: usize, len: usize, unrope: Option<&RopeTa
             }
         }
     })
-}
-
-/// A fresh `len`-value buffer that `f(first_row, rows)` writes whole, over the threads as
-/// [`par_rows`] splits it, with no zero-fill first: head-split copies are a layer's
-/// activations each, and a zero-fill is one more pass over them.
-fn fresh_rows(
-    len: usize,
-    row_len: usize,
-    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    par_rows(&mut out.spare_capacity_mut()[..len], row_len, f);
-    // SAFETY: `f` wrote every one of the `len` values (each caller writes each row whole).
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// `a · b` over `bsz` batches (by the BLAS when there is one): `a` is `(bsz, m, k)`, or stored as

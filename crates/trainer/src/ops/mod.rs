@@ -772,6 +772,33 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
         .for_each(|(i, chunk)| f(i * per, chunk));
 }
 
+/// A fresh `len`-value buffer that `f(first_row, rows)` writes whole, over the threads as
+/// [`par_rows`] splits it, with no zero-fill first: head-split copies are a layer's
+/// activations each, and a zero-fill is one more pass over them.
+fn fresh_rows(
+    len: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    par_rows(&mut out.spare_capacity_mut()[..len], row_len, f);
+    // SAFETY: `f` wrote every one of the `len` values (each caller writes each row whole).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`fresh_rows`] for a row function that writes an `&mut [f32]`: `f(row, out)` fills each
+/// row in a scratch row, copied out, so the buffer is written once and not zero-filled.
+fn fresh_each_row(len: usize, row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    fresh_rows(len, row_len, |first, chunk| {
+        let mut row = vec![0f32; row_len];
+        for (j, o) in chunk.chunks_mut(row_len).enumerate() {
+            f(first + j, &mut row[..o.len()]);
+            o.write_copy_of_slice(&row[..o.len()]);
+        }
+    })
+}
+
 struct RmsNorm {
     eps: f64,
 }

@@ -13,7 +13,7 @@
 //! as `y` whether or not anything reads it, and keeps it until the step ends (in an SD
 //! 1.5 UNet step at 512 px, GroupNorm's and the biases' made up most of 983 MiB held).
 
-use super::{fast_path, par_rows, rows_of, vmath};
+use super::{fast_path, fresh_each_row, fresh_rows, par_rows, rows_of, vmath};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -78,12 +78,7 @@ impl CustomOp1 for LayerNorm {
     fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = rows_of(xs, lx)?;
         let d = self.w.len();
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, d, |first, chunk| {
-            for (j, o) in chunk.chunks_mut(d).enumerate() {
-                self.row(o, &x[(first + j) * d..][..d]);
-            }
-        });
+        let out = fresh_each_row(x.len(), d, |i, o| self.row(o, &x[i * d..][..d]));
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -116,12 +111,8 @@ impl CustomOp2 for LayerNormBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (rows_of(xs, lx)?, rows_of(gs, lg)?);
         let d = self.w.len();
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, d, |first, chunk| {
-            for (j, o) in chunk.chunks_mut(d).enumerate() {
-                let at = (first + j) * d..(first + j + 1) * d;
-                self.row(o, &x[at.clone()], &g[at]);
-            }
+        let out = fresh_each_row(x.len(), d, |i, o| {
+            self.row(o, &x[i * d..][..d], &g[i * d..][..d]);
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
@@ -185,12 +176,12 @@ impl CustomOp2 for LayerNormResidual {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, r) = (rows_of(as_, la)?, rows_of(rs, lr)?);
         let d = self.0.w.len();
-        let mut out = vec![0f32; a.len()];
-        par_rows(&mut out, d, |first, chunk| {
-            let mut s = vec![0f32; d];
+        let out = fresh_rows(a.len(), d, |first, chunk| {
+            let (mut s, mut y) = (vec![0f32; d], vec![0f32; d]);
             for (j, o) in chunk.chunks_mut(d).enumerate() {
                 sum_row(&mut s, a, r, first + j);
-                self.0.row(o, &s);
+                self.0.row(&mut y, &s);
+                o.write_copy_of_slice(&y);
             }
         });
         Ok((CpuStorage::F32(out), la.shape().clone()))
@@ -231,12 +222,12 @@ impl CustomOp3 for LayerNormResidualBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, r, g) = (rows_of(as_, la)?, rows_of(rs, lr)?, rows_of(gs, lg)?);
         let d = self.0.w.len();
-        let mut out = vec![0f32; a.len()];
-        par_rows(&mut out, d, |first, chunk| {
-            let mut s = vec![0f32; d];
+        let out = fresh_rows(a.len(), d, |first, chunk| {
+            let (mut s, mut dx) = (vec![0f32; d], vec![0f32; d]);
             for (j, o) in chunk.chunks_mut(d).enumerate() {
                 sum_row(&mut s, a, r, first + j);
-                self.0.row(o, &s, &g[(first + j) * d..][..d]);
+                self.0.row(&mut dx, &s, &g[(first + j) * d..][..d]);
+                o.write_copy_of_slice(&dx);
             }
         });
         Ok((CpuStorage::F32(out), la.shape().clone()))
@@ -459,12 +450,10 @@ pub(super) fn gelu_erf_bwd(x: &Tensor, g: &Tensor) -> Result<Tensor> {
 
 /// `gelu(x)` of `(rows, d)` values into a fresh buffer (the forward of [`gelu_erf`]).
 pub(super) fn gelu_erf_rows(x: &[f32], d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    par_rows(&mut out, d, |first, chunk| {
-        // candle's formula, with an `erf` that vectorises (within 1.5 ulp of libm's).
-        vmath::gelu_erf(chunk, &x[first * d..][..chunk.len()]);
-    });
-    out
+    // candle's formula, with an `erf` that vectorises (within 1.5 ulp of libm's).
+    fresh_each_row(x.len(), d, |i, o| {
+        vmath::gelu_erf(o, &x[i * d..][..o.len()])
+    })
 }
 
 /// `g · (Φ(x) + x·φ(x))`, `φ(x) = e^(−x²/2)/√(2π)`.
@@ -484,10 +473,9 @@ impl CustomOp2 for GeluErfBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (rows_of(xs, lx)?, rows_of(gs, lg)?);
         let d = lx.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, d, |first, chunk| {
-            let at = first * d..first * d + chunk.len();
-            vmath::gelu_erf_bwd(chunk, &x[at.clone()], &g[at]);
+        let out = fresh_each_row(x.len(), d, |i, o| {
+            let at = i * d..i * d + o.len();
+            vmath::gelu_erf_bwd(o, &x[at.clone()], &g[at]);
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }

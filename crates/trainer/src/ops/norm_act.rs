@@ -154,12 +154,25 @@ pub fn layer_norm_residual(
 
 struct LayerNormResidual(LayerNorm);
 
-/// Row `i` of `a + r` into `s`, as candle's add makes it.
-fn sum_row(s: &mut [f32], a: &[f32], r: &[f32], i: usize) {
-    let d = s.len();
-    for ((s, &av), &rv) in s.iter_mut().zip(&a[i * d..][..d]).zip(&r[i * d..][..d]) {
-        *s = av + rv;
-    }
+/// A fresh buffer whose row `i` is `f(i, sum, out)` of the row sum `a[i] + r[i]` (as
+/// candle's add makes it), each `d` wide: the residual norm's rows, both ways.
+fn each_sum_row(
+    a: &[f32],
+    r: &[f32],
+    d: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    fresh_rows(a.len(), d, |first, chunk| {
+        let (mut s, mut y) = (vec![0f32; d], vec![0f32; d]);
+        for (j, o) in chunk.chunks_mut(d).enumerate() {
+            let i = first + j;
+            for ((s, &av), &rv) in s.iter_mut().zip(&a[i * d..][..d]).zip(&r[i * d..][..d]) {
+                *s = av + rv;
+            }
+            f(i, &s, &mut y);
+            o.write_copy_of_slice(&y);
+        }
+    })
 }
 
 impl CustomOp2 for LayerNormResidual {
@@ -176,14 +189,7 @@ impl CustomOp2 for LayerNormResidual {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, r) = (rows_of(as_, la)?, rows_of(rs, lr)?);
         let d = self.0.w.len();
-        let out = fresh_rows(a.len(), d, |first, chunk| {
-            let (mut s, mut y) = (vec![0f32; d], vec![0f32; d]);
-            for (j, o) in chunk.chunks_mut(d).enumerate() {
-                sum_row(&mut s, a, r, first + j);
-                self.0.row(&mut y, &s);
-                o.write_copy_of_slice(&y);
-            }
-        });
+        let out = each_sum_row(a, r, d, |_, s, y| self.0.row(y, s));
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 
@@ -222,14 +228,7 @@ impl CustomOp3 for LayerNormResidualBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, r, g) = (rows_of(as_, la)?, rows_of(rs, lr)?, rows_of(gs, lg)?);
         let d = self.0.w.len();
-        let out = fresh_rows(a.len(), d, |first, chunk| {
-            let (mut s, mut dx) = (vec![0f32; d], vec![0f32; d]);
-            for (j, o) in chunk.chunks_mut(d).enumerate() {
-                sum_row(&mut s, a, r, first + j);
-                self.0.row(&mut dx, &s, &g[(first + j) * d..][..d]);
-                o.write_copy_of_slice(&dx);
-            }
-        });
+        let out = each_sum_row(a, r, d, |i, s, dx| self.0.row(dx, s, &g[i * d..][..d]));
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 }

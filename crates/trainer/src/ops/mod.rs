@@ -411,10 +411,7 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Resu
     let Some(b) = bias else {
         return frozen_linear(x, w);
     };
-    let fits = |b: &Tensor| -> Result<bool> {
-        Ok(!b.track_op() && b.dtype() == DType::F32 && b.dims() == [w.dim(0)?])
-    };
-    if !fast_path(x) || w.dtype() != DType::F32 || x.rank() != 2 || !fits(b)? {
+    if !fused_linear_fits(x, w, bias)? {
         return add_frozen(&frozen_linear(x, w)?, b);
     }
     x.contiguous()?.apply_op1(FrozenLinear {
@@ -431,17 +428,23 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Resu
 /// and add of one in candle's backward. The values are those of [`norm_act::gelu_erf`]
 /// then [`frozen_linear_bias`], bit for bit.
 pub fn gelu_frozen_linear(h: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Result<Tensor> {
-    let bias_fits = match bias {
-        Some(b) => !b.track_op() && b.dtype() == DType::F32 && b.dims() == [w.dim(0)?],
-        None => true,
-    };
-    if !fast_path(h) || w.dtype() != DType::F32 || h.rank() != 2 || !bias_fits {
+    if !fused_linear_fits(h, w, bias)? {
         return frozen_linear_bias(&gelu_erf(h)?, w, bias);
     }
     h.contiguous()?.apply_op1(GeluLinear {
         w: w.clone(),
         bias: bias.cloned(),
     })
+}
+
+/// Whether [`FrozenLinear`] or [`GeluLinear`] takes `x` (`(n, in)` f32 rows on the CPU),
+/// an f32 weight and a bias that is frozen, f32 and `(out,)` (or none).
+fn fused_linear_fits(x: &Tensor, w: &Frozen, bias: Option<&Tensor>) -> Result<bool> {
+    let bias_fits = match bias {
+        Some(b) => !b.track_op() && b.dtype() == DType::F32 && b.dims() == [w.dim(0)?],
+        None => true,
+    };
+    Ok(fast_path(x) && w.dtype() == DType::F32 && x.rank() == 2 && bias_fits)
 }
 
 struct GeluLinear {

@@ -22,18 +22,10 @@ use std::sync::Arc;
 /// `(x − mean) / √(var + eps) · w + b` over the last dim, with `w` and `b` frozen (a base
 /// model's norm: no gradient reaches them). Weights that train take the composed path.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let frozen = !w.track_op() && !b.track_op();
-    let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if fast_path(x) && frozen && f32s && d > 0 && w.dims() == [d] && b.dims() == [d] {
-        let op = LayerNorm {
-            w: w.to_vec1::<f32>()?.into(),
-            b: b.to_vec1::<f32>()?.into(),
-            eps: eps as f32,
-        };
-        return x.contiguous()?.apply_op1(op);
+    match LayerNorm::fused(x, w, b, eps)? {
+        Some(op) => x.contiguous()?.apply_op1(op),
+        None => layer_norm_composed(x, w, b, eps),
     }
-    layer_norm_composed(x, w, b, eps)
 }
 
 /// The same LayerNorm from candle's tensor ops (every device and dtype).
@@ -63,6 +55,22 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 impl LayerNorm {
+    /// The fused op over `x`'s last dim, when it takes `x` (f32 on the CPU) and frozen f32
+    /// `(d,)` weights; `None` sends the caller to the composed ops.
+    fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Self>> {
+        let d = x.dim(D::Minus1)?;
+        let frozen = !w.track_op() && !b.track_op();
+        let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32;
+        if !(fast_path(x) && frozen && f32s && d > 0 && w.dims() == [d] && b.dims() == [d]) {
+            return Ok(None);
+        }
+        Ok(Some(LayerNorm {
+            w: w.to_vec1::<f32>()?.into(),
+            b: b.to_vec1::<f32>()?.into(),
+            eps: eps as f32,
+        }))
+    }
+
     /// One normalised row `xr` into `o`.
     fn row(&self, o: &mut [f32], xr: &[f32]) {
         let (mean, s) = moments(xr, self.eps);
@@ -137,19 +145,16 @@ pub fn layer_norm_residual(
     b: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let d = a.dim(D::Minus1)?;
-    let frozen = !w.track_op() && !b.track_op();
-    let f32s = w.dtype() == DType::F32 && b.dtype() == DType::F32 && res.dtype() == DType::F32;
-    let shapes = a.dims() == res.dims() && d > 0 && w.dims() == [d] && b.dims() == [d];
-    if fast_path(a) && frozen && f32s && shapes {
-        let op = LayerNormResidual(LayerNorm {
-            w: w.to_vec1::<f32>()?.into(),
-            b: b.to_vec1::<f32>()?.into(),
-            eps: eps as f32,
-        });
-        return a.contiguous()?.apply_op2(&res.contiguous()?, op);
+    let fused = match a.dims() == res.dims() && res.dtype() == DType::F32 {
+        true => LayerNorm::fused(a, w, b, eps)?,
+        false => None,
+    };
+    match fused {
+        Some(op) => a
+            .contiguous()?
+            .apply_op2(&res.contiguous()?, LayerNormResidual(op)),
+        None => layer_norm(&(a + res)?, w, b, eps),
     }
-    layer_norm(&(a + res)?, w, b, eps)
 }
 
 struct LayerNormResidual(LayerNorm);

@@ -55,9 +55,9 @@ impl Geom {
     fn hw(&self) -> usize {
         self.ho * self.wo
     }
-    /// Winograd's F(2×2, 3×3) takes 3×3 kernels at stride 1 with one pixel of padding
-    /// (the output the input's size) on planes of at least 16×16: below that its 16
-    /// products are too thin for gemm and the kernel's transform costs what it saves.
+    /// Winograd's transforms take 3×3 kernels at stride 1 with one pixel of padding (the
+    /// output the input's size) on planes of at least 16×16: below that its products are
+    /// too thin for gemm and the kernel's transform costs what it saves.
     fn winograd(&self) -> Option<winograd::Tiles> {
         (self.k == 3 && self.st == 1 && self.p == 1 && self.h * self.w >= 256)
             .then(|| winograd::Tiles::new(self.h, self.w))
@@ -240,10 +240,10 @@ impl CustomOp1 for FrozenConv2d {
         let b = lx.shape().dims()[0];
         let y = match g.winograd() {
             Some(t) => {
-                let u = winograd::kernel_transform(rows_of(as_cpu(&ws), &wl)?, cout, g.cin);
+                let k = winograd::Prepared::forward(rows_of(as_cpu(&ws), &wl)?, cout, g.cin, t);
                 let mut y = vec![0f32; b * cout * g.hw()];
                 for (image, out) in x.chunks(g.cin * g.h * g.w).zip(y.chunks_mut(cout * g.hw())) {
-                    winograd::conv(image, &u, g.cin, cout, t, false, out)?;
+                    k.conv(image, out)?;
                 }
                 y
             }
@@ -259,7 +259,7 @@ impl CustomOp1 for FrozenConv2d {
         let cout = self.w.dim(0)?;
         let dx = match g.winograd() {
             Some(t) => {
-                let u = winograd::kernel_transform(rows_of(as_cpu(&ws), &wl)?, cout, g.cin);
+                let k = winograd::Prepared::input_grad(rows_of(as_cpu(&ws), &wl)?, cout, g.cin, t);
                 let grad = grad.contiguous()?;
                 let (gs, gl) = cpu_f32(&grad)?;
                 let gy = rows_of(as_cpu(&gs), &gl)?;
@@ -268,7 +268,7 @@ impl CustomOp1 for FrozenConv2d {
                     .chunks(cout * g.hw())
                     .zip(dx.chunks_mut(g.cin * g.h * g.w))
                 {
-                    winograd::conv(gi, &u, cout, g.cin, t, true, di)?;
+                    k.conv(gi, di)?;
                 }
                 dx
             }

@@ -1,50 +1,184 @@
-//! Winograd's F(2×2, 3×3) for the frozen 3×3, stride-1, padding-1 convolutions that make
-//! up most of a Stable Diffusion UNet: each 2×2 block of outputs from a 4×4 block of
-//! input in 16 products where direct convolution (im2col) takes 36, so the GEMMs do 4/9
-//! of im2col's multiplications.
+//! Winograd's F(m×m, 3×3) for the frozen 3×3, stride-1, padding-1 convolutions that make
+//! up most of a Stable Diffusion UNet: each `m×m` block of outputs from an `(m+2)×(m+2)`
+//! block of input in `(m+2)²` products where direct convolution (im2col) takes `9·m²`.
+//! F(4×4, 3×3) (36 products per 16 outputs: 1/4 of im2col's multiplications) on planes of
+//! 64×64 and more, F(2×2, 3×3) (16 per 4: 4/9) below, where F(4×4)'s costlier transforms
+//! take what its products save ([`Tiles::new`]).
+//!
+//! F(4×4)'s transforms (interpolation points 0, ±1, ±2) carry larger constants than
+//! F(2×2)'s, and with them about ten times the rounding: ~1e-5 of the result's size in f32
+//! at SD's 320 channels (measured against an f64 direct convolution), against ~1e-6 for
+//! F(2×2) and for im2col. oneDNN uses the same F(4×4, 3×3) for its f32 convolutions.
 //!
 //! Layouts are chosen so that every transform runs along contiguous rows: the input's
-//! transform is `[in][16][tiles]` (one channel per task, the 16 products read it as
-//! matrices with a row stride of `16·tiles`), the kernel's `[out][16][in]`, and the
-//! products' results `[16][out][tiles]`, transformed back one output channel per task.
-//! The input gradient is the same convolution of the output gradient with the kernel
-//! flipped and its channels swapped; since flipping a 3×3 kernel reverses `G`'s rows 0
-//! and 3 (`G·J = P·G`), the flipped kernel's transform is the forward one with planes
-//! `(i, j)` read as `(p(i), p(j))`, and the products read it transposed in place.
+//! transform is `[in][planes][tiles]` (one channel per task, the products read it as
+//! matrices with a row stride of `planes·tiles`), the kernel's `[out][planes][in]`, and
+//! the products' results `[planes][out][tiles]`, transformed back one output channel per
+//! task. The input gradient is the same convolution of the output gradient with the
+//! kernel flipped and its channels swapped ([`flipped_kernel`]).
 
 use super::matmul;
 use candle_core::{Layout, Result, Shape};
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
 
-/// The transforms' sixteen planes, `(i, j)` as `4·i + j`, `i` along the height.
-const PLANES: usize = 16;
-
-/// Which plane of the forward kernel transform the flipped kernel's plane `(i, j)` is.
-fn flipped(xi: usize) -> usize {
-    let p = |i: usize| match i {
-        0 => 3,
-        3 => 0,
-        i => i,
-    };
-    4 * p(xi / 4) + p(xi % 4)
+/// The transforms' buffers, by role, kept from one convolution to the next.
+#[derive(Clone, Copy)]
+enum Slot {
+    Kernel,
+    Flipped,
+    Input,
+    Products,
 }
 
-/// The 2×2 tiles that cover an `h × w` plane.
+thread_local! {
+    /// Each role's largest buffer yet. The transforms of SD's 1,280-channel kernels take
+    /// 100-200 MiB; fresh memory that large comes from `mmap`, and its page faults and
+    /// zeroing took as long as the transform itself (two thirds of a 16×16 convolution).
+    /// Every value a convolution reads from these it has written first.
+    static POOL: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// A buffer from [`POOL`], returned to it when dropped.
+pub(super) struct Scratch {
+    slot: Slot,
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl Scratch {
+    fn take(slot: Slot, len: usize) -> Scratch {
+        let mut buf = POOL.with(|p| std::mem::take(&mut p.borrow_mut()[slot as usize]));
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Scratch { slot, buf, len }
+    }
+}
+
+impl Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        POOL.with(|p| {
+            let kept = &mut p.borrow_mut()[self.slot as usize];
+            if buf.len() > kept.len() {
+                *kept = buf;
+            }
+        });
+    }
+}
+
+/// One F(m×m, 3×3): `bt` is `Bᵀ` (`a×a`, `a = m+2`), `g` is `G` (`a×3`), `at` is `Aᵀ`
+/// (`m×a`), all row-major.
+pub(super) struct Algo {
+    m: usize,
+    bt: &'static [f32],
+    g: &'static [f32],
+    at: &'static [f32],
+}
+
+impl Algo {
+    fn a(&self) -> usize {
+        self.m + 2
+    }
+    fn planes(&self) -> usize {
+        self.a() * self.a()
+    }
+}
+
+/// F(2×2, 3×3), points 0, ±1.
+pub(super) const F2: Algo = Algo {
+    m: 2,
+    #[rustfmt::skip]
+    bt: &[
+        1.0, 0.0, -1.0, 0.0,
+        0.0, 1.0, 1.0, 0.0,
+        0.0, -1.0, 1.0, 0.0,
+        0.0, 1.0, 0.0, -1.0,
+    ],
+    #[rustfmt::skip]
+    g: &[
+        1.0, 0.0, 0.0,
+        0.5, 0.5, 0.5,
+        0.5, -0.5, 0.5,
+        0.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    at: &[
+        1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, -1.0,
+    ],
+};
+
+/// F(4×4, 3×3), points 0, ±1, ±2 (Lavin and Gray's).
+pub(super) const F4: Algo = Algo {
+    m: 4,
+    #[rustfmt::skip]
+    bt: &[
+        4.0, 0.0, -5.0, 0.0, 1.0, 0.0,
+        0.0, -4.0, -4.0, 1.0, 1.0, 0.0,
+        0.0, 4.0, -4.0, -1.0, 1.0, 0.0,
+        0.0, -2.0, -1.0, 2.0, 1.0, 0.0,
+        0.0, 2.0, -1.0, -2.0, 1.0, 0.0,
+        0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    g: &[
+        1.0 / 4.0, 0.0, 0.0,
+        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0,
+        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
+        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0,
+        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0,
+        0.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    at: &[
+        1.0, 1.0, 1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, 2.0, -2.0, 0.0,
+        0.0, 1.0, 1.0, 4.0, 4.0, 0.0,
+        0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
+    ],
+};
+
+/// The `m×m` tiles that cover an `h × w` plane, and the algorithm that computes them.
 #[derive(Clone, Copy)]
 pub(super) struct Tiles {
     h: usize,
     w: usize,
     th: usize,
     tw: usize,
+    algo: &'static Algo,
 }
 
 impl Tiles {
+    /// F(4×4) from 64×64 up, F(2×2) below. Measured on SD's convolutions (an Intel Xeon,
+    /// 2 threads): F(4×4) took 0.85-0.9× F(2×2)'s time at 320 channels on 64×64, the
+    /// same at 32×32, and 1.6× at 1,280 channels on 16×16, where its transforms (36
+    /// planes against 16) cost more than its products save.
     pub(super) fn new(h: usize, w: usize) -> Self {
+        Self::with(if h * w >= 4096 { &F4 } else { &F2 }, h, w)
+    }
+    pub(super) fn with(algo: &'static Algo, h: usize, w: usize) -> Self {
         Self {
             h,
             w,
-            th: h.div_ceil(2),
-            tw: w.div_ceil(2),
+            th: h.div_ceil(algo.m),
+            tw: w.div_ceil(algo.m),
+            algo,
         }
     }
     fn count(&self) -> usize {
@@ -52,15 +186,68 @@ impl Tiles {
     }
 }
 
+/// `dst = Σ coef[q]·rows[q]` along the rows, skipping zero coefficients.
+fn combine(dst: &mut [f32], coef: &[f32], rows: &[&[f32]]) {
+    let mut first = true;
+    for (&c, row) in coef.iter().zip(rows) {
+        if c == 0.0 {
+            continue;
+        }
+        let row = &row[..dst.len()];
+        if first {
+            if c == 1.0 {
+                dst.copy_from_slice(row);
+            } else {
+                dst.iter_mut().zip(row).for_each(|(d, &v)| *d = c * v);
+            }
+            first = false;
+        } else {
+            dst.iter_mut().zip(row).for_each(|(d, &v)| *d += c * v);
+        }
+    }
+    if first {
+        dst.fill(0.0);
+    }
+}
+
+/// The first `count` (at most `N`) rows `step` apart from the start of `x`, each running
+/// to the end of `x` ([`combine`] reads as many values of each as its destination holds).
+fn rows_of<const N: usize>(x: &[f32], step: usize, count: usize) -> [&[f32]; N] {
+    let mut rows: [&[f32]; N] = [&[]; N];
+    for (q, row) in rows.iter_mut().enumerate().take(count) {
+        *row = &x[q * step..];
+    }
+    rows
+}
+
+/// A `(out, in, 3, 3)` kernel flipped in both spatial directions with its channels
+/// swapped, `(in, out, 3, 3)`: the kernel whose convolution of the output gradient is the
+/// input gradient.
+fn flipped_kernel(w: &[f32], cout: usize, cin: usize) -> Scratch {
+    let mut f = Scratch::take(Slot::Flipped, cin * cout * 9);
+    f.par_chunks_mut(cout * 9)
+        .enumerate()
+        .for_each(|(ci, row)| {
+            for (co, taps) in row.chunks_exact_mut(9).enumerate() {
+                let src = &w[(co * cin + ci) * 9..][..9];
+                for (t, v) in taps.iter_mut().enumerate() {
+                    *v = src[8 - t];
+                }
+            }
+        });
+    f
+}
+
 /// `U = G·g·Gᵀ` for every `(out, in)` pair of a `(out, in, 3, 3)` kernel, laid out
-/// `[out][16][in]`.
-pub(super) fn kernel_transform(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0f32; cout * PLANES * cin];
-    u.par_chunks_mut(PLANES * cin)
+/// `[out][planes][in]`.
+fn kernel_transform(w: &[f32], cout: usize, cin: usize, t: Tiles) -> Scratch {
+    let (algo, a) = (t.algo, t.algo.a());
+    let mut u = Scratch::take(Slot::Kernel, cout * algo.planes() * cin);
+    u.par_chunks_mut(algo.planes() * cin)
         .zip(w.par_chunks(cin * 9))
         .for_each_init(
             || (vec![0f32; 9 * cin], vec![0f32; 3 * cin]),
-            |(g, t), (out, kernel)| {
+            |(g, tmp), (out, kernel)| {
                 // The nine taps as nine rows over the input channels, so that the
                 // combinations below run along contiguous rows.
                 for (ci, taps) in kernel.chunks_exact(9).enumerate() {
@@ -68,18 +255,21 @@ pub(super) fn kernel_transform(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
                         g[tap * cin + ci] = v;
                     }
                 }
-                // G's rows are (1, 0, 0), (½, ½, ½), (½, -½, ½), (0, 0, 1): row i of
-                // G·g (three rows over the channels, one per kernel column), then the
-                // same combinations along it for the planes (i, 0..4).
-                for i in 0..4 {
+                // Row i of G·g (three rows over the channels, one per kernel column),
+                // then G's rows along it for the planes (i, 0..a).
+                for i in 0..a {
+                    let gi = &algo.g[3 * i..][..3];
                     for b in 0..3 {
-                        let tap = |a: usize| &g[(3 * a + b) * cin..][..cin];
-                        let dst = &mut t[b * cin..][..cin];
-                        combine(dst, tap(0), tap(1), tap(2), i);
+                        let taps = [0, 1, 2].map(|r| &g[(3 * r + b) * cin..][..cin]);
+                        combine(&mut tmp[b * cin..][..cin], gi, &taps);
                     }
-                    let (t0, t1, t2) = (&t[..cin], &t[cin..2 * cin], &t[2 * cin..]);
-                    for j in 0..4 {
-                        combine(&mut out[(4 * i + j) * cin..][..cin], t0, t1, t2, j);
+                    let cols = [0, 1, 2].map(|b| &tmp[b * cin..][..cin]);
+                    for j in 0..a {
+                        combine(
+                            &mut out[(a * i + j) * cin..][..cin],
+                            &algo.g[3 * j..][..3],
+                            &cols,
+                        );
                     }
                 }
             },
@@ -87,72 +277,54 @@ pub(super) fn kernel_transform(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     u
 }
 
-/// Row `i` of `G` applied to three rows: `dst = Σ G[i][a]·r_a`.
-fn combine(dst: &mut [f32], r0: &[f32], r1: &[f32], r2: &[f32], i: usize) {
-    match i {
-        0 => dst.copy_from_slice(r0),
-        3 => dst.copy_from_slice(r2),
-        _ => {
-            let s = if i == 1 { 1.0 } else { -1.0 };
-            for (((d, &a), &b), &c) in dst.iter_mut().zip(r0).zip(r1).zip(r2) {
-                *d = 0.5 * (a + s * b + c);
-            }
-        }
-    }
-}
-
 /// `Bᵀ·d·B` for every tile of `c` planes of `h × w` (padded by one zero on every side),
-/// laid out `[c][16][tiles]`.
-fn input_transform(x: &[f32], c: usize, t: Tiles) -> Vec<f32> {
+/// laid out `[c][planes][tiles]`.
+fn input_transform(x: &[f32], c: usize, t: Tiles) -> Scratch {
+    let (algo, a, m) = (t.algo, t.algo.a(), t.algo.m);
     let (n, tw) = (t.count(), t.tw);
-    let mut v = vec![0f32; c * PLANES * n];
-    // Each padded input row's four horizontal combinations, `[row][4][tw]`, then the
-    // vertical ones over each tile's four rows.
-    let rows = 2 * t.th + 2;
-    v.par_chunks_mut(PLANES * n)
+    let mut v = Scratch::take(Slot::Input, c * algo.planes() * n);
+    // Each padded input row's `a` horizontal combinations, `[row][a][tw]`, then the
+    // vertical ones over each tile's `a` rows.
+    let rows = m * t.th + 2;
+    v.par_chunks_mut(algo.planes() * n)
         .zip(x.par_chunks(t.h * t.w))
         .for_each_init(
             || {
                 (
-                    vec![0f32; rows * 4 * tw],
-                    vec![0f32; tw + 1],
-                    vec![0f32; tw + 1],
+                    vec![0f32; rows * a * tw],
+                    vec![0f32; m * tw + 2],
+                    vec![0f32; a * tw],
                 )
             },
-            |(r, even, odd), (out, plane)| {
+            |(r, padded, phase), (out, plane)| {
                 for pr in 0..rows {
-                    let dst = &mut r[pr * 4 * tw..][..4 * tw];
+                    let dst = &mut r[pr * a * tw..][..a * tw];
                     // Padded row `pr` is input row `pr - 1`.
                     if pr == 0 || pr > t.h {
                         dst.fill(0.0);
                         continue;
                     }
-                    let src = &plane[(pr - 1) * t.w..][..t.w];
-                    // Tile column `tx` reads input columns 2tx-1 … 2tx+2: odd[tx], even[tx],
-                    // odd[tx+1], even[tx+1], with odd[k] = x[2k-1] and even[k] = x[2k].
-                    even.fill(0.0);
-                    odd.fill(0.0);
-                    for (k, pair) in src.chunks(2).enumerate() {
-                        even[k] = pair[0];
-                        if let Some(&v) = pair.get(1) {
-                            odd[k + 1] = v;
+                    padded[1..=t.w].copy_from_slice(&plane[(pr - 1) * t.w..][..t.w]);
+                    padded[t.w + 1..].fill(0.0);
+                    // Tile column `tx` reads padded columns m·tx … m·tx + a - 1: phase
+                    // row q holds each tile's column q.
+                    for (q, ph) in phase.chunks_exact_mut(tw).enumerate() {
+                        for (tx, p) in ph.iter_mut().enumerate() {
+                            *p = padded[m * tx + q];
                         }
                     }
-                    let (d0, d1, d2, d3) = (&odd[..tw], &even[..tw], &odd[1..], &even[1..]);
-                    let (h0, rest) = dst.split_at_mut(tw);
-                    let (h1, rest) = rest.split_at_mut(tw);
-                    let (h2, h3) = rest.split_at_mut(tw);
-                    for (i, h) in [h0, h1, h2, h3].into_iter().enumerate() {
-                        bt_row(h, [d0, d1, d2, d3], i);
+                    let cols = rows_of::<6>(phase, tw, a);
+                    for (i, h) in dst.chunks_exact_mut(tw).enumerate() {
+                        combine(h, &algo.bt[a * i..][..a], &cols[..a]);
                     }
                 }
                 for ty in 0..t.th {
-                    let at = |row: usize, j: usize| &r[((2 * ty + row) * 4 + j) * tw..][..tw];
-                    for j in 0..4 {
-                        let (a0, a1, a2, a3) = (at(0, j), at(1, j), at(2, j), at(3, j));
-                        for i in 0..4 {
-                            let dst = &mut out[(4 * i + j) * n + ty * tw..][..tw];
-                            bt_row(dst, [a0, a1, a2, a3], i);
+                    for j in 0..a {
+                        // Tile row ty's padded rows m·ty + q, their combination j.
+                        let rows = rows_of::<6>(&r[(m * ty * a + j) * tw..], a * tw, a);
+                        for i in 0..a {
+                            let dst = &mut out[(a * i + j) * n + ty * tw..][..tw];
+                            combine(dst, &algo.bt[a * i..][..a], &rows[..a]);
                         }
                     }
                 }
@@ -161,96 +333,143 @@ fn input_transform(x: &[f32], c: usize, t: Tiles) -> Vec<f32> {
     v
 }
 
-/// Row `i` of `Bᵀ` ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)) applied to
-/// four rows.
-fn bt_row(dst: &mut [f32], d: [&[f32]; 4], i: usize) {
-    let (p, q, sign) = match i {
-        0 => (d[0], d[2], -1.0),
-        1 => (d[1], d[2], 1.0),
-        2 => (d[2], d[1], -1.0),
-        _ => (d[1], d[3], -1.0),
-    };
-    for ((o, &p), &q) in dst.iter_mut().zip(p).zip(q) {
-        *o = p + sign * q;
-    }
-}
-
-/// `Aᵀ·m·A` for every tile of `[16][c][tiles]` products, into `c` planes of `h × w`.
-fn output_transform(m: &[f32], c: usize, t: Tiles, y: &mut [f32]) {
+/// `Aᵀ·M·A` for every tile of `[planes][c][tiles]` products, into `c` planes of `h × w`.
+fn output_transform(mm: &[f32], c: usize, t: Tiles, y: &mut [f32]) {
+    let (algo, a, m) = (t.algo, t.algo.a(), t.algo.m);
     let (n, tw) = (t.count(), t.tw);
     y.par_chunks_mut(t.h * t.w).enumerate().for_each_init(
-        || (vec![0f32; 8 * tw], vec![0f32; 2 * tw], vec![0f32; 2 * tw]),
-        |(s, top, bottom), (co, plane)| {
+        || {
+            (
+                vec![0f32; m * a * tw],
+                vec![0f32; m * tw],
+                vec![0f32; m * tw],
+            )
+        },
+        |(s, cols, row), (co, plane)| {
             for ty in 0..t.th {
-                let at = |xi: usize| &m[(xi * c + co) * n + ty * tw..][..tw];
-                // Down the tile's rows: (1, 1, 1, 0) and (0, 1, -1, -1).
-                for j in 0..4 {
-                    let (m0, m1, m2, m3) = (at(j), at(4 + j), at(8 + j), at(12 + j));
-                    let (s0, s1) = s[2 * j * tw..][..2 * tw].split_at_mut(tw);
-                    for (((s, &a), &b), &c) in s0.iter_mut().zip(m0).zip(m1).zip(m2) {
-                        *s = a + b + c;
-                    }
-                    for (((s, &a), &b), &c) in s1.iter_mut().zip(m1).zip(m2).zip(m3) {
-                        *s = a - b - c;
-                    }
-                }
-                // Along them, interleaving each tile's two columns.
-                for (i, dst) in [&mut *top, &mut *bottom].into_iter().enumerate() {
-                    let row = |j: usize| &s[(2 * j + i) * tw..][..tw];
-                    let (a0, a1, a2, a3) = (row(0), row(1), row(2), row(3));
-                    for (k, pair) in dst.chunks_exact_mut(2).enumerate() {
-                        pair[0] = a0[k] + a1[k] + a2[k];
-                        pair[1] = a1[k] - a2[k] - a3[k];
+                // Down the tile's rows: s[i][j] = Σ_q Aᵀ[i][q]·M[(q, j)].
+                for j in 0..a {
+                    // Planes (q, j) for q in 0..a, `a·c·n` apart.
+                    let planes = rows_of::<6>(&mm[(j * c + co) * n + ty * tw..], a * c * n, a);
+                    for i in 0..m {
+                        combine(
+                            &mut s[(i * a + j) * tw..][..tw],
+                            &algo.at[a * i..][..a],
+                            &planes[..a],
+                        );
                     }
                 }
-                for (i, src) in [&*top, &*bottom].into_iter().enumerate() {
-                    let oy = 2 * ty + i;
-                    if oy < t.h {
-                        plane[oy * t.w..][..t.w].copy_from_slice(&src[..t.w]);
+                // Along them: output row m·ty + i, column m·tx + p = Σ_j Aᵀ[p][j]·s[i][j].
+                for i in 0..m {
+                    let oy = m * ty + i;
+                    if oy >= t.h {
+                        break;
                     }
+                    let si = rows_of::<6>(&s[i * a * tw..], tw, a);
+                    for (p, col) in cols.chunks_exact_mut(tw).enumerate() {
+                        combine(col, &algo.at[a * p..][..a], &si[..a]);
+                    }
+                    for (tx, out) in row.chunks_exact_mut(m).enumerate() {
+                        for (p, o) in out.iter_mut().enumerate() {
+                            *o = cols[p * tw + tx];
+                        }
+                    }
+                    plane[oy * t.w..][..t.w].copy_from_slice(&row[..t.w]);
                 }
             }
         },
     );
 }
 
-/// One image's 3×3, stride-1, padding-1 convolution of `cin` planes of `h × w` by the
-/// kernel transform `u` (`[out][16][in]` from [`kernel_transform`]) into `cout` planes
-/// of the same size. With `flip`, the products take `u` as the flipped kernel with its
-/// channels swapped (`cin` is then the kernel's output count): the input gradient.
-pub(super) fn conv(
-    x: &[f32],
-    u: &[f32],
+/// A kernel's transform, ready for one convolution per image: the forward one or the
+/// input gradient's.
+pub(super) struct Prepared {
+    u: Scratch,
+    /// The input gradient's by F(2×2): `u` is the forward kernel's transform, read with
+    /// its planes flipped and transposed.
+    flip: bool,
     cin: usize,
     cout: usize,
     t: Tiles,
-    flip: bool,
-    y: &mut [f32],
-) -> Result<()> {
-    let n = t.count();
-    let v = input_transform(x, cin, t);
-    let mut m = vec![0f32; PLANES * cout * n];
-    // Sixteen independent products, each on one thread: splitting each again would only
-    // add a wait per product.
-    m.par_chunks_mut(cout * n)
-        .enumerate()
-        .try_for_each(|(xi, mxi)| -> Result<()> {
-            // The input's plane `xi`: `(cin, tiles)` rows `16·tiles` apart.
-            let lv = Layout::new(Shape::from((cin, n)), vec![PLANES * n, 1], xi * n);
-            let lu = if flip {
-                // `u` is `[cin][16][cout]` here; plane `flipped(xi)` read transposed.
-                Layout::new(
-                    Shape::from((cout, cin)),
-                    vec![1, PLANES * cout],
-                    flipped(xi) * cout,
-                )
-            } else {
-                Layout::new(Shape::from((cout, cin)), vec![PLANES * cin, 1], xi * cin)
-            };
-            matmul::matmul_into_on(1, mxi, false, u, &lu, &v, &lv, (cout, n, cin))
-        })?;
-    output_transform(&m, cout, t, y);
-    Ok(())
+}
+
+impl Prepared {
+    /// For `conv2d(x, w)`, `w` a `(cout, cin, 3, 3)` kernel, on planes tiled by `t`.
+    pub(super) fn forward(w: &[f32], cout: usize, cin: usize, t: Tiles) -> Self {
+        let u = kernel_transform(w, cout, cin, t);
+        Self {
+            u,
+            flip: false,
+            cin,
+            cout,
+            t,
+        }
+    }
+
+    /// For the input gradient of `conv2d(x, w)`: a convolution of the output gradient's
+    /// `cout` planes into `cin`. Flipping a 3×3 kernel reverses the rows of F(2×2)'s `G`
+    /// but for its middle two (`G·J = P·G`, `P` swapping rows 0 and 3), so there the
+    /// flipped kernel's transform is the forward one with planes `(i, j)` read as
+    /// `(p(i), p(j))`, transposed in place; F(4×4)'s `G` has no such symmetry (its points
+    /// ±2 would map to ±½), so its flipped kernel is transformed anew.
+    pub(super) fn input_grad(w: &[f32], cout: usize, cin: usize, t: Tiles) -> Self {
+        let flip = t.algo.m == 2;
+        let u = if flip {
+            kernel_transform(w, cout, cin, t)
+        } else {
+            kernel_transform(&flipped_kernel(w, cout, cin), cin, cout, t)
+        };
+        Self {
+            u,
+            flip,
+            cin: cout,
+            cout: cin,
+            t,
+        }
+    }
+
+    /// One image's 3×3, stride-1, padding-1 convolution of `cin` planes into `cout`
+    /// planes of the same size.
+    pub(super) fn conv(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let Self {
+            cin, cout, t, flip, ..
+        } = *self;
+        let (n, planes) = (t.count(), t.algo.planes());
+        let v = input_transform(x, cin, t);
+        let mut m = Scratch::take(Slot::Products, planes * cout * n);
+        // Independent products, each on one thread: splitting each again would only add
+        // a wait per product.
+        m.par_chunks_mut(cout * n)
+            .enumerate()
+            .try_for_each(|(xi, mxi)| -> Result<()> {
+                // The input's plane `xi`: `(cin, tiles)` rows `planes·tiles` apart.
+                let lv = Layout::new(Shape::from((cin, n)), vec![planes * n, 1], xi * n);
+                let lu = if flip {
+                    // `u` is `[cin][planes][cout]` here; plane `flipped(xi)` transposed.
+                    Layout::new(
+                        Shape::from((cout, cin)),
+                        vec![1, planes * cout],
+                        flipped_f2(xi) * cout,
+                    )
+                } else {
+                    Layout::new(Shape::from((cout, cin)), vec![planes * cin, 1], xi * cin)
+                };
+                matmul::matmul_into_on(1, mxi, false, &self.u, &lu, &v, &lv, (cout, n, cin))
+            })?;
+        output_transform(&m, cout, t, y);
+        Ok(())
+    }
+}
+
+/// Which plane of F(2×2)'s forward kernel transform the flipped kernel's plane `(i, j)`
+/// is.
+fn flipped_f2(xi: usize) -> usize {
+    let p = |i: usize| match i {
+        0 => 3,
+        3 => 0,
+        i => i,
+    };
+    4 * p(xi / 4) + p(xi % 4)
 }
 
 #[cfg(test)]
@@ -289,24 +508,41 @@ mod tests {
     #[test]
     fn winograd_matches_a_direct_convolution_and_its_transpose() -> Result<()> {
         let rand = super::super::tests::rand_vec;
-        for (cin, cout, h, w) in [
+        let sizes = [
             (3, 5, 6, 6),
             (4, 2, 5, 7),
             (1, 1, 1, 1),
             (7, 3, 9, 4),
             (2, 6, 2, 3),
-        ] {
+            (5, 4, 11, 13),
+            (3, 3, 8, 8),
+        ];
+        // F(4×4)'s larger constants round more: 1e-5 of the output's largest value, where
+        // F(2×2) keeps within 1e-5 absolute as im2col does.
+        for (algo, (cin, cout, h, w)) in [&F2, &F4]
+            .into_iter()
+            .flat_map(|a| sizes.into_iter().map(move |s| (a, s)))
+        {
+            let tol = |want: &[f64]| {
+                let big = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+                if algo.m == 2 {
+                    1e-5
+                } else {
+                    1e-5 * big
+                }
+            };
             let x = rand(cin * h * w, 41);
             let k = rand(cout * cin * 9, 42);
-            let t = Tiles::new(h, w);
-            let u = kernel_transform(&k, cout, cin);
+            let t = Tiles::with(algo, h, w);
             let mut y = vec![f32::NAN; cout * h * w];
-            conv(&x, &u, cin, cout, t, false, &mut y)?;
+            Prepared::forward(&k, cout, cin, t).conv(&x, &mut y)?;
             let want = direct(&x, &k, cin, cout, h, w);
+            let tl = tol(&want);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!(
-                    (*a as f64 - b).abs() < 1e-5,
-                    "{cin}->{cout} {h}x{w} at {i}: {a} vs {b}"
+                    (*a as f64 - b).abs() < tl,
+                    "F({m}) {cin}->{cout} {h}x{w} at {i}: {a} vs {b}",
+                    m = algo.m
                 );
             }
             // The input gradient: the flipped kernel with its channels swapped.
@@ -323,12 +559,14 @@ mod tests {
                 }
             }
             let mut dx = vec![f32::NAN; cin * h * w];
-            conv(&g, &u, cout, cin, t, true, &mut dx)?;
+            Prepared::input_grad(&k, cout, cin, t).conv(&g, &mut dx)?;
             let want = direct(&g, &flip, cout, cin, h, w);
+            let tl = tol(&want);
             for (i, (a, b)) in dx.iter().zip(&want).enumerate() {
                 assert!(
-                    (*a as f64 - b).abs() < 1e-5,
-                    "{cin}->{cout} {h}x{w} flipped at {i}: {a} vs {b}"
+                    (*a as f64 - b).abs() < tl,
+                    "F({m}) {cin}->{cout} {h}x{w} flipped at {i}: {a} vs {b}",
+                    m = algo.m
                 );
             }
         }

@@ -2,7 +2,7 @@
 //! up most of a Stable Diffusion UNet: each `m×m` block of outputs from an `(m+2)×(m+2)`
 //! block of input in `(m+2)²` products where direct convolution (im2col) takes `9·m²`.
 //! F(4×4, 3×3) (36 products per 16 outputs: 1/4 of im2col's multiplications) on planes of
-//! 64×64 and more, F(2×2, 3×3) (16 per 4: 4/9) below, where F(4×4)'s costlier transforms
+//! 32×32 and more, F(2×2, 3×3) (16 per 4: 4/9) below, where F(4×4)'s costlier transforms
 //! take what its products save ([`Tiles::new`]).
 //!
 //! F(4×4)'s transforms (interpolation points 0, ±1, ±2) carry larger constants than
@@ -165,12 +165,13 @@ pub(super) struct Tiles {
 }
 
 impl Tiles {
-    /// F(4×4) from 64×64 up, F(2×2) below. Measured on SD's convolutions (an Intel Xeon,
-    /// 2 threads): F(4×4) took 0.85-0.9× F(2×2)'s time at 320 channels on 64×64, the
-    /// same at 32×32, and 1.6× at 1,280 channels on 16×16, where its transforms (36
-    /// planes against 16) cost more than its products save.
+    /// F(4×4) from 32×32 up, F(2×2) below. Measured on SD's convolutions (an Intel Xeon,
+    /// 2 threads, kernel transform included): F(4×4) took 0.8× F(2×2)'s time at 320
+    /// channels on 64×64, 0.86-0.92× at 640 on 32×32, and 1.6× at 1,280 on 16×16, where
+    /// its transforms (36 planes against 16, 4 tiles per row) cost more than its
+    /// products save.
     pub(super) fn new(h: usize, w: usize) -> Self {
-        Self::with(if h * w >= 4096 { &F4 } else { &F2 }, h, w)
+        Self::with(if h * w >= 1024 { &F4 } else { &F2 }, h, w)
     }
     pub(super) fn with(algo: &'static Algo, h: usize, w: usize) -> Self {
         Self {
@@ -186,27 +187,28 @@ impl Tiles {
     }
 }
 
-/// `dst = Σ coef[q]·rows[q]` along the rows, skipping zero coefficients.
+/// `dst = Σ coef[q]·rows[q]` along the rows, in one pass over them (each row as long as
+/// `dst` is read). The rows are short (a plane's tile columns, 16 at 64×64 by F(4×4)), so
+/// a pass per coefficient spent more in its loop's set-up than in its arithmetic.
 fn combine(dst: &mut [f32], coef: &[f32], rows: &[&[f32]]) {
-    let mut first = true;
-    for (&c, row) in coef.iter().zip(rows) {
-        if c == 0.0 {
-            continue;
-        }
-        let row = &row[..dst.len()];
-        if first {
-            if c == 1.0 {
-                dst.copy_from_slice(row);
-            } else {
-                dst.iter_mut().zip(row).for_each(|(d, &v)| *d = c * v);
-            }
-            first = false;
-        } else {
-            dst.iter_mut().zip(row).for_each(|(d, &v)| *d += c * v);
-        }
+    match rows.len() {
+        3 => combine_n::<3>(dst, coef, rows),
+        4 => combine_n::<4>(dst, coef, rows),
+        6 => combine_n::<6>(dst, coef, rows),
+        n => unreachable!("Winograd combines 3, 4 or 6 rows, not {n}"),
     }
-    if first {
-        dst.fill(0.0);
+}
+
+fn combine_n<const A: usize>(dst: &mut [f32], coef: &[f32], rows: &[&[f32]]) {
+    let c: [f32; A] = std::array::from_fn(|q| coef[q]);
+    let len = dst.len();
+    let r: [&[f32]; A] = std::array::from_fn(|q| &rows[q][..len]);
+    for (e, d) in dst.iter_mut().enumerate() {
+        let mut s = 0.0;
+        for q in 0..A {
+            s += c[q] * r[q][e];
+        }
+        *d = s;
     }
 }
 

@@ -215,7 +215,7 @@ fn combine_n<const A: usize>(dst: &mut [f32], coef: &[f32], rows: &[&[f32]]) {
 
 /// The first `count` (at most `N`) rows `step` apart from the start of `x`, each running
 /// to the end of `x` ([`combine`] reads as many values of each as its destination holds).
-fn rows_of<const N: usize>(x: &[f32], step: usize, count: usize) -> [&[f32]; N] {
+fn rows_apart<const N: usize>(x: &[f32], step: usize, count: usize) -> [&[f32]; N] {
     let mut rows: [&[f32]; N] = [&[]; N];
     for (q, row) in rows.iter_mut().enumerate().take(count) {
         *row = &x[q * step..];
@@ -307,8 +307,8 @@ fn input_transform(x: &[f32], c: usize, t: Tiles) -> Scratch {
                         dst.fill(0.0);
                         continue;
                     }
+                    // Only columns 1..=w are ever written: both pads stay zero.
                     padded[1..=t.w].copy_from_slice(&plane[(pr - 1) * t.w..][..t.w]);
-                    padded[t.w + 1..].fill(0.0);
                     // Tile column `tx` reads padded columns m·tx … m·tx + a - 1: phase
                     // row q holds each tile's column q.
                     for (q, ph) in phase.chunks_exact_mut(tw).enumerate() {
@@ -316,7 +316,7 @@ fn input_transform(x: &[f32], c: usize, t: Tiles) -> Scratch {
                             *p = padded[m * tx + q];
                         }
                     }
-                    let cols = rows_of::<6>(phase, tw, a);
+                    let cols = rows_apart::<6>(phase, tw, a);
                     for (i, h) in dst.chunks_exact_mut(tw).enumerate() {
                         combine(h, &algo.bt[a * i..][..a], &cols[..a]);
                     }
@@ -324,7 +324,7 @@ fn input_transform(x: &[f32], c: usize, t: Tiles) -> Scratch {
                 for ty in 0..t.th {
                     for j in 0..a {
                         // Tile row ty's padded rows m·ty + q, their combination j.
-                        let rows = rows_of::<6>(&r[(m * ty * a + j) * tw..], a * tw, a);
+                        let rows = rows_apart::<6>(&r[(m * ty * a + j) * tw..], a * tw, a);
                         for i in 0..a {
                             let dst = &mut out[(a * i + j) * n + ty * tw..][..tw];
                             combine(dst, &algo.bt[a * i..][..a], &rows[..a]);
@@ -353,7 +353,7 @@ fn output_transform(mm: &[f32], c: usize, t: Tiles, y: &mut [f32]) {
                 // Down the tile's rows: s[i][j] = Σ_q Aᵀ[i][q]·M[(q, j)].
                 for j in 0..a {
                     // Planes (q, j) for q in 0..a, `a·c·n` apart.
-                    let planes = rows_of::<6>(&mm[(j * c + co) * n + ty * tw..], a * c * n, a);
+                    let planes = rows_apart::<6>(&mm[(j * c + co) * n + ty * tw..], a * c * n, a);
                     for i in 0..m {
                         combine(
                             &mut s[(i * a + j) * tw..][..tw],
@@ -368,7 +368,7 @@ fn output_transform(mm: &[f32], c: usize, t: Tiles, y: &mut [f32]) {
                     if oy >= t.h {
                         break;
                     }
-                    let si = rows_of::<6>(&s[i * a * tw..], tw, a);
+                    let si = rows_apart::<6>(&s[i * a * tw..], tw, a);
                     for (p, col) in cols.chunks_exact_mut(tw).enumerate() {
                         combine(col, &algo.at[a * p..][..a], &si[..a]);
                     }
